@@ -1,0 +1,1 @@
+"""The `ptmst-ray` command line (installed as the package ptmst_ray_cli)."""

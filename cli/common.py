@@ -1,0 +1,58 @@
+"""Shared CLI plumbing: logging set-up, config loading with exit code 2, and progress display."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+from pathlib import Path
+from typing import Iterator, Optional
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from ptmst_ray.config import DEFAULT_CONFIG, Config, ConfigError, load_config
+
+console = Console(stderr=True)
+
+ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config (default: configs/toy.yaml, the laptop default).")
+SetOpt = typer.Option(None, "--set", "-s", help="Override a field: section.field=value (repeatable), e.g. distill.syn_steps=4.")
+
+
+def setup_logging(verbose: bool = False) -> None:
+    """Configure logging once, at the CLI entry point."""
+    level = logging.DEBUG if verbose else logging.INFO
+    logging.basicConfig(level=level, format="%(message)s", handlers=[RichHandler(console=console, show_path=False)],
+                        force=True)
+    for noisy in ("urllib3", "filelock", "fsspec", "matplotlib", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def fail(message: str, code: int = 2) -> None:
+    console.print(f"[bold red]error:[/] {message}")
+    raise typer.Exit(code)
+
+
+def get_config(config: Optional[Path], overrides: Optional[list[str]]) -> Config:
+    """Load and validate, or exit 2 with the file and field path."""
+    path = config or DEFAULT_CONFIG
+    if config is not None and not Path(config).exists() and "://" not in str(config):
+        fail(f"{config}: config file not found")
+    try:
+        return load_config(path, overrides or [])
+    except ConfigError as e:
+        fail(str(e))
+    raise AssertionError("unreachable")
+
+
+@contextlib.contextmanager
+def progress_bars() -> Iterator[Progress]:
+    """A rich progress display on stderr (disabled when stderr is not a terminal: plain log lines instead)."""
+    progress = Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(), console=console, disable=not sys.stderr.isatty(), transient=False,
+    )
+    with progress:
+        yield progress

@@ -1,0 +1,49 @@
+"""`ptmst-ray`: the Typer app. Thin: parse, load the config, call the library, show progress."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ptmst_ray_cli.common import ConfigOpt, SetOpt, console, fail, get_config, setup_logging
+
+app = typer.Typer(
+    name="ptmst-ray",
+    help="Multimodal dataset distillation with PTM-ST (phased teachers + shortcut trajectories) on Ray.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+config_app = typer.Typer(help="Show or validate a config.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+
+
+@app.callback()
+def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging.")) -> None:
+    setup_logging(verbose)
+
+
+@config_app.command("show")
+def config_show(config: Optional[Path] = typer.Argument(None, help="YAML config (default: configs/toy.yaml)."),
+                set_: Optional[list[str]] = SetOpt) -> None:
+    """Print the resolved config (defaults filled in, overrides applied)."""
+    cfg = get_config(config, set_)
+    typer.echo(cfg.to_yaml())
+
+
+@config_app.command("validate")
+def config_validate(config: Path = typer.Argument(..., help="YAML config to check."),
+                    set_: Optional[list[str]] = SetOpt) -> None:
+    """Exit 0 if the config is valid; otherwise print the file and field path and exit 2."""
+    get_config(config, set_)
+    console.print(f"{config}: ok")
+
+
+def _register() -> None:
+    """Stage commands live in their own modules; importing them adds them to `app`."""
+    from ptmst_ray_cli import commands  # noqa: F401
+
+
+_register()

@@ -1,0 +1,607 @@
+"""Typed, strict configuration: one frozen dataclass per pipeline stage, loaded from YAML.
+
+Why this file exists: every stage reads its settings from here, and every bad value must be
+rejected *before* any work starts, with a message that names the file and the field path
+(``phases[1].start_max``). Unknown keys and wrong types are errors; per-phase settings are a
+list of :class:`PhaseConfig`, never parallel lists.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+LOSS_NAMES = ("WBCE", "InfoNCE", "BCE", "KL", "MSE", "CWCL")
+GRAD_METHODS = ("first_order", "exact", "unrolled")
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+DEFAULT_CONFIG = CONFIG_DIR / "toy.yaml"
+
+
+class ConfigError(ValueError):
+    """A bad configuration value. ``path`` is the dotted field path, ``source`` the file."""
+
+    def __init__(self, path: str, message: str, source: str | None = None):
+        self.path, self.message, self.source = path, message, source
+        where = f"{source}: " if source else ""
+        super().__init__(f"{where}{path or '<root>'}: {message}")
+
+    def at(self, prefix: str, source: str | None = None) -> "ConfigError":
+        path = _join_path(prefix, self.path)
+        return ConfigError(path, self.message, source or self.source)
+
+
+def _join_path(prefix: str, path: str) -> str:
+    if not prefix:
+        return path
+    if not path:
+        return prefix
+    return f"{prefix}{path}" if path.startswith("[") else f"{prefix}.{path}"
+
+
+def _check(cond: bool, path: str, message: str) -> None:
+    if not cond:
+        raise ConfigError(path, message)
+
+
+# --------------------------------------------------------------------------- sections
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Where a run lives and how it reaches Ray."""
+
+    root: str = "~/.cache/ptmst-ray/toy"
+    """Run root: a local path or any fsspec URL (s3://, gs://, memory://). Every stage writes under it."""
+    seed: int = 0
+    """Master seed; stage seeds derive from it."""
+    address: Optional[str] = None
+    """Ray address of an existing cluster; None starts a local one (laptop mode). RAY_ADDRESS also works."""
+    threads_per_worker: int = 0
+    """torch threads inside each Ray worker; 0 = the CPUs the worker was given."""
+
+    def __post_init__(self):
+        _check(bool(self.root), "root", "must be a path or URL, e.g. ~/ptmst-runs/toy or s3://bucket/runs/toy")
+        _check(self.threads_per_worker >= 0, "threads_per_worker", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class BuiltinDataConfig:
+    """The generated dataset (coloured shapes with compositional captions)."""
+
+    seed: int = 0
+    """Generation seed of the distillation train/test splits."""
+    pretrain_seed: int = 1000
+    """Generation seed of the disjoint pretraining split."""
+    train_images: int = 1000
+    """Images in the train split (each with captions_per_image rows)."""
+    test_images: int = 200
+    """Images in the test split (5 captions each)."""
+    pretrain_images: int = 2000
+    """Images in the pretraining split (disjoint from train and test)."""
+    captions_per_image: int = 2
+    """Train rows per image (one per caption)."""
+
+    def __post_init__(self):
+        for name in ("train_images", "test_images", "pretrain_images", "captions_per_image"):
+            _check(getattr(self, name) >= 1, name, "must be >= 1")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which image-text dataset, and how it is prepared."""
+
+    dataset: Literal["builtin", "flickr30k", "coco", "cc3m"] = "builtin"
+    """builtin (generated), or a benchmark in the Karpathy/BLIP annotation format."""
+    annotations: Optional[str] = None
+    """Folder (path or fsspec URL) holding the annotation JSON files; unused for builtin."""
+    images: Optional[str] = None
+    """Folder (path or fsspec URL) the annotations' relative image paths start from; default = annotations."""
+    image_size: int = 32
+    """Images are resized to this (the model's input size)."""
+    max_words: int = 30
+    """Captions are cut to this many words after normalisation."""
+    shard_rows: int = 2048
+    """Rows per Parquet shard when preparing."""
+    skip_bad: bool = False
+    """Skip (and list in the manifest) rows whose image or caption is bad instead of failing."""
+    max_train_rows: Optional[int] = None
+    """Use only the first N train rows (debugging); None = all."""
+    builtin: BuiltinDataConfig = field(default_factory=BuiltinDataConfig)
+
+    def __post_init__(self):
+        _check(self.image_size >= 8, "image_size", "must be >= 8")
+        _check(self.max_words >= 1, "max_words", "must be >= 1")
+        _check(self.shard_rows >= 1, "shard_rows", "must be >= 1")
+        if self.dataset != "builtin":
+            _check(
+                self.annotations is not None,
+                "annotations",
+                f"dataset {self.dataset!r} needs the folder of its annotation JSON files "
+                "(set data.annotations to a path or fsspec URL)",
+            )
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Trainable image tower + text projection head over a frozen text tower (open_clip)."""
+
+    name: str = "ptmst-toy-vit"
+    """open_clip model config name (open_clip's own or one in ptmst_ray/models/model_configs)."""
+    pretrained: Optional[str] = None
+    """open_clip pretrained tag, or a local/fsspec checkpoint of the whole CLIP model."""
+    image_pretrained: Optional[str] = None
+    """Checkpoint (path/URL) of the image tower only; overrides `pretrained` for it."""
+    text_pretrained: Optional[str] = None
+    """Checkpoint (path/URL) of the text tower only; overrides `pretrained` for it."""
+    image_trainable: bool = True
+    """Train the whole image encoder (paper) or freeze it (CC3M recipe)."""
+    head_dim: Optional[int] = None
+    """Output size of the text projection head; None = the image embedding size."""
+    head_dropout: float = 0.0
+    """Dropout inside the text projection head."""
+    temperature: float = 0.07
+    """Logit scale is 1/temperature (fixed)."""
+
+    def __post_init__(self):
+        _check(self.temperature > 0, "temperature", "must be > 0")
+        _check(0.0 <= self.head_dropout < 1.0, "head_dropout", "must be in [0, 1)")
+        if self.head_dim is not None:
+            _check(self.head_dim >= 1, "head_dim", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """Pretraining of the (tiny) towers for the built-in dataset (no downloadable weights here)."""
+
+    enabled: bool = False
+    """Run the pretraining stage (writes the checkpoint `model.pretrained` points at)."""
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 1e-3
+    """AdamW learning rate."""
+    weight_decay: float = 0.1
+    seed: int = 0
+
+    def __post_init__(self):
+        _check(self.epochs >= 1, "epochs", "must be >= 1")
+        _check(self.batch_size >= 2, "batch_size", "must be >= 2")
+        _check(self.lr > 0, "lr", "must be > 0")
+
+
+@dataclass(frozen=True)
+class ExpertsConfig:
+    """Expert trajectories on the real train split (ALGORITHM.md section 3)."""
+
+    num_experts: int = 20
+    epochs: int = 10
+    """K_e: snapshots after epochs 0..epochs are saved."""
+    lr_img: float = 0.1
+    lr_txt: float = 0.1
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    batch_size: int = 128
+    loss: str = "InfoNCE"
+    seed: int = 0
+    """Expert i uses seed + i (head init and data order)."""
+    gpus_per_expert: float = 1.0
+    """GPUs per expert actor when the cluster has GPUs."""
+
+    def __post_init__(self):
+        _check(self.num_experts >= 1, "num_experts", "must be >= 1")
+        _check(self.epochs >= 1, "epochs", "must be >= 1")
+        _check(self.batch_size >= 2, "batch_size", "must be >= 2")
+        _check(self.lr_img > 0 and self.lr_txt > 0, "lr_img", "learning rates must be > 0")
+        _check(self.loss in LOSS_NAMES, "loss", f"must be one of {', '.join(LOSS_NAMES)}")
+
+
+@dataclass(frozen=True)
+class ShortcutConfig:
+    """Shortcut trajectories (ALGORITHM.md section 4)."""
+
+    enabled: bool = True
+    """False = match against the raw expert trajectory (ablation)."""
+
+
+@dataclass(frozen=True)
+class SimilarityConfig:
+    kind: Literal["full", "lowrank"] = "full"
+    rank: int = 10
+    """Rank r of the low-rank generator."""
+    alpha: float = 1.0
+    """Scale alpha of the low-rank term (alpha / r) L R^T."""
+
+    def __post_init__(self):
+        _check(self.rank >= 1, "rank", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class PhaseConfig:
+    """One phase: its teacher range, start window and synthetic subset (ALGORITHM.md 5)."""
+
+    range_start: int = 0
+    """a: first epoch of the (shortcut) teacher range."""
+    range_end: int = 6
+    """b: last epoch of the teacher range."""
+    start_min: int = 0
+    """Smallest start epoch (absolute epoch, within [a, b])."""
+    start_max: int = 1
+    """Largest start epoch; start + expert_epochs must stay <= range_end."""
+    pairs: int = 99
+    """Synthetic image-text pairs of this phase."""
+    iterations: int = 2000
+    minibatch: int = 20
+    """Synthetic pairs per student step."""
+    similarity: SimilarityConfig = field(default_factory=SimilarityConfig)
+
+    def __post_init__(self):
+        _check(self.range_start >= 0, "range_start", "must be >= 0")
+        _check(self.range_end > self.range_start, "range_end", f"must be > range_start ({self.range_start})")
+        _check(self.start_min >= self.range_start, "start_min", f"must be >= range_start ({self.range_start})")
+        _check(self.start_max >= self.start_min, "start_max", f"must be >= start_min ({self.start_min})")
+        _check(self.pairs >= 1, "pairs", "must be >= 1")
+        _check(self.iterations >= 1, "iterations", "must be >= 1")
+        _check(self.minibatch >= 2, "minibatch", "must be >= 2")
+        _check(
+            self.pairs >= self.minibatch,
+            "pairs",
+            f"the phase budget ({self.pairs} pairs) is smaller than its minibatch ({self.minibatch}); "
+            "raise pairs or lower minibatch",
+        )
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """Settings shared by every phase's distillation (ALGORITHM.md section 6)."""
+
+    syn_steps: int = 8
+    """N: student steps unrolled per iteration."""
+    expert_epochs: int = 1
+    """m: target = trajectory[start + m]."""
+    grad_method: Literal["first_order", "exact", "unrolled"] = "first_order"
+    """first_order (paper's code), exact (adjoint, same memory), unrolled (autograd reference)."""
+    loss: str = "WBCE"
+    lr_img: float = 1000.0
+    lr_txt: float = 1000.0
+    lr_lr: float = 0.01
+    lr_sim: float = 10.0
+    momentum: float = 0.5
+    alpha_init: float = 0.1
+    min_alpha: Optional[float] = None
+    """Clamp the learned step sizes from below (None = no clamp)."""
+    ema_decay: float = 0.99
+    """0 disables the EMA (ablation): the raw state is saved."""
+    init: Literal["real", "noise"] = "real"
+    checkpoint_every: int = 100
+    report_every: int = 10
+    gpus_per_phase: float = 1.0
+    """GPUs per phase trainer when the cluster has GPUs."""
+
+    def __post_init__(self):
+        _check(self.syn_steps >= 1, "syn_steps", "must be >= 1")
+        _check(self.expert_epochs >= 1, "expert_epochs", "must be >= 1")
+        _check(self.loss in LOSS_NAMES, "loss", f"must be one of {', '.join(LOSS_NAMES)}")
+        for name in ("lr_img", "lr_txt", "lr_lr", "lr_sim", "alpha_init"):
+            _check(getattr(self, name) >= 0, name, "must be >= 0")
+        _check(0.0 <= self.momentum < 1.0, "momentum", "must be in [0, 1)")
+        _check(0.0 <= self.ema_decay < 1.0, "ema_decay", "must be in [0, 1)")
+        _check(self.checkpoint_every >= 1, "checkpoint_every", "must be >= 1")
+        _check(self.report_every >= 1, "report_every", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Scoring a distilled set or a baseline by retrieval (ALGORITHM.md section 7)."""
+
+    epochs: int = 100
+    """E_eval per subset."""
+    batch_size: int = 128
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    lr: Optional[float] = None
+    """Fixed student lr for baselines without learned step sizes; None = 0.1 (the experts' lr)."""
+    seeds: int = 5
+    seed: int = 100
+    """Evaluation seed s uses seed + s (never an expert's seed)."""
+    eval_points: int = 10
+    """Number of evaluation points over training (best-of protocol)."""
+    loss: Optional[str] = None
+    """Student loss; None = the distillation loss."""
+    baselines: list[str] = field(default_factory=lambda: ["random", "single_phase", "full"])
+    """Baselines run by `ptmst-ray run`: random, single_phase, full."""
+    full_data_epochs: int = 10
+
+    def __post_init__(self):
+        _check(self.epochs >= 1, "epochs", "must be >= 1")
+        _check(self.seeds >= 1, "seeds", "must be >= 1")
+        _check(self.eval_points >= 1, "eval_points", "must be >= 1")
+        if self.loss is not None:
+            _check(self.loss in LOSS_NAMES, "loss", f"must be one of {', '.join(LOSS_NAMES)}")
+        for i, b in enumerate(self.baselines):
+            _check(b in ("random", "single_phase", "full"), f"baselines[{i}]", "must be random, single_phase or full")
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """Ray Tune search over the matching ranges (`ptmst-ray sweep`)."""
+
+    searcher: Literal["grid", "random", "optuna", "hyperopt", "bayesopt"] = "random"
+    num_samples: int = 8
+    max_concurrent: int = 0
+    """0 = sized to the cluster (accelerators, or CPUs / 2 without GPUs)."""
+    scheduler: Literal["none", "asha"] = "asha"
+    grace_period: int = 1
+    """ASHA: evaluation rounds before a trial may be stopped."""
+    space: dict[str, Any] = field(default_factory=dict)
+    """Dotted config path -> {choice: [...]} | {randint: [lo, hi]} | {uniform: [lo, hi]} | {loguniform: [lo, hi]}."""
+
+    def __post_init__(self):
+        _check(self.num_samples >= 1, "num_samples", "must be >= 1")
+        _check(self.max_concurrent >= 0, "max_concurrent", "must be >= 0")
+        kinds = {"choice", "grid", "randint", "uniform", "loguniform"}
+        for key, spec in self.space.items():
+            _check(
+                isinstance(spec, dict) and len(spec) == 1 and next(iter(spec)) in kinds,
+                f"space.{key}",
+                f"must be a mapping with one of {sorted(kinds)}, e.g. {{choice: [6, 8]}}",
+            )
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """Settings used by `ptmst-ray launch` when submitting to a cluster."""
+
+    dashboard_port: int = 8265
+    follow_logs: bool = True
+    pip: list[str] = field(default_factory=list)
+    """Extra pip packages for the job's runtime env (e.g. s3fs)."""
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole pipeline's configuration (one section per stage)."""
+
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    experts: ExpertsConfig = field(default_factory=ExpertsConfig)
+    shortcut: ShortcutConfig = field(default_factory=ShortcutConfig)
+    phases: list[PhaseConfig] = field(default_factory=lambda: [PhaseConfig()])
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+    def __post_init__(self):
+        _check(len(self.phases) >= 1, "phases", "needs at least one phase")
+        m = self.distill.expert_epochs
+        for i, ph in enumerate(self.phases):
+            p = f"phases[{i}]"
+            _check(
+                ph.range_end <= self.experts.epochs,
+                f"{p}.range_end",
+                f"the shortcut range [{ph.range_start}, {ph.range_end}] runs past the experts' "
+                f"{self.experts.epochs} epochs (experts.epochs); lower range_end or train longer experts",
+            )
+            _check(
+                ph.start_max + m <= ph.range_end,
+                f"{p}.start_max",
+                f"start window [{ph.start_min}, {ph.start_max}] plus distill.expert_epochs={m} runs past "
+                f"the range end {ph.range_end}; lower start_max to at most {ph.range_end - m}",
+            )
+
+    @property
+    def total_pairs(self) -> int:
+        return sum(p.pairs for p in self.phases)
+
+    @property
+    def eval_loss(self) -> str:
+        return self.eval.loss or self.distill.loss
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def replace(self, **overrides: Any) -> "Config":
+        """A copy with dotted-path overrides applied and validated, e.g. replace(**{"distill.syn_steps": 4})."""
+        raw = self.to_dict()
+        for key, value in overrides.items():
+            _set_path(raw, key, value, "<replace>")
+        return from_dict(raw)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, path: str) -> Any:
+    """Check ``value`` against annotation ``tp``; build dataclasses; return the typed value."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, path)
+            except ConfigError as e:
+                errors.append(e)
+        raise errors[0] if len(errors) == 1 else ConfigError(path, f"expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(path, f"must be one of {', '.join(repr(a) for a in args)}; got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(path, f"expected a mapping (section), got {type(value).__name__} {value!r}")
+        return _build(tp, value, path)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(path, f"expected a list, got {type(value).__name__} {value!r}")
+        (item_tp,) = args or (Any,)
+        return [_coerce(v, item_tp, f"{path}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(path, f"expected a mapping, got {type(value).__name__} {value!r}")
+        return dict(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(path, f"expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(path, f"expected an integer, got {type(value).__name__} {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(path, f"expected a number, got {type(value).__name__} {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(path, f"expected a string, got {type(value).__name__} {value!r}")
+        return value
+    raise ConfigError(path, f"unsupported field type {tp!r}")  # a bug in this module, not in the YAML
+
+
+def _build(cls: type, raw: dict, path: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in raw if k not in names]
+    if unknown:
+        key = unknown[0]
+        raise ConfigError(
+            _join_path(path, str(key)), f"unknown key; {cls.__name__} has: {', '.join(names)}"
+        )
+    kwargs = {k: _coerce(v, hints[k], _join_path(path, k)) for k, v in raw.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        raise e.at(path) from None
+
+
+def from_dict(raw: dict, source: str | None = None) -> Config:
+    """Build and validate a :class:`Config`; errors carry ``source`` and the field path."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError("", f"the top level must be a mapping of sections, got {type(raw).__name__}", source)
+    try:
+        cfg = _build(Config, raw)
+    except ConfigError as e:
+        raise ConfigError(e.path, e.message, source) from None
+    return _resolve_paths(cfg)
+
+
+ROOT_PLACEHOLDER = "${run.root}"
+
+
+def _absolute(value: str) -> str:
+    return value if "://" in value else str(Path(os.path.expanduser(value)).resolve())
+
+
+def _resolve_paths(cfg: Config) -> Config:
+    """Make local paths absolute (Ray workers run elsewhere) and expand ``${run.root}`` in path fields."""
+    root = _absolute(cfg.run.root)
+
+    def fix(value: str | None) -> str | None:
+        if value is None:
+            return None
+        value = value.replace(ROOT_PLACEHOLDER, root)
+        # open_clip pretrained tags ("openai", "laion2b_s34b_b79k") stay as they are
+        return _absolute(value) if ("/" in value or value.startswith("~")) else value
+
+    model = dataclasses.replace(
+        cfg.model,
+        pretrained=fix(cfg.model.pretrained),
+        image_pretrained=fix(cfg.model.image_pretrained),
+        text_pretrained=fix(cfg.model.text_pretrained),
+    )
+    data = dataclasses.replace(cfg.data, annotations=fix(cfg.data.annotations), images=fix(cfg.data.images))
+    return dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, root=root), model=model, data=data)
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``a.b=value`` -> (path, YAML-parsed value)."""
+    if "=" not in item:
+        raise ConfigError(item, "an override must look like section.field=value, e.g. distill.syn_steps=4", "--set")
+    key, text = item.split("=", 1)
+    try:
+        value = yaml.safe_load(text) if text != "" else ""
+    except yaml.YAMLError:
+        value = text
+    return key.strip(), value
+
+
+def _set_path(raw: dict, key: str, value: Any, source: str) -> None:
+    parts = key.replace("[", ".").replace("]", "").split(".")
+    node: Any = raw
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(key, f"index {part!r} is not in a list of {len(node)}", source)
+            idx = int(part)
+            if last:
+                node[idx] = value
+            else:
+                node = node[idx]
+        elif isinstance(node, dict):
+            if last:
+                node[part] = value
+            else:
+                if node.get(part) is None:
+                    node[part] = {}
+                node = node[part]
+        else:
+            raise ConfigError(key, f"{'.'.join(parts[:i])} is not a section", source)
+
+
+def load_yaml(path: str | os.PathLike) -> dict:
+    from ptmst_ray import storage
+
+    text = storage.read_text(str(path))
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError("", f"not valid YAML: {e}", str(path)) from None
+    return raw if raw is not None else {}
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config (default: configs/toy.yaml), apply ``--set`` overrides, validate."""
+    path = str(path) if path is not None else str(DEFAULT_CONFIG)
+    raw = load_yaml(path)
+    if not isinstance(raw, dict):
+        raise ConfigError("", "the top level must be a mapping of sections", path)
+    raw = copy.deepcopy(raw)
+    for item in overrides or []:
+        key, value = parse_override(item)
+        _set_path(raw, key, value, path)
+    return from_dict(raw, source=path)
+
+
+def section_hash(*sections: Any) -> str:
+    """Stable content hash of config sections (dataclasses, dicts or plain values)."""
+    from ptmst_ray.storage import stable_hash
+
+    return stable_hash([dataclasses.asdict(s) if dataclasses.is_dataclass(s) else s for s in sections])

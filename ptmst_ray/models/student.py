@@ -1,0 +1,77 @@
+"""The trainable student: the image tower plus the text projection head, scored by cosine logits.
+
+Why this file exists: experts, distillation and evaluation all train the same model:
+f_phi (the whole image encoder, ALGORITHM.md "image_trainable") and h_psi (the projection
+head over frozen caption embeddings), with logits L_ij = s <f(x_i)/|f(x_i)|, h(t_j)/|h(t_j)|>.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ptmst_ray.config import ModelConfig
+from ptmst_ray.models.towers import build_clip
+
+
+class ProjectionHead(nn.Module):
+    """Linear -> GELU -> Linear -> Dropout -> residual -> LayerNorm (the paper's code)."""
+
+    def __init__(self, in_dim: int, out_dim: int, dropout: float = 0.0):
+        super().__init__()
+        self.projection = nn.Linear(in_dim, out_dim)
+        self.gelu = nn.GELU()
+        self.fc = nn.Linear(out_dim, out_dim)
+        self.dropout = nn.Dropout(dropout)
+        self.layer_norm = nn.LayerNorm(out_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        projected = self.projection(x)
+        x = self.dropout(self.fc(self.gelu(projected)))
+        return self.layer_norm(x + projected)
+
+
+class Student(nn.Module):
+    def __init__(self, image: nn.Module, head: ProjectionHead, temperature: float, image_trainable: bool = True):
+        super().__init__()
+        self.image = image
+        self.head = head
+        self.scale = 1.0 / temperature
+        if not image_trainable:
+            for p in self.image.parameters():
+                p.requires_grad_(False)
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.image(images), dim=-1)
+
+    def encode_text(self, text_emb: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.head(text_emb), dim=-1)
+
+    def forward(self, images: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
+        return self.scale * self.encode_image(images) @ self.encode_text(text_emb).T
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """Detached CPU copies of the trainable parameters: one trajectory snapshot."""
+        return {n: p.detach().cpu().clone() for n, p in self.named_parameters() if p.requires_grad}
+
+
+def embed_dim_of(image_tower: nn.Module, image_size: int) -> int:
+    out_dim = getattr(image_tower, "output_dim", None)
+    if out_dim is not None:
+        return int(out_dim)
+    with torch.no_grad():
+        return int(image_tower(torch.zeros(1, 3, image_size, image_size)).shape[-1])
+
+
+def build_student(cfg: ModelConfig, text_dim: int, seed: int) -> Student:
+    """Image tower from its pretrained weights (random parts drawn from ``seed``) + a head seeded by ``seed``."""
+    clip = build_clip(cfg, seed=seed)
+    image = clip.visual
+    size = getattr(image, "image_size", 224)
+    size = int(size[0] if isinstance(size, (tuple, list)) else size)
+    out_dim = cfg.head_dim or embed_dim_of(image, size)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 7919)  # head init is independent of the image tower's random draws
+        head = ProjectionHead(text_dim, out_dim, cfg.head_dropout)
+    return Student(image, head, cfg.temperature, cfg.image_trainable)

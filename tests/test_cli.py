@@ -1,0 +1,40 @@
+"""The CLI's surface: --help lists every command, exit codes, config show/validate."""
+
+from __future__ import annotations
+
+import yaml
+from typer.testing import CliRunner
+
+from ptmst_ray.config import CONFIG_DIR
+from ptmst_ray_cli.main import app
+
+runner = CliRunner()
+
+
+def test_help_lists_commands():
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    assert "config" in result.output
+
+
+def test_validate_ok_and_broken(tmp_path):
+    ok = runner.invoke(app, ["config", "validate", str(CONFIG_DIR / "flickr30k_500.yaml")])
+    assert ok.exit_code == 0
+    raw = yaml.safe_load((CONFIG_DIR / "flickr30k_500.yaml").read_text())
+    raw["phases"][1]["start_max"] = 8
+    broken = tmp_path / "broken.yaml"
+    broken.write_text(yaml.safe_dump(raw))
+    bad = runner.invoke(app, ["config", "validate", str(broken)])
+    assert bad.exit_code == 2
+    assert "phases[1].start_max" in bad.output.replace("\n", "")
+
+
+def test_missing_file_exit_2(tmp_path):
+    result = runner.invoke(app, ["config", "validate", str(tmp_path / "nope.yaml")])
+    assert result.exit_code == 2 and "not found" in result.output
+
+
+def test_show_applies_overrides():
+    result = runner.invoke(app, ["config", "show", "--set", "distill.syn_steps=3"])
+    assert result.exit_code == 0
+    assert yaml.safe_load(result.stdout)["distill"]["syn_steps"] == 3

@@ -1,0 +1,99 @@
+"""Config loading: each class of error names the file and field path; overrides; round trip."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ptmst_ray.config import CONFIG_DIR, Config, ConfigError, from_dict, load_config, section_hash
+
+ALL_CONFIGS = sorted(CONFIG_DIR.glob("*.yaml"))
+
+
+def write(tmp_path: Path, raw: dict) -> Path:
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump(raw))
+    return p
+
+
+@pytest.mark.parametrize("path", ALL_CONFIGS, ids=lambda p: p.name)
+def test_shipped_configs_validate(path):
+    cfg = load_config(path)
+    assert cfg.total_pairs == sum(p.pairs for p in cfg.phases)
+
+
+def test_paper_recipes_follow_algorithm_table():
+    f500 = load_config(CONFIG_DIR / "flickr30k_500.yaml")
+    assert [(p.range_start, p.range_end, p.start_min, p.start_max, p.pairs) for p in f500.phases] == [
+        (0, 6, 0, 1, 200), (0, 8, 1, 2, 299)]
+    assert all(p.minibatch == 40 for p in f500.phases)
+    assert (f500.distill.lr_img, f500.distill.lr_lr, f500.distill.lr_sim, f500.distill.syn_steps) == (1000, 0.01, 10, 8)
+    assert load_config(CONFIG_DIR / "coco_200.yaml").distill.lr_sim == 50
+    assert load_config(CONFIG_DIR / "cc3m_100.yaml").model.image_trainable is False
+    assert len(load_config(CONFIG_DIR / "flickr30k_100.yaml").phases) == 1
+
+
+@pytest.mark.parametrize(
+    "raw, field_path",
+    [
+        ({"distill": {"bogus": 1}}, "distill.bogus"),                       # unknown key
+        ({"bogus_section": {}}, "bogus_section"),                           # unknown section
+        ({"distill": {"syn_steps": "eight"}}, "distill.syn_steps"),         # wrong type
+        ({"distill": {"syn_steps": 2.5}}, "distill.syn_steps"),             # float for int
+        ({"shortcut": {"enabled": "yes"}}, "shortcut.enabled"),             # str for bool
+        ({"distill": {"grad_method": "magic"}}, "distill.grad_method"),     # not a choice
+        ({"phases": []}, "phases"),                                         # empty phase list
+        ({"phases": [{"pairs": 5, "minibatch": 10}]}, "phases[0].pairs"),   # budget < minibatch
+        ({"phases": [{"range_end": 12}]}, "phases[0].range_end"),           # range past expert epochs
+        ({"phases": [{}, {"start_max": 6}]}, "phases[1].start_max"),        # window + m past range
+        ({"phases": [{"similarity": {"kind": "diag"}}]}, "phases[0].similarity.kind"),
+        ({"data": {"dataset": "coco"}}, "data.annotations"),                # missing location
+        ({"eval": {"baselines": ["random", "oracle"]}}, "eval.baselines[1]"),
+    ],
+)
+def test_config_errors_name_file_and_field(tmp_path, raw, field_path):
+    path = write(tmp_path, raw)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert err.value.path == field_path
+    assert str(path) in str(err.value) and field_path in str(err.value)
+
+
+def test_window_error_says_what_to_do():
+    with pytest.raises(ConfigError, match="lower start_max to at most 5"):
+        from_dict({"phases": [{"range_end": 6, "start_max": 6}]})
+
+
+def test_overrides_apply_and_are_validated(tmp_path):
+    path = write(tmp_path, {"phases": [{}, {"range_end": 8, "start_max": 2}]})
+    cfg = load_config(path, ["distill.syn_steps=4", "phases.1.pairs=50", "phases[0].similarity.kind=lowrank",
+                             "run.address=null"])
+    assert cfg.distill.syn_steps == 4 and cfg.phases[1].pairs == 50 and cfg.phases[0].similarity.kind == "lowrank"
+    with pytest.raises(ConfigError) as err:
+        load_config(path, ["phases.5.pairs=3"])
+    assert "phases.5.pairs" in str(err.value)
+    with pytest.raises(ConfigError):
+        load_config(path, ["distill.syn_steps"])  # no '='
+
+
+def test_yaml_round_trip(tmp_path):
+    cfg = load_config(CONFIG_DIR / "toy.yaml", ["run.root=" + str(tmp_path)])
+    again = from_dict(yaml.safe_load(cfg.to_yaml()))
+    assert again == cfg
+    assert section_hash(again.phases[0]) == section_hash(cfg.phases[0])
+
+
+def test_relative_root_becomes_absolute_and_placeholder_expands(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = from_dict({"run": {"root": "runs/x"}, "model": {"pretrained": "${run.root}/pretrain/clip.safetensors"}})
+    assert cfg.run.root == str(tmp_path / "runs/x")
+    assert cfg.model.pretrained == str(tmp_path / "runs/x/pretrain/clip.safetensors")
+    assert from_dict({"model": {"pretrained": "openai"}}).model.pretrained == "openai"  # tags stay tags
+
+
+def test_section_hash_changes_with_content():
+    a, b = Config(), Config().replace(**{"distill.syn_steps": 3})
+    assert section_hash(a.distill) != section_hash(b.distill)
+    assert section_hash(a.experts) == section_hash(b.experts)

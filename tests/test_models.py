@@ -1,0 +1,142 @@
+"""Models: functional forward equals the module, double backward works, checkpoints load by path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from ptmst_ray.config import ModelConfig
+from ptmst_ray.models.functional import FunctionalStudent, ParamSpec
+from ptmst_ray.models.student import ProjectionHead, build_student
+from ptmst_ray.models.towers import ModelError, build_clip, build_text_encoder, load_state_dict
+
+CFG = ModelConfig()
+
+
+def test_param_spec_round_trip():
+    named = {"a": torch.randn(2, 3), "b": torch.randn(4)}
+    spec = ParamSpec.from_named(named.items())
+    flat = spec.flatten(named)
+    assert flat.shape == (10,) and spec.numel == 10
+    back = spec.unflatten(flat)
+    assert all(torch.equal(back[k], named[k]) for k in named)
+    with pytest.raises(KeyError):
+        spec.flatten({"a": named["a"]})
+
+
+def test_functional_forward_equals_module():
+    student = build_student(CFG, text_dim=64, seed=0)
+    fs = FunctionalStudent(student)
+    w_img, w_txt = fs.params()
+    assert w_img.numel() == sum(p.numel() for p in student.image.parameters())
+    x, t = torch.randn(5, 3, 32, 32), torch.randn(5, 64)
+    torch.testing.assert_close(fs.logits(w_img, w_txt, x, t), student(x, t))
+    # a snapshot plugs in: perturbed flat vectors give the module's output after load_
+    w_img2, w_txt2 = w_img + 0.01 * torch.randn_like(w_img), w_txt + 0.01 * torch.randn_like(w_txt)
+    out = fs.logits(w_img2, w_txt2, x, t)
+    fs.load_(w_img2, w_txt2)
+    torch.testing.assert_close(out, student(x, t))
+    torch.testing.assert_close(fs.split_snapshot(student.trainable_state())[1], w_txt2)
+
+
+def test_logits_formula():
+    student = build_student(CFG, text_dim=64, seed=0)
+    x, t = torch.randn(3, 3, 32, 32), torch.randn(3, 64)
+    fi, ft = student.image(x), student.head(t)
+    ref = (1 / CFG.temperature) * (fi / fi.norm(dim=1, keepdim=True)) @ (ft / ft.norm(dim=1, keepdim=True)).T
+    torch.testing.assert_close(student(x, t), ref)
+
+
+def test_double_backward_through_functional_vit():
+    student = build_student(CFG, text_dim=64, seed=0).double()
+    fs = FunctionalStudent(student)
+    w_img, w_txt = (w.double().requires_grad_() for w in fs.params())
+    x = torch.randn(4, 3, 32, 32, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(4, 64, dtype=torch.float64, requires_grad=True)
+    with sdpa_kernel(SDPBackend.MATH):
+        loss = fs.logits(w_img, w_txt, x, t).logsumexp(1).mean()
+        g_img, g_txt = torch.autograd.grad(loss, (w_img, w_txt), create_graph=True)
+        q = (g_img * torch.randn_like(g_img)).sum() + (g_txt * torch.randn_like(g_txt)).sum()
+        dx, dt = torch.autograd.grad(q, (x, t))
+    assert dx.abs().sum() > 0 and dt.abs().sum() > 0
+
+
+def test_seeded_dropout_is_reproducible():
+    cfg = ModelConfig(head_dropout=0.5)
+    fs = FunctionalStudent(build_student(cfg, text_dim=64, seed=0).train())
+    w_img, w_txt = fs.params()
+    x, t = torch.randn(4, 3, 32, 32), torch.randn(4, 64)
+    a, b, c = (fs.logits(w_img, w_txt, x, t, seed=s) for s in (7, 7, 8))
+    torch.testing.assert_close(a, b)
+    assert not torch.allclose(a, c)
+
+
+def test_students_share_pretrained_image_tower_and_differ_in_head(tmp_path):
+    ckpt = tmp_path / "clip.safetensors"
+    save_file({k: v.contiguous() for k, v in build_clip(CFG, seed=123).state_dict().items()}, str(ckpt))
+    cfg = ModelConfig(pretrained=str(ckpt))
+    s0, s1 = build_student(cfg, 64, seed=0), build_student(cfg, 64, seed=1)
+    for (n, a), (_, b) in zip(s0.image.state_dict().items(), s1.image.state_dict().items()):
+        assert torch.equal(a, b), n
+    assert not torch.equal(s0.head.projection.weight, s1.head.projection.weight)
+    # without pretrained weights the image tower's random init differs per seed
+    r0, r1 = build_student(CFG, 64, seed=0), build_student(CFG, 64, seed=1)
+    assert not torch.equal(r0.image.conv1.weight, r1.image.conv1.weight)
+
+
+def test_checkpoint_round_trip_gives_identical_outputs(tmp_path):
+    ref = build_clip(CFG, seed=5).eval()
+    st, pt = tmp_path / "w.safetensors", tmp_path / "w.pt"
+    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(st))
+    torch.save({"state_dict": ref.state_dict()}, str(pt))
+    x = torch.randn(2, 3, 32, 32)
+    for path in (st, pt):
+        model = build_clip(ModelConfig(pretrained=str(path)), seed=99).eval()
+        torch.testing.assert_close(model.encode_image(x), ref.encode_image(x))
+    # tower-only checkpoints
+    img_only = tmp_path / "visual.safetensors"
+    save_file({k: v.contiguous() for k, v in ref.visual.state_dict().items()}, str(img_only))
+    model = build_clip(ModelConfig(image_pretrained=str(img_only)), seed=99).eval()
+    torch.testing.assert_close(model.encode_image(x), ref.encode_image(x))
+
+
+def test_checkpoint_through_fsspec_memory_url():
+    import fsspec
+
+    ref = build_clip(CFG, seed=6).eval()
+    from safetensors.torch import save
+
+    url = "memory://ckpt/test_models/clip.safetensors"
+    with fsspec.open(url, "wb") as f:
+        f.write(save({k: v.contiguous() for k, v in ref.state_dict().items()}))
+    enc = build_text_encoder(ModelConfig(pretrained=url))
+    ref_enc = build_text_encoder(ModelConfig(pretrained=url))
+    assert enc.key == ref_enc.key and enc.dim == 64
+    torch.testing.assert_close(enc.encode(["a red circle"]), ref_enc.encode(["a red circle"]))
+    assert build_text_encoder(CFG).key != enc.key  # different weights, different cache key
+
+
+def test_bad_checkpoint_errors_name_the_file(tmp_path):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(ModelError, match="bad.safetensors"):
+        load_state_dict(str(bad))
+    wrong = tmp_path / "wrong.safetensors"
+    save_file({"foo": torch.zeros(2)}, str(wrong))
+    with pytest.raises(ModelError, match="missing"):
+        build_clip(ModelConfig(pretrained=str(wrong)))
+    with pytest.raises(ModelError, match="not an open_clip model"):
+        build_clip(ModelConfig(name="no-such-model"))
+
+
+def test_text_encoder_batches_consistently():
+    enc = build_text_encoder(CFG)
+    caps = [f"a {c} square" for c in ("red", "green", "blue", "yellow", "white")]
+    torch.testing.assert_close(enc.encode(caps, batch_size=2), enc.encode(caps, batch_size=64))
+
+
+def test_projection_head_shape():
+    head = ProjectionHead(768, 2304, dropout=0.1)
+    assert head(torch.randn(3, 768)).shape == (3, 2304)

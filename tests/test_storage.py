@@ -1,0 +1,62 @@
+"""Storage: local and memory:// URLs, atomic writes, manifest-last completion, hashes."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from ptmst_ray import storage
+
+
+@pytest.fixture(params=["local", "memory"])
+def root(request, tmp_path):
+    return str(tmp_path / "root") if request.param == "local" else f"memory://t-{uuid.uuid4().hex[:8]}"
+
+
+def test_write_read_round_trip(root):
+    storage.write_json(storage.join(root, "a", "b.json"), {"x": [1, 2]})
+    assert storage.read_json(storage.join(root, "a/b.json")) == {"x": [1, 2]}
+    storage.write_bytes(storage.join(root, "c.bin"), b"\x00\x01")
+    assert storage.read_bytes(storage.join(root, "c.bin")) == b"\x00\x01"
+    assert storage.listdir(root) == ["a", "c.bin"]
+
+
+def test_interrupted_write_leaves_nothing(root):
+    url = storage.join(root, "d", "out.bin")
+    with pytest.raises(RuntimeError):
+        with storage.atomic_open(url) as f:
+            f.write(b"partial")
+            raise RuntimeError("killed")
+    assert not storage.exists(url)
+    assert storage.listdir(storage.join(root, "d")) == []  # no temporary left behind
+
+
+def test_manifest_written_last_marks_complete(root):
+    d = storage.join(root, "stage")
+    storage.write_bytes(storage.join(d, "part.bin"), b"abc")
+    assert not storage.is_complete(d)  # outputs without a manifest are never complete
+    storage.write_manifest(d, {"config_hash": "h1", "files": {"part.bin": storage.hash_bytes(b"abc")}})
+    assert storage.is_complete(d) and storage.is_complete(d, "h1") and not storage.is_complete(d, "h2")
+    storage.verify_files(d, storage.read_manifest(d)["files"])
+    storage.write_bytes(storage.join(d, "part.bin"), b"abX")
+    with pytest.raises(storage.StorageError, match="part.bin.*content hash"):
+        storage.verify_files(d, storage.read_manifest(d)["files"])
+
+
+def test_stable_hash_ignores_key_order():
+    assert storage.stable_hash({"a": 1, "b": [1, 2]}) == storage.stable_hash({"b": [1, 2], "a": 1})
+    assert storage.stable_hash({"a": 1}) != storage.stable_hash({"a": 2})
+
+
+def test_unwritable_root_gives_clear_error(tmp_path):
+    blocker = tmp_path / "not_a_dir"
+    blocker.write_text("a file where the run root should be")  # unwritable even for root
+    with pytest.raises(storage.StorageError, match="cannot write"):
+        storage.write_bytes(str(blocker / "stage" / "x.bin"), b"1")
+    assert blocker.read_text().startswith("a file")
+
+
+def test_missing_file_error_names_it(tmp_path):
+    with pytest.raises(storage.StorageError, match="nope.json"):
+        storage.read_json(str(tmp_path / "nope.json"))
