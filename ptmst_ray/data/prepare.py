@@ -1,0 +1,280 @@
+"""`data prepare`: annotations + images (any fsspec URL) -> Parquet shards and split manifests.
+
+Why this file exists: later stages (experts on Ray workers, distillation, evaluation) need the
+images decoded once, resized to the model's size, and stored next to their captions in a form
+any worker can read from the run root. Preparation streams shard by shard (memory is bounded
+by ``shard_rows`` images), writes each shard atomically, and writes the split's manifest last,
+so an interrupted run leaves no manifest and is redone, while a finished one is skipped.
+
+Layout of a prepared split folder ``<data_root>/<split>/``:
+* ``images-00000.parquet`` ...: one row per image: ``image_index`` (0..N-1), ``image`` (relative
+  path in the annotations), ``image_id``, ``png`` (RGB PNG at image_size), ``row`` (annotation
+  row of its first use) and, for val/test, ``captions`` (list of normalised captions).
+* train/pretrain only, ``captions-00000.parquet`` ...: one row per caption: ``row``
+  (annotation row), ``image_index``, ``caption``. Images are stored once, not once per caption.
+* ``manifest.json``: counts, files with sha256, content hash, settings, skipped rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import logging
+from typing import Any, Callable
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+from ptmst_ray import storage
+from ptmst_ray.config import DataConfig
+from ptmst_ray.data.annotations import (
+    Annotations, DataError, EvalRow, NORMALIZATION, PairRow, annotation_name, read_split, split_kind,
+)
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+"""Bump when the shard layout changes (part of every split's settings hash)."""
+
+Progress = Callable[[int, int], None]
+
+IMAGE_SCHEMA_PAIRS = pa.schema([
+    ("image_index", pa.int64()), ("image", pa.string()), ("image_id", pa.string()),
+    ("row", pa.int64()), ("png", pa.binary()),
+])
+IMAGE_SCHEMA_EVAL = IMAGE_SCHEMA_PAIRS.append(pa.field("captions", pa.list_(pa.string())))
+CAPTION_SCHEMA = pa.schema([("row", pa.int64()), ("image_index", pa.int64()), ("caption", pa.string())])
+
+
+# --------------------------------------------------------------------------- images
+
+
+def encode_image(data: bytes, size: int) -> bytes:
+    """Decode any PIL-readable image, convert to RGB, resize to size x size (bicubic), encode PNG."""
+    with Image.open(io.BytesIO(data)) as im:
+        im.load()
+        rgb = im.convert("RGB")
+    if rgb.size != (size, size):
+        rgb = rgb.resize((size, size), Image.Resampling.BICUBIC)
+    buf = io.BytesIO()
+    rgb.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _load_image(url: str, size: int) -> bytes:
+    """The image at ``url`` as a resized RGB PNG; ValueError (with the reason) if missing or corrupt."""
+    try:
+        data = storage.read_bytes(url)
+    except storage.StorageError:
+        raise ValueError(f"image file {url} not found") from None
+    try:
+        return encode_image(data, size)
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise ValueError(f"image file {url} is not a readable image ({e})") from None
+
+
+# --------------------------------------------------------------------------- shard writer
+
+
+class ShardWriter:
+    """Buffers rows and writes ``<prefix>-NNNNN.parquet`` atomically every ``shard_rows`` rows."""
+
+    def __init__(self, out_dir: str, prefix: str, schema: pa.Schema, shard_rows: int):
+        self.out_dir, self.prefix, self.schema, self.shard_rows = out_dir, prefix, schema, shard_rows
+        self.buffer: list[dict[str, Any]] = []
+        self.files: dict[str, str] = {}
+        self.rows = 0
+
+    def add(self, row: dict[str, Any]) -> None:
+        self.buffer.append(row)
+        if len(self.buffer) >= self.shard_rows:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.buffer:
+            return
+        name = f"{self.prefix}-{len(self.files):05d}.parquet"
+        table = pa.Table.from_pylist(self.buffer, schema=self.schema)
+        url = storage.join(self.out_dir, name)
+        with storage.atomic_open(url, "wb") as f:
+            pq.write_table(table, f)
+        self.files[name] = storage.hash_file(url)
+        self.rows += len(self.buffer)
+        self.buffer = []
+
+
+# --------------------------------------------------------------------------- splits
+
+
+def _source_dirs(cfg: DataConfig) -> tuple[str, str]:
+    if cfg.annotations is None:
+        raise DataError(f"dataset {cfg.dataset!r}: data.annotations is not set; point it at the annotation folder")
+    return cfg.annotations, cfg.images or cfg.annotations
+
+
+def split_settings(cfg: DataConfig, split: str, annotation_sha256: str) -> dict[str, Any]:
+    """Everything the prepared split depends on; its hash decides whether a re-run can skip."""
+    settings = {
+        "format": FORMAT_VERSION, "dataset": cfg.dataset, "split": split, "image_size": cfg.image_size,
+        "max_words": cfg.max_words, "normalization": NORMALIZATION, "shard_rows": cfg.shard_rows,
+        "skip_bad": cfg.skip_bad, "annotation_sha256": annotation_sha256,
+        "max_rows": cfg.max_train_rows if split == "train" else None,
+    }
+    if cfg.dataset == "builtin":
+        settings["builtin"] = dataclasses.asdict(cfg.builtin)
+    return settings
+
+
+def _skip_or_raise(cfg: DataConfig, skipped: list[dict], file: str, row: int, reason: str) -> None:
+    if not cfg.skip_bad:
+        raise DataError(f"{file}: row {row}: {reason} (or set data.skip_bad=true to skip bad rows)")
+    skipped.append({"file": file, "row": row, "reason": reason})
+
+
+def _write_pairs(ann: Annotations, cfg: DataConfig, images_dir: str, out_dir: str,
+                 progress: Progress | None) -> dict[str, Any]:
+    imgs = ShardWriter(out_dir, "images", IMAGE_SCHEMA_PAIRS, cfg.shard_rows)
+    caps = ShardWriter(out_dir, "captions", CAPTION_SCHEMA, cfg.shard_rows)
+    index: dict[str, int] = {}
+    bad: set[str] = set()
+    skipped: list[dict] = []
+    for k, r in enumerate(ann.rows):
+        assert isinstance(r, PairRow)
+        if r.image in bad:
+            _skip_or_raise(cfg, skipped, ann.url, r.row, f"its image {r.image} was unusable (see an earlier row)")
+        else:
+            if r.image not in index:
+                try:
+                    png = _load_image(storage.join(images_dir, r.image), cfg.image_size)
+                except ValueError as e:
+                    bad.add(r.image)
+                    _skip_or_raise(cfg, skipped, ann.url, r.row, str(e))
+                    continue
+                index[r.image] = len(index)
+                imgs.add({"image_index": index[r.image], "image": r.image, "image_id": r.image_id,
+                          "row": r.row, "png": png})
+            caps.add({"row": r.row, "image_index": index[r.image], "caption": r.caption})
+        if progress:
+            progress(k + 1, len(ann.rows))
+    imgs.flush()
+    caps.flush()
+    return {"images": imgs.rows, "captions": caps.rows, "rows": caps.rows,
+            "files": {**imgs.files, **caps.files}, "skipped": skipped}
+
+
+def _write_eval(ann: Annotations, cfg: DataConfig, images_dir: str, out_dir: str,
+                progress: Progress | None) -> dict[str, Any]:
+    imgs = ShardWriter(out_dir, "images", IMAGE_SCHEMA_EVAL, cfg.shard_rows)
+    skipped: list[dict] = []
+    n_caps = 0
+    for k, r in enumerate(ann.rows):
+        assert isinstance(r, EvalRow)
+        try:
+            png = _load_image(storage.join(images_dir, r.image), cfg.image_size)
+        except ValueError as e:
+            _skip_or_raise(cfg, skipped, ann.url, r.row, str(e))
+        else:
+            imgs.add({"image_index": imgs.rows + len(imgs.buffer), "image": r.image, "image_id": r.image_id,
+                      "row": r.row, "png": png, "captions": r.captions})
+            n_caps += len(r.captions)
+        if progress:
+            progress(k + 1, len(ann.rows))
+    imgs.flush()
+    return {"images": imgs.rows, "captions": n_caps, "rows": imgs.rows, "files": imgs.files, "skipped": skipped}
+
+
+def prepare_split(cfg: DataConfig, split: str, out_dir: str, progress: Progress | None = None) -> dict:
+    """Prepare one split of ``cfg``'s dataset into ``out_dir``; returns its manifest.
+
+    Skips the work when ``out_dir`` already has a manifest with the same settings hash;
+    otherwise clears ``out_dir`` (a partial or outdated output) and writes it again.
+    """
+    ann_dir, images_dir = _source_dirs(cfg)
+    ann_url = storage.join(ann_dir, annotation_name(cfg.dataset, split))
+    if not storage.exists(ann_url):
+        raise DataError(f"{ann_url}: annotation file not found; check data.annotations (folder of the JSON files)")
+    settings = split_settings(cfg, split, storage.hash_file(ann_url))
+    chash = storage.stable_hash(settings)
+    old = storage.read_manifest(out_dir)
+    if old is not None and old.get("config_hash") == chash:
+        log.info("%s: split %s already prepared (%d rows); skipping", out_dir, split, old["rows"])
+        return old
+    storage.remove(out_dir, recursive=True)
+    storage.makedirs(out_dir)
+    max_rows = cfg.max_train_rows if split == "train" else None
+    ann = read_split(ann_dir, cfg.dataset, split, cfg.max_words, cfg.skip_bad, max_rows)
+    kind = split_kind(split)
+    writer = _write_pairs if kind == "pairs" else _write_eval
+    result = writer(ann, cfg, images_dir, out_dir, progress)
+    if result["rows"] == 0:
+        raise DataError(f"{ann_url}: every row was skipped as bad; nothing to prepare (see the log)")
+    manifest = {
+        "kind": "data_split", "split": split, "split_kind": kind, "dataset": cfg.dataset,
+        "config_hash": chash, "settings": settings, "source": ann_url, "images_root": images_dir,
+        "rows": result["rows"], "images": result["images"], "captions": result["captions"],
+        "image_size": cfg.image_size, "files": result["files"],
+        "content_hash": storage.stable_hash(result["files"]),
+        "skipped": ann.skipped + result["skipped"],
+    }
+    storage.write_manifest(out_dir, manifest)
+    log.info("%s: prepared split %s: %d images, %d captions, %d skipped", out_dir, split,
+             manifest["images"], manifest["captions"], len(manifest["skipped"]))
+    return manifest
+
+
+# --------------------------------------------------------------------------- datasets
+
+
+def splits_to_prepare(cfg: DataConfig) -> list[str]:
+    """train and test; val when its file exists; pretrain for the built-in dataset."""
+    if cfg.dataset == "builtin":
+        return ["train", "test", "pretrain"]
+    ann_dir, _ = _source_dirs(cfg)
+    splits = ["train", "test"]
+    if storage.exists(storage.join(ann_dir, annotation_name(cfg.dataset, "val"))):
+        splits.append("val")
+    return splits
+
+
+def source_config(cfg: DataConfig, data_root: str) -> DataConfig:
+    """``cfg`` with annotations/images pointing at the generated source for the built-in dataset."""
+    if cfg.dataset != "builtin":
+        return cfg
+    src = storage.join(data_root, "source")
+    return dataclasses.replace(cfg, annotations=src, images=src)
+
+
+def prepare_dataset(cfg: DataConfig, data_root: str,
+                    progress: Callable[[str, int, int], None] | None = None) -> dict:
+    """Prepare every split under ``data_root/<split>/``; returns the dataset manifest (written last).
+
+    For ``builtin`` the generated annotation files and PNGs go to ``data_root/source`` first.
+    ``progress(split, done, total)`` is called as rows are processed.
+    """
+    from ptmst_ray.data.builtin import generate_builtin
+
+    chash = data_config_hash(cfg)
+    old = storage.read_manifest(data_root)
+    if old is not None and old.get("config_hash") != chash:
+        storage.remove(storage.join(data_root, storage.MANIFEST))  # outdated: not complete until rewritten
+    if cfg.dataset == "builtin":
+        generate_builtin(storage.join(data_root, "source"), cfg.builtin, cfg.image_size,
+                         (lambda d, t: progress("source", d, t)) if progress else None)
+    src_cfg = source_config(cfg, data_root)
+    splits: dict[str, dict] = {}
+    for split in splits_to_prepare(src_cfg):
+        cb = (lambda d, t, s=split: progress(s, d, t)) if progress else None
+        m = prepare_split(src_cfg, split, storage.join(data_root, split), cb)
+        splits[split] = {k: m[k] for k in ("rows", "images", "captions", "content_hash", "config_hash")}
+        splits[split]["skipped"] = len(m["skipped"])
+    manifest = {"kind": "data", "dataset": cfg.dataset, "config_hash": chash,
+                "image_size": cfg.image_size, "splits": splits,
+                "content_hash": storage.stable_hash({s: v["content_hash"] for s, v in splits.items()})}
+    storage.write_manifest(data_root, manifest)
+    return manifest
+
+
+def data_config_hash(cfg: DataConfig) -> str:
+    """Hash of the data settings (the dataset manifest's ``config_hash``)."""
+    return storage.stable_hash({"data": dataclasses.asdict(cfg), "format": FORMAT_VERSION})

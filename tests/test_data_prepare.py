@@ -1,0 +1,168 @@
+"""Preparation to Parquet shards and loading back: round trips, bad images, skip_bad, interruption."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import fsspec
+import pytest
+import torch
+
+from ptmst_ray import storage
+from ptmst_ray.config import BuiltinDataConfig, DataConfig
+from ptmst_ray.data import prepare
+from ptmst_ray.data.annotations import DataError
+from ptmst_ray.data.dataset import PairSet, TestSet, denormalize_images, load_split, normalize_images
+from ptmst_ray.data.show import contact_sheet, summarize
+
+
+def _flickr_cfg(folder, **kw) -> DataConfig:
+    return DataConfig(dataset="flickr30k", annotations=str(folder), image_size=16, shard_rows=5, **kw)
+
+
+@pytest.fixture
+def mem_root():
+    root = f"memory://ptmst-data-{uuid.uuid4().hex[:8]}"
+    yield root
+    fs = fsspec.filesystem("memory")
+    if fs.exists(root[len("memory://"):]):
+        fs.rm(root[len("memory://"):], recursive=True)
+
+
+def test_flickr_round_trip_memory(tiny_flickr_dir, mem_root):
+    cfg = _flickr_cfg(tiny_flickr_dir)
+    m = prepare.prepare_dataset(cfg, mem_root)
+    assert set(m["splits"]) == {"train", "test", "val"}
+    assert m["splits"]["test"] == {**m["splits"]["test"], "rows": 12, "images": 12, "captions": 60, "skipped": 0}
+    assert m["splits"]["train"]["rows"] == 60 and m["splits"]["train"]["images"] == 12
+
+    raw = json.loads((tiny_flickr_dir / "flickr30k_test.json").read_text())
+    test = load_split(mem_root, "test")
+    assert isinstance(test, TestSet) and test.images.shape == (12, 3, 16, 16) and test.images.dtype == torch.uint8
+    assert len(test.captions) == 60 and test.txt2img.tolist() == [i for i in range(12) for _ in range(5)]
+    assert test.captions[5] == raw[1]["caption"][0].lower().replace(".", "").strip()
+    assert test.image_ids[1] == raw[1]["image"]
+    # placeholder k is a solid colour: the pixels survive the resize
+    assert test.images[1, :, 3, 3].tolist() == [20, 100, 190]
+
+    train = load_split(mem_root, "train")
+    assert isinstance(train, PairSet) and len(train) == 60 and train.images.shape[0] == 12
+    assert train.image_index.tolist() == [i for i in range(12) for _ in range(5)]
+    man = storage.read_manifest(storage.join(mem_root, "train"))
+    assert len([f for f in man["files"] if f.startswith("images-")]) == 3  # 12 images / 5 per shard
+    assert len([f for f in man["files"] if f.startswith("captions-")]) == 12
+
+
+def test_rerun_skips_and_settings_change_redoes(tiny_flickr_dir, tmp_path, monkeypatch):
+    cfg = _flickr_cfg(tiny_flickr_dir)
+    out = str(tmp_path / "test")
+    m1 = prepare.prepare_split(cfg, "test", out)
+    monkeypatch.setattr(prepare, "_load_image", lambda *a: (_ for _ in ()).throw(AssertionError("redone")))
+    assert prepare.prepare_split(cfg, "test", out) == m1
+    monkeypatch.undo()
+    m2 = prepare.prepare_split(_flickr_cfg(tiny_flickr_dir, max_words=3), "test", out)
+    assert m2["config_hash"] != m1["config_hash"]
+    assert all(len(c.split()) <= 3 for c in load_split(str(tmp_path), "test").captions)
+
+
+def test_interrupted_split_leaves_no_manifest_and_rerun_finishes(tiny_flickr_dir, tmp_path, monkeypatch):
+    cfg = _flickr_cfg(tiny_flickr_dir)
+    calls = {"n": 0}
+    real = prepare._load_image
+
+    def flaky(url, size):
+        calls["n"] += 1
+        if calls["n"] == 8:
+            raise KeyboardInterrupt("simulated crash")
+        return real(url, size)
+
+    monkeypatch.setattr(prepare, "_load_image", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        prepare.prepare_dataset(cfg, str(tmp_path))
+    assert storage.read_manifest(str(tmp_path / "train")) is None
+    assert storage.read_manifest(str(tmp_path)) is None
+    assert storage.exists(str(tmp_path / "train" / "images-00000.parquet"))  # a partial output exists
+    with pytest.raises(storage.StorageError, match="ptmst-ray data prepare"):
+        load_split(str(tmp_path), "train")
+    monkeypatch.undo()
+    m = prepare.prepare_dataset(cfg, str(tmp_path))
+    assert m["splits"]["train"]["rows"] == 60
+    assert len(load_split(str(tmp_path), "train")) == 60
+
+
+def _break_image(folder, split, k, data: bytes | None):
+    raw = json.loads((folder / f"flickr30k_{split}.json").read_text())
+    path = folder / raw[k]["image"]
+    if data is None:
+        path.unlink()
+    else:
+        path.write_bytes(data)
+    return raw[k]["image"]
+
+
+@pytest.mark.parametrize("data,what", [(None, "not found"), (b"\x89PNG\r\n\x1a\nthis is not an image", "not a readable image")])
+def test_bad_image_names_file_and_row(tiny_flickr_dir, tmp_path, data, what):
+    name = _break_image(tiny_flickr_dir, "test", 4, data)
+    with pytest.raises(DataError) as e:
+        prepare.prepare_split(_flickr_cfg(tiny_flickr_dir), "test", str(tmp_path / "test"))
+    msg = str(e.value)
+    assert "flickr30k_test.json: row 4" in msg and name in msg and what in msg
+    assert storage.read_manifest(str(tmp_path / "test")) is None
+
+
+def test_skip_bad_counts(tiny_flickr_dir, tmp_path):
+    _break_image(tiny_flickr_dir, "val", 2, None)  # val image 2 is also train image 2 (5 rows)
+    _break_image(tiny_flickr_dir, "test", 7, b"garbage")
+    train_ann = json.loads((tiny_flickr_dir / "flickr30k_train.json").read_text())
+    train_ann[0]["caption"] = "..."
+    (tiny_flickr_dir / "flickr30k_train.json").write_text(json.dumps(train_ann))
+    cfg = _flickr_cfg(tiny_flickr_dir, skip_bad=True)
+    m = prepare.prepare_dataset(cfg, str(tmp_path))
+    assert m["splits"]["test"]["skipped"] == 1 and m["splits"]["test"]["images"] == 11
+    assert m["splits"]["val"]["skipped"] == 1
+    assert m["splits"]["train"]["skipped"] == 6 and m["splits"]["train"]["rows"] == 54
+    man = storage.read_manifest(str(tmp_path / "train"))
+    assert sorted(s["row"] for s in man["skipped"]) == [0, 10, 11, 12, 13, 14]
+    train = load_split(str(tmp_path), "train")
+    assert train.images.shape[0] == 11 and int(train.image_index.max()) == 10
+    test = load_split(str(tmp_path), "test")
+    assert len(test.captions) == 55 and int(test.txt2img.max()) == 10
+
+
+def test_corrupt_shard_detected(tiny_flickr_dir, tmp_path):
+    prepare.prepare_split(_flickr_cfg(tiny_flickr_dir), "test", str(tmp_path / "test"))
+    (tmp_path / "test" / "images-00001.parquet").write_bytes(b"tampered")
+    with pytest.raises(storage.StorageError, match="content hash does not match"):
+        load_split(str(tmp_path), "test")
+
+
+def test_max_train_rows(tiny_flickr_dir, tmp_path):
+    m = prepare.prepare_split(_flickr_cfg(tiny_flickr_dir, max_train_rows=13), "train", str(tmp_path / "train"))
+    assert m["rows"] == 13 and m["images"] == 3
+
+
+def test_builtin_prepare_dataset_and_show(tmp_path):
+    cfg = DataConfig(builtin=BuiltinDataConfig(train_images=30, test_images=10, pretrain_images=20), shard_rows=16)
+    seen = []
+    m = prepare.prepare_dataset(cfg, str(tmp_path), progress=lambda s, d, t: seen.append(s))
+    assert {"source", "train", "test", "pretrain"} <= set(seen)
+    assert m["splits"]["train"]["rows"] == 60 and m["splits"]["test"]["captions"] == 50
+    assert m["splits"]["pretrain"]["images"] == 20
+    train = load_split(str(tmp_path), "train")
+    assert train.images.shape == (30, 3, 32, 32)
+    x = normalize_images(train.images[:4])
+    assert x.dtype == torch.float32 and torch.equal(denormalize_images(x), train.images[:4])
+    s = summarize(str(tmp_path))
+    assert s["splits"]["test"]["images"] == 10 and len(s["splits"]["test"]["samples"]) == 3
+    out = contact_sheet(str(tmp_path), "test", str(tmp_path / "sheet.png"), n=8)
+    from PIL import Image
+
+    with Image.open(out) as im:
+        assert im.size[0] >= 4 * 128
+    assert prepare.prepare_dataset(cfg, str(tmp_path)) == m
+
+
+def test_unprepared_split_error(tmp_path):
+    with pytest.raises(storage.StorageError, match="run `ptmst-ray data prepare`"):
+        load_split(str(tmp_path), "test")
