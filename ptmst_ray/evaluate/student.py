@@ -1,0 +1,247 @@
+"""Train a fresh student on a set of image-text pairs and score it by retrieval.
+
+Why this file exists: a distilled set (or a baseline subset of real pairs) is only as good as a
+student trained on it (ALGORITHM.md section 7). This module holds that one training loop:
+minibatch SGD with momentum and weight decay on the pairs, the subset's similarity matrix as
+soft target, separate step sizes for the image encoder and the text projection head (the
+learned alphas of distillation), a x0.1 step decay, and evaluations at evenly spaced epochs.
+It is plain PyTorch; the Ray layer calls it once per seed.
+
+Epochs are numbered 1..E. Epoch e runs at lr * 0.1 when e >= E // 2 + 1 (so E=100: epochs
+1-50 at lr, 51-100 at lr/10). The paper's code (MTT/LoRS ``evaluate_synset``) loops over
+ep = 0..E, decays after ep = E//2+1 and rebuilds the optimiser (dropping momentum); here the
+schedule is exactly E epochs and the momentum buffer is kept across the decay.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Protocol, Union
+
+import torch
+from torch import Tensor, nn
+
+from ptmst_ray.evaluate.metrics import retrieval_metrics
+from ptmst_ray.models.losses import contrastive_loss
+
+log = logging.getLogger(__name__)
+
+Metrics = dict[str, float]
+Target = Union[Tensor, Callable[[Tensor], Tensor], None]
+"""n x n similarity of the pairs; or f(indices) -> b x b (e.g. ``FullSimilarity.matrix``); None = I."""
+
+
+class RetrievalData(Protocol):
+    """What scoring needs from a test split: one row per image, captions flattened."""
+
+    images: Tensor  # n_images x 3 x H x W, float, CLIP-normalised
+    text_emb: Tensor  # n_captions x d_t (frozen text-tower embeddings)
+    txt2img: Tensor  # n_captions, long: image index of each caption
+
+
+@dataclass
+class RetrievalSet:
+    """A concrete test split in memory (any object with these three attributes works)."""
+
+    images: Tensor
+    text_emb: Tensor
+    txt2img: Tensor
+
+
+@dataclass
+class TrainResult:
+    """Outcome of one training run; metrics are None when no ``eval_fn`` was given."""
+
+    final: Optional[Metrics]
+    """Metrics at the last evaluation point (the final epoch unless training diverged)."""
+    best: Optional[Metrics]
+    """Metrics of the evaluation point with the highest r_mean (the paper's best-of protocol)."""
+    best_epoch: Optional[int]
+    history: list[dict[str, Any]] = field(default_factory=list)
+    """One entry per evaluation point: {"epoch", "loss", **metrics}."""
+    epoch_losses: list[float] = field(default_factory=list)
+    """Mean training loss of each completed epoch."""
+    diverged_at: Optional[int] = None
+    """Epoch at which a non-finite loss stopped training (the last good weights were kept)."""
+
+
+def eval_epochs(epochs: int, points: int) -> list[int]:
+    """``points`` evenly spaced epochs in 1..epochs, always including the last one."""
+    if epochs < 1 or points < 1:
+        raise ValueError(f"epochs and eval points must be >= 1, got {epochs} and {points}")
+    points = min(points, epochs)
+    return sorted({math.ceil(k * epochs / points) for k in range(1, points + 1)})
+
+
+def decay_epoch(epochs: int) -> int:
+    """First (1-based) epoch trained at lr * 0.1: E // 2 + 1."""
+    return epochs // 2 + 1
+
+
+def _param_groups(student: nn.Module, lr_img: float, lr_txt: float) -> list[dict[str, Any]]:
+    image = [p for p in student.image.parameters() if p.requires_grad]
+    head = [p for p in student.head.parameters() if p.requires_grad]
+    other = [
+        n for n, p in student.named_parameters()
+        if p.requires_grad and not (n.startswith("image.") or n.startswith("head."))
+    ]
+    if other:
+        raise ValueError(f"student has trainable parameters outside image/head: {other[:5]}")
+    groups = [{"params": head, "lr": lr_txt, "base_lr": lr_txt, "name": "txt"}]
+    if image:
+        groups.insert(0, {"params": image, "lr": lr_img, "base_lr": lr_img, "name": "img"})
+    return groups
+
+
+def _batch_target(target: Target, idx: Tensor, dtype: torch.dtype, device: torch.device) -> Tensor:
+    if target is None:
+        return torch.eye(len(idx), dtype=dtype, device=device)
+    if callable(target) and not isinstance(target, Tensor):
+        sub = target(idx)
+    else:
+        sub = target[idx][:, idx]
+    return sub.detach().to(dtype=dtype, device=device)
+
+
+def _evaluate(student: nn.Module, eval_fn: Callable[[nn.Module], Metrics]) -> Metrics:
+    was_training = student.training
+    student.eval()
+    try:
+        with torch.no_grad():
+            return dict(eval_fn(student))
+    finally:
+        student.train(was_training)
+
+
+def train_student(
+    student: nn.Module,
+    images: Tensor,
+    text_emb: Tensor,
+    target: Target = None,
+    *,
+    epochs: int,
+    batch_size: int = 128,
+    lr_img: float = 0.1,
+    lr_txt: float = 0.1,
+    momentum: float = 0.9,
+    weight_decay: float = 5e-4,
+    loss: str = "WBCE",
+    seed: int = 0,
+    eval_fn: Optional[Callable[[nn.Module], Metrics]] = None,
+    eval_points: int = 10,
+    progress: Optional[Callable[[dict[str, Any]], None]] = None,
+) -> TrainResult:
+    """Train ``student`` in place on the pairs (images[i], text_emb[i]), i < n.
+
+    Minibatch b uses ``target[b][:, b]`` as the soft target of ``loss``. Image-encoder
+    parameters step with ``lr_img``, projection-head parameters with ``lr_txt`` (frozen
+    parameters, e.g. ``image_trainable=False``, are left alone). ``eval_fn(student) -> metrics``
+    runs (in eval mode, without grad) at ``eval_points`` evenly spaced epochs including the last;
+    ``progress`` receives one dict per epoch ({"epoch", "loss", "lr_img" (None when the image
+    tower is frozen), "lr_txt"} plus metrics at evaluation points). Shuffling and dropout draw
+    from ``seed`` without touching the global RNG. A non-finite loss stops training before the
+    bad step (see ``TrainResult.diverged_at``).
+    """
+    n = images.shape[0]
+    if text_emb.shape[0] != n:
+        raise ValueError(f"images ({n}) and text_emb ({text_emb.shape[0]}) must have one row per pair")
+    if isinstance(target, Tensor) and tuple(target.shape) != (n, n):
+        raise ValueError(f"target must be {n} x {n}, got {tuple(target.shape)}")
+    if n == 0:
+        raise ValueError("cannot train on an empty set of pairs")
+    lr_img, lr_txt = float(lr_img), float(lr_txt)
+    device = next(student.parameters()).device
+    groups = _param_groups(student, lr_img, lr_txt)
+    optimizer = torch.optim.SGD(groups, lr=lr_txt, momentum=momentum, weight_decay=weight_decay)
+    points = set(eval_epochs(epochs, eval_points)) if eval_fn is not None else set()
+    result = TrainResult(final=None, best=None, best_epoch=None)
+    gen = torch.Generator().manual_seed(seed)
+    bs = max(1, min(batch_size, n))
+    student.train()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for epoch in range(1, epochs + 1):
+            scale = 0.1 if epoch >= decay_epoch(epochs) else 1.0
+            for g in optimizer.param_groups:
+                g["lr"] = g["base_lr"] * scale
+            epoch_loss, diverged = _run_epoch(student, optimizer, images, text_emb, target, loss, bs, gen, device)
+            if diverged:
+                result.diverged_at = epoch
+                log.warning("non-finite %s loss at epoch %d; stopping with the last good weights", loss, epoch)
+                if eval_fn is not None:
+                    _record(result, epoch, epoch_loss, _evaluate(student, eval_fn))
+                break
+            result.epoch_losses.append(epoch_loss)
+            lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
+            report: dict[str, Any] = {
+                "epoch": epoch, "loss": epoch_loss, "lr_img": lrs.get("img"), "lr_txt": lrs["txt"],
+            }
+            if epoch in points:
+                metrics = _evaluate(student, eval_fn)
+                _record(result, epoch, epoch_loss, metrics)
+                report.update(metrics)
+                log.debug("epoch %d loss %.4f r_mean %.2f", epoch, epoch_loss, metrics.get("r_mean", float("nan")))
+            if progress is not None:
+                progress(report)
+    return result
+
+
+def _record(result: TrainResult, epoch: int, epoch_loss: float, metrics: Metrics) -> None:
+    result.history.append({"epoch": epoch, "loss": epoch_loss, **metrics})
+    result.final = metrics
+    if result.best is None or metrics.get("r_mean", -math.inf) > result.best.get("r_mean", -math.inf):
+        result.best, result.best_epoch = metrics, epoch
+
+
+def _run_epoch(
+    student: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    images: Tensor,
+    text_emb: Tensor,
+    target: Target,
+    loss_name: str,
+    batch_size: int,
+    gen: torch.Generator,
+    device: torch.device,
+) -> tuple[float, bool]:
+    """One pass over a random permutation; returns (mean loss, diverged)."""
+    order = torch.randperm(images.shape[0], generator=gen)
+    total, count = 0.0, 0
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        x = images[idx].to(device)
+        t = text_emb[idx].to(device)
+        logits = student(x, t)
+        value = contrastive_loss(loss_name, logits, _batch_target(target, idx, logits.dtype, device))
+        if not torch.isfinite(value):
+            return (total / count if count else float("nan")), True
+        optimizer.zero_grad(set_to_none=True)
+        value.backward()
+        optimizer.step()
+        total += float(value.detach()) * len(idx)
+        count += len(idx)
+    return total / count, False
+
+
+def encode_test(student: nn.Module, test_images: Tensor, test_text_emb: Tensor, batch_size: int = 256) -> Tensor:
+    """Cosine similarity matrix n_images x n_captions of the student's normalised embeddings."""
+    device = next(student.parameters()).device
+    was_training = student.training
+    student.eval()
+    try:
+        with torch.no_grad():
+            img = torch.cat([student.encode_image(test_images[i : i + batch_size].to(device)).cpu()
+                             for i in range(0, test_images.shape[0], batch_size)])
+            txt = torch.cat([student.encode_text(test_text_emb[i : i + batch_size].to(device)).cpu()
+                             for i in range(0, test_text_emb.shape[0], batch_size)])
+    finally:
+        student.train(was_training)
+    return img @ txt.T
+
+
+def evaluate_student(student: nn.Module, test_set: RetrievalData, batch_size: int = 256) -> Metrics:
+    """Retrieval metrics (percent) of ``student`` on ``test_set``."""
+    sim = encode_test(student, test_set.images, test_set.text_emb, batch_size)
+    return retrieval_metrics(sim, test_set.txt2img)
