@@ -1,0 +1,106 @@
+"""The synthetic set of one phase: what distillation learns.
+
+Why this file exists: a phase learns n image-text pairs (images in CLIP-normalised pixel
+space, "texts" as free vectors in the frozen text tower's embedding space), a similarity
+generator that gives their soft targets, and one student step size per modality. Keeping them
+in one ``nn.Module`` gives a single ``state_dict`` for checkpoints, EMA and export, and one
+place that records how the set was initialised (ALGORITHM.md section 6, "Synthetic init").
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from ptmst_ray.config import SimilarityConfig
+from ptmst_ray.distill.similarity import Similarity, build_similarity
+
+log = logging.getLogger(__name__)
+
+__all__ = ["RealRows", "SyntheticSet", "choose_init_indices"]
+
+
+class RealRows(Protocol):
+    """Anything with a length whose rows can be gathered by a LongTensor (a tensor is one)."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, indices: torch.Tensor) -> torch.Tensor: ...
+
+
+def choose_init_indices(num_rows: int, n: int, generator: torch.Generator) -> torch.Tensor:
+    """n distinct random train rows (sorted, so the record is easy to read)."""
+    if n > num_rows:
+        raise ValueError(f"cannot initialise {n} synthetic pairs from {num_rows} real train rows; lower the phase's pairs")
+    return torch.randperm(num_rows, generator=generator)[:n].sort().values
+
+
+class SyntheticSet(nn.Module):
+    """Images X (n x 3 x H x W), text embeddings T (n x d_t), similarity S, step sizes alpha_img/alpha_txt."""
+
+    def __init__(self, images: torch.Tensor, text: torch.Tensor, similarity: Similarity, alpha_init: float,
+                 init_indices: torch.Tensor | None = None):
+        super().__init__()
+        if images.shape[0] != text.shape[0]:
+            raise ValueError(f"{images.shape[0]} synthetic images but {text.shape[0]} synthetic texts")
+        if images.dim() != 4 or text.dim() != 2:
+            raise ValueError(f"images must be n x 3 x H x W and text n x d_t, got {tuple(images.shape)}, {tuple(text.shape)}")
+        self.images = nn.Parameter(images.detach().clone())
+        self.text = nn.Parameter(text.detach().clone())
+        self.similarity = similarity
+        self.alpha_img = nn.Parameter(torch.tensor(float(alpha_init), dtype=images.dtype, device=images.device))
+        self.alpha_txt = nn.Parameter(torch.tensor(float(alpha_init), dtype=images.dtype, device=images.device))
+        indices = init_indices if init_indices is not None else torch.zeros(0, dtype=torch.long)
+        self.register_buffer("init_indices", indices.detach().clone().long().cpu())
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[override]
+        """Accept any number of recorded init indices (a noise-initialised shell can load a real-init state)."""
+        key = prefix + "init_indices"
+        if key in state_dict:
+            self.init_indices = state_dict[key].detach().clone().long().to(self.init_indices.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    @property
+    def n(self) -> int:
+        return self.images.shape[0]
+
+    @property
+    def alphas(self) -> tuple[nn.Parameter, nn.Parameter]:
+        return self.alpha_img, self.alpha_txt
+
+    @classmethod
+    def from_real(cls, real_images: RealRows, real_text: RealRows, n: int, similarity: SimilarityConfig,
+                  alpha_init: float, generator: torch.Generator, dtype: torch.dtype | None = None,
+                  device: torch.device | None = None) -> "SyntheticSet":
+        """n random real train pairs (image tensor, frozen caption embedding); the row indices are recorded."""
+        if len(real_images) != len(real_text):
+            raise ValueError(f"{len(real_images)} real images but {len(real_text)} caption embeddings")
+        indices = choose_init_indices(len(real_images), n, generator)
+        images = torch.as_tensor(real_images[indices]).to(device=device, dtype=dtype)
+        text = torch.as_tensor(real_text[indices]).to(device=device, dtype=dtype)
+        sim = build_similarity(similarity, n, generator, dtype=images.dtype, device=images.device)
+        log.info("synthetic set: %d real pairs (rows %s...)", n, indices[:5].tolist())
+        return cls(images, text, sim, alpha_init, indices)
+
+    @classmethod
+    def from_noise(cls, n: int, image_shape: tuple[int, int, int], text_dim: int, similarity: SimilarityConfig,
+                   alpha_init: float, generator: torch.Generator, dtype: torch.dtype | None = None,
+                   device: torch.device | None = None) -> "SyntheticSet":
+        """n Gaussian pairs (standard normal in CLIP-normalised pixel space and in embedding space)."""
+        dtype = dtype or torch.get_default_dtype()
+        images = torch.randn(n, *image_shape, generator=generator, dtype=dtype)
+        text = torch.randn(n, text_dim, generator=generator, dtype=dtype)
+        sim = build_similarity(similarity, n, generator, dtype=dtype)
+        out = cls(images, text, sim, alpha_init)
+        return out.to(device) if device is not None else out
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Everything that is learned, by name (the EMA and the export use these names)."""
+        return {name: p for name, p in self.named_parameters()}
+
+    def describe(self) -> dict[str, Any]:
+        return {"n": self.n, "image_shape": list(self.images.shape[1:]), "text_dim": self.text.shape[1],
+                "similarity": self.similarity.kind, "init_indices": self.init_indices.tolist()}

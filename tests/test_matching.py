@@ -1,0 +1,212 @@
+"""The matching step's gradient rules against independent autograd references (float64, tiny model)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ptmst_ray.config import SimilarityConfig
+from ptmst_ray.distill.matching import MinibatchSampler, Step, matching_step
+from ptmst_ray.distill.synthetic import SyntheticSet
+from ptmst_ray.models.losses import contrastive_loss
+
+DT = torch.float64
+IMG_SHAPE = (3, 4, 4)
+D_IN, HID, EMB, D_T = 48, 8, 6, 5
+
+
+def wbce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return contrastive_loss("WBCE", logits, target)
+
+
+class TinyStudent:
+    """flatten -> linear -> tanh -> linear (image); linear -> gelu -> dropout -> linear + residual (text)."""
+
+    img_shapes = [(HID, D_IN), (HID,), (EMB, HID), (EMB,)]
+    txt_shapes = [(EMB, D_T), (EMB,), (EMB, EMB), (EMB,)]
+
+    def __init__(self, dropout: float = 0.0, scale: float = 5.0):
+        self.dropout, self.scale = dropout, scale
+
+    @staticmethod
+    def _split(flat: torch.Tensor, shapes: list[tuple[int, ...]]) -> list[torch.Tensor]:
+        out, off = [], 0
+        for s in shapes:
+            n = math.prod(s)
+            out.append(flat[off:off + n].view(s))
+            off += n
+        return out
+
+    def numels(self) -> tuple[int, int]:
+        return sum(math.prod(s) for s in self.img_shapes), sum(math.prod(s) for s in self.txt_shapes)
+
+    def init(self, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        g = torch.Generator().manual_seed(seed)
+        n_img, n_txt = self.numels()
+        return 0.3 * torch.randn(n_img, generator=g, dtype=DT), 0.3 * torch.randn(n_txt, generator=g, dtype=DT)
+
+    def logits(self, w_img, w_txt, images, text, seed):
+        w1, b1, w2, b2 = self._split(w_img, self.img_shapes)
+        f = torch.tanh(images.flatten(1) @ w1.T + b1) @ w2.T + b2
+        v1, c1, v2, c2 = self._split(w_txt, self.txt_shapes)
+        proj = text @ v1.T + c1
+        hidden = F.gelu(proj)
+        if self.dropout > 0:
+            gen = torch.Generator().manual_seed(seed)
+            keep = (torch.rand(hidden.shape, generator=gen) >= self.dropout).to(hidden.dtype)
+            hidden = hidden * keep / (1 - self.dropout)
+        h = hidden @ v2.T + c2 + proj
+        return self.scale * F.normalize(f, dim=-1) @ F.normalize(h, dim=-1).T
+
+
+def make_synthetic(n: int = 10, kind: str = "full", seed: int = 0) -> SyntheticSet:
+    g = torch.Generator().manual_seed(seed)
+    syn = SyntheticSet.from_noise(n, IMG_SHAPE, D_T, SimilarityConfig(kind=kind, rank=3), 0.1, g, dtype=DT)
+    with torch.no_grad():  # move away from the init so every parameter gets a nontrivial gradient
+        for p in syn.similarity.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=g, dtype=DT))
+        syn.alpha_img.fill_(0.3)
+        syn.alpha_txt.fill_(0.2)
+    return syn
+
+
+def make_thetas(student: TinyStudent, seed: int = 1):
+    theta_s = student.init(seed)
+    g = torch.Generator().manual_seed(seed + 100)
+    theta_t = tuple(t + 0.05 * torch.randn(t.shape, generator=g, dtype=DT) for t in theta_s)
+    return theta_s, theta_t
+
+
+def grads_of(syn: SyntheticSet) -> dict[str, torch.Tensor]:
+    return {name: p.grad.detach().clone() for name, p in syn.named_parameters()}
+
+
+def run(method: str, steps: int, kind: str = "full", dropout: float = 0.0, n: int = 10, batch: int = 4):
+    student = TinyStudent(dropout)
+    syn = make_synthetic(n, kind)
+    theta_s, theta_t = make_thetas(student)
+    out = matching_step(student.logits, "WBCE", syn, theta_s, theta_t, steps,
+                        MinibatchSampler(n, batch, torch.Generator().manual_seed(7)), method=method)
+    return out, grads_of(syn)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm().clamp_min(1e-300))
+
+
+def assert_close(got: dict, ref: dict, tol: float) -> None:
+    for name in ref:
+        assert ref[name].norm() > 0, f"{name}: reference gradient is zero, the test is vacuous"
+        assert rel_err(got[name], ref[name]) < tol, f"{name}: relative error {rel_err(got[name], ref[name]):.3e}"
+
+
+@pytest.mark.parametrize("kind", ["full", "lowrank"])
+@pytest.mark.parametrize("steps", [1, 3, 8])
+def test_exact_equals_unrolled(steps, kind):
+    out_e, g_e = run("exact", steps, kind)
+    out_u, g_u = run("unrolled", steps, kind)
+    assert math.isclose(out_e["loss"], out_u["loss"], rel_tol=1e-10)
+    assert set(g_e) >= {"images", "text", "alpha_img", "alpha_txt"}
+    assert_close(g_e, g_u, 1e-6)
+
+
+def test_exact_equals_unrolled_with_dropout():
+    """The recomputation replays the unroll's dropout masks (same per-step seed)."""
+    out_e, g_e = run("exact", 5, "lowrank", dropout=0.3)
+    out_u, g_u = run("unrolled", 5, "lowrank", dropout=0.3)
+    assert_close(g_e, g_u, 1e-6)
+    _, g_nodrop = run("unrolled", 5, "lowrank", dropout=0.0)
+    assert rel_err(g_nodrop["text"], g_u["text"]) > 1e-3  # the dropout really changes things
+
+
+def test_first_order_equals_exact_for_one_step():
+    _, g_f = run("first_order", 1, "lowrank")
+    _, g_e = run("exact", 1, "lowrank")
+    assert_close(g_f, g_e, 1e-6)
+
+
+def first_order_surrogate(student, syn, theta_s, theta_t, steps: list[Step]):
+    """Independent reference: autograd of M where each step's w_i is a detached constant."""
+    w = [t.clone() for t in theta_s]
+    big_g = [torch.zeros_like(t) for t in theta_s]
+    for step in steps:
+        w_const = [v.detach().requires_grad_() for v in w]
+        idx = step.indices
+        logits = student.logits(*w_const, syn.images[idx], syn.text[idx], step.seed)
+        loss = wbce(logits, syn.similarity.matrix(idx))
+        g = torch.autograd.grad(loss, w_const, create_graph=True)
+        w = [v.detach() - a.detach() * gm.detach() for v, a, gm in zip(w, syn.alphas, g)]
+        big_g = [acc + gm for acc, gm in zip(big_g, g)]
+    total = 0
+    for s, t, a, gm in zip(theta_s, theta_t, syn.alphas, big_g):
+        total = total + (s - a * gm - t).pow(2).sum() / (s - t).pow(2).sum()
+    total.backward()
+
+
+@pytest.mark.parametrize("kind", ["full", "lowrank"])
+def test_first_order_equals_surrogate(kind):
+    n, batch, n_steps = 10, 4, 6
+    student = TinyStudent(dropout=0.2)
+    out, g_f = run("first_order", n_steps, kind, dropout=0.2)
+    syn = make_synthetic(n, kind)
+    theta_s, theta_t = make_thetas(student)
+    sampler = MinibatchSampler(n, batch, torch.Generator().manual_seed(7))
+    steps = [Step(sampler.next_indices(), sampler.next_seed()) for _ in range(n_steps)]
+    first_order_surrogate(student, syn, theta_s, theta_t, steps)
+    assert_close(g_f, grads_of(syn), 1e-9)
+    _, g_e = run("exact", n_steps, kind, dropout=0.2)
+    assert rel_err(g_f["images"], g_e["images"]) > 1e-3  # first-order is not the exact gradient
+
+
+def test_loss_and_grad_accumulate_and_report():
+    out, _ = run("exact", 2)
+    for key in ("loss", "loss_img", "loss_txt", "grad_norm_images", "grad_norm_text", "grad_norm_similarity",
+                "alpha_img", "alpha_txt", "grad_alpha_img", "grad_alpha_txt"):
+        assert math.isfinite(out[key]), key
+    assert math.isclose(out["loss"], out["loss_img"] + out["loss_txt"])
+    assert out["alpha_img"] == pytest.approx(0.3)
+
+
+def test_sampler_is_deterministic_and_covers_all_pairs():
+    a = MinibatchSampler(11, 4, torch.Generator().manual_seed(3))
+    b = MinibatchSampler(11, 4, torch.Generator().manual_seed(3))
+    chunks = [a.next_indices() for _ in range(3)]
+    assert sorted(torch.cat(chunks).tolist()) == list(range(11))  # 4 + 4 + 3
+    assert all(torch.equal(c, b.next_indices()) for c in chunks)
+    state = a.state_dict()
+    nxt = [a.next_indices() for _ in range(4)], a.next_seed()
+    a.load_state_dict(state)
+    again = [a.next_indices() for _ in range(4)], a.next_seed()
+    assert all(torch.equal(x, y) for x, y in zip(nxt[0], again[0])) and nxt[1] == again[1]
+    single = MinibatchSampler(9, 4, torch.Generator().manual_seed(0))  # 4 + 5: no chunk of one pair
+    assert sorted(len(single.next_indices()) for _ in range(2)) == [4, 5]
+
+
+def test_unknown_method_is_rejected():
+    with pytest.raises(ValueError, match="first_order"):
+        run("second_order", 1)
+
+
+def test_exact_equals_unrolled_on_open_clip_student():
+    """The real functional student (open_clip toy ViT + projection head with dropout), float64, N=2."""
+    from ptmst_ray.config import ModelConfig
+    from ptmst_ray.models.functional import FunctionalStudent
+    from ptmst_ray.models.student import build_student
+
+    text_dim, n = 16, 6
+    student = build_student(ModelConfig(head_dropout=0.1), text_dim=text_dim, seed=0).double().train()
+    fs = FunctionalStudent(student)
+    g = torch.Generator().manual_seed(0)
+    theta_s = fs.params()
+    theta_t = tuple(t + 0.01 * torch.randn(t.shape, generator=g, dtype=DT) for t in theta_s)
+    grads = {}
+    for method in ("exact", "unrolled"):
+        syn = SyntheticSet.from_noise(n, (3, 32, 32), text_dim, SimilarityConfig(), 0.1,
+                                      torch.Generator().manual_seed(1), dtype=DT)
+        matching_step(fs.logits, "WBCE", syn, theta_s, theta_t, 2,
+                      MinibatchSampler(n, 3, torch.Generator().manual_seed(2)), method=method)
+        grads[method] = grads_of(syn)
+    assert_close(grads["exact"], grads["unrolled"], 1e-6)

@@ -1,0 +1,134 @@
+"""The phase loop: exact resume, divergence handling, reporting; the subset export round trip."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import pytest
+import torch
+
+from ptmst_ray.config import DistillConfig, PhaseConfig, SimilarityConfig
+from ptmst_ray.distill.export import image_grid_png, load_subset, nearest_captions, save_subset
+from ptmst_ray.distill.phase import DivergenceError, PhaseTrainer
+from ptmst_ray.distill.synthetic import SyntheticSet
+from test_matching import D_T, DT, IMG_SHAPE, TinyStudent
+
+N_PAIRS = 8
+
+
+class FakeTrajectories:
+    """num_experts random-walk trajectories of the tiny student (4 snapshots each)."""
+
+    def __init__(self, student: TinyStudent, num_experts: int = 3, length: int = 4):
+        self.num_experts = num_experts
+        g = torch.Generator().manual_seed(11)
+        self.snaps = []
+        for e in range(num_experts):
+            w = student.init(20 + e)
+            walk = [w]
+            for _ in range(length - 1):
+                w = tuple(v + 0.05 * torch.randn(v.shape, generator=g, dtype=DT) for v in w)
+                walk.append(w)
+            self.snaps.append(walk)
+        self.calls: list[tuple[int, int]] = []
+
+    def snapshot(self, expert: int, k: int):
+        self.calls.append((expert, k))
+        return self.snaps[expert][k]
+
+
+def configs(iterations: int = 6, **distill) -> tuple[PhaseConfig, DistillConfig]:
+    phase = PhaseConfig(range_start=0, range_end=3, start_min=0, start_max=2, pairs=N_PAIRS, iterations=iterations,
+                        minibatch=4, similarity=SimilarityConfig(kind="lowrank", rank=2))
+    base = dict(syn_steps=2, grad_method="exact", lr_img=1.0, lr_txt=1.0, lr_lr=1e-3, lr_sim=0.1, ema_decay=0.9,
+                checkpoint_every=3, report_every=2, min_alpha=1e-4)
+    base.update(distill)
+    return phase, DistillConfig(**base)
+
+
+def make_trainer(iterations: int = 6, saves=None, reports=None, **distill) -> PhaseTrainer:
+    student = TinyStudent(dropout=0.2)
+    phase_cfg, distill_cfg = configs(iterations, **distill)
+    syn = SyntheticSet.from_noise(N_PAIRS, IMG_SHAPE, D_T, phase_cfg.similarity, distill_cfg.alpha_init,
+                                  torch.Generator().manual_seed(5), dtype=DT)
+    return PhaseTrainer(phase_cfg, distill_cfg, syn, student.logits, FakeTrajectories(student), phase=1, seed=3,
+                        save_checkpoint=None if saves is None else saves.append,
+                        report=None if reports is None else (lambda m, c: reports.append((m, c))))
+
+
+def roundtrip(state: dict) -> dict:
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+def test_resume_reproduces_uninterrupted_run_bit_for_bit():
+    straight = make_trainer()
+    ema_straight = straight.run()
+    saves: list[dict] = []
+    first = make_trainer(saves=saves)
+    first.run(until=3)
+    assert [s["iteration"] for s in saves] == [3]
+    second = make_trainer()
+    second.resume(roundtrip(saves[-1]))
+    ema_resumed = second.run()
+    assert second.iteration == straight.iteration == 6
+    for name, value in ema_straight.items():
+        assert torch.equal(value, ema_resumed[name]), name
+    for (name, p), q in zip(straight.synthetic.named_parameters(), second.synthetic.parameters()):
+        assert torch.equal(p, q), name
+    assert not torch.equal(ema_straight["images"], make_trainer().ema.shadow["images"])  # it did learn
+
+
+def test_loop_picks_teachers_reports_and_checkpoints():
+    saves, reports = [], []
+    trainer = make_trainer(saves=saves, reports=reports)
+    trainer.run()
+    calls = trainer.trajectories.calls
+    starts, targets = calls[0::2], calls[1::2]
+    assert all(t == (e, k + 1) and 0 <= k <= 2 for (e, k), t in zip(starts, targets))
+    assert sorted(e for e, _ in starts[:3]) == [0, 1, 2]  # each expert once per shuffled cycle
+    assert [s["iteration"] for s in saves] == [3, 6]
+    assert [(m["iteration"], c) for m, c in reports] == [(2, False), (3, True), (4, False), (6, True)]
+    metrics = reports[-1][0]
+    for key in ("loss", "loss_img", "loss_txt", "alpha_img", "alpha_txt", "grad_norm_images", "sec_per_iter",
+                "peak_rss_mb"):
+        assert math.isfinite(metrics[key]), key
+    assert metrics["phase"] == 1
+
+
+def test_non_finite_loss_stops_with_clear_error_and_keeps_finite_ema():
+    saves: list[dict] = []
+    trainer = make_trainer(saves=saves, lr_lr=1e300, min_alpha=None)
+    with pytest.raises(DivergenceError, match=r"phase 1 diverged at iteration \d+.*alpha_init"):
+        trainer.run()
+    assert trainer.ema.is_finite()
+    assert saves and "diverged" in saves[-1]
+    assert all(torch.isfinite(v).all() for v in saves[-1]["ema"]["shadow"].values())
+
+
+def test_export_round_trip_and_grid(tmp_path):
+    trainer = make_trainer(iterations=2)
+    ema = trainer.run()
+    out = str(tmp_path / "phase1")
+    save_subset(out, ema, trainer.cfg, init_indices=trainer.synthetic.init_indices, iterations=2,
+                config_hash="abc")
+    subset = load_subset(out)
+    assert torch.equal(subset.images, ema["images"]) and torch.equal(subset.text, ema["text"])
+    expected = torch.diag(ema["similarity.diag"]) + 0.5 * ema["similarity.left"] @ ema["similarity.right"].T
+    assert torch.allclose(subset.similarity, expected)
+    assert subset.alpha_img == pytest.approx(float(ema["alpha_img"]))
+    assert subset.meta["iterations"] == 2 and subset.meta["phase"]["pairs"] == N_PAIRS
+
+    real = torch.randn(5, D_T, dtype=DT)
+    captions = [f"caption {i}" for i in range(5)]
+    syn_text = real[[3, 1]] * 2.0 + 1e-3
+    assert nearest_captions(syn_text, real, captions) == ["caption 3", "caption 1"]
+    png = str(tmp_path / "grid.png")
+    image_grid_png(subset.images[:4], ["a dog", "two red squares on a blue field", "x", "y"], png)
+    from PIL import Image
+
+    with Image.open(png) as im:
+        assert im.size[0] > 0 and im.mode == "RGB"

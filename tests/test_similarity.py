@@ -1,0 +1,82 @@
+"""Similarity generators against their formulas; the synthetic set's init; the EMA recurrence."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ptmst_ray.config import SimilarityConfig
+from ptmst_ray.distill.ema import EMA
+from ptmst_ray.distill.similarity import FullSimilarity, LowRankSimilarity, build_similarity
+from ptmst_ray.distill.synthetic import SyntheticSet
+
+
+def test_full_similarity_is_identity_and_indexes_blocks():
+    sim = FullSimilarity(6)
+    assert torch.equal(sim.matrix(), torch.eye(6))
+    with torch.no_grad():
+        sim.sim.copy_(torch.arange(36.0).view(6, 6))
+    idx = torch.tensor([4, 1, 3])
+    assert torch.equal(sim.matrix(idx), sim.sim[idx][:, idx])
+
+
+def test_lowrank_similarity_formula_and_minibatch():
+    gen = torch.Generator().manual_seed(0)
+    sim = LowRankSimilarity(7, rank=3, alpha=2.0, generator=gen)
+    assert torch.equal(sim.matrix(), torch.eye(7))  # R = 0, w = 1 at init
+    expected_left = torch.randn(7, 3, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(sim.left, expected_left)
+    with torch.no_grad():
+        sim.diag.copy_(torch.linspace(0.5, 1.5, 7))
+        sim.right.normal_()
+    full = torch.diag(sim.diag) + (2.0 / 3) * sim.left @ sim.right.T
+    assert torch.allclose(sim.matrix(), full)
+    idx = torch.tensor([6, 0, 2, 5])
+    assert torch.allclose(sim.matrix(idx), full[idx][:, idx])
+
+
+def test_build_similarity_by_config():
+    gen = torch.Generator().manual_seed(1)
+    assert isinstance(build_similarity(SimilarityConfig(kind="full"), 5, gen), FullSimilarity)
+    low = build_similarity(SimilarityConfig(kind="lowrank", rank=2, alpha=1.0), 5, gen, dtype=torch.float64)
+    assert isinstance(low, LowRankSimilarity) and low.rank == 2 and low.left.dtype == torch.float64
+
+
+def test_synthetic_real_init_records_indices():
+    real_images = torch.randn(30, 3, 4, 4)
+    real_text = torch.randn(30, 5)
+    syn = SyntheticSet.from_real(real_images, real_text, 8, SimilarityConfig(), 0.1, torch.Generator().manual_seed(2))
+    idx = syn.init_indices
+    assert len(idx) == 8 and len(set(idx.tolist())) == 8
+    assert torch.equal(syn.images.detach(), real_images[idx]) and torch.equal(syn.text.detach(), real_text[idx])
+    assert syn.alpha_img.item() == pytest.approx(0.1) and syn.alpha_txt.item() == pytest.approx(0.1)
+    again = SyntheticSet.from_real(real_images, real_text, 8, SimilarityConfig(), 0.1, torch.Generator().manual_seed(2))
+    assert torch.equal(again.init_indices, idx)
+    clone = SyntheticSet.from_noise(8, (3, 4, 4), 5, SimilarityConfig(), 0.5, torch.Generator().manual_seed(9))
+    clone.load_state_dict(syn.state_dict())
+    assert torch.equal(clone.images, syn.images) and torch.equal(clone.init_indices, idx)
+
+
+def test_synthetic_real_init_rejects_too_many_pairs():
+    with pytest.raises(ValueError, match="lower the phase's pairs"):
+        SyntheticSet.from_real(torch.zeros(3, 3, 2, 2), torch.zeros(3, 4), 5, SimilarityConfig(), 0.1,
+                               torch.Generator())
+
+
+@pytest.mark.parametrize("decay", [0.0, 0.9])
+def test_ema_matches_recurrence(decay):
+    gen = torch.Generator().manual_seed(3)
+    xs = [{"a": torch.randn(4, generator=gen, dtype=torch.float64), "b": torch.randn((), generator=gen, dtype=torch.float64)}
+          for _ in range(6)]
+    ema = EMA(xs[0], decay)
+    ref = {k: v.clone() for k, v in xs[0].items()}
+    for x in xs[1:]:
+        ema.update(x)
+        ref = {k: decay * ref[k] + (1 - decay) * x[k] for k in ref}
+    for k in ref:
+        assert torch.allclose(ema.shadow[k], ref[k], rtol=0, atol=1e-15)
+    if decay == 0.0:
+        assert torch.equal(ema.shadow["a"], xs[-1]["a"])
+    restored = EMA({k: torch.zeros_like(v) for k, v in xs[0].items()}, 0.5)
+    restored.load_state_dict(ema.state_dict())
+    assert restored.decay == decay and torch.equal(restored.shadow["a"], ema.shadow["a"])
