@@ -1,0 +1,128 @@
+"""Training one expert on the real train split (ALGORITHM.md section 3).
+
+Why this file exists: the teacher trajectories that distillation matches are the
+parameters of experts trained with the ordinary CLIP loss (InfoNCE with S = I) and plain
+SGD, saved after epoch 0 (initial) and after every epoch. An expert is independent of all
+the others, so this is one plain function the Ray layer runs once per expert id; the seed
+``cfg.seed + expert_id`` fixes the head's initialisation (and the image tower's, when it
+has no pretrained weights) and the data order.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from ptmst_ray.config import ExpertsConfig, ModelConfig
+from ptmst_ray.device import pick_device
+from ptmst_ray.models.losses import contrastive_loss
+from ptmst_ray.models.student import build_student
+
+log = logging.getLogger(__name__)
+
+Snapshot = dict[str, Tensor]
+EpochCallback = Callable[[int, dict], None]
+
+
+def expert_seed(cfg: ExpertsConfig, expert_id: int) -> int:
+    """Expert ``expert_id``'s seed: fixed by the config, never by what is on disk."""
+    return cfg.seed + expert_id
+
+
+def trainable_params(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The parameters a trajectory records: trainable "image.*" and "head.*" tensors, in module order."""
+    return {
+        n: p for n, p in model.named_parameters() if p.requires_grad and n.split(".", 1)[0] in ("image", "head")
+    }
+
+
+def snapshot(model: nn.Module) -> Snapshot:
+    """Detached CPU copies of the trainable parameters."""
+    return {n: p.detach().to("cpu", copy=True) for n, p in trainable_params(model).items()}
+
+
+def make_optimizer(model: nn.Module, cfg: ExpertsConfig) -> torch.optim.SGD:
+    """Plain SGD, one parameter group per modality (lr_img for the image tower, lr_txt for the head)."""
+    params = trainable_params(model)
+    groups = [
+        {"params": [p for n, p in params.items() if n.startswith("image.")], "lr": cfg.lr_img},
+        {"params": [p for n, p in params.items() if n.startswith("head.")], "lr": cfg.lr_txt},
+    ]
+    groups = [g for g in groups if g["params"]]
+    return torch.optim.SGD(groups, lr=cfg.lr_txt, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def batches(n: int, batch_size: int, generator: torch.Generator) -> list[Tensor]:
+    """A fresh random permutation of 0..n-1 cut into minibatches; a last batch of 1 is dropped
+    (a contrastive loss needs at least two pairs)."""
+    order = torch.randperm(n, generator=generator)
+    chunks = list(order.split(batch_size))
+    return [c for c in chunks if len(c) >= 2]
+
+
+def train_epoch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    images: Tensor,
+    text: Tensor,
+    loss_name: str,
+    order: list[Tensor],
+    device: torch.device,
+) -> float:
+    """One pass over ``order``'s minibatches; returns the mean loss. Stops on a non-finite loss."""
+    model.train()
+    total, count = 0.0, 0
+    for idx in order:
+        x, t = images[idx].to(device), text[idx].to(device)
+        logits = model(x, t)
+        loss = contrastive_loss(loss_name, logits, torch.eye(len(idx), device=device, dtype=logits.dtype))
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"expert loss became {loss.item()} after {count} steps of this epoch; lower experts.lr_img / lr_txt"
+            )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total += loss.item() * len(idx)
+        count += len(idx)
+    return total / max(count, 1)
+
+
+def train_expert(
+    cfg: ExpertsConfig,
+    model_cfg: ModelConfig,
+    train_images: Tensor,
+    train_text: Tensor,
+    expert_id: int,
+    on_epoch: EpochCallback | None = None,
+    device: torch.device | None = None,
+) -> list[Snapshot]:
+    """Train expert ``expert_id`` and return its trajectory: snapshots after epochs 0..cfg.epochs.
+
+    ``train_images`` (N x 3 x H x W, CLIP-normalised) and ``train_text`` (N x d_t caption
+    embeddings) are row-aligned pairs, kept on the CPU; minibatches move to ``device``.
+    """
+    if len(train_images) != len(train_text):
+        raise ValueError(f"{len(train_images)} train images but {len(train_text)} caption embeddings; they must pair up")
+    if len(train_images) < 2:
+        raise ValueError("the train split needs at least two pairs for a contrastive loss")
+    device = device or pick_device()
+    seed = expert_seed(cfg, expert_id)
+    model = build_student(model_cfg, text_dim=train_text.shape[1], seed=seed).to(device)
+    optimizer = make_optimizer(model, cfg)
+    generator = torch.Generator().manual_seed(seed)
+    trajectory = [snapshot(model)]
+    for epoch in range(1, cfg.epochs + 1):
+        started = time.perf_counter()
+        order = batches(len(train_images), cfg.batch_size, generator)
+        loss = train_epoch(model, optimizer, train_images, train_text, cfg.loss, order, device)
+        trajectory.append(snapshot(model))
+        stats = {"loss": loss, "seconds": time.perf_counter() - started, "expert_id": expert_id}
+        log.info("expert %d epoch %d/%d: loss %.4f (%.1fs)", expert_id, epoch, cfg.epochs, loss, stats["seconds"])
+        if on_epoch is not None:
+            on_epoch(epoch, stats)
+    return trajectory
