@@ -1,5 +1,232 @@
-"""Pipeline stage commands of `ptmst-ray` (each: load config, call the library, show progress)."""
+"""Pipeline stage commands of `ptmst-ray` (each: load config, start/join Ray, call the library, show progress)."""
 
 from __future__ import annotations
 
-from ptmst_ray_cli.main import app  # noqa: F401
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from ptmst_ray_cli.common import ConfigOpt, SetOpt, console, fail, get_config, progress_bars
+from ptmst_ray_cli.main import app
+
+data_app = typer.Typer(help="Prepare and inspect datasets.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+AddressOpt = typer.Option(None, "--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray).")
+METRIC_COLUMNS = ("IR@1", "IR@5", "IR@10", "TR@1", "TR@5", "TR@10", "r_mean")
+
+
+class RichUI:
+    """Stage headers and one progress bar per task reported to the progress board."""
+
+    def __init__(self, progress):
+        self.progress, self.tasks = progress, {}
+
+    def stage(self, name: str) -> None:
+        console.rule(f"[bold]{name}")
+
+    def update(self, tasks: dict[str, dict]) -> None:
+        for name, t in sorted(tasks.items()):
+            if name not in self.tasks:
+                self.tasks[name] = self.progress.add_task(name, total=t["total"] or 1, info="")
+            self.progress.update(self.tasks[name], completed=t["done"], total=t["total"] or 1, info=t["info"])
+        if not self.progress.disable:
+            return
+        for name, t in sorted(tasks.items()):  # no terminal: plain lines when something changed
+            key = (t["done"], t["info"])
+            if self.__dict__.setdefault("_last", {}).get(name) != key:
+                self._last[name] = key
+                console.print(f"{name}: {t['done']:.0f}/{t['total']:.0f} {t['info']}", highlight=False)
+
+
+def _connect(cfg, address: Optional[str]):
+    from ptmst_ray.orchestration.runtime import connect
+
+    info = connect(address or cfg.run.address)
+    console.print(f"Ray: {info.cpus:.0f} CPUs, {info.gpus:.0f} GPUs, {info.nodes} node(s); run root {cfg.run.root}")
+    return info
+
+
+def _library_errors():
+    from ptmst_ray.config import ConfigError
+    from ptmst_ray.data.annotations import DataError
+    from ptmst_ray.models.towers import ModelError
+    from ptmst_ray.orchestration.driver import PipelineError
+    from ptmst_ray.orchestration.stages import StageError
+    from ptmst_ray.storage import StorageError
+
+    return (ConfigError, DataError, ModelError, PipelineError, StageError, StorageError)
+
+
+def results_table(results: dict) -> Table:
+    table = Table(title=f"retrieval recall (%), mean ± std over seeds; {results['protocol']}")
+    table.add_column("method")
+    table.add_column("pairs", justify="right")
+    for c in METRIC_COLUMNS:
+        table.add_column(c, justify="right")
+    table.add_column("r_mean final", justify="right")
+    for method, m in results["methods"].items():
+        table.add_row(method, str(m["pairs"]), *[f"{m[c]['mean']:.1f} ± {m[c]['std']:.1f}" for c in METRIC_COLUMNS],
+                      f"{m['final']['r_mean']['mean']:.1f} ± {m['final']['r_mean']['std']:.1f}")
+    return table
+
+
+@app.command()
+def run(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt, address: Optional[str] = AddressOpt,
+        json_out: bool = typer.Option(False, "--json", help="Also print results.json to stdout.")) -> None:
+    """Run the whole pipeline (data, pretrain, experts, shortcuts, phases, aggregate, eval); resumes."""
+    from ptmst_ray.orchestration.driver import run_pipeline
+
+    cfg = get_config(config, set_)
+    _connect(cfg, address)
+    try:
+        with progress_bars() as progress:
+            results = run_pipeline(cfg, RichUI(progress))
+    except _library_errors() as e:
+        fail(str(e), code=1)
+    console.print(results_table(results))
+    for k, v in results.get("ratios", {}).items():
+        console.print(f"{k}: {v:.2f}x")
+    console.print(f"results: {cfg.run.root}/eval/results.json, plot: {cfg.run.root}/eval/plot.png, "
+                  f"distilled set: {cfg.run.root}/distilled/")
+    if json_out:
+        typer.echo(json.dumps({k: v for k, v in results.items() if k != "runs"}, indent=2))
+
+
+@data_app.command("prepare")
+def data_prepare(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt) -> None:
+    """Read annotations + images (any fsspec URL) into Parquet shards with manifests under the run root."""
+    from ptmst_ray.orchestration import stages
+
+    cfg = get_config(config, set_)
+    try:
+        with progress_bars() as progress:
+            ids: dict = {}
+
+            def cb(split: str, done: int, total: int) -> None:
+                if split not in ids:
+                    ids[split] = progress.add_task(f"data {split}", total=total, info="")
+                progress.update(ids[split], completed=done, total=total)
+
+            stages.prepare(cfg, progress=cb)
+    except _library_errors() as e:
+        fail(str(e), code=1)
+    console.print(f"prepared: {stages.Layout(cfg.run.root).data}")
+
+
+@data_app.command("show")
+def data_show(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt,
+              split: str = typer.Option("train", help="Split to sample."),
+              sheet: Optional[Path] = typer.Option(None, help="Write a PNG contact sheet of images with captions."),
+              n: int = typer.Option(16, help="Images on the contact sheet.")) -> None:
+    """Counts and sample rows of the prepared data; optionally a PNG contact sheet."""
+    from ptmst_ray.data.show import contact_sheet, summarize
+    from ptmst_ray.orchestration.stages import Layout
+
+    cfg = get_config(config, set_)
+    data_dir = Layout(cfg.run.root).data
+    try:
+        typer.echo(json.dumps(summarize(data_dir), indent=2, default=str))
+        if sheet is not None:
+            contact_sheet(data_dir, split, str(sheet.resolve()), n=n)
+            console.print(f"contact sheet: {sheet}")
+    except _library_errors() as e:
+        fail(str(e), code=1)
+
+
+@app.command()
+def pretrain(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt) -> None:
+    """Pretrain the (tiny) towers on the built-in dataset's disjoint pretraining split."""
+    from ptmst_ray.orchestration import stages
+
+    cfg = get_config(config, set_)
+    if not cfg.pretrain.enabled:
+        fail("pretrain.enabled is false in this config; nothing to do", code=2)
+    try:
+        stages.prepare(cfg)
+        with progress_bars() as progress:
+            task = progress.add_task("pretrain", total=cfg.pretrain.epochs, info="")
+            manifest = stages.pretrain(cfg, progress=lambda d, t: progress.update(task, completed=d))
+    except _library_errors() as e:
+        fail(str(e), code=1)
+    console.print(f"checkpoint: {manifest['checkpoint']}; zero-shot r_mean {manifest['zero_shot']['r_mean']:.1f}")
+
+
+def _ready_for_experts(cfg) -> None:
+    from ptmst_ray.orchestration import stages
+
+    stages.prepare(cfg)
+    stages.pretrain(cfg)
+    stages.embed(cfg)
+
+
+@app.command()
+def experts(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt, address: Optional[str] = AddressOpt,
+            rebuild: bool = typer.Option(False, "--rebuild", help="Delete stored experts and shortcuts first.")) -> None:
+    """Train the expert trajectories on Ray actors (and their shortcut trajectories); skips finished experts."""
+    from ptmst_ray import storage
+    from ptmst_ray.orchestration.driver import _poller
+    from ptmst_ray.orchestration.experts import run_experts
+    from ptmst_ray.orchestration.runtime import progress_board
+
+    cfg = get_config(config, set_)
+    try:
+        _ready_for_experts(cfg)
+        if rebuild:
+            storage.remove(storage.join(cfg.run.root, "experts"), recursive=True)
+            storage.remove(storage.join(cfg.run.root, "shortcuts"), recursive=True)
+        _connect(cfg, address)
+        with progress_bars() as progress:
+            ui = RichUI(progress)
+            board = progress_board()
+            out = run_experts(cfg, board, _poller(board, ui))
+    except _library_errors() as e:
+        fail(str(e), code=1)
+    console.print(f"experts: {out['trained']} trained, {out['skipped']} already complete, "
+                  f"{out['actor_restarts']} actor restart(s)")
+
+
+@app.command()
+def shortcut(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt,
+             address: Optional[str] = AddressOpt) -> None:
+    """Compress the stored expert trajectories into the shortcut ranges the phases need."""
+    from ptmst_ray.orchestration.experts import run_shortcuts
+
+    cfg = get_config(config, set_)
+    _connect(cfg, address)
+    try:
+        out = run_shortcuts(cfg)
+    except _library_errors() as e:
+        fail(str(e), code=1)
+    console.print(f"shortcuts for {out['experts']} experts, ranges {out['ranges']}: {out['written']} written")
+
+
+@app.command("eval")
+def eval_(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt, address: Optional[str] = AddressOpt,
+          method: list[str] = typer.Option(["ptm_st"], "--method", "-m",
+                                           help="ptm_st (the saved distilled set), random, single_phase, full."),
+          json_path: Optional[Path] = typer.Option(None, "--json", help="Write the results JSON here.")) -> None:
+    """Score a saved distilled set and/or baselines by retrieval recall (mean ± std over seeds)."""
+    from ptmst_ray.orchestration.driver import _poller, evaluate
+    from ptmst_ray.orchestration.runtime import progress_board
+    from ptmst_ray.orchestration.scoring import METHODS
+
+    cfg = get_config(config, set_)
+    bad = [m for m in method if m not in METHODS]
+    if bad:
+        fail(f"--method {bad[0]!r} is not one of {', '.join(METHODS)}")
+    try:
+        _ready_for_experts(cfg)
+        _connect(cfg, address)
+        with progress_bars() as progress:
+            board = progress_board()
+            results = evaluate(cfg, list(method), board, _poller(board, RichUI(progress)))
+    except _library_errors() as e:
+        fail(str(e), code=1)
+    console.print(results_table(results))
+    if json_path is not None:
+        json_path.write_text(json.dumps(results, indent=2))
+        console.print(f"wrote {json_path}")

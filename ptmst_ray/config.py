@@ -382,6 +382,16 @@ class Config:
 
     def __post_init__(self):
         _check(len(self.phases) >= 1, "phases", "needs at least one phase")
+        if self.pretrain.enabled:
+            _check(
+                bool(self.model.pretrained) and ("/" in self.model.pretrained or "://" in self.model.pretrained),
+                "model.pretrained",
+                "pretrain.enabled needs model.pretrained to be the checkpoint path it writes, "
+                "e.g. ${run.root}/pretrain/clip.safetensors",
+            )
+            _check(self.data.dataset == "builtin", "pretrain.enabled",
+                   "the pretraining stage trains on the built-in dataset's pretraining split only; "
+                   "for benchmarks set model.pretrained / image_pretrained to real weights")
         m = self.distill.expert_epochs
         for i, ph in enumerate(self.phases):
             p = f"phases[{i}]"

@@ -1,0 +1,77 @@
+"""Pretraining the tiny towers CLIP-style, so the laptop pipeline starts from pretrained encoders.
+
+Why this file exists: the paper's experts and students fine-tune a PRETRAINED image encoder over
+a PRETRAINED frozen text encoder. Nothing can be downloaded here, so the built-in default makes
+its own: both towers are trained with the CLIP loss on a pretraining split that is disjoint from
+the distillation train split and from the test split, and saved as a checkpoint that the same
+loading path as real pretrained weights reads (``model.pretrained`` = a safetensors file).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from typing import Callable
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save as st_save
+
+from ptmst_ray import storage
+from ptmst_ray.config import ModelConfig, PretrainConfig
+from ptmst_ray.device import pick_device
+from ptmst_ray.models.towers import build_clip
+
+log = logging.getLogger(__name__)
+
+
+def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    logits = logit_scale * F.normalize(image_features, dim=-1) @ F.normalize(text_features, dim=-1).T
+    labels = torch.arange(logits.shape[0], device=logits.device)
+    return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
+
+
+def pretrain_clip(model_cfg: ModelConfig, cfg: PretrainConfig, images: torch.Tensor, captions: list[str],
+                  on_epoch: Callable[[int, dict], None] | None = None,
+                  device: torch.device | None = None) -> dict[str, torch.Tensor]:
+    """Train both towers of ``model_cfg.name`` from scratch on (images, captions); return the state dict.
+
+    ``images`` are float, CLIP-normalised, one row per caption (``captions[i]`` describes ``images[i]``).
+    """
+    device = device or pick_device()
+    bare = dataclasses.replace(model_cfg, pretrained=None, image_pretrained=None, text_pretrained=None)
+    model = build_clip(bare, seed=cfg.seed).to(device).train()
+    tokens = open_clip.get_tokenizer(model_cfg.name)(captions)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    n = images.shape[0]
+    steps_per_epoch = max(1, n // cfg.batch_size)
+    total = cfg.epochs * steps_per_epoch
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+    gen = torch.Generator().manual_seed(cfg.seed)
+    for epoch in range(cfg.epochs):
+        perm = torch.randperm(n, generator=gen)
+        losses = []
+        for b in range(steps_per_epoch):
+            idx = perm[b * cfg.batch_size:(b + 1) * cfg.batch_size]
+            img_f, txt_f, scale = model(images[idx].to(device), tokens[idx].to(device))[:3]
+            loss = clip_loss(img_f, txt_f, scale)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            with torch.no_grad():
+                model.logit_scale.clamp_(0, math.log(100))
+            losses.append(loss.item())
+        if on_epoch:
+            on_epoch(epoch + 1, {"loss": sum(losses) / len(losses)})
+        log.info("pretrain epoch %d/%d: loss %.4f", epoch + 1, cfg.epochs, sum(losses) / len(losses))
+    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+
+
+def save_checkpoint(url: str, state: dict[str, torch.Tensor]) -> str:
+    """Write a CLIP state dict as safetensors (atomically); returns its sha256."""
+    blob = st_save(state)
+    storage.write_bytes(url, blob)
+    return storage.hash_bytes(blob)

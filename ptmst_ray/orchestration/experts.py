@@ -1,0 +1,130 @@
+"""Experts on a pool of Ray actors, and the shortcut actor that compresses each one as it finishes.
+
+Why this file exists: experts are independent, so E of them train in parallel, one GPU each
+where the cluster has GPUs (one CPU otherwise). An actor that dies mid-expert restarts and its
+expert is resubmitted; the store's atomic, id-addressed writes make a retried expert land exactly
+once. Each finished expert is handed at once to a CPU shortcut actor (pipelined with the
+experts still training), which writes the compact shortcut trajectories the phases need.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Callable
+
+import ray
+from ray.exceptions import RayActorError
+
+from ptmst_ray.config import Config, from_dict
+from ptmst_ray.device import set_threads
+from ptmst_ray.orchestration import stages
+from ptmst_ray.orchestration.runtime import cluster_info, report_progress
+
+log = logging.getLogger(__name__)
+
+
+@ray.remote(max_restarts=-1, max_task_retries=0)
+class ExpertActor:
+    """Trains experts by id; holds the real data in memory between experts."""
+
+    def __init__(self, cfg: dict, threads: int, board=None):
+        set_threads(threads)
+        self.cfg, self.board = from_dict(cfg), board
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def train(self, expert_id: int) -> int:
+        total = self.cfg.experts.epochs
+        name = f"expert {expert_id}"
+        report_progress(self.board, name, 0, total, "starting")
+
+        def on_epoch(epoch: int, metrics: dict) -> None:
+            report_progress(self.board, name, epoch, total, f"loss {metrics.get('loss', float('nan')):.3f}")
+
+        return stages.train_and_store_expert(self.cfg, expert_id, on_epoch=on_epoch)
+
+
+@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=3)
+class ShortcutActor:
+    """Compresses finished experts into the shortcut ranges the phases need (light CPU work)."""
+
+    def __init__(self, cfg: dict):
+        set_threads(1)
+        self.cfg = from_dict(cfg)
+
+    def compress(self, expert_id: int) -> list[tuple[int, int]]:
+        return stages.compress_expert(self.cfg, expert_id)
+
+
+def _actor_options(cfg: Config, n_actors: int) -> tuple[dict, int]:
+    info = cluster_info()
+    if info.has_gpus:
+        return {"num_gpus": cfg.experts.gpus_per_expert, "num_cpus": 1}, cfg.run.threads_per_worker or 2
+    cpus = max(1, int(info.cpus // max(1, n_actors)))
+    return {"num_cpus": cpus}, cfg.run.threads_per_worker or cpus
+
+
+def run_experts(cfg: Config, board=None, poll: Callable[[], None] | None = None) -> dict:
+    """Train every missing expert and compress every expert into shortcuts; returns counts."""
+    from ptmst_ray.trajectories.store import TrajectoryStore
+
+    chash = stages.experts_hash(cfg)
+    missing = TrajectoryStore.for_run(cfg.run.root).missing_ids(cfg.experts.num_experts, chash)
+    complete = [i for i in range(cfg.experts.num_experts) if i not in missing]
+    cfg_dict = cfg.to_dict()
+    shortcut = ShortcutActor.remote(cfg_dict)
+    compress = [shortcut.compress.remote(i) for i in complete]
+    retries = 0
+    if missing:
+        slots = cluster_info().parallel_slots(cfg.experts.gpus_per_expert)
+        n_actors = min(slots, len(missing))
+        options, threads = _actor_options(cfg, n_actors)
+        log.info("training %d expert(s) on %d actor(s) (%s), %d already complete", len(missing), n_actors, options,
+                 len(complete))
+        actors = [ExpertActor.options(**options).remote(cfg_dict, threads, board) for _ in range(n_actors)]
+        queue = list(missing)
+        pending = {}
+        for actor in actors:
+            if queue:
+                eid = queue.pop(0)
+                pending[actor.train.remote(eid)] = (actor, eid)
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)
+            if poll is not None:
+                poll()
+            if not ready:
+                continue
+            actor, eid = pending.pop(ready[0])
+            try:
+                ray.get(ready[0])
+                compress.append(shortcut.compress.remote(eid))
+                report_progress(board, "experts", cfg.experts.num_experts - len(queue) - len(pending),
+                                cfg.experts.num_experts)
+            except RayActorError as e:
+                retries += 1
+                log.warning("expert %d: its actor died (%s); the actor restarts and the expert is redone",
+                            eid, type(e).__name__)
+                queue.insert(0, eid)
+            if queue:
+                nxt = queue.pop(0)
+                pending[actor.train.remote(nxt)] = (actor, nxt)
+        for actor in actors:
+            ray.kill(actor)
+    ray.get(compress)
+    ray.kill(shortcut)
+    return {"trained": len(missing), "skipped": len(complete), "actor_restarts": retries}
+
+
+def run_shortcuts(cfg: Config) -> dict:
+    """`ptmst-ray shortcut`: compress every complete expert for the configured ranges."""
+    from ptmst_ray.trajectories.store import TrajectoryStore
+
+    ids = TrajectoryStore.for_run(cfg.run.root).complete_ids(stages.experts_hash(cfg))
+    if not ids:
+        raise stages.StageError(f"{cfg.run.root}: no complete experts for this config; run `ptmst-ray experts` first")
+    shortcut = ShortcutActor.remote(cfg.to_dict())
+    written = ray.get([shortcut.compress.remote(i) for i in ids])
+    ray.kill(shortcut)
+    return {"experts": len(ids), "written": sum(len(w) for w in written), "ranges": stages.needed_ranges(cfg)}

@@ -1,0 +1,176 @@
+"""Phases as concurrent Ray Train runs: one TorchTrainer (one worker) per phase, all at once.
+
+Why this file exists: the phases do not depend on each other, so P phases on P GPUs take the
+time of the slowest. Each phase is a Train run named by its config hash under
+``<root>/phases``: checkpoints go through Train's checkpointing (safetensors + JSON, no pickle),
+a failed worker is retried from its last checkpoint (FailureConfig), and running the same
+config again resumes unfinished phases and skips finished ones (their subset manifest exists).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from typing import Any, Callable
+
+import ray
+import torch
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from ptmst_ray import storage, tensorio
+from ptmst_ray.config import PhaseConfig, _build, from_dict
+from ptmst_ray.device import pick_device, set_threads
+from ptmst_ray.orchestration import stages
+from ptmst_ray.orchestration.runtime import cluster_info, report_progress
+
+log = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.json"
+MAX_FAILURES = 2
+_PYARROW_SCHEMES = ("s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss", "file")
+
+
+def storage_args(url: str) -> dict[str, Any]:
+    """RunConfig storage for a local path or URL; fsspec-only schemes go through pyarrow's FSSpecHandler."""
+    scheme = url.split("://", 1)[0] if "://" in url else ""
+    if not scheme or scheme in _PYARROW_SCHEMES:
+        return {"storage_path": url}
+    import pyarrow.fs
+
+    fs, path = storage.filesystem(url)
+    return {"storage_path": path, "storage_filesystem": pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))}
+
+
+def _scalar_metrics(metrics: dict) -> dict:
+    return {k: (float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else str(v))
+            for k, v in metrics.items()}
+
+
+def phase_train_func(config: dict) -> None:
+    """Per-worker function: parse the config, distil the phase, report metrics and checkpoints."""
+    cfg = from_dict(config["cfg"])
+    name, phase = config["name"], _build(PhaseConfig, config["phase"])
+    set_threads(config["threads"])
+    device = ray.train.torch.get_device() if torch.cuda.is_available() else pick_device()
+    board = config.get("board")
+    metrics_url = storage.join(stages.Layout(cfg.run.root).phases, name, METRICS_FILE)
+    history: list[dict] = []
+    resume_state = None
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            resume_state, _ = tensorio.load_state(d)
+        if storage.exists(metrics_url):
+            history = [m for m in storage.read_json(metrics_url) if m["iteration"] <= resume_state["iteration"]]
+        log.info("%s: resuming from the checkpoint at iteration %d", name, resume_state["iteration"])
+    pending: dict[str, str] = {}
+    gauge = _loss_gauge()
+
+    def save_checkpoint(state: dict) -> None:
+        tmp = tempfile.mkdtemp(prefix=f"ptmst-{name}-")
+        tensorio.save_state(tmp, state, meta={"phase": name})
+        pending["dir"] = tmp
+
+    def report(metrics: dict, is_checkpoint: bool) -> None:
+        metrics = _scalar_metrics(metrics)
+        history.append(metrics)
+        if gauge is not None:
+            gauge.set(metrics["loss"], tags={"phase": name})
+        report_progress(board, name, metrics["iteration"], phase.iterations,
+                        f"M {metrics['loss']:.4f} a_img {metrics['alpha_img']:.3g} {metrics['sec_per_iter']:.2f}s/it")
+        if is_checkpoint and "dir" in pending:
+            storage.write_json(metrics_url, history)
+            d = pending.pop("dir")
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
+            shutil.rmtree(d, ignore_errors=True)
+        else:
+            ray.train.report(metrics)
+
+    result = stages.distill_phase(cfg, name, phase, device=device, seed=config["seed"],
+                                  save_checkpoint=save_checkpoint, report=report, resume_state=resume_state)
+    storage.write_json(metrics_url, history)
+    final = {"iteration": float(history[-1]["iteration"]) if history else float(phase.iterations),
+             "status": result["status"]}
+    if "dir" in pending:  # the divergence checkpoint: a resume sees it and does not redo the phase
+        d = pending.pop("dir")
+        ray.train.report(final, checkpoint=Checkpoint.from_directory(d))
+        shutil.rmtree(d, ignore_errors=True)
+    report_progress(board, name, phase.iterations if result["status"] == "done" else final["iteration"],
+                    phase.iterations, result["status"])
+
+
+def _loss_gauge():
+    try:
+        from ray.util.metrics import Gauge
+
+        return Gauge("ptmst_matching_loss", description="PTM-ST matching loss per phase", tag_keys=("phase",))
+    except Exception as e:  # noqa: BLE001 - metrics export is optional (needs ray[default])
+        log.debug("no Ray metrics: %s", e)
+        return None
+
+
+def make_trainer(cfg_dict: dict, name: str, phase: dict, seed: int, run_name: str, board=None,
+                 max_failures: int = MAX_FAILURES) -> TorchTrainer:
+    cfg = from_dict(cfg_dict)
+    info = cluster_info()
+    gpus = cfg.distill.gpus_per_phase if info.has_gpus else 0
+    threads = cfg.run.threads_per_worker or 1
+    scaling = ScalingConfig(num_workers=1, use_gpu=gpus > 0,
+                            resources_per_worker={"CPU": 1, **({"GPU": gpus} if gpus else {})})
+    run_config = RunConfig(name=run_name, failure_config=FailureConfig(max_failures=max_failures),
+                           checkpoint_config=CheckpointConfig(num_to_keep=2),
+                           **storage_args(stages.Layout(cfg.run.root).phases))
+    # gloo works everywhere (NCCL fails on logical GPUs without CUDA); one worker needs no collectives
+    return TorchTrainer(phase_train_func, scaling_config=scaling, run_config=run_config,
+                        torch_config=TorchConfig(backend="gloo"),
+                        train_loop_config={"cfg": cfg_dict, "name": name, "phase": phase, "seed": seed,
+                                           "threads": threads, "board": board})
+
+
+@ray.remote(num_cpus=0)
+def fit_phase(cfg_dict: dict, name: str, phase: dict, seed: int, run_name: str, board=None) -> dict:
+    """Launcher task (holds no CPU): build the phase's TorchTrainer and block on fit()."""
+    trainer = make_trainer(cfg_dict, name, phase, seed, run_name, board)
+    try:
+        trainer.fit()
+    except Exception as e:  # noqa: BLE001 - Train wraps worker errors; report them per phase
+        return {"name": name, "status": "failed", "detail": f"{type(e).__name__}: {e}"}
+    return {"name": name, "status": "finished"}
+
+
+def run_phases(cfg, board=None, poll: Callable[[], None] | None = None, with_baseline: bool = True) -> dict[str, dict]:
+    """Distil every phase (and the single-phase baseline) as concurrent Train runs; returns per-phase status."""
+    import dataclasses
+
+    layout = stages.Layout(cfg.run.root)
+    cfg_dict = cfg.to_dict()
+    jobs, status = [], {}
+    for name, phase, seed in stages.phase_jobs(cfg, with_baseline):
+        chash = stages.phase_hash(cfg, phase)
+        if storage.is_complete(layout.subset(name), chash):
+            status[name] = {"status": "done", "skipped": True}
+            report_progress(board, name, phase.iterations, phase.iterations, "done (skipped)")
+        else:
+            jobs.append((name, dataclasses.asdict(phase), seed, f"{name}-{chash}"))
+    slots = cluster_info().parallel_slots(cfg.distill.gpus_per_phase)
+    log.info("%d distillation run(s) to do, up to %d at once", len(jobs), slots)
+    pending: dict = {}
+    while jobs or pending:
+        while jobs and len(pending) < slots:
+            name, phase, seed, run_name = jobs.pop(0)
+            pending[fit_phase.remote(cfg_dict, name, phase, seed, run_name, board)] = name
+        ready, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)
+        if poll is not None:
+            poll()
+        for ref in ready:
+            name = pending.pop(ref)
+            status[name] = ray.get(ref)
+    for name, phase, _ in stages.phase_jobs(cfg, with_baseline):
+        if storage.is_complete(layout.subset(name), stages.phase_hash(cfg, phase)):
+            status[name] = {**status.get(name, {}), "status": "done"}
+        elif storage.exists(storage.join(layout.phases, name, "diverged", storage.MANIFEST)):
+            status[name] = {"status": "diverged", "detail": storage.read_json(
+                storage.join(layout.phases, name, "diverged", "subset.json")).get("diverged", {}).get("detail")}
+    return status

@@ -1,0 +1,97 @@
+"""Connecting to Ray (laptop or cluster), reading its resources, and the shared progress board.
+
+Why this file exists: every command starts Ray the same way: a local instance whose dashboard
+is bound to loopback (never 0.0.0.0: the dashboard and Jobs API run code for whoever reaches
+them), or an existing cluster given by --address / RAY_ADDRESS. Work is sized from the
+cluster's resources, and progress from actors and Train workers flows through one named actor
+that the CLI polls to draw its bars.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+import ray
+
+log = logging.getLogger(__name__)
+
+LOOPBACK = "127.0.0.1"
+BOARD_NAME = "ptmst-progress"
+NAMESPACE = "ptmst-ray"
+TRAIN_DRIVER = "train_driver"
+"""Custom resource that Tune trial drivers hold instead of CPUs (RAY_NOTES: avoids deadlock)."""
+
+
+@dataclass(frozen=True)
+class ClusterInfo:
+    cpus: float
+    gpus: float
+    nodes: int
+
+    @property
+    def has_gpus(self) -> bool:
+        return self.gpus >= 1
+
+    def parallel_slots(self, gpus_per_job: float = 1.0) -> int:
+        """How many one-accelerator jobs can run at once (CPUs when there are no GPUs)."""
+        if self.has_gpus:
+            return max(1, int(self.gpus // max(gpus_per_job, 1e-6)))
+        return max(1, int(self.cpus))
+
+
+def connect(address: str | None = None, num_cpus: int | None = None, num_gpus: int | None = None,
+            train_drivers: int = 16) -> ClusterInfo:
+    """Start or join Ray. A local start binds the dashboard to loopback only."""
+    os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")
+    address = address or os.environ.get("RAY_ADDRESS")
+    if not ray.is_initialized():
+        if address:
+            log.info("joining the Ray cluster at %s", address)
+            ray.init(address=address, namespace=NAMESPACE, log_to_driver=True)
+        else:
+            log.info("starting a local Ray instance (dashboard on http://%s:8265)", LOOPBACK)
+            ray.init(num_cpus=num_cpus, num_gpus=num_gpus, namespace=NAMESPACE, include_dashboard=True,
+                     dashboard_host=LOOPBACK, resources={TRAIN_DRIVER: train_drivers}, log_to_driver=True,
+                     configure_logging=True, logging_level=logging.WARNING)
+    return cluster_info()
+
+
+def cluster_info() -> ClusterInfo:
+    res = ray.cluster_resources()
+    nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+    return ClusterInfo(cpus=float(res.get("CPU", 0)), gpus=float(res.get("GPU", 0)), nodes=nodes)
+
+
+@ray.remote(num_cpus=0)
+class ProgressBoard:
+    """Named actor: tasks report (done, total, info); the CLI polls :meth:`snapshot`."""
+
+    def __init__(self):
+        self.tasks: dict[str, dict] = {}
+
+    def update(self, name: str, done: float, total: float, info: str = "") -> None:
+        self.tasks[name] = {"done": done, "total": total, "info": info, "time": time.time()}
+
+    def snapshot(self) -> dict[str, dict]:
+        return dict(self.tasks)
+
+    def clear(self) -> None:
+        self.tasks.clear()
+
+
+def progress_board():
+    """The run's progress board (created on first use)."""
+    return ProgressBoard.options(name=BOARD_NAME, namespace=NAMESPACE, get_if_exists=True).remote()
+
+
+def report_progress(board, name: str, done: float, total: float, info: str = "") -> None:
+    """Fire-and-forget update; progress must never fail the work it describes."""
+    if board is None:
+        return
+    try:
+        board.update.remote(name, done, total, info)
+    except Exception as e:  # noqa: BLE001 - a dead board only costs the display
+        log.debug("progress board unavailable: %s", e)

@@ -1,0 +1,84 @@
+"""Scoring methods on the same budget: the distilled set and its baselines, one seed at a time.
+
+Why this file exists: `ptmst-ray run` and `ptmst-ray eval` compare PTM-ST's distilled set with a
+random coreset, a single-phase (LoRS-style) distillation of the same total budget, and the full
+train split. Each (method, seed) is one independent job (a Ray task in the driver); this module
+is the plain function it runs and the aggregation into results.json. No Ray here.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable
+
+from ptmst_ray.config import Config
+from ptmst_ray.evaluate.protocol import Subset, aggregate, coreset_subset, evaluate_one_seed, random_coreset
+from ptmst_ray.evaluate.student import RetrievalSet
+from ptmst_ray.orchestration.stages import SINGLE_PHASE, Layout, StageError, load_real
+
+log = logging.getLogger(__name__)
+
+METHODS = ("ptm_st", "random", "single_phase", "full")
+
+
+def method_subsets(cfg: Config, method: str, seed: int, distilled_dir: str | None = None) -> list[Subset]:
+    from ptmst_ray.distill.export import load_subset
+    from ptmst_ray.orchestration.distilled import load_distilled
+
+    layout = Layout(cfg.run.root)
+    if method == "ptm_st":
+        return load_distilled(distilled_dir or layout.distilled)
+    real = load_real(cfg)
+    if method == "random":
+        idx = random_coreset(real.train_images.shape[0], cfg.total_pairs, cfg.eval.seed + seed, real.train_image_index)
+        return [coreset_subset(real.train_images, real.train_text, idx)]
+    if method == "single_phase":
+        sub = load_subset(layout.subset(SINGLE_PHASE))
+        return [Subset(images=sub.images.float(), text_emb=sub.text.float(), similarity=sub.similarity.float(),
+                       lr_img=sub.alpha_img, lr_txt=sub.alpha_txt)]
+    if method == "full":
+        return [Subset(images=real.train_images, text_emb=real.train_text)]
+    raise StageError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+
+
+def score_one_seed(cfg: Config, method: str, seed: int, distilled_dir: str | None = None,
+                   progress: Callable[[dict], None] | None = None) -> dict[str, Any]:
+    """Train a fresh student (seed ``cfg.eval.seed + seed``) on the method's subsets and score it."""
+    from ptmst_ray.models.student import build_student
+
+    real = load_real(cfg)
+    subsets = method_subsets(cfg, method, seed, distilled_dir)
+    student = build_student(cfg.model, real.text_dim, seed=cfg.eval.seed + seed)
+    test = RetrievalSet(real.test_images, real.test_text, real.txt2img)
+    epochs = cfg.eval.full_data_epochs if method == "full" else cfg.eval.epochs
+    out = evaluate_one_seed(subsets, student, test, cfg.eval, loss=cfg.eval_loss, seed=seed, epochs=epochs,
+                            progress=progress)
+    return {"method": method, "seed": seed, "pairs": sum(int(s.images.shape[0]) for s in subsets),
+            "final": out["final"], "best": out["best"], "best_epoch": out["best_epoch"],
+            "diverged_at": out["diverged_at"]}
+
+
+def summarise(runs: list[dict[str, Any]], cfg: Config) -> dict[str, Any]:
+    """results.json: per method, the six recalls and r_mean as mean/std over seeds.
+
+    Top-level figures follow the paper's protocol (best of the evaluation points, chosen on the
+    test split); "final" holds the final-epoch figures of the same runs.
+    """
+    methods: dict[str, Any] = {}
+    for method in dict.fromkeys(r["method"] for r in runs):
+        mine = [r for r in runs if r["method"] == method]
+        methods[method] = {
+            **aggregate(r["best"] for r in mine),
+            "final": aggregate(r["final"] for r in mine),
+            "pairs": mine[0]["pairs"],
+            "seeds": len(mine),
+            "epochs": cfg.eval.full_data_epochs if method == "full" else cfg.eval.epochs,
+        }
+    ratios = {}
+    if "ptm_st" in methods:
+        for base in ("random", "single_phase", "full"):
+            if base in methods and methods[base]["r_mean"]["mean"] > 0:
+                ratios[f"ptm_st/{base}"] = methods["ptm_st"]["r_mean"]["mean"] / methods[base]["r_mean"]["mean"]
+    return {"protocol": "best of evaluation points (paper); 'final' = final epoch", "methods": methods,
+            "ratios": ratios, "eval": {"epochs": cfg.eval.epochs, "seeds": cfg.eval.seeds,
+                                       "eval_points": cfg.eval.eval_points, "loss": cfg.eval_loss}}

@@ -1,0 +1,416 @@
+"""The pipeline's stages as plain functions (no Ray here): each takes the config, reads and
+writes under the run root, and skips work whose manifest matches the config hash.
+
+Why this file exists: the Ray layer (experts.py, phases.py, evaluation.py, driver.py) only
+schedules these; a test can call any stage in-process. The run root's layout lives in
+:class:`Layout`, and the identity of every artefact in the ``*_hash`` functions, so that a
+change to a setting redoes exactly the stages that depend on it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from ptmst_ray import storage
+from ptmst_ray.config import Config, PhaseConfig, section_hash
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[int, int], None]
+
+
+class StageError(RuntimeError):
+    """A stage cannot run; the message names the artefact and how to fix or rebuild it."""
+
+
+# --------------------------------------------------------------------------- layout and identity
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where every artefact of a run lives under its root (a local path or fsspec URL)."""
+
+    root: str
+
+    @property
+    def data(self) -> str:
+        return storage.join(self.root, "data")
+
+    @property
+    def pretrain(self) -> str:
+        return storage.join(self.root, "pretrain")
+
+    def embedded(self, key: str) -> str:
+        return storage.join(self.root, "data", "embedded", key)
+
+    @property
+    def phases(self) -> str:
+        return storage.join(self.root, "phases")
+
+    def subset(self, name: str) -> str:
+        return storage.join(self.root, "phases", name, "subset")
+
+    @property
+    def distilled(self) -> str:
+        return storage.join(self.root, "distilled")
+
+    @property
+    def eval(self) -> str:
+        return storage.join(self.root, "eval")
+
+    @property
+    def sweeps(self) -> str:
+        return storage.join(self.root, "sweeps")
+
+
+def data_hash(cfg: Config) -> str:
+    return section_hash(cfg.data)
+
+
+def pretrain_hash(cfg: Config) -> str:
+    return section_hash(cfg.data, cfg.model.name, cfg.pretrain)
+
+
+def model_hash(cfg: Config) -> str:
+    """Identity of the student's starting point (model config + the pretraining that made its weights)."""
+    model = dataclasses.asdict(cfg.model)
+    return section_hash(model, pretrain_hash(cfg) if cfg.pretrain.enabled else None)
+
+
+def experts_hash(cfg: Config) -> str:
+    """Experts depend on data, model and expert settings; not on the number of experts (ids are stable)."""
+    experts = dataclasses.asdict(cfg.experts)
+    experts.pop("num_experts")
+    experts.pop("gpus_per_expert")
+    return section_hash(data_hash(cfg), model_hash(cfg), experts)
+
+
+def phase_name(index: int) -> str:
+    return f"phase{index}"
+
+
+SINGLE_PHASE = "single_phase"
+
+
+def phase_jobs(cfg: Config, with_baseline: bool = True) -> list[tuple[str, PhaseConfig, int]]:
+    """(name, phase config, seed) of every distillation run: the phases, then the single-phase baseline."""
+    jobs = [(phase_name(i), p, cfg.run.seed * 1000 + i) for i, p in enumerate(cfg.phases)]
+    if with_baseline and "single_phase" in cfg.eval.baselines:
+        jobs.append((SINGLE_PHASE, single_phase_config(cfg).phase, cfg.run.seed * 1000 + 999))
+    return jobs
+
+
+def phase_hash(cfg: Config, phase: PhaseConfig) -> str:
+    distill = dataclasses.asdict(cfg.distill)
+    for volatile in ("checkpoint_every", "report_every", "gpus_per_phase"):
+        distill.pop(volatile)
+    return section_hash(experts_hash(cfg), cfg.experts.num_experts, cfg.shortcut, phase, distill, cfg.run.seed)
+
+
+def needed_ranges(cfg: Config) -> list[tuple[int, int]]:
+    """The distinct teacher ranges [a, b] the configured phases (and the single-phase baseline) match."""
+    ranges = {(p.range_start, p.range_end) for p in cfg.phases}
+    if "single_phase" in cfg.eval.baselines:
+        ranges.add(single_phase_config(cfg).range_start_end)
+    return sorted(ranges)
+
+
+@dataclass(frozen=True)
+class _SinglePhase:
+    phase: PhaseConfig
+
+    @property
+    def range_start_end(self) -> tuple[int, int]:
+        return self.phase.range_start, self.phase.range_end
+
+
+def single_phase_config(cfg: Config) -> _SinglePhase:
+    """The LoRS-style baseline: ONE subset of the same total budget over one range (the first phase's
+    range and start window), as many iterations as the longest phase."""
+    first = cfg.phases[0]
+    phase = dataclasses.replace(first, pairs=cfg.total_pairs, iterations=max(p.iterations for p in cfg.phases))
+    return _SinglePhase(phase)
+
+
+# --------------------------------------------------------------------------- data
+
+
+def prepare(cfg: Config, progress: Callable[[str, int, int], None] | None = None) -> dict:
+    """Prepared Parquet shards for every split under ``<root>/data`` (skipped when up to date).
+
+    ``progress(split, done, total)``; split is "source" while the built-in dataset is generated.
+    """
+    from ptmst_ray.data.prepare import prepare_dataset
+
+    return prepare_dataset(cfg.data, Layout(cfg.run.root).data, progress=progress)
+
+
+def _normalised_split(cfg: Config, split: str):
+    from ptmst_ray.data.dataset import load_split, normalize_images
+
+    data = load_split(Layout(cfg.run.root).data, split)
+    return data, normalize_images(data.images)
+
+
+# --------------------------------------------------------------------------- pretraining
+
+
+def pretrain(cfg: Config, progress: Progress | None = None) -> dict | None:
+    """Pretrain the towers on the disjoint pretraining split (built-in dataset); skip when done."""
+    if not cfg.pretrain.enabled:
+        return None
+    from ptmst_ray.models.pretrain import pretrain_clip, save_checkpoint
+
+    out = Layout(cfg.run.root).pretrain
+    chash = pretrain_hash(cfg)
+    done = storage.read_manifest(out)
+    if done is not None and done.get("config_hash") == chash and storage.exists(cfg.model.pretrained):
+        return done
+    data, images = _normalised_split(cfg, "pretrain")
+    rows = data.image_index if hasattr(data, "image_index") else torch.arange(len(data.captions))
+    total = cfg.pretrain.epochs
+
+    def on_epoch(epoch: int, metrics: dict) -> None:
+        if progress:
+            progress(epoch, total)
+
+    state = pretrain_clip(cfg.model, cfg.pretrain, images[rows], list(data.captions), on_epoch=on_epoch)
+    digest = save_checkpoint(cfg.model.pretrained, state)
+    zero_shot = zero_shot_recall(dataclasses.replace(cfg.model, pretrained=cfg.model.pretrained), cfg)
+    manifest = {"config_hash": chash, "checkpoint": cfg.model.pretrained, "sha256": digest, "zero_shot": zero_shot}
+    storage.write_manifest(out, manifest)
+    return manifest
+
+
+def zero_shot_recall(model_cfg, cfg: Config) -> dict:
+    """Retrieval of the pretrained CLIP (both towers) on the test split."""
+    import open_clip
+
+    from ptmst_ray.evaluate.metrics import retrieval_metrics
+    from ptmst_ray.models.towers import build_clip
+
+    test, images = _normalised_split(cfg, "test")
+    model = build_clip(model_cfg).eval()
+    tok = open_clip.get_tokenizer(model_cfg.name)
+    with torch.no_grad():
+        img = torch.nn.functional.normalize(model.encode_image(images), dim=-1)
+        txt = torch.cat([model.encode_text(tok(test.captions[i:i + 512]), normalize=True)
+                         for i in range(0, len(test.captions), 512)])
+    return retrieval_metrics(img @ txt.T, test.txt2img)
+
+
+# --------------------------------------------------------------------------- caption embeddings
+
+
+def embed(cfg: Config, progress: Progress | None = None) -> str:
+    """Frozen-text-tower embeddings of the train and test captions, under data/embedded/<key>.
+
+    Uses the per-caption cache (reused across runs and configs). Returns the key.
+    """
+    from ptmst_ray.data.dataset import load_split
+    from ptmst_ray.data.text_cache import embed_captions
+    from ptmst_ray.models.towers import build_text_encoder
+
+    layout = Layout(cfg.run.root)
+    encoder = build_text_encoder(cfg.model)
+    key = section_hash(encoder.key, data_hash(cfg))
+    out = layout.embedded(key)
+    if storage.is_complete(out, key):
+        return key
+    files = {}
+    for split in ("train", "test"):
+        data = load_split(layout.data, split)
+        emb = embed_captions(list(data.captions), encoder, storage.join(layout.data, "text_cache"),
+                             progress=progress)
+        blob = st_save({"text": emb.float().contiguous()})
+        storage.write_bytes(storage.join(out, f"{split}.safetensors"), blob)
+        files[f"{split}.safetensors"] = storage.hash_bytes(blob)
+    storage.write_manifest(out, {"config_hash": key, "files": files, "dim": encoder.dim})
+    storage.write_text(storage.join(layout.data, "embedded", "CURRENT"), key)
+    return key
+
+
+@dataclass
+class RealData:
+    """The real train split (one row per caption) and the test split, ready for the models."""
+
+    train_images: torch.Tensor  # float, CLIP-normalised, one row per caption
+    train_text: torch.Tensor  # caption embeddings, one row per caption
+    train_captions: list[str]
+    train_image_index: torch.Tensor  # row -> distinct train image
+    test_images: torch.Tensor
+    test_text: torch.Tensor
+    test_captions: list[str]
+    txt2img: torch.Tensor
+
+    @property
+    def text_dim(self) -> int:
+        return int(self.train_text.shape[1])
+
+
+@functools.lru_cache(maxsize=2)
+def _load_real_cached(root: str, key: str, max_train_rows: int | None) -> RealData:
+    from ptmst_ray.data.dataset import load_split, normalize_images
+
+    layout = Layout(root)
+    out = layout.embedded(key)
+    manifest = storage.read_manifest(out)
+    if manifest is None:
+        raise StageError(f"{out}: caption embeddings are missing; run `ptmst-ray run` (or `ptmst-ray data prepare`)")
+    storage.verify_files(out, manifest["files"])
+    emb = {s: st_load(storage.read_bytes(storage.join(out, f"{s}.safetensors")))["text"] for s in ("train", "test")}
+    train, test = load_split(layout.data, "train"), load_split(layout.data, "test")
+    rows = torch.arange(len(train.captions))
+    if max_train_rows is not None:
+        rows = rows[:max_train_rows]
+    return RealData(
+        train_images=normalize_images(train.images[train.image_index[rows]]),
+        train_text=emb["train"][rows],
+        train_captions=[train.captions[i] for i in rows.tolist()],
+        train_image_index=train.image_index[rows],
+        test_images=normalize_images(test.images),
+        test_text=emb["test"],
+        test_captions=list(test.captions),
+        txt2img=test.txt2img,
+    )
+
+
+def load_real(cfg: Config) -> RealData:
+    """The embedded real data of this run (cached per process: Ray workers load it once)."""
+    layout = Layout(cfg.run.root)
+    current = storage.join(layout.data, "embedded", "CURRENT")
+    if not storage.exists(current):
+        raise StageError(f"{current}: no caption embeddings yet; run `ptmst-ray run` or `ptmst-ray data prepare`")
+    return _load_real_cached(cfg.run.root, storage.read_text(current).strip(), cfg.data.max_train_rows)
+
+
+# --------------------------------------------------------------------------- experts and shortcuts
+
+
+def train_and_store_expert(cfg: Config, expert_id: int, on_epoch: Callable[[int, dict], None] | None = None) -> int:
+    """Train expert ``expert_id`` (unless complete) and write it to the trajectory store."""
+    from ptmst_ray.trajectories.expert import expert_seed, train_expert
+    from ptmst_ray.trajectories.store import TrajectoryStore
+
+    store = TrajectoryStore.for_run(cfg.run.root)
+    chash = experts_hash(cfg)
+    if store.is_complete(expert_id, chash):
+        return expert_id
+    real = load_real(cfg)
+    snapshots = train_expert(cfg.experts, cfg.model, real.train_images, real.train_text, expert_id, on_epoch=on_epoch)
+    store.write_expert(expert_id, snapshots, seed=expert_seed(cfg.experts, expert_id), config_hash=chash)
+    return expert_id
+
+
+def compress_expert(cfg: Config, expert_id: int) -> list[tuple[int, int]]:
+    """Shortcut trajectories of one finished expert for every range the phases need."""
+    from ptmst_ray.trajectories.shortcut import shortcut_trajectory
+    from ptmst_ray.trajectories.store import ShortcutStore, TrajectoryStore
+
+    chash = experts_hash(cfg)
+    shortcuts = ShortcutStore.for_run(cfg.run.root)
+    todo = [r for r in needed_ranges(cfg) if not shortcuts.is_complete(r[0], r[1], expert_id, chash)]
+    if not todo:
+        return []
+    snapshots = TrajectoryStore.for_run(cfg.run.root).load_expert(expert_id, chash)
+    for a, b in todo:
+        shortcuts.write(a, b, expert_id, shortcut_trajectory(snapshots, a, b), config_hash=chash)
+    return todo
+
+
+# --------------------------------------------------------------------------- phases
+
+
+class StoredTrajectories:
+    """TrajectorySource over the stored shortcut (or, for the ablation, raw) trajectories of one range."""
+
+    def __init__(self, cfg: Config, phase: PhaseConfig, split: Callable, device: torch.device):
+        from ptmst_ray.trajectories.shortcut import raw_trajectory
+        from ptmst_ray.trajectories.store import ShortcutStore, TrajectoryStore
+
+        a, b, chash = phase.range_start, phase.range_end, experts_hash(cfg)
+        n = cfg.experts.num_experts
+        if cfg.shortcut.enabled:
+            store = ShortcutStore.for_run(cfg.run.root)
+            missing = store.missing_ids(a, b, n, chash)
+            if missing:
+                raise StageError(f"{store.range_dir(a, b)}: shortcut trajectories of experts {missing} are missing; "
+                                 "run `ptmst-ray shortcut` (or `ptmst-ray run`) first")
+            self.trajs = [store.load(a, b, i).to(device) for i in range(n)]
+        else:
+            store = TrajectoryStore.for_run(cfg.run.root)
+            self.trajs = [raw_trajectory(store.load_expert(i, chash), a, b) for i in range(n)]
+        self.split, self.device = split, device
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.trajs)
+
+    def snapshot(self, expert: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        w_img, w_txt = self.split(self.trajs[expert].snapshot(k))
+        return w_img.to(self.device), w_txt.to(self.device)
+
+
+def distill_phase(cfg: Config, name: str, phase: PhaseConfig, *, device: torch.device, seed: int = 0,
+                  save_checkpoint=None, report=None, resume_state: dict | None = None) -> dict:
+    """Distil one phase and write its EMA subset to ``phases/<name>/subset``.
+
+    Returns {"status": "done" | "diverged", ...}. A diverged phase keeps its last finite EMA state
+    under ``phases/<name>/diverged`` and never marks the subset complete.
+    """
+    from ptmst_ray.distill.export import save_subset
+    from ptmst_ray.distill.phase import DivergenceError, PhaseTrainer
+    from ptmst_ray.distill.synthetic import SyntheticSet
+    from ptmst_ray.models.functional import FunctionalStudent
+    from ptmst_ray.models.student import build_student
+
+    layout, chash = Layout(cfg.run.root), phase_hash(cfg, phase)
+    if storage.is_complete(layout.subset(name), chash):
+        return {"status": "done", "skipped": True}
+    real = load_real(cfg)
+    fs = FunctionalStudent(build_student(cfg.model, real.text_dim, seed=cfg.experts.seed).to(device).train())
+    gen = torch.Generator().manual_seed(seed)
+    if cfg.distill.init == "real":
+        syn = SyntheticSet.from_real(real.train_images, real.train_text, phase.pairs, phase.similarity,
+                                     cfg.distill.alpha_init, gen, device=device)
+    else:
+        syn = SyntheticSet.from_noise(phase.pairs, tuple(real.train_images.shape[1:]), real.text_dim,
+                                      phase.similarity, cfg.distill.alpha_init, gen, device=device)
+    source = StoredTrajectories(cfg, phase, fs.split_snapshot, device)
+    trainer = PhaseTrainer(phase, cfg.distill, syn, fs.logits, source, phase=name, seed=seed,
+                           save_checkpoint=save_checkpoint, report=report)
+    if resume_state is not None:
+        if "diverged" in resume_state:
+            return _keep_diverged(cfg, name, phase, resume_state["ema"]["shadow"], resume_state["diverged"])
+        trainer.resume(resume_state)
+    try:
+        ema = trainer.run()
+    except DivergenceError as e:
+        return _keep_diverged(cfg, name, phase, trainer.ema.state(), {"iteration": e.iteration, "detail": str(e)})
+    real_captions = _nearest_caption_extra(ema, real)
+    save_subset(layout.subset(name), ema, phase, init_indices=syn.init_indices, iterations=trainer.iteration,
+                config_hash=chash, extra={"name": name, "nearest_captions": real_captions})
+    return {"status": "done", "skipped": False, "iterations": trainer.iteration}
+
+
+def _nearest_caption_extra(ema: dict, real: RealData) -> list[str]:
+    from ptmst_ray.distill.export import nearest_captions
+
+    return nearest_captions(ema["text"].float().cpu(), real.train_text, real.train_captions)
+
+
+def _keep_diverged(cfg: Config, name: str, phase: PhaseConfig, ema: dict, info: dict) -> dict:
+    from ptmst_ray.distill.export import save_subset
+
+    out = storage.join(cfg.run.root, "phases", name, "diverged")
+    save_subset(out, ema, phase, config_hash=phase_hash(cfg, phase), extra={"diverged": info})
+    log.error("phase %s diverged (%s); its last finite EMA state is in %s", name, info.get("detail"), out)
+    return {"status": "diverged", "detail": info.get("detail"), "kept": out}
