@@ -1,0 +1,256 @@
+"""Peak memory and time of one matching iteration vs the number of unrolled steps N.
+
+Why this file exists: the point of the ``first_order`` and ``exact`` gradient rules
+(ALGORITHM.md 6.4, 6.5) is memory that does not grow with N (one graph at a time), while the
+``unrolled`` reference keeps N graphs. This script checks that claim, and the cost of
+``exact`` relative to ``first_order``, on the toy student (tiny ViT, 32x32 images).
+
+Every (method, N) runs in a fresh subprocess so that allocator state from one measurement
+does not leak into the next. Inside it: one warm-up iteration, then for each timed iteration
+the kernel's high-water mark is reset (``echo 5 > /proc/self/clear_refs``) and the peak RSS
+(VmHWM) is read after the iteration; the figure reported is that peak minus the RSS right
+before the iteration. glibc is told to mmap large blocks (MALLOC_MMAP_THRESHOLD_) and trim
+eagerly, so freed tensors return to the OS and RSS tracks live memory.
+
+    .venv/bin/python bench/bench_matching.py            # N = 2 4 8 16 32, ~5 minutes
+    .venv/bin/python bench/bench_matching.py --quick    # N = 2 8 32
+    .venv/bin/python bench/bench_matching.py --profile exact --steps 8   # where the time goes
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+SECTION = "## Matching step: memory and time vs N"
+METHODS = ("first_order", "exact", "unrolled")
+STEPS = (2, 4, 8, 16, 32)
+QUICK_STEPS = (2, 8, 32)
+PAIRS, MINIBATCH, TEXT_DIM, IMAGE_SIZE = 50, 10, 64, 32
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0", "MALLOC_ARENA_MAX": "1"}
+RESULTS_INTRO = """# Benchmark results
+
+Measurements behind ptmst_ray's design claims and the toy recipe. Every section gives the exact
+command (run from the repository root), the machine (`nproc`, CPU model from /proc/cpuinfo,
+RAM, torch version) and the date, so that a figure can be reproduced or re-measured.
+"""
+
+
+# --------------------------------------------------------------------------- measurement (child)
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return int(re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.M).group(1))
+
+
+def _reset_hwm() -> None:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def _setup(method: str, steps: int):
+    """Toy student, noise synthetic set, theta_s = the student's params, theta_t a perturbed copy."""
+    import torch
+
+    from ptmst_ray.config import ModelConfig, SimilarityConfig
+    from ptmst_ray.distill.matching import MinibatchSampler, matching_step
+    from ptmst_ray.distill.synthetic import SyntheticSet
+    from ptmst_ray.models.functional import FunctionalStudent
+    from ptmst_ray.models.student import build_student
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    student = FunctionalStudent(build_student(ModelConfig(), text_dim=TEXT_DIM, seed=0))
+    gen = torch.Generator().manual_seed(0)
+    syn = SyntheticSet.from_noise(PAIRS, (3, IMAGE_SIZE, IMAGE_SIZE), TEXT_DIM, SimilarityConfig(), 0.1, gen)
+    theta_s = student.params()
+    theta_t = tuple(v + 0.01 * torch.randn(v.shape, generator=gen) for v in theta_s)
+    sampler = MinibatchSampler(PAIRS, MINIBATCH, gen)
+
+    def iteration() -> dict:
+        syn.zero_grad(set_to_none=True)
+        return matching_step(student.logits, "WBCE", syn, theta_s, theta_t, steps, sampler, method=method)
+
+    return iteration, sum(v.numel() for v in theta_s)
+
+
+def run_one(method: str, steps: int, iters: int) -> dict:
+    """Warm-up, then ``iters`` timed iterations; peak RSS above the pre-iteration RSS (MB)."""
+    import gc
+
+    iteration, params = _setup(method, steps)
+    iteration()  # warm-up: lazy initialisation, first allocations
+    times, peaks, residue = [], [], []
+    for _ in range(iters):
+        gc.collect()
+        base = _status_kb("VmRSS")
+        _reset_hwm()
+        t0 = time.perf_counter()
+        out = iteration()
+        times.append(time.perf_counter() - t0)
+        peaks.append((_status_kb("VmHWM") - base) / 1024)
+        gc.collect()
+        residue.append((_status_kb("VmRSS") - base) / 1024)
+    return {"method": method, "steps": steps, "params": params, "times": times, "peaks_mb": peaks,
+            "residue_mb": residue, "s_per_iter": statistics.median(times), "peak_mb": statistics.median(peaks),
+            "loss": out["loss"]}
+
+
+def profile_one(method: str, steps: int) -> None:
+    """Top operators of one iteration (after a warm-up) by self CPU time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    iteration, _ = _setup(method, steps)
+    iteration()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        iteration()
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
+
+
+# --------------------------------------------------------------------------- driver (parent)
+
+
+def machine() -> str:
+    import torch
+
+    cpu = "unknown"
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    with open("/proc/meminfo") as f:
+        mem_kb = int(re.search(r"MemTotal:\s+(\d+)", f.read()).group(1))
+    return (f"nproc {os.cpu_count()}, CPU \"{cpu}\", RAM {mem_kb / 2**20:.1f} GiB, torch {torch.__version__}, "
+            f"Python {platform.python_version()}, {datetime.date.today().isoformat()}")
+
+
+def command_line() -> str:
+    """The running script's command, as typed from the repository root."""
+    return " ".join([".venv/bin/python", "bench/" + Path(sys.argv[0]).name, *map(shlex.quote, sys.argv[1:])])
+
+
+def replace_section(heading: str, body: str, path: Path = RESULTS) -> None:
+    """Put ``heading`` + ``body`` into RESULTS.md, replacing that section if present (others untouched)."""
+    text = path.read_text() if path.exists() else RESULTS_INTRO
+    block = f"{heading}\n\n{body.strip()}\n"
+    pattern = re.compile(rf"^{re.escape(heading)}\n.*?(?=^## |\Z)", re.S | re.M)
+    if pattern.search(text):
+        text = pattern.sub(lambda _: block + "\n", text, count=1).rstrip() + "\n"
+    else:
+        text = text.rstrip() + "\n\n" + block
+    path.write_text(text)
+
+
+def spawn(method: str, steps: int, iters: int) -> dict:
+    env = {**os.environ, **MALLOC_ENV}
+    cmd = [sys.executable, __file__, "--child", method, str(steps), "--iters", str(iters)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{method} N={steps} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def table(rows: list[dict]) -> str:
+    by = {(r["method"], r["steps"]): r for r in rows}
+    lines = ["| N | method | s/iter | peak MiB over baseline | memory vs N=2 | exact/first_order time |",
+             "|---:|---|---:|---:|---:|---:|"]
+    for r in rows:
+        first = by.get((r["method"], min(s for m, s in by if m == r["method"])))
+        mem_ratio = r["peak_mb"] / first["peak_mb"] if first and first["peak_mb"] > 0 else float("nan")
+        ratio = ""
+        if r["method"] == "exact" and ("first_order", r["steps"]) in by:
+            ratio = f"{r['s_per_iter'] / by[('first_order', r['steps'])]['s_per_iter']:.2f}"
+        lines.append(f"| {r['steps']} | {r['method']} | {r['s_per_iter']:.3f} | {r['peak_mb']:.1f} | "
+                     f"{mem_ratio:.2f} | {ratio} |")
+    return "\n".join(lines)
+
+
+def verdict(rows: list[dict], mem_tol: float = 0.10, time_tol: float = 1.3) -> str:
+    """The issue's targets, checked on ``rows``, plus the memory growth per extra step vs one parameter vector."""
+    by = {(r["method"], r["steps"]): r for r in rows}
+    steps = sorted({r["steps"] for r in rows})
+    lines = []
+    for method in ("first_order", "exact"):
+        have = [n for n in steps if (method, n) in by]
+        if len(have) < 2:
+            continue
+        lo, hi = by[(method, have[0])], by[(method, have[-1])]
+        worst = max(by[(method, n)]["peak_mb"] / lo["peak_mb"] for n in have)
+        over = [n for n in have if by[(method, n)]["peak_mb"] > (1 + mem_tol) * lo["peak_mb"]]
+        slope = (hi["peak_mb"] - lo["peak_mb"]) / (hi["steps"] - lo["steps"])
+        lines.append(f"* {method}: memory within {mem_tol:.0%} of N={have[0]}: "
+                     f"{'MET' if not over else 'NOT MET (N = ' + ', '.join(map(str, over)) + ')'}; worst ratio "
+                     f"{worst:.2f}; growth {slope:.3f} MiB per extra step (one parameter vector is "
+                     f"{lo['params'] * 4 / 2**20:.3f} MiB"
+                     + ("; i.e. the stored unroll iterates w_0..w_N)" if 0.7 < slope / (lo["params"] * 4 / 2**20) < 1.3
+                        else ")"))
+    if any(m == "unrolled" for m, _ in by):
+        have = [n for n in steps if ("unrolled", n) in by]
+        lines.append(f"* unrolled: memory grows {by[('unrolled', have[-1])]['peak_mb'] / by[('unrolled', have[0])]['peak_mb']:.1f}x "
+                     f"from N={have[0]} to N={have[-1]}")
+    ratios = [by[("exact", n)]["s_per_iter"] / by[("first_order", n)]["s_per_iter"]
+              for n in steps if ("exact", n) in by and ("first_order", n) in by]
+    if ratios:
+        lines.append(f"* exact time <= {time_tol}x first_order: {'MET' if max(ratios) <= time_tol else 'NOT MET'} "
+                     f"(ratio {min(ratios):.2f} to {max(ratios):.2f})")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help=f"N in {QUICK_STEPS} instead of {STEPS}")
+    p.add_argument("--steps", type=int, nargs="+", help="explicit list of N")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--iters", type=int, default=3, help="timed iterations after one warm-up (median reported)")
+    p.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
+    p.add_argument("--child", nargs=2, metavar=("METHOD", "N"), help=argparse.SUPPRESS)
+    p.add_argument("--profile", choices=METHODS, help="profile one iteration of this method (first --steps value)")
+    args = p.parse_args()
+    if args.child:
+        print(json.dumps(run_one(args.child[0], int(args.child[1]), args.iters)))
+        return
+    steps = args.steps or (QUICK_STEPS if args.quick else STEPS)
+    if args.profile:
+        profile_one(args.profile, steps[0])
+        return
+    rows, t0 = [], time.perf_counter()
+    for n in steps:
+        for method in args.methods:
+            r = spawn(method, n, args.iters)
+            print(f"N={n:3d} {method:12s} {r['s_per_iter']:.3f} s/iter  peak {r['peak_mb']:7.1f} MiB "
+                  f"(iters {[round(x, 1) for x in r['peaks_mb']]}, residue {[round(x, 1) for x in r['residue_mb']]})",
+                  flush=True)
+            rows.append(r)
+    rows.sort(key=lambda r: (r["steps"], METHODS.index(r["method"])))
+    md = table(rows) + "\n\nTargets (computed by the script):\n\n" + verdict(rows)
+    print(md)
+    print(f"total {time.perf_counter() - t0:.0f} s")
+    if not args.no_write:
+        params = rows[0]["params"]
+        body = (f"Command: `{command_line()}`\n\nMachine: {machine()}\n\n"
+                f"Setup: toy student (`build_student(ModelConfig(), text_dim={TEXT_DIM}, seed=0)`, "
+                f"{params} trainable parameters), {PAIRS} noise pairs of 3x{IMAGE_SIZE}x{IMAGE_SIZE}, "
+                f"minibatch {MINIBATCH}, WBCE, full similarity, float32, one thread. Each row is a fresh "
+                f"subprocess: one warm-up iteration, then the median of {args.iters} timed iterations; "
+                "memory is the peak RSS (VmHWM after `clear_refs`) above the RSS right before the iteration, "
+                f"with glibc set to mmap and trim eagerly ({' '.join(f'{k}={v}' for k, v in MALLOC_ENV.items())}; "
+                "without these glibc keeps the warm-up's freed memory and the figure reads close to 0).\n\n"
+                f"{md}\n")
+        replace_section(SECTION, body)
+
+
+if __name__ == "__main__":
+    main()
