@@ -66,6 +66,8 @@ class RunConfig:
     """Ray address of an existing cluster; None starts a local one (laptop mode). RAY_ADDRESS also works."""
     threads_per_worker: int = 0
     """torch threads inside each Ray worker; 0 = the CPUs the worker was given."""
+    shared_root: Optional[str] = None
+    """Root whose data, pretrain, experts and shortcuts this run reuses (sweep trials); None = root."""
 
     def __post_init__(self):
         _check(bool(self.root), "root", "must be a path or URL, e.g. ~/ptmst-runs/toy or s3://bucket/runs/toy")
@@ -335,16 +337,22 @@ class SweepConfig:
     searcher: Literal["grid", "random", "optuna", "hyperopt", "bayesopt"] = "random"
     num_samples: int = 8
     max_concurrent: int = 0
-    """0 = sized to the cluster (accelerators, or CPUs / 2 without GPUs)."""
+    """0 = sized to the cluster: GPUs // phases per trial, else CPUs // phases per trial (at least 1)."""
     scheduler: Literal["none", "asha"] = "asha"
     grace_period: int = 1
     """ASHA: evaluation rounds before a trial may be stopped."""
+    rounds: int = 3
+    """Each trial's phase iterations are split into this many rounds, each ending in a quick evaluation."""
+    eval_epochs: Optional[int] = None
+    """Student epochs of a round's quick evaluation (one seed); None = eval.epochs."""
     space: dict[str, Any] = field(default_factory=dict)
     """Dotted config path -> {choice: [...]} | {randint: [lo, hi]} | {uniform: [lo, hi]} | {loguniform: [lo, hi]}."""
 
     def __post_init__(self):
         _check(self.num_samples >= 1, "num_samples", "must be >= 1")
         _check(self.max_concurrent >= 0, "max_concurrent", "must be >= 0")
+        _check(self.rounds >= 1, "rounds", "must be >= 1")
+        _check(self.eval_epochs is None or self.eval_epochs >= 1, "eval_epochs", "must be >= 1 (or null)")
         kinds = {"choice", "grid", "randint", "uniform", "loguniform"}
         for key, spec in self.space.items():
             _check(
@@ -547,7 +555,9 @@ def _resolve_paths(cfg: Config) -> Config:
         text_pretrained=fix(cfg.model.text_pretrained),
     )
     data = dataclasses.replace(cfg.data, annotations=fix(cfg.data.annotations), images=fix(cfg.data.images))
-    return dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, root=root), model=model, data=data)
+    shared = _absolute(cfg.run.shared_root) if cfg.run.shared_root else None
+    run = dataclasses.replace(cfg.run, root=root, shared_root=shared)
+    return dataclasses.replace(cfg, run=run, model=model, data=data)
 
 
 def parse_override(item: str) -> tuple[str, Any]:

@@ -1,3 +1,51 @@
+"""Shared fixtures: a tiny pipeline config, one Ray instance per test session, the data-layer fixtures."""
+
+# ---------------------------------------------------------------- pipeline + Ray fixtures
+import os as _os
+
+import pytest
+
+from ptmst_ray.config import Config, from_dict
+
+TINY = {
+    "data": {"builtin": {"train_images": 60, "test_images": 20, "pretrain_images": 60, "captions_per_image": 2}},
+    "model": {"name": "ptmst-toy-vit", "pretrained": "${run.root}/pretrain/clip.safetensors"},
+    "pretrain": {"enabled": True, "epochs": 1, "batch_size": 32},
+    "experts": {"num_experts": 2, "epochs": 3, "batch_size": 32},
+    "phases": [
+        {"range_start": 0, "range_end": 2, "start_min": 0, "start_max": 1, "pairs": 6, "iterations": 6, "minibatch": 3},
+        {"range_start": 0, "range_end": 3, "start_min": 1, "start_max": 2, "pairs": 8, "iterations": 6, "minibatch": 4},
+    ],
+    "distill": {"syn_steps": 2, "lr_img": 100.0, "lr_txt": 100.0, "lr_lr": 1e-5, "lr_sim": 1.0, "min_alpha": 0.001,
+                "checkpoint_every": 2, "report_every": 1},
+    "eval": {"epochs": 2, "seeds": 2, "eval_points": 2, "full_data_epochs": 1, "batch_size": 32},
+}
+
+
+def tiny_config(root, **overrides) -> Config:
+    """The tiny end-to-end config (seconds per stage) under ``root``, with dotted overrides."""
+    import copy
+
+    raw = copy.deepcopy(TINY)
+    raw["run"] = {"root": str(root)}
+    cfg = from_dict(raw)
+    return cfg.replace(**overrides) if overrides else cfg
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray per test session: 2 CPUs and 2 logical GPUs (torch sees no CUDA: GPU placement
+    is exercised, compute falls back to the CPU)."""
+    import ray
+
+    from ptmst_ray.orchestration.runtime import connect
+
+    _os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+    info = connect(num_cpus=2, num_gpus=2)
+    yield info
+    ray.shutdown()
+
+
 
 # ---------------------------------------------------------------- data layer fixtures (tests/test_data*.py)
 import io as _data_io
@@ -6,7 +54,9 @@ from pathlib import Path as _DataPath
 
 import pytest as _data_pytest
 
-FLICKR_DIR = _DataPath("/work/shared/data/flickr30k")
+FLICKR_DIR = next((p for p in (_DataPath(__file__).resolve().parents[2] / "shared/data/flickr30k",
+                                _DataPath("/work/shared/data/flickr30k")) if p.exists()),
+                  _DataPath("/work/shared/data/flickr30k"))
 """Real Flickr30k annotation files (read-only; copied before use)."""
 
 

@@ -104,7 +104,7 @@ class PhaseTrainer:
     # ------------------------------------------------------------------ the loop
 
     def run(self, until: int | None = None) -> dict[str, Tensor]:
-        """Iterate up to ``until`` (default: the phase's iterations); return the EMA state."""
+        """Iterate up to ``until`` (default: the phase's iterations), checkpointing there; return the EMA state."""
         until = self.cfg.iterations if until is None else min(until, self.cfg.iterations)
         log.info("phase %s: iterations %d -> %d (%s, N=%d, b=%d)", self.phase, self.iteration, until,
                  self.dcfg.grad_method, self.dcfg.syn_steps, self.cfg.minibatch)
@@ -112,7 +112,7 @@ class PhaseTrainer:
             stats = self.step()
             self.iteration += 1
             is_checkpoint = (self.iteration % self.dcfg.checkpoint_every == 0
-                             or self.iteration == self.cfg.iterations)
+                             or self.iteration == until)  # a run stopped at `until` can resume there
             if is_checkpoint and self.save_checkpoint is not None:
                 self.save_checkpoint(self.state_dict())
             if is_checkpoint or self.iteration % self.dcfg.report_every == 0:

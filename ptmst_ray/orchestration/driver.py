@@ -104,6 +104,24 @@ def evaluate(cfg: Config, methods: list[str], board, poll) -> dict:
     return results
 
 
+def run_prerequisites(cfg: Config, ui: UI, board, poll) -> dict:
+    """Data, pretraining, caption embeddings, experts + shortcuts (each skipped when complete).
+
+    Shared by `run` and `sweep`; returns run_experts' counts.
+    """
+    from ptmst_ray.orchestration.experts import run_experts
+
+    ui.stage("data: prepare")
+    stages.prepare(cfg, progress=lambda split, d, t: (report_progress(board, f"data {split}", d, t), poll()))
+    if cfg.pretrain.enabled:
+        ui.stage("pretrain towers")
+        _wait([_pretrain_task.remote(cfg.to_dict(), board)], poll)
+    ui.stage("caption embeddings")
+    stages.embed(cfg)
+    ui.stage(f"experts ({cfg.experts.num_experts}) + shortcuts")
+    return run_experts(cfg, board, poll)
+
+
 def run_pipeline(cfg: Config, ui: UI | None = None) -> dict[str, Any]:
     """Run (or resume) everything; returns results.json's content."""
     ui = ui or NullUI()
@@ -115,19 +133,7 @@ def run_pipeline(cfg: Config, ui: UI | None = None) -> dict[str, Any]:
     ray.get(board.clear.remote())
     poll = _poller(board, ui)
     t0 = time.time()
-
-    ui.stage("data: prepare")
-    stages.prepare(cfg, progress=lambda split, d, t: (report_progress(board, f"data {split}", d, t), poll()))
-    if cfg.pretrain.enabled:
-        ui.stage("pretrain towers")
-        _wait([_pretrain_task.remote(cfg.to_dict(), board)], poll)
-    ui.stage("caption embeddings")
-    stages.embed(cfg)
-
-    from ptmst_ray.orchestration.experts import run_experts
-
-    ui.stage(f"experts ({cfg.experts.num_experts}) + shortcuts")
-    experts = run_experts(cfg, board, poll)
+    experts = run_prerequisites(cfg, ui, board, poll)
 
     from ptmst_ray.orchestration.phases import run_phases
 

@@ -71,7 +71,7 @@ def run_experts(cfg: Config, board=None, poll: Callable[[], None] | None = None)
     from ptmst_ray.trajectories.store import TrajectoryStore
 
     chash = stages.experts_hash(cfg)
-    missing = TrajectoryStore.for_run(cfg.run.root).missing_ids(cfg.experts.num_experts, chash)
+    missing = TrajectoryStore.for_run(stages.shared_root(cfg)).missing_ids(cfg.experts.num_experts, chash)
     complete = [i for i in range(cfg.experts.num_experts) if i not in missing]
     cfg_dict = cfg.to_dict()
     shortcut = ShortcutActor.remote(cfg_dict)
@@ -121,7 +121,7 @@ def run_shortcuts(cfg: Config) -> dict:
     """`ptmst-ray shortcut`: compress every complete expert for the configured ranges."""
     from ptmst_ray.trajectories.store import TrajectoryStore
 
-    ids = TrajectoryStore.for_run(cfg.run.root).complete_ids(stages.experts_hash(cfg))
+    ids = TrajectoryStore.for_run(stages.shared_root(cfg)).complete_ids(stages.experts_hash(cfg))
     if not ids:
         raise stages.StageError(f"{cfg.run.root}: no complete experts for this config; run `ptmst-ray experts` first")
     shortcut = ShortcutActor.remote(cfg.to_dict())

@@ -10,8 +10,10 @@ config again resumes unfinished phases and skips finished ones (their subset man
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import tempfile
+import time
 from typing import Any, Callable
 
 import ray
@@ -55,6 +57,7 @@ def phase_train_func(config: dict) -> None:
     set_threads(config["threads"])
     device = ray.train.torch.get_device() if torch.cuda.is_available() else pick_device()
     board = config.get("board")
+    label = config.get("label") or name  # progress-board name (sweep trials prefix their id)
     metrics_url = storage.join(stages.Layout(cfg.run.root).phases, name, METRICS_FILE)
     history: list[dict] = []
     resume_state = None
@@ -65,6 +68,7 @@ def phase_train_func(config: dict) -> None:
         if storage.exists(metrics_url):
             history = [m for m in storage.read_json(metrics_url) if m["iteration"] <= resume_state["iteration"]]
         log.info("%s: resuming from the checkpoint at iteration %d", name, resume_state["iteration"])
+    attempt = _record_attempt(cfg, name, resume_state)
     pending: dict[str, str] = {}
     gauge = _loss_gauge()
 
@@ -78,7 +82,7 @@ def phase_train_func(config: dict) -> None:
         history.append(metrics)
         if gauge is not None:
             gauge.set(metrics["loss"], tags={"phase": name})
-        report_progress(board, name, metrics["iteration"], phase.iterations,
+        report_progress(board, label, metrics["iteration"], phase.iterations,
                         f"M {metrics['loss']:.4f} a_img {metrics['alpha_img']:.3g} {metrics['sec_per_iter']:.2f}s/it")
         if is_checkpoint and "dir" in pending:
             storage.write_json(metrics_url, history)
@@ -89,16 +93,30 @@ def phase_train_func(config: dict) -> None:
             ray.train.report(metrics)
 
     result = stages.distill_phase(cfg, name, phase, device=device, seed=config["seed"],
-                                  save_checkpoint=save_checkpoint, report=report, resume_state=resume_state)
+                                  save_checkpoint=save_checkpoint, report=report, resume_state=resume_state,
+                                  until=config.get("until"))
     storage.write_json(metrics_url, history)
     final = {"iteration": float(history[-1]["iteration"]) if history else float(phase.iterations),
              "status": result["status"]}
-    if "dir" in pending:  # the divergence checkpoint: a resume sees it and does not redo the phase
+    if "dir" in pending:  # divergence / `until` checkpoint: a resume sees it and does not redo the phase
         d = pending.pop("dir")
         ray.train.report(final, checkpoint=Checkpoint.from_directory(d))
         shutil.rmtree(d, ignore_errors=True)
-    report_progress(board, name, phase.iterations if result["status"] == "done" else final["iteration"],
+    report_progress(board, label, phase.iterations if result["status"] == "done" else final["iteration"],
                     phase.iterations, result["status"])
+    _record_attempt(cfg, name, resume_state, {**attempt, "end": time.time(), "status": result["status"]})
+
+
+def _record_attempt(cfg, name: str, resume_state: dict | None, info: dict | None = None) -> dict:
+    """One JSON per worker attempt: where it ran (pid, node, GPU ids), when, and where it resumed from."""
+    info = info or {
+        "pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(),
+        "gpu_ids": [str(g) for g in ray.get_gpu_ids()], "start": time.time(),
+        "resumed_from": int(resume_state["iteration"]) if resume_state else None,
+    }
+    url = storage.join(stages.Layout(cfg.run.root).phases, name, "attempts", f"{info['pid']}-{int(info['start'])}.json")
+    storage.write_json(url, info)
+    return info
 
 
 def _loss_gauge():
@@ -112,7 +130,9 @@ def _loss_gauge():
 
 
 def make_trainer(cfg_dict: dict, name: str, phase: dict, seed: int, run_name: str, board=None,
-                 max_failures: int = MAX_FAILURES) -> TorchTrainer:
+                 max_failures: int = MAX_FAILURES, until: int | None = None,
+                 label: str | None = None) -> TorchTrainer:
+    """One phase's Train run; ``until`` stops it early (checkpointed), ``label`` names its progress bar."""
     cfg = from_dict(cfg_dict)
     info = cluster_info()
     gpus = cfg.distill.gpus_per_phase if info.has_gpus else 0
@@ -126,7 +146,8 @@ def make_trainer(cfg_dict: dict, name: str, phase: dict, seed: int, run_name: st
     return TorchTrainer(phase_train_func, scaling_config=scaling, run_config=run_config,
                         torch_config=TorchConfig(backend="gloo"),
                         train_loop_config={"cfg": cfg_dict, "name": name, "phase": phase, "seed": seed,
-                                           "threads": threads, "board": board})
+                                           "threads": threads, "board": board, "until": until,
+                                           "label": label})
 
 
 @ray.remote(num_cpus=0)

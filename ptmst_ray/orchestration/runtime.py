@@ -54,7 +54,7 @@ def connect(address: str | None = None, num_cpus: int | None = None, num_gpus: i
         else:
             log.info("starting a local Ray instance (dashboard on http://%s:8265)", LOOPBACK)
             ray.init(num_cpus=num_cpus, num_gpus=num_gpus, namespace=NAMESPACE, include_dashboard=True,
-                     dashboard_host=LOOPBACK, resources={TRAIN_DRIVER: train_drivers}, log_to_driver=True,
+                     dashboard_host=LOOPBACK, resources={TRAIN_DRIVER: train_drivers}, log_to_driver=False,
                      configure_logging=True, logging_level=logging.WARNING)
     return cluster_info()
 

@@ -42,12 +42,14 @@ def method_subsets(cfg: Config, method: str, seed: int, distilled_dir: str | Non
 
 
 def score_one_seed(cfg: Config, method: str, seed: int, distilled_dir: str | None = None,
-                   progress: Callable[[dict], None] | None = None) -> dict[str, Any]:
-    """Train a fresh student (seed ``cfg.eval.seed + seed``) on the method's subsets and score it."""
+                   progress: Callable[[dict], None] | None = None,
+                   subsets: list[Subset] | None = None) -> dict[str, Any]:
+    """Train a fresh student (seed ``cfg.eval.seed + seed``) on the method's subsets (or the given
+    ``subsets``, e.g. a sweep round's partial phases) and score it."""
     from ptmst_ray.models.student import build_student
 
     real = load_real(cfg)
-    subsets = method_subsets(cfg, method, seed, distilled_dir)
+    subsets = subsets if subsets is not None else method_subsets(cfg, method, seed, distilled_dir)
     student = build_student(cfg.model, real.text_dim, seed=cfg.eval.seed + seed)
     test = RetrievalSet(real.test_images, real.test_text, real.txt2img)
     epochs = cfg.eval.full_data_epochs if method == "full" else cfg.eval.epochs

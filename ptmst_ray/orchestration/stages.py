@@ -58,6 +58,10 @@ class Layout:
     def subset(self, name: str) -> str:
         return storage.join(self.root, "phases", name, "subset")
 
+    def partial(self, name: str) -> str:
+        """EMA subset of a phase stopped early at ``until`` (sweep rounds); never marked complete."""
+        return storage.join(self.root, "phases", name, "partial")
+
     @property
     def distilled(self) -> str:
         return storage.join(self.root, "distilled")
@@ -69,6 +73,14 @@ class Layout:
     @property
     def sweeps(self) -> str:
         return storage.join(self.root, "sweeps")
+
+
+def shared_root(cfg: Config) -> str:
+    """Root of the artefacts several runs may share: data, pretrain, experts, shortcuts.
+
+    ``run.shared_root`` when set (a sweep trial reads the base run's), else ``run.root``.
+    """
+    return cfg.run.shared_root or cfg.run.root
 
 
 def data_hash(cfg: Config) -> str:
@@ -150,13 +162,13 @@ def prepare(cfg: Config, progress: Callable[[str, int, int], None] | None = None
     """
     from ptmst_ray.data.prepare import prepare_dataset
 
-    return prepare_dataset(cfg.data, Layout(cfg.run.root).data, progress=progress)
+    return prepare_dataset(cfg.data, Layout(shared_root(cfg)).data, progress=progress)
 
 
 def _normalised_split(cfg: Config, split: str):
     from ptmst_ray.data.dataset import load_split, normalize_images
 
-    data = load_split(Layout(cfg.run.root).data, split)
+    data = load_split(Layout(shared_root(cfg)).data, split)
     return data, normalize_images(data.images)
 
 
@@ -169,7 +181,7 @@ def pretrain(cfg: Config, progress: Progress | None = None) -> dict | None:
         return None
     from ptmst_ray.models.pretrain import pretrain_clip, save_checkpoint
 
-    out = Layout(cfg.run.root).pretrain
+    out = Layout(shared_root(cfg)).pretrain
     chash = pretrain_hash(cfg)
     done = storage.read_manifest(out)
     if done is not None and done.get("config_hash") == chash and storage.exists(cfg.model.pretrained):
@@ -219,7 +231,7 @@ def embed(cfg: Config, progress: Progress | None = None) -> str:
     from ptmst_ray.data.text_cache import embed_captions
     from ptmst_ray.models.towers import build_text_encoder
 
-    layout = Layout(cfg.run.root)
+    layout = Layout(shared_root(cfg))
     encoder = build_text_encoder(cfg.model)
     key = section_hash(encoder.key, data_hash(cfg))
     out = layout.embedded(key)
@@ -285,11 +297,11 @@ def _load_real_cached(root: str, key: str, max_train_rows: int | None) -> RealDa
 
 def load_real(cfg: Config) -> RealData:
     """The embedded real data of this run (cached per process: Ray workers load it once)."""
-    layout = Layout(cfg.run.root)
+    layout = Layout(shared_root(cfg))
     current = storage.join(layout.data, "embedded", "CURRENT")
     if not storage.exists(current):
         raise StageError(f"{current}: no caption embeddings yet; run `ptmst-ray run` or `ptmst-ray data prepare`")
-    return _load_real_cached(cfg.run.root, storage.read_text(current).strip(), cfg.data.max_train_rows)
+    return _load_real_cached(layout.root, storage.read_text(current).strip(), cfg.data.max_train_rows)
 
 
 # --------------------------------------------------------------------------- experts and shortcuts
@@ -300,7 +312,7 @@ def train_and_store_expert(cfg: Config, expert_id: int, on_epoch: Callable[[int,
     from ptmst_ray.trajectories.expert import expert_seed, train_expert
     from ptmst_ray.trajectories.store import TrajectoryStore
 
-    store = TrajectoryStore.for_run(cfg.run.root)
+    store = TrajectoryStore.for_run(shared_root(cfg))
     chash = experts_hash(cfg)
     if store.is_complete(expert_id, chash):
         return expert_id
@@ -310,17 +322,18 @@ def train_and_store_expert(cfg: Config, expert_id: int, on_epoch: Callable[[int,
     return expert_id
 
 
-def compress_expert(cfg: Config, expert_id: int) -> list[tuple[int, int]]:
-    """Shortcut trajectories of one finished expert for every range the phases need."""
+def compress_expert(cfg: Config, expert_id: int,
+                    ranges: list[tuple[int, int]] | None = None) -> list[tuple[int, int]]:
+    """Shortcut trajectories of one finished expert for ``ranges`` (default: every range the phases need)."""
     from ptmst_ray.trajectories.shortcut import shortcut_trajectory
     from ptmst_ray.trajectories.store import ShortcutStore, TrajectoryStore
 
     chash = experts_hash(cfg)
-    shortcuts = ShortcutStore.for_run(cfg.run.root)
-    todo = [r for r in needed_ranges(cfg) if not shortcuts.is_complete(r[0], r[1], expert_id, chash)]
+    shortcuts = ShortcutStore.for_run(shared_root(cfg))
+    todo = [r for r in (ranges or needed_ranges(cfg)) if not shortcuts.is_complete(r[0], r[1], expert_id, chash)]
     if not todo:
         return []
-    snapshots = TrajectoryStore.for_run(cfg.run.root).load_expert(expert_id, chash)
+    snapshots = TrajectoryStore.for_run(shared_root(cfg)).load_expert(expert_id, chash)
     for a, b in todo:
         shortcuts.write(a, b, expert_id, shortcut_trajectory(snapshots, a, b), config_hash=chash)
     return todo
@@ -339,14 +352,14 @@ class StoredTrajectories:
         a, b, chash = phase.range_start, phase.range_end, experts_hash(cfg)
         n = cfg.experts.num_experts
         if cfg.shortcut.enabled:
-            store = ShortcutStore.for_run(cfg.run.root)
+            store = ShortcutStore.for_run(shared_root(cfg))
             missing = store.missing_ids(a, b, n, chash)
             if missing:
                 raise StageError(f"{store.range_dir(a, b)}: shortcut trajectories of experts {missing} are missing; "
                                  "run `ptmst-ray shortcut` (or `ptmst-ray run`) first")
             self.trajs = [store.load(a, b, i).to(device) for i in range(n)]
         else:
-            store = TrajectoryStore.for_run(cfg.run.root)
+            store = TrajectoryStore.for_run(shared_root(cfg))
             self.trajs = [raw_trajectory(store.load_expert(i, chash), a, b) for i in range(n)]
         self.split, self.device = split, device
 
@@ -360,11 +373,14 @@ class StoredTrajectories:
 
 
 def distill_phase(cfg: Config, name: str, phase: PhaseConfig, *, device: torch.device, seed: int = 0,
-                  save_checkpoint=None, report=None, resume_state: dict | None = None) -> dict:
+                  save_checkpoint=None, report=None, resume_state: dict | None = None,
+                  until: int | None = None) -> dict:
     """Distil one phase and write its EMA subset to ``phases/<name>/subset``.
 
-    Returns {"status": "done" | "diverged", ...}. A diverged phase keeps its last finite EMA state
-    under ``phases/<name>/diverged`` and never marks the subset complete.
+    Returns {"status": "done" | "diverged" | "partial", ...}. A diverged phase keeps its last finite
+    EMA state under ``phases/<name>/diverged`` and never marks the subset complete. With ``until``
+    below the phase's iterations the run stops there (checkpointed, so the next call resumes) and
+    writes the EMA so far to ``phases/<name>/partial`` (status "partial").
     """
     from ptmst_ray.distill.export import save_subset
     from ptmst_ray.distill.phase import DivergenceError, PhaseTrainer
@@ -392,9 +408,13 @@ def distill_phase(cfg: Config, name: str, phase: PhaseConfig, *, device: torch.d
             return _keep_diverged(cfg, name, phase, resume_state["ema"]["shadow"], resume_state["diverged"])
         trainer.resume(resume_state)
     try:
-        ema = trainer.run()
+        ema = trainer.run(until)
     except DivergenceError as e:
         return _keep_diverged(cfg, name, phase, trainer.ema.state(), {"iteration": e.iteration, "detail": str(e)})
+    if trainer.iteration < phase.iterations:
+        save_subset(layout.partial(name), ema, phase, init_indices=syn.init_indices, iterations=trainer.iteration,
+                    config_hash=f"{chash}@{trainer.iteration}", extra={"name": name, "partial": True})
+        return {"status": "partial", "skipped": False, "iterations": trainer.iteration}
     real_captions = _nearest_caption_extra(ema, real)
     save_subset(layout.subset(name), ema, phase, init_indices=syn.init_indices, iterations=trainer.iteration,
                 config_hash=chash, extra={"name": name, "nearest_captions": real_captions})

@@ -1,0 +1,132 @@
+"""The Ray pipeline on tiny data: experts on actors, phases as concurrent Train runs with one
+logical GPU each, a killed phase worker resuming from its checkpoint, re-runs that skip, and
+`ptmst-ray run` end to end through the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import tiny_config
+from ptmst_ray import storage
+from ptmst_ray.orchestration import stages
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+METRICS = ("IR@1", "IR@5", "IR@10", "TR@1", "TR@5", "TR@10", "r_mean")
+
+
+def attempts(root: str, name: str) -> list[dict]:
+    d = Path(root) / "phases" / name / "attempts"
+    return sorted((json.loads(p.read_text()) for p in d.glob("*.json")), key=lambda a: a["start"]) if d.exists() else []
+
+
+@pytest.fixture(scope="module")
+def ready_root(tmp_path_factory, ray_session):
+    """Data, pretrained towers, embeddings, experts and shortcuts of the tiny config."""
+    from ptmst_ray.orchestration.experts import run_experts
+
+    root = tmp_path_factory.mktemp("pipeline")
+    cfg = tiny_config(root)
+    stages.prepare(cfg)
+    stages.pretrain(cfg)
+    stages.embed(cfg)
+    out = run_experts(cfg)
+    assert out["trained"] == cfg.experts.num_experts
+    return root
+
+
+def test_experts_exist_once_and_rerun_does_nothing(ready_root):
+    from ptmst_ray.orchestration.experts import run_experts
+    from ptmst_ray.trajectories.store import ShortcutStore, TrajectoryStore
+
+    cfg = tiny_config(ready_root)
+    assert TrajectoryStore.for_run(cfg.run.root).complete_ids(stages.experts_hash(cfg)) == [0, 1]
+    for a, b in stages.needed_ranges(cfg):
+        assert ShortcutStore.for_run(cfg.run.root).complete_ids(a, b, stages.experts_hash(cfg)) == [0, 1]
+    assert run_experts(cfg)["trained"] == 0
+
+
+def test_phases_run_concurrently_with_one_gpu_each(ready_root):
+    from ptmst_ray.orchestration.phases import run_phases
+
+    cfg = tiny_config(ready_root, **{"phases.0.iterations": 30, "phases.1.iterations": 30})
+    status = run_phases(cfg, with_baseline=False)
+    assert {n: s["status"] for n, s in status.items()} == {"phase0": "done", "phase1": "done"}
+    a0, a1 = attempts(cfg.run.root, "phase0")[-1], attempts(cfg.run.root, "phase1")[-1]
+    assert a0["start"] < a1["end"] and a1["start"] < a0["end"], "the two phases did not run at the same time"
+    assert len(a0["gpu_ids"]) == 1 and len(a1["gpu_ids"]) == 1 and a0["gpu_ids"] != a1["gpu_ids"]
+    # a re-run of the same config skips both phases and starts no worker
+    again = run_phases(cfg, with_baseline=False)
+    assert all(s.get("skipped") for s in again.values())
+    assert len(attempts(cfg.run.root, "phase0")) == 1
+
+
+@pytest.mark.faults
+@pytest.mark.xfail(reason="open bug: after SIGKILL of the Train worker, Ray Train V2 restarts the worker but "
+                          "ray.train.get_checkpoint() returns None, so the phase restarts from iteration 0 "
+                          "(it still completes); see the reliability issue", strict=False)
+def test_killed_phase_worker_resumes_from_checkpoint(ready_root):
+    from ptmst_ray.distill.export import load_subset
+    from ptmst_ray.orchestration.phases import run_phases
+
+    cfg = tiny_config(ready_root, **{"phases.0.iterations": 120, "distill.checkpoint_every": 5, "distill.report_every": 5})
+    cfg = cfg.replace(**{"phases": [cfg.to_dict()["phases"][0]]})
+    result: dict = {}
+    thread = threading.Thread(target=lambda: result.update(run_phases(cfg, with_baseline=False)))
+    thread.start()
+    metrics = Path(cfg.run.root) / "phases" / "phase0" / "metrics.json"
+    deadline = time.time() + 240
+    victim = None
+    while time.time() < deadline and victim is None:
+        tries = attempts(cfg.run.root, "phase0")
+        if tries and "end" not in tries[-1] and metrics.exists() and json.loads(metrics.read_text())[-1]["iteration"] >= 10:
+            victim = tries[-1]["pid"]
+        time.sleep(0.2)
+    assert victim is not None, "the phase never reached a checkpoint"
+    os.kill(victim, signal.SIGKILL)
+    thread.join(timeout=300)
+    assert result["phase0"]["status"] == "done"
+    tries = attempts(cfg.run.root, "phase0")
+    assert len(tries) >= 2 and tries[-1]["resumed_from"] >= 10, tries  # continued, not restarted
+    history = [m["iteration"] for m in json.loads(metrics.read_text())]
+    assert history == sorted(set(history)) and history[-1] == 120
+    sub = load_subset(stages.Layout(cfg.run.root).subset("phase0"))
+    assert sub.images.shape[0] == cfg.phases[0].pairs and bool(sub.images.isfinite().all())
+
+
+def test_run_end_to_end_through_the_cli(tmp_path):
+    cfg = tiny_config(tmp_path / "run")
+    config = tmp_path / "tiny.yaml"
+    config.write_text(cfg.to_yaml())
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    cmd = [sys.executable, "-m", "ptmst_ray_cli", "run", "--config", str(config)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads((Path(cfg.run.root) / "eval" / "results.json").read_text())
+    assert set(results["methods"]) == {"ptm_st", "random", "single_phase", "full"}
+    for method, m in results["methods"].items():
+        for k in METRICS:
+            assert set(m[k]) == {"mean", "std"} and 0.0 <= m[k]["mean"] <= 100.0, (method, k)
+        assert m["seeds"] == cfg.eval.seeds
+    assert results["methods"]["ptm_st"]["pairs"] == cfg.total_pairs == results["methods"]["random"]["pairs"]
+    table = pq.read_table(Path(cfg.run.root) / "distilled" / "distilled.parquet")
+    assert table.num_rows == cfg.total_pairs and table.column("phase").to_pylist() == [0] * 6 + [1] * 8
+    assert {"image_png", "text_embedding", "nearest_caption", "similarity_row", "alpha_img"} <= set(table.column_names)
+    for png in ("distilled/grid.png", "eval/plot.png"):
+        assert (Path(cfg.run.root) / png).read_bytes()[:4] == b"\x89PNG"
+    assert storage.read_json(str(Path(cfg.run.root) / "distilled" / "card.json"))["pairs"] == cfg.total_pairs
+    # the same command again redoes nothing before evaluation
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    again = json.loads((Path(cfg.run.root) / "eval" / "results.json").read_text())
+    assert again["experts"]["trained"] == 0
+    assert all(s.get("skipped") for s in again["phases"].values())
