@@ -24,6 +24,7 @@ class RichUI:
 
     def __init__(self, progress):
         self.progress, self.tasks = progress, {}
+        self._last: dict[str, tuple] = {}
 
     def stage(self, name: str) -> None:
         console.rule(f"[bold]{name}")
@@ -37,7 +38,7 @@ class RichUI:
             return
         for name, t in sorted(tasks.items()):  # no terminal: plain lines when something changed
             key = (t["done"], t["info"])
-            if self.__dict__.setdefault("_last", {}).get(name) != key:
+            if self._last.get(name) != key:
                 self._last[name] = key
                 console.print(f"{name}: {t['done']:.0f}/{t['total']:.0f} {t['info']}", highlight=False)
 

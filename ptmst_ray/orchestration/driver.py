@@ -89,9 +89,7 @@ def _score_task(cfg_dict: dict, method: str, seed: int, board=None) -> dict:
 
 
 def evaluation_methods(cfg: Config) -> list[str]:
-    methods = ["ptm_st"]
-    mapping = {"random": "random", "single_phase": "single_phase", "full": "full"}
-    return methods + [mapping[b] for b in cfg.eval.baselines]
+    return ["ptm_st", *cfg.eval.baselines]
 
 
 def evaluate(cfg: Config, methods: list[str], board, poll) -> dict:

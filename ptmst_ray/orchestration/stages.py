@@ -116,7 +116,7 @@ def phase_jobs(cfg: Config, with_baseline: bool = True) -> list[tuple[str, Phase
     """(name, phase config, seed) of every distillation run: the phases, then the single-phase baseline."""
     jobs = [(phase_name(i), p, cfg.run.seed * 1000 + i) for i, p in enumerate(cfg.phases)]
     if with_baseline and "single_phase" in cfg.eval.baselines:
-        jobs.append((SINGLE_PHASE, single_phase_config(cfg).phase, cfg.run.seed * 1000 + 999))
+        jobs.append((SINGLE_PHASE, single_phase_config(cfg), cfg.run.seed * 1000 + 999))
     return jobs
 
 
@@ -131,25 +131,16 @@ def needed_ranges(cfg: Config) -> list[tuple[int, int]]:
     """The distinct teacher ranges [a, b] the configured phases (and the single-phase baseline) match."""
     ranges = {(p.range_start, p.range_end) for p in cfg.phases}
     if "single_phase" in cfg.eval.baselines:
-        ranges.add(single_phase_config(cfg).range_start_end)
+        single = single_phase_config(cfg)
+        ranges.add((single.range_start, single.range_end))
     return sorted(ranges)
 
 
-@dataclass(frozen=True)
-class _SinglePhase:
-    phase: PhaseConfig
-
-    @property
-    def range_start_end(self) -> tuple[int, int]:
-        return self.phase.range_start, self.phase.range_end
-
-
-def single_phase_config(cfg: Config) -> _SinglePhase:
+def single_phase_config(cfg: Config) -> PhaseConfig:
     """The LoRS-style baseline: ONE subset of the same total budget over one range (the first phase's
     range and start window), as many iterations as the longest phase."""
     first = cfg.phases[0]
-    phase = dataclasses.replace(first, pairs=cfg.total_pairs, iterations=max(p.iterations for p in cfg.phases))
-    return _SinglePhase(phase)
+    return dataclasses.replace(first, pairs=cfg.total_pairs, iterations=max(p.iterations for p in cfg.phases))
 
 
 # --------------------------------------------------------------------------- data
@@ -187,7 +178,7 @@ def pretrain(cfg: Config, progress: Progress | None = None) -> dict | None:
     if done is not None and done.get("config_hash") == chash and storage.exists(cfg.model.pretrained):
         return done
     data, images = _normalised_split(cfg, "pretrain")
-    rows = data.image_index if hasattr(data, "image_index") else torch.arange(len(data.captions))
+    rows = data.image_index  # one row per caption -> its image
     total = cfg.pretrain.epochs
 
     def on_epoch(epoch: int, metrics: dict) -> None:
