@@ -1,0 +1,65 @@
+"""`ptmst-ray sweep`: Ray Tune search over the config's sweep.space (thin: parse, call sweep.py, print)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from ptmst_ray_cli.common import ConfigOpt, SetOpt, console, fail, get_config, progress_bars
+
+SWEEP_METRICS = ("r_mean", "IR@1", "IR@5", "IR@10", "TR@1", "TR@5", "TR@10")
+
+
+def sweep_table(summary: dict, params: list[str]) -> Table:
+    table = Table(title=f"sweep {summary['name']}: last-round quick evaluation (1 seed), best first")
+    table.add_column("trial")
+    for p in params:
+        table.add_column(p, justify="right")
+    for m in SWEEP_METRICS:
+        table.add_column(m, justify="right")
+    for c in ("iterations", "stopped early", "status"):
+        table.add_column(c)
+    for r in summary["rows"]:
+        status = "error" if r["error"] else "diverged" if r["diverged"] else "ok"
+        table.add_row(r["trial_id"], *[str(r[p]) for p in params],
+                      *["-" if r[m] is None else f"{r[m]:.1f}" for m in SWEEP_METRICS],
+                      str(r["iterations"]), "yes" if r["stopped_early"] else "no", status)
+    return table
+
+
+def sweep_cmd(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt,
+              samples: Optional[int] = typer.Option(None, "--samples", "-n", help="Trials to sample (sweep.num_samples)."),
+              address: Optional[str] = typer.Option(None, "--address",
+                                                    help="Ray cluster address (default: RAY_ADDRESS, else a local Ray).")
+              ) -> None:
+    """Search sweep.space with Ray Tune (ASHA stops poor trials); the same command resumes; writes best.yaml."""
+    from ptmst_ray.orchestration.sweep import SweepError, run_sweep, validate_sweep
+    from ptmst_ray_cli.commands import RichUI, _connect, _library_errors
+
+    overrides = list(set_ or []) + ([f"sweep.num_samples={samples}"] if samples is not None else [])
+    cfg = get_config(config, overrides)
+    try:
+        validate_sweep(cfg)
+    except SweepError as e:
+        fail(str(e), code=2)
+    _connect(cfg, address)
+    try:
+        with progress_bars() as progress:
+            summary = run_sweep(cfg, RichUI(progress))
+    except (SweepError, *_library_errors()) as e:
+        fail(str(e), code=1)
+    console.print(sweep_table(summary, list(cfg.sweep.space)))
+    for err in summary["errors"]:
+        console.print(f"[red]trial error:[/] {err.splitlines()[0][:300]}")
+    if "best" in summary:
+        console.print(f"best: {summary['best']['values']} (r_mean {summary['best']['r_mean']:.1f}); "
+                      f"run it: ptmst-ray run --config {summary['best']['yaml']}")
+    console.print(f"table: {summary['dir']}/results.csv (+ .parquet), plot: {summary['dir']}/r_mean.png")
+
+
+def register(app: typer.Typer) -> None:
+    """Add `sweep` to the `ptmst-ray` app."""
+    app.command("sweep")(sweep_cmd)

@@ -1,0 +1,532 @@
+"""Hyper-parameter sweeps (`ptmst-ray sweep`): Ray Tune trials that each distil their phases as
+Train runs and report retrieval r_mean once per round, so ASHA can stop poor trials early.
+
+Why this file exists: the toy recipe's settings had to be found by measurement (RAY_NOTES), and
+the teacher ranges are the paper's main knob. A trial is the base config with the sampled dotted
+values applied, living in its own run root ``<root>/sweeps/<name>/<trial id>`` but reading data,
+pretraining, experts and shortcuts from the base root (``run.shared_root``): experts are trained
+once, and every shortcut range any trial can need is compressed once, before Tune starts.
+
+A trial's phase iterations are split into ``sweep.rounds``; a round reruns each phase's Train run
+(resuming from its checkpoint) up to the round's target iteration, all phases at once, then scores
+the phases' EMA subsets with one quick evaluation seed and calls ``tune.report``. Trial drivers
+hold ``{"CPU": 0, "train_driver": 1}`` so they never starve the Train workers (RAY_NOTES: the
+default 1 CPU per trial deadlocks a small cluster). Running the same command again restores the
+Tune experiment: finished trials are not rerun, unfinished ones resume from their last round.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import io
+import itertools
+import json
+import logging
+import math
+import shutil
+import tempfile
+import time
+from typing import Any
+
+import ray
+from ray import tune
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from ptmst_ray import storage
+from ptmst_ray.config import Config, from_dict, section_hash
+from ptmst_ray.device import set_threads
+from ptmst_ray.orchestration import stages
+from ptmst_ray.orchestration.runtime import TRAIN_DRIVER, ClusterInfo, cluster_info, progress_board, report_progress
+
+log = logging.getLogger(__name__)
+
+METRICS = ("IR@1", "IR@5", "IR@10", "TR@1", "TR@5", "TR@10", "r_mean")
+SWEEPABLE = ("phases.", "distill.", "shortcut.", "eval.")
+"""Sections a trial may change: trials reuse the base run's data, pretraining and experts."""
+ROUND_FILE = "round.json"
+TABLE, TABLE_PARQUET, BEST_YAML, PLOT = "results.csv", "results.parquet", "best.yaml", "r_mean.png"
+
+
+class SweepError(RuntimeError):
+    """A sweep cannot start; the message says what to change."""
+
+
+# --------------------------------------------------------------------------- the search space
+
+
+def sweep_name(cfg: Config) -> str:
+    """Deterministic name of this sweep (same config -> same name -> the same command resumes)."""
+    raw = cfg.to_dict()
+    raw["run"] = {k: v for k, v in raw["run"].items() if k not in ("address", "threads_per_worker")}
+    raw.pop("cluster")
+    return f"{cfg.sweep.searcher}-{section_hash(raw)[:10]}"
+
+
+def check_space(cfg: Config) -> None:
+    """Reject paths outside the sweepable sections and paths the config does not have."""
+    if not cfg.sweep.space:
+        raise SweepError("sweep.space is empty; add e.g. `phases.0.range_end: {choice: [3, 4, 5]}` to the config")
+    for key, spec in cfg.sweep.space.items():
+        if not key.startswith(SWEEPABLE):
+            raise SweepError(f"sweep.space.{key}: only {', '.join(s.rstrip('.') for s in SWEEPABLE)} settings can be "
+                             "swept (trials reuse the base run's data, pretraining and experts)")
+        kind, values = next(iter(spec.items()))
+        if kind in ("choice", "grid"):
+            if not isinstance(values, list) or not values:
+                raise SweepError(f"sweep.space.{key}.{kind}: expected a non-empty list of values")
+            probe = values[0]
+        else:
+            if not (isinstance(values, list) and len(values) == 2 and all(isinstance(v, (int, float)) for v in values)
+                    and values[0] < values[1]):
+                raise SweepError(f"sweep.space.{key}.{kind}: expected [low, high] with low < high")
+            if kind == "loguniform" and values[0] <= 0:
+                raise SweepError(f"sweep.space.{key}.loguniform: the bounds must be > 0")
+            probe = int(values[0]) if kind == "randint" else float(values[0])
+        try:
+            _get_path(cfg.to_dict(), key)
+            cfg.replace(**{key: probe})
+        except (KeyError, IndexError, TypeError) as e:
+            raise SweepError(f"sweep.space.{key}: the config has no such field ({e})") from None
+        except ValueError as e:  # ConfigError: a wrong type, or a value the config rejects
+            if "unknown key" in str(e) or "not in a list" in str(e) or "is not a section" in str(e):
+                raise SweepError(f"sweep.space.{key}: {e}") from None
+
+
+def _get_path(raw: dict, key: str) -> Any:
+    node: Any = raw
+    for part in key.split("."):
+        node = node[int(part)] if isinstance(node, list) else node[part]
+    return node
+
+
+def param_space(cfg: Config) -> tuple[dict[str, Any], int]:
+    """Tune's param space (dotted keys) and num_samples for the configured searcher.
+
+    grid: every combination of the choice/grid values once (num_samples is not used).
+    random: choice -> tune.choice, grid -> tune.grid_search (each grid value x num_samples),
+    randint [lo, hi] (inclusive), uniform, loguniform. Model-based searchers take the same domains.
+    """
+    sweep, space = cfg.sweep, {}
+    for key, spec in sweep.space.items():
+        kind, values = next(iter(spec.items()))
+        if sweep.searcher == "grid":
+            if kind not in ("choice", "grid"):
+                raise SweepError(f"sweep.space.{key}: the grid searcher needs `choice` or `grid` values, not {kind}; "
+                                 "use searcher: random for sampled ranges")
+            space[key] = tune.grid_search(list(values))
+        elif kind == "grid" and sweep.searcher == "random":
+            space[key] = tune.grid_search(list(values))
+        elif kind in ("choice", "grid"):
+            space[key] = tune.choice(list(values))
+        elif kind == "randint":
+            space[key] = tune.randint(int(values[0]), int(values[1]) + 1)
+        elif kind == "uniform":
+            space[key] = tune.uniform(float(values[0]), float(values[1]))
+        else:
+            space[key] = tune.loguniform(float(values[0]), float(values[1]))
+    return space, (1 if sweep.searcher == "grid" else sweep.num_samples)
+
+
+def _candidates(spec: dict) -> list | None:
+    kind, values = next(iter(spec.items()))
+    if kind in ("choice", "grid"):
+        return list(values)
+    if kind == "randint":
+        return list(range(int(values[0]), int(values[1]) + 1))
+    return None
+
+
+def shortcut_ranges(cfg: Config) -> list[tuple[int, int]]:
+    """Every teacher range any trial can need (enumerable dimensions only), within the experts' epochs."""
+    ranges = set(stages.needed_ranges(cfg))
+    for i, phase in enumerate(cfg.phases):
+        starts = _candidates(cfg.sweep.space.get(f"phases.{i}.range_start", {"choice": [phase.range_start]}))
+        ends = _candidates(cfg.sweep.space.get(f"phases.{i}.range_end", {"choice": [phase.range_end]}))
+        for a, b in itertools.product(starts or [phase.range_start], ends or [phase.range_end]):
+            if isinstance(a, int) and isinstance(b, int) and 0 <= a < b <= cfg.experts.epochs:
+                ranges.add((a, b))
+    return sorted(ranges)
+
+
+def max_concurrent_trials(cfg: Config, info: ClusterInfo) -> int:
+    """sweep.max_concurrent, else as many trials as can run all their phases at once."""
+    if cfg.sweep.max_concurrent:
+        return cfg.sweep.max_concurrent
+    phases = len(cfg.phases)
+    if info.has_gpus:
+        return max(1, int(info.gpus // (phases * max(cfg.distill.gpus_per_phase, 1e-6))))
+    return max(1, int(info.cpus // phases))
+
+
+# --------------------------------------------------------------------------- one trial
+
+
+def trial_root(base: Config, name: str, trial_id: str) -> str:
+    return storage.join(stages.Layout(base.run.root).sweeps, name, trial_id)
+
+
+def trial_config(base: Config, values: dict[str, Any], root: str) -> Config:
+    """The base config with the sampled dotted values, phase outputs under ``root``, shared inputs from the base."""
+    return base.replace(**values, **{"run.root": root, "run.shared_root": stages.shared_root(base)})
+
+
+def round_target(iterations: int, rounds: int, k: int) -> int:
+    """Iteration a phase of ``iterations`` runs to by the end of round k (1-based)."""
+    return min(iterations, math.ceil(iterations * k / rounds))
+
+
+def round_subsets(cfg: Config) -> list:
+    """Each phase's EMA subset as of now: the complete one when finished, else the latest partial one."""
+    from ptmst_ray.distill.export import load_subset
+    from ptmst_ray.evaluate.protocol import Subset
+
+    layout, subsets = stages.Layout(cfg.run.root), []
+    for i, phase in enumerate(cfg.phases):
+        name = stages.phase_name(i)
+        done = storage.is_complete(layout.subset(name), stages.phase_hash(cfg, phase))
+        d = layout.subset(name) if done else layout.partial(name)
+        if not storage.is_complete(d):
+            raise stages.StageError(f"{d}: phase {name} has no subset yet")
+        sub = load_subset(d)
+        subsets.append(Subset(images=sub.images.float(), text_emb=sub.text.float(), similarity=sub.similarity.float(),
+                              lr_img=sub.alpha_img, lr_txt=sub.alpha_txt))
+    return subsets
+
+
+def _diverged(cfg: Config) -> str | None:
+    layout = stages.Layout(cfg.run.root)
+    for i, phase in enumerate(cfg.phases):
+        d = storage.join(layout.phases, stages.phase_name(i), "diverged")
+        if storage.is_complete(d, stages.phase_hash(cfg, phase)):
+            return stages.phase_name(i)
+    return None
+
+
+def _diverged_at(cfg: Config, name: str) -> int:
+    meta = storage.read_json(storage.join(stages.Layout(cfg.run.root).phases, name, "diverged", "subset.json"))
+    return int(meta.get("diverged", {}).get("iteration", 0))
+
+
+def eval_config(cfg: Config) -> Config:
+    """A round's quick evaluation: one seed, sweep.eval_epochs epochs."""
+    epochs = cfg.sweep.eval_epochs or cfg.eval.epochs
+    return cfg.replace(**{"eval.seeds": 1, "eval.epochs": epochs, "eval.eval_points": min(cfg.eval.eval_points, epochs)})
+
+
+_OUTSIDE_TRIAL = PlacementGroupSchedulingStrategy(placement_group=None)
+"""Tasks of a trial leave its placement group (one train_driver bundle, no CPU for them)."""
+
+
+@ray.remote(num_cpus=1)
+def _score_round(cfg_dict: dict) -> dict:
+    from ptmst_ray.orchestration.scoring import score_one_seed
+
+    set_threads(1)
+    cfg = from_dict(cfg_dict)
+    return score_one_seed(cfg, "ptm_st", 0, subsets=round_subsets(cfg))
+
+
+@ray.remote(num_cpus=1)
+def _compress_task(cfg_dict: dict, expert_id: int, ranges: list[tuple[int, int]]) -> list:
+    set_threads(1)
+    return stages.compress_expert(from_dict(cfg_dict), expert_id, [tuple(r) for r in ranges])
+
+
+def _distil_round(cfg: Config, trial_id: str, k: int, board) -> None:
+    """Every phase of the trial up to round k's target, as concurrent Train runs (resumed from checkpoints)."""
+    from ptmst_ray.orchestration.phases import make_trainer
+
+    cfg_dict, rounds = cfg.to_dict(), cfg.sweep.rounds
+    jobs = []
+    for name, phase, seed in stages.phase_jobs(cfg, with_baseline=False):
+        if storage.is_complete(stages.Layout(cfg.run.root).subset(name), stages.phase_hash(cfg, phase)):
+            continue
+        until = round_target(phase.iterations, rounds, k)
+        jobs.append(make_trainer(cfg_dict, name, dataclasses.asdict(phase), seed,
+                                 f"{name}-{stages.phase_hash(cfg, phase)}", board, until=until,
+                                 label=f"{trial_id} {name}"))
+    if not jobs:
+        return
+    with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
+        for future in [pool.submit(t.fit) for t in jobs]:
+            future.result()  # a failed Train run fails the trial (Tune records the error)
+
+
+def _save_round(k: int) -> tune.Checkpoint:
+    d = tempfile.mkdtemp(prefix="ptmst-round-")
+    with open(f"{d}/{ROUND_FILE}", "w") as f:
+        json.dump({"round": k}, f)
+    return tune.Checkpoint.from_directory(d)
+
+
+def _restored_round() -> int:
+    ckpt = tune.get_checkpoint()
+    if ckpt is None:
+        return 0
+    with ckpt.as_directory() as d, open(f"{d}/{ROUND_FILE}") as f:
+        return int(json.load(f)["round"])
+
+
+def run_trial(values: dict[str, Any], base: dict, name: str, board=None) -> None:
+    """Tune function trainable: distil the trial's phases round by round, reporting r_mean after each."""
+    base_cfg = from_dict(base)
+    trial_id = tune.get_context().get_trial_id()
+    cfg = trial_config(base_cfg, values, trial_root(base_cfg, name, trial_id))
+    storage.write_text(storage.join(cfg.run.root, "config.yaml"), cfg.to_yaml())
+    rounds = cfg.sweep.rounds
+    for i in range(cfg.experts.num_experts):  # a range the driver could not foresee: computed once, shared
+        stages.compress_expert(cfg, i)
+    label = f"trial {trial_id}"
+    for k in range(_restored_round() + 1, rounds + 1):
+        report_progress(board, label, k - 1, rounds, "distilling")
+        diverged = _diverged(cfg)
+        if diverged is None:
+            _distil_round(cfg, trial_id, k, board)
+            diverged = _diverged(cfg)
+        iterations = max(round_target(p.iterations, rounds, k) for p in cfg.phases)
+        if diverged is not None:  # scored 0: a diverged trial must lose, not crash the sweep
+            metrics = {m: 0.0 for m in METRICS} | {"r_mean_final": 0.0, "diverged": 1.0}
+            iterations = _diverged_at(cfg, diverged)
+            info = f"round {k}: {diverged} diverged (r_mean 0)"
+        else:
+            report_progress(board, label, k - 1, rounds, "evaluating")
+            out = ray.get(_score_round.options(scheduling_strategy=_OUTSIDE_TRIAL).remote(eval_config(cfg).to_dict()))
+            metrics = {m: float(out["best"][m]) for m in METRICS} | {"r_mean_final": float(out["final"]["r_mean"]),
+                                                                     "diverged": 0.0}
+            info = f"round {k}: r_mean {metrics['r_mean']:.1f}"
+        report_progress(board, label, k, rounds, info)
+        ckpt = _save_round(k)
+        tune.report({**metrics, "round": k, "iterations": iterations}, checkpoint=ckpt)
+        shutil.rmtree(ckpt.path, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- the driver
+
+
+def _searcher(cfg: Config, max_concurrent: int = 0):
+    """Tune's search algorithm; BasicVariantGenerator limits concurrency itself (Tune ignores
+    TuneConfig.max_concurrent_trials for it), the model-based ones get a ConcurrencyLimiter."""
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    kind = cfg.sweep.searcher
+    if kind in ("grid", "random"):
+        return BasicVariantGenerator(max_concurrent=max_concurrent, random_state=cfg.run.seed)
+    modules = {"optuna": ("ray.tune.search.optuna", "OptunaSearch", "optuna"),
+               "hyperopt": ("ray.tune.search.hyperopt", "HyperOptSearch", "hyperopt"),
+               "bayesopt": ("ray.tune.search.bayesopt", "BayesOptSearch", "bayesian-optimization")}
+    module, cls, package = modules[kind]
+    import importlib
+
+    try:
+        searcher_cls = getattr(importlib.import_module(module), cls)
+        searcher = searcher_cls(random_state=cfg.run.seed) if kind == "bayesopt" else searcher_cls(seed=cfg.run.seed)
+        return ConcurrencyLimiter(searcher, max_concurrent) if max_concurrent else searcher
+    except (ImportError, AssertionError) as e:
+        raise SweepError(f"sweep.searcher {kind!r} needs the {package!r} package ({e}); install it "
+                         f"(pip install 'ptmst-ray[sweep]' for optuna) or use searcher: random") from None
+
+
+class _PollCallback(tune.Callback):
+    """Keeps the CLI's progress bars moving while Tune's loop runs in this thread."""
+
+    def __init__(self, poll):
+        self.poll = poll
+
+    def on_step_end(self, iteration, trials, **info):
+        self.poll()
+
+
+def _precompute_shortcuts(cfg: Config, poll) -> list[tuple[int, int]]:
+    ranges = shortcut_ranges(cfg)
+    if cfg.shortcut.enabled:
+        cfg_dict = cfg.to_dict()
+        refs = [_compress_task.remote(cfg_dict, i, ranges) for i in range(cfg.experts.num_experts)]
+        pending = list(refs)
+        while pending:
+            _, pending = ray.wait(pending, num_returns=len(pending), timeout=0.5)
+            poll()
+        ray.get(refs)
+    return ranges
+
+
+def build_tuner(cfg: Config, name: str, board=None, poll=None, verbose: int = 1) -> tuple[tune.Tuner, bool]:
+    """A new Tuner, or the restored one when this sweep's experiment exists (finished trials are kept)."""
+    from ptmst_ray.orchestration.phases import storage_args
+
+    sweeps = stages.Layout(cfg.run.root).sweeps
+    args = storage_args(sweeps)
+    path = storage.join(args["storage_path"], name) if "storage_filesystem" in args else storage.join(sweeps, name)
+    trainable = tune.with_resources(tune.with_parameters(run_trial, base=cfg.to_dict(), name=name, board=board),
+                                    {"CPU": 0, TRAIN_DRIVER: 1})
+    if tune.Tuner.can_restore(path, storage_filesystem=args.get("storage_filesystem")):
+        log.info("resuming the sweep at %s (finished trials are kept)", path)
+        return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True,
+                                  storage_filesystem=args.get("storage_filesystem")), True
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    space, samples = param_space(cfg)
+    sweep = cfg.sweep
+    scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=sweep.rounds,
+                               grace_period=min(sweep.grace_period, sweep.rounds), reduction_factor=2)
+                 if sweep.scheduler == "asha" else FIFOScheduler())
+    tune_config = tune.TuneConfig(metric="r_mean", mode="max", num_samples=samples, scheduler=scheduler,
+                                  search_alg=_searcher(cfg, max_concurrent_trials(cfg, cluster_info())))
+    run_config = tune.RunConfig(name=name, verbose=verbose, callbacks=[_PollCallback(poll)] if poll else None,
+                                **args)
+    return tune.Tuner(trainable, param_space=space, tune_config=tune_config, run_config=run_config), False
+
+
+def run_sweep(cfg: Config, ui=None, name: str | None = None, verbose: int = 1) -> dict[str, Any]:
+    """Prerequisite stages, the shared shortcut ranges, then the Tune sweep; returns the summary.
+
+    Writes results.csv / results.parquet (one row per trial), best.yaml (ready for `ptmst-ray run`)
+    and r_mean.png under ``<root>/sweeps/<name>``.
+    """
+    from ptmst_ray.orchestration.driver import NullUI, _poller, run_prerequisites
+
+    ui = ui or NullUI()
+    validate_sweep(cfg)
+    if not cluster_info_has_driver_slots():
+        raise SweepError(f"the Ray cluster has no {TRAIN_DRIVER!r} resource, which sweep trial drivers hold instead of "
+                         f"CPUs; start Ray with --resources='{{\"{TRAIN_DRIVER}\": 16}}' (cluster/gpu.yaml does)")
+    name = name or sweep_name(cfg)
+    board = progress_board()
+    ray.get(board.clear.remote())
+    poll = _poller(board, ui)
+    t0 = time.time()
+    run_prerequisites(cfg, ui, board, poll)
+    ui.stage("shortcut ranges of the search space")
+    ranges = _precompute_shortcuts(cfg, poll)
+    tuner, resumed = build_tuner(cfg, name, board, poll, verbose)
+    ui.stage(f"sweep {name}" + (" (resumed)" if resumed else ""))
+    grid = tuner.fit()
+    rows = result_rows(grid, cfg)
+    out_dir = storage.join(stages.Layout(cfg.run.root).sweeps, name)
+    summary = {"name": name, "dir": out_dir, "rows": rows, "resumed": resumed, "ranges": ranges,
+               "wall_seconds": time.time() - t0, "errors": [str(e) for e in grid.errors]}
+    write_outputs(cfg, name, rows, summary)
+    return summary
+
+
+def validate_sweep(cfg: Config) -> None:
+    """Everything that can be checked before Ray starts: the space's paths, the searcher and its package."""
+    check_space(cfg)
+    param_space(cfg)
+    _searcher(cfg)
+
+
+def cluster_info_has_driver_slots() -> bool:
+    return ray.cluster_resources().get(TRAIN_DRIVER, 0) >= 1
+
+
+# --------------------------------------------------------------------------- results
+
+
+def result_rows(grid, cfg: Config) -> list[dict[str, Any]]:
+    """One row per trial: swept values, r_mean and the six recalls, iterations, stopped early, status."""
+    rows = []
+    for result in grid:
+        m = result.metrics or {}
+        values = {k: result.config.get(k) for k in cfg.sweep.space}
+        rounds_run = int(m.get("round", 0))
+        error = str(result.error).splitlines()[0][:200] if result.error is not None else None
+        rows.append({
+            "trial_id": m.get("trial_id") or _trial_id_of(result.path),
+            **values,
+            **{k: float(m[k]) if k in m else None for k in METRICS},
+            "r_mean_final": m.get("r_mean_final"),
+            "iterations": int(m.get("iterations", 0)),
+            "rounds": rounds_run,
+            "stopped_early": error is None and rounds_run < cfg.sweep.rounds,
+            "diverged": bool(m.get("diverged", 0.0)),
+            "error": error,
+        })
+    rows.sort(key=lambda r: -1.0 if r["r_mean"] is None else r["r_mean"], reverse=True)
+    return rows
+
+
+def _trial_id_of(path: str) -> str:
+    """Tune's trial folder is <trainable>_<trial id>_<index>_<params>; the id is `<experiment>_<index>`."""
+    parts = path.rstrip("/").rsplit("/", 1)[-1].split("_")
+    return f"{parts[1]}_{parts[2]}" if len(parts) > 2 else parts[-1]
+
+
+def best_config(cfg: Config, name: str, row: dict[str, Any]) -> Config:
+    """The full config with the best trial's values, rooted at that trial (its phases are reused by `run`)."""
+    values = {k: row[k] for k in cfg.sweep.space}
+    return trial_config(cfg, values, trial_root(cfg, name, row["trial_id"]))
+
+
+def _table(rows: list[dict[str, Any]]):
+    import pyarrow as pa
+
+    columns = {}
+    for key in dict.fromkeys(k for r in rows for k in r):
+        col = [r.get(key) for r in rows]
+        kinds = {type(v) for v in col if v is not None}
+        if len(kinds) > 1 and not kinds <= {int, float} or kinds & {list, dict}:
+            col = [None if v is None else json.dumps(v) if isinstance(v, (list, dict)) else str(v) for v in col]
+        columns[key] = col
+    return pa.table(columns)
+
+
+def write_outputs(cfg: Config, name: str, rows: list[dict[str, Any]], summary: dict[str, Any]) -> None:
+    import pyarrow.csv as pcsv
+    import pyarrow.parquet as pq
+
+    out = storage.join(stages.Layout(cfg.run.root).sweeps, name)
+    if not rows:
+        return
+    table = _table(rows)
+    for fname, writer in ((TABLE, pcsv.write_csv), (TABLE_PARQUET, pq.write_table)):
+        buf = io.BytesIO()
+        writer(table, buf)
+        storage.write_bytes(storage.join(out, fname), buf.getvalue())
+    summary["table"] = storage.join(out, TABLE)
+    scored = [r for r in rows if r["r_mean"] is not None and r["error"] is None and not r["diverged"]]
+    if scored:
+        best = best_config(cfg, name, scored[0])
+        header = (f"# Best trial {scored[0]['trial_id']} of sweep {name}: r_mean {scored[0]['r_mean']:.2f} "
+                  f"(quick evaluation: 1 seed, {cfg.sweep.eval_epochs or cfg.eval.epochs} epochs).\n"
+                  f"# Run it with: ptmst-ray run --config {storage.join(out, BEST_YAML)}\n"
+                  "# run.root is the trial's folder (its distilled phases are reused); run.shared_root the base\n"
+                  "# run (data, pretraining, experts, shortcuts).\n")
+        storage.write_text(storage.join(out, BEST_YAML), header + best.to_yaml())
+        summary["best"] = {"trial_id": scored[0]["trial_id"], "r_mean": scored[0]["r_mean"],
+                           "values": {k: scored[0][k] for k in cfg.sweep.space}, "yaml": storage.join(out, BEST_YAML)}
+    plot_sweep(rows, list(cfg.sweep.space), storage.join(out, PLOT))
+    summary["plot"] = storage.join(out, PLOT)
+
+
+def plot_sweep(rows: list[dict[str, Any]], params: list[str], url: str) -> None:
+    """r_mean vs each swept parameter (one panel each); stopped trials hollow, diverged ones red."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, max(1, len(params)), figsize=(4 * max(1, len(params)), 3.4), squeeze=False)
+    for ax, key in zip(axes[0], params):
+        values = [r[key] for r in rows]
+        numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+        labels = sorted({str(v) for v in values}, key=lambda s: (len(s), s))
+        for r in rows:
+            x = r[key] if numeric else labels.index(str(r[key]))
+            y = r["r_mean"] if r["r_mean"] is not None else 0.0
+            face = "none" if r["stopped_early"] else ("tab:red" if r["diverged"] or r["error"] else "tab:blue")
+            ax.scatter([x], [y], facecolors=face, edgecolors="tab:red" if r["diverged"] else "tab:blue", s=40)
+        if not numeric:
+            ax.set_xticks(range(len(labels)), labels)
+        elif all(v is not None and v > 0 for v in values) and max(values) / max(min(values), 1e-300) > 100:
+            ax.set_xscale("log")
+        ax.set_xlabel(key)
+        ax.set_ylabel("r_mean (%)")
+        ax.grid(alpha=0.3)
+    fig.suptitle("sweep: r_mean of the last round per trial (hollow = stopped early)")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    storage.write_bytes(url, buf.getvalue())

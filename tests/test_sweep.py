@@ -1,0 +1,179 @@
+"""Sweeps: the search space and trial configs (plain), and tiny Tune sweeps on the shared local Ray
+(every trial in the table, best.yaml valid and cheap to `run`, ASHA stopping a diverged trial,
+a rerun restoring the finished experiment without rerunning any trial)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import tiny_config
+from ptmst_ray import storage
+from ptmst_ray.config import load_config
+from ptmst_ray.orchestration import stages
+from ptmst_ray.orchestration import sweep as sw
+from ptmst_ray.orchestration.runtime import ClusterInfo
+
+FAST = {"pretrain.enabled": False, "model.pretrained": None, "experts.epochs": 4,
+        "phases.0.iterations": 10, "phases.1.iterations": 10,
+        "distill.checkpoint_every": 100, "distill.report_every": 5,
+        "eval.epochs": 3, "eval.seeds": 1, "eval.eval_points": 1, "eval.baselines": [],
+        "sweep.eval_epochs": 3}
+
+
+def fast_config(root, **overrides):
+    return tiny_config(root, **{**FAST, **overrides})
+
+
+# --------------------------------------------------------------------------- plain
+
+
+def test_param_space_grid_and_random(tmp_path):
+    space = {"phases.0.range_end": {"choice": [2, 3]}, "distill.lr_img": {"grid": [50.0, 100.0]},
+             "distill.syn_steps": {"randint": [1, 3]}, "distill.lr_txt": {"loguniform": [1.0, 100.0]}}
+    cfg = fast_config(tmp_path, **{"sweep.space": space, "sweep.num_samples": 3})
+    tune_space, samples = sw.param_space(cfg)
+    assert samples == 3 and tune_space["distill.lr_img"] == {"grid_search": [50.0, 100.0]}
+    assert tune_space["distill.syn_steps"].lower == 1 and tune_space["distill.syn_steps"].upper == 4  # inclusive hi
+    with pytest.raises(sw.SweepError, match="grid searcher needs"):
+        sw.param_space(cfg.replace(**{"sweep.searcher": "grid"}))
+    grid = cfg.replace(**{"sweep.searcher": "grid", "sweep.space": {k: space[k] for k in list(space)[:2]}})
+    tune_space, samples = sw.param_space(grid)
+    assert samples == 1 and tune_space["phases.0.range_end"] == {"grid_search": [2, 3]}
+
+
+def test_check_space_rejects_unsweepable_and_unknown_paths(tmp_path):
+    cfg = fast_config(tmp_path)
+    sw.check_space(cfg.replace(**{"sweep.space": {"phases.1.range_end": {"choice": [3, 4]}}}))
+    for key, match in (("experts.lr_img", "only phases"), ("distill.nope", "no such field"),
+                       ("phases.5.range_end", "no such field")):
+        with pytest.raises(sw.SweepError, match=match):
+            sw.check_space(cfg.replace(**{"sweep.space": {key: {"choice": [1, 2]}}}))
+
+
+def test_shortcut_ranges_cover_every_trial(tmp_path):
+    cfg = fast_config(tmp_path, **{"sweep.space": {"phases.1.range_end": {"choice": [3, 4, 9]},
+                                                   "phases.0.range_start": {"randint": [0, 1]}}})
+    # base ranges (0,2) (0,3); phase 0 starts 0..1 -> (1,2); phase 1 ends 3, 4 (9 is past the experts' epochs)
+    assert sw.shortcut_ranges(cfg) == [(0, 2), (0, 3), (0, 4), (1, 2)]
+
+
+def test_trial_config_shares_inputs_and_rounds(tmp_path):
+    base = fast_config(tmp_path)
+    trial = sw.trial_config(base, {"distill.lr_img": 7.0}, sw.trial_root(base, "s", "abc_00001"))
+    assert trial.distill.lr_img == 7.0 and trial.run.root == str(tmp_path / "sweeps" / "s" / "abc_00001")
+    assert stages.shared_root(trial) == base.run.root == stages.shared_root(base)
+    assert stages.experts_hash(trial) == stages.experts_hash(base)  # trials reuse the base run's experts
+    assert [sw.round_target(10, 3, k) for k in (1, 2, 3)] == [4, 7, 10]
+    assert sw.sweep_name(base) == sw.sweep_name(base.replace(**{"run.address": "ray://x:1"}))
+    assert sw.sweep_name(base) != sw.sweep_name(base.replace(**{"sweep.num_samples": 2}))
+
+
+def test_max_concurrent_sized_to_cluster(tmp_path):
+    cfg = fast_config(tmp_path)  # two phases per trial
+    assert sw.max_concurrent_trials(cfg, ClusterInfo(cpus=2, gpus=0, nodes=1)) == 1
+    assert sw.max_concurrent_trials(cfg, ClusterInfo(cpus=8, gpus=4, nodes=1)) == 2
+    assert sw.max_concurrent_trials(cfg.replace(**{"sweep.max_concurrent": 3}), ClusterInfo(2, 0, 1)) == 3
+
+
+def test_outputs_table_yaml_and_plot(tmp_path):
+    cfg = fast_config(tmp_path, **{"sweep.space": {"distill.lr_img": {"choice": [50.0, 100.0]},
+                                                   "distill.min_alpha": {"choice": [None, 0.01]}}})
+    rows = [{"trial_id": f"t_0000{i}", "distill.lr_img": lr, "distill.min_alpha": ma,
+             **{m: r for m in sw.METRICS}, "r_mean_final": r, "iterations": 10, "rounds": 1,
+             "stopped_early": False, "diverged": False, "error": None}
+            for i, (lr, ma, r) in enumerate([(100.0, 0.01, 40.0), (50.0, None, 30.0)])]
+    summary = {}
+    sw.write_outputs(cfg, "s", rows, summary)
+    out = Path(summary["table"]).parent
+    assert pq.read_table(out / sw.TABLE_PARQUET).num_rows == 2 and (out / sw.PLOT).stat().st_size > 1000
+    best = load_config(out / sw.BEST_YAML)
+    assert best.distill.lr_img == 100.0 and best.distill.min_alpha == 0.01
+    assert best.run.root == str(out / "t_00000") and best.run.shared_root == cfg.run.root
+
+
+# --------------------------------------------------------------------------- on Ray
+
+
+@pytest.fixture(scope="module")
+def base_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("sweep")
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_tiny_sweep_completes_every_trial(ray_session, base_root):
+    """4 trials (2 grid values x 2 samples), 2 at once, both phases of a trial in parallel; a range only
+    some trials need is compressed once; best.yaml is valid and `run` on it reuses the trial's phases."""
+    from ptmst_ray.orchestration.driver import run_pipeline
+    from ptmst_ray.trajectories.store import ShortcutStore
+
+    cfg = fast_config(base_root, **{
+        "sweep.searcher": "random", "sweep.num_samples": 2, "sweep.max_concurrent": 2, "sweep.scheduler": "none",
+        "sweep.rounds": 1,
+        "sweep.space": {"phases.1.range_end": {"grid": [3, 4]}, "distill.lr_img": {"choice": [50.0, 100.0]}}})
+    summary = sw.run_sweep(cfg, verbose=0)
+    rows = summary["rows"]
+    assert len(rows) == 4 and not summary["errors"], summary["errors"]
+    assert all(r["r_mean"] is not None and r["iterations"] == 10 and not r["stopped_early"] for r in rows)
+    assert [r["r_mean"] for r in rows] == sorted((r["r_mean"] for r in rows), reverse=True)
+    assert ShortcutStore.for_run(cfg.run.root).complete_ids(0, 4, stages.experts_hash(cfg)) == [0, 1]
+    out = Path(summary["dir"])
+    assert pq.read_table(out / sw.TABLE_PARQUET).num_rows == 4 and (out / sw.PLOT).exists()
+    for r in rows:  # each trial distilled in its own root, reading the base run's data and experts
+        assert (out / r["trial_id"] / "phases" / "phase1" / "subset" / storage.MANIFEST).exists()
+    assert not (Path(cfg.run.root) / "phases").exists()
+    best = load_config(out / sw.BEST_YAML, ["eval.seeds=1"])
+    assert best.phases[1].range_end == rows[0]["phases.1.range_end"]
+    results = run_pipeline(best)  # phases are complete in the trial's root: only aggregate + evaluation run
+    assert results["phases"]["phase0"].get("skipped") and results["phases"]["phase1"].get("skipped")
+    assert math.isfinite(results["methods"]["ptm_st"]["r_mean"]["mean"])
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_asha_stops_diverged_trial_and_rerun_restores(ray_session, base_root):
+    """lr_img = inf diverges at iteration 1 and scores 0; running after a good trial (one at a time),
+    ASHA stops it at the first rung. The same sweep again restores the finished experiment: no trial reruns."""
+    cfg = fast_config(base_root, **{
+        "phases": [fast_config(base_root).to_dict()["phases"][0]],
+        "sweep.searcher": "grid", "sweep.max_concurrent": 1, "sweep.scheduler": "asha", "sweep.grace_period": 1,
+        "sweep.rounds": 2, "sweep.space": {"distill.lr_img": {"grid": [100.0, float("inf")]}}})
+    summary = sw.run_sweep(cfg, verbose=0)
+    rows = {r["distill.lr_img"]: r for r in summary["rows"]}
+    assert not summary["errors"], summary["errors"]
+    good, bad = rows[100.0], rows[float("inf")]
+    assert good["rounds"] == 2 and good["iterations"] == 10 and not good["stopped_early"] and good["r_mean"] > 0
+    assert bad["diverged"] and bad["r_mean"] == 0.0 and bad["stopped_early"] and bad["rounds"] == 1
+    assert bad["iterations"] == 1  # diverged at its first iteration
+    out = Path(summary["dir"])
+    good_root = out / good["trial_id"]
+    assert (good_root / "phases" / "phase0" / "partial" / storage.MANIFEST).exists()  # round 1 stopped at 5
+    assert (good_root / "phases" / "phase0" / "subset" / storage.MANIFEST).exists()
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("*/config.yaml")}
+    assert len(stamps) == 2
+    again = sw.run_sweep(cfg, verbose=0)
+    assert again["resumed"] and again["name"] == summary["name"]
+    assert {r["trial_id"] for r in again["rows"]} == {r["trial_id"] for r in summary["rows"]}
+    assert {p: p.stat().st_mtime_ns for p in out.glob("*/config.yaml")} == stamps  # no trial ran again
+
+
+def test_cli_sweep_options_and_bad_space_exit_2():
+    import typer
+    from typer.testing import CliRunner
+
+    from ptmst_ray_cli import sweep_cmd
+
+    app = typer.Typer()
+    app.command("other")(lambda: None)  # two commands: typer keeps `sweep` as a subcommand
+    sweep_cmd.register(app)
+    runner = CliRunner()
+    help_text = runner.invoke(app, ["sweep", "--help"]).output
+    for option in ("--config", "--set", "--samples", "--address"):
+        assert option in help_text
+    bad = runner.invoke(app, ["sweep", "--set", "sweep.searcher=grid",
+                              "--set", "sweep.space={distill.lr_img: {uniform: [1, 2]}}"])
+    assert bad.exit_code == 2 and "grid searcher needs" in bad.output.replace("\n", " ")
