@@ -283,6 +283,10 @@ class DistillConfig:
     init: Literal["real", "noise"] = "real"
     checkpoint_every: int = 100
     report_every: int = 10
+    recall_every: int = 0
+    """Every this many iterations, score the phase's EMA subset on its own (one quick seed,
+    eval.eval_points-spaced epochs up to eval.epochs) and report IR/TR@k and r_mean with the
+    phase's metrics (dashboard, metrics.json, plot). 0 = off. Costs one student training each time."""
     gpus_per_phase: float = 1.0
     """GPUs per phase trainer when the cluster has GPUs."""
 
@@ -296,6 +300,7 @@ class DistillConfig:
         _check(0.0 <= self.ema_decay < 1.0, "ema_decay", "must be in [0, 1)")
         _check(self.checkpoint_every >= 1, "checkpoint_every", "must be >= 1")
         _check(self.report_every >= 1, "report_every", "must be >= 1")
+        _check(self.recall_every >= 0, "recall_every", "must be >= 0 (0 = no recall during distillation)")
 
 
 @dataclass(frozen=True)

@@ -65,11 +65,15 @@ def phase_train_func(config: dict) -> None:
     if ckpt is not None:
         with ckpt.as_directory() as d:
             resume_state, _ = tensorio.load_state(d)
+    elif config.get("run_name"):
+        resume_state = latest_stored_state(storage.join(stages.Layout(cfg.run.root).phases, config["run_name"]))
+    if resume_state is not None:
         if storage.exists(metrics_url):
             history = [m for m in storage.read_json(metrics_url) if m["iteration"] <= resume_state["iteration"]]
         log.info("%s: resuming from the checkpoint at iteration %d", name, resume_state["iteration"])
     attempt = _record_attempt(cfg, name, resume_state)
     pending: dict[str, str] = {}
+    last_recall: dict[str, float] = {}
     gauge = _loss_gauge()
 
     def save_checkpoint(state: dict) -> None:
@@ -82,8 +86,12 @@ def phase_train_func(config: dict) -> None:
         history.append(metrics)
         if gauge is not None:
             gauge.set(metrics["loss"], tags={"phase": name})
+        if "recall/r_mean" in metrics:
+            last_recall["r_mean"] = metrics["recall/r_mean"]
+        recall = f" r_mean {last_recall['r_mean']:.1f}" if "r_mean" in last_recall else ""
         report_progress(board, label, metrics["iteration"], phase.iterations,
-                        f"M {metrics['loss']:.4f} a_img {metrics['alpha_img']:.3g} {metrics['sec_per_iter']:.2f}s/it")
+                        f"M {metrics['loss']:.4f} a_img {metrics['alpha_img']:.3g} {metrics['sec_per_iter']:.2f}s/it"
+                        + recall)
         if is_checkpoint and "dir" in pending:
             storage.write_json(metrics_url, history)
             d = pending.pop("dir")
@@ -105,6 +113,29 @@ def phase_train_func(config: dict) -> None:
     report_progress(board, label, phase.iterations if result["status"] == "done" else final["iteration"],
                     phase.iterations, result["status"])
     _record_attempt(cfg, name, resume_state, {**attempt, "end": time.time(), "status": result["status"]})
+
+
+def latest_stored_state(run_dir: str) -> dict | None:
+    """The furthest intact phase state among the Train run's ``checkpoint_*`` directories, or None.
+
+    Ray Train hands a restarted worker its latest checkpoint, but when the worker process is
+    SIGKILLed, Train 2.60 restarts it with ``get_checkpoint() is None`` (the checkpoint was
+    uploaded, yet not registered with the controller). The checkpoints are on the run's storage
+    all the same, each hash-checked by :func:`tensorio.load_state`; a partial upload fails that
+    check and is skipped, so a kill during an upload falls back to the previous checkpoint.
+    """
+    best = None
+    for entry in storage.listdir(run_dir):
+        if not entry.startswith("checkpoint_"):
+            continue
+        try:
+            state, _ = tensorio.load_state(storage.join(run_dir, entry))
+        except Exception as e:  # noqa: BLE001 - partial/corrupt upload: skip it, say so
+            log.warning("%s: skipping unreadable checkpoint (%s)", storage.join(run_dir, entry), e)
+            continue
+        if best is None or int(state["iteration"]) > int(best["iteration"]):
+            best = state
+    return best
 
 
 def _record_attempt(cfg, name: str, resume_state: dict | None, info: dict | None = None) -> dict:
@@ -147,7 +178,7 @@ def make_trainer(cfg_dict: dict, name: str, phase: dict, seed: int, run_name: st
                         torch_config=TorchConfig(backend="gloo"),
                         train_loop_config={"cfg": cfg_dict, "name": name, "phase": phase, "seed": seed,
                                            "threads": threads, "board": board, "until": until,
-                                           "label": label})
+                                           "label": label, "run_name": run_name})
 
 
 @ray.remote(num_cpus=0)

@@ -26,9 +26,12 @@ def _save(fig, url: str) -> None:
 
 
 def plot_run(histories: dict[str, list[dict]], results: dict | None, url: str) -> None:
-    """Left: matching loss and step size against iteration per phase. Right: r_mean per method."""
+    """Matching loss against iteration per phase; the phase's own recall against iteration when
+    ``distill.recall_every`` was set; r_mean per method."""
     plt = _figure()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    recall = {n: [h for h in hist if "recall/r_mean" in h] for n, hist in histories.items()}
+    with_recall = any(recall.values())
+    fig, axes = plt.subplots(1, 3 if with_recall else 2, figsize=(16 if with_recall else 11, 4))
     for name, hist in histories.items():
         if hist:
             its = [h["iteration"] for h in hist]
@@ -37,13 +40,22 @@ def plot_run(histories: dict[str, list[dict]], results: dict | None, url: str) -
     axes[0].set_ylabel("matching loss M")
     axes[0].set_title("distillation per phase")
     axes[0].legend()
+    if with_recall:
+        for name, hist in recall.items():
+            if hist:
+                axes[1].plot([h["iteration"] for h in hist], [h["recall/r_mean"] for h in hist], marker="o", label=name)
+        axes[1].set_xlabel("iteration")
+        axes[1].set_ylabel("r_mean (%) of the phase subset alone")
+        axes[1].set_title("recall during distillation (1 seed)")
+        axes[1].legend()
     if results:
+        ax = axes[-1]
         methods = results["methods"]
         names = list(methods)
         means = [methods[m]["r_mean"]["mean"] for m in names]
         stds = [methods[m]["r_mean"]["std"] for m in names]
-        axes[1].bar(names, means, yerr=stds, capsize=4)
-        axes[1].set_ylabel("r_mean (%)")
-        axes[1].set_title(f"retrieval (best of points, {results['eval']['seeds']} seeds)")
+        ax.bar(names, means, yerr=stds, capsize=4)
+        ax.set_ylabel("r_mean (%)")
+        ax.set_title(f"retrieval (best of points, {results['eval']['seeds']} seeds)")
     _save(fig, url)
     plt.close(fig)

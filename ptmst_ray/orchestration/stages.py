@@ -122,7 +122,7 @@ def phase_jobs(cfg: Config, with_baseline: bool = True) -> list[tuple[str, Phase
 
 def phase_hash(cfg: Config, phase: PhaseConfig) -> str:
     distill = dataclasses.asdict(cfg.distill)
-    for volatile in ("checkpoint_every", "report_every", "gpus_per_phase"):
+    for volatile in ("checkpoint_every", "report_every", "recall_every", "gpus_per_phase"):
         distill.pop(volatile)
     return section_hash(experts_hash(cfg), cfg.experts.num_experts, cfg.shortcut, phase, distill, cfg.run.seed)
 
@@ -392,6 +392,8 @@ def distill_phase(cfg: Config, name: str, phase: PhaseConfig, *, device: torch.d
         syn = SyntheticSet.from_noise(phase.pairs, tuple(real.train_images.shape[1:]), real.text_dim,
                                       phase.similarity, cfg.distill.alpha_init, gen, device=device)
     source = StoredTrajectories(cfg, phase, fs.split_snapshot, device)
+    if report is not None and cfg.distill.recall_every:
+        report = _with_recall(cfg, phase, real, lambda: trainer.ema.state(), report)
     trainer = PhaseTrainer(phase, cfg.distill, syn, fs.logits, source, phase=name, seed=seed,
                            save_checkpoint=save_checkpoint, report=report)
     if resume_state is not None:
@@ -410,6 +412,42 @@ def distill_phase(cfg: Config, name: str, phase: PhaseConfig, *, device: torch.d
     save_subset(layout.subset(name), ema, phase, init_indices=syn.init_indices, iterations=trainer.iteration,
                 config_hash=chash, extra={"name": name, "nearest_captions": real_captions})
     return {"status": "done", "skipped": False, "iterations": trainer.iteration}
+
+
+def phase_recall(cfg: Config, phase: PhaseConfig, ema: dict, real: RealData, seed: int = 0) -> dict[str, float]:
+    """Retrieval recall of one phase's current EMA subset alone (one student, its learned step sizes).
+
+    The student draws its initialisation and batches from its own seeded generators, so scoring
+    does not perturb the distillation's random streams (a resumed run stays bit-identical).
+    """
+    from ptmst_ray.distill.export import _similarity_matrix
+    from ptmst_ray.evaluate.protocol import Subset, evaluate_one_seed
+    from ptmst_ray.evaluate.student import RetrievalSet
+    from ptmst_ray.models.student import build_student
+
+    state = {k: v.detach().float().cpu() for k, v in ema.items()}
+    subset = Subset(images=state["images"], text_emb=state["text"],
+                    similarity=_similarity_matrix(phase.similarity, state).float(),
+                    lr_img=float(state["alpha_img"]), lr_txt=float(state["alpha_txt"]))
+    student = build_student(cfg.model, real.text_dim, seed=cfg.eval.seed + seed)
+    test = RetrievalSet(real.test_images, real.test_text, real.txt2img)
+    with torch.random.fork_rng(devices=[]):
+        out = evaluate_one_seed([subset], student, test, cfg.eval, loss=cfg.eval_loss, seed=seed)
+    return {f"recall/{k}": float(v) for k, v in out["best"].items()}
+
+
+def _with_recall(cfg: Config, phase: PhaseConfig, real: RealData, ema_state: Callable[[], dict], report):
+    """Wrap a phase reporter so every ``distill.recall_every``-th iteration also carries recall."""
+    every, last = cfg.distill.recall_every, {"at": 0}
+
+    def wrapped(metrics: dict, is_checkpoint: bool) -> None:
+        it = int(metrics["iteration"])  # reports come every report_every: score once a multiple is passed
+        if it // every > last["at"] // every or it == phase.iterations:
+            metrics = {**metrics, **phase_recall(cfg, phase, ema_state(), real)}
+            last["at"] = it
+        report(metrics, is_checkpoint)
+
+    return wrapped
 
 
 def _nearest_caption_extra(ema: dict, real: RealData) -> list[str]:
