@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
@@ -18,6 +19,7 @@ import typer
 import yaml
 from typer.testing import CliRunner
 
+from conftest import tiny_config
 from ptmst_ray.orchestration import launch
 from ptmst_ray.orchestration.launch import LaunchError, validate_cluster_yaml
 from ptmst_ray_cli.cluster_cmds import register
@@ -202,8 +204,10 @@ def local_cluster(monkeypatch):
     head = [ray_bin, "start", "--head", "--block", f"--port={gcs}", "--dashboard-host=127.0.0.1",
             f"--dashboard-port={dash}", f"--ray-client-server-port={client_port}", "--num-cpus=2", "--num-gpus=2",
             '--resources={"train_driver": 4}', f"--temp-dir={temp}", *_node_ports()]
+    # each node its own temp dir, as on separate machines: nodes sharing one would share the runtime-env
+    # folder, and a node re-extracting the job's working_dir deletes the running driver's cwd
     worker = [ray_bin, "start", "--block", f"--address=127.0.0.1:{gcs}", "--num-cpus=1", "--num-gpus=1",
-              *_node_ports()]
+              f"--temp-dir={temp}/w", *_node_ports()]
     procs = []
     logs = []
 
@@ -290,3 +294,30 @@ def test_job_on_local_two_node_cluster(local_cluster, tmp_path, monkeypatch):
     assert status.exit_code == 0 and ctx.job_id in status.output and "SUCCEEDED" in status.output
     job_logs = runner.invoke(_app(), ["logs", ctx.job_id, "--address", address])
     assert job_logs.exit_code == 0 and "GPU_TASK_NODES 2" in job_logs.output
+
+    # the tiny pipeline as a Ray Job through launch's own submission path (plan_launch + execute_plan):
+    # 3 experts and 3 phase runs (2 phases + the single-phase baseline) each need 1 CPU + 1 GPU, and the
+    # cluster has 3 of each over two nodes, so concurrent work must spread; one machine: a local path is
+    # the shared storage
+    run_root = tmp_path / "run"
+    cfg = tiny_config(run_root, **{"experts.num_experts": 3})
+    (tmp_path / "tiny.yaml").write_text(cfg.to_yaml())
+    steps = launch.plan_launch(None, config_path=tmp_path / "tiny.yaml", address=address, root=tmp_path)
+    assert any("ptmst-ray run --config tiny.yaml" in s.description for s in steps)
+    out = []
+    ctx = launch.execute_plan(steps, address=address, on_log=out.append)
+    assert ctx.status == "SUCCEEDED", "".join(out)[-5000:]
+    results = json.loads((run_root / "eval" / "results.json").read_text())
+    assert set(results["methods"]) == {"ptm_st", "random", "single_phase", "full"}
+    assert (run_root / "distilled" / "distilled.parquet").exists()
+    experts = [json.loads(p.read_text()) for p in (run_root / "experts" / "attempts").glob("*.json")]
+    phases = [json.loads(p.read_text()) for p in (run_root / "phases").glob("*/attempts/*.json")]
+    assert sorted(e["expert_id"] for e in experts) == [0, 1, 2]
+    assert len(phases) == 3 and all(len(a["gpu_ids"]) == 1 for a in experts + phases)
+    for group in (experts, phases):  # runs that overlap in time hold different (node, GPU) slots
+        for i, a in enumerate(group):
+            for b in group[i + 1:]:
+                if a["start"] < b.get("end", float("inf")) and b["start"] < a.get("end", float("inf")):
+                    assert (a["node_id"], a["gpu_ids"]) != (b["node_id"], b["gpu_ids"]), (a, b)
+    assert len({a["node_id"] for a in experts + phases}) == 2, "all work stayed on one node"
+

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import Callable
 
 import ray
 from ray.exceptions import RayActorError
 
+from ptmst_ray import storage
 from ptmst_ray.config import Config, from_dict
 from ptmst_ray.device import set_threads
 from ptmst_ray.orchestration import stages
@@ -43,6 +45,11 @@ class ExpertActor:
         def on_epoch(epoch: int, metrics: dict) -> None:
             report_progress(self.board, name, epoch, total, f"loss {metrics.get('loss', float('nan')):.3f}")
 
+        # where it ran (node, GPU ids): `experts/attempts/` shows the spread over a cluster
+        info = {"expert_id": expert_id, "pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(),
+                "gpu_ids": [str(g) for g in ray.get_gpu_ids()], "start": time.time()}
+        storage.write_json(storage.join(stages.shared_root(self.cfg), "experts", "attempts",
+                                        f"expert{expert_id:04d}-{info['pid']}.json"), info)
         return stages.train_and_store_expert(self.cfg, expert_id, on_epoch=on_epoch)
 
 
