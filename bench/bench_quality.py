@@ -1,0 +1,686 @@
+"""Quality benchmark (issue #11): retrieval of each method at several pair budgets, on the Ray pipeline.
+
+Why this file exists: one command answers "does PTM-ST beat a random coreset and single-phase
+distillation, at which budget, and what do the shortcut and the EMA contribute?". It runs the
+pipeline's own pieces on a local Ray: the prerequisite stages once (data, pretraining, caption
+embeddings, experts + shortcuts under ONE shared root, as sweep trials do), then every
+(method, budget) cell's distillation in its own sub-root (its phases as concurrent Ray Train runs
+through `run_phases`, cells packed so the Train runs of a wave fill the cluster's slots), then
+every (cell, evaluation seed) as one Ray task through `scoring.score_one_seed`. Finished
+distillations are skipped on a re-run (config hashes); scoring is always redone.
+
+    .venv/bin/python bench/bench_quality.py [--config configs/toy.yaml] [--set KEY=VALUE ...]
+        [--budgets 20 50 100] [--seeds 3] [--methods random single_phase ptm_st ptm_st_exact]
+        [--ablations] [--eval-epochs N] [--root ~/.cache/ptmst-ray/bench-quality]
+        [--out bench/quality_matrix.md] [--write-results] [--quick]
+
+Methods: random (coreset of real pairs, a different subset per seed), single_phase (one subset
+over the first phase's range, `stages.single_phase_config`), ptm_st (phases + shortcut, the
+first_order), ptm_st_exact (distill.grad_method=exact); with --ablations no_shortcut
+(shortcut.enabled=false: raw trajectories) and no_ema (distill.ema_decay=0: the raw final state).
+The full train split is scored once (eval.full_data_epochs epochs). A budget is split between the
+config's phases in the config's proportions; a phase's minibatch is capped at its pairs.
+
+Writes <out>.md (tables, ratios, command, machine, wall time), <out>.png (r_mean vs budget) and
+<out>.json (every figure and per-seed run); --write-results also replaces the section
+"## Quality matrix (issue #11)" of bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import dataclasses
+import datetime
+import json
+import logging
+import os
+import platform
+import shlex
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+RECALLS = ("TR@1", "TR@5", "TR@10", "IR@1", "IR@5", "IR@10")
+BASE_METHODS = ("random", "single_phase", "ptm_st", "ptm_st_exact")
+ABLATIONS = ("no_shortcut", "no_ema")
+DISTILLED = ("single_phase", "ptm_st", "ptm_st_exact", "no_shortcut", "no_ema")
+METHOD_OVERRIDES: dict[str, dict[str, Any]] = {
+    "ptm_st": {"distill.grad_method": "first_order"},  # the issue's matrix: first_order vs exact, whatever the config says
+    "ptm_st_exact": {"distill.grad_method": "exact"},
+    "single_phase": {"distill.grad_method": "first_order"},  # the LoRS-style baseline uses the paper's rule
+    "no_shortcut": {"shortcut.enabled": False},
+    "no_ema": {"distill.ema_decay": 0.0},
+    "random": {},
+}
+SECTION = "## Quality matrix (issue #11)"
+DEFAULT_ROOT = "~/.cache/ptmst-ray/bench-quality"
+DEFAULT_OUT = REPO / "bench" / "quality_matrix.md"
+RESULTS_MD = REPO / "bench" / "RESULTS.md"
+
+
+# --------------------------------------------------------------------------- budgets and cells
+
+
+def split_budget(total: int, shares: list[int]) -> list[int]:
+    """``total`` pairs split in proportion to ``shares`` (largest remainder; ties go to the earlier phase).
+
+    Every part must keep at least 2 pairs (a minibatch needs 2).
+    """
+    if not shares or any(s <= 0 for s in shares):
+        raise ValueError(f"shares must be positive, got {shares}")
+    weight = sum(shares)
+    exact = [total * s / weight for s in shares]
+    parts = [int(x) for x in exact]
+    order = sorted(range(len(shares)), key=lambda i: (-(exact[i] - parts[i]), i))
+    for i in order[: total - sum(parts)]:
+        parts[i] += 1
+    if min(parts) < 2:
+        raise ValueError(f"a budget of {total} pairs split as {parts} (proportions {shares}) leaves a phase with "
+                         "fewer than 2 pairs (a minibatch needs 2); use a larger budget")
+    return parts
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One (method, budget) entry of the matrix and the config it runs with."""
+
+    method: str
+    budget: int
+    cfg: Any  # ptmst_ray.config.Config
+
+    @property
+    def key(self) -> str:
+        return f"{self.method}@{self.budget}"
+
+    @property
+    def distilled(self) -> bool:
+        return self.method in DISTILLED
+
+    @property
+    def score_method(self) -> str:
+        """The scoring method name: a distilled cell is scored like `ptm_st` (its own distilled set)."""
+        return "ptm_st" if self.distilled else self.method
+
+
+def budget_phases(base, budget: int, method: str) -> list:
+    """The phase configs of ``method`` at ``budget`` (single_phase: one phase of the whole budget)."""
+    from ptmst_ray.orchestration import stages
+
+    parts = split_budget(budget, [p.pairs for p in base.phases])
+    phases = [dataclasses.replace(p, pairs=n, minibatch=min(p.minibatch, n)) for p, n in zip(base.phases, parts)]
+    if method == "single_phase":
+        first = base.phases[0]
+        single = stages.single_phase_config(dataclasses.replace(base, phases=phases))
+        return [dataclasses.replace(single, minibatch=min(first.minibatch, budget))]
+    return phases
+
+
+def cell_config(base, method: str, budget: int, cells_dir: str):
+    """The base config at ``budget`` with ``method``'s overrides, phases under its own root, prerequisites shared."""
+    from ptmst_ray import storage
+    from ptmst_ray.orchestration import stages
+
+    overrides = {
+        "phases": [dataclasses.asdict(p) for p in budget_phases(base, budget, method)],
+        "run.root": storage.join(cells_dir, f"b{budget}", method),
+        "run.shared_root": stages.shared_root(base),
+        "eval.baselines": [],
+        **METHOD_OVERRIDES[method],
+    }
+    return base.replace(**overrides)
+
+
+def make_cells(base, methods: list[str], budgets: list[int], cells_dir: str) -> list[Cell]:
+    return [Cell(m, b, cell_config(base, m, b, cells_dir)) for b in budgets for m in methods]
+
+
+def pack_waves(jobs: list[tuple[str, int]], slots: int) -> list[list[str]]:
+    """First-fit packing of (name, Train runs) into waves of at most ``slots`` concurrent runs (order kept)."""
+    waves: list[tuple[int, list[str]]] = []
+    for name, n in jobs:
+        for i, (used, names) in enumerate(waves):
+            if used + n <= slots:
+                waves[i] = (used + n, names + [name])
+                break
+        else:
+            waves.append((n, [name]))
+    return [names for _, names in waves]
+
+
+# --------------------------------------------------------------------------- Ray stages
+
+
+class PlainUI:
+    """Stage headers, and at most one line every ``every`` seconds summarising the progress board."""
+
+    def __init__(self, t0: float, every: float = 30.0):
+        self.t0, self.every, self.last = t0, every, 0.0
+
+    def stage(self, name: str) -> None:
+        say(self.t0, f"== {name}")
+
+    def update(self, tasks: dict[str, dict]) -> None:
+        now = time.monotonic()
+        if now - self.last < self.every or not tasks:
+            return
+        self.last = now
+        busy = [f"{n} {t['done']:.0f}/{t['total']:.0f}" for n, t in sorted(tasks.items()) if t["done"] < t["total"]]
+        if busy:
+            say(self.t0, "   running: " + ", ".join(busy[:8]) + (f" (+{len(busy) - 8})" if len(busy) > 8 else ""))
+
+
+def say(t0: float, text: str) -> None:
+    print(f"[{time.time() - t0:7.0f}s] {text}", flush=True)
+
+
+def _import_ray_parts():
+    import ray
+
+    from ptmst_ray.device import set_threads
+    from ptmst_ray.orchestration.runtime import report_progress
+    from ptmst_ray.orchestration.scoring import score_one_seed
+
+    @ray.remote(num_cpus=1)
+    def score_task(cfg_dict: dict, method: str, seed: int, label: str, board=None) -> dict:
+        """One evaluation seed of one cell: the pipeline's scoring, labelled for the progress board."""
+        from ptmst_ray.config import from_dict
+
+        set_threads(1)
+        cfg = from_dict(cfg_dict)
+        epochs = cfg.eval.full_data_epochs if method == "full" else cfg.eval.epochs
+        t = time.time()
+        out = score_one_seed(cfg, method, seed, progress=lambda r: report_progress(board, label, r.get("epoch", 0),
+                                                                                  epochs))
+        report_progress(board, label, epochs, epochs, f"r_mean {out['best']['r_mean']:.1f}")
+        return {**out, "seconds": time.time() - t}
+
+    return ray, score_task
+
+
+def pending_runs(cfg) -> int:
+    """Phases of ``cfg`` with neither a finished subset nor a kept diverged state (both count as distilled)."""
+    from ptmst_ray import storage
+    from ptmst_ray.orchestration.stages import Layout, phase_hash, phase_name
+
+    layout = Layout(cfg.run.root)
+    return sum(not storage.is_complete(layout.subset(phase_name(i)), phase_hash(cfg, p))
+               and not storage.is_complete(storage.join(layout.phases, phase_name(i), "diverged"), phase_hash(cfg, p))
+               for i, p in enumerate(cfg.phases))
+
+
+def finish_cell(cell: Cell, status: dict[str, dict], t: float) -> dict:
+    """Aggregate a cell whose phases all ran (a diverged phase contributes its last finite EMA state, as in
+    `ptmst-ray run`); the result records its final matching losses and any diverged phase."""
+    from ptmst_ray import storage
+    from ptmst_ray.orchestration.distilled import aggregate
+    from ptmst_ray.orchestration.phases import METRICS_FILE
+    from ptmst_ray.orchestration.stages import Layout, StageError
+
+    failed = {n: s for n, s in status.items() if s.get("status") not in ("done", "diverged")}
+    diverged = sorted(n for n, s in status.items() if s.get("status") == "diverged")
+    if failed:
+        return {"status": "failed", "seconds": time.time() - t,
+                "detail": "; ".join(f"{n}: {s.get('status')} ({s.get('detail')})" for n, s in failed.items())}
+    try:
+        aggregate(cell.cfg)
+    except StageError as e:
+        return {"status": "failed", "seconds": time.time() - t, "detail": str(e), "diverged": diverged}
+    losses = {}
+    for name in sorted(status):
+        url = storage.join(Layout(cell.cfg.run.root).phases, name, METRICS_FILE)
+        hist = storage.read_json(url) if storage.exists(url) else []
+        if hist:
+            losses[name] = round(float(hist[-1]["loss"]), 4)
+    return {"status": "done", "seconds": time.time() - t, "final_loss": losses, "diverged": diverged}
+
+
+def distil_cell(cell: Cell, board) -> dict:
+    """The cell's phases as concurrent Train runs (complete ones are skipped), then its aggregated set."""
+    from ptmst_ray import storage
+    from ptmst_ray.orchestration.phases import run_phases
+
+    t = time.time()
+    storage.write_text(storage.join(cell.cfg.run.root, "config.yaml"), cell.cfg.to_yaml())
+    return finish_cell(cell, run_phases(cell.cfg, board, None, with_baseline=False), t)
+
+
+def distil_all(cells: list[Cell], board, poll, t0: float, slots: int) -> dict[str, dict]:
+    """Distil every distilled cell, waves of cells whose Train runs together fit the cluster's slots."""
+    from ptmst_ray.orchestration.stages import phase_name
+
+    out: dict[str, dict] = {}
+    todo = []
+    for c in cells:
+        if not c.distilled:
+            continue
+        runs = pending_runs(c.cfg)
+        if runs == 0:  # every phase ran before: aggregate (skipped when up to date) and record
+            status = {phase_name(i): _phase_status(c.cfg, i) for i in range(len(c.cfg.phases))}
+            out[c.key] = {**finish_cell(c, status, time.time()), "skipped": True}
+        else:
+            todo.append((c.key, min(runs, slots)))
+    for k in sorted(out):
+        detail = f" {out[k]['detail']}" if out[k].get("detail") else ""
+        say(t0, f"distilled {k}: {out[k]['status']} (ran before){_diverged_note(out[k])}{detail}")
+    by_key = {c.key: c for c in cells}
+    waves = pack_waves(todo, slots)
+    for w, wave in enumerate(waves, 1):
+        say(t0, f"wave {w}/{len(waves)}: {', '.join(wave)}")
+        with concurrent.futures.ThreadPoolExecutor(len(wave)) as pool:
+            futures = {pool.submit(distil_cell, by_key[k], board): k for k in wave}
+            pending = set(futures)
+            while pending:
+                done, pending = concurrent.futures.wait(pending, timeout=0.5)
+                poll()
+                for f in done:
+                    k = futures[f]
+                    try:
+                        out[k] = f.result()
+                    except Exception as e:  # noqa: BLE001 - one failed cell must not lose the others
+                        out[k] = {"status": "failed", "seconds": 0.0, "detail": f"{type(e).__name__}: {e}"}
+                    r = out[k]
+                    extra = f"final M {r['final_loss']}" if r["status"] == "done" else r.get("detail", "")
+                    say(t0, f"distilled {k}: {r['status']} in {r['seconds']:.0f}s {extra}{_diverged_note(r)}")
+    return out
+
+
+def _phase_status(cfg, i: int) -> dict:
+    """Status of phase ``i`` when it has run (pending_runs == 0): done, else its diverged state is kept."""
+    from ptmst_ray import storage
+    from ptmst_ray.orchestration.stages import Layout, phase_hash, phase_name
+
+    done = storage.is_complete(Layout(cfg.run.root).subset(phase_name(i)), phase_hash(cfg, cfg.phases[i]))
+    return {"status": "done" if done else "diverged"}
+
+
+def _diverged_note(r: dict) -> str:
+    return f" (DIVERGED: {', '.join(r['diverged'])}; their last finite EMA state is used)" if r.get("diverged") else ""
+
+
+def score_all(cells: list[Cell], full_cfg, seeds: int, board, poll, t0: float, distill: dict) -> dict[str, list]:
+    """Every (cell, seed) and the full-data seeds as parallel Ray tasks; returns the runs per cell key."""
+    ray, score_task = _import_ray_parts()
+    refs: dict = {}
+    for c in cells:
+        if c.distilled and distill.get(c.key, {}).get("status") != "done":
+            continue
+        for s in range(seeds):
+            refs[score_task.remote(c.cfg.to_dict(), c.score_method, s, f"eval {c.key} s{s}", board)] = c.key
+    for s in range(seeds):
+        refs[score_task.remote(full_cfg.to_dict(), "full", s, f"eval full s{s}", board)] = "full"
+    runs: dict[str, list] = {}
+    expected = {k: sum(1 for v in refs.values() if v == k) for k in set(refs.values())}
+    pending = list(refs)
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1, timeout=0.5)
+        poll()
+        for ref in ready:
+            key = refs[ref]
+            runs.setdefault(key, []).append(ray.get(ref))
+            if len(runs[key]) == expected[key]:
+                best = [r["best"]["r_mean"] for r in runs[key]]
+                say(t0, f"scored {key}: r_mean best {sum(best) / len(best):.1f} over {len(best)} seeds "
+                        f"({sum(r['seconds'] for r in runs[key]):.0f}s of task time)")
+    return runs
+
+
+# --------------------------------------------------------------------------- figures
+
+
+def cell_figures(runs: list[dict], cfg, method: str) -> dict:
+    """Mean/std of the best-of-points and final metrics of a cell's seeds (the pipeline's `summarise`)."""
+    from ptmst_ray.evaluate.metrics import METRIC_NAMES
+    from ptmst_ray.orchestration.scoring import summarise
+
+    m = summarise(runs, cfg)["methods"][runs[0]["method"]]
+    return {"method": method, "pairs": m["pairs"], "seeds": m["seeds"], "epochs": m["epochs"],
+            "best": {k: m[k] for k in METRIC_NAMES}, "final": m["final"],
+            "best_epochs": [r["best_epoch"] for r in runs],
+            "diverged": [r["diverged_at"] for r in runs if r["diverged_at"]],
+            "eval_task_seconds": sum(r.get("seconds", 0.0) for r in runs)}
+
+
+def ratios(cells: dict[str, dict], full: dict | None) -> list[dict]:
+    """Per (budget, distilled method): r_mean / random's at the same budget and / full data (best and final)."""
+    rows = []
+    for key, c in cells.items():
+        if c["method"] not in DISTILLED or "best" not in c:
+            continue
+        row = {"budget": c["budget"], "method": c["method"]}
+        rnd = cells.get(f"random@{c['budget']}")
+        for which in ("best", "final"):
+            top = c[which]["r_mean"]["mean"]
+            row[f"random_{which}"] = _ratio(top, rnd[which]["r_mean"]["mean"]) if rnd and which in rnd else None
+            row[f"full_{which}"] = _ratio(top, full[which]["r_mean"]["mean"]) if full else None
+        rows.append(row)
+    return sorted(rows, key=lambda r: (r["budget"], DISTILLED.index(r["method"])))
+
+
+def _ratio(a: float, b: float) -> float | None:
+    return a / b if b > 0 else None
+
+
+def _pm(stat: dict) -> str:
+    return f"{stat['mean']:.1f} ± {stat['std']:.1f}"
+
+
+def _num(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.2f}"
+
+
+def metric_table(cells: dict[str, dict], full: dict | None, which: str) -> str:
+    """Markdown rows: budget, method, pairs, r_mean mean ± std, the six recalls (means) for ``which``."""
+    lines = ["| budget | method | pairs | r_mean | " + " | ".join(RECALLS) + " |",
+             "|---:|---|---:|---:|" + "---:|" * len(RECALLS)]
+    order = sorted(cells.values(), key=lambda c: (c["budget"], _method_rank(c["method"])))
+    for c in order:
+        if which not in c:
+            lines.append(f"| {c['budget']} | {c['method']} | | {c.get('status', 'missing')} |" + " |" * len(RECALLS))
+            continue
+        m = c[which]
+        lines.append(f"| {c['budget']} | {c['method']} | {c['pairs']} | {_pm(m['r_mean'])} | "
+                     + " | ".join(f"{m[r]['mean']:.1f}" for r in RECALLS) + " |")
+    if full is not None:
+        m = full[which]
+        lines.append(f"| all | full | {full['pairs']} | {_pm(m['r_mean'])} | "
+                     + " | ".join(f"{m[r]['mean']:.1f}" for r in RECALLS) + " |")
+    return "\n".join(lines)
+
+
+def _method_rank(method: str) -> int:
+    order = BASE_METHODS + ABLATIONS
+    return order.index(method) if method in order else len(order)
+
+
+def ratio_table(rows: list[dict]) -> str:
+    lines = ["| budget | method | / random (best) | / random (final) | / full (best) | / full (final) |",
+             "|---:|---|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['budget']} | {r['method']} | {_num(r['random_best'])} | {_num(r['random_final'])} | "
+                     f"{_num(r['full_best'])} | {_num(r['full_final'])} |")
+    return "\n".join(lines)
+
+
+def timing_table(cells: dict[str, dict]) -> str:
+    lines = ["| budget | method | distillation s (wall, wave shared) | evaluation s (sum of seed tasks) |",
+             "|---:|---|---:|---:|"]
+    for c in sorted(cells.values(), key=lambda c: (c["budget"], _method_rank(c["method"]))):
+        d = c.get("distill_seconds")
+        dist = "" if d is None else ("skipped" if c.get("distill_skipped") else f"{d:.0f}")
+        lines.append(f"| {c['budget']} | {c['method']} | {dist} | {c.get('eval_task_seconds', 0.0):.1f} |")
+    return "\n".join(lines)
+
+
+def cell_notes(cells: dict[str, dict]) -> list[str]:
+    """Report lines for cells whose distillation failed or had a diverged phase."""
+    notes = [f"* {k}: phases {', '.join(c['diverged_phases'])} diverged; scored with their last finite EMA state"
+             for k, c in cells.items() if c.get("diverged_phases")]
+    notes += [f"* {k}: {c['status']}: {c.get('distill_detail')}" for k, c in cells.items()
+              if c.get("status") not in ("done", None)]
+    return ["", "Notes:", "", *notes] if notes else []
+
+
+def format_report(res: dict) -> str:
+    """The markdown body (under the section heading): setup, tables, ratios, timings."""
+    mach, ev = res["machine"], res["eval"]
+    splits = ", ".join(f"{b} = {' + '.join(map(str, p))}" for b, p in res["splits"].items())
+    capped = f" ({'; '.join(res['notes'])})" if res.get("notes") else ""
+    sets = " with " + ", ".join(f"`{s}`" for s in res["overrides"]) if res["overrides"] else ""
+    best_txt = (f"best of {ev['eval_points']} evaluation points per seed (the paper's protocol, chosen on the test "
+                f"split)")
+    parts = [
+        f"Command: `{res['command']}`",
+        "",
+        f"Machine: nproc {mach['nproc']}, CPU \"{mach['cpu']}\", RAM {mach['ram_gib']:.1f} GiB, torch {mach['torch']}, "
+        f"Python {mach['python']}, {mach['date']}; load average {mach['load_start']} at the start, "
+        f"{mach['load_end']} at the end.",
+        "",
+        f"Wall time: {res['wall_seconds'] / 60:.1f} min (prerequisites {res['prereq_seconds'] / 60:.1f} min, "
+        f"distillation {res['distill_seconds'] / 60:.1f} min, evaluation {res['eval_seconds'] / 60:.1f} min). "
+        f"Target (recorded, not asserted): the default matrix in under 40 min on 2 CPU cores.",
+        "",
+        f"Setup: config `{res['config']}`{sets}; "
+        f"budgets {res['budgets']} split between the phases as {splits}{capped}; {ev['seeds']} evaluation seeds per "
+        f"cell (a fresh student initialisation each, and a different subset for the random coreset); "
+        f"{ev['epochs']} evaluation epochs per subset (full data: {ev['full_data_epochs']}); eval loss {ev['loss']}."
+        + (" QUICK development run: not the benchmark." if res.get("quick") else ""),
+        "",
+        f"### r_mean and recalls, {best_txt} (mean ± std over seeds; recalls are means)",
+        "",
+        metric_table(res["cells"], res.get("full"), "best"),
+        "",
+        f"### r_mean and recalls at the final epoch ({ev['epochs']} epochs per subset)",
+        "",
+        metric_table(res["cells"], res.get("full"), "final"),
+        "",
+        "### Ratios of r_mean (distilled / random coreset at the same budget, distilled / full data)",
+        "",
+        ratio_table(res["ratios"]),
+        "",
+        "### Time per cell",
+        "",
+        timing_table(res["cells"]),
+        *cell_notes(res["cells"]),
+    ]
+    return "\n".join(parts) + "\n"
+
+
+def replace_section(text: str, heading: str, body: str) -> str:
+    """``text`` with the level-2 section ``heading`` replaced by ``heading + body`` (appended when absent).
+
+    The section runs to the next line starting with "## " (not "###") or the end of the text.
+    """
+    lines = text.splitlines(keepends=True)
+    new = [heading + "\n", "\n", body if body.endswith("\n") else body + "\n"]
+    start = next((i for i, line in enumerate(lines) if line.rstrip("\n") == heading), None)
+    if start is None:
+        sep = "" if not text or text.endswith("\n\n") else ("\n" if text.endswith("\n") else "\n\n")
+        return text + sep + "".join(new)
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+    tail = lines[end:]
+    return "".join(lines[:start] + new + (["\n"] if tail else []) + tail)
+
+
+def plot_matrix(res: dict, path: Path) -> None:
+    """r_mean against budget per method (left: best of points, right: final), full data as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    methods = sorted({c["method"] for c in res["cells"].values()}, key=_method_rank)
+    for ax, which in zip(axes, ("best", "final")):
+        for j, m in enumerate(methods):
+            pts = sorted((c["budget"], c[which]["r_mean"]) for c in res["cells"].values()
+                         if c["method"] == m and which in c)
+            shift = 1.0 + 0.015 * (j - (len(methods) - 1) / 2)  # side by side, so the error bars stay readable
+            if pts:
+                ax.errorbar([b * shift for b, _ in pts], [s["mean"] for _, s in pts], yerr=[s["std"] for _, s in pts],
+                            marker="o", capsize=3, label=m, linestyle="--" if m in ABLATIONS else "-")
+        if res.get("full"):
+            ax.axhline(res["full"][which]["r_mean"]["mean"], color="black", linestyle=":", label="full data")
+        ax.set_xscale("log")
+        ax.set_xlabel("total pairs (budget, log scale)")
+        ax.set_xticks(res["budgets"], [str(b) for b in res["budgets"]])
+        ax.minorticks_off()
+        ax.set_title("best of evaluation points" if which == "best" else f"final epoch ({res['eval']['epochs']})")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel(f"r_mean (%), mean ± std over {res['eval']['seeds']} seeds")
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------- machine and driver
+
+
+def machine_info() -> dict:
+    import torch
+
+    cpu = "unknown"
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    ram = 0.0
+    try:
+        kb = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
+                  if line.startswith("MemTotal"))
+        ram = kb / 2**20
+    except (OSError, StopIteration):
+        pass
+    return {"nproc": os.cpu_count(), "cpu": cpu, "ram_gib": ram, "torch": torch.__version__,
+            "python": platform.python_version(), "date": datetime.date.today().isoformat(),
+            "load_start": _load()}
+
+
+def _load() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", default=str(REPO / "configs" / "toy.yaml"))
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="config override (repeatable), applied to every cell")
+    ap.add_argument("--budgets", type=int, nargs="+", default=[20, 50, 100], help="total pairs per cell")
+    ap.add_argument("--seeds", type=int, default=None, help="evaluation seeds per cell (default: eval.seeds)")
+    ap.add_argument("--methods", nargs="+", default=list(BASE_METHODS), choices=BASE_METHODS + ABLATIONS)
+    ap.add_argument("--ablations", action="store_true", help="add no_shortcut and no_ema")
+    ap.add_argument("--eval-epochs", type=int, default=None, help="evaluation epochs per subset (default: eval.epochs)")
+    ap.add_argument("--root", default=DEFAULT_ROOT, help="run root shared by every cell")
+    ap.add_argument("--out", default=None, help="markdown output; .png and .json beside it (default "
+                                                "bench/quality_matrix.md; --quick: <root>/quick/quality_matrix.md)")
+    ap.add_argument("--write-results", action="store_true", help=f"replace the section {SECTION!r} of bench/RESULTS.md")
+    ap.add_argument("--quick", action="store_true", help="development: first budget only, 10 iterations per phase, "
+                                                         "2 seeds, 5 eval epochs (cells under <root>/cells-quick)")
+    return ap.parse_args(argv)
+
+
+def build_base(args: argparse.Namespace):
+    """The shared base config (run.root = --root), with --quick's reductions applied."""
+    from ptmst_ray.config import load_config
+
+    base = load_config(args.config, [*args.overrides, f"run.root={args.root}"])
+    extra: dict[str, Any] = {}
+    if args.quick:
+        extra.update({f"phases.{i}.iterations": min(p.iterations, 10) for i, p in enumerate(base.phases)})
+    epochs = args.eval_epochs or (min(base.eval.epochs, 5) if args.quick else base.eval.epochs)
+    seeds = args.seeds or (min(base.eval.seeds, 2) if args.quick else base.eval.seeds)
+    extra.update({"eval.epochs": epochs, "eval.seeds": seeds, "eval.eval_points": min(base.eval.eval_points, epochs)})
+    return base.replace(**extra)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    if args.quick and args.write_results:
+        raise SystemExit("--quick runs are for development; they do not go into bench/RESULTS.md")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+    t0 = time.time()
+    machine = machine_info()
+    base = build_base(args)
+    methods = list(dict.fromkeys(args.methods + (list(ABLATIONS) if args.ablations else [])))
+    budgets = sorted(set(args.budgets))[:1] if args.quick else sorted(set(args.budgets))
+    from ptmst_ray import storage
+
+    cells_dir = storage.join(base.run.root, "cells-quick" if args.quick else "cells")
+    cells = make_cells(base, methods, budgets, cells_dir)  # validates every cell's config before Ray starts
+    out = Path(args.out) if args.out else (Path(os.path.expanduser(args.root)) / "quick" / "quality_matrix.md"
+                                           if args.quick else DEFAULT_OUT)
+    command = ".venv/bin/python bench/bench_quality.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    say(t0, f"{len(cells)} cells ({', '.join(methods)} x budgets {budgets}), {base.eval.seeds} seeds, "
+            f"{base.eval.epochs} eval epochs; root {base.run.root}")
+
+    import ray
+
+    from ptmst_ray.orchestration.driver import _poller, run_prerequisites
+    from ptmst_ray.orchestration.runtime import connect, progress_board
+
+    info = connect(base.run.address)
+    say(t0, f"Ray: {info.cpus:.0f} CPUs, {info.gpus:.0f} GPUs")
+    ui = PlainUI(t0)
+    board = progress_board()
+    ray.get(board.clear.remote())
+    poll = _poller(board, ui)
+    storage.write_text(storage.join(base.run.root, "config.yaml"), base.to_yaml())
+    prereq_cfg = base.replace(**{"eval.baselines": ["single_phase"]})  # its range gets shortcuts too
+    run_prerequisites(prereq_cfg, ui, board, poll)
+    t_prereq = time.time()
+    ui.stage("distillation (cells in waves of concurrent Train runs)")
+    ray.get(board.clear.remote())
+    slots = info.parallel_slots(base.distill.gpus_per_phase)
+    distill = distil_all(cells, board, poll, t0, slots)
+    t_distill = time.time()
+    ui.stage(f"evaluation ({len(cells)} cells + full data, {base.eval.seeds} seeds each, Ray tasks)")
+    ray.get(board.clear.remote())
+    runs = score_all(cells, base, base.eval.seeds, board, poll, t0, distill)
+    t_eval = time.time()
+    res = assemble(args, base, cells, distill, runs, machine, command)
+    res.update(wall_seconds=t_eval - t0, prereq_seconds=t_prereq - t0, distill_seconds=t_distill - t_prereq,
+               eval_seconds=t_eval - t_distill)
+    res["machine"]["load_end"] = _load()
+    write_outputs(res, out, args.write_results)
+    return res
+
+
+def assemble(args, base, cells: list[Cell], distill: dict, runs: dict, machine: dict, command: str) -> dict:
+    table: dict[str, dict] = {}
+    for c in cells:
+        entry: dict[str, Any] = {"method": c.method, "budget": c.budget, "pairs": c.cfg.total_pairs,
+                                 "phase_pairs": [p.pairs for p in c.cfg.phases], "root": c.cfg.run.root}
+        if c.distilled:
+            d = distill.get(c.key, {})
+            entry.update(status=d.get("status", "missing"), distill_seconds=d.get("seconds"),
+                         distill_skipped=bool(d.get("skipped")), distill_detail=d.get("detail"),
+                         final_loss=d.get("final_loss"), diverged_phases=d.get("diverged") or [])
+        if c.key in runs:
+            entry.update(cell_figures(runs[c.key], c.cfg, c.method), status="done", runs=_lean(runs[c.key]))
+        table[c.key] = entry
+    full = None
+    if "full" in runs:
+        full = {**cell_figures(runs["full"], base, "full"), "runs": _lean(runs["full"])}
+    splits = {b: split_budget(b, [p.pairs for p in base.phases]) for b in sorted({c.budget for c in cells})}
+    notes = [f"{c.key}: phase {i} minibatch {p.minibatch} (the config's {q.minibatch} capped at its pairs)"
+             for c in cells if c.method == "ptm_st" or c.method == "single_phase"
+             for i, (p, q) in enumerate(zip(c.cfg.phases, base.phases)) if p.minibatch < q.minibatch]
+    return {"command": command, "config": os.path.relpath(args.config, REPO) if Path(args.config).is_absolute()
+            else args.config, "overrides": args.overrides, "quick": args.quick, "root": base.run.root,
+            "budgets": sorted(splits), "splits": {str(b): s for b, s in splits.items()}, "notes": notes,
+            "methods": list(dict.fromkeys(c.method for c in cells)), "machine": machine,
+            "eval": {"epochs": base.eval.epochs, "seeds": base.eval.seeds, "eval_points": base.eval.eval_points,
+                     "full_data_epochs": base.eval.full_data_epochs, "loss": base.eval_loss},
+            "cells": table, "full": full, "ratios": ratios(table, full)}
+
+
+def _lean(runs: list[dict]) -> list[dict]:
+    keep = ("seed", "pairs", "final", "best", "best_epoch", "diverged_at", "seconds")
+    return [{k: r.get(k) for k in keep} for r in runs]
+
+
+def write_outputs(res: dict, out: Path, write_results: bool) -> None:
+    body = format_report(res)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(f"# {SECTION[3:]}\n\n{body}")
+    out.with_suffix(".json").write_text(json.dumps(res, indent=1, default=str))
+    plot_matrix(res, out.with_suffix(".png"))
+    print(body, flush=True)
+    print(f"wrote {out}, {out.with_suffix('.png')}, {out.with_suffix('.json')}", flush=True)
+    if write_results:
+        text = RESULTS_MD.read_text()  # re-read right before writing: other sections change meanwhile
+        RESULTS_MD.write_text(replace_section(text, SECTION, body))
+        print(f"replaced the section {SECTION!r} of {RESULTS_MD}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
