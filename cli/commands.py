@@ -9,7 +9,9 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from ptmst_ray_cli.common import ConfigOpt, SetOpt, console, fail, get_config, progress_bars
+from ptmst_ray_cli.common import (
+    ConfigOpt, SetOpt, console, fail, get_config, get_run_config, interrupted, progress_bars,
+)
 from ptmst_ray_cli.main import app
 
 data_app = typer.Typer(help="Prepare and inspect datasets.", no_args_is_help=True)
@@ -59,7 +61,13 @@ def _library_errors():
     from ptmst_ray.orchestration.stages import StageError
     from ptmst_ray.storage import StorageError
 
-    return (ConfigError, DataError, ModelError, PipelineError, StageError, StorageError)
+    return (ConfigError, DataError, ModelError, PipelineError, StageError, StorageError, OSError)
+
+
+def _explain(cfg, error: BaseException) -> str:
+    from ptmst_ray.orchestration.stages import explain
+
+    return explain(cfg, error)
 
 
 def results_table(results: dict) -> Table:
@@ -77,17 +85,31 @@ def results_table(results: dict) -> Table:
 
 @app.command()
 def run(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt, address: Optional[str] = AddressOpt,
-        json_out: bool = typer.Option(False, "--json", help="Also print results.json to stdout.")) -> None:
+        json_out: bool = typer.Option(False, "--json", help="Also print results.json to stdout."),
+        rebuild: Optional[str] = typer.Option(
+            None, "--rebuild", metavar="STAGE",
+            help="Delete STAGE's artefacts and every later stage's, then run: data, pretrain, embed, experts, "
+                 "shortcut, phases, aggregate or eval (e.g. after a corrupt-file error).")) -> None:
     """Run the whole pipeline (data, pretrain, experts, shortcuts, phases, aggregate, eval); resumes."""
+    from ptmst_ray.orchestration import stages
     from ptmst_ray.orchestration.driver import run_pipeline
 
-    cfg = get_config(config, set_)
-    _connect(cfg, address)
+    cfg = get_run_config(config, set_)
+    if rebuild is not None and rebuild not in stages.STAGES:
+        fail(f"--rebuild {rebuild!r}: not a stage; choose one of {', '.join(stages.STAGES)}")
     try:
+        if rebuild is not None:
+            removed = stages.rebuild(cfg, rebuild)
+            console.print(f"rebuild {rebuild}: removed {', '.join(removed) or 'nothing (not built yet)'}")
+        _connect(cfg, address)
         with progress_bars() as progress:
             results = run_pipeline(cfg, RichUI(progress))
     except _library_errors() as e:
-        fail(str(e), code=1)
+        fail(stages.explain(cfg, e), code=1)
+    except KeyboardInterrupt:
+        interrupted()
+    for w in results.get("warnings", []):
+        console.print(f"[bold yellow]warning:[/] {w}")
     console.print(results_table(results))
     for k, v in results.get("ratios", {}).items():
         console.print(f"{k}: {v:.2f}x")
@@ -102,7 +124,7 @@ def data_prepare(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] =
     """Read annotations + images (any fsspec URL) into Parquet shards with manifests under the run root."""
     from ptmst_ray.orchestration import stages
 
-    cfg = get_config(config, set_)
+    cfg = get_run_config(config, set_)
     try:
         with progress_bars() as progress:
             ids: dict = {}
@@ -114,7 +136,7 @@ def data_prepare(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] =
 
             stages.prepare(cfg, progress=cb)
     except _library_errors() as e:
-        fail(str(e), code=1)
+        fail(_explain(cfg, e), code=1)
     console.print(f"prepared: {stages.Layout(cfg.run.root).data}")
 
 
@@ -135,7 +157,7 @@ def data_show(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = Se
             contact_sheet(data_dir, split, str(sheet.resolve()), n=n)
             console.print(f"contact sheet: {sheet}")
     except _library_errors() as e:
-        fail(str(e), code=1)
+        fail(_explain(cfg, e), code=1)
 
 
 @app.command()
@@ -143,7 +165,7 @@ def pretrain(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = Set
     """Pretrain the (tiny) towers on the built-in dataset's disjoint pretraining split."""
     from ptmst_ray.orchestration import stages
 
-    cfg = get_config(config, set_)
+    cfg = get_run_config(config, set_)
     if not cfg.pretrain.enabled:
         fail("pretrain.enabled is false in this config; nothing to do", code=2)
     try:
@@ -152,7 +174,7 @@ def pretrain(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = Set
             task = progress.add_task("pretrain", total=cfg.pretrain.epochs, info="")
             manifest = stages.pretrain(cfg, progress=lambda d, t: progress.update(task, completed=d))
     except _library_errors() as e:
-        fail(str(e), code=1)
+        fail(_explain(cfg, e), code=1)
     console.print(f"checkpoint: {manifest['checkpoint']}; zero-shot r_mean {manifest['zero_shot']['r_mean']:.1f}")
 
 
@@ -166,26 +188,25 @@ def _ready_for_experts(cfg) -> None:
 
 @app.command()
 def experts(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt, address: Optional[str] = AddressOpt,
-            rebuild: bool = typer.Option(False, "--rebuild", help="Delete stored experts and shortcuts first.")) -> None:
+            rebuild: bool = typer.Option(False, "--rebuild", help="Delete stored experts, shortcuts and later stages first.")) -> None:
     """Train the expert trajectories on Ray actors (and their shortcut trajectories); skips finished experts."""
-    from ptmst_ray import storage
+    from ptmst_ray.orchestration import stages
     from ptmst_ray.orchestration.driver import _poller
     from ptmst_ray.orchestration.experts import run_experts
     from ptmst_ray.orchestration.runtime import progress_board
 
-    cfg = get_config(config, set_)
+    cfg = get_run_config(config, set_)
     try:
         _ready_for_experts(cfg)
-        if rebuild:
-            storage.remove(storage.join(cfg.run.root, "experts"), recursive=True)
-            storage.remove(storage.join(cfg.run.root, "shortcuts"), recursive=True)
+        if rebuild:  # the same as `run --rebuild experts`: later stages were computed from these experts
+            stages.rebuild(cfg, "experts")
         _connect(cfg, address)
         with progress_bars() as progress:
             ui = RichUI(progress)
             board = progress_board()
             out = run_experts(cfg, board, _poller(board, ui))
     except _library_errors() as e:
-        fail(str(e), code=1)
+        fail(_explain(cfg, e), code=1)
     console.print(f"experts: {out['trained']} trained, {out['skipped']} already complete, "
                   f"{out['actor_restarts']} actor restart(s)")
 
@@ -196,12 +217,12 @@ def shortcut(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = Set
     """Compress the stored expert trajectories into the shortcut ranges the phases need."""
     from ptmst_ray.orchestration.experts import run_shortcuts
 
-    cfg = get_config(config, set_)
+    cfg = get_run_config(config, set_)
     _connect(cfg, address)
     try:
         out = run_shortcuts(cfg)
     except _library_errors() as e:
-        fail(str(e), code=1)
+        fail(_explain(cfg, e), code=1)
     console.print(f"shortcuts for {out['experts']} experts, ranges {out['ranges']}: {out['written']} written")
 
 
@@ -215,7 +236,7 @@ def eval_(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt
     from ptmst_ray.orchestration.runtime import progress_board
     from ptmst_ray.orchestration.scoring import METHODS
 
-    cfg = get_config(config, set_)
+    cfg = get_run_config(config, set_)
     bad = [m for m in method if m not in METHODS]
     if bad:
         fail(f"--method {bad[0]!r} is not one of {', '.join(METHODS)}")
@@ -226,7 +247,7 @@ def eval_(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt
             board = progress_board()
             results = evaluate(cfg, list(method), board, _poller(board, RichUI(progress)))
     except _library_errors() as e:
-        fail(str(e), code=1)
+        fail(_explain(cfg, e), code=1)
     console.print(results_table(results))
     if json_path is not None:
         json_path.write_text(json.dumps(results, indent=2))

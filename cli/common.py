@@ -47,6 +47,36 @@ def get_config(config: Optional[Path], overrides: Optional[list[str]]) -> Config
     raise AssertionError("unreachable")
 
 
+def get_run_config(config: Optional[Path], overrides: Optional[list[str]]) -> Config:
+    """:func:`get_config`, then the paths a run needs: inputs exist, run root writable (exit 2 naming the field).
+
+    Called before Ray starts, so a bad path launches nothing.
+    """
+    from ptmst_ray.orchestration.stages import check_paths
+
+    cfg = get_config(config, overrides)
+    try:
+        check_paths(cfg)
+    except ConfigError as e:
+        fail(f"{config or DEFAULT_CONFIG}: {e}")
+    return cfg
+
+
+INTERRUPTED = 130
+"""Exit code after Ctrl-C (128 + SIGINT), as shells report it."""
+
+
+def interrupted() -> None:
+    """Ctrl-C: stop the local Ray this process started, say what is kept, exit 130."""
+    import ray
+
+    console.print("[bold yellow]interrupted:[/] finished work is kept (data, experts, phase checkpoints and "
+                  "subsets); run the same command again to resume")
+    if ray.is_initialized():
+        ray.shutdown()
+    raise typer.Exit(INTERRUPTED)
+
+
 @contextlib.contextmanager
 def progress_bars() -> Iterator[Progress]:
     """A rich progress display on stderr (disabled when stderr is not a terminal: plain log lines instead)."""

@@ -9,6 +9,7 @@ manifest, written last, exists and matches the expected config hash.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -25,7 +26,15 @@ MANIFEST = "manifest.json"
 
 
 class StorageError(RuntimeError):
-    """An artefact is missing, corrupt or cannot be written; the message says what to do."""
+    """An artefact is missing, corrupt or cannot be written; the message says what to do.
+
+    Messages start with the URL of the file at fault (``"<url>: what is wrong; what to do"``);
+    :attr:`url` holds it so callers can name the stage that rebuilds it.
+    """
+
+    def __init__(self, message: str, url: str | None = None):
+        super().__init__(message)
+        self.url = url if url is not None else message.split(": ", 1)[0]
 
 
 def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -90,31 +99,45 @@ def read_json(url: str) -> Any:
         raise StorageError(f"{url}: not valid JSON ({e})") from None
 
 
+TMP_MARK = ".tmp-"
+"""Temporary names are ``<target>.tmp-<random>``; readers never look at them."""
+
+
+def write_error(url: str, e: OSError) -> StorageError:
+    """The StorageError for a failed write of ``url`` (disk full, read-only, permissions...)."""
+    reason = "no space left on device" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+    return StorageError(f"{url}: cannot write ({reason}); nothing was marked complete: free space or make the "
+                        "run root writable, then run the same command again", url)
+
+
 @contextlib.contextmanager
 def atomic_open(url: str, mode: str = "wb") -> Iterator[Any]:
-    """Write to a temporary sibling, then move into place; on error the target is untouched."""
+    """Write to a temporary sibling, then move into place; on error the target is untouched.
+
+    An ``OSError`` while writing (a full disk, a read-only root) becomes a :class:`StorageError`
+    naming ``url``; the temporary file is removed.
+    """
     fs, path = filesystem(url)
-    parent = path.rsplit("/", 1)[0] if "/" in path else ""
-    if parent:
-        fs.makedirs(parent, exist_ok=True)
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:12]}"
+    tmp = f"{path}{TMP_MARK}{uuid.uuid4().hex[:12]}"
     try:
+        parent = path.rsplit("/", 1)[0] if "/" in path else ""
+        if parent:
+            fs.makedirs(parent, exist_ok=True)
         with fs.open(tmp, mode) as f:
             yield f
         fs.mv(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError, OSError):
             if fs.exists(tmp):
                 fs.rm(tmp)
+        if isinstance(e, OSError):
+            raise write_error(url, e) from e
         raise
 
 
 def write_bytes(url: str, data: bytes) -> None:
-    try:
-        with atomic_open(url, "wb") as f:
-            f.write(data)
-    except OSError as e:
-        raise StorageError(f"{url}: cannot write ({e.strerror or e}); check that the run root is writable and has space") from e
+    with atomic_open(url, "wb") as f:
+        f.write(data)
 
 
 def write_text(url: str, text: str) -> None:
@@ -181,10 +204,11 @@ def verify_files(directory: str, files: dict[str, str]) -> None:
     for name, digest in files.items():
         url = join(directory, name)
         if not exists(url):
-            raise StorageError(f"{url}: listed in {join(directory, MANIFEST)} but missing; rebuild this stage")
+            raise StorageError(f"{url}: listed in {join(directory, MANIFEST)} but missing; rebuild this stage", url)
         if hash_file(url) != digest:
             raise StorageError(
-                f"{url}: content hash does not match {join(directory, MANIFEST)} (corrupt or changed); rebuild this stage"
+                f"{url}: content hash does not match {join(directory, MANIFEST)} (corrupt or changed); rebuild this stage",
+                url,
             )
 
 

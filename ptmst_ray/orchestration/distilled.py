@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import logging
+import math
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -32,8 +33,37 @@ GRID = "grid.png"
 CARD = "card.json"
 
 
-def distilled_hash(cfg: Config) -> str:
-    return section_hash([phase_hash(cfg, p) for p in cfg.phases])
+def distilled_hash(cfg: Config, statuses: list[str] | None = None) -> str:
+    """Identity of the distilled set: its phases' hashes (and which of them diverged)."""
+    return section_hash([phase_hash(cfg, p) for p in cfg.phases], statuses or ["done"] * len(cfg.phases))
+
+
+def phase_subset_dirs(cfg: Config) -> list[tuple[str, str]]:
+    """(status, directory) of each phase's subset: "done" (finished) or "diverged" (its last finite EMA state).
+
+    Raises StageError when a phase has neither (it has not run, or failed).
+    """
+    from ptmst_ray.orchestration.stages import diverged_dir
+
+    layout, out = Layout(cfg.run.root), []
+    for i, phase in enumerate(cfg.phases):
+        name, chash = phase_name(i), phase_hash(cfg, phase)
+        if storage.is_complete(layout.subset(name), chash):
+            out.append(("done", layout.subset(name)))
+        elif storage.is_complete(diverged_dir(cfg, name), chash):
+            out.append(("diverged", diverged_dir(cfg, name)))
+        else:
+            raise StageError(f"{layout.subset(name)}: phase {i} has not finished; run `ptmst-ray run` to distil it")
+    return out
+
+
+def _check_finite(directory: str, sub) -> None:
+    bad = [k for k in ("images", "text", "similarity") if not bool(torch.isfinite(getattr(sub, k)).all())]
+    bad += [k for k in ("alpha_img", "alpha_txt") if not math.isfinite(getattr(sub, k))]
+    if bad:
+        raise StageError(f"{directory}: {', '.join(bad)} not finite; the phase diverged before its EMA state "
+                         "settled. Lower distill.lr_img / lr_txt / lr_sim (or the phase's similarity alpha), then "
+                         "`ptmst-ray run --rebuild phases`")
 
 
 def _png(img_uint8: torch.Tensor) -> bytes:
@@ -47,16 +77,22 @@ def aggregate(cfg: Config) -> dict:
     from ptmst_ray.data.dataset import denormalize_images
     from ptmst_ray.distill.export import image_grid_png, load_subset
 
-    layout, chash = Layout(cfg.run.root), distilled_hash(cfg)
+    layout = Layout(cfg.run.root)
+    sources = phase_subset_dirs(cfg)
+    statuses = [status for status, _ in sources]
+    chash = distilled_hash(cfg, statuses)
     done = storage.read_manifest(layout.distilled)
     if done is not None and done.get("config_hash") == chash:
+        storage.verify_files(layout.distilled, done["files"])
         return done
     subsets = []
-    for i in range(len(cfg.phases)):
-        d = layout.subset(phase_name(i))
-        if not storage.is_complete(d, phase_hash(cfg, cfg.phases[i])):
-            raise StageError(f"{d}: phase {i} has not finished; run `ptmst-ray run` to distil it")
-        subsets.append(load_subset(d))
+    for status, d in sources:
+        sub = load_subset(d)
+        _check_finite(d, sub)
+        if status == "diverged":
+            log.warning("%s diverged (%s); the distilled set uses its last finite EMA state (iteration %s)",
+                        sub.meta.get("name"), sub.meta["diverged"].get("detail"), sub.meta.get("iterations"))
+        subsets.append(sub)
     rows: dict[str, list] = {k: [] for k in ("phase", "index", "image_png", "text_embedding", "nearest_caption",
                                              "similarity_row", "alpha_img", "alpha_txt")}
     tensors, captions = {}, []
@@ -88,14 +124,17 @@ def aggregate(cfg: Config) -> dict:
         "method": "PTM-ST (phased teachers + shortcut trajectories)" if cfg.shortcut.enabled else "PTM (raw trajectories)",
         "pairs": sum(s.images.shape[0] for s in subsets),
         "phases": [{**dataclasses.asdict(cfg.phases[i]), "alpha_img": s.alpha_img, "alpha_txt": s.alpha_txt,
-                    "iterations_run": s.meta.get("iterations")} for i, s in enumerate(subsets)],
+                    "iterations_run": s.meta.get("iterations"), "status": statuses[i],
+                    **({"diverged": s.meta["diverged"]} if statuses[i] == "diverged" else {})}
+                   for i, s in enumerate(subsets)],
         "distill": dataclasses.asdict(cfg.distill), "experts": dataclasses.asdict(cfg.experts),
         "model": dataclasses.asdict(cfg.model), "data": dataclasses.asdict(cfg.data),
         "files": {"parquet": PARQUET, "tensors": TENSORS, "grid": GRID},
     }
     storage.write_json(storage.join(out, CARD), card)
     files = {n: storage.hash_file(storage.join(out, n)) for n in (PARQUET, TENSORS, CARD)}
-    manifest = {"config_hash": chash, "files": files, "pairs": card["pairs"], "phases": len(subsets)}
+    manifest = {"config_hash": chash, "files": files, "pairs": card["pairs"], "phases": len(subsets),
+                "diverged": [phase_name(i) for i, s in enumerate(statuses) if s == "diverged"]}
     storage.write_manifest(out, manifest)
     log.info("distilled set: %d pairs in %d phases at %s", card["pairs"], len(subsets), out)
     return manifest

@@ -138,9 +138,15 @@ def run_pipeline(cfg: Config, ui: UI | None = None) -> dict[str, Any]:
     ui.stage(f"phases ({len(cfg.phases)}" + (" + single-phase baseline)" if "single_phase" in cfg.eval.baselines else ")"))
     status = run_phases(cfg, board, poll)
     bad = {n: s for n, s in status.items() if s.get("status") != "done"}
-    if any(n.startswith("phase") for n in bad):
-        raise PipelineError("; ".join(f"{n}: {s.get('status')} ({s.get('detail')})" for n, s in bad.items())
+    failed = {n: s for n, s in bad.items() if n.startswith("phase") and s.get("status") != "diverged"}
+    if failed:
+        raise PipelineError("; ".join(f"{n}: {s.get('status')} ({s.get('detail')})" for n, s in failed.items())
                             + ". Finished phases are kept; fix the cause and run the same command again.")
+    warnings = [f"{n} diverged ({s.get('detail')}); the distilled set uses its last finite EMA state. Lower "
+                "distill.lr_img / lr_txt / lr_sim, then `ptmst-ray run --rebuild phases`"
+                for n, s in bad.items() if n.startswith("phase")]
+    for w in warnings:
+        log.warning("%s", w)
 
     from ptmst_ray.orchestration.distilled import aggregate
 
@@ -153,6 +159,7 @@ def run_pipeline(cfg: Config, ui: UI | None = None) -> dict[str, Any]:
     ui.stage(f"evaluation ({', '.join(methods)} x {cfg.eval.seeds} seeds)")
     results = evaluate(cfg, methods, board, poll)
     results.update({"experts": experts, "phases": status, "distilled": distilled["pairs"],
+                    "diverged_phases": distilled.get("diverged", []), "warnings": warnings,
                     "wall_seconds": time.time() - t0, "run_root": cfg.run.root})
     storage.write_json(storage.join(layout.eval, "results.json"), results)
     _plot(cfg, results)

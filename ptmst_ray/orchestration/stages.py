@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import os
 from dataclasses import dataclass
 from typing import Callable
 
@@ -29,6 +30,10 @@ Progress = Callable[[int, int], None]
 
 class StageError(RuntimeError):
     """A stage cannot run; the message names the artefact and how to fix or rebuild it."""
+
+
+STAGES = ("data", "pretrain", "embed", "experts", "shortcut", "phases", "aggregate", "eval")
+"""The pipeline's stages in order; ``ptmst-ray run --rebuild STAGE`` takes one of these."""
 
 
 # --------------------------------------------------------------------------- layout and identity
@@ -81,6 +86,107 @@ def shared_root(cfg: Config) -> str:
     ``run.shared_root`` when set (a sweep trial reads the base run's), else ``run.root``.
     """
     return cfg.run.shared_root or cfg.run.root
+
+
+def stage_dirs(cfg: Config, stage: str) -> list[str]:
+    """The directories that hold ``stage``'s artefacts (the shared ones under :func:`shared_root`)."""
+    shared, own = Layout(shared_root(cfg)), Layout(cfg.run.root)
+    dirs = {
+        "data": [shared.data],
+        "pretrain": [shared.pretrain] if cfg.pretrain.enabled else [],
+        "embed": [storage.join(shared.data, "embedded"), storage.join(shared.data, "text_cache")],
+        "experts": [storage.join(shared.root, "experts")],
+        "shortcut": [storage.join(shared.root, "shortcuts")],
+        "phases": [own.phases],
+        "aggregate": [own.distilled],
+        "eval": [own.eval],
+    }
+    if stage not in dirs:
+        raise StageError(f"unknown stage {stage!r}; choose one of {', '.join(STAGES)}")
+    return dirs[stage]
+
+
+def owning_stage(cfg: Config, url: str) -> str | None:
+    """The stage whose artefacts include ``url`` (the stage to rebuild when it is corrupt), or None."""
+    best = None
+    for stage in STAGES:
+        for d in stage_dirs(cfg, stage):
+            if (url == d or url.startswith(d + "/")) and (best is None or len(d) > len(best[1])):
+                best = (stage, d)
+    return best[0] if best else None
+
+
+def rebuild(cfg: Config, stage: str) -> list[str]:
+    """Delete the artefacts of ``stage`` and of every later stage, so the next run redoes exactly those.
+
+    Later stages are invalidated explicitly (not left to their config hashes, which do not
+    change): they were computed from the artefacts being rebuilt, which need not come out bit
+    for bit the same (training is not deterministic across machines). Earlier stages are kept.
+    Returns the directories removed. Artefacts under a different ``run.shared_root`` belong to
+    other runs too and are refused.
+    """
+    if stage not in STAGES:
+        raise StageError(f"unknown stage {stage!r}; choose one of {', '.join(STAGES)}")
+    doomed = [d for s in STAGES[STAGES.index(stage):] for d in stage_dirs(cfg, s)]
+    if shared_root(cfg) != cfg.run.root:
+        shared = [d for d in doomed if d.startswith(shared_root(cfg) + "/")]
+        if shared:
+            raise StageError(f"{shared[0]}: lives in run.shared_root ({shared_root(cfg)}), shared with other runs; "
+                             f"rebuild it from the run that owns it, or choose a stage after shortcut")
+    removed = [d for d in doomed if storage.exists(d)]
+    for d in removed:
+        log.info("rebuild %s: removing %s", stage, d)
+        storage.remove(d, recursive=True)
+    _load_real_cached.cache_clear()
+    return removed
+
+
+def explain(cfg: Config, error: BaseException) -> str:
+    """``error``'s message, plus the `--rebuild` command when it names a corrupt or missing artefact."""
+    from ptmst_ray.storage import StorageError
+
+    cause = getattr(error, "cause", None)  # a Ray task error: show the library error it carries
+    if isinstance(cause, BaseException):
+        error = cause
+    message = str(error)
+    if isinstance(error, OSError):  # raised past the storage layer (e.g. inside a third-party writer)
+        where = error.filename or cfg.run.root
+        return (f"{where}: {error.strerror or error}; nothing half-written is marked complete: free space or "
+                "make the run root writable, then run the same command again")
+    if isinstance(error, StorageError) and "run --rebuild" not in message:
+        stage = owning_stage(cfg, error.url)
+        if stage is not None:
+            message += f" (to redo it: `ptmst-ray run --rebuild {stage}`)"
+    return message
+
+
+def check_paths(cfg: Config) -> None:
+    """Fail fast, before Ray starts, on input paths that do not exist and a run root that cannot be written.
+
+    Raises :class:`~ptmst_ray.config.ConfigError` naming the field.
+    """
+    from ptmst_ray.config import ConfigError
+
+    inputs = [("data.annotations", cfg.data.annotations), ("data.images", cfg.data.images)]
+    for field_name in ("pretrained", "image_pretrained", "text_pretrained"):
+        value = getattr(cfg.model, field_name)
+        made_here = field_name == "pretrained" and cfg.pretrain.enabled  # written by the pretrain stage
+        if value and ("/" in value or "://" in value) and not made_here:
+            inputs.append((f"model.{field_name}", value))
+    for name, value in inputs:
+        if cfg.data.dataset == "builtin" and name.startswith("data."):
+            continue
+        if value and not storage.exists(value):
+            raise ConfigError(name, f"{value} does not exist; fix the path (or --set {name}=...)")
+    probe = storage.join(cfg.run.root, f".ptmst-write-check-{os.getpid()}")
+    try:
+        storage.write_bytes(probe, b"ok")
+        storage.remove(probe)
+    except (OSError, storage.StorageError) as e:
+        cause = e.__cause__ if isinstance(e, storage.StorageError) else e
+        reason = getattr(cause, "strerror", None) or str(cause or e)
+        raise ConfigError("run.root", f"{cfg.run.root} cannot be written ({reason}); choose a writable folder "
+                                      "or URL (--set run.root=...)") from None
 
 
 def data_hash(cfg: Config) -> str:
@@ -151,9 +257,18 @@ def prepare(cfg: Config, progress: Callable[[str, int, int], None] | None = None
 
     ``progress(split, done, total)``; split is "source" while the built-in dataset is generated.
     """
+    from ptmst_ray.data.dataset import split_manifest
     from ptmst_ray.data.prepare import prepare_dataset
 
-    return prepare_dataset(cfg.data, Layout(shared_root(cfg)).data, progress=progress)
+    data_dir = Layout(shared_root(cfg)).data
+    manifest = prepare_dataset(cfg.data, data_dir, progress=progress)
+    for split in manifest["splits"]:  # cheap check before anything uses them; loaders verify hashes
+        m = split_manifest(data_dir, split, verify=False)
+        for name in m["files"]:
+            url = storage.join(data_dir, split, name)
+            if not storage.exists(url):
+                raise storage.StorageError(f"{url}: listed in the split's manifest but missing", url)
+    return manifest
 
 
 def _normalised_split(cfg: Config, split: str):
@@ -226,7 +341,9 @@ def embed(cfg: Config, progress: Progress | None = None) -> str:
     encoder = build_text_encoder(cfg.model)
     key = section_hash(encoder.key, data_hash(cfg))
     out = layout.embedded(key)
-    if storage.is_complete(out, key):
+    done = storage.read_manifest(out)
+    if done is not None and done.get("config_hash") == key:
+        storage.verify_files(out, done["files"])  # small files: check them before any worker uses them
         return key
     files = {}
     for split in ("train", "test"):
@@ -456,10 +573,17 @@ def _nearest_caption_extra(ema: dict, real: RealData) -> list[str]:
     return nearest_captions(ema["text"].float().cpu(), real.train_text, real.train_captions)
 
 
+def diverged_dir(cfg: Config, name: str) -> str:
+    """Where a diverged phase keeps its last finite EMA state (never counted as the phase's subset)."""
+    return storage.join(cfg.run.root, "phases", name, "diverged")
+
+
 def _keep_diverged(cfg: Config, name: str, phase: PhaseConfig, ema: dict, info: dict) -> dict:
     from ptmst_ray.distill.export import save_subset
 
-    out = storage.join(cfg.run.root, "phases", name, "diverged")
-    save_subset(out, ema, phase, config_hash=phase_hash(cfg, phase), extra={"diverged": info})
+    out = diverged_dir(cfg, name)
+    finite_at = max(0, int(info.get("iteration", 1)) - 1)  # the EMA was last updated by the iteration before
+    save_subset(out, ema, phase, config_hash=phase_hash(cfg, phase), iterations=finite_at,
+                extra={"name": name, "diverged": info, "nearest_captions": _nearest_caption_extra(ema, load_real(cfg))})
     log.error("phase %s diverged (%s); its last finite EMA state is in %s", name, info.get("detail"), out)
     return {"status": "diverged", "detail": info.get("detail"), "kept": out}

@@ -1,0 +1,619 @@
+"""Fault injection (issue #10): killed actors, interrupted drivers, corrupt artefacts, divergence, bad
+input, a full disk, and what must never be unpickled or exposed. Each test fails if work is lost,
+redone needlessly, or a broken artefact is taken for a finished one.
+
+Cost: one module-scoped prepared root (data, pretrained towers, embeddings, 2 experts) is copied
+by the tests that damage it; the driver-interruption test is one chain of four CLI runs.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from conftest import tiny_config
+from ptmst_ray import storage
+from ptmst_ray.orchestration import stages
+
+pytestmark = [pytest.mark.faults]
+REPO = Path(__file__).resolve().parents[1]
+runner = CliRunner()
+
+
+# ---------------------------------------------------------------- shared roots and helpers
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory, ray_session) -> Path:
+    """Data, pretrained towers, caption embeddings, 2 experts and their shortcuts of the tiny config."""
+    from ptmst_ray.orchestration.experts import run_experts
+
+    root = tmp_path_factory.mktemp("faults-prepared")
+    cfg = tiny_config(root)
+    stages.prepare(cfg)
+    stages.pretrain(cfg)
+    stages.embed(cfg)
+    assert run_experts(cfg)["trained"] == 2
+    return root
+
+
+def copy_root(src: Path, dst: Path, parts=("data", "pretrain", "experts", "shortcuts")) -> Path:
+    for part in parts:
+        shutil.copytree(src / part, dst / part)
+    return dst
+
+
+def copy_config(prepared: Path, root: Path, **overrides):
+    """The tiny config of a copied root. Its towers are read from ``prepared``: the experts' identity
+    includes the pretrained checkpoint's path, so the copied experts stay valid only this way."""
+    return tiny_config(root, **{"model.pretrained": str(prepared / "pretrain" / "clip.safetensors"), **overrides})
+
+
+def tree_files(d: Path) -> dict[str, float]:
+    return {str(p.relative_to(d)): p.stat().st_mtime_ns for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def invoke(args: list[str]):
+    from ptmst_ray_cli.main import app
+
+    return runner.invoke(app, args)
+
+
+def write_config(tmp_path: Path, cfg) -> Path:
+    path = tmp_path / f"cfg-{uuid.uuid4().hex[:6]}.yaml"
+    path.write_text(cfg.to_yaml())
+    return path
+
+
+CHEAP_EVAL = {"eval.baselines": [], "eval.seeds": 1}
+
+
+@pytest.fixture(autouse=True)
+def wide_console(monkeypatch):
+    """CLI messages on one line each (the rich console would wrap long paths at 80 columns)."""
+    from ptmst_ray_cli.common import console
+
+    monkeypatch.setattr(console, "width", 4000)
+
+
+# ---------------------------------------------------------------- 1. an expert actor killed mid-expert
+
+
+@pytest.mark.ray
+def test_killed_expert_actor_redoes_its_expert_exactly_once(prepared, tmp_path):
+    import ray
+    from ray.util.state import list_actors
+
+    from ptmst_ray.orchestration.experts import run_experts
+    from ptmst_ray.orchestration.runtime import progress_board
+    from ptmst_ray.trajectories.store import ShortcutStore, TrajectoryStore
+
+    root = copy_root(prepared, tmp_path / "kill", parts=("data", "pretrain"))
+    cfg = tiny_config(root, **{"experts.epochs": 12})
+    board = progress_board()
+    ray.get(board.clear.remote())
+    result: dict = {}
+    worker = threading.Thread(target=lambda: result.update(run_experts(cfg, board)))
+    worker.start()
+    victim, deadline = None, time.time() + 180
+    while victim is None and time.time() < deadline and worker.is_alive():
+        tasks = ray.get(board.snapshot.remote())
+        running = [t for n, t in tasks.items() if n.startswith("expert ") and 1 <= t["done"] < t["total"]]
+        if running:  # an expert is mid-training: kill an actor that is training one
+            alive = list_actors(filters=[("class_name", "=", "ExpertActor"), ("state", "=", "ALIVE")])
+            if alive:
+                victim = alive[0].pid
+                os.kill(victim, signal.SIGKILL)
+        time.sleep(0.2)
+    worker.join(timeout=300)
+    assert victim is not None, "no expert was ever seen mid-training"
+    assert result.get("trained") == 2 and result["actor_restarts"] >= 1, result
+    chash = stages.experts_hash(cfg)
+    store = TrajectoryStore.for_run(cfg.run.root)
+    assert store.complete_ids(chash) == [0, 1]
+    names = {p.name for p in (root / "experts").iterdir() if p.is_file() and ".tmp-" not in p.name}
+    assert names == {"expert_0000.safetensors", "expert_0000.json", "expert_0001.safetensors", "expert_0001.json"}
+    shortcuts = ShortcutStore.for_run(cfg.run.root)
+    for i in (0, 1):
+        snaps = store.load_expert(i, chash)  # sha256 against the sidecar: the complete file, not a partial one
+        assert len(snaps) == cfg.experts.epochs + 1
+        for a, b in stages.needed_ranges(cfg):
+            assert shortcuts.is_complete(a, b, i, chash)
+            traj = shortcuts.load(a, b, i)  # the shortcut was made from the final file
+            for name, t in traj.snapshot(b - a).items():
+                assert torch.equal(t, snaps[b][name]), (i, a, b, name)
+
+
+# ---------------------------------------------------------------- 3. the driver interrupted and run again
+
+
+def _tagged_pids(tag: str) -> list[int]:
+    """Processes whose environment carries ``tag`` (everything a test's subprocess started, however deep)."""
+    needle = f"PTMST_FAULT_TAG={tag}".encode()
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                env = Path(f"/proc/{entry}/environ").read_bytes()
+            except OSError:
+                continue
+            if needle in env.split(b"\0"):
+                pids.append(int(entry))
+    return pids
+
+
+def _reap(tag: str) -> list[int]:
+    """Kill what this test started (only processes carrying its tag); returns what was still alive."""
+    alive = _tagged_pids(tag)
+    for pid in alive:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return alive
+
+
+def _gone(tag: str, timeout: float) -> list[int]:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        left = [p for p in _tagged_pids(tag) if Path(f"/proc/{p}/stat").read_text().split()[2] != "Z"]
+        if not left:
+            return []
+        time.sleep(0.5)
+    return left
+
+
+class Driver:
+    """`ptmst-ray run --config X` as a subprocess with its own local Ray, tagged for clean-up."""
+
+    def __init__(self, config: Path, tag: str, log: Path):
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        env.update(PTMST_FAULT_TAG=tag, OMP_NUM_THREADS="1", RAY_ENABLE_UV_RUN_RUNTIME_ENV="0")
+        self.log = log
+        self.proc = subprocess.Popen([sys.executable, "-m", "ptmst_ray_cli", "run", "--config", str(config)],
+                                     env=env, cwd=REPO, stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+
+    def wait_for(self, path: Path, timeout: float = 240) -> None:
+        deadline = time.time() + timeout
+        while not path.exists():
+            assert self.proc.poll() is None, f"the run ended before {path} appeared:\n{self.output()[-3000:]}"
+            assert time.time() < deadline, f"{path} did not appear in {timeout}s:\n{self.output()[-3000:]}"
+            time.sleep(0.2)
+
+    def wait_for_text(self, text: str, timeout: float = 60) -> None:
+        deadline = time.time() + timeout
+        while text not in self.output():
+            assert self.proc.poll() is None and time.time() < deadline, f"no {text!r}:\n{self.output()[-3000:]}"
+            time.sleep(0.1)
+
+    def finish(self, timeout: float = 300) -> int:
+        return self.proc.wait(timeout=timeout)
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_interrupted_driver_resumes_without_redoing_work(prepared, tmp_path):
+    """SIGINT during experts, SIGKILL during phases, SIGINT during evaluation; then the same command finishes."""
+    root = copy_root(prepared, tmp_path / "run", parts=("data", "pretrain"))
+    cfg = tiny_config(root, **{"experts.num_experts": 4, "experts.epochs": 8, "phases.1.iterations": 16,
+                               "distill.checkpoint_every": 4, **CHEAP_EVAL, "eval.epochs": 80})
+    config = write_config(tmp_path, cfg)
+    tag = uuid.uuid4().hex
+    experts, phases = root / "experts", root / "phases"
+    try:
+        # A: Ctrl-C once the first expert is stored -> exit 130, a message, no traceback, no Ray left behind
+        a = Driver(config, tag, tmp_path / "a.log")
+        a.wait_for(experts / "expert_0000.json")
+        a.proc.send_signal(signal.SIGINT)
+        assert a.finish(timeout=90) == 130, a.output()[-3000:]
+        assert "interrupted" in a.output() and "Traceback" not in a.output(), a.output()[-3000:]
+        assert _gone(tag, 30) == [], "the interrupted driver left Ray processes behind"
+        kept = {n: t for n, t in tree_files(experts).items() if re.fullmatch(r"expert_\d{4}\.json", n)}
+        assert kept and len(kept) < 4, kept  # 2 actors: the 4th expert had not started
+
+        # B: SIGKILL once phase 0 is finished (phase 1 runs longer) -> nothing to say, but nothing lost
+        b = Driver(config, tag, tmp_path / "b.log")
+        b.wait_for(phases / "phase0" / "subset" / storage.MANIFEST)
+        b.proc.kill()
+        b.finish(timeout=30)
+        _gone(tag, 20)  # Ray's reaper normally stops a killed driver's local Ray by itself ...
+        _reap(tag)  # ... and this test removes whatever it started that is still there
+        assert _gone(tag, 10) == []
+        after_b = tree_files(experts)
+        assert {n: after_b[n] for n in kept} == kept, "experts finished before the interruption were retrained"
+        phase0 = tree_files(phases / "phase0" / "subset")
+        phase0_attempts = sorted((phases / "phase0" / "attempts").glob("*.json"))
+
+        # C: Ctrl-C during evaluation (after the distilled set is written, before results)
+        c = Driver(config, tag, tmp_path / "c.log")
+        c.wait_for(root / "distilled" / storage.MANIFEST)
+        c.wait_for_text("evaluation (")
+        c.proc.send_signal(signal.SIGINT)
+        assert c.finish(timeout=90) == 130, c.output()[-3000:]
+        assert not (root / "eval" / "results.json").exists(), "evaluation finished before the interruption"
+        assert _gone(tag, 30) == []
+        distilled = tree_files(root / "distilled")
+
+        # D: the same command finishes, redoing nothing but the evaluation
+        d = Driver(config, tag, tmp_path / "d.log")
+        assert d.finish(timeout=300) == 0, d.output()[-3000:]
+        results = json.loads((root / "eval" / "results.json").read_text())
+        assert results["experts"] == {"trained": 0, "skipped": 4, "actor_restarts": 0}
+        assert {n: s.get("skipped") for n, s in results["phases"].items()} == {"phase0": True, "phase1": True}
+        assert tree_files(experts) == after_b
+        assert tree_files(phases / "phase0" / "subset") == phase0
+        assert sorted((phases / "phase0" / "attempts").glob("*.json")) == phase0_attempts
+        assert tree_files(root / "distilled") == distilled
+        assert results["methods"]["ptm_st"]["pairs"] == cfg.total_pairs
+    finally:
+        _reap(tag)
+
+
+# ---------------------------------------------------------------- 4. corrupt artefacts
+
+
+def _corrupt_expert(root: Path) -> Path:
+    p = root / "experts" / "expert_0001.safetensors"
+    p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+    return p
+
+
+def _corrupt_embeddings(root: Path) -> Path:
+    (p,) = (root / "data" / "embedded").glob("*/train.safetensors")
+    data = bytearray(p.read_bytes())
+    data[-5] ^= 0xFF  # same size, different content: only the manifest's hash can tell
+    p.write_bytes(bytes(data))
+    return p
+
+
+def _delete_shard(root: Path) -> Path:
+    (p,) = (root / "data" / "train").glob("captions-*.parquet")
+    p.unlink()
+    return p
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("damage, stage", [(_corrupt_expert, "experts"), (_corrupt_embeddings, "embed"),
+                                           (_delete_shard, "data")])
+def test_corrupt_artefact_is_named_before_use(prepared, tmp_path, damage, stage):
+    root = copy_root(prepared, tmp_path / "root")
+    cfg = copy_config(prepared, root, **CHEAP_EVAL)
+    damaged = damage(root)
+    assert stages.owning_stage(cfg, str(damaged)) == stage
+    result = invoke(["run", "--config", str(write_config(tmp_path, cfg))])
+    assert result.exit_code == 1, result.output
+    assert str(damaged) in result.output and "Traceback" not in result.output, result.output
+    hint = "ptmst-ray experts --rebuild" if stage == "experts" else f"ptmst-ray run --rebuild {stage}"
+    assert hint in result.output, result.output
+    assert not (root / "phases").exists(), "a stage after the corrupt artefact started"
+
+
+def test_rebuild_removes_the_stage_and_later_ones(prepared, tmp_path):
+    root = copy_root(prepared, tmp_path / "root")
+    cfg = copy_config(prepared, root)
+    (root / "phases" / "phase0").mkdir(parents=True)
+    (root / "eval").mkdir()
+    removed = stages.rebuild(cfg, "embed")
+    assert {Path(p).name for p in removed} == {"embedded", "text_cache", "experts", "shortcuts", "phases", "eval"}
+    assert (root / "data" / "train" / storage.MANIFEST).exists() and (root / "pretrain").exists()
+    assert stages.embed(cfg) and stages.load_real(cfg).train_text.isfinite().all()
+    shared = tiny_config(tmp_path / "other", **{"run.shared_root": str(root)})
+    with pytest.raises(stages.StageError, match="shared_root"):
+        stages.rebuild(shared, "experts")
+    assert stages.rebuild(shared, "phases") == []
+
+
+# ---------------------------------------------------------------- 4 + 5. `run --rebuild experts`, with one phase diverging
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_rebuild_experts_and_a_diverged_phase(prepared, tmp_path):
+    """One full run (to save time) checks two scenarios: `run --rebuild experts` after a truncated expert
+    redoes the experts and what follows, not what precedes; and a phase whose matching loss turns NaN
+    stops, keeps its last finite EMA state, and is marked in the distilled set's card and results.json,
+    while the other phase and the run's outputs are complete."""
+    from ptmst_ray.distill.export import load_subset
+    from ptmst_ray.orchestration.distilled import load_distilled
+    from ptmst_ray.trajectories.store import TrajectoryStore
+
+    root = copy_root(prepared, tmp_path / "root")
+    # a huge low-rank similarity scale on phase 1 only: its matching loss is NaN at iteration 2
+    cfg = copy_config(prepared, root, **{"phases.1.similarity": {"kind": "lowrank", "rank": 2, "alpha": 1e15},
+                                         "phases.0.iterations": 4, **CHEAP_EVAL})
+    _corrupt_expert(root)
+    before = {d: tree_files(root / d) for d in ("data/train", "data/test", "data/embedded", "pretrain")}
+    config = write_config(tmp_path, cfg)
+    assert invoke(["run", "--config", str(config), "--rebuild", "bogus"]).exit_code == 2
+    result = invoke(["run", "--config", str(config), "--rebuild", "experts"])
+    assert result.exit_code == 0, result.output
+    assert "warning: phase1 diverged" in result.output, result.output
+    results = json.loads((root / "eval" / "results.json").read_text())
+    # rebuild: experts redone, earlier stages untouched
+    assert results["experts"]["trained"] == 2
+    assert {d: tree_files(root / d) for d in before} == before
+    assert TrajectoryStore.for_run(str(root)).complete_ids(stages.experts_hash(cfg)) == [0, 1]
+    # divergence: phase 1 stopped and kept its last finite state; phase 0 and the outputs are complete
+    assert results["phases"]["phase0"]["status"] == "done"
+    assert results["phases"]["phase1"]["status"] == "diverged" and "nan" in results["phases"]["phase1"]["detail"]
+    assert results["diverged_phases"] == ["phase1"]
+    assert any("phase1 diverged" in w and "--rebuild phases" in w for w in results["warnings"])
+    kept = load_subset(stages.diverged_dir(cfg, "phase1"))
+    assert kept.meta["iterations"] == 1 and kept.meta["diverged"]["iteration"] == 2
+    assert all(bool(t.isfinite().all()) for t in (kept.images, kept.text, kept.similarity))
+    assert not storage.is_complete(stages.Layout(cfg.run.root).subset("phase1"))  # never taken for a finished one
+    done = load_subset(stages.Layout(cfg.run.root).subset("phase0"))
+    assert done.meta["iterations"] == cfg.phases[0].iterations
+    card = json.loads((root / "distilled" / "card.json").read_text())
+    assert [p["status"] for p in card["phases"]] == ["done", "diverged"]
+    assert card["phases"][1]["diverged"]["iteration"] == 2
+    subsets = load_distilled(str(root / "distilled"))
+    assert [s.images.shape[0] for s in subsets] == [6, 8] and torch.equal(subsets[0].images, done.images.float())
+    assert results["methods"]["ptm_st"]["pairs"] == 14
+
+
+# ---------------------------------------------------------------- 6. bad configs and bad paths
+
+
+@pytest.fixture
+def no_ray(monkeypatch):
+    """Fail the test if anything tries to start or join Ray."""
+    import ray
+
+    from ptmst_ray.orchestration import runtime
+
+    calls = []
+
+    def refuse(*a, **k):
+        calls.append((a, k))
+        raise AssertionError("Ray must not start for a bad config")
+
+    monkeypatch.setattr(runtime, "connect", refuse)
+    monkeypatch.setattr(ray, "init", refuse)
+    return calls
+
+
+@pytest.mark.parametrize("args, field", [
+    (["--set", "distill.bogus=1"], "distill.bogus"),
+    (["--set", "experts.epochs=abc"], "experts.epochs"),
+    (["--set", "phases.0.pairs=-3"], "phases[0].pairs"),
+    (["--config", "/nonexistent/ptmst.yaml"], "not found"),
+    (["--set", "data.dataset=flickr30k", "--set", "data.annotations=/nonexistent/flickr",
+      "--set", "pretrain.enabled=false"], "data.annotations"),
+    (["--set", "run.root={file}/sub"], "run.root"),
+])
+def test_bad_config_or_path_exits_2_before_ray(tmp_path, no_ray, args, field):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    config = write_config(tmp_path, tiny_config(tmp_path / "root"))
+    argv = ["run"] + ([] if "--config" in args else ["--config", str(config)])
+    result = invoke(argv + [a.replace("{file}", str(blocker)) for a in args])
+    assert result.exit_code == 2, result.output
+    assert field in result.output and "Traceback" not in result.output, result.output
+    assert no_ray == []
+
+
+# ---------------------------------------------------------------- 7. a full disk
+
+
+class FullDisk:
+    """storage.filesystem wrapper: writing a file whose name ends with ``victim`` fails half way with ENOSPC."""
+
+    def __init__(self, monkeypatch, victim: str):
+        self.victim, self.hits = victim, 0
+        real = storage.filesystem
+
+        def filesystem(url):
+            fs, path = real(url)
+            return (self._wrap(fs), path)
+
+        monkeypatch.setattr(storage, "filesystem", filesystem)
+
+    def _wrap(self, fs):
+        outer = self
+
+        class Proxy:
+            def __getattr__(self, name):
+                return getattr(fs, name)
+
+            def open(self, path, mode="rb", **kw):
+                f = fs.open(path, mode, **kw)
+                if "w" in mode and path.split(storage.TMP_MARK)[0].endswith(outer.victim):
+                    outer.hits += 1
+                    write = f.write
+
+                    def half_then_full(data):
+                        write(data[: len(data) // 2])
+                        raise OSError(errno.ENOSPC, "No space left on device")
+
+                    f.write = half_then_full
+                return f
+
+        return Proxy()
+
+
+def _no_tmp_left(d: Path) -> bool:
+    return not [p for p in d.rglob("*") if storage.TMP_MARK in p.name]
+
+
+@pytest.mark.parametrize("victim", ["test.safetensors", "manifest.json"])
+def test_disk_full_during_a_stage_marks_nothing_complete(prepared, tmp_path, monkeypatch, victim):
+    root = copy_root(prepared, tmp_path / "root", parts=("data", "pretrain"))
+    shutil.rmtree(root / "data" / "embedded")
+    cfg = copy_config(prepared, root)
+    disk = FullDisk(monkeypatch, victim)
+    with pytest.raises(storage.StorageError, match=f"{victim}: cannot write \\(no space left on device\\)"):
+        stages.embed(cfg)
+    assert disk.hits == 1
+    (out,) = (root / "data" / "embedded").iterdir()
+    assert not (out / storage.MANIFEST).exists() and not (out / victim).exists()
+    assert _no_tmp_left(root)
+    monkeypatch.undo()
+    key = stages.embed(cfg)  # space again: the same call finishes the stage
+    assert storage.is_complete(str(out), key) and stages.load_real(cfg).test_text.shape[0] > 0
+
+
+def test_disk_full_in_cli_exits_1_with_clear_message(prepared, tmp_path, monkeypatch):
+    root = tmp_path / "root"
+    cfg = tiny_config(root)
+    FullDisk(monkeypatch, "train/manifest.json")
+    result = invoke(["data", "prepare", "--config", str(write_config(tmp_path, cfg))])
+    assert result.exit_code == 1, result.output
+    assert "train/manifest.json: cannot write (no space left on device)" in result.output, result.output
+    assert "Traceback" not in result.output
+    assert not (root / "data" / "train" / storage.MANIFEST).exists()
+    assert not (root / "data" / storage.MANIFEST).exists() and _no_tmp_left(root)
+
+
+def test_disk_full_while_saving_an_expert_or_subset(tmp_path, monkeypatch):
+    from ptmst_ray.config import PhaseConfig
+    from ptmst_ray.distill.export import load_subset, save_subset
+    from ptmst_ray.trajectories.store import TrajectoryStore
+
+    store = TrajectoryStore(str(tmp_path / "experts"))
+    snaps = [{"w": torch.full((3,), float(k))} for k in range(3)]
+    FullDisk(monkeypatch, "expert_0000.json")
+    with pytest.raises(storage.StorageError, match="no space left"):
+        store.write_expert(0, snaps, seed=0, config_hash="h")
+    assert store.missing_ids(1, "h") == [0]  # the tensor file may be there, the sidecar (written last) is not
+    monkeypatch.undo()
+    FullDisk(monkeypatch, "manifest.json")
+    ema = {"images": torch.zeros(2, 3, 8, 8), "text": torch.zeros(2, 4), "alpha_img": torch.tensor(0.1),
+           "alpha_txt": torch.tensor(0.1), "similarity.sim": torch.eye(2)}
+    with pytest.raises(storage.StorageError, match="no space left"):
+        save_subset(str(tmp_path / "subset"), ema, PhaseConfig(pairs=2, minibatch=2, range_end=2), config_hash="h")
+    assert not storage.is_complete(str(tmp_path / "subset"))
+    with pytest.raises(storage.StorageError, match="no manifest"):
+        load_subset(str(tmp_path / "subset"))
+    assert _no_tmp_left(tmp_path)
+
+
+# ---------------------------------------------------------------- 8. no pickle from the run root; loopback only
+
+
+UNSAFE = [
+    (re.compile(r"\b(c?pickle|cloudpickle|dill|joblib|marshal)\.loads?\("), "unpickling"),
+    (re.compile(r"\bUnpickler\("), "unpickling"),
+    (re.compile(r"allow_pickle\s*=\s*True"), "np.load with pickles"),
+]
+
+
+def _call_text(text: str, open_paren: int) -> str:
+    depth = 0
+    for k in range(open_paren, len(text)):
+        depth += {"(": 1, ")": -1}.get(text[k], 0)
+        if depth == 0:
+            return text[open_paren: k + 1]
+    return text[open_paren:]
+
+
+def test_source_never_unpickles():
+    found = []
+    for path in sorted([*(REPO / "ptmst_ray").rglob("*.py"), *(REPO / "cli").rglob("*.py")]):
+        text = path.read_text()
+        for pattern, what in UNSAFE:
+            found += [f"{path.relative_to(REPO)}: {what}: {m.group(0)}" for m in pattern.finditer(text)]
+        for m in re.finditer(r"(?<![\w.])torch\.load\(", text):  # not safetensors.torch.load
+            call = _call_text(text, m.end() - 1)
+            if "weights_only=True" not in call:
+                found.append(f"{path.relative_to(REPO)}: torch.load without weights_only=True: {call}")
+    assert found == []
+
+
+@pytest.fixture
+def pickle_forbidden(monkeypatch):
+    import pickle
+
+    import numpy as np
+
+    def forbidden(*a, **k):
+        raise AssertionError("something was unpickled")
+
+    for mod, name in ((pickle, "load"), (pickle, "loads"), (pickle, "Unpickler"), (torch, "load"), (np, "load")):
+        monkeypatch.setattr(mod, name, forbidden)
+
+
+def test_pipeline_reads_its_run_root_without_pickle(prepared, tmp_path, pickle_forbidden):
+    """Every stage function that reads the run root, in this process, with pickle/torch.load/np.load disabled."""
+    from ptmst_ray import tensorio
+    from ptmst_ray.distill.export import load_subset
+    from ptmst_ray.orchestration.distilled import aggregate
+    from ptmst_ray.orchestration.scoring import score_one_seed
+
+    torch.set_num_threads(2)
+    root = copy_root(prepared, tmp_path / "root", parts=("data", "pretrain", "experts"))
+    cfg = copy_config(prepared, root, **{"phases.0.iterations": 2, "phases.1.iterations": 2, **CHEAP_EVAL})
+    stages.prepare(cfg)
+    stages.embed(cfg)
+    for i in range(cfg.experts.num_experts):  # reads the expert files
+        assert stages.compress_expert(cfg, i)
+    for name, phase, seed in stages.phase_jobs(cfg, with_baseline=False):  # reads shortcuts + pretrained towers
+        saved = {}
+        out = stages.distill_phase(cfg, name, phase, device=torch.device("cpu"), seed=seed,
+                                   save_checkpoint=lambda s: saved.update(state=s))
+        assert out["status"] == "done"
+        tensorio.save_state(str(tmp_path / "ckpt" / name), saved["state"])  # a phase checkpoint round trip
+        assert tensorio.load_state(str(tmp_path / "ckpt" / name))[0]["iteration"] == phase.iterations
+        assert load_subset(stages.Layout(cfg.run.root).subset(name)).images.shape[0] == phase.pairs
+    assert aggregate(cfg)["pairs"] == cfg.total_pairs
+    scored = score_one_seed(cfg, "ptm_st", 0)  # reads the distilled set
+    assert scored["pairs"] == cfg.total_pairs
+
+
+def _listening(port: int) -> set[str]:
+    """Addresses with a listening TCP socket on ``port`` (from /proc/net/tcp and tcp6)."""
+    hosts = set()
+    for name, width in (("/proc/net/tcp", 8), ("/proc/net/tcp6", 32)):
+        for line in Path(name).read_text().splitlines()[1:]:
+            fields = line.split()
+            ip_hex, port_hex = fields[1].split(":")
+            if fields[3] == "0A" and int(port_hex, 16) == port:
+                if width == 8:
+                    hosts.add(".".join(str(b) for b in bytes.fromhex(ip_hex)[::-1]))
+                else:
+                    hosts.add("::" if set(ip_hex) == {"0"} else ("::1" if ip_hex == "0" * 24 + "01000000" else ip_hex))
+    return hosts
+
+
+@pytest.mark.ray
+def test_dashboard_and_jobs_api_listen_on_loopback_only(ray_session):
+    import ray._private.worker as worker
+
+    url = worker.global_worker.node.address_info["webui_url"]  # the dashboard, which also serves the Jobs API
+    host, port = url.rsplit(":", 1)
+    assert host == "127.0.0.1"
+    assert _listening(int(port)) == {"127.0.0.1"}
+
+
+def test_cluster_yaml_binds_the_dashboard_to_loopback(tmp_path):
+    import yaml
+
+    from ptmst_ray.orchestration.launch import LaunchError, validate_cluster_yaml
+
+    raw = yaml.safe_load((REPO / "cluster" / "gpu.yaml").read_text())
+    head = " ".join(raw["head_start_ray_commands"])
+    assert "--dashboard-host=127.0.0.1" in head and "0.0.0.0" not in head
+    validate_cluster_yaml(REPO / "cluster" / "gpu.yaml")
+    raw["head_start_ray_commands"] = [c.replace("127.0.0.1", "0.0.0.0") for c in raw["head_start_ray_commands"]]
+    exposed = tmp_path / "exposed.yaml"
+    exposed.write_text(yaml.safe_dump(raw))
+    with pytest.raises(LaunchError, match="0.0.0.0"):
+        validate_cluster_yaml(exposed)
