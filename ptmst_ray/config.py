@@ -405,6 +405,15 @@ class Config:
             _check(self.data.dataset == "builtin", "pretrain.enabled",
                    "the pretraining stage trains on the built-in dataset's pretraining split only; "
                    "for benchmarks set model.pretrained / image_pretrained to real weights")
+        experts = range(self.experts.seed, self.experts.seed + self.experts.num_experts)
+        evals = range(self.eval.seed, self.eval.seed + self.eval.seeds)
+        _check(
+            max(experts.start, evals.start) >= min(experts.stop, evals.stop),
+            "eval.seed",
+            f"evaluation seeds {evals.start}..{evals.stop - 1} overlap the expert seeds "
+            f"{experts.start}..{experts.stop - 1} (experts.seed + expert id): an evaluation student would start "
+            f"at an expert's exact starting point; set eval.seed to at least {experts.stop}",
+        )
         m = self.distill.expert_epochs
         for i, ph in enumerate(self.phases):
             p = f"phases[{i}]"

@@ -166,3 +166,71 @@ def test_builtin_prepare_dataset_and_show(tmp_path):
 def test_unprepared_split_error(tmp_path):
     with pytest.raises(storage.StorageError, match="run `ptmst-ray data prepare`"):
         load_split(str(tmp_path), "test")
+
+
+def _noise_flickr(folder, n: int, size: int = 48):
+    """A Flickr30k-layout train file over ``n`` distinct noise PNGs (incompressible), 2 captions each."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(n)
+    folder.mkdir(parents=True)
+    rows = []
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+        rows += [{"image": f"{i}.png", "caption": f"picture {i} view {c}"} for c in range(2)]
+    (folder / "flickr30k_train.json").write_text(json.dumps(rows))
+    return folder
+
+
+def test_memory_bounded_by_row_group_not_by_split_size(tmp_path, monkeypatch):
+    """Issue #3: the images held while a split is written do not grow with the split (or the shard)."""
+    import tracemalloc
+
+    import pyarrow.parquet as pq
+
+    from ptmst_ray.data.annotations import read_split
+
+    monkeypatch.setattr(prepare, "ROW_GROUP_BYTES", 64 << 10)  # 2-3 prepared images per row group
+    peaks = {}
+    for n in (4, 40, 160):  # the first run only warms up (first-use allocations of PIL and pyarrow)
+        folder = _noise_flickr(tmp_path / f"src{n}", n, size=96)
+        cfg = DataConfig(dataset="flickr30k", annotations=str(folder), image_size=96, shard_rows=100_000)
+        ann = read_split(str(folder), "flickr30k", "train")
+        out = tmp_path / f"out{n}"
+        out.mkdir()
+        tracemalloc.start()
+        try:
+            result = prepare._write_pairs(ann, cfg, str(folder), str(out), None)
+            peaks[n] = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert result["images"] == n and result["captions"] == 2 * n
+        assert sorted(result["files"]) == ["captions-00000.parquet", "images-00000.parquet"]  # one shard each
+        shard = pq.ParquetFile(out / "images-00000.parquet")
+        assert shard.num_row_groups >= n // 3
+        assert shard.read(columns=["image_index"]).column(0).to_pylist() == list(range(n))
+    # noise does not compress: one prepared image is about 27 KB, so both shards are over the 1 MiB
+    # that hashing a finished shard reads at a time; holding every image (the old whole-shard
+    # buffer) would add 120 images from 40 to 160; allow a tenth of that
+    png = 96 * 96 * 3
+    assert peaks[160] - peaks[40] < 12 * png, peaks
+
+
+def test_interrupted_mid_shard_leaves_no_partial_or_temporary_file(tmp_path, monkeypatch):
+    folder = _noise_flickr(tmp_path / "src", 30)
+    cfg = DataConfig(dataset="flickr30k", annotations=str(folder), image_size=48, shard_rows=100_000)
+    monkeypatch.setattr(prepare, "ROW_GROUP_BYTES", 16 << 10)
+    real, calls = prepare._load_image, {"n": 0}
+
+    def flaky(url, size):
+        calls["n"] += 1
+        if calls["n"] == 20:  # after several row groups of the still-open shard were written
+            raise KeyboardInterrupt("simulated crash")
+        return real(url, size)
+
+    monkeypatch.setattr(prepare, "_load_image", flaky)
+    out = tmp_path / "train"
+    with pytest.raises(KeyboardInterrupt):
+        prepare.prepare_split(cfg, "train", str(out))
+    assert sorted(p.name for p in out.iterdir()) == []

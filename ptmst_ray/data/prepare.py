@@ -2,8 +2,9 @@
 
 Why this file exists: later stages (experts on Ray workers, distillation, evaluation) need the
 images decoded once, resized to the model's size, and stored next to their captions in a form
-any worker can read from the run root. Preparation streams shard by shard (memory is bounded
-by ``shard_rows`` images), writes each shard atomically, and writes the split's manifest last,
+any worker can read from the run root. Preparation streams row group by row group (memory is
+bounded by ``ROW_GROUP_BYTES`` of images, whatever the split or shard size; the annotation rows
+themselves are held in memory), writes each shard atomically, and writes the split's manifest last,
 so an interrupted run leaves no manifest and is redone, while a finished one is skipped.
 
 Layout of a prepared split folder ``<data_root>/<split>/``:
@@ -17,6 +18,7 @@ Layout of a prepared split folder ``<data_root>/<split>/``:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import logging
@@ -77,31 +79,85 @@ def _load_image(url: str, size: int) -> bytes:
 # --------------------------------------------------------------------------- shard writer
 
 
-class ShardWriter:
-    """Buffers rows and writes ``<prefix>-NNNNN.parquet`` atomically every ``shard_rows`` rows."""
+ROW_GROUP_BYTES = 16 << 20
+"""Rows are buffered up to this much payload (or ``shard_rows`` rows), then written as one Parquet
+row group: this, not the shard size or the dataset size, bounds the memory of preparation."""
 
-    def __init__(self, out_dir: str, prefix: str, schema: pa.Schema, shard_rows: int):
+
+def _payload(row: dict[str, Any]) -> int:
+    return sum(len(v) for v in row.values() if isinstance(v, (bytes, str)))
+
+
+class ShardWriter:
+    """Streams rows into ``<prefix>-NNNNN.parquet`` shards of ``shard_rows`` rows, each written atomically.
+
+    A shard is written row group by row group (at most ``row_group_bytes`` of buffered payload),
+    so memory does not grow with the shard or the split. Use as a context manager: on an error the
+    open shard's temporary file is removed and no partial shard takes its final name.
+    """
+
+    def __init__(self, out_dir: str, prefix: str, schema: pa.Schema, shard_rows: int,
+                 row_group_bytes: int | None = None):
         self.out_dir, self.prefix, self.schema, self.shard_rows = out_dir, prefix, schema, shard_rows
+        self.row_group_bytes = ROW_GROUP_BYTES if row_group_bytes is None else row_group_bytes
         self.buffer: list[dict[str, Any]] = []
+        self.buffer_bytes = 0
         self.files: dict[str, str] = {}
         self.rows = 0
+        """Rows in finished shards."""
+        self.added = 0
+        """Rows added so far (finished shards, the open shard and the buffer)."""
+        self._in_shard = 0
+        self._open: tuple[str, contextlib.ExitStack, pq.ParquetWriter] | None = None
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.flush()
+        elif self._open is not None:
+            _, stack, writer = self._open
+            self._open, self.buffer = None, []
+            with contextlib.suppress(Exception):
+                writer.close()
+            stack.__exit__(exc_type, exc, tb)  # atomic_open removes the temporary file
 
     def add(self, row: dict[str, Any]) -> None:
         self.buffer.append(row)
-        if len(self.buffer) >= self.shard_rows:
+        self.buffer_bytes += _payload(row)
+        self.added += 1
+        self._in_shard += 1
+        if self._in_shard >= self.shard_rows:
             self.flush()
+        elif self.buffer_bytes >= self.row_group_bytes:
+            self._write_row_group()
 
-    def flush(self) -> None:
+    def _write_row_group(self) -> None:
         if not self.buffer:
             return
-        name = f"{self.prefix}-{len(self.files):05d}.parquet"
-        table = pa.Table.from_pylist(self.buffer, schema=self.schema)
-        url = storage.join(self.out_dir, name)
-        with storage.atomic_open(url, "wb") as f:
-            pq.write_table(table, f)
-        self.files[name] = storage.hash_file(url)
-        self.rows += len(self.buffer)
-        self.buffer = []
+        if self._open is None:
+            name = f"{self.prefix}-{len(self.files):05d}.parquet"
+            stack = contextlib.ExitStack()
+            f = stack.enter_context(storage.atomic_open(storage.join(self.out_dir, name), "wb"))
+            # PNG bytes are all distinct: a dictionary for them only costs memory and time
+            dictionary = [n for n in self.schema.names if n != "png"]
+            self._open = (name, stack, pq.ParquetWriter(f, self.schema, use_dictionary=dictionary))
+        self._open[2].write_table(pa.Table.from_pylist(self.buffer, schema=self.schema))
+        self.buffer, self.buffer_bytes = [], 0
+
+    def flush(self) -> None:
+        """Write what is buffered and finish the open shard (moved into place, hashed)."""
+        self._write_row_group()
+        if self._open is None:
+            return
+        name, stack, writer = self._open
+        self._open = None
+        writer.close()
+        stack.close()
+        self.files[name] = storage.hash_file(storage.join(self.out_dir, name))
+        self.rows += self._in_shard
+        self._in_shard = 0
 
 
 # --------------------------------------------------------------------------- splits
@@ -134,53 +190,50 @@ def _skip_or_raise(cfg: DataConfig, skipped: list[dict], file: str, row: int, re
 
 def _write_pairs(ann: Annotations, cfg: DataConfig, images_dir: str, out_dir: str,
                  progress: Progress | None) -> dict[str, Any]:
-    imgs = ShardWriter(out_dir, "images", IMAGE_SCHEMA_PAIRS, cfg.shard_rows)
-    caps = ShardWriter(out_dir, "captions", CAPTION_SCHEMA, cfg.shard_rows)
     index: dict[str, int] = {}
     bad: set[str] = set()
     skipped: list[dict] = []
-    for k, r in enumerate(ann.rows):
-        assert isinstance(r, PairRow)
-        if r.image in bad:
-            _skip_or_raise(cfg, skipped, ann.url, r.row, f"its image {r.image} was unusable (see an earlier row)")
-        else:
-            if r.image not in index:
-                try:
-                    png = _load_image(storage.join(images_dir, r.image), cfg.image_size)
-                except ValueError as e:
-                    bad.add(r.image)
-                    _skip_or_raise(cfg, skipped, ann.url, r.row, str(e))
-                    continue
-                index[r.image] = len(index)
-                imgs.add({"image_index": index[r.image], "image": r.image, "image_id": r.image_id,
-                          "row": r.row, "png": png})
-            caps.add({"row": r.row, "image_index": index[r.image], "caption": r.caption})
-        if progress:
-            progress(k + 1, len(ann.rows))
-    imgs.flush()
-    caps.flush()
+    with ShardWriter(out_dir, "images", IMAGE_SCHEMA_PAIRS, cfg.shard_rows) as imgs, \
+            ShardWriter(out_dir, "captions", CAPTION_SCHEMA, cfg.shard_rows) as caps:
+        for k, r in enumerate(ann.rows):
+            assert isinstance(r, PairRow)
+            if r.image in bad:
+                _skip_or_raise(cfg, skipped, ann.url, r.row, f"its image {r.image} was unusable (see an earlier row)")
+            else:
+                if r.image not in index:
+                    try:
+                        png = _load_image(storage.join(images_dir, r.image), cfg.image_size)
+                    except ValueError as e:
+                        bad.add(r.image)
+                        _skip_or_raise(cfg, skipped, ann.url, r.row, str(e))
+                        continue
+                    index[r.image] = len(index)
+                    imgs.add({"image_index": index[r.image], "image": r.image, "image_id": r.image_id,
+                              "row": r.row, "png": png})
+                caps.add({"row": r.row, "image_index": index[r.image], "caption": r.caption})
+            if progress:
+                progress(k + 1, len(ann.rows))
     return {"images": imgs.rows, "captions": caps.rows, "rows": caps.rows,
             "files": {**imgs.files, **caps.files}, "skipped": skipped}
 
 
 def _write_eval(ann: Annotations, cfg: DataConfig, images_dir: str, out_dir: str,
                 progress: Progress | None) -> dict[str, Any]:
-    imgs = ShardWriter(out_dir, "images", IMAGE_SCHEMA_EVAL, cfg.shard_rows)
     skipped: list[dict] = []
     n_caps = 0
-    for k, r in enumerate(ann.rows):
-        assert isinstance(r, EvalRow)
-        try:
-            png = _load_image(storage.join(images_dir, r.image), cfg.image_size)
-        except ValueError as e:
-            _skip_or_raise(cfg, skipped, ann.url, r.row, str(e))
-        else:
-            imgs.add({"image_index": imgs.rows + len(imgs.buffer), "image": r.image, "image_id": r.image_id,
-                      "row": r.row, "png": png, "captions": r.captions})
-            n_caps += len(r.captions)
-        if progress:
-            progress(k + 1, len(ann.rows))
-    imgs.flush()
+    with ShardWriter(out_dir, "images", IMAGE_SCHEMA_EVAL, cfg.shard_rows) as imgs:
+        for k, r in enumerate(ann.rows):
+            assert isinstance(r, EvalRow)
+            try:
+                png = _load_image(storage.join(images_dir, r.image), cfg.image_size)
+            except ValueError as e:
+                _skip_or_raise(cfg, skipped, ann.url, r.row, str(e))
+            else:
+                imgs.add({"image_index": imgs.added, "image": r.image, "image_id": r.image_id,
+                          "row": r.row, "png": png, "captions": r.captions})
+                n_caps += len(r.captions)
+            if progress:
+                progress(k + 1, len(ann.rows))
     return {"images": imgs.rows, "captions": n_caps, "rows": imgs.rows, "files": imgs.files, "skipped": skipped}
 
 

@@ -1,0 +1,228 @@
+"""The pretraining and evaluation protocol's invariants (issue #12), on tiny models, without Ray.
+
+* the pretraining split shares no image, scene (attribute combination) or pixels with the
+  distillation train split or the test split, as prepared on disk;
+* the pretrained checkpoint round-trips through the ``model.pretrained`` loader bit for bit, for
+  both towers and for their consumers (frozen text encoder, student image tower);
+* experts start from the same (pretrained) image encoder and different projection heads;
+* no evaluation student starts from an expert's exact starting point: the seeds are captured from
+  the functions that choose them (``train_expert``, ``scoring.score_one_seed``,
+  ``stages.phase_recall``) for every shipped config, and the students they build are compared.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import open_clip
+import pytest
+import torch
+
+from ptmst_ray.config import (
+    BuiltinDataConfig, ConfigError, DataConfig, ExpertsConfig, ModelConfig, PretrainConfig, load_config,
+)
+from ptmst_ray.data import builtin
+from ptmst_ray.data.dataset import load_split
+from ptmst_ray.data.prepare import prepare_dataset
+from ptmst_ray.evaluate.protocol import Subset
+from ptmst_ray.models import student as student_mod
+from ptmst_ray.models.pretrain import pretrain_clip, save_checkpoint
+from ptmst_ray.models.student import build_student
+from ptmst_ray.models.towers import build_clip, build_text_encoder
+from ptmst_ray.orchestration import scoring, stages
+from ptmst_ray.trajectories import expert as expert_mod
+from ptmst_ray.trajectories.expert import snapshot, train_expert
+
+CPU = torch.device("cpu")
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+SMALL = BuiltinDataConfig(seed=3, pretrain_seed=7, train_images=40, test_images=15, pretrain_images=60,
+                          captions_per_image=2)
+TOY = ModelConfig()  # ptmst-toy-vit: 32x32 images, d_t = 64
+TEXT_DIM = 64
+CAPTIONS = [f"a {s} {c} shape" for s in ("small", "large") for c in ("red", "green", "blue", "cyan")] * 2
+
+
+@pytest.fixture(scope="module")
+def pretrained_ckpt(tmp_path_factory) -> tuple[str, dict[str, torch.Tensor]]:
+    """One epoch of the real pretraining on 16 noise pairs, saved by the real checkpoint writer."""
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(len(CAPTIONS), 3, 32, 32, generator=g)
+    state = pretrain_clip(TOY, PretrainConfig(enabled=True, epochs=1, batch_size=8, seed=3), images, CAPTIONS,
+                          device=CPU)
+    url = str(tmp_path_factory.mktemp("pretrain") / "clip.safetensors")
+    save_checkpoint(url, state)
+    return url, state
+
+
+# --------------------------------------------------------------------------- disjoint pretraining split
+
+
+def test_prepared_pretrain_split_disjoint_from_train_and_test(tmp_path):
+    root = str(tmp_path / "data")
+    prepare_dataset(DataConfig(dataset="builtin", image_size=32, builtin=SMALL), root)
+    splits = {s: load_split(root, s) for s in ("train", "test", "pretrain")}
+    assert [splits[s].images.shape[0] for s in ("train", "test", "pretrain")] == [40, 15, 60]
+    ids = {s: set(d.image_ids) for s, d in splits.items()}
+    # every caption names every attribute of its scene: shared captions would mean a shared scene
+    caps = {s: set(d.captions) for s, d in splits.items()}
+    pixels = {s: {img.numpy().tobytes() for img in d.images} for s, d in splits.items()}
+    for other in ("train", "test"):
+        assert not ids["pretrain"] & ids[other]
+        assert not caps["pretrain"] & caps[other], sorted(caps["pretrain"] & caps[other])[:3]
+        assert not pixels["pretrain"] & pixels[other]
+    assert not pixels["train"] & pixels["test"]
+    # the decoded images are the ones compared: every split's pixels are distinct within it, too
+    assert all(len(pixels[s]) == splits[s].images.shape[0] for s in splits)
+
+
+@pytest.mark.parametrize("path", [p for p in CONFIGS if load_config(p).data.dataset == "builtin"],
+                         ids=lambda p: p.name)
+def test_shipped_builtin_config_scenes_disjoint(path):
+    """The attribute combinations planned for the shipped config (whatever its current counts)."""
+    cfg = load_config(path)
+    plan = {s: set(v) for s, v in builtin.plan_scenes(cfg.data.builtin).items()}
+    assert len(plan["pretrain"]) == cfg.data.builtin.pretrain_images
+    assert not plan["pretrain"] & (plan["train"] | plan["test"])
+    assert not plan["train"] & plan["test"]
+
+
+# --------------------------------------------------------------------------- checkpoint round trip
+
+
+def test_pretrained_checkpoint_round_trip_identical_outputs(pretrained_ckpt):
+    url, state = pretrained_ckpt
+    ref = build_clip(TOY, seed=0)
+    ref.load_state_dict(state)
+    ref.eval()
+    cfg = dataclasses.replace(TOY, pretrained=url)
+    loaded = build_clip(cfg, seed=12345).eval()  # a different seed: everything must come from the file
+    assert set(loaded.state_dict()) == set(state)
+    for k, v in loaded.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    tokens = open_clip.get_tokenizer(TOY.name)(CAPTIONS[:5])
+    with torch.no_grad():
+        assert torch.equal(loaded.encode_image(x), ref.encode_image(x))
+        assert torch.equal(loaded.encode_text(tokens), ref.encode_text(tokens))
+        # the consumers: the frozen text encoder and the student's image tower
+        enc = build_text_encoder(cfg, device=CPU)
+        assert torch.equal(enc.encode(CAPTIONS[:5]), ref.encode_text(tokens, normalize=False))
+        st = build_student(cfg, enc.dim, seed=7).eval()
+        assert torch.equal(st.image(x), ref.visual(x))
+        # and the file was really read: an unloaded model of the same architecture differs
+        fresh = build_clip(TOY, seed=12345).eval()
+        assert not torch.equal(fresh.encode_image(x), ref.encode_image(x))
+        assert not torch.equal(fresh.encode_text(tokens), ref.encode_text(tokens))
+
+
+# --------------------------------------------------------------------------- experts
+
+
+def test_experts_share_pretrained_image_encoder_and_differ_in_heads(pretrained_ckpt):
+    url, state = pretrained_ckpt
+    cfg = ExpertsConfig(epochs=1, batch_size=8, seed=0)
+    g = torch.Generator().manual_seed(0)
+    images, text = torch.randn(16, 3, 32, 32, generator=g), torch.randn(16, TEXT_DIM, generator=g)
+    starts = [train_expert(cfg, dataclasses.replace(TOY, pretrained=url), images, text, i, device=CPU)[0]
+              for i in range(3)]
+    image_names = [n for n in starts[0] if n.startswith("image.")]
+    head_random = ["head.projection.weight", "head.projection.bias", "head.fc.weight", "head.fc.bias"]
+    assert image_names and set(head_random) <= set(starts[0])
+    for s in starts:
+        for n in image_names:
+            assert torch.equal(s[n], state["visual." + n[len("image."):]]), n
+    for i in range(3):
+        for j in range(i + 1, 3):
+            for n in head_random:
+                assert not torch.equal(starts[i][n], starts[j][n]), (i, j, n)
+
+
+# --------------------------------------------------------------------------- evaluation start points
+
+
+class _Captured(Exception):
+    """Raised by the stub builder once the seed is known (nothing is trained)."""
+
+
+def _capture(monkeypatch, module, seeds: list[int]) -> None:
+    def stub(model_cfg, text_dim, seed):
+        seeds.append(seed)
+        raise _Captured
+
+    monkeypatch.setattr(module, "build_student", stub)
+
+
+def expert_seeds(cfg, monkeypatch) -> list[int]:
+    """The seed ``train_expert`` builds each configured expert from."""
+    seeds: list[int] = []
+    with monkeypatch.context() as m:
+        _capture(m, expert_mod, seeds)
+        for i in range(cfg.experts.num_experts):
+            with pytest.raises(_Captured):
+                train_expert(cfg.experts, cfg.model, torch.zeros(2, 3, 8, 8), torch.zeros(2, 4), i, device=CPU)
+    return seeds
+
+
+def eval_seeds(cfg, monkeypatch) -> list[int]:
+    """The seeds evaluation students are built from: ``score_one_seed`` for every seed offset the
+    driver schedules (range(eval.seeds), every method) and the live recall of a phase."""
+    real = stages.RealData(torch.zeros(2, 3, 8, 8), torch.zeros(2, 4), ["a", "b"], torch.arange(2),
+                           torch.zeros(2, 3, 8, 8), torch.zeros(2, 4), ["a", "b"], torch.arange(2))
+    dummy = [Subset(images=torch.zeros(2, 3, 8, 8), text_emb=torch.zeros(2, 4))]
+    seeds: list[int] = []
+    with monkeypatch.context() as m:
+        _capture(m, student_mod, seeds)
+        m.setattr(scoring, "load_real", lambda c: real)
+        m.setattr("ptmst_ray.distill.export._similarity_matrix", lambda c, s: torch.eye(2))
+        for method in scoring.METHODS:
+            for s in range(cfg.eval.seeds):
+                with pytest.raises(_Captured):
+                    scoring.score_one_seed(cfg, method, s, subsets=dummy)
+        ema = {"images": torch.zeros(2, 3, 8, 8), "text": torch.zeros(2, 4),
+               "alpha_img": torch.tensor(0.1), "alpha_txt": torch.tensor(0.1)}
+        with pytest.raises(_Captured):
+            stages.phase_recall(cfg, cfg.phases[0], ema, real)
+    return seeds
+
+
+_STARTS: dict[tuple[int, str | None], dict[str, torch.Tensor]] = {}
+
+
+def start_of(seed: int, pretrained: str | None) -> dict[str, torch.Tensor]:
+    """The trainable parameters a toy student built from ``seed`` starts with (cached)."""
+    key = (seed, pretrained)
+    if key not in _STARTS:
+        _STARTS[key] = snapshot(build_student(dataclasses.replace(TOY, pretrained=pretrained), TEXT_DIM, seed))
+    return _STARTS[key]
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_eval_students_never_start_at_an_expert_start(path, pretrained_ckpt, monkeypatch):
+    cfg = load_config(path)
+    experts, evals = expert_seeds(cfg, monkeypatch), eval_seeds(cfg, monkeypatch)
+    assert len(experts) == cfg.experts.num_experts and len(evals) == len(scoring.METHODS) * cfg.eval.seeds + 1
+    # the config's model may be a large tower; the start points depend on the seeds only, so the
+    # toy model stands in, once with no pretrained weights (everything seeded) and once pretrained
+    for pretrained in (None, pretrained_ckpt[0]):
+        a, b = start_of(experts[0], pretrained), start_of(experts[0] + 1, pretrained)
+        seeded = [n for n in a if not torch.equal(a[n], b[n])]  # the parameters a seed draws
+        assert "head.projection.weight" in seeded
+        assert (pretrained is None) == any(n.startswith("image.") for n in seeded)
+        for e in sorted(set(evals)):
+            for x in sorted(set(experts)):
+                s_eval, s_exp = start_of(e, pretrained), start_of(x, pretrained)
+                same = [n for n in seeded if torch.equal(s_eval[n], s_exp[n])]
+                assert not same, f"{path.name}: eval seed {e} starts like expert seed {x} in {same[:3]}"
+
+
+@pytest.mark.parametrize("overrides", [
+    {"experts.num_experts": 101},  # expert seeds 0..100 reach eval seed 100
+    {"experts.seed": 100},
+    {"eval.seed": 3},
+])
+def test_colliding_expert_and_eval_seeds_are_rejected(overrides):
+    cfg = load_config()  # configs/toy.yaml
+    base = {"experts.seed": 0, "experts.num_experts": 20, "eval.seed": 100, "eval.seeds": 5}
+    with pytest.raises(ConfigError, match="seed"):
+        cfg.replace(**{**base, **overrides})
