@@ -93,6 +93,7 @@ def run(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt, 
     """Run the whole pipeline (data, pretrain, experts, shortcuts, phases, aggregate, eval); resumes."""
     from ptmst_ray.orchestration import stages
     from ptmst_ray.orchestration.driver import run_pipeline
+    from ptmst_ray.orchestration.runtime import install_interrupt_handler
 
     cfg = get_run_config(config, set_)
     if rebuild is not None and rebuild not in stages.STAGES:
@@ -102,6 +103,7 @@ def run(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt, 
             removed = stages.rebuild(cfg, rebuild)
             console.print(f"rebuild {rebuild}: removed {', '.join(removed) or 'nothing (not built yet)'}")
         _connect(cfg, address)
+        install_interrupt_handler()  # after ray.init: Ctrl-C lands at the next poll even if Ray swallows it
         with progress_bars() as progress:
             results = run_pipeline(cfg, RichUI(progress))
     except _library_errors() as e:

@@ -18,7 +18,7 @@ from ptmst_ray import storage
 from ptmst_ray.config import Config, from_dict
 from ptmst_ray.device import set_threads
 from ptmst_ray.orchestration import stages
-from ptmst_ray.orchestration.runtime import cluster_info, progress_board, report_progress
+from ptmst_ray.orchestration.runtime import check_interrupted, cluster_info, progress_board, report_progress
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,7 @@ def _poller(board, ui: UI):
     last = [0.0]
 
     def poll() -> None:
+        check_interrupted()
         now = time.monotonic()
         if now - last[0] >= 0.5:
             last[0] = now

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass
 
@@ -95,3 +97,30 @@ def report_progress(board, name: str, done: float, total: float, info: str = "")
         board.update.remote(name, done, total, info)
     except Exception as e:  # noqa: BLE001 - a dead board only costs the display
         log.debug("progress board unavailable: %s", e)
+
+
+_INTERRUPTED = threading.Event()
+
+
+def install_interrupt_handler() -> None:
+    """Make Ctrl-C stop the driver at its next progress poll even if the first KeyboardInterrupt is lost.
+
+    Python raises KeyboardInterrupt wherever the main thread happens to be; inside Ray's blocking
+    calls that exception can be swallowed (seen here: a SIGINT during the experts stage was ignored
+    and the run went on). The handler also sets a flag that every wait loop checks
+    (:func:`check_interrupted`), so the interrupt lands within one poll interval. Main thread only.
+    """
+    _INTERRUPTED.clear()
+
+    def handler(signum, frame):
+        _INTERRUPTED.set()
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, handler)
+
+
+def check_interrupted() -> None:
+    """Raise KeyboardInterrupt when Ctrl-C was pressed (see :func:`install_interrupt_handler`)."""
+    if _INTERRUPTED.is_set():
+        raise KeyboardInterrupt
+
