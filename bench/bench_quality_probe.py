@@ -57,18 +57,23 @@ def main(argv: list[str] | None = None) -> dict:
     timed("prepare", stages.prepare, cfg)
     pre = timed("pretrain", stages.pretrain, cfg)
     timed("embed", stages.embed, cfg)
-    for i in range(cfg.experts.num_experts):
+    distilled = bool({"ptm_st", "single_phase"} & set(args.methods))  # random/full alone need no experts
+    for i in range(cfg.experts.num_experts if distilled else 0):
         timed("experts", stages.train_and_store_expert, cfg, i)
         timed("experts", stages.compress_expert, cfg, i)
     phases = {}
-    for name, phase, seed in stages.phase_jobs(cfg, with_baseline="single_phase" in args.methods):
+    jobs = stages.phase_jobs(cfg, with_baseline="single_phase" in args.methods) if distilled else []
+    if "ptm_st" not in args.methods:
+        jobs = [j for j in jobs if j[0] == stages.SINGLE_PHASE]
+    for name, phase, seed in jobs:
         last: dict = {}
         out = timed("phases", stages.distill_phase, cfg, name, phase, device=torch.device("cpu"), seed=seed,
                     report=lambda m, ck, last=last: last.update(m))
         phases[name] = {**out, **{k: last[k] for k in ("iteration", "loss", "loss_img", "loss_txt", "alpha_img",
                                                         "alpha_txt") if k in last}}
         print(f"{name}: {json.dumps(phases[name])}", flush=True)
-    timed("aggregate", distilled_mod.aggregate, cfg)
+    if "ptm_st" in args.methods:
+        timed("aggregate", distilled_mod.aggregate, cfg)
     runs = []
     for method in args.methods:
         for s in range(cfg.eval.seeds):
