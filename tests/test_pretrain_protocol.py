@@ -226,3 +226,18 @@ def test_colliding_expert_and_eval_seeds_are_rejected(overrides):
     base = {"experts.seed": 0, "experts.num_experts": 20, "eval.seed": 100, "eval.seeds": 5}
     with pytest.raises(ConfigError, match="seed"):
         cfg.replace(**{**base, **overrides})
+
+
+def test_a_moved_run_root_keeps_its_experts(tmp_path):
+    """The pretrain stage's checkpoint path holds the run root; the experts' identity must not."""
+    from conftest import tiny_config
+    from ptmst_ray.orchestration import stages
+
+    a, b = tiny_config(tmp_path / "a"), tiny_config(tmp_path / "b")
+    assert a.model.pretrained != b.model.pretrained  # ${run.root} expanded to two places
+    assert stages.experts_hash(a) == stages.experts_hash(b)
+    assert stages.experts_hash(a) != stages.experts_hash(a.replace(**{"pretrain.epochs": 2}))
+    # user-given weights (no pretraining stage): another file is another starting point
+    c = a.replace(**{"pretrain.enabled": False, "model.pretrained": str(tmp_path / "x.safetensors")})
+    d = c.replace(**{"model.pretrained": str(tmp_path / "y.safetensors")})
+    assert stages.experts_hash(c) != stages.experts_hash(d)

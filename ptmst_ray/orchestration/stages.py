@@ -200,6 +200,8 @@ def pretrain_hash(cfg: Config) -> str:
 def model_hash(cfg: Config) -> str:
     """Identity of the student's starting point (model config + the pretraining that made its weights)."""
     model = dataclasses.asdict(cfg.model)
+    if cfg.pretrain.enabled:  # the checkpoint is this run's own pretraining (pretrain_hash): its path, which
+        model["pretrained"] = None  # holds the run root, must not tie the experts to where the root lives
     return section_hash(model, pretrain_hash(cfg) if cfg.pretrain.enabled else None)
 
 
