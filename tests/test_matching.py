@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import math
+import weakref
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.multiprocessing.reductions import StorageWeakRef
 
 from ptmst_ray.config import SimilarityConfig
-from ptmst_ray.distill.matching import MinibatchSampler, Step, matching_step
+from ptmst_ray.distill import matching
+from ptmst_ray.distill.matching import Checkpointed, MinibatchSampler, Step, exact_checkpoints, matching_step
 from ptmst_ray.distill.synthetic import SyntheticSet
 from ptmst_ray.models.losses import contrastive_loss
 
@@ -84,12 +87,13 @@ def grads_of(syn: SyntheticSet) -> dict[str, torch.Tensor]:
     return {name: p.grad.detach().clone() for name, p in syn.named_parameters()}
 
 
-def run(method: str, steps: int, kind: str = "full", dropout: float = 0.0, n: int = 10, batch: int = 4):
+def run(method: str, steps: int, kind: str = "full", dropout: float = 0.0, n: int = 10, batch: int = 4,
+        wrap=lambda logits_fn: logits_fn, **kwargs):
     student = TinyStudent(dropout)
     syn = make_synthetic(n, kind)
     theta_s, theta_t = make_thetas(student)
-    out = matching_step(student.logits, "WBCE", syn, theta_s, theta_t, steps,
-                        MinibatchSampler(n, batch, torch.Generator().manual_seed(7)), method=method)
+    out = matching_step(wrap(student.logits), "WBCE", syn, theta_s, theta_t, steps,
+                        MinibatchSampler(n, batch, torch.Generator().manual_seed(7)), method=method, **kwargs)
     return out, grads_of(syn)
 
 
@@ -210,3 +214,98 @@ def test_exact_equals_unrolled_on_open_clip_student():
                       MinibatchSampler(n, 3, torch.Generator().manual_seed(2)), method=method)
         grads[method] = grads_of(syn)
     assert_close(grads["exact"], grads["unrolled"], 1e-6)
+
+
+# --------------------------------------------------------------------------- memory: no stored unroll
+
+
+class _State:
+    """A stand-in for a student state w_i whose liveness can be watched."""
+
+    __slots__ = ("i", "__weakref__")
+
+    def __init__(self, i: int):
+        self.i = i
+
+
+@pytest.mark.parametrize("states", [1, 2, 3, 5])
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 8, 13, 32])
+def test_checkpointed_visits_every_state_in_reverse_from_few_kept(n, states):
+    alive: weakref.WeakSet = weakref.WeakSet()  # every state but w_0
+
+    def advance(w: _State, i: int) -> _State:
+        assert w.i == i, "a step was applied to the wrong state"
+        nxt = _State(i + 1)
+        alive.add(nxt)
+        return nxt
+
+    reversal = Checkpointed(n, states, advance)
+    assert reversal.sweep(_State(0)).i == n
+    visited, most = [], 0
+    for i, w in reversal.reverse():
+        assert w.i == i
+        visited.append(i)
+        most = max(most, len(alive))
+        del w
+    assert visited == list(reversed(range(n)))
+    assert most <= states  # the kept states, the one being visited among them
+    assert reversal.replayed == matching._reversal_plan(n, states, True)[0]
+
+
+def test_checkpointed_needs_a_state_to_visit():
+    with pytest.raises(ValueError, match="at least 1 state"):
+        Checkpointed(3, 0, lambda w, i: w)
+    with pytest.raises(ValueError, match="checkpoints must be >= 1"):
+        run("exact", 3, checkpoints=0)
+
+
+def test_exact_checkpoints_replay_fewer_steps_than_the_unroll():
+    for n in range(1, 65):
+        states = exact_checkpoints(n)
+        assert matching._reversal_plan(n, states, True)[0] <= max(0, n - 1), n
+        assert states <= math.ceil(math.sqrt(2 * n)), n
+    assert [exact_checkpoints(n) for n in (1, 2, 8, 32)] == [0, 1, 2, 6]
+
+
+@pytest.mark.parametrize("states", [1, 2, 4, 8])
+def test_exact_does_not_depend_on_the_checkpoint_count(states):
+    """Replays are deterministic, so any schedule gives the same bits (8 states at N=8 keep every w_i)."""
+    _, g_default = run("exact", 8, "lowrank", dropout=0.2)
+    _, g = run("exact", 8, "lowrank", dropout=0.2, checkpoints=states)
+    for name in g_default:
+        assert torch.equal(g[name], g_default[name]), name
+
+
+class VectorProbe:
+    """Wraps a student's ``logits_fn``; at every call, counts the distinct w_img vectors passed in so far
+    that are still alive (held by the matching step, not yet freed)."""
+
+    def __init__(self):
+        self.logits_fn, self.calls, self.most = None, 0, 0
+        self.refs: dict[int, StorageWeakRef] = {}
+
+    def wrap(self, logits_fn):
+        self.logits_fn = logits_fn
+        return self
+
+    def __call__(self, w_img, w_txt, images, text, seed):
+        self.calls += 1
+        self.refs = {k: r for k, r in self.refs.items() if not r.expired()}
+        self.refs[w_img.untyped_storage().data_ptr()] = StorageWeakRef(w_img.untyped_storage())
+        self.most = max(self.most, len(self.refs))
+        return self.logits_fn(w_img, w_txt, images, text, seed)
+
+
+@pytest.mark.parametrize("method", ["first_order", "exact", "unrolled"])
+def test_parameter_vectors_alive_do_not_grow_with_steps(method):
+    """first_order holds w_0 and the current w_i; exact w_0 and exact_checkpoints(N); unrolled all of them."""
+    n_steps, probe = 24, VectorProbe()
+    run(method, n_steps, "lowrank", dropout=0.2, wrap=probe.wrap)
+    if method == "first_order":
+        assert probe.most <= 2 and probe.calls == 2 * n_steps
+    elif method == "exact":
+        states = exact_checkpoints(n_steps)
+        assert states == 5 and probe.most <= states + 1
+        assert probe.calls == 2 * n_steps + matching._reversal_plan(n_steps, states, True)[0] < 3 * n_steps
+    else:  # the probe sees what a stored unroll looks like
+        assert probe.most == n_steps and probe.calls == n_steps

@@ -9,10 +9,13 @@ teacher target theta_t, per modality (image tower, text head):
 Its gradient with respect to the synthetic images X, texts T, similarity S and step sizes
 alpha reaches the data through every g_i. Three rules compute it:
 
-* ``first_order`` (the paper's code, TESLA-style): holds each w_i constant; N+1 parameter
-  vectors and one graph at a time.
-* ``exact`` (ptmst_ray's own): the adjoint recursion of ALGORITHM.md 6.5, same memory, equal
-  to full autograd through the unroll.
+* ``first_order`` (the paper's code, TESLA-style): holds each w_i constant. Constant memory:
+  it keeps no unroll, only w_0 = theta_s; a first pass finds w_N and G, a second pass replays
+  the N steps from w_0 and takes each step's data gradient on the way (two unrolls' time).
+* ``exact`` (ptmst_ray's own): the adjoint recursion of ALGORITHM.md 6.5, equal to full
+  autograd through the unroll. It needs w_N-1 .. w_0 in reverse order: a binomial checkpoint
+  schedule (Griewank's "revolve") keeps a few w_i (``exact_checkpoints(N)`` parameter vectors
+  at most: 2 at N = 8, 6 at N = 32) and replays the others, fewer than N steps in all.
 * ``unrolled``: plain autograd through all N steps (create_graph=True), the reference; its
   memory grows with N.
 
@@ -25,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Literal
 
@@ -36,7 +40,7 @@ from ptmst_ray.distill.synthetic import SyntheticSet
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LogitsFn", "LossFn", "MinibatchSampler", "matching_step", "METHODS"]
+__all__ = ["Checkpointed", "LogitsFn", "LossFn", "MinibatchSampler", "exact_checkpoints", "matching_step", "METHODS"]
 
 LogitsFn = Callable[[Tensor, Tensor, Tensor, Tensor, int], Tensor]
 """(w_img, w_txt, images, text_emb, seed) -> b x b logits; twice differentiable; same seed, same masks."""
@@ -185,62 +189,207 @@ def _matching_losses(w_n: Params, theta_t: Params, denoms: list[Tensor | None]) 
             for w, t, d in zip(w_n, theta_t, denoms)]
 
 
-def _unroll(ctx: _Context, theta_s: Params, steps: list[Step]) -> tuple[list[Params], Params]:
-    """w_0..w_N (no graph kept) and G = sum_i g_i."""
-    alphas = [a.detach() for a in ctx.syn.alphas]
-    w: Params = tuple(v.detach().clone() for v in theta_s)  # type: ignore[assignment]
-    ws, big_g = [w], [torch.zeros_like(v) for v in w]
+def _sgd(w: Params, alphas: list[Tensor], g: list[Tensor]) -> Params:
+    """w_{i+1} = w_i - alpha g_i, per modality."""
+    return tuple(v - a * gm for v, a, gm in zip(w, alphas, g))  # type: ignore[return-value]
+
+
+def _advance(ctx: _Context, w: Params, step: Step) -> tuple[Params, list[Tensor]]:
+    """One student step without a graph: (w_{i+1}, g_i)."""
+    leaves = _leaves(w)
+    loss, _ = ctx.loss(leaves, step, "const")
+    g = _grads(loss, list(leaves))
+    return _sgd(w, [a.detach() for a in ctx.syn.alphas], g), g
+
+
+def _sweep(ctx: _Context, theta_s: Params, steps: list[Step]) -> tuple[Params, Params]:
+    """w_N and G = sum_i g_i, keeping no intermediate w_i."""
+    w, big_g = theta_s, [torch.zeros_like(v) for v in theta_s]
     for step in steps:
-        leaves = _leaves(w)
-        loss, _ = ctx.loss(leaves, step, "const")
-        g = _grads(loss, list(leaves))
-        w = tuple(v - a * gm for v, a, gm in zip(w, alphas, g))  # type: ignore[assignment]
-        ws.append(w)
-        big_g = [acc + gm for acc, gm in zip(big_g, g)]
-    return ws, tuple(big_g)  # type: ignore[return-value]
+        w, g = _advance(ctx, w, step)
+        big_g = [acc_m + gm for acc_m, gm in zip(big_g, g)]
+    return w, tuple(big_g)  # type: ignore[return-value]
 
 
 def _recompute(ctx: _Context, w: Params, step: Step) -> tuple[Params, list[Tensor], list[Tensor]]:
-    """g_i at the stored w_i WITH a graph: (w leaves, [x_B, t_B, *similarity params], g_i)."""
+    """g_i at w_i WITH a graph: (w leaves, [x_B, t_B, *similarity params], g_i)."""
     leaves = _leaves(w)
     loss, (x, t) = ctx.loss(leaves, step, "leaf")
     g = _grads(loss, list(leaves), create_graph=True)
     return leaves, [x, t, *ctx.syn.similarity.parameters()], g
 
 
+# --------------------------------------------------------------------------- checkpoints (exact)
+
+
+@functools.lru_cache(maxsize=None)
+def _reversal_plan(length: int, states: int, swept: bool) -> tuple[float, int]:
+    """(replayed steps, first split) of the cheapest way to visit w_{length-1} .. w_0 in reverse.
+
+    w_0 is held; at most ``states`` more may be alive at once, the one being visited included.
+    The segment is split at ``m``: advance to w_m and keep it, reverse [m, length) with one
+    state fewer, drop w_m, reverse [0, m) with all of them. ``swept``: the first forward sweep
+    passes over this segment anyway, so advancing to the split costs nothing. With one state,
+    each w_i is replayed from w_0 in turn. This is the binomial checkpointing of Griewank and
+    Walther (2000, "revolve"), optimal for a given number of states; infinite cost means
+    infeasible (no state to hold w_i while it is visited).
+    """
+    if length <= 1:
+        return 0, 0
+    if states == 0:
+        return math.inf, 0
+    best: tuple[float, int] = (math.inf, 0)
+    for m in range(1, length):
+        cost = (0 if swept else m) + _reversal_plan(length - m, states - 1, swept)[0] \
+            + _reversal_plan(m, states, False)[0]
+        if cost < best[0]:
+            best = (cost, m)
+    return best
+
+
+def exact_checkpoints(n: int) -> int:
+    """Parameter vectors ``exact`` holds besides w_0 at N = ``n``: the fewest whose schedule replays < n steps.
+
+    So ``exact`` costs at most one extra forward-backward step per step over the two passes it
+    shares with ``first_order``. The count grows like sqrt(2N): 1 for N = 2..4, 2 for N = 5..8
+    (the paper's N = 8), 3 for 9..13, 4 for 14..19, 5 for 20..26, 6 for 27..34. (Segments of
+    sqrt(N) steps would hold 9 at N = 32 for 25 replays; this schedule needs 7 for 24.)
+    Planning costs O(N^2 states) once per process (well under a second for N <= 100).
+    """
+    states = 0 if n <= 1 else 1
+    while _reversal_plan(n, states, True)[0] > n - 1:
+        states += 1
+    return states
+
+
+State = Any
+
+
+class Checkpointed:
+    """w_0 .. w_N of a deterministic recurrence, visited in reverse from a few kept states.
+
+    ``advance(w_i, i)`` returns w_{i+1}. :meth:`sweep` runs w_0 -> w_N once, keeping the first
+    checkpoints of the schedule; :meth:`reverse` then yields (i, w_i) for i = N-1 .. 0,
+    replaying steps from the nearest kept state. Besides w_0, at most ``states`` states are
+    alive at any time, the yielded one included (if the caller drops it before the next); the
+    number of replayed steps is ``_reversal_plan(N, states, True)[0]`` (counted in ``replayed``).
+    """
+
+    def __init__(self, n: int, states: int, advance: Callable[[State, int], State]):
+        if n > 1 and states < 1:
+            raise ValueError(f"reversing {n} steps needs at least 1 state besides w_0, got {states}")
+        self.n, self.states, self.advance = n, states, advance
+        self.replayed = 0
+        self._bounds: list[int] = []
+        self._kept: dict[int, State] = {}
+
+    def sweep(self, w0: State) -> State:
+        """w_N, keeping the first-level checkpoints on the way."""
+        points, position, free = [], 0, self.states
+        while self.n - position > 1:
+            position += _reversal_plan(self.n - position, free, True)[1]
+            points.append(position)
+            free -= 1
+        self._bounds, self._kept = [0, *points, self.n], {0: w0}
+        w = w0
+        for i in range(self.n):
+            w = self.advance(w, i)
+            if i + 1 in points:
+                self._kept[i + 1] = w
+        return w
+
+    def reverse(self) -> Iterator[tuple[int, State]]:
+        """(i, w_i) for i = N-1 .. 0; call after :meth:`sweep`."""
+        for j in reversed(range(len(self._bounds) - 1)):
+            start, end = self._bounds[j], self._bounds[j + 1]
+            yield from self._segment(start, end, self._kept.pop(start), self.states - j)
+
+    def _replay(self, w: State, start: int, stop: int) -> State:
+        for i in range(start, stop):
+            w = self.advance(w, i)
+        self.replayed += stop - start
+        return w
+
+    def _segment(self, start: int, end: int, w_start: State, free: int) -> Iterator[tuple[int, State]]:
+        """Visit w_{end-1} .. w_start; w_start is kept by the caller, ``free`` more states may live."""
+        if end - start == 1:
+            yield start, w_start
+        elif free == 1:  # the plan's only choice: replay each w_i from w_start
+            for i in reversed(range(start + 1, end)):
+                yield i, self._replay(w_start, start, i)
+            yield start, w_start
+        else:
+            mid = start + _reversal_plan(end - start, free, False)[1]
+            w_mid = self._replay(w_start, start, mid)
+            yield from self._segment(mid, end, w_mid, free - 1)
+            del w_mid
+            yield from self._segment(start, mid, w_start, free)
+
+
 # --------------------------------------------------------------------------- the three rules
 
 
-def _first_order(ctx: _Context, ws: list[Params], big_g: Params, steps: list[Step], theta_t: Params,
-                 denoms: list[Tensor | None], acc: _Accumulator) -> None:
-    """TESLA-style: c = alpha (theta_t - theta_s) + alpha^2 G; data grad = sum_i d/dData (2/D) c . g_i."""
+def _first_order(ctx: _Context, theta_s: Params, steps: list[Step], theta_t: Params,
+                 denoms: list[Tensor | None], acc: _Accumulator) -> list[Tensor]:
+    """TESLA-style: c = alpha (theta_t - theta_s) + alpha^2 G; data grad = sum_i d/dData (2/D) c . g_i.
+
+    Pass 1 finds w_N and G; pass 2 replays the steps from w_0 = theta_s, each g_i with a graph
+    (its detached value is pass 1's g_i, bit for bit on CPU), so only w_0 and the current w_i
+    live. Returns the per-modality matching losses.
+    """
     alphas = [a.detach() for a in ctx.syn.alphas]
-    w_n = ws[-1]  # = theta_s - alpha G
+    w_n, big_g = _sweep(ctx, theta_s, steps)
+    losses = _matching_losses(w_n, theta_t, denoms)
     coef = [None if d is None else 2.0 * a * (t - w) / d for a, t, w, d in zip(alphas, theta_t, w_n, denoms)]
-    for m, (c, g, w, t, d) in enumerate(zip(coef, big_g, w_n, theta_t, denoms)):
+    for m, d in enumerate(denoms):
         if d is not None:
-            acc.alphas[m] += 2.0 * _dot(w - t, -g) / d
-    for w_i, step in zip(ws[:-1], steps):
-        _, data, g = _recompute(ctx, w_i, step)
-        q = sum(_dot(c, gm) for c, gm in zip(coef, g) if c is not None)
-        gx, gt, *gsim = _grads(q, data)
-        acc.add_batch(step.indices, gx, gt, gsim)
+            acc.alphas[m] += 2.0 * _dot(w_n[m] - theta_t[m], -big_g[m]) / d
+    del w_n, big_g
+    w = theta_s
+    for step in steps:
+        w = _first_order_step(ctx, w, step, coef, alphas, acc)
+    return losses
 
 
-def _exact(ctx: _Context, ws: list[Params], steps: list[Step], theta_t: Params,
-           denoms: list[Tensor | None], acc: _Accumulator) -> None:
-    """Adjoint recursion: a_N = dM/dw_N; a_i = a_{i+1} - d/dw_i (A a_{i+1}) . g_i; data -= dq_i/dData."""
+def _first_order_step(ctx: _Context, w: Params, step: Step, coef: list[Tensor | None], alphas: list[Tensor],
+                      acc: _Accumulator) -> Params:
+    """Add d/dData c . g_i at w_i; return w_{i+1} (the spent graph, which holds w_i, dies here)."""
+    _, data, g = _recompute(ctx, w, step)
+    q = sum(_dot(c, gm) for c, gm in zip(coef, g) if c is not None)
+    gx, gt, *gsim = _grads(q, data)
+    acc.add_batch(step.indices, gx, gt, gsim)
+    return _sgd(w, alphas, [gm.detach() for gm in g])
+
+
+def _exact(ctx: _Context, theta_s: Params, steps: list[Step], theta_t: Params,
+           denoms: list[Tensor | None], acc: _Accumulator, checkpoints: int) -> list[Tensor]:
+    """Adjoint recursion: a_N = dM/dw_N; a_i = a_{i+1} - d/dw_i (A a_{i+1}) . g_i; data -= dq_i/dData.
+
+    The w_i come in reverse order from :class:`Checkpointed`, at most ``checkpoints`` alive.
+    Returns the per-modality matching losses.
+    """
+    reversal = Checkpointed(len(steps), checkpoints, lambda w, i: _advance(ctx, w, steps[i])[0])
+    w_n = reversal.sweep(theta_s)
+    losses = _matching_losses(w_n, theta_t, denoms)
+    adj = [torch.zeros_like(w) if d is None else 2.0 * (w - t) / d for w, t, d in zip(w_n, theta_t, denoms)]
+    del w_n
+    for i, w_i in reversal.reverse():
+        adj = _adjoint_step(ctx, w_i, steps[i], adj, acc)
+        del w_i
+    return losses
+
+
+def _adjoint_step(ctx: _Context, w: Params, step: Step, adj: list[Tensor], acc: _Accumulator) -> list[Tensor]:
+    """One double backward of q_i = (A a_{i+1}) . g_i at w_i: data -= dq_i/dData; return a_i = a_{i+1} - dq_i/dw_i."""
     alphas = [a.detach() for a in ctx.syn.alphas]
-    adj = [torch.zeros_like(w) if d is None else 2.0 * (w - t) / d for w, t, d in zip(ws[-1], theta_t, denoms)]
-    for i in reversed(range(len(steps))):
-        leaves, data, g = _recompute(ctx, ws[i], steps[i])
-        for m, (a_m, g_m) in enumerate(zip(adj, g)):
-            acc.alphas[m] -= _dot(a_m, g_m.detach())
-        q = sum(_dot(alpha * a_m, g_m) for alpha, a_m, g_m in zip(alphas, adj, g))
-        gx, gt, *rest = _grads(q, [*data, *leaves])
-        gsim, gw = rest[: len(rest) - 2], rest[len(rest) - 2:]
-        acc.add_batch(steps[i].indices, gx, gt, gsim, sign=-1.0)
-        adj = [a_m - gw_m for a_m, gw_m in zip(adj, gw)]
+    leaves, data, g = _recompute(ctx, w, step)
+    for m, (a_m, g_m) in enumerate(zip(adj, g)):
+        acc.alphas[m] -= _dot(a_m, g_m.detach())
+    q = sum(_dot(alpha * a_m, g_m) for alpha, a_m, g_m in zip(alphas, adj, g))
+    gx, gt, *rest = _grads(q, [*data, *leaves])
+    gsim, gw = rest[: len(rest) - 2], rest[len(rest) - 2:]
+    acc.add_batch(step.indices, gx, gt, gsim, sign=-1.0)
+    return [a_m - gw_m for a_m, gw_m in zip(adj, gw)]
 
 
 def _unrolled(ctx: _Context, theta_s: Params, steps: list[Step], theta_t: Params,
@@ -293,6 +442,7 @@ def matching_step(
     batches: MinibatchSampler | torch.Generator,
     method: str = "first_order",
     minibatch: int | None = None,
+    checkpoints: int | None = None,
 ) -> dict[str, float]:
     """One distillation iteration: unroll ``syn_steps`` student steps from ``theta_s``, match ``theta_t``.
 
@@ -300,12 +450,17 @@ def matching_step(
     :class:`MinibatchSampler` (state carried across iterations), or a generator from which a
     fresh sampler of ``minibatch`` pairs is made. Gradients are ACCUMULATED into ``.grad`` of
     the synthetic images, texts, similarity parameters and both step sizes (zero them first).
+    ``checkpoints``: parameter vectors ``exact`` may hold at once besides ``theta_s``, the w_i
+    being differentiated included (default ``exact_checkpoints(syn_steps)``); fewer cost more
+    replayed steps, never a different result.
     Returns floats: ``loss`` (total M), ``loss_img``, ``loss_txt``, grad norms, alphas.
     """
     if method not in METHODS:
         raise ValueError(f"unknown matching method {method!r}; use one of {', '.join(METHODS)}")
     if syn_steps < 1:
         raise ValueError(f"syn_steps must be >= 1, got {syn_steps}")
+    if checkpoints is not None and checkpoints < 1:
+        raise ValueError(f"checkpoints must be >= 1 (the w_i being differentiated), got {checkpoints}")
     sampler = batches if isinstance(batches, MinibatchSampler) else MinibatchSampler(
         synthetic.n, minibatch or synthetic.n, batches)
     ref = synthetic.images
@@ -316,15 +471,12 @@ def matching_step(
     denoms = _denominators(theta_s, theta_t)
     acc = _Accumulator(synthetic)
     with _double_backward_ready():
-        if method == "unrolled":
-            losses = _unrolled(ctx, theta_s, steps, theta_t, denoms, acc)
+        if method == "exact":
+            held = exact_checkpoints(syn_steps) if checkpoints is None else checkpoints
+            losses = _exact(ctx, theta_s, steps, theta_t, denoms, acc, held)
         else:
-            ws, big_g = _unroll(ctx, theta_s, steps)
-            losses = _matching_losses(ws[-1], theta_t, denoms)
-            if method == "first_order":
-                _first_order(ctx, ws, big_g, steps, theta_t, denoms, acc)
-            else:
-                _exact(ctx, ws, steps, theta_t, denoms, acc)
+            rule = _first_order if method == "first_order" else _unrolled
+            losses = rule(ctx, theta_s, steps, theta_t, denoms, acc)
     out = {"loss": float(sum(losses)), "loss_img": float(losses[0]), "loss_txt": float(losses[1])}
     out.update(acc.write())
     out.update(alpha_img=float(synthetic.alpha_img.detach()), alpha_txt=float(synthetic.alpha_txt.detach()))
