@@ -29,19 +29,15 @@ time is the steadier measure of cost (the time target is judged on it).
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
-import re
-import shlex
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+from _common import RESULTS, command_line, machine, replace_section, status_kb  # noqa: E402
 SECTION = "## Matching step: memory and time vs N"
 METHODS = ("first_order", "exact", "unrolled")
 STEPS = (2, 4, 8, 16, 32)
@@ -57,11 +53,6 @@ RAM, torch version) and the date, so that a figure can be reproduced or re-measu
 
 
 # --------------------------------------------------------------------------- measurement (child)
-
-
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return int(re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.M).group(1))
 
 
 def _reset_hwm() -> None:
@@ -107,15 +98,15 @@ def run_one(method: str, steps: int, iters: int, checkpoints: int | None = None)
     times, cpu, peaks, residue = [], [], [], []
     for _ in range(iters):
         gc.collect()
-        base = _status_kb("VmRSS")
+        base = status_kb("VmRSS")
         _reset_hwm()
         t0, c0 = time.perf_counter(), time.process_time()
         out = iteration()
         times.append(time.perf_counter() - t0)
         cpu.append(time.process_time() - c0)
-        peaks.append((_status_kb("VmHWM") - base) / 1024)
+        peaks.append((status_kb("VmHWM") - base) / 1024)
         gc.collect()
-        residue.append((_status_kb("VmRSS") - base) / 1024)
+        residue.append((status_kb("VmRSS") - base) / 1024)
     held = exact_checkpoints(steps) if checkpoints is None else checkpoints
     return {"method": method, "steps": steps, "params": params, "times": times, "cpu_times": cpu,
             "peaks_mb": peaks, "residue_mb": residue, "s_per_iter": statistics.median(times),
@@ -135,38 +126,6 @@ def profile_one(method: str, steps: int) -> None:
 
 
 # --------------------------------------------------------------------------- driver (parent)
-
-
-def machine() -> str:
-    import torch
-
-    cpu = "unknown"
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    with open("/proc/meminfo") as f:
-        mem_kb = int(re.search(r"MemTotal:\s+(\d+)", f.read()).group(1))
-    return (f"nproc {os.cpu_count()}, CPU \"{cpu}\", RAM {mem_kb / 2**20:.1f} GiB, torch {torch.__version__}, "
-            f"Python {platform.python_version()}, {datetime.date.today().isoformat()}")
-
-
-def command_line() -> str:
-    """The running script's command, as typed from the repository root."""
-    return " ".join([".venv/bin/python", "bench/" + Path(sys.argv[0]).name, *map(shlex.quote, sys.argv[1:])])
-
-
-def replace_section(heading: str, body: str, path: Path = RESULTS) -> None:
-    """Put ``heading`` + ``body`` into RESULTS.md, replacing that section if present (others untouched)."""
-    text = path.read_text() if path.exists() else RESULTS_INTRO
-    block = f"{heading}\n\n{body.strip()}\n"
-    pattern = re.compile(rf"^{re.escape(heading)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: block + "\n", text, count=1).rstrip() + "\n"
-    else:
-        text = text.rstrip() + "\n\n" + block
-    path.write_text(text)
 
 
 def spawn(method: str, steps: int, iters: int, checkpoints: int | None = None) -> dict:
@@ -286,7 +245,7 @@ def main() -> None:
     if args.no_write:
         print(f"\n{SECTION}\n\n{body}")
     else:
-        replace_section(SECTION, body)
+        replace_section(SECTION, body, intro=RESULTS_INTRO)
 
 if __name__ == "__main__":
     main()

@@ -21,13 +21,9 @@ The generated folder and the prepared output are deleted at the end (use --keep 
 from __future__ import annotations
 
 import argparse
-import datetime
 import io
 import json
 import os
-import platform
-import re
-import shlex
 import shutil
 import subprocess
 import sys
@@ -35,7 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+from _common import RESULTS, command_line, machine, replace_section, status_kb  # noqa: E402
 SECTION = "## Data preparation: peak memory vs dataset size"
 SIZES = (2000, 5000, 20000)
 TEST_IMAGES = 1000
@@ -115,11 +111,6 @@ def write_annotations(ann_dir: Path, names: dict, n_train: int) -> None:
 # --------------------------------------------------------------------------- measurement (child)
 
 
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return int(re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.M).group(1))
-
-
 def child(ann_dir: str, images_dir: str, root: str) -> None:
     """Run the CLI's preparation (``stages.prepare``) and print one JSON line of measurements."""
     from ptmst_ray.config import from_dict
@@ -129,11 +120,11 @@ def child(ann_dir: str, images_dir: str, root: str) -> None:
     cfg = from_dict({"run": {"root": root},
                      "data": {"dataset": "flickr30k", "annotations": ann_dir, "images": images_dir,
                               "image_size": IMAGE_SIZE}})
-    baseline = _status_kb("VmRSS")
+    baseline = status_kb("VmRSS")
     started = time.perf_counter()
     manifest = stages.prepare(cfg)
     seconds = time.perf_counter() - started
-    print(json.dumps({"baseline_kb": baseline, "hwm_kb": _status_kb("VmHWM"), "seconds": seconds,
+    print(json.dumps({"baseline_kb": baseline, "hwm_kb": status_kb("VmHWM"), "seconds": seconds,
                       "shard_rows": cfg.data.shard_rows, "module": prepare.__file__, "splits": manifest["splits"]}))
 
 
@@ -162,39 +153,6 @@ def spawn(ann_dir: Path, images_dir: Path, root: Path) -> dict:
     result["train_bytes"] = sum(s.stat().st_size for s in shards)
     result["largest_shard_bytes"] = max(s.stat().st_size for s in shards)
     return result
-
-
-def machine() -> str:
-    import torch
-
-    cpu = "unknown"
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    with open("/proc/meminfo") as f:
-        mem_kb = int(re.search(r"MemTotal:\s+(\d+)", f.read()).group(1))
-    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    return (f"nproc {os.cpu_count()}, CPU \"{cpu}\", RAM {mem_kb / 2**20:.1f} GiB, torch {torch.__version__}, "
-            f"Python {platform.python_version()}, {datetime.date.today().isoformat()}, load average {load} "
-            "(2 cores shared with other jobs: wall times are indicative)")
-
-
-def command_line() -> str:
-    return " ".join([".venv/bin/python", "bench/" + Path(sys.argv[0]).name, *map(shlex.quote, sys.argv[1:])])
-
-
-def replace_section(heading: str, body: str, path: Path = RESULTS) -> None:
-    """Put ``heading`` + ``body`` into RESULTS.md, replacing that section if present (others untouched)."""
-    text = path.read_text()
-    block = f"{heading}\n\n{body.strip()}\n"
-    pattern = re.compile(rf"^{re.escape(heading)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: block + "\n", text, count=1).rstrip() + "\n"
-    else:
-        text = text.rstrip() + "\n\n" + block
-    path.write_text(text)
 
 
 def mib(kb: float) -> float:
@@ -255,7 +213,7 @@ def main() -> None:
                f"({sizes[-1] / sizes[0]:.0f}x the images); {growth:.1f} MiB per extra 1,000 images.")
     print(text + "\n\n" + summary)
     if not args.no_write:
-        body = (f"Command: `{command_line()}`\n\nMachine: {machine()}\n\n"
+        body = (f"Command: `{command_line()}`\n\nMachine: {machine(load=True)} (2 cores shared with other jobs: wall times are indicative)\n\n"
                 f"Setup: Flickr30k layout, {CAPTIONS} captions per train image, {args.test_images:,} test images, "
                 f"distinct {IMAGE_SIZE}x{IMAGE_SIZE} JPEG sources (smooth colour field + pixel noise), prepared at "
                 f"image_size {IMAGE_SIZE} with shard_rows {rows[0]['shard_rows']} (the default); each size in a fresh "
