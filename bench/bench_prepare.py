@@ -13,8 +13,13 @@ Every image is distinct (one of 256 smooth colour fields plus fresh pixel noise,
 about 14 KB; re-encoded as PNG by the preparation, about 83 KB, close to a 224x224 photo).
 The generated folder and the prepared output are deleted at the end (use --keep to keep them).
 
+It also reports the peak of Arrow's memory pool in that child, and (``--annotation-rows``, in its
+own child) what the annotation reader holds for a train file of that many caption rows, measured
+with tracemalloc: streamed (what preparation does) and read whole into a list (``read_split``).
+
     .venv/bin/python bench/bench_prepare.py                        # 2,000 / 5,000 / 20,000 images
     .venv/bin/python bench/bench_prepare.py --sizes 500 2000 --no-write
+    .venv/bin/python bench/bench_prepare.py --sizes 2000 --env MALLOC_ARENA_MAX=2 --no-write
     .venv/bin/python bench/bench_prepare.py --workdir /scratch/prep --keep
 """
 
@@ -117,6 +122,8 @@ def child(ann_dir: str, images_dir: str, root: str) -> None:
     from ptmst_ray.data import prepare
     from ptmst_ray.orchestration import stages
 
+    import pyarrow as pa
+
     cfg = from_dict({"run": {"root": root},
                      "data": {"dataset": "flickr30k", "annotations": ann_dir, "images": images_dir,
                               "image_size": IMAGE_SIZE}})
@@ -124,17 +131,37 @@ def child(ann_dir: str, images_dir: str, root: str) -> None:
     started = time.perf_counter()
     manifest = stages.prepare(cfg)
     seconds = time.perf_counter() - started
+    pool = pa.default_memory_pool()
     print(json.dumps({"baseline_kb": baseline, "hwm_kb": status_kb("VmHWM"), "seconds": seconds,
+                      "arrow_peak_kb": pool.max_memory() / 1024, "arrow_backend": pool.backend_name,
                       "shard_rows": cfg.data.shard_rows, "module": prepare.__file__, "splits": manifest["splits"]}))
+
+
+def annotation_child(ann_dir: str) -> None:
+    """tracemalloc of the annotation reader over ``ann_dir``'s train file: streamed, then held in a list."""
+    import tracemalloc
+
+    from ptmst_ray.data.annotations import iter_split, read_split
+
+    out = {}
+    tracemalloc.start()
+    rows = sum(1 for _ in iter_split(ann_dir, "flickr30k", "train"))
+    out["stream_peak"] = tracemalloc.get_traced_memory()[1]
+    tracemalloc.reset_peak()
+    base = tracemalloc.get_traced_memory()[0]
+    ann = read_split(ann_dir, "flickr30k", "train")
+    held, peak = tracemalloc.get_traced_memory()
+    out.update(rows=rows, list_held=held - base, list_peak=peak - base, listed=len(ann.rows))
+    print(json.dumps(out))
 
 
 # --------------------------------------------------------------------------- driver (parent)
 
 
-def spawn(ann_dir: Path, images_dir: Path, root: Path) -> dict:
-    """One fresh child; its own VmHWM plus the kernel's ru_maxrss for it (from wait4)."""
-    env = {**os.environ, **THREADS}
-    cmd = [sys.executable, __file__, "--child", str(ann_dir), str(images_dir), str(root)]
+def run_child(args: list[str], extra_env: dict[str, str]) -> tuple[dict, object]:
+    """Run this script with ``args`` in a fresh process; its last stdout line (JSON) and its rusage."""
+    env = {**os.environ, **THREADS, **extra_env}
+    cmd = [sys.executable, __file__, *args]
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=err, text=True)
         _, status, usage = os.wait4(proc.pid, 0)
@@ -144,7 +171,12 @@ def spawn(ann_dir: Path, images_dir: Path, root: Path) -> dict:
         stdout, stderr = out.read(), err.read()
     if proc.returncode != 0:
         raise RuntimeError(f"child failed ({proc.returncode}):\n{stderr[-3000:]}")
-    result = json.loads(stdout.strip().splitlines()[-1])
+    return json.loads(stdout.strip().splitlines()[-1]), usage
+
+
+def spawn(ann_dir: Path, images_dir: Path, root: Path, extra_env: dict[str, str]) -> dict:
+    """One fresh child; its own VmHWM plus the kernel's ru_maxrss for it (from wait4)."""
+    result, usage = run_child(["--child", str(ann_dir), str(images_dir), str(root)], extra_env)
     result["ru_maxrss_kb"] = usage.ru_maxrss
     train = root / "data" / "train"
     shards = sorted(train.glob("*.parquet"))
@@ -155,22 +187,38 @@ def spawn(ann_dir: Path, images_dir: Path, root: Path) -> dict:
     return result
 
 
+def annotation_memory(work: Path, n_rows: int, extra_env: dict[str, str]) -> dict:
+    """The annotation-reader measurement over a train file of ``n_rows`` caption rows (5 per image)."""
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    n_images = -(-n_rows // CAPTIONS)
+    names = {"train": [f"flickr30k-images/{i:08d}.jpg" for i in range(n_images)],
+             "train_captions": [[_caption(rng) for _ in range(CAPTIONS)] for _ in range(n_images)],
+             "test": [], "test_captions": []}
+    folder = work / "ann-rows"
+    write_annotations(folder, names, n_images)
+    result, _ = run_child(["--annotation-child", str(folder)], extra_env)
+    print(json.dumps({"annotation_rows": result}), flush=True)
+    return result
+
+
 def mib(kb: float) -> float:
     return kb / 1024
 
 
 def table(rows: list[dict]) -> str:
     lines = ["| train images | train rows (captions) | peak RSS MiB (VmHWM) | ru_maxrss MiB | RSS after imports MiB "
-             "| peak over imports MiB | peak vs smallest | wall s | image shards | caption shards "
+             "| peak over imports MiB | peak vs smallest | Arrow pool peak MiB | wall s | image shards | caption shards "
              "| train split MB | largest shard MB |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     first = rows[0]["hwm_kb"]
     for r in rows:
         tr = r["splits"]["train"]
         lines.append(
             f"| {tr['images']:,} | {tr['rows']:,} | {mib(r['hwm_kb']):.0f} | {mib(r['ru_maxrss_kb']):.0f} "
             f"| {mib(r['baseline_kb']):.0f} | {mib(r['hwm_kb'] - r['baseline_kb']):.0f} | {r['hwm_kb'] / first:.2f} "
-            f"| {r['seconds']:.0f} | {r['image_shards']} | {r['caption_shards']} | {r['train_bytes'] / 1e6:.0f} "
+            f"| {mib(r['arrow_peak_kb']):.0f} | {r['seconds']:.0f} | {r['image_shards']} | {r['caption_shards']} | {r['train_bytes'] / 1e6:.0f} "
             f"| {r['largest_shard_bytes'] / 1e6:.0f} |")
     return "\n".join(lines)
 
@@ -182,11 +230,20 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=None, help="local folder for the generated data (default: a temp dir)")
     ap.add_argument("--keep", action="store_true", help="keep the generated images and prepared output")
     ap.add_argument("--no-write", action="store_true", help="do not update bench/RESULTS.md")
+    ap.add_argument("--annotation-rows", type=int, default=100_000,
+                    help="caption rows for the annotation-reader measurement (0: skip it)")
+    ap.add_argument("--env", nargs="+", default=[], metavar="KEY=VALUE",
+                    help="extra environment of the measured children (e.g. MALLOC_ARENA_MAX=2)")
     ap.add_argument("--child", nargs=3, metavar=("ANN", "IMAGES", "ROOT"), help=argparse.SUPPRESS)
+    ap.add_argument("--annotation-child", metavar="ANN", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         child(*args.child)
         return
+    if args.annotation_child:
+        annotation_child(args.annotation_child)
+        return
+    extra_env = dict(kv.split("=", 1) for kv in args.env)
     sizes = sorted(args.sizes)
     work = Path(tempfile.mkdtemp(prefix="bench-prepare-", dir=args.workdir))
     try:
@@ -198,11 +255,12 @@ def main() -> None:
         for n in sizes:
             write_annotations(work / f"ann-{n}", names, n)
             root = work / f"root-{n}"
-            r = spawn(work / f"ann-{n}", work / "images", root)
+            r = spawn(work / f"ann-{n}", work / "images", root, extra_env)
             rows.append(r)
             print(json.dumps({"train_images": n, **{k: v for k, v in r.items() if k != "splits"}}), flush=True)
             if not args.keep:
                 shutil.rmtree(root, ignore_errors=True)
+        ann_rows = annotation_memory(work, args.annotation_rows, extra_env) if args.annotation_rows else None
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
@@ -211,6 +269,12 @@ def main() -> None:
     ratio = rows[-1]["hwm_kb"] / rows[0]["hwm_kb"]
     summary = (f"Peak RSS at {sizes[-1]:,} images is {ratio:.2f}x the peak at {sizes[0]:,} "
                f"({sizes[-1] / sizes[0]:.0f}x the images); {growth:.1f} MiB per extra 1,000 images.")
+    if ann_rows:
+        summary += (f"\n\nAnnotation reader, {ann_rows['rows']:,} caption rows (tracemalloc, own child): streamed "
+                    f"(what preparation does) peak {ann_rows['stream_peak'] / 2**20:.1f} MiB; read whole into a list "
+                    f"(`read_split`) {ann_rows['list_held'] / 2**20:.1f} MiB held, {ann_rows['list_peak'] / 2**20:.1f} MiB peak.")
+    if extra_env:
+        summary += f"\n\nChildren's extra environment: {' '.join(args.env)}."
     print(text + "\n\n" + summary)
     if not args.no_write:
         body = (f"Command: `{command_line()}`\n\nMachine: {machine(load=True)} (2 cores shared with other jobs: wall times are indicative)\n\n"

@@ -122,12 +122,17 @@ def run(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt, 
 
 
 @data_app.command("prepare")
-def data_prepare(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt) -> None:
+def data_prepare(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt,
+                 workers: Optional[int] = typer.Option(
+                     None, "--workers", help="Decode images in up to N Ray tasks at once (same output; "
+                                             "default: data.workers, 1 = in this process).")) -> None:
     """Read annotations + images (any fsspec URL) into Parquet shards with manifests under the run root."""
     from ptmst_ray.orchestration import stages
 
-    cfg = get_run_config(config, set_)
+    cfg = get_run_config(config, [*(set_ or []), *([f"data.workers={workers}"] if workers is not None else [])])
     try:
+        if cfg.data.workers > 1:
+            _connect(cfg, None)
         with progress_bars() as progress:
             ids: dict = {}
 

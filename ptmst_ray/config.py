@@ -116,9 +116,12 @@ class DataConfig:
     """Skip (and list in the manifest) rows whose image or caption is bad instead of failing."""
     max_train_rows: Optional[int] = None
     """Use only the first N train rows (debugging); None = all."""
+    workers: int = 1
+    """Image decoding while preparing: 1 = in this process; N > 1 = up to N Ray tasks at once (same output)."""
     builtin: BuiltinDataConfig = field(default_factory=BuiltinDataConfig)
 
     def __post_init__(self):
+        _check(self.workers >= 1, "workers", "must be >= 1 (1 decodes in this process, N > 1 in N Ray tasks)")
         _check(self.image_size >= 8, "image_size", "must be >= 8")
         _check(self.max_words >= 1, "max_words", "must be >= 1")
         _check(self.shard_rows >= 1, "shard_rows", "must be >= 1")

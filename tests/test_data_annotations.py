@@ -7,7 +7,9 @@ import re
 
 import pytest
 
-from ptmst_ray.data.annotations import DataError, EvalRow, PairRow, normalize_caption, read_annotations, read_split
+from ptmst_ray.data.annotations import (
+    DataError, EvalRow, PairRow, iter_json_list, iter_split, normalize_caption, read_annotations, read_split,
+)
 
 FLICKR = "/work/shared/data/flickr30k"
 
@@ -125,3 +127,72 @@ def test_memory_url(tmp_path):
     ann = read_split("memory://ann", "flickr30k", "test")
     assert len(ann.rows) == 1000
     fs.rm("/ann", recursive=True)
+
+
+# ---------------------------------------------------------------- incremental JSON reader vs json.loads
+
+GOOD_JSON = [
+    "[]", " [ ] \n",
+    '[1, 2.5e3, -7, true, false, null, "a\\"b\\u00e9c\\\\", {"k": [1, {"z": "é漢"}]}]\n',
+    '[\n {"image": "a.png", "caption": "x"},\n {"image": "b.png",\n "caption": ["1", "2"]}\n]\n',
+    "[12345678901234567890, 0.000001, 1E+2]", '["\\ud83d\\ude00 😀", ""]',
+]
+BAD_JSON = [
+    '[{"a": 1},', '[{"a": 1}', "[1 2]", "[1,]", "", "hello", "[1] x", "[1]\n]", '[\n{"a":\n 1}\n,\n{"b" 2}]',
+    '[{"a": "unterminated}]', '[\n\n  {"a": 1},  {"b": tru}]', '[{"a": "x\\q"}]', '[{"a": 1}}]', "[\n1,\n2\n3]",
+    "\ufeff[1]",
+]
+
+
+def _mem_json(text: str) -> str:
+    import fsspec
+
+    url = f"memory://json-{abs(hash(text))}/x.json"
+    with fsspec.open(url, "wb") as f:
+        f.write(text.encode())
+    return url
+
+
+@pytest.mark.parametrize("text", GOOD_JSON)
+@pytest.mark.parametrize("chunk", [1, 2, 3, 5, 64])
+def test_streamed_json_matches_json_loads(text, chunk):
+    """Chunks of 1-5 bytes cut numbers, escapes and multi-byte UTF-8 characters at every place."""
+    assert list(iter_json_list(_mem_json(text), chunk_bytes=chunk)) == json.loads(text)
+
+
+@pytest.mark.parametrize("text", BAD_JSON)
+@pytest.mark.parametrize("chunk", [1, 3, 64])
+def test_malformed_json_position_matches_json_loads(text, chunk):
+    with pytest.raises(json.JSONDecodeError) as ref:
+        json.loads(text)
+    url = _mem_json(text)
+    with pytest.raises(DataError, match=rf"{re.escape(url)}: malformed JSON at line {ref.value.lineno} "
+                                        rf"column {ref.value.colno} "):
+        list(iter_json_list(url, chunk_bytes=chunk))
+
+
+@pytest.mark.parametrize("text,got", [('{"image": "a.png"}', "dict"), ('"rows"', "str"), ("12", "number")])
+def test_json_that_is_not_a_list(text, got):
+    with pytest.raises(DataError, match=f"expected a JSON list of rows, got {got}"):
+        list(iter_json_list(_mem_json(text)))
+
+
+def test_not_utf8(tmp_path):
+    url = _write(tmp_path, "x_train.json", "[]")
+    (tmp_path / "x_train.json").write_bytes(b'[{"image": "a.png", "caption": "caf\xe9"}]')
+    with pytest.raises(DataError, match="not UTF-8 text"):
+        read_annotations(url, "pairs")
+
+
+def test_real_file_streamed_in_small_chunks():
+    url = f"{FLICKR}/flickr30k_val.json"
+    assert list(iter_json_list(url, chunk_bytes=4096)) == json.load(open(url))
+
+
+def test_iter_split_streams_rows_and_collects_skipped(tmp_path):
+    rows = [{"image": "a.png", "caption": "ok"}, {"image": "b.png", "caption": ""}, {"image": "d.png", "caption": "x"}]
+    _write(tmp_path, "flickr30k_train.json", rows)
+    skipped: list = []
+    stream = iter_split(str(tmp_path), "flickr30k", "train", skip_bad=True, skipped=skipped)
+    assert not isinstance(stream, list) and next(stream).image == "a.png"
+    assert [r.row for r in stream] == [2] and [s["row"] for s in skipped] == [1]

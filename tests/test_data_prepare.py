@@ -184,24 +184,20 @@ def _noise_flickr(folder, n: int, size: int = 48):
 
 
 def test_memory_bounded_by_row_group_not_by_split_size(tmp_path, monkeypatch):
-    """Issue #3: the images held while a split is written do not grow with the split (or the shard)."""
+    """Issue #3: what a split's preparation holds (annotation rows, images) does not grow with the split."""
     import tracemalloc
 
     import pyarrow.parquet as pq
-
-    from ptmst_ray.data.annotations import read_split
 
     monkeypatch.setattr(prepare, "ROW_GROUP_BYTES", 64 << 10)  # 2-3 prepared images per row group
     peaks = {}
     for n in (4, 40, 160):  # the first run only warms up (first-use allocations of PIL and pyarrow)
         folder = _noise_flickr(tmp_path / f"src{n}", n, size=96)
         cfg = DataConfig(dataset="flickr30k", annotations=str(folder), image_size=96, shard_rows=100_000)
-        ann = read_split(str(folder), "flickr30k", "train")
         out = tmp_path / f"out{n}"
-        out.mkdir()
         tracemalloc.start()
         try:
-            result = prepare._write_pairs(ann, cfg, str(folder), str(out), None)
+            result = prepare.prepare_split(cfg, "train", str(out))
             peaks[n] = tracemalloc.get_traced_memory()[1]
         finally:
             tracemalloc.stop()
@@ -215,6 +211,33 @@ def test_memory_bounded_by_row_group_not_by_split_size(tmp_path, monkeypatch):
     # buffer) would add 120 images from 40 to 160; allow a tenth of that
     png = 96 * 96 * 3
     assert peaks[160] - peaks[40] < 12 * png, peaks
+
+
+def test_split_preparation_streams_annotation_rows(tmp_path, monkeypatch):
+    """The annotation rows are not held for the whole split: 10x the rows, about the same peak.
+
+    Images are shared by many rows here (the images' name -> index map, which does grow, is small),
+    so what would grow is the rows themselves: about 0.3 KB each when held as a list."""
+    import tracemalloc
+
+    from ptmst_ray.data import annotations
+
+    monkeypatch.setattr(annotations, "CHUNK_BYTES", 16 << 10)  # several chunks even for the small file
+    src = _noise_flickr(tmp_path / "src", 4, size=16)
+    peaks = {}
+    for n in (200, 2_000, 20_000):  # the first run only warms up
+        rows = [{"image": f"{i % 4}.png", "caption": f"caption number {i} of a long and wordy file"} for i in range(n)]
+        (src / "flickr30k_train.json").write_text(json.dumps(rows))
+        cfg = DataConfig(dataset="flickr30k", annotations=str(src), image_size=16)
+        tracemalloc.start()
+        try:
+            m = prepare.prepare_split(cfg, "train", str(tmp_path / f"out{n}"))
+            peaks[n] = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert m["rows"] == n and m["images"] == 4
+    # a list of 18,000 more parsed rows would hold several MB (measured: about 0.3 KB per row)
+    assert peaks[20_000] - peaks[2_000] < (1 << 20), peaks
 
 
 def test_interrupted_mid_shard_leaves_no_partial_or_temporary_file(tmp_path, monkeypatch):
@@ -234,3 +257,67 @@ def test_interrupted_mid_shard_leaves_no_partial_or_temporary_file(tmp_path, mon
     with pytest.raises(KeyboardInterrupt):
         prepare.prepare_split(cfg, "train", str(out))
     assert sorted(p.name for p in out.iterdir()) == []
+
+
+def _split_files(root) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*.parquet"))}
+
+
+def _prepare_both(folder, tmp_path, monkeypatch, **kw):
+    """The same dataset prepared in this process and by 2 Ray workers (2 images per task: many batches,
+    several in flight); returns both dataset manifests and output roots."""
+    from ptmst_ray.data import parallel
+
+    monkeypatch.setattr(parallel, "BATCH_IMAGES", 2)
+    cfg = _flickr_cfg(folder, **kw)
+    one, two = tmp_path / "one", tmp_path / "two"
+    m1 = prepare.prepare_dataset(cfg, str(one))
+    m2 = prepare.prepare_dataset(_flickr_cfg(folder, workers=2, **kw), str(two))
+    return m1, m2, one, two
+
+
+def test_ray_workers_write_identical_shards(tiny_flickr_dir, tmp_path, monkeypatch, ray_session):
+    """Issue #3: decoding spread over Ray workers gives the same manifests, content hashes and shard bytes."""
+    m1, m2, one, two = _prepare_both(tiny_flickr_dir, tmp_path, monkeypatch)
+    assert m1 == m2 and set(m1["splits"]) == {"train", "test", "val"}
+    for split in m1["splits"]:
+        assert storage.read_manifest(str(one / split)) == storage.read_manifest(str(two / split))
+    files = _split_files(one)
+    assert files == _split_files(two) and len(files) == 3 + 12 + 3 + 3
+    # the in-process output is itself checked against the annotations in test_flickr_round_trip_memory
+    assert load_split(str(two), "test").image_ids == load_split(str(one), "test").image_ids
+
+
+@pytest.mark.parametrize("data,what", [(None, "not found"), (b"garbage", "not a readable image")])
+def test_ray_workers_bad_image_same_error(tiny_flickr_dir, tmp_path, monkeypatch, ray_session, data, what):
+    from ptmst_ray.data import parallel
+
+    monkeypatch.setattr(parallel, "BATCH_IMAGES", 2)
+    name = _break_image(tiny_flickr_dir, "test", 4, data)
+    errors = []
+    for workers in (1, 2):
+        with pytest.raises(DataError) as e:
+            prepare.prepare_split(_flickr_cfg(tiny_flickr_dir, workers=workers), "test", str(tmp_path / f"t{workers}"))
+        errors.append(str(e.value))
+        assert storage.read_manifest(str(tmp_path / f"t{workers}")) is None
+    assert errors[0] == errors[1]
+    assert "flickr30k_test.json: row 4" in errors[1] and name in errors[1] and what in errors[1]
+
+
+def test_ray_workers_skip_bad_same_list(tiny_flickr_dir, tmp_path, monkeypatch, ray_session):
+    _break_image(tiny_flickr_dir, "val", 2, None)  # also train image 2 (rows 10-14)
+    _break_image(tiny_flickr_dir, "test", 7, b"garbage")
+    m1, m2, one, two = _prepare_both(tiny_flickr_dir, tmp_path, monkeypatch, skip_bad=True)
+    assert m1 == m2 and m2["splits"]["train"]["skipped"] == 5 and m2["splits"]["test"]["skipped"] == 1
+    for split in ("train", "test", "val"):
+        assert storage.read_manifest(str(one / split))["skipped"] == storage.read_manifest(str(two / split))["skipped"]
+    assert sorted(s["row"] for s in storage.read_manifest(str(two / "train"))["skipped"]) == [10, 11, 12, 13, 14]
+    assert _split_files(one) == _split_files(two)
+
+
+def test_workers_config_is_checked():
+    from ptmst_ray.config import ConfigError
+
+    with pytest.raises(ConfigError, match="workers"):
+        DataConfig(workers=0)
+    assert prepare.data_config_hash(DataConfig(workers=3)) == prepare.data_config_hash(DataConfig())

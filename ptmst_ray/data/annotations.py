@@ -3,7 +3,9 @@
 Why this file exists: every benchmark (Flickr30k, COCO, CC3M) and the built-in dataset use one
 annotation format, and every later stage depends on the exact caption text (the text cache is
 keyed by it). A bad row must stop the run with a message naming the file and row, or, with
-``skip_bad``, be skipped and listed so the manifest records what was left out.
+``skip_bad``, be skipped and listed so the manifest records what was left out. Files are parsed
+incrementally (:func:`iter_annotations`), so a reader's memory does not grow with the number of rows
+(COCO's train file has 566k).
 
 Format: ``<name>_train.json`` is a list of ``{"image": relative_path, "caption": str, ...}``
 (one row per caption); ``<name>_val.json`` / ``<name>_test.json`` are lists of
@@ -12,11 +14,12 @@ Format: ``<name>_train.json`` is a list of ``{"image": relative_path, "caption":
 
 from __future__ import annotations
 
+import codecs
 import json
 import logging
 import re
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Iterator, Literal
 
 from ptmst_ray import storage
 
@@ -67,7 +70,7 @@ def split_kind(split: str) -> Literal["pairs", "eval"]:
     return "pairs" if split in PAIR_SPLITS else "eval"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class PairRow:
     """One train row: an image and one caption."""
 
@@ -77,7 +80,7 @@ class PairRow:
     image_id: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class EvalRow:
     """One val/test row: an image and all of its captions."""
 
@@ -101,20 +104,115 @@ class Annotations:
         return sum(1 if isinstance(r, PairRow) else len(r.captions) for r in self.rows)
 
 
-def _load_list(url: str) -> list:
-    try:
-        text = storage.read_text(url)
-    except storage.StorageError:
-        raise DataError(f"{url}: annotation file not found; check data.annotations points at its folder") from None
-    except UnicodeDecodeError as e:
-        raise DataError(f"{url}: not UTF-8 text ({e}); is this really an annotation JSON file?") from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{url}: malformed JSON at line {e.lineno} column {e.colno} ({e.msg}); fix or re-download the file") from None
-    if not isinstance(data, list):
-        raise DataError(f"{url}: expected a JSON list of rows, got {type(data).__name__}; is this a Karpathy/BLIP annotation file?")
-    return data
+CHUNK_BYTES = 1 << 20
+"""Annotation files are read this many bytes at a time; only the unparsed tail of a chunk is kept."""
+
+_WS = " \t\n\r"
+_NUMBER_CHARS = "0123456789+-.eE"
+_FIRST_CHAR_TYPES = {"{": "dict", '"': "str", "t": "bool", "f": "bool", "n": "NoneType"}
+
+
+class _JsonListReader:
+    """Yields the items of the JSON list in a file one at a time (``json.JSONDecoder.raw_decode`` over a
+    sliding text buffer), so the file is never held whole. Errors are :class:`DataError` naming the file,
+    with the line and column of the problem as ``json.loads`` would report them."""
+
+    def __init__(self, url: str, chunk_bytes: int):
+        self.url, self.chunk_bytes = url, chunk_bytes
+        self.buf, self.pos, self.eof = "", 0, False
+        self.line, self.col = 1, 0  # line of buf[0] and characters before buf[0] on that line
+        self._decoder = json.JSONDecoder()
+        self._utf8 = codecs.getincrementaldecoder("utf-8")()
+
+    def __iter__(self) -> Iterator[Any]:
+        fs, path = storage.filesystem(self.url)
+        try:
+            f = fs.open(path, "rb")
+        except FileNotFoundError:
+            raise DataError(f"{self.url}: annotation file not found; check data.annotations points at its folder") from None
+        with f:
+            self._file = f
+            yield from self._items()
+
+    def _more(self) -> bool:
+        """Append the next chunk to the buffer (dropping the parsed prefix); False at the end of the file."""
+        if self.eof:
+            return False
+        data = self._file.read(self.chunk_bytes)
+        self.eof = not data
+        try:
+            text = self._utf8.decode(data, final=self.eof)
+        except UnicodeDecodeError as e:
+            raise DataError(f"{self.url}: not UTF-8 text ({e}); is this really an annotation JSON file?") from None
+        newlines = self.buf.count("\n", 0, self.pos)  # position bookkeeping for the parsed prefix
+        self.col = self.pos - self.buf.rfind("\n", 0, self.pos) - 1 if newlines else self.col + self.pos
+        self.line += newlines
+        self.buf, self.pos = self.buf[self.pos:] + text, 0
+        return bool(text) or not self.eof
+
+    def _peek(self) -> str:
+        """The next non-whitespace character ('' at the end of the file), without consuming it."""
+        while True:
+            while self.pos < len(self.buf) and self.buf[self.pos] in _WS:
+                self.pos += 1
+            if self.pos < len(self.buf) or not self._more():
+                return self.buf[self.pos:self.pos + 1]
+
+    def _malformed(self, msg: str, pos: int) -> DataError:
+        newlines = self.buf.count("\n", 0, pos)
+        line = self.line + newlines
+        col = pos - self.buf.rfind("\n", 0, pos) if newlines else self.col + pos + 1
+        return DataError(f"{self.url}: malformed JSON at line {line} column {col} ({msg}); fix or re-download the file")
+
+    def _value(self) -> Any:
+        """Decode the value at the cursor, reading more of the file while it may be cut by the chunk end."""
+        while True:
+            try:
+                value, end = self._decoder.raw_decode(self.buf, self.pos)
+            except json.JSONDecodeError as e:
+                offset = e.pos - self.pos  # reading more moves the item to the buffer's start
+                cut = e.msg.startswith("Unterminated string") or e.pos >= len(self.buf) - 6
+                if cut and self._more():
+                    continue
+                raise self._malformed(e.msg, self.pos + offset) from None
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if number and not self.buf[end:].strip(_NUMBER_CHARS) and self._more():
+                continue  # "12" or "2." at the end of the buffer may continue in the next chunk
+            self.pos = end
+            return value
+
+    def _items(self) -> Iterator[Any]:
+        first = self._peek()
+        if first == "\ufeff":
+            raise self._malformed("Unexpected UTF-8 BOM; save the file as UTF-8 without a BOM", self.pos)
+        if first != "[":
+            if first in _FIRST_CHAR_TYPES or first == "-" or first.isdigit():
+                kind = _FIRST_CHAR_TYPES.get(first, "number")
+                raise DataError(f"{self.url}: expected a JSON list of rows, got {kind}; "
+                                "is this a Karpathy/BLIP annotation file?")
+            raise self._malformed("Expecting value", self.pos)
+        self.pos += 1
+        if self._peek() == "]":
+            self.pos += 1
+        else:
+            while True:
+                if self._peek() == "":
+                    raise self._malformed("Expecting value", self.pos)
+                yield self._value()
+                sep = self._peek()
+                self.pos += 1
+                if sep == "]":
+                    break
+                if sep != ",":
+                    raise self._malformed("Expecting ',' delimiter", self.pos - 1)
+        if self._peek() != "":
+            raise self._malformed("Extra data", self.pos)
+
+
+def iter_json_list(url: str, chunk_bytes: int | None = None) -> Iterator[Any]:
+    """The items of the JSON list stored at ``url``, parsed incrementally (memory: about two chunks of
+    ``chunk_bytes``, default :data:`CHUNK_BYTES`, plus one item)."""
+    return iter(_JsonListReader(url, chunk_bytes or CHUNK_BYTES))
 
 
 def _caption(value: Any, max_words: int, what: str) -> str:
@@ -152,36 +250,62 @@ def _parse_row(item: Any, i: int, kind: str, max_words: int) -> PairRow | EvalRo
     return EvalRow(i, image, caps, image_id)
 
 
-def read_annotations(
+def iter_annotations(
     url: str,
     kind: Literal["pairs", "eval"],
     max_words: int = 30,
     skip_bad: bool = False,
     max_rows: int | None = None,
-) -> Annotations:
-    """Read one annotation file; captions are normalised. Bad rows raise :class:`DataError`
-    (naming file, row and reason) unless ``skip_bad``, which skips and lists them instead."""
-    data = _load_list(url)
-    if max_rows is not None:
-        data = data[:max_rows]
-    out = Annotations(url=url, kind=kind)
-    for i, item in enumerate(data):
+    skipped: list[dict[str, Any]] | None = None,
+) -> Iterator[PairRow | EvalRow]:
+    """Stream the rows of one annotation file (captions normalised), parsing the file incrementally:
+    memory does not grow with the number of rows. Bad rows raise :class:`DataError` (naming file, row
+    and reason) unless ``skip_bad``, which appends ``{file, row, reason}`` to ``skipped`` instead.
+    A file without a usable row raises once the stream ends."""
+    skipped = [] if skipped is None else skipped
+    used = 0
+    for i, item in enumerate(iter_json_list(url)):
+        if max_rows is not None and i >= max_rows:
+            break
         try:
-            out.rows.append(_parse_row(item, i, kind, max_words))
+            row = _parse_row(item, i, kind, max_words)
         except ValueError as e:
             if not skip_bad:
                 raise DataError(f"{url}: row {i}: {e} (or set data.skip_bad=true to skip bad rows)") from None
-            out.skipped.append({"file": url, "row": i, "reason": str(e)})
-    if out.skipped:
-        log.warning("%s: skipped %d bad row(s), first: row %d: %s",
-                    url, len(out.skipped), out.skipped[0]["row"], out.skipped[0]["reason"])
-    if not out.rows:
+            skipped.append({"file": url, "row": i, "reason": str(e)})
+            continue
+        used += 1
+        yield row
+    if not used:
         raise DataError(f"{url}: no usable rows; check that this is a non-empty {kind} annotation file")
+
+
+def iter_split(folder: str, dataset: str, split: str, max_words: int = 30, skip_bad: bool = False,
+               max_rows: int | None = None, skipped: list[dict[str, Any]] | None = None) -> Iterator[PairRow | EvalRow]:
+    """Stream ``<folder>/<benchmark name of split>`` with the shape implied by the split name."""
+    url = storage.join(folder, annotation_name(dataset, split))
+    return iter_annotations(url, split_kind(split), max_words, skip_bad, max_rows, skipped)
+
+
+def read_annotations(url: str, kind: Literal["pairs", "eval"], max_words: int = 30, skip_bad: bool = False,
+                     max_rows: int | None = None) -> Annotations:
+    """All rows of one annotation file in memory (small files, tests, inspection); see :func:`iter_annotations`,
+    which preparation uses so that memory does not grow with the file."""
+    out = Annotations(url=url, kind=kind)
+    out.rows.extend(iter_annotations(url, kind, max_words, skip_bad, max_rows, out.skipped))
+    warn_skipped(url, out.skipped)
     return out
+
+
+def warn_skipped(url: str, skipped: list[dict[str, Any]]) -> None:
+    """Log how many rows of ``url`` were skipped as bad, and the first reason."""
+    if skipped:
+        log.warning("%s: skipped %d bad row(s), first: row %d: %s",
+                    url, len(skipped), skipped[0]["row"], skipped[0]["reason"])
 
 
 def read_split(folder: str, dataset: str, split: str, max_words: int = 30, skip_bad: bool = False,
                max_rows: int | None = None) -> Annotations:
-    """Read ``<folder>/<benchmark name of split>`` with the shape implied by the split name."""
+    """Read ``<folder>/<benchmark name of split>`` whole with the shape implied by the split name."""
     url = storage.join(folder, annotation_name(dataset, split))
     return read_annotations(url, split_kind(split), max_words, skip_bad, max_rows)

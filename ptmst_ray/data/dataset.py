@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow.parquet as pq
 import torch
-from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from PIL import Image
 
 from ptmst_ray import storage
@@ -122,22 +121,24 @@ def load_split(data_dir: str, split: str, verify: bool = True) -> PairSet | Test
     return TestSet(images, captions, txt2img, imgs["image_id"], m)
 
 
-_MEAN = torch.tensor(OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
-_STD = torch.tensor(OPENAI_DATASET_STD).view(1, 3, 1, 1)
+def _mean_std(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """CLIP's mean/std shaped for ``x`` (batch or single image). open_clip is imported here, not at the
+    top: importing it costs ~280 MiB of RSS, which `data prepare` (it only reads manifests here) need not pay."""
+    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+
+    shape = (3, 1, 1) if x.dim() == 3 else (1, 3, 1, 1)
+    return (torch.tensor(OPENAI_DATASET_MEAN, device=x.device).view(shape),
+            torch.tensor(OPENAI_DATASET_STD, device=x.device).view(shape))
 
 
 def normalize_images(images: torch.Tensor) -> torch.Tensor:
     """uint8 (N x 3 x H x W or 3 x H x W) -> float32 scaled to [0, 1] with CLIP mean/std normalisation."""
     x = images.float() / 255.0
-    mean, std = _MEAN.to(x.device), _STD.to(x.device)
-    if x.dim() == 3:
-        mean, std = mean[0], std[0]
+    mean, std = _mean_std(x)
     return (x - mean) / std
 
 
 def denormalize_images(x: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`normalize_images` (float in, uint8 out, clamped)."""
-    mean, std = _MEAN.to(x.device), _STD.to(x.device)
-    if x.dim() == 3:
-        mean, std = mean[0], std[0]
+    mean, std = _mean_std(x)
     return ((x * std + mean).clamp(0, 1) * 255).round().to(torch.uint8)

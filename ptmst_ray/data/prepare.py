@@ -2,10 +2,11 @@
 
 Why this file exists: later stages (experts on Ray workers, distillation, evaluation) need the
 images decoded once, resized to the model's size, and stored next to their captions in a form
-any worker can read from the run root. Preparation streams row group by row group (memory is
-bounded by ``ROW_GROUP_BYTES`` of images, whatever the split or shard size; the annotation rows
-themselves are held in memory), writes each shard atomically, and writes the split's manifest last,
-so an interrupted run leaves no manifest and is redone, while a finished one is skipped.
+any worker can read from the run root. Preparation streams: the annotation file is parsed
+incrementally and shards are written row group by row group (memory is bounded by ``ROW_GROUP_BYTES``
+of images plus a map of image name -> index, whatever the split or shard size); decoding can run in
+Ray tasks (``data.workers``) with identical output. Each shard is written atomically and the split's
+manifest last, so an interrupted run leaves no manifest and is redone, while a finished one is skipped.
 
 Layout of a prepared split folder ``<data_root>/<split>/``:
 * ``images-00000.parquet`` ...: one row per image: ``image_index`` (0..N-1), ``image`` (relative
@@ -22,7 +23,7 @@ import contextlib
 import dataclasses
 import io
 import logging
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -31,7 +32,7 @@ from PIL import Image
 from ptmst_ray import storage
 from ptmst_ray.config import DataConfig
 from ptmst_ray.data.annotations import (
-    Annotations, DataError, EvalRow, NORMALIZATION, PairRow, annotation_name, read_split, split_kind,
+    DataError, EvalRow, NORMALIZATION, PairRow, annotation_name, iter_split, split_kind, warn_skipped,
 )
 
 log = logging.getLogger(__name__)
@@ -73,7 +74,45 @@ def _load_image(url: str, size: int) -> bytes:
     try:
         return encode_image(data, size)
     except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise ValueError(f"image file {url} is not a readable image ({e})") from None
+        # PIL's own message for an unknown format names an in-memory buffer's address, not the file
+        reason = "unknown or corrupt image format" if isinstance(e, Image.UnidentifiedImageError) else e
+        raise ValueError(f"image file {url} is not a readable image ({reason})") from None
+
+
+ImageResult = tuple[bytes | None, str | None]
+"""A prepared PNG, or None and the reason the image is unusable."""
+
+
+def load_images(urls: list[str], size: int) -> list[ImageResult]:
+    """:func:`_load_image` over a batch, with unusable images reported instead of raised (a Ray task's work)."""
+    out: list[ImageResult] = []
+    for url in urls:
+        try:
+            out.append((_load_image(url, size), None))
+        except ValueError as e:
+            out.append((None, str(e)))
+    return out
+
+
+Row = TypeVar("Row", PairRow, EvalRow)
+
+
+def with_images(rows: Iterable[Row], image_url: Callable[[Row], str | None], cfg: DataConfig
+                ) -> Iterator[tuple[Row, ImageResult | None]]:
+    """``rows`` in their order, each with its prepared image when ``image_url(row)`` names one (else None).
+
+    ``cfg.workers`` == 1 decodes here, one image at a time; more spreads the decoding over Ray tasks
+    (:func:`ptmst_ray.data.parallel.map_images`) with a bounded number of batches in flight. Either
+    way the results come back in row order, so the shards are byte-identical.
+    """
+    if cfg.workers > 1:
+        from ptmst_ray.data.parallel import map_images
+
+        yield from map_images(rows, image_url, cfg.image_size, cfg.workers)
+        return
+    for r in rows:
+        url = image_url(r)
+        yield r, (None if url is None else load_images([url], cfg.image_size)[0])
 
 
 # --------------------------------------------------------------------------- shard writer
@@ -188,52 +227,55 @@ def _skip_or_raise(cfg: DataConfig, skipped: list[dict], file: str, row: int, re
     skipped.append({"file": file, "row": row, "reason": reason})
 
 
-def _write_pairs(ann: Annotations, cfg: DataConfig, images_dir: str, out_dir: str,
+def _write_pairs(url: str, rows: Iterable[PairRow], total: int, cfg: DataConfig, images_dir: str, out_dir: str,
                  progress: Progress | None) -> dict[str, Any]:
-    index: dict[str, int] = {}
+    """Stream train-shape rows into image and caption shards; each image is prepared at its first use."""
+    index: dict[str, int] = {}  # per image, not per row: the state that grows with the split
     bad: set[str] = set()
+    requested: set[str] = set()
     skipped: list[dict] = []
+
+    def first_use(r: PairRow) -> str | None:
+        if r.image in requested:
+            return None
+        requested.add(r.image)
+        return storage.join(images_dir, r.image)
+
     with ShardWriter(out_dir, "images", IMAGE_SCHEMA_PAIRS, cfg.shard_rows) as imgs, \
             ShardWriter(out_dir, "captions", CAPTION_SCHEMA, cfg.shard_rows) as caps:
-        for k, r in enumerate(ann.rows):
-            assert isinstance(r, PairRow)
-            if r.image in bad:
-                _skip_or_raise(cfg, skipped, ann.url, r.row, f"its image {r.image} was unusable (see an earlier row)")
+        for k, (r, image) in enumerate(with_images(rows, first_use, cfg)):
+            if image is not None and image[0] is None:
+                bad.add(r.image)
+                _skip_or_raise(cfg, skipped, url, r.row, image[1])
+            elif r.image in bad:
+                _skip_or_raise(cfg, skipped, url, r.row, f"its image {r.image} was unusable (see an earlier row)")
             else:
-                if r.image not in index:
-                    try:
-                        png = _load_image(storage.join(images_dir, r.image), cfg.image_size)
-                    except ValueError as e:
-                        bad.add(r.image)
-                        _skip_or_raise(cfg, skipped, ann.url, r.row, str(e))
-                        continue
+                if image is not None:
                     index[r.image] = len(index)
                     imgs.add({"image_index": index[r.image], "image": r.image, "image_id": r.image_id,
-                              "row": r.row, "png": png})
+                              "row": r.row, "png": image[0]})
                 caps.add({"row": r.row, "image_index": index[r.image], "caption": r.caption})
             if progress:
-                progress(k + 1, len(ann.rows))
+                progress(k + 1, total)
     return {"images": imgs.rows, "captions": caps.rows, "rows": caps.rows,
             "files": {**imgs.files, **caps.files}, "skipped": skipped}
 
 
-def _write_eval(ann: Annotations, cfg: DataConfig, images_dir: str, out_dir: str,
+def _write_eval(url: str, rows: Iterable[EvalRow], total: int, cfg: DataConfig, images_dir: str, out_dir: str,
                 progress: Progress | None) -> dict[str, Any]:
+    """Stream val/test-shape rows (an image with its captions) into image shards."""
     skipped: list[dict] = []
     n_caps = 0
     with ShardWriter(out_dir, "images", IMAGE_SCHEMA_EVAL, cfg.shard_rows) as imgs:
-        for k, r in enumerate(ann.rows):
-            assert isinstance(r, EvalRow)
-            try:
-                png = _load_image(storage.join(images_dir, r.image), cfg.image_size)
-            except ValueError as e:
-                _skip_or_raise(cfg, skipped, ann.url, r.row, str(e))
+        for k, (r, (png, reason)) in enumerate(with_images(rows, lambda r: storage.join(images_dir, r.image), cfg)):
+            if png is None:
+                _skip_or_raise(cfg, skipped, url, r.row, reason)
             else:
                 imgs.add({"image_index": imgs.added, "image": r.image, "image_id": r.image_id,
                           "row": r.row, "png": png, "captions": r.captions})
                 n_caps += len(r.captions)
             if progress:
-                progress(k + 1, len(ann.rows))
+                progress(k + 1, total)
     return {"images": imgs.rows, "captions": n_caps, "rows": imgs.rows, "files": imgs.files, "skipped": skipped}
 
 
@@ -241,7 +283,9 @@ def prepare_split(cfg: DataConfig, split: str, out_dir: str, progress: Progress 
     """Prepare one split of ``cfg``'s dataset into ``out_dir``; returns its manifest.
 
     Skips the work when ``out_dir`` already has a manifest with the same settings hash;
-    otherwise clears ``out_dir`` (a partial or outdated output) and writes it again.
+    otherwise clears ``out_dir`` (a partial or outdated output) and writes it again. The annotation
+    file is streamed twice: a first pass checks every row and counts them (so a bad row stops the
+    run before any image work, and progress has a total), the second prepares the images.
     """
     ann_dir, images_dir = _source_dirs(cfg)
     ann_url = storage.join(ann_dir, annotation_name(cfg.dataset, split))
@@ -256,10 +300,16 @@ def prepare_split(cfg: DataConfig, split: str, out_dir: str, progress: Progress 
     storage.remove(out_dir, recursive=True)
     storage.makedirs(out_dir)
     max_rows = cfg.max_train_rows if split == "train" else None
-    ann = read_split(ann_dir, cfg.dataset, split, cfg.max_words, cfg.skip_bad, max_rows)
+
+    def rows(skipped: list[dict] | None = None) -> Iterator:
+        return iter_split(ann_dir, cfg.dataset, split, cfg.max_words, cfg.skip_bad, max_rows, skipped)
+
+    ann_skipped: list[dict] = []
+    total = sum(1 for _ in rows(ann_skipped))
+    warn_skipped(ann_url, ann_skipped)
     kind = split_kind(split)
     writer = _write_pairs if kind == "pairs" else _write_eval
-    result = writer(ann, cfg, images_dir, out_dir, progress)
+    result = writer(ann_url, rows(), total, cfg, images_dir, out_dir, progress)
     if result["rows"] == 0:
         raise DataError(f"{ann_url}: every row was skipped as bad; nothing to prepare (see the log)")
     manifest = {
@@ -268,7 +318,7 @@ def prepare_split(cfg: DataConfig, split: str, out_dir: str, progress: Progress 
         "rows": result["rows"], "images": result["images"], "captions": result["captions"],
         "image_size": cfg.image_size, "files": result["files"],
         "content_hash": storage.stable_hash(result["files"]),
-        "skipped": ann.skipped + result["skipped"],
+        "skipped": ann_skipped + result["skipped"],
     }
     storage.write_manifest(out_dir, manifest)
     log.info("%s: prepared split %s: %d images, %d captions, %d skipped", out_dir, split,
@@ -329,5 +379,8 @@ def prepare_dataset(cfg: DataConfig, data_root: str,
 
 
 def data_config_hash(cfg: DataConfig) -> str:
-    """Hash of the data settings (the dataset manifest's ``config_hash``)."""
-    return storage.stable_hash({"data": dataclasses.asdict(cfg), "format": FORMAT_VERSION})
+    """Hash of the data settings (the dataset manifest's ``config_hash``); ``workers`` is left out:
+    it changes how the images are decoded, not what is written."""
+    data = dataclasses.asdict(cfg)
+    data.pop("workers")
+    return storage.stable_hash({"data": data, "format": FORMAT_VERSION})

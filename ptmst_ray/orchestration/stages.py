@@ -190,11 +190,14 @@ def check_paths(cfg: Config) -> None:
 
 
 def data_hash(cfg: Config) -> str:
-    return section_hash(cfg.data)
+    """Identity of the prepared data: the data section minus settings that do not change the output."""
+    data = dataclasses.asdict(cfg.data)
+    data.pop("workers", None)  # decoding in N Ray tasks writes the same shards
+    return section_hash(data)
 
 
 def pretrain_hash(cfg: Config) -> str:
-    return section_hash(cfg.data, cfg.model.name, cfg.pretrain)
+    return section_hash(data_hash(cfg), cfg.model.name, cfg.pretrain)
 
 
 def model_hash(cfg: Config) -> str:

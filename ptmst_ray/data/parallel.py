@@ -1,0 +1,69 @@
+"""Image decoding for `data prepare` spread over Ray tasks, results back in row order.
+
+Why this file exists: decoding and resizing images is the slow part of preparation and is
+independent per image, so it can run on every core of a cluster; the shards must still be written
+in row order by one writer (their bytes and the content hash must not depend on the number of
+workers). Rows are grouped into batches of images, at most ``2 * workers`` batches are in flight
+(memory stays bounded), and batches are collected oldest first. Only ``prepare.with_images`` calls
+this; the Ray import stays out of the in-process path.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import functools
+from typing import Callable, Iterable, Iterator, TypeVar
+
+import ray
+
+from ptmst_ray.data.prepare import ImageResult, load_images
+
+Row = TypeVar("Row")
+
+BATCH_IMAGES = 32
+"""Images per Ray task: large enough to amortise a task's overhead, small enough to keep all workers busy."""
+
+
+@functools.cache
+def _remote_load_images():
+    return ray.remote(num_cpus=1)(load_images)
+
+
+def map_images(rows: Iterable[Row], image_url: Callable[[Row], str | None], size: int, workers: int,
+               batch_images: int | None = None) -> Iterator[tuple[Row, ImageResult | None]]:
+    """``rows`` in order, each with its prepared image when ``image_url(row)`` names one (else None),
+    decoded by up to ``workers`` Ray tasks at once (``batch_images`` each, default :data:`BATCH_IMAGES`);
+    joins (or starts, loopback-only) Ray if needed."""
+    from ptmst_ray.orchestration.runtime import connect
+
+    connect()
+    batch_images = batch_images or BATCH_IMAGES
+    task = _remote_load_images()
+    pending: collections.deque = collections.deque()  # (rows with their url or None, ObjectRef)
+    batch: list[tuple[Row, str | None]] = []
+    n_urls = 0
+    try:
+        for row in rows:
+            url = image_url(row)
+            batch.append((row, url))
+            n_urls += url is not None
+            if n_urls >= batch_images or len(batch) >= 8 * batch_images:
+                pending.append((batch, task.remote([u for _, u in batch if u is not None], size)))
+                batch, n_urls = [], 0
+                while len(pending) >= 2 * workers:
+                    yield from _collect(*pending.popleft())
+        if batch:
+            pending.append((batch, task.remote([u for _, u in batch if u is not None], size)))
+        while pending:
+            yield from _collect(*pending.popleft())
+    finally:
+        for _, ref in pending:  # an error or an abandoned iterator: stop the work still queued
+            with contextlib.suppress(Exception):
+                ray.cancel(ref)
+
+
+def _collect(batch: list[tuple[Row, str | None]], ref: "ray.ObjectRef") -> Iterator[tuple[Row, ImageResult | None]]:
+    results = iter(ray.get(ref))
+    for row, url in batch:
+        yield row, (None if url is None else next(results))
