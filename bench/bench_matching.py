@@ -24,6 +24,7 @@ time is the steadier measure of cost (the time target is judged on it).
     .venv/bin/python bench/bench_matching.py --profile exact --steps 8   # where the time goes
     .venv/bin/python bench/bench_matching.py --steps 2 32 --methods first_order exact \
         --checkpoints 5 --no-write                      # exact's memory/time trade-off
+    .venv/bin/python bench/bench_matching.py --steps 32 --interleave 0 5 32   # time ratios in one process
 """
 
 from __future__ import annotations
@@ -91,7 +92,7 @@ def run_one(method: str, steps: int, iters: int, checkpoints: int | None = None)
     """Warm-up, then ``iters`` timed iterations; peak RSS above the pre-iteration RSS (MB)."""
     import gc
 
-    from ptmst_ray.distill.matching import exact_checkpoints
+    from ptmst_ray.distill.matching import _reversal_plan, exact_checkpoints
 
     iteration, params = _setup(method, steps, checkpoints)
     iteration()  # warm-up: lazy initialisation, first allocations
@@ -108,7 +109,8 @@ def run_one(method: str, steps: int, iters: int, checkpoints: int | None = None)
         gc.collect()
         residue.append((status_kb("VmRSS") - base) / 1024)
     held = exact_checkpoints(steps) if checkpoints is None else checkpoints
-    return {"method": method, "steps": steps, "params": params, "times": times, "cpu_times": cpu,
+    replayed = _reversal_plan(steps, held, True)[0] if method == "exact" else 0
+    return {"method": method, "steps": steps, "params": params, "replayed": replayed, "times": times, "cpu_times": cpu,
             "peaks_mb": peaks, "residue_mb": residue, "s_per_iter": statistics.median(times),
             "cpu_s_per_iter": statistics.median(cpu), "peak_mb": statistics.median(peaks), "loss": out["loss"],
             "held": {"first_order": 1, "exact": held, "unrolled": steps}[method]}
@@ -123,6 +125,27 @@ def profile_one(method: str, steps: int) -> None:
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         iteration()
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
+
+
+def interleaved(steps: int, ks: list[int], rounds: int) -> str:
+    """first_order and exact at each k (0 = the default schedule) in ONE process, one iteration of each in
+    turn for ``rounds`` rounds: load drift on a shared machine hits every method alike. Median CPU time."""
+    cases = {"first_order": _setup("first_order", steps)[0]}
+    cases.update({f"exact, exact_checkpoints={k or 'default'}": _setup("exact", steps, k or None)[0] for k in ks})
+    for iteration in cases.values():
+        iteration()  # warm-up
+    cpu: dict[str, list[float]] = {name: [] for name in cases}
+    for _ in range(rounds):
+        for name, iteration in cases.items():
+            c0 = time.process_time()
+            iteration()
+            cpu[name].append(time.process_time() - c0)
+    base = statistics.median(cpu["first_order"])
+    lines = [f"| N={steps}, one process, {rounds} rounds | median CPU s/iter | vs first_order | min..max s |",
+             "|---|---:|---:|---:|"]
+    lines += [f"| {name} | {statistics.median(t):.3f} | {statistics.median(t) / base:.2f} | "
+              f"{min(t):.2f}..{max(t):.2f} |" for name, t in cpu.items()]
+    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------- driver (parent)
@@ -194,6 +217,24 @@ def verdict(rows: list[dict], mem_tol: float = 0.10, time_tol: float = 1.3) -> s
     return "\n".join(lines)
 
 
+def tradeoff(rows: list[dict], pairs: list[tuple[dict, dict]], mem_tol: float = 0.10, time_tol: float = 1.3) -> str:
+    """exact at one N for several ``distill.exact_checkpoints`` values: memory vs exact's smallest N in ``rows``,
+    CPU time vs the ``first_order`` run measured right before each (``pairs``: (first_order, exact))."""
+    base = min((r for r in rows if r["method"] == "exact"), key=lambda r: r["steps"])
+    lines = [f"| exact_checkpoints | w_i held | replayed steps | CPU s/iter | first_order CPU s/iter "
+             f"| exact/first_order CPU (wall) | peak MiB | memory vs N={base['steps']} "
+             f"| memory <= {1 + mem_tol:.2f} | time <= {time_tol} |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---|---|"]
+    for fo, ex in pairs:
+        mem, cpu = ex["peak_mb"] / base["peak_mb"], ex["cpu_s_per_iter"] / fo["cpu_s_per_iter"]
+        label = ex["label"]
+        lines.append(f"| {label} | {ex['held']} | {ex['replayed']} | {ex['cpu_s_per_iter']:.3f} | "
+                     f"{fo['cpu_s_per_iter']:.3f} | {cpu:.2f} ({ex['s_per_iter'] / fo['s_per_iter']:.2f}) | "
+                     f"{ex['peak_mb']:.1f} | {mem:.2f} | {'MET' if mem <= 1 + mem_tol else 'NOT MET'} | "
+                     f"{'MET' if cpu <= time_tol else 'NOT MET'} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help=f"N in {QUICK_STEPS} instead of {STEPS}")
@@ -202,6 +243,13 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=3, help="timed iterations after one warm-up (median reported)")
     p.add_argument("--no-write", action="store_true", help="print the section instead of writing RESULTS.md")
     p.add_argument("--checkpoints", type=int, help="w_i exact may hold besides w_0, at every N (default exact_checkpoints(N))")
+    p.add_argument("--tradeoff", type=int, nargs="*", default=[1, 5, 0],
+                   help="then exact at the largest N with these exact_checkpoints values (0 = N: keep every w_i), "
+                        "each timed against a fresh first_order run; none to skip")
+    p.add_argument("--interleave", type=int, nargs="+", metavar="K",
+                   help="instead: time first_order and exact at these exact_checkpoints (0 = default) in one "
+                        "process, round-robin, at the first --steps value (prints a table, writes nothing)")
+    p.add_argument("--rounds", type=int, default=7, help="rounds for --interleave")
     p.add_argument("--child", nargs=2, metavar=("METHOD", "N"), help=argparse.SUPPRESS)
     p.add_argument("--profile", choices=METHODS, help="profile one iteration of this method (first --steps value)")
     args = p.parse_args()
@@ -211,6 +259,10 @@ def main() -> None:
     steps = args.steps or (QUICK_STEPS if args.quick else STEPS)
     if args.profile:
         profile_one(args.profile, steps[0])
+        return
+    if args.interleave:
+        print(f"Command: `{command_line()}`\n\nMachine: {machine(load=True)}\n\n"
+              + interleaved(steps[0], args.interleave, args.rounds))
         return
     rows, t0 = [], time.perf_counter()
     for n in steps:
@@ -223,10 +275,25 @@ def main() -> None:
             rows.append(r)
     rows.sort(key=lambda r: (r["steps"], METHODS.index(r["method"])))
     md = table(rows) + "\n\nTargets (computed by the script):\n\n" + verdict(rows)
+    n_max, pairs = max(steps), []
+    if args.tradeoff and "exact" in args.methods:
+        default = next(r for r in rows if r["method"] == "exact" and r["steps"] == n_max)
+        fo_default = next((r for r in rows if r["method"] == "first_order" and r["steps"] == n_max), None)
+        if fo_default is not None:
+            pairs.append((fo_default, {**default, "label": f"default ({default['held']})"}))
+        for k in args.tradeoff:
+            fo, ex = spawn("first_order", n_max, args.iters), spawn("exact", n_max, args.iters, k or n_max)
+            print(f"N={n_max} exact_checkpoints={k or n_max}: CPU {ex['cpu_s_per_iter']:.3f} vs first_order "
+                  f"{fo['cpu_s_per_iter']:.3f}, peak {ex['peak_mb']:.1f} MiB", flush=True)
+            pairs.append((fo, {**ex, "label": str(k or n_max) + (" (= N)" if not k else "")}))
+        pairs.sort(key=lambda pair: pair[1]["held"])
+        md += (f"\n\nTrade-off at N={n_max}: `distill.exact_checkpoints` (the default row is the table's; each other "
+               "row is timed against a first_order run made right before it):\n\n" + tradeoff(rows, pairs))
     print(md)
     print(f"total {time.perf_counter() - t0:.0f} s")
     params = rows[0]["params"]
-    body = (f"Command: `{command_line()}`\n\nMachine: {machine()}\n\n"
+    body = (f"Command: `{command_line()}`\n\n"
+            f"Machine: {machine(load=True)} (load average read at the end of the run)\n\n"
             f"Setup: toy student (`build_student(ModelConfig(), text_dim={TEXT_DIM}, seed=0)`, "
             f"{params} trainable parameters), {PAIRS} noise pairs of 3x{IMAGE_SIZE}x{IMAGE_SIZE}, "
             f"minibatch {MINIBATCH}, WBCE, full similarity, float32, one thread. Each row is a fresh "

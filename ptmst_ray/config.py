@@ -274,6 +274,9 @@ class DistillConfig:
     """first_order (paper's code; 2 parameter vectors whatever N), exact (adjoint recursion equal to
     autograd; binomial checkpointing keeps ~sqrt(2N) vectors, 1.1x first_order's memory and 1.3x its time
     at N=32 on the toy), unrolled (autograd through all N steps: memory grows with N; the reference)."""
+    exact_checkpoints: Optional[int] = None
+    """exact only: parameter vectors held at once (fewer = less memory, more recomputed steps; >= syn_steps =
+    keep all, fastest); None or 0 = exact_checkpoints(syn_steps). Never changes the result."""
     loss: str = "WBCE"
     lr_img: float = 1000.0
     lr_txt: float = 1000.0
@@ -298,6 +301,8 @@ class DistillConfig:
     def __post_init__(self):
         _check(self.syn_steps >= 1, "syn_steps", "must be >= 1")
         _check(self.expert_epochs >= 1, "expert_epochs", "must be >= 1")
+        _check(self.exact_checkpoints is None or self.exact_checkpoints >= 0, "exact_checkpoints",
+               f"must be >= 1 parameter vectors (or null/0 for the default schedule), got {self.exact_checkpoints}")
         _check(self.loss in LOSS_NAMES, "loss", f"must be one of {', '.join(LOSS_NAMES)}")
         for name in ("lr_img", "lr_txt", "lr_lr", "lr_sim", "alpha_init"):
             _check(getattr(self, name) >= 0, name, "must be >= 0")

@@ -44,6 +44,8 @@ def test_paper_recipes_follow_algorithm_table():
         ({"distill": {"syn_steps": 2.5}}, "distill.syn_steps"),             # float for int
         ({"shortcut": {"enabled": "yes"}}, "shortcut.enabled"),             # str for bool
         ({"distill": {"grad_method": "magic"}}, "distill.grad_method"),     # not a choice
+        ({"distill": {"exact_checkpoints": -1}}, "distill.exact_checkpoints"),    # negative
+        ({"distill": {"exact_checkpoints": "all"}}, "distill.exact_checkpoints"),  # str for int
         ({"phases": []}, "phases"),                                         # empty phase list
         ({"phases": [{"pairs": 5, "minibatch": 10}]}, "phases[0].pairs"),   # budget < minibatch
         ({"phases": [{"range_end": 12}]}, "phases[0].range_end"),           # range past expert epochs
@@ -97,3 +99,16 @@ def test_section_hash_changes_with_content():
     a, b = Config(), Config().replace(**{"distill.syn_steps": 3})
     assert section_hash(a.distill) != section_hash(b.distill)
     assert section_hash(a.experts) == section_hash(b.experts)
+
+
+def test_exact_checkpoints_is_validated_and_leaves_the_phase_hash_alone():
+    """The checkpoint count trades memory for recomputed steps, never the result: a finished phase stays valid."""
+    from ptmst_ray.orchestration.stages import phase_hash
+
+    with pytest.raises(ConfigError, match=r"exact_checkpoints: must be >= 1 .*null/0.*got -2"):
+        Config().replace(**{"distill.exact_checkpoints": -2})
+    cfg = Config()
+    reference = phase_hash(cfg, cfg.phases[0])
+    for k in (0, 1, 5):
+        assert phase_hash(cfg.replace(**{"distill.exact_checkpoints": k}), cfg.phases[0]) == reference
+    assert phase_hash(cfg.replace(**{"distill.syn_steps": 3}), cfg.phases[0]) != reference

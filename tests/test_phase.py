@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from ptmst_ray.config import DistillConfig, PhaseConfig, SimilarityConfig
+from ptmst_ray.distill import matching
 from ptmst_ray.distill.export import image_grid_png, load_subset, nearest_captions, save_subset
 from ptmst_ray.distill.phase import DivergenceError, PhaseTrainer
 from ptmst_ray.distill.synthetic import SyntheticSet
@@ -107,6 +108,36 @@ def test_non_finite_loss_stops_with_clear_error_and_keeps_finite_ema():
     assert trainer.ema.is_finite()
     assert saves and "diverged" in saves[-1]
     assert all(torch.isfinite(v).all() for v in saves[-1]["ema"]["shadow"].values())
+
+
+class CountingLogits:
+    """A student's logits_fn that counts its calls (one per student step taken or replayed)."""
+
+    def __init__(self, logits_fn):
+        self.logits_fn, self.calls = logits_fn, 0
+
+    def __call__(self, *args):
+        self.calls += 1
+        return self.logits_fn(*args)
+
+
+@pytest.mark.parametrize("k", [0, 1, 3, 8])
+def test_exact_checkpoints_reach_the_matching_step_and_never_change_the_result(k):
+    """distill.exact_checkpoints sets how many w_i exact holds, hence how many steps it replays (the binomial
+    plan's count, null/0 = the default schedule), and gives the default run's state bit for bit."""
+    n_steps, iterations = 8, 2
+    reference = make_trainer(iterations, syn_steps=n_steps)
+    reference.run()
+    trainer = make_trainer(iterations, syn_steps=n_steps, exact_checkpoints=k)
+    trainer.logits_fn = counter = CountingLogits(trainer.logits_fn)
+    ema = trainer.run()
+    states = k or matching.exact_checkpoints(n_steps)
+    replays = matching._reversal_plan(n_steps, states, True)[0]
+    assert counter.calls == iterations * (2 * n_steps - 1 + replays)
+    for name, value in reference.ema.state().items():
+        assert torch.equal(ema[name], value), name
+    for (name, p), q in zip(reference.synthetic.named_parameters(), trainer.synthetic.parameters()):
+        assert torch.equal(p, q), name
 
 
 def test_export_round_trip_and_grid(tmp_path):

@@ -366,23 +366,37 @@ def _exact(ctx: _Context, theta_s: Params, steps: list[Step], theta_t: Params,
     """Adjoint recursion: a_N = dM/dw_N; a_i = a_{i+1} - d/dw_i (A a_{i+1}) . g_i; data -= dq_i/dData.
 
     The w_i come in reverse order from :class:`Checkpointed`, at most ``checkpoints`` alive.
-    Returns the per-modality matching losses.
+    The sweep takes the last step (w_N-1 -> w_N) with a graph and the reversal differentiates
+    that graph first, so step N-1 runs once, not twice (the other steps' graphs would have to
+    outlive later steps). Returns the per-modality matching losses.
     """
-    reversal = Checkpointed(len(steps), checkpoints, lambda w, i: _advance(ctx, w, steps[i])[0])
+    alphas, last, taped = [a.detach() for a in ctx.syn.alphas], len(steps) - 1, []
+
+    def advance(w: Params, i: int) -> Params:
+        if i < last:  # only the sweep reaches step N-1 (every replay ends before it)
+            return _advance(ctx, w, steps[i])[0]
+        taped.append(_recompute(ctx, w, steps[i]))
+        return _sgd(w, alphas, [gm.detach() for gm in taped[-1][2]])
+
+    reversal = Checkpointed(len(steps), checkpoints, advance)
     w_n = reversal.sweep(theta_s)
     losses = _matching_losses(w_n, theta_t, denoms)
     adj = [torch.zeros_like(w) if d is None else 2.0 * (w - t) / d for w, t, d in zip(w_n, theta_t, denoms)]
     del w_n
     for i, w_i in reversal.reverse():
-        adj = _adjoint_step(ctx, w_i, steps[i], adj, acc)
+        adj = _adjoint_step(taped.pop() if i == last else _recompute(ctx, w_i, steps[i]), steps[i], alphas, adj, acc)
         del w_i
     return losses
 
 
-def _adjoint_step(ctx: _Context, w: Params, step: Step, adj: list[Tensor], acc: _Accumulator) -> list[Tensor]:
-    """One double backward of q_i = (A a_{i+1}) . g_i at w_i: data -= dq_i/dData; return a_i = a_{i+1} - dq_i/dw_i."""
-    alphas = [a.detach() for a in ctx.syn.alphas]
-    leaves, data, g = _recompute(ctx, w, step)
+def _adjoint_step(graph: tuple[Params, list[Tensor], list[Tensor]], step: Step, alphas: list[Tensor],
+                  adj: list[Tensor], acc: _Accumulator) -> list[Tensor]:
+    """One double backward of q_i = (A a_{i+1}) . g_i at w_i: data -= dq_i/dData; return a_i = a_{i+1} - dq_i/dw_i.
+
+    ``graph`` is :func:`_recompute` at w_i; it dies here.
+    """
+    leaves, data, g = graph
+    del graph
     for m, (a_m, g_m) in enumerate(zip(adj, g)):
         acc.alphas[m] -= _dot(a_m, g_m.detach())
     q = sum(_dot(alpha * a_m, g_m) for alpha, a_m, g_m in zip(alphas, adj, g))

@@ -127,7 +127,8 @@ class PhaseTrainer:
         theta_t = self.trajectories.snapshot(expert, offset + self.dcfg.expert_epochs)
         self.optimizer.zero_grad(set_to_none=True)
         stats = matching_step(self.logits_fn, self.loss, self.synthetic, theta_s, theta_t,
-                              self.dcfg.syn_steps, self.sampler, method=self.dcfg.grad_method)
+                              self.dcfg.syn_steps, self.sampler, method=self.dcfg.grad_method,
+                              checkpoints=self.dcfg.exact_checkpoints or None)  # 0 = the default schedule
         self._check_finite(stats)
         self.optimizer.step()
         self._clamp_alphas()

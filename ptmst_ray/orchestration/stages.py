@@ -233,7 +233,7 @@ def phase_jobs(cfg: Config, with_baseline: bool = True) -> list[tuple[str, Phase
 
 def phase_hash(cfg: Config, phase: PhaseConfig) -> str:
     distill = dataclasses.asdict(cfg.distill)
-    for volatile in ("checkpoint_every", "report_every", "recall_every", "gpus_per_phase"):
+    for volatile in ("checkpoint_every", "report_every", "recall_every", "gpus_per_phase", "exact_checkpoints"):
         distill.pop(volatile)
     return section_hash(experts_hash(cfg), cfg.experts.num_experts, cfg.shortcut, phase, distill, cfg.run.seed)
 
