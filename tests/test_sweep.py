@@ -5,6 +5,7 @@ a rerun restoring the finished experiment without rerunning any trial)."""
 from __future__ import annotations
 
 import math
+import threading
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -98,6 +99,20 @@ def test_outputs_table_yaml_and_plot(tmp_path):
 # --------------------------------------------------------------------------- on Ray
 
 
+class LockedUI:
+    """A progress UI holding a lock, as rich's does (`ptmst-ray sweep` once failed: Tune pickled it)."""
+
+    def __init__(self):
+        self.lock, self.updates = threading.RLock(), 0
+
+    def stage(self, name: str) -> None:
+        pass
+
+    def update(self, tasks: dict) -> None:
+        with self.lock:
+            self.updates += 1
+
+
 @pytest.fixture(scope="module")
 def base_root(tmp_path_factory):
     return tmp_path_factory.mktemp("sweep")
@@ -142,7 +157,9 @@ def test_asha_stops_diverged_trial_and_rerun_restores(ray_session, base_root):
         "phases": [fast_config(base_root).to_dict()["phases"][0]],
         "sweep.searcher": "grid", "sweep.max_concurrent": 1, "sweep.scheduler": "asha", "sweep.grace_period": 1,
         "sweep.rounds": 2, "sweep.space": {"distill.lr_img": {"grid": [100.0, float("inf")]}}})
-    summary = sw.run_sweep(cfg, verbose=0)
+    ui = LockedUI()  # like the CLI's rich UI, it cannot be pickled: Tune must not pickle it with its state
+    summary = sw.run_sweep(cfg, ui, verbose=0)
+    assert ui.updates > 0  # the progress poll ran during the sweep
     rows = {r["distill.lr_img"]: r for r in summary["rows"]}
     assert not summary["errors"], summary["errors"]
     good, bad = rows[100.0], rows[float("inf")]
@@ -155,7 +172,7 @@ def test_asha_stops_diverged_trial_and_rerun_restores(ray_session, base_root):
     assert (good_root / "phases" / "phase0" / "subset" / storage.MANIFEST).exists()
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("*/config.yaml")}
     assert len(stamps) == 2
-    again = sw.run_sweep(cfg, verbose=0)
+    again = sw.run_sweep(cfg, LockedUI(), verbose=0)
     assert again["resumed"] and again["name"] == summary["name"]
     assert {r["trial_id"] for r in again["rows"]} == {r["trial_id"] for r in summary["rows"]}
     assert {p: p.stat().st_mtime_ns for p in out.glob("*/config.yaml")} == stamps  # no trial ran again

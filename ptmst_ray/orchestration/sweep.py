@@ -328,14 +328,17 @@ def _searcher(cfg: Config, max_concurrent: int = 0):
                          f"(pip install 'ptmst-ray[sweep]' for optuna) or use searcher: random") from None
 
 
-class _PollCallback(tune.Callback):
-    """Keeps the CLI's progress bars moving while Tune's loop runs in this thread."""
+_POLL: list = [None]
+"""The poll of the sweep running in this process. Held here, not in the callback: Tune pickles its
+run config (callbacks included) into the experiment folder, and a CLI poll holds locks (rich)."""
 
-    def __init__(self, poll):
-        self.poll = poll
+
+class _PollCallback(tune.Callback):
+    """Keeps the CLI's progress bars moving while Tune's loop runs in this thread (no state to pickle)."""
 
     def on_step_end(self, iteration, trials, **info):
-        self.poll()
+        if _POLL[0] is not None:
+            _POLL[0]()
 
 
 def _precompute_shortcuts(cfg: Config, poll) -> list[tuple[int, int]]:
@@ -355,6 +358,7 @@ def build_tuner(cfg: Config, name: str, board=None, poll=None, verbose: int = 1)
     """A new Tuner, or the restored one when this sweep's experiment exists (finished trials are kept)."""
     from ptmst_ray.orchestration.phases import storage_args
 
+    _POLL[0] = poll  # also read by the callback of a restored Tuner
     sweeps = stages.Layout(cfg.run.root).sweeps
     args = storage_args(sweeps)
     path = storage.join(args["storage_path"], name) if "storage_filesystem" in args else storage.join(sweeps, name)
@@ -373,7 +377,7 @@ def build_tuner(cfg: Config, name: str, board=None, poll=None, verbose: int = 1)
                  if sweep.scheduler == "asha" else FIFOScheduler())
     tune_config = tune.TuneConfig(metric="r_mean", mode="max", num_samples=samples, scheduler=scheduler,
                                   search_alg=_searcher(cfg, max_concurrent_trials(cfg, cluster_info())))
-    run_config = tune.RunConfig(name=name, verbose=verbose, callbacks=[_PollCallback(poll)] if poll else None,
+    run_config = tune.RunConfig(name=name, verbose=verbose, callbacks=[_PollCallback()],
                                 **args)
     return tune.Tuner(trainable, param_space=space, tune_config=tune_config, run_config=run_config), False
 
