@@ -174,10 +174,16 @@ class PretrainConfig:
     """AdamW learning rate."""
     weight_decay: float = 0.1
     seed: int = 0
+    towers: Literal["joint", "separate"] = "joint"
+    """joint: one CLIP run, towers aligned (zero-shot retrieval works). separate: the image tower from
+    a CLIP run with `seed`, the text tower from another with `seed + 1`, so their embedding spaces are
+    NOT aligned and the student's head must learn the alignment from the pairs, as with the paper's
+    separately pretrained NFNet and BERT (bench/RESULTS.md "Unaligned pretrained towers")."""
 
     def __post_init__(self):
         _check(self.epochs >= 1, "epochs", "must be >= 1")
         _check(self.batch_size >= 2, "batch_size", "must be >= 2")
+        _check(self.towers in ("joint", "separate"), "towers", "must be joint or separate")
         _check(self.lr > 0, "lr", "must be > 0")
 
 
@@ -334,9 +340,15 @@ class EvalConfig:
     baselines: list[str] = field(default_factory=lambda: ["random", "single_phase", "full"])
     """Baselines run by `ptmst-ray run`: random, single_phase, full."""
     full_data_epochs: int = 10
+    phase_training: Literal["sequential", "cumulative", "joint"] = "sequential"
+    """How a student trains on the phase subsets: sequential = each in phase order for `epochs`
+    (ALGORITHM.md section 7, the paper); cumulative = stage p on subsets 0..p together; joint = all
+    at once. Subsets trained together get a block-diagonal target and the newest phase's step sizes."""
 
     def __post_init__(self):
         _check(self.epochs >= 1, "epochs", "must be >= 1")
+        _check(self.phase_training in ("sequential", "cumulative", "joint"), "phase_training",
+               "must be sequential, cumulative or joint")
         _check(self.seeds >= 1, "seeds", "must be >= 1")
         _check(self.eval_points >= 1, "eval_points", "must be >= 1")
         if self.loss is not None:

@@ -286,3 +286,38 @@ def test_coreset_and_full_data_baselines(problem):
     out = evaluate_full_data(x, t, lambda s: student(s), test, cfg)
     assert out["epochs"] == 2
     assert [p["epoch"] for p in out["per_seed"][0]["history"][-1]["points"]] == [1, 2]
+
+
+def test_arrange_subsets_modes():
+    """sequential keeps the phases; cumulative trains on phases 0..p at stage p; joint on all at once.
+    Pairs of different phases are negatives (zero target), each phase keeps its own target block
+    (identity for real pairs), and a stage uses its newest phase's step sizes."""
+    from ptmst_ray.evaluate.protocol import Subset, arrange_subsets
+
+    g = torch.Generator().manual_seed(0)
+    subs = [Subset(images=torch.randn(n, 3, 4, 4, generator=g), text_emb=torch.randn(n, 5, generator=g),
+                   similarity=sim, lr_img=0.1 * (i + 1), lr_txt=0.01 * (i + 1))
+            for i, (n, sim) in enumerate([(2, torch.tensor([[1.0, 0.2], [0.3, 0.9]])), (3, None), (1, torch.ones(1, 1))])]
+    assert arrange_subsets(subs, "sequential") == subs
+    cum = arrange_subsets(subs, "cumulative")
+    assert [len(s) for s in cum] == [2, 5, 6]
+    assert cum[0] is subs[0]
+    joint = arrange_subsets(subs, "joint")
+    assert len(joint) == 1
+    for stage in (cum[2], joint[0]):
+        rows = [(p, r) for p, s in enumerate(subs) for r in range(len(s))]  # (phase, row) of each pair
+        for a, (pa, ra) in enumerate(rows):
+            assert torch.equal(stage.images[a], subs[pa].images[ra]) and torch.equal(stage.text_emb[a], subs[pa].text_emb[ra])
+            for b, (pb, rb) in enumerate(rows):
+                if pa != pb:
+                    expected = 0.0
+                elif subs[pa].similarity is None:
+                    expected = float(ra == rb)
+                else:
+                    expected = float(subs[pa].similarity[ra, rb])
+                assert float(stage.similarity[a, b]) == expected
+        assert (stage.lr_img, stage.lr_txt) == (subs[2].lr_img, subs[2].lr_txt)
+    assert (cum[1].lr_img, cum[1].lr_txt) == (subs[1].lr_img, subs[1].lr_txt)
+    assert arrange_subsets(subs[:1], "joint") == subs[:1]
+    with pytest.raises(ValueError, match="phase training mode"):
+        arrange_subsets(subs, "interleaved")

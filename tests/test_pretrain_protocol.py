@@ -241,3 +241,35 @@ def test_a_moved_run_root_keeps_its_experts(tmp_path):
     c = a.replace(**{"pretrain.enabled": False, "model.pretrained": str(tmp_path / "x.safetensors")})
     d = c.replace(**{"model.pretrained": str(tmp_path / "y.safetensors")})
     assert stages.experts_hash(c) != stages.experts_hash(d)
+
+
+def test_separate_towers_take_each_tower_from_its_own_pretraining_run(tmp_path):
+    """pretrain.towers=separate: image tower of the CLIP run with `seed`, text tower of the run with
+    `seed + 1` (reference: the two runs made directly with pretrain_clip on the same split)."""
+    from conftest import tiny_config
+    from safetensors.torch import load_file
+
+    cfg = tiny_config(tmp_path / "run", **{"pretrain.towers": "separate"})
+    stages.prepare(cfg)
+    manifest = stages.pretrain(cfg)
+    merged = load_file(cfg.model.pretrained)
+    data, images = stages._normalised_split(cfg, "pretrain")
+    ref = [pretrain_clip(cfg.model, dataclasses.replace(cfg.pretrain, seed=cfg.pretrain.seed + k),
+                         images[data.image_index], list(data.captions), device=CPU) for k in (0, 1)]
+    assert merged.keys() == ref[0].keys()
+    visual = [k for k in merged if k.startswith("visual.")]
+    text = [k for k in merged if not k.startswith("visual.")]
+    assert visual and text
+    for k in visual:
+        torch.testing.assert_close(merged[k], ref[0][k], rtol=0, atol=0)
+    for k in text:
+        torch.testing.assert_close(merged[k], ref[1][k], rtol=0, atol=0)
+    assert any(not torch.equal(ref[0][k], ref[1][k]) for k in text)  # the two runs really differ
+    assert set(manifest["zero_shot"]) >= {"r_mean", "IR@1", "TR@1"}
+    joint = cfg.replace(**{"pretrain.towers": "joint"})
+    assert stages.experts_hash(joint) != stages.experts_hash(cfg)  # another starting point
+
+
+def test_unknown_towers_mode_is_rejected():
+    with pytest.raises(ConfigError, match="towers"):
+        load_config(overrides=["pretrain.towers=aligned"])

@@ -59,6 +59,39 @@ def _loss_name(loss: Optional[str], cfg: EvalConfig) -> str:
     return loss or cfg.loss or DEFAULT_LOSS
 
 
+PHASE_TRAINING = ("sequential", "cumulative", "joint")
+
+
+def arrange_subsets(subsets: Sequence[Subset], mode: str) -> list[Subset]:
+    """The training stages a student goes through for the phase subsets under ``mode``.
+
+    * ``sequential`` (ALGORITHM.md section 7, the paper): each subset in phase order.
+    * ``cumulative``: stage p trains on subsets 0..p together, in phase order.
+    * ``joint``: one stage on all subsets together.
+    Subsets trained together are concatenated with a block-diagonal soft target (pairs of different
+    phases are negatives; a missing similarity is the identity) and the newest phase's step sizes.
+    """
+    if mode not in PHASE_TRAINING:
+        raise ValueError(f"phase training mode {mode!r}: choose from {', '.join(PHASE_TRAINING)}")
+    subsets = list(subsets)
+    if mode == "sequential" or len(subsets) <= 1:
+        return subsets
+    if mode == "joint":
+        return [_concat(subsets)]
+    return [_concat(subsets[:p + 1]) for p in range(len(subsets))]
+
+
+def _concat(subsets: Sequence[Subset]) -> Subset:
+    if len(subsets) == 1:
+        return subsets[0]
+    blocks = [s.similarity if s.similarity is not None else torch.eye(len(s), dtype=s.images.dtype)
+              for s in subsets]
+    last = subsets[-1]
+    return Subset(images=torch.cat([s.images for s in subsets]), text_emb=torch.cat([s.text_emb for s in subsets]),
+                  similarity=torch.block_diag(*[b.to(subsets[0].images.dtype) for b in blocks]),
+                  lr_img=last.lr_img, lr_txt=last.lr_txt)
+
+
 def evaluate_one_seed(
     subsets: Sequence[Subset],
     student: nn.Module,

@@ -12,7 +12,9 @@ import logging
 from typing import Any, Callable
 
 from ptmst_ray.config import Config
-from ptmst_ray.evaluate.protocol import Subset, aggregate, coreset_subset, evaluate_one_seed, random_coreset
+from ptmst_ray.evaluate.protocol import (
+    Subset, aggregate, arrange_subsets, coreset_subset, evaluate_one_seed, random_coreset,
+)
 from ptmst_ray.evaluate.student import RetrievalSet
 from ptmst_ray.orchestration.stages import SINGLE_PHASE, Layout, StageError, load_real
 
@@ -50,12 +52,14 @@ def score_one_seed(cfg: Config, method: str, seed: int, distilled_dir: str | Non
 
     real = load_real(cfg)
     subsets = subsets if subsets is not None else method_subsets(cfg, method, seed, distilled_dir)
+    pairs = sum(int(s.images.shape[0]) for s in subsets)
+    subsets = arrange_subsets(subsets, cfg.eval.phase_training)
     student = build_student(cfg.model, real.text_dim, seed=cfg.eval.seed + seed)
     test = RetrievalSet(real.test_images, real.test_text, real.txt2img)
     epochs = cfg.eval.full_data_epochs if method == "full" else cfg.eval.epochs
     out = evaluate_one_seed(subsets, student, test, cfg.eval, loss=cfg.eval_loss, seed=seed, epochs=epochs,
                             progress=progress)
-    return {"method": method, "seed": seed, "pairs": sum(int(s.images.shape[0]) for s in subsets),
+    return {"method": method, "seed": seed, "pairs": pairs,
             "final": out["final"], "best": out["best"], "best_epoch": out["best_epoch"],
             "diverged_at": out["diverged_at"]}
 
@@ -83,4 +87,5 @@ def summarise(runs: list[dict[str, Any]], cfg: Config) -> dict[str, Any]:
                 ratios[f"ptm_st/{base}"] = methods["ptm_st"]["r_mean"]["mean"] / methods[base]["r_mean"]["mean"]
     return {"protocol": "best of evaluation points (paper); 'final' = final epoch", "methods": methods,
             "ratios": ratios, "eval": {"epochs": cfg.eval.epochs, "seeds": cfg.eval.seeds,
-                                       "eval_points": cfg.eval.eval_points, "loss": cfg.eval_loss}}
+                                       "eval_points": cfg.eval.eval_points, "loss": cfg.eval_loss,
+                                       "phase_training": cfg.eval.phase_training}}

@@ -299,18 +299,30 @@ def pretrain(cfg: Config, progress: Progress | None = None) -> dict | None:
         return done
     data, images = _normalised_split(cfg, "pretrain")
     rows = data.image_index  # one row per caption -> its image
-    total = cfg.pretrain.epochs
+    # separate towers: the image tower of one CLIP run and the text tower of another (seed + 1)
+    runs = [cfg.pretrain] if cfg.pretrain.towers == "joint" else [
+        cfg.pretrain, dataclasses.replace(cfg.pretrain, seed=cfg.pretrain.seed + 1)]
+    total = cfg.pretrain.epochs * len(runs)
+    states = []
+    for r, run_cfg in enumerate(runs):
+        def on_epoch(epoch: int, metrics: dict, done: int = r * cfg.pretrain.epochs) -> None:
+            if progress:
+                progress(done + epoch, total)
 
-    def on_epoch(epoch: int, metrics: dict) -> None:
-        if progress:
-            progress(epoch, total)
-
-    state = pretrain_clip(cfg.model, cfg.pretrain, images[rows], list(data.captions), on_epoch=on_epoch)
+        states.append(pretrain_clip(cfg.model, run_cfg, images[rows], list(data.captions), on_epoch=on_epoch))
+    state = states[0] if len(states) == 1 else merge_towers(image_state=states[0], text_state=states[1])
     digest = save_checkpoint(cfg.model.pretrained, state)
     zero_shot = zero_shot_recall(dataclasses.replace(cfg.model, pretrained=cfg.model.pretrained), cfg)
     manifest = {"config_hash": chash, "checkpoint": cfg.model.pretrained, "sha256": digest, "zero_shot": zero_shot}
     storage.write_manifest(out, manifest)
     return manifest
+
+
+def merge_towers(image_state: dict, text_state: dict) -> dict:
+    """One CLIP state dict: the image tower (``visual.*``) of one run, everything else of the other."""
+    if image_state.keys() != text_state.keys():
+        raise StageError("merge_towers: the two pretraining runs have different parameter names")
+    return {k: (image_state[k] if k.startswith("visual.") else text_state[k]) for k in image_state}
 
 
 def zero_shot_recall(model_cfg, cfg: Config) -> dict:
