@@ -16,7 +16,7 @@ demo: $(BIN)/.installed
 	$(BIN)/ptmst-ray run
 
 test: $(BIN)/.installed
-	$(BIN)/python -m pytest -q -x tests
+	$(BIN)/python -m pytest -q -x --durations=15 tests
 
 test-faults: $(BIN)/.installed
 	$(BIN)/python -m pytest -q -m faults tests

@@ -72,7 +72,7 @@ def _explain(cfg, error: BaseException) -> str:
 
 def results_table(results: dict) -> Table:
     table = Table(title=f"retrieval recall (%), mean ± std over seeds; {results['protocol']}")
-    table.add_column("method")
+    table.add_column("method", no_wrap=True)
     table.add_column("pairs", justify="right")
     for c in METRIC_COLUMNS:
         table.add_column(c, justify="right")

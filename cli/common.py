@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Iterator, Optional
@@ -15,7 +16,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from ptmst_ray.config import DEFAULT_CONFIG, Config, ConfigError, load_config
 
-console = Console(stderr=True)
+LOG_WIDTH = 160
+"""Console width when stderr is not a terminal (a log file, CI): tables stay whole instead of being
+squeezed into rich's default 80 columns (which cut method names to "ptm_…"). COLUMNS overrides it."""
+console = Console(stderr=True, width=None if sys.stderr.isatty() or os.environ.get("COLUMNS") else LOG_WIDTH)
 
 ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config (default: configs/toy.yaml, the laptop default).")
 SetOpt = typer.Option(None, "--set", "-s", help="Override a field: section.field=value (repeatable), e.g. distill.syn_steps=4.")

@@ -15,7 +15,7 @@ SWEEP_METRICS = ("r_mean", "IR@1", "IR@5", "IR@10", "TR@1", "TR@5", "TR@10")
 
 def sweep_table(summary: dict, params: list[str]) -> Table:
     table = Table(title=f"sweep {summary['name']}: last-round quick evaluation (1 seed), best first")
-    table.add_column("trial")
+    table.add_column("trial", no_wrap=True)
     for p in params:
         table.add_column(p, justify="right")
     for m in SWEEP_METRICS:
