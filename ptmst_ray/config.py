@@ -120,6 +120,13 @@ class DataConfig:
     """Image decoding while preparing: 1 = in this process; N > 1 = up to N Ray tasks at once (same output)."""
     builtin: BuiltinDataConfig = field(default_factory=BuiltinDataConfig)
 
+    def output_settings(self) -> dict[str, Any]:
+        """The settings that decide what preparation writes (all but ``workers``, which only decides
+        where images are decoded): the identity of the prepared data."""
+        settings = dataclasses.asdict(self)
+        settings.pop("workers")
+        return settings
+
     def __post_init__(self):
         _check(self.workers >= 1, "workers", "must be >= 1 (1 decodes in this process, N > 1 in N Ray tasks)")
         _check(self.image_size >= 8, "image_size", "must be >= 8")

@@ -381,6 +381,4 @@ def prepare_dataset(cfg: DataConfig, data_root: str,
 def data_config_hash(cfg: DataConfig) -> str:
     """Hash of the data settings (the dataset manifest's ``config_hash``); ``workers`` is left out:
     it changes how the images are decoded, not what is written."""
-    data = dataclasses.asdict(cfg)
-    data.pop("workers")
-    return storage.stable_hash({"data": data, "format": FORMAT_VERSION})
+    return storage.stable_hash({"data": cfg.output_settings(), "format": FORMAT_VERSION})

@@ -191,9 +191,7 @@ def check_paths(cfg: Config) -> None:
 
 def data_hash(cfg: Config) -> str:
     """Identity of the prepared data: the data section minus settings that do not change the output."""
-    data = dataclasses.asdict(cfg.data)
-    data.pop("workers", None)  # decoding in N Ray tasks writes the same shards
-    return section_hash(data)
+    return section_hash(cfg.data.output_settings())
 
 
 def pretrain_hash(cfg: Config) -> str:
