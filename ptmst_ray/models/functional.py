@@ -53,11 +53,11 @@ class ParamSpec:
         """Named views into ``flat``."""
         if flat.numel() != self.numel:
             raise ValueError(f"flat vector has {flat.numel()} values, the spec needs {self.numel}")
-        out, offset = {}, 0
-        for name, shape, n in zip(self.names, self.shapes, self.numels):
-            out[name] = flat[offset:offset + n].view(shape)
-            offset += n
-        return out
+        # One split, not a slice per tensor: the backward of a slice writes its gradient into a
+        # full-size zero vector, once per tensor (measured: a quarter of a matching step's time);
+        # the backward of a split concatenates the pieces once.
+        pieces = torch.split(flat, self.numels)
+        return {name: piece.view(shape) for name, shape, piece in zip(self.names, self.shapes, pieces)}
 
 
 @contextlib.contextmanager
