@@ -84,8 +84,8 @@ class BuiltinDataConfig:
     """Generation seed of the disjoint pretraining split."""
     train_images: int = 1000
     """Images in the train split (each with captions_per_image rows)."""
-    test_images: int = 200
-    """Images in the test split (5 captions each)."""
+    test_images: int = 1000
+    """Images in the test split (5 captions each); 1000 = the Flickr30k (Karpathy) test split's size."""
     pretrain_images: int = 2000
     """Images in the pretraining split (disjoint from train and test)."""
     captions_per_image: int = 2
