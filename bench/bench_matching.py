@@ -3,9 +3,10 @@
 Why this file exists: the point of the ``first_order`` and ``exact`` gradient rules
 (ALGORITHM.md 6.4, 6.5) is memory that does not grow with N (one graph at a time), while the
 ``unrolled`` reference keeps N graphs. ``first_order`` holds only w_0 and the current w_i (it
-replays the unroll); ``exact`` holds at most ``exact_checkpoints(N)`` w_i besides w_0 (6 at
-N = 32) and replays fewer than N steps. This script checks the memory claim, and the cost of
-``exact`` relative to ``first_order``, on the toy student (tiny ViT, 32x32 images).
+replays the unroll); ``exact`` holds, as a phase does by default, the w_i that fit in 10% of one
+step's graph memory, at least ``exact_checkpoints(N)`` (whose schedule replays fewer than N steps;
+6 at N = 32). This script checks the memory claim, and the cost of ``exact`` relative to
+``first_order``, on the toy student (tiny ViT, 32x32 images).
 
 Every (method, N) runs in two fresh subprocesses so that allocator state from one
 measurement does not leak into the next. Memory: one warm-up iteration, then for each
@@ -79,22 +80,36 @@ def _setup(method: str, steps: int, checkpoints: int | None = None):
     theta_s = student.params()
     theta_t = tuple(v + 0.01 * torch.randn(v.shape, generator=gen) for v in theta_s)
     sampler = MinibatchSampler(PAIRS, MINIBATCH, gen)
+    if method == "exact" and checkpoints is None:  # the phase loop's default: the memory budget
+        checkpoints = default_checkpoints(student, syn, theta_s, steps)
 
     def iteration() -> dict:
         syn.zero_grad(set_to_none=True)
         return matching_step(student.logits, "WBCE", syn, theta_s, theta_t, steps, sampler, method=method,
                              checkpoints=checkpoints)
 
-    return iteration, sum(v.numel() for v in theta_s)
+    return iteration, sum(v.numel() for v in theta_s), checkpoints
+
+
+DEFAULT_HELD = ("the phase default, `budget_checkpoints(N, graph_bytes(...), vector)`: the w_i that fit in 10% "
+                "of one step's graph, at least `exact_checkpoints(N)`")
+
+
+def default_checkpoints(student, syn, theta, steps: int) -> int:
+    """What `distill.exact_checkpoints: null` gives a phase (ptmst_ray.distill.phase): the memory budget."""
+    from ptmst_ray.distill.matching import budget_checkpoints, graph_bytes
+
+    vector = sum(v.numel() for v in theta) * syn.images.element_size()
+    return budget_checkpoints(steps, graph_bytes(student.logits, "WBCE", syn, theta, MINIBATCH), vector)
 
 
 def run_one(method: str, steps: int, iters: int, checkpoints: int | None = None) -> dict:
     """Warm-up, then ``iters`` timed iterations; peak RSS above the pre-iteration RSS (MB)."""
     import gc
 
-    from ptmst_ray.distill.matching import _reversal_plan, exact_checkpoints
+    from ptmst_ray.distill.matching import _reversal_plan
 
-    iteration, params = _setup(method, steps, checkpoints)
+    iteration, params, checkpoints = _setup(method, steps, checkpoints)
     iteration()  # warm-up: lazy initialisation, first allocations
     times, cpu, peaks, residue = [], [], [], []
     for _ in range(iters):
@@ -108,7 +123,7 @@ def run_one(method: str, steps: int, iters: int, checkpoints: int | None = None)
         peaks.append((status_kb("VmHWM") - base) / 1024)
         gc.collect()
         residue.append((status_kb("VmRSS") - base) / 1024)
-    held = exact_checkpoints(steps) if checkpoints is None else checkpoints
+    held = checkpoints if method == "exact" else 1
     replayed = _reversal_plan(steps, held, True)[0] if method == "exact" else 0
     return {"method": method, "steps": steps, "params": params, "replayed": replayed, "times": times, "cpu_times": cpu,
             "peaks_mb": peaks, "residue_mb": residue, "s_per_iter": statistics.median(times),
@@ -120,7 +135,7 @@ def profile_one(method: str, steps: int) -> None:
     """Top operators of one iteration (after a warm-up) by self CPU time."""
     from torch.profiler import ProfilerActivity, profile
 
-    iteration, _ = _setup(method, steps)
+    iteration = _setup(method, steps)[0]
     iteration()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         iteration()
@@ -306,7 +321,7 @@ def main() -> None:
             "the process's CPU time (one thread, so they agree on a quiet machine; the time target is "
             "judged on CPU time, which other processes on a shared machine disturb less). \"w_i held\": "
             "parameter vectors alive at once besides w_0 = theta_s (`exact`: "
-            f"{'`exact_checkpoints(N)`' if args.checkpoints is None else args.checkpoints}; "
+            f"{DEFAULT_HELD if args.checkpoints is None else args.checkpoints}; "
             "`unrolled`: its graph keeps w_0..w_N-1).\n\n"
             f"{md}\n")
     if args.no_write:

@@ -310,3 +310,30 @@ def test_parameter_vectors_alive_do_not_grow_with_steps(method):
         assert probe.calls == 2 * n_steps - 1 + matching._reversal_plan(n_steps, states, True)[0] < 3 * n_steps
     else:  # the probe sees what a stored unroll looks like
         assert probe.most == n_steps and probe.calls == n_steps
+
+
+def test_budget_checkpoints_hold_what_fits_in_the_budget_within_the_replay_rule_and_n():
+    mib = 2 ** 20
+    for n in range(1, 40):
+        low = exact_checkpoints(n)
+        assert matching.budget_checkpoints(n, graph=0, vector=mib) == low  # no budget: the replay rule
+        for graph_mib, vector_mib in ((10, 1), (35, 0.5), (1000, 1)):
+            got = matching.budget_checkpoints(n, graph=int(graph_mib * mib), vector=int(vector_mib * mib))
+            fit = 1 + math.floor(0.1 * graph_mib / vector_mib)  # extra vectors within 10% of the graph
+            assert got == (0 if n == 1 else min(n - 1, max(low, fit))), (n, graph_mib, vector_mib)
+    # n - 1 held vectors already keep every w_i: no replays
+    assert all(matching._reversal_plan(n, n - 1, True)[0] == 0 for n in range(2, 20))
+
+
+def test_graph_bytes_follows_the_minibatch_not_the_set_and_leaves_no_trace():
+    student = TinyStudent()
+    theta, _ = make_thetas(student)
+    small, big = make_synthetic(n=8), make_synthetic(n=64)
+    g4 = matching.graph_bytes(student.logits, wbce, small, theta, 4)
+    assert g4 > 0
+    assert matching.graph_bytes(student.logits, wbce, big, theta, 4) == g4  # the set's size is not graph
+    g8 = matching.graph_bytes(student.logits, wbce, big, theta, 8)
+    assert g4 < g8 < 2.5 * g4  # activations grow with the minibatch (plus a fixed part)
+    # at least the image activations of the first layer's output and the minibatch itself are saved
+    assert g4 >= 4 * (D_IN + HID) * DT.itemsize
+    assert all(p.grad is None for p in big.parameters())

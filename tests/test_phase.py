@@ -131,9 +131,15 @@ def test_exact_checkpoints_reach_the_matching_step_and_never_change_the_result(k
     trainer = make_trainer(iterations, syn_steps=n_steps, exact_checkpoints=k)
     trainer.logits_fn = counter = CountingLogits(trainer.logits_fn)
     ema = trainer.run()
-    states = k or matching.exact_checkpoints(n_steps)
+    states = k or trainer._checkpoints  # null/0: the memory-budget default, chosen at the first step
+    measured = 0 if k else 1  # that choice measures one step's graph once per phase
+    if not k:
+        theta = trainer.trajectories.snapshot(0, 0)
+        vector = sum(v.numel() for v in theta) * DT.itemsize
+        graph = matching.graph_bytes(reference.logits_fn, "WBCE", trainer.synthetic, theta, 4)
+        assert states == matching.budget_checkpoints(n_steps, graph, vector) >= matching.exact_checkpoints(n_steps)
     replays = matching._reversal_plan(n_steps, states, True)[0]
-    assert counter.calls == iterations * (2 * n_steps - 1 + replays)
+    assert counter.calls == iterations * (2 * n_steps - 1 + replays) + measured
     for name, value in reference.ema.state().items():
         assert torch.equal(ema[name], value), name
     for (name, p), q in zip(reference.synthetic.named_parameters(), trainer.synthetic.parameters()):

@@ -262,6 +262,51 @@ def exact_checkpoints(n: int) -> int:
     return states
 
 
+CHECKPOINT_MEMORY_FRACTION = 0.1
+"""The phase default of ``exact``: extra w_i it holds may take this share of one step's graph memory."""
+
+
+def graph_bytes(logits_fn: LogitsFn, loss: str | LossFn, synthetic: SyntheticSet, theta: Params,
+                minibatch: int) -> int:
+    """Bytes one inner step's double-backward graph saves (what both constant-memory rules hold per step).
+
+    Runs one recomputation (forward, backward with a graph) of a ``minibatch`` of ``synthetic`` at
+    ``theta`` and sums the distinct storages autograd saves for it, leaving out those that live anyway
+    (the synthetic set, the parameter vectors). Values do not matter, only shapes.
+    """
+    ref = synthetic.images
+    w = tuple(v.detach().to(device=ref.device, dtype=ref.dtype) for v in theta)
+    resident = {t.untyped_storage().data_ptr() for t in (*w, *synthetic.tensors().values())}
+    saved: dict[int, int] = {}
+
+    def pack(t: Tensor) -> Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in resident:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    ctx = _Context(logits_fn, resolve_loss(loss), synthetic)
+    step = Step(torch.arange(min(minibatch, synthetic.n)), 0)
+    with _double_backward_ready(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        graph = _recompute(ctx, w, step)
+    del graph
+    return sum(saved.values())
+
+
+def budget_checkpoints(n: int, graph: int, vector: int, fraction: float = CHECKPOINT_MEMORY_FRACTION) -> int:
+    """w_i ``exact`` holds at N = ``n`` when extra vectors may take ``fraction`` of a step's ``graph`` bytes.
+
+    ``vector``: bytes of one parameter vector (both modalities). At least :func:`exact_checkpoints`
+    (its replays stay below N), at most N - 1 (which keeps every w_i: no replays). Where the budget
+    allows more than the replay rule, ``exact`` replays fewer steps at no memory above the budget: on
+    the toy at the paper's N = 8, 5 instead of 2 (2 replays instead of 7).
+    """
+    if n <= 1:
+        return exact_checkpoints(n)
+    by_memory = 1 + int(fraction * graph // max(vector, 1))
+    return min(n - 1, max(exact_checkpoints(n), by_memory))
+
+
 State = Any
 
 

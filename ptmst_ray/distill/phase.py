@@ -25,7 +25,9 @@ from torch import Tensor
 
 from ptmst_ray.config import DistillConfig, PhaseConfig
 from ptmst_ray.distill.ema import EMA
-from ptmst_ray.distill.matching import LogitsFn, LossFn, MinibatchSampler, matching_step
+from ptmst_ray.distill.matching import (
+    LogitsFn, LossFn, MinibatchSampler, budget_checkpoints, graph_bytes, matching_step,
+)
 from ptmst_ray.distill.synthetic import SyntheticSet
 
 log = logging.getLogger(__name__)
@@ -90,6 +92,7 @@ class PhaseTrainer:
         self.iteration = 0
         self._expert_order: list[int] = []
         self._timer = (time.perf_counter(), 0)
+        self._checkpoints: int | None = distill_cfg.exact_checkpoints or None  # 0 = the default
 
     def _build_optimizer(self) -> torch.optim.Optimizer:
         syn, d = self.synthetic, self.dcfg
@@ -128,7 +131,7 @@ class PhaseTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         stats = matching_step(self.logits_fn, self.loss, self.synthetic, theta_s, theta_t,
                               self.dcfg.syn_steps, self.sampler, method=self.dcfg.grad_method,
-                              checkpoints=self.dcfg.exact_checkpoints or None)  # 0 = the default schedule
+                              checkpoints=self._exact_checkpoints(theta_s))
         self._check_finite(stats)
         self.optimizer.step()
         self._clamp_alphas()
@@ -137,6 +140,17 @@ class PhaseTrainer:
         return {**stats, "expert": expert, "start_epoch": start}
 
     # ------------------------------------------------------------------ pieces
+
+    def _exact_checkpoints(self, theta: tuple[Tensor, Tensor]) -> int | None:
+        """``exact``'s held vectors: the config's, else the memory-budget default (measured once per phase)."""
+        if self.dcfg.grad_method != "exact" or self._checkpoints is not None:
+            return self._checkpoints
+        vector = sum(v.numel() for v in theta) * self.synthetic.images.element_size()
+        graph = graph_bytes(self.logits_fn, self.loss, self.synthetic, theta, self.cfg.minibatch)
+        self._checkpoints = budget_checkpoints(self.dcfg.syn_steps, graph, vector)
+        log.info("phase %s: exact holds %d parameter vectors (one step's graph %.1f MiB, a vector %.2f MiB)",
+                 self.phase, self._checkpoints, graph / 2**20, vector / 2**20)
+        return self._checkpoints
 
     def _next_expert(self) -> int:
         """Cycle through a shuffled order of the experts (a new shuffle when it runs out)."""
