@@ -286,7 +286,8 @@ class DistillConfig:
     grad_method: Literal["first_order", "exact", "unrolled"] = "first_order"
     """first_order (paper's code; 2 parameter vectors whatever N), exact (adjoint recursion equal to
     autograd; binomial checkpointing keeps ~sqrt(2N) vectors, more where they fit in 10% of a step's graph:
-    1.1x first_order's memory and 1.2x to 1.35x its time on the toy), unrolled (autograd through all N steps: memory grows with N; the reference)."""
+    about 1.1x first_order's memory and 1.1x (N=8) to 1.4x (N=32) its time on the toy), unrolled (autograd
+    through all N steps: memory grows with N; the reference)."""
     exact_checkpoints: Optional[int] = None
     """exact only: parameter vectors held at once (fewer = less memory, more recomputed steps; >= syn_steps =
     keep all, fastest); None or 0 = as many as fit in 10% of one step's graph memory (measured at the phase's

@@ -299,7 +299,7 @@ def budget_checkpoints(n: int, graph: int, vector: int, fraction: float = CHECKP
     ``vector``: bytes of one parameter vector (both modalities). At least :func:`exact_checkpoints`
     (its replays stay below N), at most N - 1 (which keeps every w_i: no replays). Where the budget
     allows more than the replay rule, ``exact`` replays fewer steps at no memory above the budget: on
-    the toy at the paper's N = 8, 5 instead of 2 (2 replays instead of 7).
+    the toy at the paper's N = 8, 4 instead of 2 (3 replays instead of 7).
     """
     if n <= 1:
         return exact_checkpoints(n)
