@@ -67,7 +67,7 @@ def _setup(method: str, steps: int, checkpoints: int | None = None):
     import torch
 
     from ptmst_ray.config import ModelConfig, SimilarityConfig
-    from ptmst_ray.distill.matching import MinibatchSampler, matching_step
+    from ptmst_ray.distill.matching import MinibatchSampler, default_exact_checkpoints, matching_step
     from ptmst_ray.distill.synthetic import SyntheticSet
     from ptmst_ray.models.functional import FunctionalStudent
     from ptmst_ray.models.student import build_student
@@ -81,7 +81,7 @@ def _setup(method: str, steps: int, checkpoints: int | None = None):
     theta_t = tuple(v + 0.01 * torch.randn(v.shape, generator=gen) for v in theta_s)
     sampler = MinibatchSampler(PAIRS, MINIBATCH, gen)
     if method == "exact" and checkpoints is None:  # the phase loop's default: the memory budget
-        checkpoints = default_checkpoints(student, syn, theta_s, steps)
+        checkpoints = default_exact_checkpoints(student.logits, "WBCE", syn, theta_s, MINIBATCH, steps)
 
     def iteration() -> dict:
         syn.zero_grad(set_to_none=True)
@@ -91,16 +91,8 @@ def _setup(method: str, steps: int, checkpoints: int | None = None):
     return iteration, sum(v.numel() for v in theta_s), checkpoints
 
 
-DEFAULT_HELD = ("the phase default, `budget_checkpoints(N, graph_bytes(...), vector)`: the w_i that fit in 10% "
-                "of one step's graph, at least `exact_checkpoints(N)`")
-
-
-def default_checkpoints(student, syn, theta, steps: int) -> int:
-    """What `distill.exact_checkpoints: null` gives a phase (ptmst_ray.distill.phase): the memory budget."""
-    from ptmst_ray.distill.matching import budget_checkpoints, graph_bytes
-
-    vector = sum(v.numel() for v in theta) * syn.images.element_size()
-    return budget_checkpoints(steps, graph_bytes(student.logits, "WBCE", syn, theta, MINIBATCH), vector)
+DEFAULT_HELD = ("the phase default, `default_exact_checkpoints`: the w_i that fit in 10% of one step's graph, "
+                "at least `exact_checkpoints(N)`")
 
 
 def run_one(method: str, steps: int, iters: int, checkpoints: int | None = None) -> dict:

@@ -307,6 +307,17 @@ def budget_checkpoints(n: int, graph: int, vector: int, fraction: float = CHECKP
     return min(n - 1, max(exact_checkpoints(n), by_memory))
 
 
+def default_exact_checkpoints(logits_fn: LogitsFn, loss: str | LossFn, synthetic: SyntheticSet, theta: Params,
+                              minibatch: int, n: int) -> int:
+    """The phase default of ``distill.exact_checkpoints``: :func:`budget_checkpoints` of this student's graph."""
+    vector = sum(v.numel() for v in theta) * synthetic.images.element_size()
+    graph = graph_bytes(logits_fn, loss, synthetic, theta, minibatch)
+    held = budget_checkpoints(n, graph, vector)
+    log.info("exact holds %d parameter vectors at N=%d (one step's graph %.1f MiB, a vector %.2f MiB)",
+             held, n, graph / 2**20, vector / 2**20)
+    return held
+
+
 State = Any
 
 

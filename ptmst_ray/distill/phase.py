@@ -26,7 +26,7 @@ from torch import Tensor
 from ptmst_ray.config import DistillConfig, PhaseConfig
 from ptmst_ray.distill.ema import EMA
 from ptmst_ray.distill.matching import (
-    LogitsFn, LossFn, MinibatchSampler, budget_checkpoints, graph_bytes, matching_step,
+    LogitsFn, LossFn, MinibatchSampler, default_exact_checkpoints, matching_step,
 )
 from ptmst_ray.distill.synthetic import SyntheticSet
 
@@ -145,11 +145,8 @@ class PhaseTrainer:
         """``exact``'s held vectors: the config's, else the memory-budget default (measured once per phase)."""
         if self.dcfg.grad_method != "exact" or self._checkpoints is not None:
             return self._checkpoints
-        vector = sum(v.numel() for v in theta) * self.synthetic.images.element_size()
-        graph = graph_bytes(self.logits_fn, self.loss, self.synthetic, theta, self.cfg.minibatch)
-        self._checkpoints = budget_checkpoints(self.dcfg.syn_steps, graph, vector)
-        log.info("phase %s: exact holds %d parameter vectors (one step's graph %.1f MiB, a vector %.2f MiB)",
-                 self.phase, self._checkpoints, graph / 2**20, vector / 2**20)
+        self._checkpoints = default_exact_checkpoints(self.logits_fn, self.loss, self.synthetic, theta,
+                                                      self.cfg.minibatch, self.dcfg.syn_steps)
         return self._checkpoints
 
     def _next_expert(self) -> int:
