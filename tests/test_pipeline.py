@@ -101,7 +101,7 @@ def test_recall_during_distillation_matches_the_saved_subset_and_changes_nothing
 @pytest.mark.faults
 def test_killed_phase_worker_resumes_from_checkpoint(ready_root):
     from ptmst_ray.distill.export import load_subset
-    from ptmst_ray.orchestration.phases import run_phases
+    from ptmst_ray.orchestration.phases import latest_stored_state, run_phases
 
     cfg = tiny_config(ready_root, **{"phases.0.iterations": 120, "distill.checkpoint_every": 5, "distill.report_every": 5})
     cfg = cfg.replace(**{"phases": [cfg.to_dict()["phases"][0]]})
@@ -115,8 +115,12 @@ def test_killed_phase_worker_resumes_from_checkpoint(ready_root):
     victim = None
     while time.time() < deadline and victim is None:
         tries = attempts(cfg.run.root, "phase0")
-        if tries and "end" not in tries[-1] and len(list(run_dir.glob("checkpoint_*"))) >= 2:
-            victim = tries[-1]["pid"]  # checkpoints at iterations 5 and 10 are on storage
+        # a checkpoint's folder appears before its upload is complete (a kill then falls back to the
+        # previous one, by design): wait until the resume scan itself finds iteration 10 intact
+        if tries and "end" not in tries[-1] and run_dir.exists():
+            stored = latest_stored_state(str(run_dir))
+            if stored is not None and int(stored["iteration"]) >= 10:
+                victim = tries[-1]["pid"]
         time.sleep(0.2)
     assert victim is not None, "the phase never reached a checkpoint"
     os.kill(victim, signal.SIGKILL)
