@@ -90,6 +90,29 @@ def wide_console(monkeypatch):
     monkeypatch.setattr(console, "width", 4000)
 
 
+# ---------------------------------------------------------------- 0. the phase resume scan
+
+
+def test_phase_resume_takes_the_furthest_intact_stored_state(tmp_path):
+    """A SIGKILLed phase worker can be handed an older checkpoint than one already uploaded
+    (uploaded, not yet registered): the resume takes the furthest intact state on storage and
+    skips a partial upload."""
+    from ptmst_ray import tensorio
+    from ptmst_ray.orchestration.phases import furthest_state, latest_stored_state
+
+    run_dir = tmp_path / "phase0-abc"
+    for n, it in enumerate((5, 10, 15)):
+        tensorio.save_state(str(run_dir / f"checkpoint_{n:06d}"), {"iteration": it, "x": torch.full((3,), float(it))})
+    (run_dir / "checkpoint_000002" / tensorio.TENSORS).write_bytes(b"partial")  # a kill mid-upload
+    (run_dir / "checkpoint_tmp_000003").mkdir()  # an upload that wrote nothing yet
+    (run_dir / "checkpoint_000003").mkdir()
+    stored = latest_stored_state(str(run_dir))
+    assert stored["iteration"] == 10 and torch.equal(stored["x"], torch.full((3,), 10.0))
+    given = {"iteration": 5}  # what Train handed over
+    assert furthest_state(given, stored) is stored and furthest_state(None, given) is given
+    assert furthest_state(None, None) is None and latest_stored_state(str(tmp_path / "missing")) is None
+
+
 # ---------------------------------------------------------------- 1. an expert actor killed mid-expert
 
 

@@ -65,13 +65,17 @@ def phase_train_func(config: dict) -> None:
     if ckpt is not None:
         with ckpt.as_directory() as d:
             resume_state, _ = tensorio.load_state(d)
-    elif config.get("run_name"):
-        resume_state = latest_stored_state(storage.join(stages.Layout(cfg.run.root).phases, config["run_name"]))
+    given = int(resume_state["iteration"]) if resume_state is not None else None
+    if config.get("run_name"):
+        # the controller's checkpoint can be older than one already on storage (a kill between
+        # the upload and its registration): take the furthest intact state of the two
+        stored = latest_stored_state(storage.join(stages.Layout(cfg.run.root).phases, config["run_name"]))
+        resume_state = furthest_state(resume_state, stored)
     if resume_state is not None:
         if storage.exists(metrics_url):
             history = [m for m in storage.read_json(metrics_url) if m["iteration"] <= resume_state["iteration"]]
         log.info("%s: resuming from the checkpoint at iteration %d", name, resume_state["iteration"])
-    attempt = _record_attempt(cfg, name, resume_state)
+    attempt = _record_attempt(cfg, name, resume_state, given)
     pending: dict[str, str] = {}
     last_recall: dict[str, float] = {}
     gauge = _loss_gauge()
@@ -112,15 +116,22 @@ def phase_train_func(config: dict) -> None:
         shutil.rmtree(d, ignore_errors=True)
     report_progress(board, label, phase.iterations if result["status"] == "done" else final["iteration"],
                     phase.iterations, result["status"])
-    _record_attempt(cfg, name, resume_state, {**attempt, "end": time.time(), "status": result["status"]})
+    _record_attempt(cfg, name, resume_state, given, {**attempt, "end": time.time(), "status": result["status"]})
+
+
+def furthest_state(*states: dict | None) -> dict | None:
+    """The state with the highest ``iteration`` among those given (None entries skipped), or None."""
+    found = [s for s in states if s is not None]
+    return max(found, key=lambda s: int(s["iteration"])) if found else None
 
 
 def latest_stored_state(run_dir: str) -> dict | None:
     """The furthest intact phase state among the Train run's ``checkpoint_*`` directories, or None.
 
-    Ray Train hands a restarted worker its latest checkpoint, but when the worker process is
-    SIGKILLed, Train 2.60 restarts it with ``get_checkpoint() is None`` (the checkpoint was
-    uploaded, yet not registered with the controller). The checkpoints are on the run's storage
+    Ray Train hands a restarted worker its latest *registered* checkpoint, but when the worker
+    process is SIGKILLed, Train 2.60 restarts it with ``get_checkpoint() is None`` or with an
+    earlier checkpoint than the last one uploaded (uploaded, yet not registered with the
+    controller when the process died). The checkpoints are on the run's storage
     all the same, each hash-checked by :func:`tensorio.load_state`; a partial upload fails that
     check and is skipped, so a kill during an upload falls back to the previous checkpoint.
     """
@@ -138,12 +149,14 @@ def latest_stored_state(run_dir: str) -> dict | None:
     return best
 
 
-def _record_attempt(cfg, name: str, resume_state: dict | None, info: dict | None = None) -> dict:
-    """One JSON per worker attempt: where it ran (pid, node, GPU ids), when, and where it resumed from."""
+def _record_attempt(cfg, name: str, resume_state: dict | None, given: int | None, info: dict | None = None) -> dict:
+    """One JSON per worker attempt: where it ran (pid, node, GPU ids), when, and where it resumed from
+    (``given_checkpoint``: the iteration of the checkpoint Train handed over, if any)."""
     info = info or {
         "pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(),
         "gpu_ids": [str(g) for g in ray.get_gpu_ids()], "start": time.time(),
         "resumed_from": int(resume_state["iteration"]) if resume_state else None,
+        "given_checkpoint": given,
     }
     url = storage.join(stages.Layout(cfg.run.root).phases, name, "attempts", f"{info['pid']}-{int(info['start'])}.json")
     storage.write_json(url, info)
