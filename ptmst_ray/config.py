@@ -154,9 +154,10 @@ class ModelConfig:
     text_pretrained: Optional[str] = None
     """Checkpoint (path/URL) of the text tower only; overrides `pretrained` for it."""
     image_trainable: bool = True
-    """Train the whole image encoder (paper) or freeze it (CC3M recipe)."""
+    """Train the whole image encoder (paper) or freeze it (CC3M recipe; needs image weights)."""
     head_dim: Optional[int] = None
-    """Output size of the text projection head; None = the image embedding size."""
+    """Output size of the text projection head: the image embedding size (the logits compare the two);
+    None = that size, any other value is an error naming both."""
     head_dropout: float = 0.0
     """Dropout inside the text projection head."""
     temperature: float = 0.07
@@ -436,6 +437,13 @@ class Config:
             _check(self.data.dataset == "builtin", "pretrain.enabled",
                    "the pretraining stage trains on the built-in dataset's pretraining split only; "
                    "for benchmarks set model.pretrained / image_pretrained to real weights")
+        _check(
+            self.model.image_trainable or bool(self.model.pretrained or self.model.image_pretrained),
+            "model.image_trainable",
+            "false (a frozen image tower) needs its weights (model.image_pretrained or model.pretrained): "
+            "a frozen tower without them is drawn at random per seed, so experts, distillation and "
+            "evaluation would each see different features",
+        )
         experts = range(self.experts.seed, self.experts.seed + self.experts.num_experts)
         evals = range(self.eval.seed, self.eval.seed + self.eval.seeds)
         _check(

@@ -53,6 +53,7 @@ def test_paper_recipes_follow_algorithm_table():
         ({"phases": [{"similarity": {"kind": "diag"}}]}, "phases[0].similarity.kind"),
         ({"data": {"dataset": "coco"}}, "data.annotations"),                # missing location
         ({"eval": {"baselines": ["random", "oracle"]}}, "eval.baselines[1]"),
+        ({"model": {"image_trainable": False}}, "model.image_trainable"),      # frozen tower, no weights
     ],
 )
 def test_config_errors_name_file_and_field(tmp_path, raw, field_path):

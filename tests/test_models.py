@@ -137,6 +137,65 @@ def test_text_encoder_batches_consistently():
     torch.testing.assert_close(enc.encode(caps, batch_size=2), enc.encode(caps, batch_size=64))
 
 
-def test_projection_head_shape():
-    head = ProjectionHead(768, 2304, dropout=0.1)
-    assert head(torch.randn(3, 768)).shape == (3, 2304)
+def test_projection_head_follows_its_formula():
+    """LayerNorm(Dropout(fc(GELU(proj(x)))) + proj(x)), written out with the head's own weights."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    head = ProjectionHead(12, 20, dropout=0.1).eval()
+    with torch.no_grad():
+        head.layer_norm.weight.normal_()
+        head.layer_norm.bias.normal_()
+    x = torch.randn(3, 12)
+    p = F.linear(x, head.projection.weight, head.projection.bias)
+    y = F.linear(F.gelu(p), head.fc.weight, head.fc.bias) + p
+    mu, var = y.mean(-1, keepdim=True), y.var(-1, unbiased=False, keepdim=True)
+    ref = (y - mu) / torch.sqrt(var + head.layer_norm.eps) * head.layer_norm.weight + head.layer_norm.bias
+    torch.testing.assert_close(head(x), ref)
+    assert head.train()(x).shape == (3, 20)
+
+
+def test_paper_image_tower_loads_a_timm_imagenet_checkpoint(tmp_path, caplog):
+    """The paper configs' NFNet-L0: a timm ImageNet state dict (classifier included) fills every tensor of
+    the tower, whose output is timm's pooled 2304-d feature (num_classes=0), with no extra random layer."""
+    import logging
+
+    import open_clip
+    import timm
+    from open_clip.model import _build_vision_tower
+
+    from ptmst_ray.models.towers import load_image_tower
+
+    torch.manual_seed(0)
+    ref = timm.create_model("nfnet_l0", num_classes=1000).eval()
+    ckpt = tmp_path / "nfnet_l0.safetensors"
+    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(ckpt))
+    mcfg = open_clip.get_model_config("ptmst-nfnet_l0-bert")
+    visual = _build_vision_tower(mcfg["embed_dim"], mcfg["vision_cfg"]).eval()
+    with caplog.at_level(logging.WARNING, logger="ptmst_ray.models.towers"):
+        load_image_tower(visual, str(ckpt))
+    assert "head.fc" in caplog.text  # the ImageNet classifier is left out, and said so
+    own, theirs = visual.state_dict(), ref.state_dict()
+    assert all(torch.equal(t, theirs[k.removeprefix("trunk.")]) for k, t in own.items())
+    ref.reset_classifier(0)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        out = visual(x)
+        torch.testing.assert_close(out, ref(x))
+    assert out.shape == (2, 2304)
+
+
+def test_mismatched_shapes_and_head_dim_are_model_errors(tmp_path):
+    from ptmst_ray.models.towers import load_image_tower
+
+    visual = build_clip(CFG, seed=0).visual
+    sd = {k: v.clone() for k, v in visual.state_dict().items()}
+    name = next(k for k, v in sd.items() if v.dim() == 2)
+    sd[name] = torch.zeros(sd[name].shape[0] + 1, sd[name].shape[1])
+    bad = tmp_path / "other_width.safetensors"
+    save_file(sd, str(bad))
+    with pytest.raises(ModelError, match=rf"other_width.safetensors: 1 tensors have the wrong shape.*{name}"):
+        load_image_tower(visual, str(bad))
+    dim = build_student(CFG, text_dim=64, seed=0).head.layer_norm.normalized_shape[0]
+    with pytest.raises(ModelError, match=rf"model.head_dim {dim + 1} differs .* {dim}"):
+        build_student(ModelConfig(head_dim=dim + 1), text_dim=64, seed=0)

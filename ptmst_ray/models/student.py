@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ptmst_ray.config import ModelConfig
-from ptmst_ray.models.towers import build_clip
+from ptmst_ray.models.towers import ModelError, build_clip
 
 
 class ProjectionHead(nn.Module):
@@ -70,7 +70,10 @@ def build_student(cfg: ModelConfig, text_dim: int, seed: int) -> Student:
     image = clip.visual
     size = getattr(image, "image_size", 224)
     size = int(size[0] if isinstance(size, (tuple, list)) else size)
-    out_dim = cfg.head_dim or embed_dim_of(image, size)
+    out_dim = embed_dim_of(image, size)
+    if cfg.head_dim is not None and cfg.head_dim != out_dim:
+        raise ModelError(f"model.head_dim {cfg.head_dim} differs from the image tower's embedding size {out_dim} "
+                         f"({cfg.name}); the logits compare the two, so leave head_dim unset or set it to {out_dim}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + 7919)  # head init is independent of the image tower's random draws
         head = ProjectionHead(text_dim, out_dim, cfg.head_dropout)

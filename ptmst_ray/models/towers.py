@@ -71,6 +71,14 @@ def load_state_dict(url: str) -> dict[str, torch.Tensor]:
 
 
 def _load_into(module: torch.nn.Module, sd: dict[str, torch.Tensor], url: str, what: str) -> None:
+    own = module.state_dict()
+    wrong = [f"{k} {tuple(v.shape)} (the {what} has {tuple(own[k].shape)})"
+             for k, v in sd.items() if k in own and v.shape != own[k].shape]
+    if wrong:
+        raise ModelError(
+            f"{url}: {len(wrong)} tensors have the wrong shape for the {what}, e.g. {wrong[:2]}; "
+            "check model.name matches the checkpoint"
+        )
     missing, unexpected = module.load_state_dict(sd, strict=False)
     if missing:
         raise ModelError(
@@ -114,10 +122,7 @@ def build_clip(cfg: ModelConfig, seed: int | None = None) -> torch.nn.Module:
     if cfg.pretrained and tag is None:
         _load_into(model, load_state_dict(cfg.pretrained), cfg.pretrained, "CLIP model")
     if cfg.image_pretrained:
-        sd = _strip(load_state_dict(cfg.image_pretrained), "visual.")
-        if hasattr(model.visual, "trunk") and not any(k.startswith("trunk.") for k in sd):
-            sd = {f"trunk.{k}": v for k, v in sd.items()}  # a plain timm checkpoint for open_clip's timm tower
-        _load_into(model.visual, sd, cfg.image_pretrained, "image tower")
+        load_image_tower(model.visual, cfg.image_pretrained)
     if cfg.text_pretrained:
         sd = {k: v for k, v in load_state_dict(cfg.text_pretrained).items() if not k.startswith("visual.")}
         text_keys = {k for k in model.state_dict() if not k.startswith("visual.") and k != "logit_scale"}
@@ -128,6 +133,19 @@ def build_clip(cfg: ModelConfig, seed: int | None = None) -> torch.nn.Module:
             )
         model.load_state_dict(sd, strict=False)
     return model
+
+
+def load_image_tower(visual: torch.nn.Module, url: str) -> None:
+    """Image-tower weights from ``url``: an open_clip checkpoint (``visual.`` keys) or a plain timm one.
+
+    A timm checkpoint's keys gain open_clip's ``trunk.`` prefix. Every tower tensor must come from the
+    checkpoint (a frozen tower with random parts would differ per seed); tensors the tower has no
+    place for, such as an ImageNet classifier (``head.fc``), are left out with a warning.
+    """
+    sd = _strip(load_state_dict(url), "visual.")
+    if hasattr(visual, "trunk") and not any(k.startswith("trunk.") for k in sd):
+        sd = {f"trunk.{k}": v for k, v in sd.items()}
+    _load_into(visual, sd, url, "image tower")
 
 
 def image_size_of(model: torch.nn.Module) -> int:
