@@ -35,6 +35,30 @@ def test_paper_recipes_follow_algorithm_table():
     assert len(load_config(CONFIG_DIR / "flickr30k_100.yaml").phases) == 1
 
 
+# ALGORITHM.md section 8, row by row: phases as (range, starts, pairs); the same for every dataset
+PAPER_PHASES = {100: [(0, 6, 0, 1, 99)], 200: [(0, 6, 0, 1, 99), (0, 8, 1, 2, 100)],
+                500: [(0, 6, 0, 1, 200), (0, 8, 1, 2, 299)]}
+
+
+@pytest.mark.parametrize("dataset", ["flickr30k", "coco", "cc3m"])
+@pytest.mark.parametrize("pairs", [100, 200, 500])
+def test_every_paper_recipe_matches_its_table_row(dataset, pairs):
+    cfg = load_config(CONFIG_DIR / f"{dataset}_{pairs}.yaml")
+    assert [(p.range_start, p.range_end, p.start_min, p.start_max, p.pairs) for p in cfg.phases] == PAPER_PHASES[pairs]
+    assert all(p.iterations == 2000 and p.similarity.kind == "full" for p in cfg.phases)
+    assert {p.minibatch for p in cfg.phases} == {40 if (dataset, pairs) == ("flickr30k", 500) else 20}
+    d = cfg.distill
+    assert (d.syn_steps, d.expert_epochs, d.lr_img, d.lr_txt, d.lr_lr, d.alpha_init, d.ema_decay, d.momentum) == \
+        (8, 1, 1000, 1000, 0.01, 0.1, 0.99, 0.5)
+    assert (d.loss, d.grad_method, d.lr_sim) == ("WBCE", "first_order", 10 if dataset == "flickr30k" else 50)
+    e = cfg.experts
+    assert (e.num_experts, e.epochs, e.lr_img, e.lr_txt, e.momentum, e.weight_decay, e.batch_size, e.loss) == \
+        (20, 10, 0.1, 0.1, 0.0, 0.0, 128, "InfoNCE")
+    assert cfg.model.name == "ptmst-nfnet_l0-bert" and cfg.model.temperature == 0.07
+    assert cfg.model.image_trainable is (dataset != "cc3m")
+    assert cfg.eval.phase_training == "sequential"
+
+
 @pytest.mark.parametrize(
     "raw, field_path",
     [
