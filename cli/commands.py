@@ -179,7 +179,7 @@ def pretrain(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = Set
         stages.prepare(cfg)
         with progress_bars() as progress:
             task = progress.add_task("pretrain", total=cfg.pretrain.epochs, info="")
-            manifest = stages.pretrain(cfg, progress=lambda d, t: progress.update(task, completed=d))
+            manifest = stages.pretrain(cfg, progress=lambda d, t: progress.update(task, completed=d, total=t))
     except _library_errors() as e:
         fail(_explain(cfg, e), code=1)
     console.print(f"checkpoint: {manifest['checkpoint']}; zero-shot r_mean {manifest['zero_shot']['r_mean']:.1f}")

@@ -8,6 +8,7 @@ object for stage headers and progress; nothing here prints.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from typing import Any, Protocol
@@ -15,7 +16,7 @@ from typing import Any, Protocol
 import ray
 
 from ptmst_ray import storage
-from ptmst_ray.config import Config, from_dict
+from ptmst_ray.config import Config, PretrainConfig, _build, from_dict
 from ptmst_ray.device import set_threads
 from ptmst_ray.orchestration import stages
 from ptmst_ray.orchestration.runtime import check_interrupted, cluster_info, progress_board, report_progress
@@ -66,10 +67,24 @@ def _wait(refs: list, poll) -> list:
 
 
 @ray.remote(num_cpus=1)
-def _pretrain_task(cfg_dict: dict, board=None) -> dict | None:
-    cfg = from_dict(cfg_dict)
+def _pretrain_run_task(cfg_dict: dict, run: dict, label: str, board=None) -> dict:
+    """One CLIP run of the pretraining stage on its own CPU."""
     set_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
-    return stages.pretrain(cfg, progress=lambda d, t: report_progress(board, "pretrain", d, t))
+    run_cfg = _build(PretrainConfig, run)
+    return stages.pretrain_run(from_dict(cfg_dict), run_cfg,
+                               on_epoch=lambda epoch, _m: report_progress(board, label, epoch, run_cfg.epochs))
+
+
+@ray.remote(num_cpus=0)
+def _pretrain_task(cfg_dict: dict, board=None) -> dict | None:
+    """The pretraining stage; its CLIP runs (two with separate towers) train at once, one task each."""
+
+    def train(_cfg, runs: list) -> list[dict]:
+        labels = ["pretrain"] if len(runs) == 1 else ["pretrain image tower", "pretrain text tower"]
+        return ray.get([_pretrain_run_task.remote(cfg_dict, dataclasses.asdict(r), label, board)
+                        for r, label in zip(runs, labels)])
+
+    return stages.pretrain(from_dict(cfg_dict), train=train)
 
 
 @ray.remote(num_cpus=1)

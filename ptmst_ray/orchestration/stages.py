@@ -21,7 +21,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from ptmst_ray import storage
-from ptmst_ray.config import Config, PhaseConfig, section_hash
+from ptmst_ray.config import Config, PhaseConfig, PretrainConfig, section_hash
 
 log = logging.getLogger(__name__)
 
@@ -284,30 +284,60 @@ def _normalised_split(cfg: Config, split: str):
 # --------------------------------------------------------------------------- pretraining
 
 
-def pretrain(cfg: Config, progress: Progress | None = None) -> dict | None:
-    """Pretrain the towers on the disjoint pretraining split (built-in dataset); skip when done."""
+def pretrain_runs(cfg: Config) -> list[PretrainConfig]:
+    """The CLIP runs of the pretraining stage: one (``joint``), or two independent ones (``separate``:
+    the image tower of the first, the text tower of the second, seed + 1)."""
+    if cfg.pretrain.towers == "joint":
+        return [cfg.pretrain]
+    return [cfg.pretrain, dataclasses.replace(cfg.pretrain, seed=cfg.pretrain.seed + 1)]
+
+
+def pretrain_run(cfg: Config, run_cfg: PretrainConfig, on_epoch: Callable[[int, dict], None] | None = None) -> dict:
+    """One CLIP run of :func:`pretrain_runs` on the pretraining split; returns its state dict."""
+    from ptmst_ray.models.pretrain import pretrain_clip
+
+    data, images = _normalised_split(cfg, "pretrain")
+    # one row per caption -> its image
+    return pretrain_clip(cfg.model, run_cfg, images[data.image_index], list(data.captions), on_epoch=on_epoch)
+
+
+TrainRuns = Callable[[Config, list[PretrainConfig]], list[dict]]
+"""Trains the given CLIP runs (each with :func:`pretrain_run`) and returns their state dicts, in order."""
+
+
+def _runs_in_turn(progress: Progress | None) -> TrainRuns:
+    """The default :data:`TrainRuns`: one run after the other in this process, one progress count."""
+
+    def train(cfg: Config, runs: list[PretrainConfig]) -> list[dict]:
+        total, done, states = sum(r.epochs for r in runs), 0, []
+        for run_cfg in runs:
+            def on_epoch(epoch: int, _metrics: dict, before: int = done) -> None:
+                if progress:
+                    progress(before + epoch, total)
+
+            states.append(pretrain_run(cfg, run_cfg, on_epoch=on_epoch))
+            done += run_cfg.epochs
+        return states
+
+    return train
+
+
+def pretrain(cfg: Config, progress: Progress | None = None, train: TrainRuns | None = None) -> dict | None:
+    """Pretrain the towers on the disjoint pretraining split (built-in dataset); skip when done.
+
+    ``train`` runs the CLIP runs (the driver runs them as parallel Ray tasks); by default they run here
+    in turn, reporting ``progress(epochs done, epochs in all)``.
+    """
     if not cfg.pretrain.enabled:
         return None
-    from ptmst_ray.models.pretrain import pretrain_clip, save_checkpoint
+    from ptmst_ray.models.pretrain import save_checkpoint
 
     out = Layout(shared_root(cfg)).pretrain
     chash = pretrain_hash(cfg)
     done = storage.read_manifest(out)
     if done is not None and done.get("config_hash") == chash and storage.exists(cfg.model.pretrained):
         return done
-    data, images = _normalised_split(cfg, "pretrain")
-    rows = data.image_index  # one row per caption -> its image
-    # separate towers: the image tower of one CLIP run and the text tower of another (seed + 1)
-    runs = [cfg.pretrain] if cfg.pretrain.towers == "joint" else [
-        cfg.pretrain, dataclasses.replace(cfg.pretrain, seed=cfg.pretrain.seed + 1)]
-    total = cfg.pretrain.epochs * len(runs)
-    states = []
-    for r, run_cfg in enumerate(runs):
-        def on_epoch(epoch: int, metrics: dict, done: int = r * cfg.pretrain.epochs) -> None:
-            if progress:
-                progress(done + epoch, total)
-
-        states.append(pretrain_clip(cfg.model, run_cfg, images[rows], list(data.captions), on_epoch=on_epoch))
+    states = (train or _runs_in_turn(progress))(cfg, pretrain_runs(cfg))
     state = states[0] if len(states) == 1 else merge_towers(image_state=states[0], text_state=states[1])
     digest = save_checkpoint(cfg.model.pretrained, state)
     zero_shot = zero_shot_recall(dataclasses.replace(cfg.model, pretrained=cfg.model.pretrained), cfg)
