@@ -296,8 +296,9 @@ def test_driver_trains_the_two_runs_at_once_with_the_same_result(tmp_path, ray_s
         assert stages.pretrain(ref)["sha256"] == manifest["sha256"]
     finally:
         torch.set_num_threads(threads)
-    runs = [t for t in list_tasks(filters=[("func_or_class_name", "=", "_pretrain_run_task")], detail=True)
-            if t.state == "FINISHED"][-2:]
+    finished = [t for t in list_tasks(filters=[("func_or_class_name", "=", "_pretrain_run_task")], detail=True)
+                if t.state == "FINISHED"]
+    runs = sorted(finished, key=lambda t: t.start_time_ms)[-2:]  # this test's (others may share the session)
     assert len(runs) == 2
     (s0, e0), (s1, e1) = ((t.start_time_ms, t.end_time_ms) for t in runs)
     assert s0 < e1 and s1 < e0, "the two pretraining runs did not overlap"
