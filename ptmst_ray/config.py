@@ -155,9 +155,12 @@ class ModelConfig:
     """Checkpoint (path/URL) of the text tower only; overrides `pretrained` for it."""
     image_trainable: bool = True
     """Train the whole image encoder (paper) or freeze it (CC3M recipe; needs image weights)."""
+    image_proj_dim: Optional[int] = None
+    """A trainable linear projection (no bias, seeded) of the image features to this size; it trains even
+    with image_trainable false (the CC3M recipes: frozen encoder, 2048-d projection). None = no projection."""
     head_dim: Optional[int] = None
-    """Output size of the text projection head: the image embedding size (the logits compare the two);
-    None = that size, any other value is an error naming both."""
+    """Output size of the text projection head: the image embedding size (after image_proj_dim; the logits
+    compare the two); None = that size, any other value is an error naming both."""
     head_dropout: float = 0.0
     """Dropout inside the text projection head."""
     temperature: float = 0.07
@@ -168,6 +171,8 @@ class ModelConfig:
         _check(0.0 <= self.head_dropout < 1.0, "head_dropout", "must be in [0, 1)")
         if self.head_dim is not None:
             _check(self.head_dim >= 1, "head_dim", "must be >= 1")
+        if self.image_proj_dim is not None:
+            _check(self.image_proj_dim >= 1, "image_proj_dim", "must be >= 1")
 
 
 @dataclass(frozen=True)

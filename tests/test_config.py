@@ -56,6 +56,7 @@ def test_every_paper_recipe_matches_its_table_row(dataset, pairs):
         (20, 10, 0.1, 0.1, 0.0, 0.0, 128, "InfoNCE")
     assert cfg.model.name == "ptmst-nfnet_l0-bert" and cfg.model.temperature == 0.07
     assert cfg.model.image_trainable is (dataset != "cc3m")
+    assert cfg.model.image_proj_dim == (2048 if dataset == "cc3m" else None)
     assert cfg.eval.phase_training == "sequential"
 
 
@@ -78,6 +79,7 @@ def test_every_paper_recipe_matches_its_table_row(dataset, pairs):
         ({"data": {"dataset": "coco"}}, "data.annotations"),                # missing location
         ({"eval": {"baselines": ["random", "oracle"]}}, "eval.baselines[1]"),
         ({"model": {"image_trainable": False}}, "model.image_trainable"),      # frozen tower, no weights
+        ({"model": {"image_proj_dim": 0}}, "model.image_proj_dim"),
     ],
 )
 def test_config_errors_name_file_and_field(tmp_path, raw, field_path):

@@ -78,6 +78,19 @@ def test_frozen_image_tower_records_head_only():
     assert not torch.equal(traj[0]["head.fc.weight"], traj[1]["head.fc.weight"])
 
 
+def test_frozen_tower_with_projection_records_projection_and_head(tmp_path):
+    """CC3M's shape: a frozen (pretrained) tower, a trainable image projection (model.image_proj_dim)."""
+    tower = build_student(ModelConfig(), TEXT_DIM, seed=123).image
+    ckpt = tmp_path / "image.safetensors"
+    save_file({k: v.contiguous() for k, v in tower.state_dict().items()}, str(ckpt))
+    images, text = data()
+    traj = train_expert(cfg(epochs=1), ModelConfig(image_pretrained=str(ckpt), image_trainable=False, image_proj_dim=24),
+                        images, text, 0, device=CPU)
+    assert {n for n in traj[0] if not n.startswith("head.")} == {"image.proj.weight"}
+    assert traj[0]["image.proj.weight"].shape[0] == 24 and traj[0]["head.fc.weight"].shape == (24, 24)
+    assert not torch.equal(traj[0]["image.proj.weight"], traj[1]["image.proj.weight"])
+
+
 def test_loss_decreases_on_learnable_pairs():
     """16 pairs whose caption embedding is a fixed linear map of the image: the CLIP loss must fall."""
     g = torch.Generator().manual_seed(3)

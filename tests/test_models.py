@@ -199,3 +199,28 @@ def test_mismatched_shapes_and_head_dim_are_model_errors(tmp_path):
     dim = build_student(CFG, text_dim=64, seed=0).head.layer_norm.normalized_shape[0]
     with pytest.raises(ModelError, match=rf"model.head_dim {dim + 1} differs .* {dim}"):
         build_student(ModelConfig(head_dim=dim + 1), text_dim=64, seed=0)
+
+
+def test_image_projection_follows_its_formula_and_leaves_other_draws_alone():
+    """model.image_proj_dim: logits = s <norm(P f(x)), norm(h(t))>; a frozen tower freezes only f, the projection
+    trains; the tower starts exactly where it starts without a projection."""
+    import torch.nn.functional as F
+
+    plain = build_student(ModelConfig(), text_dim=64, seed=5)
+    student = build_student(ModelConfig(image_trainable=False, image_proj_dim=24), text_dim=64, seed=5).eval()
+    trainable = {n for n, p in student.named_parameters() if p.requires_grad}
+    assert trainable == {"image.proj.weight"} | {f"head.{n}" for n, _ in student.head.named_parameters()}
+    for n, t in plain.image.state_dict().items():
+        assert torch.equal(t, student.image.tower.state_dict()[n])
+    assert student.head.layer_norm.normalized_shape == (24,)
+    torch.manual_seed(0)
+    x, t = torch.randn(3, 3, 32, 32), torch.randn(4, 64)
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+        feats = student.image.tower(x) @ student.image.proj.weight.T
+        ref = (1 / 0.07) * F.normalize(feats, dim=-1) @ F.normalize(student.head(t), dim=-1).T
+        torch.testing.assert_close(student(x, t), ref)
+        fs = FunctionalStudent(student)
+        assert fs.img_spec.names == ("image.proj.weight",)
+        torch.testing.assert_close(fs.logits(*fs.params(), x, t), ref)
+    with pytest.raises(ModelError, match="head_dim 23 differs .* 24"):
+        build_student(ModelConfig(image_proj_dim=24, head_dim=23), text_dim=64, seed=5)

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from ptmst_ray.config import (
-    BuiltinDataConfig, ConfigError, DataConfig, ExpertsConfig, ModelConfig, PretrainConfig, load_config,
+    BuiltinDataConfig, ConfigError, DataConfig, ExpertsConfig, ModelConfig, PretrainConfig, load_config, section_hash,
 )
 from ptmst_ray.data import builtin
 from ptmst_ray.data.dataset import load_split
@@ -241,6 +241,13 @@ def test_a_moved_run_root_keeps_its_experts(tmp_path):
     c = a.replace(**{"pretrain.enabled": False, "model.pretrained": str(tmp_path / "x.safetensors")})
     d = c.replace(**{"model.pretrained": str(tmp_path / "y.safetensors")})
     assert stages.experts_hash(c) != stages.experts_hash(d)
+    # a model field added later (stored roots never hashed it) counts once set, and not at its default
+    for added in stages.ADDED_MODEL_FIELDS:
+        assert getattr(a.model, added) is None
+        assert stages.experts_hash(a) != stages.experts_hash(a.replace(**{f"model.{added}": 8}))
+    older = {k: v for k, v in dataclasses.asdict(a.model).items() if k not in stages.ADDED_MODEL_FIELDS}
+    older["pretrained"] = None
+    assert stages.model_hash(a) == section_hash(older, stages.pretrain_hash(a))
 
 
 def test_separate_towers_take_each_tower_from_its_own_pretraining_run(tmp_path):

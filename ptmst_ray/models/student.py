@@ -32,6 +32,22 @@ class ProjectionHead(nn.Module):
         return self.layer_norm(x + projected)
 
 
+class ProjectedTower(nn.Module):
+    """An image tower followed by a linear projection of its features (``model.image_proj_dim``).
+
+    With ``image_trainable: false`` only the tower freezes; the projection trains (the CC3M recipes:
+    a frozen encoder, a 2048-d projection).
+    """
+
+    def __init__(self, tower: nn.Module, proj: nn.Linear):
+        super().__init__()
+        self.tower = tower
+        self.proj = proj
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.tower(images))
+
+
 class Student(nn.Module):
     def __init__(self, image: nn.Module, head: ProjectionHead, temperature: float, image_trainable: bool = True):
         super().__init__()
@@ -39,7 +55,8 @@ class Student(nn.Module):
         self.head = head
         self.scale = 1.0 / temperature
         if not image_trainable:
-            for p in self.image.parameters():
+            frozen = image.tower if isinstance(image, ProjectedTower) else image
+            for p in frozen.parameters():
                 p.requires_grad_(False)
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
@@ -71,8 +88,13 @@ def build_student(cfg: ModelConfig, text_dim: int, seed: int) -> Student:
     size = getattr(image, "image_size", 224)
     size = int(size[0] if isinstance(size, (tuple, list)) else size)
     out_dim = embed_dim_of(image, size)
+    if cfg.image_proj_dim is not None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed + 104729)  # independent of the tower's and the head's draws
+            image = ProjectedTower(image, nn.Linear(out_dim, cfg.image_proj_dim, bias=False))
+        out_dim = cfg.image_proj_dim
     if cfg.head_dim is not None and cfg.head_dim != out_dim:
-        raise ModelError(f"model.head_dim {cfg.head_dim} differs from the image tower's embedding size {out_dim} "
+        raise ModelError(f"model.head_dim {cfg.head_dim} differs from the image embedding size {out_dim} "
                          f"({cfg.name}); the logits compare the two, so leave head_dim unset or set it to {out_dim}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + 7919)  # head init is independent of the image tower's random draws

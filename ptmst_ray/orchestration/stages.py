@@ -203,7 +203,14 @@ def model_hash(cfg: Config) -> str:
     model = dataclasses.asdict(cfg.model)
     if cfg.pretrain.enabled:  # the checkpoint is this run's own pretraining (pretrain_hash): its path, which
         model["pretrained"] = None  # holds the run root, must not tie the experts to where the root lives
+    for added in ADDED_MODEL_FIELDS:  # fields added later count only when set, so older roots keep their experts
+        if model[added] is None:
+            del model[added]
     return section_hash(model, pretrain_hash(cfg) if cfg.pretrain.enabled else None)
+
+
+ADDED_MODEL_FIELDS = ("image_proj_dim",)
+"""``model`` fields newer than stored runs; at their default (None) they leave every hash unchanged."""
 
 
 def experts_hash(cfg: Config) -> str:
