@@ -64,6 +64,11 @@ def makedirs(url: str) -> None:
     fs.makedirs(path, exist_ok=True)
 
 
+def isdir(url: str) -> bool:
+    fs, path = filesystem(url)
+    return fs.isdir(path)
+
+
 def listdir(url: str) -> list[str]:
     """Base names directly under ``url`` (empty if it does not exist)."""
     fs, path = filesystem(url)

@@ -8,6 +8,7 @@ everything else to a JSON skeleton that points at the tensor keys.
 
 from __future__ import annotations
 
+from collections import defaultdict
 from typing import Any
 
 import torch
@@ -75,3 +76,10 @@ def load_state(directory: str) -> tuple[Any, dict]:
             "delete the directory to redo this step"
         )
     return _join(info["skeleton"], st_load(blob)), info.get("meta", {})
+
+
+def load_scalars(directory: str) -> Any:
+    """The state written by :func:`save_state` with every tensor as None: reads the JSON skeleton
+    only (no tensor file, no hash check), for cheap looks at scalars such as ``iteration``."""
+    info = storage.read_json(storage.join(directory, SKELETON))
+    return _join(info["skeleton"], defaultdict(lambda: None))

@@ -101,7 +101,7 @@ def test_recall_during_distillation_matches_the_saved_subset_and_changes_nothing
 @pytest.mark.faults
 def test_killed_phase_worker_resumes_from_checkpoint(ready_root):
     from ptmst_ray.distill.export import load_subset
-    from ptmst_ray.orchestration.phases import latest_stored_state, run_phases
+    from ptmst_ray.orchestration.phases import checkpoint_dirs, latest_stored_state, run_phases
 
     cfg = tiny_config(ready_root, **{"phases.0.iterations": 120, "distill.checkpoint_every": 5, "distill.report_every": 5})
     cfg = cfg.replace(**{"phases": [cfg.to_dict()["phases"][0]]})
@@ -132,6 +132,46 @@ def test_killed_phase_worker_resumes_from_checkpoint(ready_root):
     assert history == sorted(set(history)) and history[-1] == 120
     sub = load_subset(stages.Layout(cfg.run.root).subset("phase0"))
     assert sub.images.shape[0] == cfg.phases[0].pairs and bool(sub.images.isfinite().all())
+    # no folder Train does not track is left behind (a resume point it never registered, a cut upload)
+    assert len(checkpoint_dirs(str(run_dir))) <= 2, checkpoint_dirs(str(run_dir))
+
+
+def test_finished_run_keeps_only_the_checkpoints_train_holds(tmp_path, ray_session):
+    """A state Train never registered (a resume point taken from storage) or a cut upload is deleted after
+    fit(); a stored state further than every registered one is kept; Train's own checkpoints stay."""
+    import torch
+    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from ptmst_ray import tensorio
+    from ptmst_ray.orchestration.phases import fit_and_prune, latest_stored_state
+
+    def reporting_train_func(config: dict) -> None:  # local: pickled by value (workers cannot import tests)
+        import tempfile
+
+        import ray.train
+
+        for it in config["iterations"]:
+            d = tempfile.mkdtemp()
+            tensorio.save_state(d, {"iteration": it, "x": torch.full((2,), float(it))})
+            ray.train.report({"iteration": it}, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+    run_dir = tmp_path / "phases" / "phase0-abc"
+    orphan, further, partial = (run_dir / f"checkpoint_2000-01-01_00-00-0{i}.000000" for i in range(3))
+    tensorio.save_state(str(orphan), {"iteration": 15, "x": torch.zeros(2)})
+    tensorio.save_state(str(further), {"iteration": 99, "x": torch.zeros(2)})
+    partial.mkdir()
+    (partial / "tensors.safetensors").write_bytes(b"cut")
+    trainer = TorchTrainer(reporting_train_func, train_loop_config={"iterations": [10, 20, 30]},
+                           scaling_config=ScalingConfig(num_workers=1), torch_config=TorchConfig(backend="gloo"),
+                           run_config=RunConfig(name=run_dir.name, storage_path=str(run_dir.parent),
+                                                checkpoint_config=CheckpointConfig(num_to_keep=2)))
+    result = fit_and_prune(trainer, str(run_dir))
+    held = sorted(Path(c.path).name for c, _ in result.best_checkpoints)
+    left = sorted(p.name for p in run_dir.glob("checkpoint_*") if p.is_dir())
+    assert len(held) == 2 and left == sorted(held + [further.name]), (held, left)
+    assert sorted(tensorio.load_state(str(run_dir / n))[0]["iteration"] for n in held) == [20, 30]
+    assert latest_stored_state(str(run_dir))["iteration"] == 99
 
 
 def test_run_end_to_end_through_the_cli(tmp_path):

@@ -40,3 +40,10 @@ def test_corruption_detected(tmp_path):
     storage.write_bytes(storage.join(d, tensorio.TENSORS), blob[:-8])
     with pytest.raises(storage.StorageError, match="corrupt"):
         tensorio.load_state(d)
+
+
+def test_load_scalars_reads_the_json_values_without_the_tensor_file(tmp_path):
+    d = str(tmp_path / "ck")
+    tensorio.save_state(d, {"iteration": 40, "x": torch.ones(3), "opt": [{"lr": 0.5}, torch.zeros(1)]})
+    storage.remove(storage.join(d, tensorio.TENSORS))  # not needed: only the skeleton is read
+    assert tensorio.load_scalars(d) == {"iteration": 40, "x": None, "opt": [{"lr": 0.5}, None]}

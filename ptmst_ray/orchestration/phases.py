@@ -136,9 +136,7 @@ def latest_stored_state(run_dir: str) -> dict | None:
     check and is skipped, so a kill during an upload falls back to the previous checkpoint.
     """
     best = None
-    for entry in storage.listdir(run_dir):
-        if not entry.startswith("checkpoint_"):
-            continue
+    for entry in checkpoint_dirs(run_dir):
         try:
             state, _ = tensorio.load_state(storage.join(run_dir, entry))
         except Exception as e:  # noqa: BLE001 - partial/corrupt upload: skip it, say so
@@ -147,6 +145,64 @@ def latest_stored_state(run_dir: str) -> dict | None:
         if best is None or int(state["iteration"]) > int(best["iteration"]):
             best = state
     return best
+
+
+def checkpoint_dirs(run_dir: str) -> list[str]:
+    """The base names of a Train run's checkpoint folders (not its ``checkpoint_manager_snapshot.json``)."""
+    return [e for e in storage.listdir(run_dir)
+            if e.startswith("checkpoint_") and storage.isdir(storage.join(run_dir, e))]
+
+
+def _stored_iteration(checkpoint_dir: str) -> int | None:
+    """The ``iteration`` in a checkpoint's JSON skeleton (no tensors read), or None if it has none."""
+    try:
+        return int(tensorio.load_scalars(checkpoint_dir)["iteration"])
+    except Exception:  # noqa: BLE001 - missing/partial upload: no iteration
+        return None
+
+
+def prune_unregistered(run_dir: str, registered: list[str]) -> list[str]:
+    """Delete the ``checkpoint_*`` folders of a finished Train run that Train does not hold.
+
+    A worker that resumed from a state Train never registered (:func:`latest_stored_state`)
+    leaves that folder behind: Train's ``num_to_keep`` counts registered checkpoints only, so
+    it is never deleted (up to ~1 GB per killed worker at paper scale); an upload cut by a
+    kill leaves a partial folder. Call only after ``fit()`` returned, when no worker writes.
+    ``registered``: the base names of the checkpoints Train keeps (``Result.best_checkpoints``).
+    A folder whose state is further than every registered one is kept: it is the resume point.
+    Returns the deleted folders' URLs.
+    """
+    if not registered:
+        return []
+    kept = [i for i in (_stored_iteration(storage.join(run_dir, n)) for n in registered) if i is not None]
+    if not kept:
+        return []
+    removed = []
+    for entry in checkpoint_dirs(run_dir):
+        if entry in registered:
+            continue
+        url = storage.join(run_dir, entry)
+        iteration = _stored_iteration(url)
+        if iteration is not None and iteration > max(kept):
+            continue
+        storage.remove(url, recursive=True)
+        removed.append(url)
+    if removed:
+        log.info("%s: removed %d checkpoint folder(s) Train does not track: %s", run_dir, len(removed),
+                 ", ".join(os.path.basename(u) for u in removed))
+    return removed
+
+
+def fit_and_prune(trainer: TorchTrainer, run_dir: str):
+    """``trainer.fit()``, then :func:`prune_unregistered` on its run folder; returns the Result.
+    The clean-up only frees space: if it fails, a warning says so and the run still counts."""
+    result = trainer.fit()
+    names = [os.path.basename(str(c.path).rstrip("/")) for c, _ in (result.best_checkpoints or [])]
+    try:
+        prune_unregistered(run_dir, names)
+    except Exception as e:  # noqa: BLE001 - storage hiccup: the finished work must not be marked failed
+        log.warning("%s: could not remove stale checkpoint folders (%s); they may be deleted by hand", run_dir, e)
+    return result
 
 
 def _record_attempt(cfg, name: str, resume_state: dict | None, given: int | None, info: dict | None = None) -> dict:
@@ -199,7 +255,7 @@ def fit_phase(cfg_dict: dict, name: str, phase: dict, seed: int, run_name: str, 
     """Launcher task (holds no CPU): build the phase's TorchTrainer and block on fit()."""
     trainer = make_trainer(cfg_dict, name, phase, seed, run_name, board)
     try:
-        trainer.fit()
+        fit_and_prune(trainer, storage.join(stages.Layout(from_dict(cfg_dict).run.root).phases, run_name))
     except Exception as e:  # noqa: BLE001 - Train wraps worker errors; report them per phase
         return {"name": name, "status": "failed", "detail": f"{type(e).__name__}: {e}"}
     return {"name": name, "status": "finished"}

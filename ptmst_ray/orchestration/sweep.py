@@ -235,7 +235,7 @@ def _compress_task(cfg_dict: dict, expert_id: int, ranges: list[tuple[int, int]]
 
 def _distil_round(cfg: Config, trial_id: str, k: int, board) -> None:
     """Every phase of the trial up to round k's target, as concurrent Train runs (resumed from checkpoints)."""
-    from ptmst_ray.orchestration.phases import make_trainer
+    from ptmst_ray.orchestration.phases import fit_and_prune, make_trainer
 
     cfg_dict, rounds = cfg.to_dict(), cfg.sweep.rounds
     jobs = []
@@ -243,13 +243,14 @@ def _distil_round(cfg: Config, trial_id: str, k: int, board) -> None:
         if storage.is_complete(stages.Layout(cfg.run.root).subset(name), stages.phase_hash(cfg, phase)):
             continue
         until = round_target(phase.iterations, rounds, k)
-        jobs.append(make_trainer(cfg_dict, name, dataclasses.asdict(phase), seed,
-                                 f"{name}-{stages.phase_hash(cfg, phase)}", board, until=until,
-                                 label=f"{trial_id} {name}"))
+        run_name = f"{name}-{stages.phase_hash(cfg, phase)}"
+        jobs.append((make_trainer(cfg_dict, name, dataclasses.asdict(phase), seed, run_name, board, until=until,
+                                  label=f"{trial_id} {name}"),
+                     storage.join(stages.Layout(cfg.run.root).phases, run_name)))
     if not jobs:
         return
     with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
-        for future in [pool.submit(t.fit) for t in jobs]:
+        for future in [pool.submit(fit_and_prune, t, run_dir) for t, run_dir in jobs]:
             future.result()  # a failed Train run fails the trial (Tune records the error)
 
 
