@@ -672,10 +672,25 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     if not isinstance(raw, dict):
         raise ConfigError("", "the top level must be a mapping of sections", path)
     raw = copy.deepcopy(raw)
+    applied = []
     for item in overrides or []:
         key, value = parse_override(item)
         _set_path(raw, key, value, path)
-    return from_dict(raw, source=path)
+        applied.append((_dotted(key), item))
+    try:
+        return from_dict(raw, source=path)
+    except ConfigError as e:
+        # a value that came from --set is named as such, not as the file's (which may not even have it)
+        field = _dotted(e.path)
+        for key, item in reversed(applied):
+            if field == key or field.startswith(key + "."):
+                raise ConfigError(e.path, e.message, f"--set {item} (over {path})") from None
+        raise
+
+
+def _dotted(path: str) -> str:
+    """``phases[0].pairs`` and ``phases.0.pairs`` alike: the dotted form."""
+    return path.replace("[", ".").replace("]", "").strip(".")
 
 
 def section_hash(*sections: Any) -> str:

@@ -105,6 +105,14 @@ def test_overrides_apply_and_are_validated(tmp_path):
     assert "phases.5.pairs" in str(err.value)
     with pytest.raises(ConfigError):
         load_config(path, ["distill.syn_steps"])  # no '='
+    # a bad value from --set is named as the override, not as the file's
+    with pytest.raises(ConfigError, match=r"^--set phases\.1\.pairs=-3 \(over .*\): phases\[1\]\.pairs: must be >= 1"):
+        load_config(path, ["phases.1.pairs=-3"])
+    with pytest.raises(ConfigError, match=r"^--set distill=\{syn_steps: 0\} \(over .*\): distill\.syn_steps"):
+        load_config(path, ["distill={syn_steps: 0}"])
+    with pytest.raises(ConfigError) as err:  # the file's own error keeps the file's name
+        load_config(write(tmp_path, {"distill": {"syn_steps": 0}}), ["phases.0.pairs=5"])
+    assert str(err.value).startswith(str(tmp_path)) and "distill.syn_steps" in str(err.value)
 
 
 def test_yaml_round_trip(tmp_path):
