@@ -93,7 +93,7 @@ def wide_console(monkeypatch):
 # ---------------------------------------------------------------- 0. the phase resume scan
 
 
-def test_phase_resume_takes_the_furthest_intact_stored_state(tmp_path):
+def test_phase_resume_takes_the_furthest_intact_stored_state(tmp_path, monkeypatch):
     """A SIGKILLed phase worker can be handed an older checkpoint than one already uploaded
     (uploaded, not yet registered): the resume takes the furthest intact state on storage and
     skips a partial upload."""
@@ -106,8 +106,17 @@ def test_phase_resume_takes_the_furthest_intact_stored_state(tmp_path):
     (run_dir / "checkpoint_000002" / tensorio.TENSORS).write_bytes(b"partial")  # a kill mid-upload
     (run_dir / "checkpoint_tmp_000003").mkdir()  # an upload that wrote nothing yet
     (run_dir / "checkpoint_000003").mkdir()
+    loaded = []
+    real_load = tensorio.load_state
+    monkeypatch.setattr(tensorio, "load_state", lambda d: loaded.append(Path(d).name) or real_load(d))
     stored = latest_stored_state(str(run_dir))
     assert stored["iteration"] == 10 and torch.equal(stored["x"], torch.full((3,), 10.0))
+    # tensors are read from the furthest state down until one is intact: never the older ones
+    assert loaded == ["checkpoint_000002", "checkpoint_000001"]
+    loaded.clear()
+    assert latest_stored_state(str(run_dir), above=5)["iteration"] == 10
+    assert latest_stored_state(str(run_dir), above=10) is None and loaded == ["checkpoint_000002", "checkpoint_000001",
+                                                                             "checkpoint_000002"]
     given = {"iteration": 5}  # what Train handed over
     assert furthest_state(given, stored) is stored and furthest_state(None, given) is given
     assert furthest_state(None, None) is None and latest_stored_state(str(tmp_path / "missing")) is None

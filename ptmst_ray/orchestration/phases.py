@@ -69,7 +69,7 @@ def phase_train_func(config: dict) -> None:
     if config.get("run_name"):
         # the controller's checkpoint can be older than one already on storage (a kill between
         # the upload and its registration): take the furthest intact state of the two
-        stored = latest_stored_state(storage.join(stages.Layout(cfg.run.root).phases, config["run_name"]))
+        stored = latest_stored_state(storage.join(stages.Layout(cfg.run.root).phases, config["run_name"]), above=given)
         resume_state = furthest_state(resume_state, stored)
     if resume_state is not None:
         if storage.exists(metrics_url):
@@ -125,8 +125,8 @@ def furthest_state(*states: dict | None) -> dict | None:
     return max(found, key=lambda s: int(s["iteration"])) if found else None
 
 
-def latest_stored_state(run_dir: str) -> dict | None:
-    """The furthest intact phase state among the Train run's ``checkpoint_*`` directories, or None.
+def latest_stored_state(run_dir: str, above: int | None = None) -> dict | None:
+    """The furthest intact phase state among the Train run's checkpoint folders (past ``above``), or None.
 
     Ray Train hands a restarted worker its latest *registered* checkpoint, but when the worker
     process is SIGKILLed, Train 2.60 restarts it with ``get_checkpoint() is None`` or with an
@@ -134,17 +134,26 @@ def latest_stored_state(run_dir: str) -> dict | None:
     controller when the process died). The checkpoints are on the run's storage
     all the same, each hash-checked by :func:`tensorio.load_state`; a partial upload fails that
     check and is skipped, so a kill during an upload falls back to the previous checkpoint.
+    Only the JSON skeletons are read to order them; tensors are read from the furthest down
+    until one is intact (at paper scale a state is hundreds of MB, perhaps on remote storage),
+    and not at all for states at or before ``above`` (the iteration the caller already holds).
     """
-    best = None
+    found = []
     for entry in checkpoint_dirs(run_dir):
+        url = storage.join(run_dir, entry)
+        iteration = _stored_iteration(url)
+        if iteration is None:
+            log.warning("%s: skipping a checkpoint without a readable state.json (a cut upload?)", url)
+        elif above is None or iteration > above:
+            found.append((iteration, url))
+    for iteration, url in sorted(found, reverse=True):
         try:
-            state, _ = tensorio.load_state(storage.join(run_dir, entry))
+            state, _ = tensorio.load_state(url)
         except Exception as e:  # noqa: BLE001 - partial/corrupt upload: skip it, say so
-            log.warning("%s: skipping unreadable checkpoint (%s)", storage.join(run_dir, entry), e)
+            log.warning("%s: skipping unreadable checkpoint (%s)", url, e)
             continue
-        if best is None or int(state["iteration"]) > int(best["iteration"]):
-            best = state
-    return best
+        return state
+    return None
 
 
 def checkpoint_dirs(run_dir: str) -> list[str]:
