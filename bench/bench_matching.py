@@ -62,7 +62,7 @@ def _reset_hwm() -> None:
         f.write("5")
 
 
-def _setup(method: str, steps: int, checkpoints: int | None = None):
+def _setup(method: str, steps: int, checkpoints: int | None = None, minibatch: int = MINIBATCH):
     """Toy student, noise synthetic set, theta_s = the student's params, theta_t a perturbed copy."""
     import torch
 
@@ -79,9 +79,9 @@ def _setup(method: str, steps: int, checkpoints: int | None = None):
     syn = SyntheticSet.from_noise(PAIRS, (3, IMAGE_SIZE, IMAGE_SIZE), TEXT_DIM, SimilarityConfig(), 0.1, gen)
     theta_s = student.params()
     theta_t = tuple(v + 0.01 * torch.randn(v.shape, generator=gen) for v in theta_s)
-    sampler = MinibatchSampler(PAIRS, MINIBATCH, gen)
+    sampler = MinibatchSampler(PAIRS, minibatch, gen)
     if method == "exact" and checkpoints is None:  # the phase loop's default: the memory budget
-        checkpoints = default_exact_checkpoints(student.logits, "WBCE", syn, theta_s, MINIBATCH, steps)
+        checkpoints = default_exact_checkpoints(student.logits, "WBCE", syn, theta_s, minibatch, steps)
 
     def iteration() -> dict:
         syn.zero_grad(set_to_none=True)
@@ -95,13 +95,13 @@ DEFAULT_HELD = ("the phase default, `default_exact_checkpoints`: the w_i that fi
                 "at least `exact_checkpoints(N)`")
 
 
-def run_one(method: str, steps: int, iters: int, checkpoints: int | None = None) -> dict:
+def run_one(method: str, steps: int, iters: int, checkpoints: int | None = None, minibatch: int = MINIBATCH) -> dict:
     """Warm-up, then ``iters`` timed iterations; peak RSS above the pre-iteration RSS (MB)."""
     import gc
 
     from ptmst_ray.distill.matching import _reversal_plan
 
-    iteration, params, checkpoints = _setup(method, steps, checkpoints)
+    iteration, params, checkpoints = _setup(method, steps, checkpoints, minibatch)
     iteration()  # warm-up: lazy initialisation, first allocations
     times, cpu, peaks, residue = [], [], [], []
     for _ in range(iters):
@@ -134,11 +134,13 @@ def profile_one(method: str, steps: int) -> None:
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
 
 
-def interleaved(steps: int, ks: list[int], rounds: int) -> str:
+def interleaved(steps: int, ks: list[int], rounds: int, minibatch: int = MINIBATCH) -> str:
     """first_order and exact at each k (0 = the default schedule) in ONE process, one iteration of each in
     turn for ``rounds`` rounds: load drift on a shared machine hits every method alike. Median CPU time."""
-    cases = {"first_order": _setup("first_order", steps)[0]}
-    cases.update({f"exact, exact_checkpoints={k or 'default'}": _setup("exact", steps, k or None)[0] for k in ks})
+    cases = {"first_order": _setup("first_order", steps, minibatch=minibatch)[0]}
+    for k in ks:
+        iteration, _, held = _setup("exact", steps, k or None, minibatch)
+        cases[f"exact, exact_checkpoints={k or f'default ({held})'}"] = iteration
     for iteration in cases.values():
         iteration()  # warm-up
     cpu: dict[str, list[float]] = {name: [] for name in cases}
@@ -158,9 +160,9 @@ def interleaved(steps: int, ks: list[int], rounds: int) -> str:
 # --------------------------------------------------------------------------- driver (parent)
 
 
-def spawn(method: str, steps: int, iters: int, checkpoints: int | None = None) -> dict:
+def spawn(method: str, steps: int, iters: int, checkpoints: int | None = None, minibatch: int = MINIBATCH) -> dict:
     """Memory from a child with the eager-trim allocator, time from a child with the default one."""
-    cmd = [sys.executable, __file__, "--child", method, str(steps), "--iters", str(iters)]
+    cmd = [sys.executable, __file__, "--child", method, str(steps), "--iters", str(iters), "--minibatch", str(minibatch)]
     if checkpoints is not None:
         cmd += ["--checkpoints", str(checkpoints)]
     rows = []
@@ -257,11 +259,13 @@ def main() -> None:
                    help="instead: time first_order and exact at these exact_checkpoints (0 = default) in one "
                         "process, round-robin, at the first --steps value (prints a table, writes nothing)")
     p.add_argument("--rounds", type=int, default=7, help="rounds for --interleave")
+    p.add_argument("--minibatch", type=int, default=MINIBATCH,
+                   help=f"synthetic pairs per inner step (default {MINIBATCH}, the toy recipe's; the paper's: 20, 40)")
     p.add_argument("--child", nargs=2, metavar=("METHOD", "N"), help=argparse.SUPPRESS)
     p.add_argument("--profile", choices=METHODS, help="profile one iteration of this method (first --steps value)")
     args = p.parse_args()
     if args.child:
-        print(json.dumps(run_one(args.child[0], int(args.child[1]), args.iters, args.checkpoints)))
+        print(json.dumps(run_one(args.child[0], int(args.child[1]), args.iters, args.checkpoints, args.minibatch)))
         return
     steps = args.steps or (QUICK_STEPS if args.quick else STEPS)
     if args.profile:
@@ -269,12 +273,12 @@ def main() -> None:
         return
     if args.interleave:
         print(f"Command: `{command_line()}`\n\nMachine: {machine(load=True)}\n\n"
-              + interleaved(steps[0], args.interleave, args.rounds))
+              + interleaved(steps[0], args.interleave, args.rounds, args.minibatch))
         return
     rows, t0 = [], time.perf_counter()
     for n in steps:
         for method in args.methods:
-            r = spawn(method, n, args.iters, args.checkpoints)
+            r = spawn(method, n, args.iters, args.checkpoints, args.minibatch)
             print(f"N={n:3d} {method:12s} {r['s_per_iter']:.3f} s/iter (CPU {r['cpu_s_per_iter']:.3f})  "
                   f"peak {r['peak_mb']:7.1f} MiB "
                   f"(iters {[round(x, 1) for x in r['peaks_mb']]}, residue {[round(x, 1) for x in r['residue_mb']]})",
@@ -289,7 +293,8 @@ def main() -> None:
         if fo_default is not None:
             pairs.append((fo_default, {**default, "label": f"default ({default['held']})"}))
         for k in args.tradeoff:
-            fo, ex = spawn("first_order", n_max, args.iters), spawn("exact", n_max, args.iters, k or n_max)
+            fo = spawn("first_order", n_max, args.iters, minibatch=args.minibatch)
+            ex = spawn("exact", n_max, args.iters, k or n_max, args.minibatch)
             print(f"N={n_max} exact_checkpoints={k or n_max}: CPU {ex['cpu_s_per_iter']:.3f} vs first_order "
                   f"{fo['cpu_s_per_iter']:.3f}, peak {ex['peak_mb']:.1f} MiB", flush=True)
             pairs.append((fo, {**ex, "label": str(k or n_max) + (" (= N)" if not k else "")}))
@@ -303,7 +308,7 @@ def main() -> None:
             f"Machine: {machine(load=True)} (load average read at the end of the run)\n\n"
             f"Setup: toy student (`build_student(ModelConfig(), text_dim={TEXT_DIM}, seed=0)`, "
             f"{params} trainable parameters), {PAIRS} noise pairs of 3x{IMAGE_SIZE}x{IMAGE_SIZE}, "
-            f"minibatch {MINIBATCH}, WBCE, full similarity, float32, one thread. Each row is a fresh "
+            f"minibatch {args.minibatch}, WBCE, full similarity, float32, one thread. Each row is a fresh "
             f"subprocess: one warm-up iteration, then the median of {args.iters} timed iterations; "
             "memory is the peak RSS (VmHWM after `clear_refs`) above the RSS right before the iteration, "
             f"with glibc set to mmap and trim eagerly ({' '.join(f'{k}={v}' for k, v in MALLOC_ENV.items())}; "
