@@ -162,16 +162,25 @@ def test_finished_run_keeps_only_the_checkpoints_train_holds(tmp_path, ray_sessi
     tensorio.save_state(str(further), {"iteration": 99, "x": torch.zeros(2)})
     partial.mkdir()
     (partial / "tensors.safetensors").write_bytes(b"cut")
-    trainer = TorchTrainer(reporting_train_func, train_loop_config={"iterations": [10, 20, 30]},
-                           scaling_config=ScalingConfig(num_workers=1), torch_config=TorchConfig(backend="gloo"),
-                           run_config=RunConfig(name=run_dir.name, storage_path=str(run_dir.parent),
-                                                checkpoint_config=CheckpointConfig(num_to_keep=2)))
-    result = fit_and_prune(trainer, str(run_dir))
+    def trainer(iterations):
+        return TorchTrainer(reporting_train_func, train_loop_config={"iterations": iterations},
+                            scaling_config=ScalingConfig(num_workers=1), torch_config=TorchConfig(backend="gloo"),
+                            run_config=RunConfig(name=run_dir.name, storage_path=str(run_dir.parent),
+                                                 checkpoint_config=CheckpointConfig(num_to_keep=2)))
+
+    result = fit_and_prune(trainer([10, 20, 30]), str(run_dir))
     held = sorted(Path(c.path).name for c, _ in result.best_checkpoints)
     left = sorted(p.name for p in run_dir.glob("checkpoint_*") if p.is_dir())
     assert len(held) == 2 and left == sorted(held + [further.name]), (held, left)
     assert sorted(tensorio.load_state(str(run_dir / n))[0]["iteration"] for n in held) == [20, 30]
     assert latest_stored_state(str(run_dir))["iteration"] == 99
+    # the same run again (a sweep's next round, a rerun): Train restores from its snapshot, which
+    # requires every checkpoint it tracks to exist; it then keeps its newest two, and so do we
+    again = fit_and_prune(trainer([40]), str(run_dir))
+    held = sorted(Path(c.path).name for c, _ in again.best_checkpoints)
+    left = sorted(p.name for p in run_dir.glob("checkpoint_*") if p.is_dir())
+    assert sorted(tensorio.load_state(str(run_dir / n))[0]["iteration"] for n in held) == [30, 40]
+    assert left == sorted(held + [further.name]), (held, left)
 
 
 def test_run_end_to_end_through_the_cli(tmp_path):

@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.json"
 MAX_FAILURES = 2
+TRAIN_SNAPSHOT = "checkpoint_manager_snapshot.json"
+"""Ray Train 2.60's record of the checkpoints it tracks, next to the checkpoint folders of a run."""
 _PYARROW_SCHEMES = ("s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss", "file")
 
 
@@ -157,7 +159,7 @@ def latest_stored_state(run_dir: str, above: int | None = None) -> dict | None:
 
 
 def checkpoint_dirs(run_dir: str) -> list[str]:
-    """The base names of a Train run's checkpoint folders (not its ``checkpoint_manager_snapshot.json``)."""
+    """The base names of a Train run's checkpoint folders (not its :data:`TRAIN_SNAPSHOT` file)."""
     return [e for e in storage.listdir(run_dir)
             if e.startswith("checkpoint_") and storage.isdir(storage.join(run_dir, e))]
 
@@ -208,6 +210,10 @@ def fit_and_prune(trainer: TorchTrainer, run_dir: str):
     result = trainer.fit()
     names = [os.path.basename(str(c.path).rstrip("/")) for c, _ in (result.best_checkpoints or [])]
     try:
+        # also keep every folder Train's snapshot names: a restore asserts that they all exist
+        snapshot = storage.join(run_dir, TRAIN_SNAPSHOT)
+        text = storage.read_text(snapshot) if storage.exists(snapshot) else ""
+        names += [n for n in checkpoint_dirs(run_dir) if n in text and n not in names]
         prune_unregistered(run_dir, names)
     except Exception as e:  # noqa: BLE001 - storage hiccup: the finished work must not be marked failed
         log.warning("%s: could not remove stale checkpoint folders (%s); they may be deleted by hand", run_dir, e)
