@@ -631,7 +631,7 @@ def parse_override(item: str) -> tuple[str, Any]:
 
 
 def _set_path(raw: dict, key: str, value: Any, source: str) -> None:
-    parts = key.replace("[", ".").replace("]", "").split(".")
+    parts = _dotted(key).split(".")
     node: Any = raw
     for i, part in enumerate(parts):
         last = i == len(parts) - 1

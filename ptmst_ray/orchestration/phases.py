@@ -141,9 +141,8 @@ def latest_stored_state(run_dir: str, above: int | None = None) -> dict | None:
     and not at all for states at or before ``above`` (the iteration the caller already holds).
     """
     found = []
-    for entry in checkpoint_dirs(run_dir):
+    for entry, iteration in _stored_iterations(run_dir):
         url = storage.join(run_dir, entry)
-        iteration = _stored_iteration(url)
         if iteration is None:
             log.warning("%s: skipping a checkpoint without a readable state.json (a cut upload?)", url)
         elif above is None or iteration > above:
@@ -172,6 +171,11 @@ def _stored_iteration(checkpoint_dir: str) -> int | None:
         return None
 
 
+def _stored_iterations(run_dir: str) -> list[tuple[str, int | None]]:
+    """(folder name, :func:`_stored_iteration`) of each of the run's checkpoint folders."""
+    return [(e, _stored_iteration(storage.join(run_dir, e))) for e in checkpoint_dirs(run_dir)]
+
+
 def prune_unregistered(run_dir: str, registered: list[str]) -> list[str]:
     """Delete the ``checkpoint_*`` folders of a finished Train run that Train does not hold.
 
@@ -179,23 +183,22 @@ def prune_unregistered(run_dir: str, registered: list[str]) -> list[str]:
     leaves that folder behind: Train's ``num_to_keep`` counts registered checkpoints only, so
     it is never deleted (up to ~1 GB per killed worker at paper scale); an upload cut by a
     kill leaves a partial folder. Call only after ``fit()`` returned, when no worker writes.
-    ``registered``: the base names of the checkpoints Train keeps (``Result.best_checkpoints``).
-    A folder whose state is further than every registered one is kept: it is the resume point.
-    Returns the deleted folders' URLs.
+    ``registered``: the base names of the checkpoints Train keeps (``Result.best_checkpoints``);
+    every folder Train's :data:`TRAIN_SNAPSHOT` names is kept as well (a restore asserts that they
+    all exist). A folder whose state is further than every registered one is kept: it is the
+    resume point. Returns the deleted folders' URLs.
     """
-    if not registered:
-        return []
-    kept = [i for i in (_stored_iteration(storage.join(run_dir, n)) for n in registered) if i is not None]
+    snapshot = storage.join(run_dir, TRAIN_SNAPSHOT)
+    tracked = storage.read_text(snapshot) if storage.exists(snapshot) else ""
+    stored = _stored_iterations(run_dir)
+    kept = [i for n, i in stored if n in registered and i is not None]
     if not kept:
         return []
     removed = []
-    for entry in checkpoint_dirs(run_dir):
-        if entry in registered:
+    for entry, iteration in stored:
+        if entry in registered or entry in tracked or (iteration is not None and iteration > max(kept)):
             continue
         url = storage.join(run_dir, entry)
-        iteration = _stored_iteration(url)
-        if iteration is not None and iteration > max(kept):
-            continue
         storage.remove(url, recursive=True)
         removed.append(url)
     if removed:
@@ -210,10 +213,6 @@ def fit_and_prune(trainer: TorchTrainer, run_dir: str):
     result = trainer.fit()
     names = [os.path.basename(str(c.path).rstrip("/")) for c, _ in (result.best_checkpoints or [])]
     try:
-        # also keep every folder Train's snapshot names: a restore asserts that they all exist
-        snapshot = storage.join(run_dir, TRAIN_SNAPSHOT)
-        text = storage.read_text(snapshot) if storage.exists(snapshot) else ""
-        names += [n for n in checkpoint_dirs(run_dir) if n in text and n not in names]
         prune_unregistered(run_dir, names)
     except Exception as e:  # noqa: BLE001 - storage hiccup: the finished work must not be marked failed
         log.warning("%s: could not remove stale checkpoint folders (%s); they may be deleted by hand", run_dir, e)
