@@ -1,7 +1,7 @@
 """Peak memory and time of one matching iteration vs the number of unrolled steps N.
 
 Why this file exists: the point of the ``first_order`` and ``exact`` gradient rules
-(ALGORITHM.md 6.4, 6.5) is memory that does not grow with N (one graph at a time), while the
+(docs/method.md#gradient-rules) is memory that does not grow with N (one graph at a time), while the
 ``unrolled`` reference keeps N graphs. ``first_order`` holds only w_0 and the current w_i (it
 replays the unroll); ``exact`` holds, as a phase does by default, the w_i that fit in 10% of one
 step's graph memory, at least ``exact_checkpoints(N)`` (whose schedule replays fewer than N steps;
@@ -41,7 +41,7 @@ from pathlib import Path
 
 from _common import RESULTS, command_line, machine, replace_section, status_kb  # noqa: E402
 SECTION = "## Matching step: memory and time vs N"
-METHODS = ("first_order", "exact", "unrolled")
+from ptmst_ray.vocab import GRAD_METHODS as METHODS  # noqa: E402
 STEPS = (2, 4, 8, 16, 32)
 QUICK_STEPS = (2, 8, 32)
 PAIRS, MINIBATCH, TEXT_DIM, IMAGE_SIZE = 50, 10, 64, 32

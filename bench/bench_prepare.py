@@ -4,7 +4,7 @@ Why this file exists: preparation must stream (issue #3): a Flickr30k- or COCO-s
 has to fit in a small worker, so the peak resident memory of `data prepare` should not grow with
 the number of images. This script builds a Flickr30k-layout folder (``flickr30k_train.json`` with
 5 captions per image, ``flickr30k_test.json`` with a fixed 1,000 test images, 224x224 JPEGs of
-photo-like texture) on local disk, runs the preparation the CLI runs (``stages.prepare``) in a
+photo-like texture) on local disk, runs the preparation the CLI runs (``data_stage.prepare``) in a
 fresh subprocess per size, and records that child's peak RSS (VmHWM, cross-checked with the
 ``ru_maxrss`` that ``wait4`` reports), its RSS right after the imports, wall time, and the train
 split's shard count and bytes.
@@ -117,10 +117,10 @@ def write_annotations(ann_dir: Path, names: dict, n_train: int) -> None:
 
 
 def child(ann_dir: str, images_dir: str, root: str) -> None:
-    """Run the CLI's preparation (``stages.prepare``) and print one JSON line of measurements."""
+    """Run the CLI's preparation (``data_stage.prepare``) and print one JSON line of measurements."""
     from ptmst_ray.config import from_dict
     from ptmst_ray.data import prepare
-    from ptmst_ray.orchestration import stages
+    from ptmst_ray.stages import data as data_stage
 
     import pyarrow as pa
 
@@ -129,7 +129,7 @@ def child(ann_dir: str, images_dir: str, root: str) -> None:
                               "image_size": IMAGE_SIZE}})
     baseline = status_kb("VmRSS")
     started = time.perf_counter()
-    manifest = stages.prepare(cfg)
+    manifest = data_stage.prepare(cfg)
     seconds = time.perf_counter() - started
     pool = pa.default_memory_pool()
     print(json.dumps({"baseline_kb": baseline, "hwm_kb": status_kb("VmHWM"), "seconds": seconds,
@@ -281,7 +281,7 @@ def main() -> None:
                 f"Setup: Flickr30k layout, {CAPTIONS} captions per train image, {args.test_images:,} test images, "
                 f"distinct {IMAGE_SIZE}x{IMAGE_SIZE} JPEG sources (smooth colour field + pixel noise), prepared at "
                 f"image_size {IMAGE_SIZE} with shard_rows {rows[0]['shard_rows']} (the default); each size in a fresh "
-                f"subprocess running `stages.prepare` (what `ptmst-ray data prepare` calls), threads <= 2. "
+                f"subprocess running `data_stage.prepare` (what `ptmst-ray data prepare` calls), threads <= 2. "
                 f"Peak = the child's VmHWM read right after the preparation; ru_maxrss (from wait4) also covers the interpreter's exit, which can add up to ~80 MiB at small sizes. All sizes measured in one run.\n\n"
                 f"{text}\n\n{summary}\n")
         replace_section(SECTION, body)

@@ -15,7 +15,7 @@ distillations are skipped on a re-run (config hashes); scoring is always redone.
         [--out bench/quality_matrix.md] [--write-results] [--quick]
 
 Methods: random (coreset of real pairs, a different subset per seed), single_phase (one subset
-over the first phase's range, `stages.single_phase_config`), ptm_st (phases + shortcut, the
+over the first phase's range, `layout.single_phase_config`), ptm_st (phases + shortcut, the
 first_order), ptm_st_exact (distill.grad_method=exact); with --ablations no_shortcut
 (shortcut.enabled=false: raw trajectories) and no_ema (distill.ema_decay=0: the raw final state).
 The full train split is scored once (eval.full_data_epochs epochs). A budget is split between the
@@ -111,26 +111,25 @@ class Cell:
 
 def budget_phases(base, budget: int, method: str) -> list:
     """The phase configs of ``method`` at ``budget`` (single_phase: one phase of the whole budget)."""
-    from ptmst_ray.orchestration import stages
+    from ptmst_ray import layout
 
     parts = split_budget(budget, [p.pairs for p in base.phases])
     phases = [dataclasses.replace(p, pairs=n, minibatch=min(p.minibatch, n)) for p, n in zip(base.phases, parts)]
     if method == "single_phase":
         first = base.phases[0]
-        single = stages.single_phase_config(dataclasses.replace(base, phases=phases))
+        single = layout.single_phase_config(dataclasses.replace(base, phases=phases))
         return [dataclasses.replace(single, minibatch=min(first.minibatch, budget))]
     return phases
 
 
 def cell_config(base, method: str, budget: int, cells_dir: str):
     """The base config at ``budget`` with ``method``'s overrides, phases under its own root, prerequisites shared."""
-    from ptmst_ray import storage
-    from ptmst_ray.orchestration import stages
+    from ptmst_ray import layout, storage
 
     overrides = {
         "phases": [dataclasses.asdict(p) for p in budget_phases(base, budget, method)],
         "run.root": storage.join(cells_dir, f"b{budget}", method),
-        "run.shared_root": stages.shared_root(base),
+        "run.shared_root": layout.Layout.of(base).shared,
         "eval.baselines": [],
         **METHOD_OVERRIDES[method],
     }
@@ -185,7 +184,7 @@ def _import_ray_parts():
 
     from ptmst_ray.device import set_threads
     from ptmst_ray.orchestration.runtime import report_progress
-    from ptmst_ray.orchestration.scoring import score_one_seed
+    from ptmst_ray.stages.score import score_one_seed
 
     @ray.remote(num_cpus=1)
     def score_task(cfg_dict: dict, method: str, seed: int, label: str, board=None) -> dict:
@@ -206,22 +205,17 @@ def _import_ray_parts():
 
 def pending_runs(cfg) -> int:
     """Phases of ``cfg`` with neither a finished subset nor a kept diverged state (both count as distilled)."""
-    from ptmst_ray import storage
-    from ptmst_ray.orchestration.stages import Layout, phase_hash, phase_name
+    from ptmst_ray.layout import phase_jobs, phase_outcome
 
-    layout = Layout(cfg.run.root)
-    return sum(not storage.is_complete(layout.subset(phase_name(i)), phase_hash(cfg, p))
-               and not storage.is_complete(storage.join(layout.phases, phase_name(i), "diverged"), phase_hash(cfg, p))
-               for i, p in enumerate(cfg.phases))
+    return sum(phase_outcome(cfg, job).status == "none" for job in phase_jobs(cfg, with_baseline=False))
 
 
 def finish_cell(cell: Cell, status: dict[str, dict], t: float) -> dict:
     """Aggregate a cell whose phases all ran (a diverged phase contributes its last finite EMA state, as in
     `ptmst-ray run`); the result records its final matching losses and any diverged phase."""
     from ptmst_ray import storage
-    from ptmst_ray.orchestration.distilled import aggregate
-    from ptmst_ray.orchestration.phases import METRICS_FILE
-    from ptmst_ray.orchestration.stages import Layout, StageError
+    from ptmst_ray.stages.aggregate import aggregate
+    from ptmst_ray.layout import Layout, StageError
 
     failed = {n: s for n, s in status.items() if s.get("status") not in ("done", "diverged")}
     diverged = sorted(n for n, s in status.items() if s.get("status") == "diverged")
@@ -234,7 +228,7 @@ def finish_cell(cell: Cell, status: dict[str, dict], t: float) -> dict:
         return {"status": "failed", "seconds": time.time() - t, "detail": str(e), "diverged": diverged}
     losses = {}
     for name in sorted(status):
-        url = storage.join(Layout(cell.cfg.run.root).phases, name, METRICS_FILE)
+        url = Layout.of(cell.cfg).metrics(name)
         hist = storage.read_json(url) if storage.exists(url) else []
         if hist:
             losses[name] = round(float(hist[-1]["loss"]), 4)
@@ -253,7 +247,7 @@ def distil_cell(cell: Cell, board) -> dict:
 
 def distil_all(cells: list[Cell], board, poll, t0: float, slots: int) -> dict[str, dict]:
     """Distil every distilled cell, waves of cells whose Train runs together fit the cluster's slots."""
-    from ptmst_ray.orchestration.stages import phase_name
+    from ptmst_ray.layout import phase_name
 
     out: dict[str, dict] = {}
     todo = []
@@ -293,11 +287,9 @@ def distil_all(cells: list[Cell], board, poll, t0: float, slots: int) -> dict[st
 
 def _phase_status(cfg, i: int) -> dict:
     """Status of phase ``i`` when it has run (pending_runs == 0): done, else its diverged state is kept."""
-    from ptmst_ray import storage
-    from ptmst_ray.orchestration.stages import Layout, phase_hash, phase_name
+    from ptmst_ray.layout import phase_jobs, phase_outcome
 
-    done = storage.is_complete(Layout(cfg.run.root).subset(phase_name(i)), phase_hash(cfg, cfg.phases[i]))
-    return {"status": "done" if done else "diverged"}
+    return {"status": phase_outcome(cfg, phase_jobs(cfg, with_baseline=False)[i]).status}
 
 
 def _diverged_note(r: dict) -> str:
@@ -337,7 +329,7 @@ def score_all(cells: list[Cell], full_cfg, seeds: int, board, poll, t0: float, d
 def cell_figures(runs: list[dict], cfg, method: str) -> dict:
     """Mean/std of the best-of-points and final metrics of a cell's seeds (the pipeline's `summarise`)."""
     from ptmst_ray.evaluate.metrics import METRIC_NAMES
-    from ptmst_ray.orchestration.scoring import summarise
+    from ptmst_ray.stages.score import summarise
 
     m = summarise(runs, cfg)["methods"][runs[0]["method"]]
     return {"method": method, "pairs": m["pairs"], "seeds": m["seeds"], "epochs": m["epochs"],
@@ -604,15 +596,15 @@ def main(argv: list[str] | None = None) -> dict:
 
     import ray
 
-    from ptmst_ray.orchestration.driver import _poller, run_prerequisites
-    from ptmst_ray.orchestration.runtime import connect, progress_board
+    from ptmst_ray.orchestration.pipeline import run_prerequisites
+    from ptmst_ray.orchestration.runtime import connect, make_poll, progress_board
 
     info = connect(base.run.address)
     say(t0, f"Ray: {info.cpus:.0f} CPUs, {info.gpus:.0f} GPUs")
     ui = PlainUI(t0)
     board = progress_board()
     ray.get(board.clear.remote())
-    poll = _poller(board, ui)
+    poll = make_poll(board, ui)
     storage.write_text(storage.join(base.run.root, "config.yaml"), base.to_yaml())
     prereq_cfg = base.replace(**{"eval.baselines": ["single_phase"]})  # its range gets shortcuts too
     run_prerequisites(prereq_cfg, ui, board, poll)

@@ -40,8 +40,15 @@ def main(argv: list[str] | None = None) -> dict:
 
     from ptmst_ray import storage
     from ptmst_ray.config import load_config
-    from ptmst_ray.orchestration import distilled as distilled_mod
-    from ptmst_ray.orchestration import scoring, stages
+    from ptmst_ray.stages import aggregate as distilled_mod
+    from ptmst_ray import layout
+    from ptmst_ray import vocab
+    from ptmst_ray.stages import data as data_stage
+    from ptmst_ray.stages import embed as embed_stage
+    from ptmst_ray.stages import pretrain as pretrain_stage
+    from ptmst_ray.stages import experts as experts_stage
+    from ptmst_ray.stages import phase as phase_stage
+    from ptmst_ray.stages import score as scoring
 
     cfg = load_config(args.config, [f"run.root={args.root}", *args.overrides])
     storage.write_text(storage.join(cfg.run.root, "config.yaml"), cfg.to_yaml())
@@ -54,20 +61,20 @@ def main(argv: list[str] | None = None) -> dict:
         return out
 
     t_all = time.perf_counter()
-    timed("prepare", stages.prepare, cfg)
-    pre = timed("pretrain", stages.pretrain, cfg)
-    timed("embed", stages.embed, cfg)
+    timed("prepare", data_stage.prepare, cfg)
+    pre = timed("pretrain", pretrain_stage.pretrain, cfg)
+    timed("embed", embed_stage.embed, cfg)
     distilled = bool({"ptm_st", "single_phase"} & set(args.methods))  # random/full alone need no experts
     for i in range(cfg.experts.num_experts if distilled else 0):
-        timed("experts", stages.train_and_store_expert, cfg, i)
-        timed("experts", stages.compress_expert, cfg, i)
+        timed("experts", experts_stage.train_and_store_expert, cfg, i)
+        timed("experts", experts_stage.compress_expert, cfg, i)
     phases = {}
-    jobs = stages.phase_jobs(cfg, with_baseline="single_phase" in args.methods) if distilled else []
+    jobs = layout.phase_jobs(cfg, with_baseline="single_phase" in args.methods) if distilled else []
     if "ptm_st" not in args.methods:
-        jobs = [j for j in jobs if j[0] == stages.SINGLE_PHASE]
-    for name, phase, seed in jobs:
+        jobs = [j for j in jobs if j.name == vocab.SINGLE_PHASE]
+    for name, phase, seed in ((j.name, j.phase, j.seed) for j in jobs):
         last: dict = {}
-        out = timed("phases", stages.distill_phase, cfg, name, phase, device=torch.device("cpu"), seed=seed,
+        out = timed("phases", phase_stage.distill_phase, cfg, name, phase, device=torch.device("cpu"), seed=seed,
                     report=lambda m, ck, last=last: last.update(m))
         phases[name] = {**out, **{k: last[k] for k in ("iteration", "loss", "loss_img", "loss_txt", "alpha_img",
                                                         "alpha_txt") if k in last}}
@@ -82,7 +89,7 @@ def main(argv: list[str] | None = None) -> dict:
     results.update(runs=runs, phases=phases, times=times, wall_seconds=time.perf_counter() - t_all,
                    zero_shot=(pre or {}).get("zero_shot"), overrides=args.overrides, threads=args.threads,
                    final_ratios=_final_ratios(results))
-    storage.write_json(storage.join(stages.Layout(cfg.run.root).eval, "probe.json"), results)
+    storage.write_json(storage.join(layout.Layout(cfg.run.root).eval, "probe.json"), results)
     print(report(results))
     return results
 

@@ -1,6 +1,6 @@
 """Bytes of a shortcut trajectory: materialised snapshots vs the compact form ptmst_ray stores.
 
-Why this file exists: ALGORITHM.md section 4 claims the compact shortcut (theta_a, theta_b and
+Why this file exists: docs/method.md#shortcut-trajectories claims the compact shortcut (theta_a, theta_b and
 a (K+1) x tensors beta table) costs about 2P floats instead of the (K+1)P the paper's code
 writes. This script puts numbers on it with ``trajectories.shortcut.storage_figures`` for
 
@@ -31,7 +31,8 @@ import torch
 from ptmst_ray.config import ModelConfig, load_config
 from ptmst_ray.models.student import ProjectionHead, build_student
 from ptmst_ray.trajectories.expert import trainable_params
-from ptmst_ray.trajectories.shortcut import save_shortcut, shortcut_trajectory, storage_figures
+from ptmst_ray.trajectories.shortcut import shortcut_trajectory, storage_figures
+from ptmst_ray.trajectories.store import save_shortcut
 from ptmst_ray.trajectories.store import TrajectoryStore
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

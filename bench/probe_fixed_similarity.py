@@ -2,7 +2,7 @@
 
 Why this file exists: a learned similarity lifts PTM-ST well above the random coreset on the toy,
 and the learned S ends with a slightly negative off-diagonal. This checks whether that shape alone
-(applied to real pairs, no learning) explains the gain; RESULTS.md "Learned similarity" records
+(applied to real pairs, no learning) explains the gain; RESULTS.md "Toy recipe quality and evaluation baselines" records
 that it does not (recall falls as c grows).
 
     .venv/bin/python bench/probe_fixed_similarity.py --root R [--seeds 5] [--c 0 0.02 0.03] [--lr 0.01]
@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
 
     from ptmst_ray.config import load_config
-    from ptmst_ray.orchestration import scoring
+    from ptmst_ray.stages import score as scoring
 
     cfg = load_config(f"{args.root}/config.yaml", [])
     lr = args.lr if args.lr is not None else cfg.eval.lr

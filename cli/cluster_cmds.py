@@ -1,4 +1,4 @@
-"""Cluster commands of `ptmst-ray`: launch, status, logs, stop, down (thin: parse, call launch.py, print)."""
+"""Cluster commands of `ptmst-ray`: launch, status, logs, stop, down (thin: parse, call ptmst_ray.cluster, print)."""
 
 from __future__ import annotations
 
@@ -7,26 +7,21 @@ from typing import Optional
 
 import typer
 
+from ptmst_ray.cluster import jobs, launch
+from ptmst_ray.cluster.spec import LaunchError
 from ptmst_ray_cli.common import ConfigOpt, SetOpt, console, fail
 
 JobAddressOpt = typer.Option(
     None, "--address",
-    help="Dashboard (Jobs API) address of a running cluster, e.g. http://127.0.0.1:8265 "
-         "(default: RAY_API_SERVER_ADDRESS, else http://127.0.0.1:8265, where `ray dashboard CLUSTER_YAML` forwards).",
+    help=f"Dashboard (Jobs API) address of a running cluster, e.g. {jobs.DEFAULT_ADDRESS} "
+         f"(default: RAY_API_SERVER_ADDRESS, else {jobs.DEFAULT_ADDRESS}, where `ray dashboard CLUSTER_YAML` forwards).",
 )
 
 
-def _launch():
-    from ptmst_ray.orchestration import launch
-
-    return launch
-
-
 def _client(address: Optional[str]):
-    launch = _launch()
     try:
-        return launch.job_client(address)
-    except launch.LaunchError as e:
+        return jobs.job_client(address)
+    except LaunchError as e:
         fail(str(e))
 
 
@@ -41,14 +36,13 @@ def launch_cmd(
     set_: Optional[list[str]] = SetOpt,
     dry_run: bool = typer.Option(False, "--dry-run", help="Print every step without doing it."),
     no_follow: bool = typer.Option(False, "--no-follow", help="Return after submitting; see `ptmst-ray logs JOB`."),
-    address: Optional[str] = typer.Option(None, "--address", help="Skip `ray up`: submit to this running cluster's dashboard, e.g. http://127.0.0.1:8265."),
+    address: Optional[str] = typer.Option(None, "--address", help=f"Skip `ray up`: submit to this running cluster's dashboard, e.g. {jobs.DEFAULT_ADDRESS}."),
 ) -> None:
     """Bring the cluster up (`ray up`), port-forward its dashboard, submit the pipeline as a Ray Job, follow it."""
-    launch = _launch()
     try:
         steps = launch.plan_launch(str(cluster_yaml) if cluster_yaml else None, config, sweep, list(set_ or []),
                                    address=address, follow=not no_follow)
-    except launch.LaunchError as e:
+    except LaunchError as e:
         fail(str(e))
     if dry_run:
         console.print("[bold]dry run[/]: nothing is executed; the steps would be:")
@@ -61,7 +55,7 @@ def launch_cmd(
             on_step=lambda s: console.rule(f"[bold]{s.description}"),
             on_log=_echo_log,
         )
-    except launch.LaunchError as e:
+    except LaunchError as e:
         fail(str(e))
     hint = f" --address {address}" if address else ""
     if ctx.job_id and ctx.status is None:
@@ -74,17 +68,16 @@ def launch_cmd(
 
 def status_cmd(address: Optional[str] = JobAddressOpt) -> None:
     """Cluster resources (the `ray status` view) and the cluster's jobs."""
-    launch = _launch()
     client = _client(address)
     try:
-        typer.echo(launch.cluster_status(client))
-        jobs = launch.list_jobs(client)
-    except launch.LaunchError as e:
+        typer.echo(jobs.cluster_status(client))
+        rows = jobs.list_jobs(client)
+    except LaunchError as e:
         fail(str(e))
     from rich.table import Table
 
     table = Table("job", "status", "entrypoint", title="Jobs")
-    for j in jobs:
+    for j in rows:
         table.add_row(j["submission_id"] or "-", j["status"], j["entrypoint"])
     console.print(table)
 
@@ -92,15 +85,14 @@ def status_cmd(address: Optional[str] = JobAddressOpt) -> None:
 def logs_cmd(job: str = typer.Argument(..., help="Job (submission) id."), address: Optional[str] = JobAddressOpt,
              follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing until the job ends.")) -> None:
     """Print a job's logs."""
-    launch = _launch()
     client = _client(address)
     try:
         if follow:
-            status = launch.follow_logs(client, job, _echo_log)
+            status = jobs.follow_logs(client, job, _echo_log)
             console.print(f"job {job}: {status}")
         else:
             typer.echo(client.get_job_logs(job), nl=False)
-    except launch.LaunchError as e:
+    except LaunchError as e:
         fail(str(e))
     except RuntimeError as e:  # the SDK's "job does not exist" and HTTP errors
         fail(f"job {job}: {e}")
@@ -108,10 +100,9 @@ def logs_cmd(job: str = typer.Argument(..., help="Job (submission) id."), addres
 
 def stop_cmd(job: str = typer.Argument(..., help="Job (submission) id."), address: Optional[str] = JobAddressOpt) -> None:
     """Stop a running job."""
-    launch = _launch()
     client = _client(address)
     try:
-        stopped = launch.stop_job(client, job)
+        stopped = jobs.stop_job(client, job)
     except RuntimeError as e:
         fail(f"job {job}: {e}")
     console.print(f"job {job}: {'stop requested' if stopped else 'already finished'}")
@@ -120,10 +111,9 @@ def stop_cmd(job: str = typer.Argument(..., help="Job (submission) id."), addres
 def down_cmd(cluster_yaml: Path = typer.Argument(..., help="Cluster-launcher YAML, e.g. cluster/gpu.yaml."),
              dry_run: bool = typer.Option(False, "--dry-run", help="Print the step without doing it.")) -> None:
     """Tear the cluster down (`ray down -y`): every node is terminated."""
-    launch = _launch()
     try:
         steps = launch.plan_down(str(cluster_yaml))
-    except launch.LaunchError as e:
+    except LaunchError as e:
         fail(str(e))
     if dry_run:
         for i, step in enumerate(steps, 1):
@@ -131,7 +121,7 @@ def down_cmd(cluster_yaml: Path = typer.Argument(..., help="Cluster-launcher YAM
         return
     try:
         launch.execute_plan(steps, on_step=lambda s: console.rule(f"[bold]{s.description}"))
-    except launch.LaunchError as e:
+    except LaunchError as e:
         fail(str(e))
 
 

@@ -10,7 +10,8 @@ import typer
 from rich.table import Table
 
 from ptmst_ray_cli.common import (
-    ConfigOpt, SetOpt, console, fail, get_config, get_run_config, interrupted, progress_bars,
+    ConfigOpt, RichUI, SetOpt, connect_ray, console, explain, fail, get_config, get_run_config, interrupted,
+    library_errors, progress_bars,
 )
 from ptmst_ray_cli.main import app
 
@@ -18,59 +19,11 @@ data_app = typer.Typer(help="Prepare and inspect datasets.", no_args_is_help=Tru
 app.add_typer(data_app, name="data")
 
 AddressOpt = typer.Option(None, "--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray).")
-METRIC_COLUMNS = ("IR@1", "IR@5", "IR@10", "TR@1", "TR@5", "TR@10", "r_mean")
-
-
-class RichUI:
-    """Stage headers and one progress bar per task reported to the progress board."""
-
-    def __init__(self, progress):
-        self.progress, self.tasks = progress, {}
-        self._last: dict[str, tuple] = {}
-
-    def stage(self, name: str) -> None:
-        console.rule(f"[bold]{name}")
-
-    def update(self, tasks: dict[str, dict]) -> None:
-        for name, t in sorted(tasks.items()):
-            if name not in self.tasks:
-                self.tasks[name] = self.progress.add_task(name, total=t["total"] or 1, info="")
-            self.progress.update(self.tasks[name], completed=t["done"], total=t["total"] or 1, info=t["info"])
-        if not self.progress.disable:
-            return
-        for name, t in sorted(tasks.items()):  # no terminal: plain lines when something changed
-            key = (t["done"], t["info"])
-            if self._last.get(name) != key:
-                self._last[name] = key
-                console.print(f"{name}: {t['done']:.0f}/{t['total']:.0f} {t['info']}", highlight=False)
-
-
-def _connect(cfg, address: Optional[str]):
-    from ptmst_ray.orchestration.runtime import connect
-
-    info = connect(address or cfg.run.address)
-    console.print(f"Ray: {info.cpus:.0f} CPUs, {info.gpus:.0f} GPUs, {info.nodes} node(s); run root {cfg.run.root}")
-    return info
-
-
-def _library_errors():
-    from ptmst_ray.config import ConfigError
-    from ptmst_ray.data.annotations import DataError
-    from ptmst_ray.models.towers import ModelError
-    from ptmst_ray.orchestration.driver import PipelineError
-    from ptmst_ray.orchestration.stages import StageError
-    from ptmst_ray.storage import StorageError
-
-    return (ConfigError, DataError, ModelError, PipelineError, StageError, StorageError, OSError)
-
-
-def _explain(cfg, error: BaseException) -> str:
-    from ptmst_ray.orchestration.stages import explain
-
-    return explain(cfg, error)
 
 
 def results_table(results: dict) -> Table:
+    from ptmst_ray.vocab import METRICS as METRIC_COLUMNS
+
     table = Table(title=f"retrieval recall (%), mean ± std over seeds; {results['protocol']}")
     table.add_column("method", no_wrap=True)
     table.add_column("pairs", justify="right")
@@ -91,23 +44,24 @@ def run(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt, 
             help="Delete STAGE's artefacts and every later stage's, then run: data, pretrain, embed, experts, "
                  "shortcut, phases, aggregate or eval (e.g. after a corrupt-file error).")) -> None:
     """Run the whole pipeline (data, pretrain, experts, shortcuts, phases, aggregate, eval); resumes."""
-    from ptmst_ray.orchestration import stages
-    from ptmst_ray.orchestration.driver import run_pipeline
+    from ptmst_ray import layout
+    from ptmst_ray.orchestration.pipeline import run_pipeline
     from ptmst_ray.orchestration.runtime import install_interrupt_handler
+    from ptmst_ray.vocab import STAGES
 
     cfg = get_run_config(config, set_)
-    if rebuild is not None and rebuild not in stages.STAGES:
-        fail(f"--rebuild {rebuild!r}: not a stage; choose one of {', '.join(stages.STAGES)}")
+    if rebuild is not None and rebuild not in STAGES:
+        fail(f"--rebuild {rebuild!r}: not a stage; choose one of {', '.join(STAGES)}")
     try:
         if rebuild is not None:
-            removed = stages.rebuild(cfg, rebuild)
+            removed = layout.rebuild(cfg, rebuild)
             console.print(f"rebuild {rebuild}: removed {', '.join(removed) or 'nothing (not built yet)'}")
-        _connect(cfg, address)
+        connect_ray(cfg, address)
         install_interrupt_handler()  # after ray.init: Ctrl-C lands at the next poll even if Ray swallows it
         with progress_bars() as progress:
             results = run_pipeline(cfg, RichUI(progress))
-    except _library_errors() as e:
-        fail(stages.explain(cfg, e), code=1)
+    except library_errors() as e:
+        fail(explain(cfg, e), code=1)
     except KeyboardInterrupt:
         interrupted()
     for w in results.get("warnings", []):
@@ -115,8 +69,8 @@ def run(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt, 
     console.print(results_table(results))
     for k, v in results.get("ratios", {}).items():
         console.print(f"{k}: {v:.2f}x")
-    console.print(f"results: {cfg.run.root}/eval/results.json, plot: {cfg.run.root}/eval/plot.png, "
-                  f"distilled set: {cfg.run.root}/distilled/")
+    paths = layout.Layout.of(cfg)
+    console.print(f"results: {paths.results}, plot: {paths.plot}, distilled set: {paths.distilled}/")
     if json_out:
         typer.echo(json.dumps({k: v for k, v in results.items() if k != "runs"}, indent=2))
 
@@ -127,12 +81,13 @@ def data_prepare(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] =
                      None, "--workers", help="Decode images in up to N Ray tasks at once (same output; "
                                              "default: data.workers, 1 = in this process).")) -> None:
     """Read annotations + images (any fsspec URL) into Parquet shards with manifests under the run root."""
-    from ptmst_ray.orchestration import stages
+    from ptmst_ray.layout import Layout
+    from ptmst_ray.stages.data import prepare
 
     cfg = get_run_config(config, [*(set_ or []), *([f"data.workers={workers}"] if workers is not None else [])])
     try:
         if cfg.data.workers > 1:
-            _connect(cfg, None)
+            connect_ray(cfg, None)
         with progress_bars() as progress:
             ids: dict = {}
 
@@ -141,10 +96,10 @@ def data_prepare(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] =
                     ids[split] = progress.add_task(f"data {split}", total=total, info="")
                 progress.update(ids[split], completed=done, total=total)
 
-            stages.prepare(cfg, progress=cb)
-    except _library_errors() as e:
-        fail(_explain(cfg, e), code=1)
-    console.print(f"prepared: {stages.Layout(cfg.run.root).data}")
+            prepare(cfg, progress=cb)
+    except library_errors() as e:
+        fail(explain(cfg, e), code=1)
+    console.print(f"prepared: {Layout.of(cfg).data}")
 
 
 @data_app.command("show")
@@ -154,66 +109,68 @@ def data_show(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = Se
               n: int = typer.Option(16, help="Images on the contact sheet.")) -> None:
     """Counts and sample rows of the prepared data; optionally a PNG contact sheet."""
     from ptmst_ray.data.show import contact_sheet, summarize
-    from ptmst_ray.orchestration.stages import Layout
+    from ptmst_ray.layout import Layout
 
     cfg = get_config(config, set_)
-    data_dir = Layout(cfg.run.root).data
+    data_dir = Layout.of(cfg).data
     try:
         typer.echo(json.dumps(summarize(data_dir), indent=2, default=str))
         if sheet is not None:
             contact_sheet(data_dir, split, str(sheet.resolve()), n=n)
             console.print(f"contact sheet: {sheet}")
-    except _library_errors() as e:
-        fail(_explain(cfg, e), code=1)
+    except library_errors() as e:
+        fail(explain(cfg, e), code=1)
 
 
 @app.command()
 def pretrain(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt) -> None:
     """Pretrain the (tiny) towers on the built-in dataset's disjoint pretraining split."""
-    from ptmst_ray.orchestration import stages
+    from ptmst_ray.stages.data import prepare
+    from ptmst_ray.stages.pretrain import pretrain as pretrain_stage
 
     cfg = get_run_config(config, set_)
     if not cfg.pretrain.enabled:
         fail("pretrain.enabled is false in this config; nothing to do", code=2)
     try:
-        stages.prepare(cfg)
+        prepare(cfg)
         with progress_bars() as progress:
             task = progress.add_task("pretrain", total=cfg.pretrain.epochs, info="")
-            manifest = stages.pretrain(cfg, progress=lambda d, t: progress.update(task, completed=d, total=t))
-    except _library_errors() as e:
-        fail(_explain(cfg, e), code=1)
+            manifest = pretrain_stage(cfg, progress=lambda d, t: progress.update(task, completed=d, total=t))
+    except library_errors() as e:
+        fail(explain(cfg, e), code=1)
     console.print(f"checkpoint: {manifest['checkpoint']}; zero-shot r_mean {manifest['zero_shot']['r_mean']:.1f}")
 
 
 def _ready_for_experts(cfg) -> None:
-    from ptmst_ray.orchestration import stages
+    from ptmst_ray.stages.data import prepare
+    from ptmst_ray.stages.embed import embed
+    from ptmst_ray.stages.pretrain import pretrain as pretrain_stage
 
-    stages.prepare(cfg)
-    stages.pretrain(cfg)
-    stages.embed(cfg)
+    prepare(cfg)
+    pretrain_stage(cfg)
+    embed(cfg)
 
 
 @app.command()
 def experts(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt, address: Optional[str] = AddressOpt,
             rebuild: bool = typer.Option(False, "--rebuild", help="Delete stored experts, shortcuts and later stages first.")) -> None:
     """Train the expert trajectories on Ray actors (and their shortcut trajectories); skips finished experts."""
-    from ptmst_ray.orchestration import stages
-    from ptmst_ray.orchestration.driver import _poller
+    from ptmst_ray.layout import rebuild as rebuild_stage
     from ptmst_ray.orchestration.experts import run_experts
-    from ptmst_ray.orchestration.runtime import progress_board
+    from ptmst_ray.orchestration.runtime import make_poll, progress_board
 
     cfg = get_run_config(config, set_)
     try:
         _ready_for_experts(cfg)
         if rebuild:  # the same as `run --rebuild experts`: later stages were computed from these experts
-            stages.rebuild(cfg, "experts")
-        _connect(cfg, address)
+            rebuild_stage(cfg, "experts")
+        connect_ray(cfg, address)
         with progress_bars() as progress:
             ui = RichUI(progress)
             board = progress_board()
-            out = run_experts(cfg, board, _poller(board, ui))
-    except _library_errors() as e:
-        fail(_explain(cfg, e), code=1)
+            out = run_experts(cfg, board, make_poll(board, ui))
+    except library_errors() as e:
+        fail(explain(cfg, e), code=1)
     console.print(f"experts: {out['trained']} trained, {out['skipped']} already complete, "
                   f"{out['actor_restarts']} actor restart(s)")
 
@@ -225,11 +182,11 @@ def shortcut(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = Set
     from ptmst_ray.orchestration.experts import run_shortcuts
 
     cfg = get_run_config(config, set_)
-    _connect(cfg, address)
+    connect_ray(cfg, address)
     try:
         out = run_shortcuts(cfg)
-    except _library_errors() as e:
-        fail(_explain(cfg, e), code=1)
+    except library_errors() as e:
+        fail(explain(cfg, e), code=1)
     console.print(f"shortcuts for {out['experts']} experts, ranges {out['ranges']}: {out['written']} written")
 
 
@@ -239,9 +196,9 @@ def eval_(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt
                                            help="ptm_st (the saved distilled set), random, single_phase, full."),
           json_path: Optional[Path] = typer.Option(None, "--json", help="Write the results JSON here.")) -> None:
     """Score a saved distilled set and/or baselines by retrieval recall (mean ± std over seeds)."""
-    from ptmst_ray.orchestration.driver import _poller, evaluate
-    from ptmst_ray.orchestration.runtime import progress_board
-    from ptmst_ray.orchestration.scoring import METHODS
+    from ptmst_ray.orchestration.pipeline import evaluate
+    from ptmst_ray.orchestration.runtime import make_poll, progress_board
+    from ptmst_ray.vocab import METHODS
 
     cfg = get_run_config(config, set_)
     bad = [m for m in method if m not in METHODS]
@@ -249,12 +206,12 @@ def eval_(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt
         fail(f"--method {bad[0]!r} is not one of {', '.join(METHODS)}")
     try:
         _ready_for_experts(cfg)
-        _connect(cfg, address)
+        connect_ray(cfg, address)
         with progress_bars() as progress:
             board = progress_board()
-            results = evaluate(cfg, list(method), board, _poller(board, RichUI(progress)))
-    except _library_errors() as e:
-        fail(_explain(cfg, e), code=1)
+            results = evaluate(cfg, list(method), board, make_poll(board, RichUI(progress)))
+    except library_errors() as e:
+        fail(explain(cfg, e), code=1)
     console.print(results_table(results))
     if json_path is not None:
         json_path.write_text(json.dumps(results, indent=2))

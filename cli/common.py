@@ -56,7 +56,7 @@ def get_run_config(config: Optional[Path], overrides: Optional[list[str]]) -> Co
 
     Called before Ray starts, so a bad path launches nothing.
     """
-    from ptmst_ray.orchestration.stages import check_paths
+    from ptmst_ray.layout import check_paths
 
     cfg = get_config(config, overrides)
     try:
@@ -90,3 +90,55 @@ def progress_bars() -> Iterator[Progress]:
     )
     with progress:
         yield progress
+
+
+class RichUI:
+    """Stage headers and one progress bar per task reported to the progress board."""
+
+    def __init__(self, progress):
+        self.progress, self.tasks = progress, {}
+        self._last: dict[str, tuple] = {}
+
+    def stage(self, name: str) -> None:
+        console.rule(f"[bold]{name}")
+
+    def update(self, tasks: dict[str, dict]) -> None:
+        for name, t in sorted(tasks.items()):
+            if name not in self.tasks:
+                self.tasks[name] = self.progress.add_task(name, total=t["total"] or 1, info="")
+            self.progress.update(self.tasks[name], completed=t["done"], total=t["total"] or 1, info=t["info"])
+        if not self.progress.disable:
+            return
+        for name, t in sorted(tasks.items()):  # no terminal: plain lines when something changed
+            key = (t["done"], t["info"])
+            if self._last.get(name) != key:
+                self._last[name] = key
+                console.print(f"{name}: {t['done']:.0f}/{t['total']:.0f} {t['info']}", highlight=False)
+
+
+def connect_ray(cfg, address: Optional[str]):
+    """Start or join Ray (``--address``, else run.address / RAY_ADDRESS, else a local Ray) and say what it has."""
+    from ptmst_ray.orchestration.runtime import connect
+
+    info = connect(address or cfg.run.address)
+    console.print(f"Ray: {info.cpus:.0f} CPUs, {info.gpus:.0f} GPUs, {info.nodes} node(s); run root {cfg.run.root}")
+    return info
+
+
+def library_errors():
+    """The errors a command turns into one line and exit code 1 (finished work is kept)."""
+    from ptmst_ray.config import ConfigError
+    from ptmst_ray.data.annotations import DataError
+    from ptmst_ray.models.towers import ModelError
+    from ptmst_ray.layout import StageError
+    from ptmst_ray.orchestration.pipeline import PipelineError
+    from ptmst_ray.storage import StorageError
+
+    return (ConfigError, DataError, ModelError, PipelineError, StageError, StorageError, OSError)
+
+
+def explain(cfg, error: BaseException) -> str:
+    """The one-line message for a library error, with the `--rebuild` hint where one applies."""
+    from ptmst_ray import layout
+
+    return layout.explain(cfg, error)

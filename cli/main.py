@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from ptmst_ray_cli.common import ConfigOpt, SetOpt, console, fail, get_config, setup_logging
+from ptmst_ray_cli.common import SetOpt, console, get_config, setup_logging
 
 app = typer.Typer(
     name="ptmst-ray",

@@ -10,7 +10,9 @@ from rich.table import Table
 
 from ptmst_ray_cli.common import ConfigOpt, SetOpt, console, fail, get_config, progress_bars
 
-SWEEP_METRICS = ("r_mean", "IR@1", "IR@5", "IR@10", "TR@1", "TR@5", "TR@10")
+from ptmst_ray.vocab import RECALLS
+
+SWEEP_METRICS = ("r_mean", *RECALLS)
 
 
 def sweep_table(summary: dict, params: list[str]) -> Table:
@@ -37,7 +39,7 @@ def sweep_cmd(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = Se
               ) -> None:
     """Search sweep.space with Ray Tune (ASHA stops poor trials); the same command resumes; writes best.yaml."""
     from ptmst_ray.orchestration.sweep import SweepError, run_sweep, validate_sweep
-    from ptmst_ray_cli.commands import RichUI, _connect, _library_errors
+    from ptmst_ray_cli.common import RichUI, connect_ray, library_errors
 
     overrides = list(set_ or []) + ([f"sweep.num_samples={samples}"] if samples is not None else [])
     cfg = get_config(config, overrides)
@@ -45,11 +47,11 @@ def sweep_cmd(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = Se
         validate_sweep(cfg)
     except SweepError as e:
         fail(str(e), code=2)
-    _connect(cfg, address)
+    connect_ray(cfg, address)
     try:
         with progress_bars() as progress:
             summary = run_sweep(cfg, RichUI(progress))
-    except (SweepError, *_library_errors()) as e:
+    except (SweepError, *library_errors()) as e:
         fail(str(e), code=1)
     console.print(sweep_table(summary, list(cfg.sweep.space)))
     for err in summary["errors"]:

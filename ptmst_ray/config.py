@@ -19,8 +19,8 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-LOSS_NAMES = ("WBCE", "InfoNCE", "BCE", "KL", "MSE", "CWCL")
-GRAD_METHODS = ("first_order", "exact", "unrolled")
+from ptmst_ray.vocab import BASELINES, GRAD_METHODS, LOSS_NAMES
+
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "toy.yaml"
 
@@ -107,7 +107,7 @@ class DataConfig:
     images: Optional[str] = None
     """Folder (path or fsspec URL) the annotations' relative image paths start from; default = annotations."""
     image_size: int = 32
-    """Images are resized to this (the model's input size)."""
+    """Images are resized to this (the model's input size, pixels per side)."""
     max_words: int = 30
     """Captions are cut to this many words after normalisation."""
     shard_rows: int = 2048
@@ -119,6 +119,7 @@ class DataConfig:
     workers: int = 1
     """Image decoding while preparing: 1 = in this process; N > 1 = up to N Ray tasks at once (same output)."""
     builtin: BuiltinDataConfig = field(default_factory=BuiltinDataConfig)
+    """The generated dataset's sizes and seeds; read only when dataset is builtin."""
 
     def output_settings(self) -> dict[str, Any]:
         """The settings that decide what preparation writes (all but ``workers``, which only decides
@@ -156,13 +157,11 @@ class ModelConfig:
     image_trainable: bool = True
     """Train the whole image encoder (paper) or freeze it (CC3M recipe; needs image weights)."""
     image_proj_dim: Optional[int] = None
-    """A trainable linear projection (no bias, seeded) of the image features to this size; it trains even
-    with image_trainable false (the CC3M recipes: frozen encoder, 2048-d projection). None = no projection."""
+    """Size of a trainable linear map (no bias) of the image features, trained even with a frozen tower; None = none."""
     head_dim: Optional[int] = None
-    """Output size of the text projection head: the image embedding size (after image_proj_dim; the logits
-    compare the two); None = that size, any other value is an error naming both."""
+    """Text head output size; must equal the image embedding size (after image_proj_dim); None = that size."""
     head_dropout: float = 0.0
-    """Dropout inside the text projection head."""
+    """Dropout probability inside the text projection head."""
     temperature: float = 0.07
     """Logit scale is 1/temperature (fixed)."""
 
@@ -182,16 +181,17 @@ class PretrainConfig:
     enabled: bool = False
     """Run the pretraining stage (writes the checkpoint `model.pretrained` points at)."""
     epochs: int = 10
+    """Passes over the pretraining split; the learning rate decays to 0 by a cosine over all of them."""
     batch_size: int = 128
+    """Caption rows per CLIP step (a contrastive loss needs >= 2); a short last batch of an epoch is dropped."""
     lr: float = 1e-3
-    """AdamW learning rate."""
+    """Peak AdamW learning rate (cosine decay to 0 over all epochs)."""
     weight_decay: float = 0.1
+    """AdamW (decoupled) weight decay."""
     seed: int = 0
+    """Seed of the CLIP model's initialisation and of the data order."""
     towers: Literal["joint", "separate"] = "joint"
-    """joint: one CLIP run, towers aligned (zero-shot retrieval works). separate: the image tower from
-    a CLIP run with `seed`, the text tower from another with `seed + 1`, so their embedding spaces are
-    NOT aligned and the student's head must learn the alignment from the pairs, as with the paper's
-    separately pretrained NFNet and BERT (bench/RESULTS.md "Unaligned pretrained towers")."""
+    """joint: one CLIP run (aligned towers); separate: two runs (seed, seed + 1), unaligned as the paper's towers."""
 
     def __post_init__(self):
         _check(self.epochs >= 1, "epochs", "must be >= 1")
@@ -202,17 +202,24 @@ class PretrainConfig:
 
 @dataclass(frozen=True)
 class ExpertsConfig:
-    """Expert trajectories on the real train split (ALGORITHM.md section 3)."""
+    """Expert trajectories: students trained on the real train split, the teachers distillation matches."""
 
     num_experts: int = 20
+    """Experts (independent trajectories) to train; distillation draws its teacher from them in turn."""
     epochs: int = 10
     """K_e: snapshots after epochs 0..epochs are saved."""
     lr_img: float = 0.1
+    """SGD learning rate of the trainable image side (the tower unless frozen, and the image projection)."""
     lr_txt: float = 0.1
+    """SGD learning rate of the text projection head."""
     momentum: float = 0.0
+    """SGD momentum of the experts (the paper: 0, plain SGD)."""
     weight_decay: float = 0.0
+    """SGD weight decay of the experts (the paper: 0)."""
     batch_size: int = 128
+    """Real pairs per expert SGD step; a last batch of one pair is dropped."""
     loss: str = "InfoNCE"
+    """Expert loss against identity targets, one of LOSS_NAMES (InfoNCE = the CLIP loss, the paper's)."""
     seed: int = 0
     """Expert i uses seed + i (head init and data order)."""
     gpus_per_expert: float = 1.0
@@ -228,7 +235,7 @@ class ExpertsConfig:
 
 @dataclass(frozen=True)
 class ShortcutConfig:
-    """Shortcut trajectories (ALGORITHM.md section 4)."""
+    """Shortcut trajectories (docs/method.md#shortcut-trajectories)."""
 
     enabled: bool = True
     """False = match against the raw expert trajectory (ablation)."""
@@ -236,7 +243,10 @@ class ShortcutConfig:
 
 @dataclass(frozen=True)
 class SimilarityConfig:
+    """The learned target similarity S of a phase's synthetic pairs (docs/method.md#similarity)."""
+
     kind: Literal["full", "lowrank"] = "full"
+    """full: a free n x n matrix (init identity); lowrank: diag(w) + (alpha / r) L R^T, whose cost grows with n r."""
     rank: int = 10
     """Rank r of the low-rank generator."""
     alpha: float = 1.0
@@ -248,7 +258,7 @@ class SimilarityConfig:
 
 @dataclass(frozen=True)
 class PhaseConfig:
-    """One phase: its teacher range, start window and synthetic subset (ALGORITHM.md 5)."""
+    """One phase: its teacher range, start window and synthetic subset (docs/method.md#phases)."""
 
     range_start: int = 0
     """a: first epoch of the (shortcut) teacher range."""
@@ -261,9 +271,11 @@ class PhaseConfig:
     pairs: int = 99
     """Synthetic image-text pairs of this phase."""
     iterations: int = 2000
+    """Distillation iterations (one trajectory match and one optimiser step each) of this phase."""
     minibatch: int = 20
     """Synthetic pairs per student step."""
     similarity: SimilarityConfig = field(default_factory=SimilarityConfig)
+    """How this phase's learned target similarity S is parameterised."""
 
     def __post_init__(self):
         _check(self.range_start >= 0, "range_start", "must be >= 0")
@@ -283,39 +295,42 @@ class PhaseConfig:
 
 @dataclass(frozen=True)
 class DistillConfig:
-    """Settings shared by every phase's distillation (ALGORITHM.md section 6)."""
+    """Settings shared by every phase's distillation (docs/method.md#gradient-rules)."""
 
     syn_steps: int = 8
     """N: student steps unrolled per iteration."""
     expert_epochs: int = 1
     """m: target = trajectory[start + m]."""
-    grad_method: Literal["first_order", "exact", "unrolled"] = "first_order"
-    """first_order (paper's code; 2 parameter vectors whatever N), exact (adjoint recursion equal to
-    autograd; binomial checkpointing keeps ~sqrt(2N) vectors, more where they fit in 10% of a step's graph:
-    about 1.1x first_order's memory and 1.1x (N=8) to 1.4x (N=32) its time on the toy), unrolled (autograd
-    through all N steps: memory grows with N; the reference)."""
+    grad_method: Literal[GRAD_METHODS] = "first_order"
+    """Meta-gradient rule: first_order (paper), exact (adjoint = autograd, checkpointed) or unrolled (reference)."""
     exact_checkpoints: Optional[int] = None
-    """exact only: parameter vectors held at once (fewer = less memory, more recomputed steps; >= syn_steps =
-    keep all, fastest); None or 0 = as many as fit in 10% of one step's graph memory (measured at the phase's
-    start), at least the count whose schedule replays fewer than syn_steps steps. Never changes the result."""
+    """exact only: parameter vectors held at once (fewer = less memory, more replays; same result); None/0 = auto."""
     loss: str = "WBCE"
+    """Student loss in the matching unroll, one of LOSS_NAMES (the paper: WBCE); also the evaluation's default."""
     lr_img: float = 1000.0
+    """SGD learning rate of the synthetic images (CLIP-normalised pixels); lower it if matching diverges."""
     lr_txt: float = 1000.0
+    """SGD learning rate of the synthetic text embeddings; lower it if matching diverges."""
     lr_lr: float = 0.01
+    """SGD learning rate of the learned student step sizes alpha_img and alpha_txt."""
     lr_sim: float = 10.0
+    """SGD learning rate of the learned similarity S; 0 keeps S at its initialisation."""
     momentum: float = 0.5
+    """Momentum of the one SGD optimiser over the images, texts, step sizes and similarity."""
     alpha_init: float = 0.1
+    """Initial student step size (alpha_img and alpha_txt) of the unroll; lower it if matching diverges."""
     min_alpha: Optional[float] = None
     """Clamp the learned step sizes from below (None = no clamp)."""
     ema_decay: float = 0.99
-    """0 disables the EMA (ablation): the raw state is saved."""
+    """Decay of the EMA of the synthetic state that is saved; 0 disables the EMA (ablation): the raw state."""
     init: Literal["real", "noise"] = "real"
+    """Synthetic set initialisation: real = random real train pairs (their rows recorded), noise = Gaussian."""
     checkpoint_every: int = 100
+    """Iterations between phase checkpoints (a resume starts from the last); never changes the result."""
     report_every: int = 10
+    """Iterations between metric reports (dashboard, metrics.json, log); never changes the result."""
     recall_every: int = 0
-    """Every this many iterations, score the phase's EMA subset on its own (one quick seed,
-    eval.eval_points-spaced epochs up to eval.epochs) and report IR/TR@k and r_mean with the
-    phase's metrics (dashboard, metrics.json, plot). 0 = off. Costs one student training each time."""
+    """Iterations between quick recall scores of the phase's EMA subset (one student training each); 0 = off."""
     gpus_per_phase: float = 1.0
     """GPUs per phase trainer when the cluster has GPUs."""
 
@@ -336,16 +351,20 @@ class DistillConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """Scoring a distilled set or a baseline by retrieval (ALGORITHM.md section 7)."""
+    """Scoring a distilled set or a baseline by retrieval (docs/method.md#evaluation-protocol)."""
 
     epochs: int = 100
-    """E_eval per subset."""
+    """E_eval: student epochs per subset; the learning rate drops x0.1 for the second half."""
     batch_size: int = 128
+    """Pairs per student SGD step, and test rows per scoring batch."""
     momentum: float = 0.9
+    """SGD momentum of the evaluation student."""
     weight_decay: float = 5e-4
+    """SGD weight decay of the evaluation student."""
     lr: Optional[float] = None
     """Fixed student lr for baselines without learned step sizes; None = 0.1 (the experts' lr)."""
     seeds: int = 5
+    """Students trained per method; results are the mean and std over them."""
     seed: int = 100
     """Evaluation seed s uses seed + s (never an expert's seed)."""
     eval_points: int = 10
@@ -355,10 +374,9 @@ class EvalConfig:
     baselines: list[str] = field(default_factory=lambda: ["random", "single_phase", "full"])
     """Baselines run by `ptmst-ray run`: random, single_phase, full."""
     full_data_epochs: int = 10
+    """Student epochs of the full-train-split baseline (full)."""
     phase_training: Literal["sequential", "cumulative", "joint"] = "sequential"
-    """How a student trains on the phase subsets: sequential = each in phase order for `epochs`
-    (ALGORITHM.md section 7, the paper); cumulative = stage p on subsets 0..p together; joint = all
-    at once. Subsets trained together get a block-diagonal target and the newest phase's step sizes."""
+    """How students train on the phase subsets: sequential (in phase order, the paper), cumulative or joint."""
 
     def __post_init__(self):
         _check(self.epochs >= 1, "epochs", "must be >= 1")
@@ -369,7 +387,7 @@ class EvalConfig:
         if self.loss is not None:
             _check(self.loss in LOSS_NAMES, "loss", f"must be one of {', '.join(LOSS_NAMES)}")
         for i, b in enumerate(self.baselines):
-            _check(b in ("random", "single_phase", "full"), f"baselines[{i}]", "must be random, single_phase or full")
+            _check(b in BASELINES, f"baselines[{i}]", f"must be one of {', '.join(BASELINES)}")
 
 
 @dataclass(frozen=True)
@@ -377,10 +395,13 @@ class SweepConfig:
     """Ray Tune search over the matching ranges (`ptmst-ray sweep`)."""
 
     searcher: Literal["grid", "random", "optuna", "hyperopt", "bayesopt"] = "random"
+    """grid: every combination of the choice/grid values once; random; or a model-based search (own package)."""
     num_samples: int = 8
+    """Trials to sample (times each grid value, for random); unused by the grid searcher."""
     max_concurrent: int = 0
     """0 = sized to the cluster: GPUs // phases per trial, else CPUs // phases per trial (at least 1)."""
     scheduler: Literal["none", "asha"] = "asha"
+    """asha: stop trials with a low r_mean after a round; none: every trial runs all its rounds."""
     grace_period: int = 1
     """ASHA: evaluation rounds before a trial may be stopped."""
     rounds: int = 3
@@ -388,7 +409,7 @@ class SweepConfig:
     eval_epochs: Optional[int] = None
     """Student epochs of a round's quick evaluation (one seed); None = eval.epochs."""
     space: dict[str, Any] = field(default_factory=dict)
-    """Dotted config path -> {choice: [...]} | {randint: [lo, hi]} | {uniform: [lo, hi]} | {loguniform: [lo, hi]}."""
+    """Dotted config path -> {choice|grid: [...]} or {randint|uniform|loguniform: [lo, hi]}."""
 
     def __post_init__(self):
         _check(self.num_samples >= 1, "num_samples", "must be >= 1")
@@ -405,30 +426,29 @@ class SweepConfig:
 
 
 @dataclass(frozen=True)
-class ClusterConfig:
-    """Settings used by `ptmst-ray launch` when submitting to a cluster."""
-
-    dashboard_port: int = 8265
-    follow_logs: bool = True
-    pip: list[str] = field(default_factory=list)
-    """Extra pip packages for the job's runtime env (e.g. s3fs)."""
-
-
-@dataclass(frozen=True)
 class Config:
     """The whole pipeline's configuration (one section per stage)."""
 
     run: RunConfig = field(default_factory=RunConfig)
+    """Where the run lives and how it reaches Ray."""
     data: DataConfig = field(default_factory=DataConfig)
+    """The image-text dataset and its preparation."""
     model: ModelConfig = field(default_factory=ModelConfig)
+    """The student: towers, their weights, and which parts train."""
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    """The optional stage that pretrains the towers on the built-in dataset."""
     experts: ExpertsConfig = field(default_factory=ExpertsConfig)
+    """The expert trajectories distillation matches."""
     shortcut: ShortcutConfig = field(default_factory=ShortcutConfig)
+    """Shortcut (straight-line) teacher trajectories, or the raw ones."""
     phases: list[PhaseConfig] = field(default_factory=lambda: [PhaseConfig()])
+    """The phases in order, one synthetic subset each; the distilled set is their union."""
     distill: DistillConfig = field(default_factory=DistillConfig)
+    """Distillation settings shared by every phase."""
     eval: EvalConfig = field(default_factory=EvalConfig)
+    """Retrieval scoring of the distilled set and the baselines."""
     sweep: SweepConfig = field(default_factory=SweepConfig)
-    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    """The Ray Tune search of `ptmst-ray sweep`."""
 
     def __post_init__(self):
         _check(len(self.phases) >= 1, "phases", "needs at least one phase")
@@ -530,7 +550,7 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
             return value
         if not isinstance(value, dict):
             raise ConfigError(path, f"expected a mapping (section), got {type(value).__name__} {value!r}")
-        return _build(tp, value, path)
+        return build_section(tp, value, path)
     if origin is list:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(path, f"expected a list, got {type(value).__name__} {value!r}")
@@ -559,7 +579,8 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
     raise ConfigError(path, f"unsupported field type {tp!r}")  # a bug in this module, not in the YAML
 
 
-def _build(cls: type, raw: dict, path: str = "") -> Any:
+def build_section(cls: type, raw: dict, path: str = "") -> Any:
+    """Build config dataclass ``cls`` from mapping ``raw``, strictly; errors name the field under ``path``."""
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = [k for k in raw if k not in names]
@@ -582,7 +603,7 @@ def from_dict(raw: dict, source: str | None = None) -> Config:
     if not isinstance(raw, dict):
         raise ConfigError("", f"the top level must be a mapping of sections, got {type(raw).__name__}", source)
     try:
-        cfg = _build(Config, raw)
+        cfg = build_section(Config, raw)
     except ConfigError as e:
         raise ConfigError(e.path, e.message, source) from None
     return _resolve_paths(cfg)

@@ -42,10 +42,6 @@ def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     return url_to_fs(os.path.expanduser(url) if "://" not in url else url)
 
 
-def is_remote(url: str) -> bool:
-    return "://" in url and not url.startswith("file://")
-
-
 def join(base: str, *parts: str) -> str:
     out = base.rstrip("/")
     for p in parts:

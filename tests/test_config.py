@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -35,7 +36,7 @@ def test_paper_recipes_follow_algorithm_table():
     assert len(load_config(CONFIG_DIR / "flickr30k_100.yaml").phases) == 1
 
 
-# ALGORITHM.md section 8, row by row: phases as (range, starts, pairs); the same for every dataset
+# docs/method.md#paper-settings, row by row: phases as (range, starts, pairs); the same for every dataset
 PAPER_PHASES = {100: [(0, 6, 0, 1, 99)], 200: [(0, 6, 0, 1, 99), (0, 8, 1, 2, 100)],
                 500: [(0, 6, 0, 1, 200), (0, 8, 1, 2, 299)]}
 
@@ -138,7 +139,7 @@ def test_section_hash_changes_with_content():
 
 def test_exact_checkpoints_is_validated_and_leaves_the_phase_hash_alone():
     """The checkpoint count trades memory for recomputed steps, never the result: a finished phase stays valid."""
-    from ptmst_ray.orchestration.stages import phase_hash
+    from ptmst_ray.layout import phase_hash
 
     with pytest.raises(ConfigError, match=r"exact_checkpoints: must be >= 1 .*null/0.*got -2"):
         Config().replace(**{"distill.exact_checkpoints": -2})
@@ -147,3 +148,23 @@ def test_exact_checkpoints_is_validated_and_leaves_the_phase_hash_alone():
     for k in (0, 1, 5):
         assert phase_hash(cfg.replace(**{"distill.exact_checkpoints": k}), cfg.phases[0]) == reference
     assert phase_hash(cfg.replace(**{"distill.syn_steps": 3}), cfg.phases[0]) != reference
+
+
+def test_every_config_field_has_a_docstring():
+    """Each field of each config section carries a one-line docstring right after it (the user's reference)."""
+    import ast
+    import inspect
+
+    import ptmst_ray.config as config_module
+
+    tree = ast.parse(inspect.getsource(config_module))
+    sections = {name for name, obj in vars(config_module).items()
+                if isinstance(obj, type) and dataclasses.is_dataclass(obj) and obj.__module__ == config_module.__name__}
+    undocumented = []
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef) and node.name in sections:
+            for st, nxt in zip(node.body, node.body[1:] + [None]):
+                if isinstance(st, ast.AnnAssign) and not (
+                        isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)):
+                    undocumented.append(f"{node.name}.{st.target.id}")
+    assert len(sections) >= 10 and not undocumented, undocumented

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 
 import torch
 
 from ptmst_ray import storage
 from ptmst_ray.data import text_cache
 from ptmst_ray.data.annotations import read_split
-from ptmst_ray.data.text_cache import embed_captions, text_cache_root
+from ptmst_ray.data.text_cache import embed_captions
+from ptmst_ray.layout import Layout
 
 
 class FakeEncoder:
@@ -39,7 +41,7 @@ class FakeEncoder:
 
 
 def test_cache_reuse_and_partial(tmp_path):
-    root = text_cache_root(str(tmp_path))
+    root = Layout(str(tmp_path)).text_cache
     enc = FakeEncoder()
     caps = ["a red circle", "a blue square", "a red circle", "a green star"]
     e1 = embed_captions(caps, enc, root, batch_size=2)
@@ -58,7 +60,7 @@ def test_cache_reuse_and_partial(tmp_path):
 
 
 def test_new_key_recomputes_in_new_folder(tmp_path):
-    root = text_cache_root(str(tmp_path))
+    root = Layout(str(tmp_path)).text_cache
     caps = ["x y", "z"]
     a = embed_captions(caps, FakeEncoder("k1"), root)
     enc = FakeEncoder("k2")
@@ -68,7 +70,7 @@ def test_new_key_recomputes_in_new_folder(tmp_path):
     enc_s = FakeEncoder("k1")
     embed_captions(caps, enc_s, root, settings={"max_words": 5})
     assert enc_s.encoded == caps  # other normalisation settings: another folder
-    meta = json.loads((tmp_path / "text_cache" / text_cache.cache_key(FakeEncoder("k1")) / "meta.json").read_text())
+    meta = json.loads((Path(root) / text_cache.cache_key(FakeEncoder("k1")) / "meta.json").read_text())
     assert meta["encoder_key"] == "k1" and meta["dim"] == 8
 
 

@@ -12,7 +12,7 @@ from ptmst_ray.config import EvalConfig, ModelConfig
 from ptmst_ray.evaluate import protocol
 from ptmst_ray.evaluate.metrics import METRIC_NAMES, retrieval_metrics
 from ptmst_ray.evaluate.protocol import (
-    Subset, aggregate, coreset_subset, evaluate_full_data, evaluate_one_seed, evaluate_subsets, random_coreset,
+    Subset, aggregate, coreset_subset, evaluate_one_seed, random_coreset,
 )
 from ptmst_ray.evaluate.student import (
     RetrievalSet, decay_epoch, encode_test, eval_epochs, evaluate_student, train_student,
@@ -216,31 +216,27 @@ def test_aggregate_mean_std():
         aggregate([])
 
 
-def test_evaluate_subsets_two_phases_two_seeds(problem):
+def test_evaluate_two_phases_two_seeds(problem):
+    """Sequential phases, each seed its own student; recall points only on the last phase; the
+    aggregate over seeds is the plain mean/std of the per-seed figures."""
     x, t, cls, test = problem
     soft = (cls[:, None] == cls[None, :]).float()
     subsets = [Subset(x[:16], t[:16], soft[:16, :16], lr_img=0.05, lr_txt=0.05), Subset(x[16:], t[16:], None)]
     cfg = EvalConfig(epochs=3, batch_size=16, eval_points=3, seeds=2, seed=100, lr=0.05)
-    built = []
-
-    def make(seed):
-        built.append(seed)
-        return student(seed)
-
-    out = evaluate_subsets(subsets, make, test, cfg, loss="InfoNCE")
-    assert built == [100, 101] and out["seeds"] == [100, 101]
-    assert out["loss"] == "InfoNCE" and out["epochs"] == 3
-    assert set(out["final"]) == set(METRIC_NAMES) and set(out["best"]) == set(METRIC_NAMES)
-    for run in out["per_seed"]:
+    runs = [evaluate_one_seed(subsets, student(cfg.seed + s), test, cfg, loss="InfoNCE", seed=cfg.seed + s)
+            for s in range(cfg.seeds)]
+    for run in runs:
+        assert set(run["final"]) == set(METRIC_NAMES) and set(run["best"]) == set(METRIC_NAMES)
         points = run["history"][-1]["points"]
         assert [p["epoch"] for p in points] == [1, 2, 3]
         assert run["history"][0]["points"] == []  # evaluation happens on the last subset only
         assert run["final"]["r_mean"] == points[-1]["r_mean"]
         assert run["best"]["r_mean"] >= run["final"]["r_mean"]
-    finals = [r["final"]["r_mean"] for r in out["per_seed"]]
-    assert out["final"]["r_mean"]["mean"] == pytest.approx(np.mean(finals))
-    assert out["final"]["r_mean"]["std"] == pytest.approx(np.std(finals))
-    assert out["final"]["r_mean"]["std"] > 0  # seeds vary the initialisation
+    finals = [r["final"]["r_mean"] for r in runs]
+    out = aggregate(r["final"] for r in runs)
+    assert out["r_mean"]["mean"] == pytest.approx(np.mean(finals))
+    assert out["r_mean"]["std"] == pytest.approx(np.std(finals))
+    assert out["r_mean"]["std"] > 0  # seeds vary the initialisation
 
 
 def test_evaluate_one_seed_lr_fallback(problem, monkeypatch):
@@ -283,9 +279,8 @@ def test_coreset_and_full_data_baselines(problem):
     sub = coreset_subset(x, t, random_coreset(len(x), 8, seed=0))
     assert len(sub) == 8 and sub.similarity is None
     cfg = EvalConfig(epochs=5, full_data_epochs=2, eval_points=2, batch_size=16, seeds=1, lr=0.05)
-    out = evaluate_full_data(x, t, lambda s: student(s), test, cfg)
-    assert out["epochs"] == 2
-    assert [p["epoch"] for p in out["per_seed"][0]["history"][-1]["points"]] == [1, 2]
+    out = evaluate_one_seed([Subset(x, t)], student(0), test, cfg, epochs=cfg.full_data_epochs)
+    assert [p["epoch"] for p in out["history"][-1]["points"]] == [1, 2]
 
 
 def test_arrange_subsets_modes():

@@ -27,7 +27,12 @@ from typer.testing import CliRunner
 
 from conftest import tiny_config
 from ptmst_ray import storage
-from ptmst_ray.orchestration import stages
+from ptmst_ray import layout
+from ptmst_ray.stages import data as data_stage
+from ptmst_ray.stages import embed as embed_stage
+from ptmst_ray.stages import pretrain as pretrain_stage
+from ptmst_ray.stages import experts as experts_stage
+from ptmst_ray.stages import phase as phase_stage
 
 pytestmark = [pytest.mark.faults]
 REPO = Path(__file__).resolve().parents[1]
@@ -44,9 +49,9 @@ def prepared(tmp_path_factory, ray_session) -> Path:
 
     root = tmp_path_factory.mktemp("faults-prepared")
     cfg = tiny_config(root)
-    stages.prepare(cfg)
-    stages.pretrain(cfg)
-    stages.embed(cfg)
+    data_stage.prepare(cfg)
+    pretrain_stage.pretrain(cfg)
+    embed_stage.embed(cfg)
     assert run_experts(cfg)["trained"] == 2
     return root
 
@@ -154,16 +159,16 @@ def test_killed_expert_actor_redoes_its_expert_exactly_once(prepared, tmp_path):
     worker.join(timeout=300)
     assert victim is not None, "no expert was ever seen mid-training"
     assert result.get("trained") == 2 and result["actor_restarts"] >= 1, result
-    chash = stages.experts_hash(cfg)
-    store = TrajectoryStore.for_run(cfg.run.root)
+    chash = layout.experts_hash(cfg)
+    store = TrajectoryStore(layout.Layout(cfg.run.root).experts)
     assert store.complete_ids(chash) == [0, 1]
     names = {p.name for p in (root / "experts").iterdir() if p.is_file() and ".tmp-" not in p.name}
     assert names == {"expert_0000.safetensors", "expert_0000.json", "expert_0001.safetensors", "expert_0001.json"}
-    shortcuts = ShortcutStore.for_run(cfg.run.root)
+    shortcuts = ShortcutStore(layout.Layout(cfg.run.root).shortcuts)
     for i in (0, 1):
         snaps = store.load_expert(i, chash)  # sha256 against the sidecar: the complete file, not a partial one
         assert len(snaps) == cfg.experts.epochs + 1
-        for a, b in stages.needed_ranges(cfg):
+        for a, b in layout.needed_ranges(cfg):
             assert shortcuts.is_complete(a, b, i, chash)
             traj = shortcuts.load(a, b, i)  # the shortcut was made from the final file
             for name, t in traj.snapshot(b - a).items():
@@ -329,7 +334,7 @@ def test_corrupt_artefact_is_named_before_use(prepared, tmp_path, damage, stage)
     root = copy_root(prepared, tmp_path / "root")
     cfg = copy_config(prepared, root, **CHEAP_EVAL)
     damaged = damage(root)
-    assert stages.owning_stage(cfg, str(damaged)) == stage
+    assert layout.owning_stage(cfg, str(damaged)) == stage
     result = invoke(["run", "--config", str(write_config(tmp_path, cfg))])
     assert result.exit_code == 1, result.output
     assert str(damaged) in result.output and "Traceback" not in result.output, result.output
@@ -343,14 +348,14 @@ def test_rebuild_removes_the_stage_and_later_ones(prepared, tmp_path):
     cfg = copy_config(prepared, root)
     (root / "phases" / "phase0").mkdir(parents=True)
     (root / "eval").mkdir()
-    removed = stages.rebuild(cfg, "embed")
+    removed = layout.rebuild(cfg, "embed")
     assert {Path(p).name for p in removed} == {"embedded", "text_cache", "experts", "shortcuts", "phases", "eval"}
     assert (root / "data" / "train" / storage.MANIFEST).exists() and (root / "pretrain").exists()
-    assert stages.embed(cfg) and stages.load_real(cfg).train_text.isfinite().all()
+    assert embed_stage.embed(cfg) and embed_stage.load_real(cfg).train_text.isfinite().all()
     shared = tiny_config(tmp_path / "other", **{"run.shared_root": str(root)})
-    with pytest.raises(stages.StageError, match="shared_root"):
-        stages.rebuild(shared, "experts")
-    assert stages.rebuild(shared, "phases") == []
+    with pytest.raises(layout.StageError, match="shared_root"):
+        layout.rebuild(shared, "experts")
+    assert layout.rebuild(shared, "phases") == []
 
 
 # ---------------------------------------------------------------- 4 + 5. `run --rebuild experts`, with one phase diverging
@@ -364,7 +369,7 @@ def test_rebuild_experts_and_a_diverged_phase(prepared, tmp_path):
     stops, keeps its last finite EMA state, and is marked in the distilled set's card and results.json,
     while the other phase and the run's outputs are complete."""
     from ptmst_ray.distill.export import load_subset
-    from ptmst_ray.orchestration.distilled import load_distilled
+    from ptmst_ray.stages.aggregate import load_distilled
     from ptmst_ray.trajectories.store import TrajectoryStore
 
     root = copy_root(prepared, tmp_path / "root")
@@ -382,17 +387,17 @@ def test_rebuild_experts_and_a_diverged_phase(prepared, tmp_path):
     # rebuild: experts redone, earlier stages untouched
     assert results["experts"]["trained"] == 2
     assert {d: tree_files(root / d) for d in before} == before
-    assert TrajectoryStore.for_run(str(root)).complete_ids(stages.experts_hash(cfg)) == [0, 1]
+    assert TrajectoryStore(layout.Layout(str(root)).experts).complete_ids(layout.experts_hash(cfg)) == [0, 1]
     # divergence: phase 1 stopped and kept its last finite state; phase 0 and the outputs are complete
     assert results["phases"]["phase0"]["status"] == "done"
     assert results["phases"]["phase1"]["status"] == "diverged" and "nan" in results["phases"]["phase1"]["detail"]
     assert results["diverged_phases"] == ["phase1"]
     assert any("phase1 diverged" in w and "--rebuild phases" in w for w in results["warnings"])
-    kept = load_subset(stages.diverged_dir(cfg, "phase1"))
+    kept = load_subset(layout.Layout.of(cfg).diverged("phase1"))
     assert kept.meta["iterations"] == 1 and kept.meta["diverged"]["iteration"] == 2
     assert all(bool(t.isfinite().all()) for t in (kept.images, kept.text, kept.similarity))
-    assert not storage.is_complete(stages.Layout(cfg.run.root).subset("phase1"))  # never taken for a finished one
-    done = load_subset(stages.Layout(cfg.run.root).subset("phase0"))
+    assert not storage.is_complete(layout.Layout(cfg.run.root).subset("phase1"))  # never taken for a finished one
+    done = load_subset(layout.Layout(cfg.run.root).subset("phase0"))
     assert done.meta["iterations"] == cfg.phases[0].iterations
     card = json.loads((root / "distilled" / "card.json").read_text())
     assert [p["status"] for p in card["phases"]] == ["done", "diverged"]
@@ -493,14 +498,14 @@ def test_disk_full_during_a_stage_marks_nothing_complete(prepared, tmp_path, mon
     cfg = copy_config(prepared, root)
     disk = FullDisk(monkeypatch, victim)
     with pytest.raises(storage.StorageError, match=f"{victim}: cannot write \\(no space left on device\\)"):
-        stages.embed(cfg)
+        embed_stage.embed(cfg)
     assert disk.hits == 1
     (out,) = (root / "data" / "embedded").iterdir()
     assert not (out / storage.MANIFEST).exists() and not (out / victim).exists()
     assert _no_tmp_left(root)
     monkeypatch.undo()
-    key = stages.embed(cfg)  # space again: the same call finishes the stage
-    assert storage.is_complete(str(out), key) and stages.load_real(cfg).test_text.shape[0] > 0
+    key = embed_stage.embed(cfg)  # space again: the same call finishes the stage
+    assert storage.is_complete(str(out), key) and embed_stage.load_real(cfg).test_text.shape[0] > 0
 
 
 def test_disk_full_in_cli_exits_1_with_clear_message(prepared, tmp_path, monkeypatch):
@@ -587,24 +592,25 @@ def test_pipeline_reads_its_run_root_without_pickle(prepared, tmp_path, pickle_f
     """Every stage function that reads the run root, in this process, with pickle/torch.load/np.load disabled."""
     from ptmst_ray import tensorio
     from ptmst_ray.distill.export import load_subset
-    from ptmst_ray.orchestration.distilled import aggregate
-    from ptmst_ray.orchestration.scoring import score_one_seed
+    from ptmst_ray.stages.aggregate import aggregate
+    from ptmst_ray.stages.score import score_one_seed
 
     torch.set_num_threads(2)
     root = copy_root(prepared, tmp_path / "root", parts=("data", "pretrain", "experts"))
     cfg = copy_config(prepared, root, **{"phases.0.iterations": 2, "phases.1.iterations": 2, **CHEAP_EVAL})
-    stages.prepare(cfg)
-    stages.embed(cfg)
+    data_stage.prepare(cfg)
+    embed_stage.embed(cfg)
     for i in range(cfg.experts.num_experts):  # reads the expert files
-        assert stages.compress_expert(cfg, i)
-    for name, phase, seed in stages.phase_jobs(cfg, with_baseline=False):  # reads shortcuts + pretrained towers
+        assert experts_stage.compress_expert(cfg, i)
+    for job in layout.phase_jobs(cfg, with_baseline=False):  # reads shortcuts + pretrained towers
+        name, phase, seed = job.name, job.phase, job.seed
         saved = {}
-        out = stages.distill_phase(cfg, name, phase, device=torch.device("cpu"), seed=seed,
+        out = phase_stage.distill_phase(cfg, name, phase, device=torch.device("cpu"), seed=seed,
                                    save_checkpoint=lambda s: saved.update(state=s))
         assert out["status"] == "done"
         tensorio.save_state(str(tmp_path / "ckpt" / name), saved["state"])  # a phase checkpoint round trip
         assert tensorio.load_state(str(tmp_path / "ckpt" / name))[0]["iteration"] == phase.iterations
-        assert load_subset(stages.Layout(cfg.run.root).subset(name)).images.shape[0] == phase.pairs
+        assert load_subset(layout.Layout(cfg.run.root).subset(name)).images.shape[0] == phase.pairs
     assert aggregate(cfg)["pairs"] == cfg.total_pairs
     scored = score_one_seed(cfg, "ptm_st", 0)  # reads the distilled set
     assert scored["pairs"] == cfg.total_pairs
@@ -638,7 +644,7 @@ def test_dashboard_and_jobs_api_listen_on_loopback_only(ray_session):
 def test_cluster_yaml_binds_the_dashboard_to_loopback(tmp_path):
     import yaml
 
-    from ptmst_ray.orchestration.launch import LaunchError, validate_cluster_yaml
+    from ptmst_ray.cluster.spec import LaunchError, validate_cluster_yaml
 
     raw = yaml.safe_load((REPO / "cluster" / "gpu.yaml").read_text())
     head = " ".join(raw["head_start_ray_commands"])

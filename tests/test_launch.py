@@ -20,8 +20,8 @@ import yaml
 from typer.testing import CliRunner
 
 from conftest import tiny_config
-from ptmst_ray.orchestration import launch
-from ptmst_ray.orchestration.launch import LaunchError, validate_cluster_yaml
+from ptmst_ray.cluster import jobs, launch
+from ptmst_ray.cluster.spec import LaunchError, validate_cluster_yaml
 from ptmst_ray_cli.cluster_cmds import register
 
 GPU_YAML = launch.PROJECT_ROOT / "cluster" / "gpu.yaml"
@@ -220,7 +220,7 @@ def local_cluster(monkeypatch):
     try:
         start(head, "head")
         monkeypatch.setenv("RAY_AUTH_TOKEN", token)
-        _wait_for(lambda: launch.job_client(address), 90, procs, temp)
+        _wait_for(lambda: jobs.job_client(address), 90, procs, temp)
         start(worker, "worker")
         _wait_for(lambda: _nodes_alive(address) >= 2, 90, procs, temp)
         yield address, token
@@ -244,7 +244,7 @@ def local_cluster(monkeypatch):
 
 
 def _nodes_alive(address: str) -> int:
-    text = launch.cluster_status(launch.job_client(address))
+    text = jobs.cluster_status(jobs.job_client(address))
     return text.count("node_")
 
 
@@ -274,10 +274,10 @@ def test_job_on_local_two_node_cluster(local_cluster, tmp_path, monkeypatch):
     # token auth: a wrong token is refused with a message that says what to do
     monkeypatch.setenv("RAY_AUTH_TOKEN", "0" * 32)
     with pytest.raises(LaunchError, match="auth token"):
-        launch.job_client(address).list_jobs()
+        jobs.job_client(address).list_jobs()
     monkeypatch.setenv("RAY_AUTH_TOKEN", token)
 
-    status_text = launch.cluster_status(launch.job_client(address))
+    status_text = jobs.cluster_status(jobs.job_client(address))
     assert "GPU" in status_text and "train_driver" in status_text
 
     steps = launch.plan_launch(None, address=address, entrypoint="python gpu_probe.py", root=tmp_path)
@@ -287,8 +287,8 @@ def test_job_on_local_two_node_cluster(local_cluster, tmp_path, monkeypatch):
     assert ctx.status == "SUCCEEDED", logs
     assert "GPU_TASK_NODES 2" in logs
     assert "'train_driver': 4.0" in logs and "'GPU': 3.0" in logs
-    jobs = launch.list_jobs(launch.job_client(address))
-    assert jobs[0]["submission_id"] == ctx.job_id and jobs[0]["status"] == "SUCCEEDED"
+    rows = jobs.list_jobs(jobs.job_client(address))
+    assert rows[0]["submission_id"] == ctx.job_id and rows[0]["status"] == "SUCCEEDED"
 
     # the thin CLI over the same calls
     status = runner.invoke(_app(), ["status", "--address", address])

@@ -172,7 +172,7 @@ def test_export_round_trip_and_grid(tmp_path):
 
 
 def test_optimiser_groups_momentum_and_ema_follow_their_recurrences(monkeypatch):
-    """ALGORITHM.md 6.6: SGD with momentum on X, T, the alphas and the similarity, each with its own lr;
+    """docs/method.md#update-ema-and-divergence: SGD with momentum on X, T, the alphas and the similarity, each with its own lr;
     then the EMA of every learned tensor. Gradients are injected, so the check is of the update alone."""
     lrs = {"images": 3.0, "text": 5.0, "alpha": 0.07, "sim": 11.0}
     trainer = make_trainer(lr_img=lrs["images"], lr_txt=lrs["text"], lr_lr=lrs["alpha"], lr_sim=lrs["sim"],

@@ -18,7 +18,11 @@ import pytest
 
 from conftest import tiny_config
 from ptmst_ray import storage
-from ptmst_ray.orchestration import stages
+from ptmst_ray import layout
+from ptmst_ray.stages import data as data_stage
+from ptmst_ray.stages import embed as embed_stage
+from ptmst_ray.stages import pretrain as pretrain_stage
+from ptmst_ray.stages import phase as phase_stage
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 METRICS = ("IR@1", "IR@5", "IR@10", "TR@1", "TR@5", "TR@10", "r_mean")
@@ -36,9 +40,9 @@ def ready_root(tmp_path_factory, ray_session):
 
     root = tmp_path_factory.mktemp("pipeline")
     cfg = tiny_config(root)
-    stages.prepare(cfg)
-    stages.pretrain(cfg)
-    stages.embed(cfg)
+    data_stage.prepare(cfg)
+    pretrain_stage.pretrain(cfg)
+    embed_stage.embed(cfg)
     out = run_experts(cfg)
     assert out["trained"] == cfg.experts.num_experts
     return root
@@ -49,9 +53,9 @@ def test_experts_exist_once_and_rerun_does_nothing(ready_root):
     from ptmst_ray.trajectories.store import ShortcutStore, TrajectoryStore
 
     cfg = tiny_config(ready_root)
-    assert TrajectoryStore.for_run(cfg.run.root).complete_ids(stages.experts_hash(cfg)) == [0, 1]
-    for a, b in stages.needed_ranges(cfg):
-        assert ShortcutStore.for_run(cfg.run.root).complete_ids(a, b, stages.experts_hash(cfg)) == [0, 1]
+    assert TrajectoryStore(layout.Layout(cfg.run.root).experts).complete_ids(layout.experts_hash(cfg)) == [0, 1]
+    for a, b in layout.needed_ranges(cfg):
+        assert ShortcutStore(layout.Layout(cfg.run.root).shortcuts).complete_ids(a, b, layout.experts_hash(cfg)) == [0, 1]
     assert run_experts(cfg)["trained"] == 0
 
 
@@ -76,18 +80,18 @@ def test_recall_during_distillation_matches_the_saved_subset_and_changes_nothing
 
     from ptmst_ray.distill.export import load_subset
     from ptmst_ray.evaluate.protocol import Subset
-    from ptmst_ray.orchestration.scoring import score_one_seed
+    from ptmst_ray.stages.score import score_one_seed
 
     cfg = tiny_config(ready_root, **{"phases.0.iterations": 12, "distill.report_every": 3, "distill.recall_every": 6,
                                      "eval.epochs": 4, "eval.eval_points": 2})
     phase, reports = cfg.phases[0], {"on": [], "off": []}
     for tag, every in (("on", 6), ("off", 0)):
         run_cfg = cfg.replace(**{"distill.recall_every": every})
-        out = stages.distill_phase(run_cfg, f"recall_{tag}", phase, device=torch.device("cpu"), seed=3,
+        out = phase_stage.distill_phase(run_cfg, f"recall_{tag}", phase, device=torch.device("cpu"), seed=3,
                                    report=lambda m, _c, t=tag: reports[t].append(m))
         assert out["status"] == "done"
-    layout = stages.Layout(cfg.run.root)
-    on, off = load_subset(layout.subset("recall_on")), load_subset(layout.subset("recall_off"))
+    paths = layout.Layout(cfg.run.root)
+    on, off = load_subset(paths.subset("recall_on")), load_subset(paths.subset("recall_off"))
     assert torch.equal(on.images, off.images) and torch.equal(on.text, off.text) and on.alpha_img == off.alpha_img
     scored = [m["iteration"] for m in reports["on"] if "recall/r_mean" in m]
     assert scored == [6, 12] and not any("recall/r_mean" in m for m in reports["off"])
@@ -110,7 +114,7 @@ def test_killed_phase_worker_resumes_from_checkpoint(ready_root):
     thread.start()
     metrics = Path(cfg.run.root) / "phases" / "phase0" / "metrics.json"
     # this run's own Train checkpoints (metrics.json may still hold an earlier test's phase0)
-    run_dir = Path(cfg.run.root) / "phases" / f"phase0-{stages.phase_hash(cfg, cfg.phases[0])}"
+    run_dir = Path(cfg.run.root) / "phases" / f"phase0-{layout.phase_hash(cfg, cfg.phases[0])}"
     deadline = time.time() + 240
     victim = None
     while time.time() < deadline and victim is None:
@@ -130,7 +134,7 @@ def test_killed_phase_worker_resumes_from_checkpoint(ready_root):
     assert len(tries) >= 2 and tries[-1]["resumed_from"] >= 10, tries  # continued, not restarted
     history = [m["iteration"] for m in json.loads(metrics.read_text())]
     assert history == sorted(set(history)) and history[-1] == 120
-    sub = load_subset(stages.Layout(cfg.run.root).subset("phase0"))
+    sub = load_subset(layout.Layout(cfg.run.root).subset("phase0"))
     assert sub.images.shape[0] == cfg.phases[0].pairs and bool(sub.images.isfinite().all())
     # no folder Train does not track is left behind (a resume point it never registered, a cut upload)
     assert len(checkpoint_dirs(str(run_dir))) <= 2, checkpoint_dirs(str(run_dir))

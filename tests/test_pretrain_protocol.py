@@ -7,7 +7,7 @@
 * experts start from the same (pretrained) image encoder and different projection heads;
 * no evaluation student starts from an expert's exact starting point: the seeds are captured from
   the functions that choose them (``train_expert``, ``scoring.score_one_seed``,
-  ``stages.phase_recall``) for every shipped config, and the students they build are compared.
+  ``phase_stage.phase_recall``) for every shipped config, and the students they build are compared.
 """
 
 from __future__ import annotations
@@ -30,7 +30,12 @@ from ptmst_ray.models import student as student_mod
 from ptmst_ray.models.pretrain import pretrain_clip, save_checkpoint
 from ptmst_ray.models.student import build_student
 from ptmst_ray.models.towers import build_clip, build_text_encoder
-from ptmst_ray.orchestration import scoring, stages
+from ptmst_ray import layout
+from ptmst_ray.stages import data as data_stage
+from ptmst_ray.stages import embed as embed_stage
+from ptmst_ray.stages import pretrain as pretrain_stage
+from ptmst_ray.stages import phase as phase_stage
+from ptmst_ray.stages import score as scoring
 from ptmst_ray.trajectories import expert as expert_mod
 from ptmst_ray.trajectories.expert import snapshot, train_expert
 
@@ -167,14 +172,14 @@ def expert_seeds(cfg, monkeypatch) -> list[int]:
 def eval_seeds(cfg, monkeypatch) -> list[int]:
     """The seeds evaluation students are built from: ``score_one_seed`` for every seed offset the
     driver schedules (range(eval.seeds), every method) and the live recall of a phase."""
-    real = stages.RealData(torch.zeros(2, 3, 8, 8), torch.zeros(2, 4), ["a", "b"], torch.arange(2),
+    real = embed_stage.RealData(torch.zeros(2, 3, 8, 8), torch.zeros(2, 4), ["a", "b"], torch.arange(2),
                            torch.zeros(2, 3, 8, 8), torch.zeros(2, 4), ["a", "b"], torch.arange(2))
     dummy = [Subset(images=torch.zeros(2, 3, 8, 8), text_emb=torch.zeros(2, 4))]
     seeds: list[int] = []
     with monkeypatch.context() as m:
         _capture(m, student_mod, seeds)
         m.setattr(scoring, "load_real", lambda c: real)
-        m.setattr("ptmst_ray.distill.export._similarity_matrix", lambda c, s: torch.eye(2))
+        m.setattr("ptmst_ray.distill.export.similarity_matrix", lambda c, s: torch.eye(2))
         for method in scoring.METHODS:
             for s in range(cfg.eval.seeds):
                 with pytest.raises(_Captured):
@@ -182,7 +187,7 @@ def eval_seeds(cfg, monkeypatch) -> list[int]:
         ema = {"images": torch.zeros(2, 3, 8, 8), "text": torch.zeros(2, 4),
                "alpha_img": torch.tensor(0.1), "alpha_txt": torch.tensor(0.1)}
         with pytest.raises(_Captured):
-            stages.phase_recall(cfg, cfg.phases[0], ema, real)
+            phase_stage.phase_recall(cfg, cfg.phases[0], ema, real)
     return seeds
 
 
@@ -231,23 +236,22 @@ def test_colliding_expert_and_eval_seeds_are_rejected(overrides):
 def test_a_moved_run_root_keeps_its_experts(tmp_path):
     """The pretrain stage's checkpoint path holds the run root; the experts' identity must not."""
     from conftest import tiny_config
-    from ptmst_ray.orchestration import stages
 
     a, b = tiny_config(tmp_path / "a"), tiny_config(tmp_path / "b")
     assert a.model.pretrained != b.model.pretrained  # ${run.root} expanded to two places
-    assert stages.experts_hash(a) == stages.experts_hash(b)
-    assert stages.experts_hash(a) != stages.experts_hash(a.replace(**{"pretrain.epochs": 2}))
+    assert layout.experts_hash(a) == layout.experts_hash(b)
+    assert layout.experts_hash(a) != layout.experts_hash(a.replace(**{"pretrain.epochs": 2}))
     # user-given weights (no pretraining stage): another file is another starting point
     c = a.replace(**{"pretrain.enabled": False, "model.pretrained": str(tmp_path / "x.safetensors")})
     d = c.replace(**{"model.pretrained": str(tmp_path / "y.safetensors")})
-    assert stages.experts_hash(c) != stages.experts_hash(d)
+    assert layout.experts_hash(c) != layout.experts_hash(d)
     # a model field added later (stored roots never hashed it) counts once set, and not at its default
-    for added in stages.ADDED_MODEL_FIELDS:
+    for added in layout.ADDED_MODEL_FIELDS:
         assert getattr(a.model, added) is None
-        assert stages.experts_hash(a) != stages.experts_hash(a.replace(**{f"model.{added}": 8}))
-    older = {k: v for k, v in dataclasses.asdict(a.model).items() if k not in stages.ADDED_MODEL_FIELDS}
+        assert layout.experts_hash(a) != layout.experts_hash(a.replace(**{f"model.{added}": 8}))
+    older = {k: v for k, v in dataclasses.asdict(a.model).items() if k not in layout.ADDED_MODEL_FIELDS}
     older["pretrained"] = None
-    assert stages.model_hash(a) == section_hash(older, stages.pretrain_hash(a))
+    assert layout.model_hash(a) == section_hash(older, layout.pretrain_hash(a))
 
 
 def test_separate_towers_take_each_tower_from_its_own_pretraining_run(tmp_path):
@@ -257,10 +261,10 @@ def test_separate_towers_take_each_tower_from_its_own_pretraining_run(tmp_path):
     from safetensors.torch import load_file
 
     cfg = tiny_config(tmp_path / "run", **{"pretrain.towers": "separate"})
-    stages.prepare(cfg)
-    manifest = stages.pretrain(cfg)
+    data_stage.prepare(cfg)
+    manifest = pretrain_stage.pretrain(cfg)
     merged = load_file(cfg.model.pretrained)
-    data, images = stages._normalised_split(cfg, "pretrain")
+    data, images = pretrain_stage.normalised_split(cfg, "pretrain")
     ref = [pretrain_clip(cfg.model, dataclasses.replace(cfg.pretrain, seed=cfg.pretrain.seed + k),
                          images[data.image_index], list(data.captions), device=CPU) for k in (0, 1)]
     assert merged.keys() == ref[0].keys()
@@ -274,7 +278,7 @@ def test_separate_towers_take_each_tower_from_its_own_pretraining_run(tmp_path):
     assert any(not torch.equal(ref[0][k], ref[1][k]) for k in text)  # the two runs really differ
     assert set(manifest["zero_shot"]) >= {"r_mean", "IR@1", "TR@1"}
     joint = cfg.replace(**{"pretrain.towers": "joint"})
-    assert stages.experts_hash(joint) != stages.experts_hash(cfg)  # another starting point
+    assert layout.experts_hash(joint) != layout.experts_hash(cfg)  # another starting point
 
 
 def test_unknown_towers_mode_is_rejected():
@@ -290,17 +294,17 @@ def test_driver_trains_the_two_runs_at_once_with_the_same_result(tmp_path, ray_s
     from ray.util.state import list_tasks
 
     from conftest import tiny_config
-    from ptmst_ray.orchestration.driver import _pretrain_task
+    from ptmst_ray.orchestration.pipeline import pretrain_task as _pretrain_task
 
     cfg = tiny_config(tmp_path / "ray", **{"pretrain.towers": "separate", "pretrain.epochs": 2})
-    stages.prepare(cfg)
+    data_stage.prepare(cfg)
     manifest = ray.get(_pretrain_task.remote(cfg.to_dict()))
     ref = tiny_config(tmp_path / "local", **{"pretrain.towers": "separate", "pretrain.epochs": 2})
-    stages.prepare(ref)
+    data_stage.prepare(ref)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in a 1-CPU Ray task: the same float reduction order
     try:
-        assert stages.pretrain(ref)["sha256"] == manifest["sha256"]
+        assert pretrain_stage.pretrain(ref)["sha256"] == manifest["sha256"]
     finally:
         torch.set_num_threads(threads)
     finished = [t for t in list_tasks(filters=[("func_or_class_name", "=", "_pretrain_run_task")], detail=True)

@@ -1,4 +1,4 @@
-"""Shortcut trajectories against the formula of ALGORITHM.md section 4, computed independently here."""
+"""Shortcut trajectories against the formula of docs/method.md#shortcut-trajectories, computed independently here."""
 
 from __future__ import annotations
 
@@ -12,12 +12,11 @@ from ptmst_ray import storage
 from ptmst_ray.storage import StorageError
 from ptmst_ray.trajectories.shortcut import (
     RawTrajectory,
-    load_shortcut,
     raw_trajectory,
-    save_shortcut,
     shortcut_trajectory,
     storage_figures,
 )
+from ptmst_ray.trajectories.store import load_shortcut, save_shortcut
 from ptmst_ray.trajectories.store import sidecar_url
 
 SHAPES = {"image.w": (4, 3), "image.b": (5,), "head.w": (3, 3), "head.frozen": (2, 2)}

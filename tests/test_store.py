@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from ptmst_ray import storage
+from ptmst_ray import layout, storage
 from ptmst_ray.storage import StorageError
 from ptmst_ray.trajectories import store as store_mod
 from ptmst_ray.trajectories.shortcut import shortcut_trajectory
@@ -45,7 +45,7 @@ def root(request, tmp_path):
 
 
 def test_expert_round_trip(root):
-    store = TrajectoryStore.for_run(root)
+    store = TrajectoryStore(layout.Layout(root).experts)
     snaps = trajectory(7)
     side = store.write_expert(2, snaps, seed=7, config_hash=HASH)
     assert store.url(2).endswith("experts/expert_0002.safetensors")
@@ -68,7 +68,7 @@ def test_expert_round_trip(root):
 
 def test_concurrent_writers(root):
     """Threads write ids 0..5 while four writers race on id 3 with different content."""
-    store = TrajectoryStore.for_run(root)
+    store = TrajectoryStore(layout.Layout(root).experts)
     jobs = [(i, i) for i in range(6)] + [(3, 100 + j) for j in range(4)]
     with ThreadPoolExecutor(max_workers=8) as pool:
         list(pool.map(lambda job: store.write_expert(job[0], trajectory(job[1]), job[1], HASH), jobs))
@@ -85,7 +85,7 @@ def test_concurrent_writers(root):
 
 def test_same_id_replaced_between_tensor_and_sidecar(root, monkeypatch):
     """Writer A's tensor file is replaced by writer B before A writes its sidecar: A must end consistent."""
-    store = TrajectoryStore.for_run(root)
+    store = TrajectoryStore(layout.Layout(root).experts)
     real = store_mod._commit_sidecar
     calls = {"n": 0}
 
@@ -103,7 +103,7 @@ def test_same_id_replaced_between_tensor_and_sidecar(root, monkeypatch):
 
 
 def test_partial_writes_are_not_complete(root, monkeypatch):
-    store = TrajectoryStore.for_run(root)
+    store = TrajectoryStore(layout.Layout(root).experts)
 
     def fail(*args, **kwargs):
         raise OSError("disk full")
@@ -128,7 +128,7 @@ def test_partial_writes_are_not_complete(root, monkeypatch):
 
 
 def test_truncated_file_is_detected(root):
-    store = TrajectoryStore.for_run(root)
+    store = TrajectoryStore(layout.Layout(root).experts)
     store.write_expert(1, trajectory(1), 1, HASH)
     data = storage.read_bytes(store.url(1))
     storage.write_bytes(store.url(1), data[: len(data) // 2])
@@ -138,7 +138,7 @@ def test_truncated_file_is_detected(root):
 
 
 def test_same_size_corruption_is_caught_on_load(root):
-    store = TrajectoryStore.for_run(root)
+    store = TrajectoryStore(layout.Layout(root).experts)
     store.write_expert(0, trajectory(0), 0, HASH)
     data = bytearray(storage.read_bytes(store.url(0)))
     data[-1] ^= 0xFF
@@ -149,7 +149,7 @@ def test_same_size_corruption_is_caught_on_load(root):
 
 
 def test_missing_tensor_file_with_sidecar(root):
-    store = TrajectoryStore.for_run(root)
+    store = TrajectoryStore(layout.Layout(root).experts)
     store.write_expert(0, trajectory(0), 0, HASH)
     storage.remove(store.url(0))
     with pytest.raises(StorageError, match="expert_0000.safetensors: tensor file missing"):
@@ -159,7 +159,7 @@ def test_missing_tensor_file_with_sidecar(root):
 
 
 def test_shortcut_store(root):
-    store = ShortcutStore.for_run(root)
+    store = ShortcutStore(layout.Layout(root).shortcuts)
     for i in range(3):
         store.write(0, 6, i, shortcut_trajectory(trajectory(i, epochs=8), 0, 6), HASH)
     store.write(1, 8, 0, shortcut_trajectory(trajectory(0, epochs=8), 1, 8), config_hash=HASH)

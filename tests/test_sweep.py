@@ -14,7 +14,7 @@ import pytest
 from conftest import tiny_config
 from ptmst_ray import storage
 from ptmst_ray.config import load_config
-from ptmst_ray.orchestration import stages
+from ptmst_ray import layout
 from ptmst_ray.orchestration import sweep as sw
 from ptmst_ray.orchestration.runtime import ClusterInfo
 
@@ -66,8 +66,8 @@ def test_trial_config_shares_inputs_and_rounds(tmp_path):
     base = fast_config(tmp_path)
     trial = sw.trial_config(base, {"distill.lr_img": 7.0}, sw.trial_root(base, "s", "abc_00001"))
     assert trial.distill.lr_img == 7.0 and trial.run.root == str(tmp_path / "sweeps" / "s" / "abc_00001")
-    assert stages.shared_root(trial) == base.run.root == stages.shared_root(base)
-    assert stages.experts_hash(trial) == stages.experts_hash(base)  # trials reuse the base run's experts
+    assert layout.Layout.of(trial).shared == base.run.root == layout.Layout.of(base).shared
+    assert layout.experts_hash(trial) == layout.experts_hash(base)  # trials reuse the base run's experts
     assert [sw.round_target(10, 3, k) for k in (1, 2, 3)] == [4, 7, 10]
     assert sw.sweep_name(base) == sw.sweep_name(base.replace(**{"run.address": "ray://x:1"}))
     assert sw.sweep_name(base) != sw.sweep_name(base.replace(**{"sweep.num_samples": 2}))
@@ -123,7 +123,7 @@ def base_root(tmp_path_factory):
 def test_tiny_sweep_completes_every_trial(ray_session, base_root):
     """4 trials (2 grid values x 2 samples), 2 at once, both phases of a trial in parallel; a range only
     some trials need is compressed once; best.yaml is valid and `run` on it reuses the trial's phases."""
-    from ptmst_ray.orchestration.driver import run_pipeline
+    from ptmst_ray.orchestration.pipeline import run_pipeline
     from ptmst_ray.trajectories.store import ShortcutStore
 
     cfg = fast_config(base_root, **{
@@ -135,7 +135,7 @@ def test_tiny_sweep_completes_every_trial(ray_session, base_root):
     assert len(rows) == 4 and not summary["errors"], summary["errors"]
     assert all(r["r_mean"] is not None and r["iterations"] == 10 and not r["stopped_early"] for r in rows)
     assert [r["r_mean"] for r in rows] == sorted((r["r_mean"] for r in rows), reverse=True)
-    assert ShortcutStore.for_run(cfg.run.root).complete_ids(0, 4, stages.experts_hash(cfg)) == [0, 1]
+    assert ShortcutStore(layout.Layout(cfg.run.root).shortcuts).complete_ids(0, 4, layout.experts_hash(cfg)) == [0, 1]
     out = Path(summary["dir"])
     assert pq.read_table(out / sw.TABLE_PARQUET).num_rows == 4 and (out / sw.PLOT).exists()
     for r in rows:  # each trial distilled in its own root, reading the base run's data and experts

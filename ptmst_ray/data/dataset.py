@@ -49,13 +49,6 @@ class TestSet:
 
     __test__ = False  # not a pytest class
 
-    @property
-    def img2txt(self) -> list[list[int]]:
-        out: list[list[int]] = [[] for _ in range(len(self.images))]
-        for j, i in enumerate(self.txt2img.tolist()):
-            out[i].append(j)
-        return out
-
 
 def split_dir(data_dir: str, split: str) -> str:
     return storage.join(data_dir, split)

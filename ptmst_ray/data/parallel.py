@@ -5,7 +5,8 @@ independent per image, so it can run on every core of a cluster; the shards must
 in row order by one writer (their bytes and the content hash must not depend on the number of
 workers). Rows are grouped into batches of images, at most ``2 * workers`` batches are in flight
 (memory stays bounded), and batches are collected oldest first. Only ``prepare.with_images`` calls
-this; the Ray import stays out of the in-process path.
+this, passing its batch decoder; the Ray import stays out of the in-process path. The caller
+connects to Ray first (the CLI and the driver do).
 """
 
 from __future__ import annotations
@@ -17,29 +18,29 @@ from typing import Callable, Iterable, Iterator, TypeVar
 
 import ray
 
-from ptmst_ray.data.prepare import ImageResult, load_images
-
 Row = TypeVar("Row")
+Result = TypeVar("Result")
 
 BATCH_IMAGES = 32
 """Images per Ray task: large enough to amortise a task's overhead, small enough to keep all workers busy."""
 
 
 @functools.cache
-def _remote_load_images():
-    return ray.remote(num_cpus=1)(load_images)
+def _remote(load_batch: Callable):
+    return ray.remote(num_cpus=1)(load_batch)
 
 
-def map_images(rows: Iterable[Row], image_url: Callable[[Row], str | None], size: int, workers: int,
-               batch_images: int | None = None) -> Iterator[tuple[Row, ImageResult | None]]:
+def map_images(rows: Iterable[Row], image_url: Callable[[Row], str | None],
+               load_batch: Callable[[list[str], int], list[Result]], size: int, workers: int,
+               batch_images: int | None = None) -> Iterator[tuple[Row, Result | None]]:
     """``rows`` in order, each with its prepared image when ``image_url(row)`` names one (else None),
-    decoded by up to ``workers`` Ray tasks at once (``batch_images`` each, default :data:`BATCH_IMAGES`);
-    joins (or starts, loopback-only) Ray if needed."""
-    from ptmst_ray.orchestration.runtime import connect
-
-    connect()
+    ``load_batch(urls, size)`` run by up to ``workers`` Ray tasks at once (``batch_images`` images each,
+    default :data:`BATCH_IMAGES`). Needs a connected Ray."""
+    if not ray.is_initialized():
+        raise RuntimeError("data.workers > 1 decodes images on Ray: connect first "
+                           "(ptmst_ray.orchestration.runtime.connect), or set data.workers: 1")
     batch_images = batch_images or BATCH_IMAGES
-    task = _remote_load_images()
+    task = _remote(load_batch)
     pending: collections.deque = collections.deque()  # (rows with their url or None, ObjectRef)
     batch: list[tuple[Row, str | None]] = []
     n_urls = 0
@@ -63,7 +64,7 @@ def map_images(rows: Iterable[Row], image_url: Callable[[Row], str | None], size
                 ray.cancel(ref)
 
 
-def _collect(batch: list[tuple[Row, str | None]], ref: "ray.ObjectRef") -> Iterator[tuple[Row, ImageResult | None]]:
+def _collect(batch: list[tuple[Row, str | None]], ref: "ray.ObjectRef") -> Iterator[tuple[Row, Result | None]]:
     results = iter(ray.get(ref))
     for row, url in batch:
         yield row, (None if url is None else next(results))

@@ -108,7 +108,7 @@ def with_images(rows: Iterable[Row], image_url: Callable[[Row], str | None], cfg
     if cfg.workers > 1:
         from ptmst_ray.data.parallel import map_images
 
-        yield from map_images(rows, image_url, cfg.image_size, cfg.workers)
+        yield from map_images(rows, image_url, load_images, cfg.image_size, cfg.workers)
         return
     for r in rows:
         url = image_url(r)

@@ -36,10 +36,6 @@ class CaptionEncoder(Protocol):
     def encode(self, captions: list[str], batch_size: int = 256) -> torch.Tensor: ...
 
 
-def text_cache_root(data_dir: str) -> str:
-    return storage.join(data_dir, "text_cache")
-
-
 def cache_key(encoder: CaptionEncoder, settings: dict[str, Any] | None = None) -> str:
     """Folder name of ``encoder``'s cache: hash of its key, dim, the normalisation and ``settings``."""
     return storage.stable_hash({"encoder": encoder.key, "dim": int(encoder.dim),
@@ -111,7 +107,7 @@ def embed_captions(
 ) -> torch.Tensor:
     """Embeddings (n x encoder.dim, float32) of ``captions`` (already normalised), in order.
 
-    ``cache_dir`` is the cache root (``text_cache_root(data_dir)``); entries live in its
+    ``cache_dir`` is the cache root (``Layout.text_cache`` of a run); entries live in its
     ``cache_key(encoder, settings)`` sub-folder. Only captions missing there are encoded.
     """
     key_dir = storage.join(cache_dir, cache_key(encoder, settings))

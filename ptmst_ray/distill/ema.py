@@ -2,7 +2,7 @@
 
 Why this file exists: the synthetic data moves with large learning rates and noisy matching
 gradients; PTM-ST saves and evaluates the EMA (decay 0.99) of the images, texts, similarity
-parameters and step sizes instead of the raw state (ALGORITHM.md 6.6). The recurrence is
+parameters and step sizes instead of the raw state (docs/method.md#update-ema-and-divergence). The recurrence is
 e_0 = x_0, e_t = d e_{t-1} + (1 - d) x_t; decay 0 means a plain copy (the EMA ablation).
 """
 

@@ -49,7 +49,7 @@ class DistilledSubset:
     meta: dict[str, Any]
 
 
-def _similarity_matrix(cfg: SimilarityConfig, state: dict[str, Tensor]) -> Tensor:
+def similarity_matrix(cfg: SimilarityConfig, state: dict[str, Tensor]) -> Tensor:
     params = {k[len(SIM_PREFIX):]: v for k, v in state.items() if k.startswith(SIM_PREFIX)}
     n = state["images"].shape[0]
     with torch.no_grad():
@@ -58,13 +58,18 @@ def _similarity_matrix(cfg: SimilarityConfig, state: dict[str, Tensor]) -> Tenso
 
 def save_subset(out_dir: str, ema_state: dict[str, Tensor], phase_cfg: PhaseConfig, *,
                 init_indices: Tensor | Sequence[int] | None = None, iterations: int | None = None,
-                config_hash: str | None = None, extra: dict[str, Any] | None = None) -> None:
-    """Write ``ema_state`` (names as ``SyntheticSet.tensors()``) under ``out_dir``; the manifest goes last."""
+                config_hash: str | None = None, extra: dict[str, Any] | None = None,
+                record: dict[str, Any] | None = None) -> None:
+    """Write ``ema_state`` (names as ``SyntheticSet.tensors()``) under ``out_dir``; the manifest goes last.
+
+    ``extra`` goes into the subset's JSON sidecar; ``record`` into its manifest (what the run layout
+    reads without loading the subset, e.g. a divergence).
+    """
     missing = {"images", "text", "alpha_img", "alpha_txt"} - set(ema_state)
     if missing:
         raise ValueError(f"the EMA state lacks {sorted(missing)}; pass PhaseTrainer.ema.state()")
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in ema_state.items()}
-    tensors["similarity_matrix"] = _similarity_matrix(phase_cfg.similarity, tensors).cpu().contiguous()
+    tensors["similarity_matrix"] = similarity_matrix(phase_cfg.similarity, tensors).cpu().contiguous()
     indices = [] if init_indices is None else [int(i) for i in torch.as_tensor(init_indices).tolist()]
     meta = {"phase": dataclasses.asdict(phase_cfg), "init_indices": indices, "iterations": iterations,
             "pairs": int(tensors["images"].shape[0]), "alpha_img": float(tensors["alpha_img"]),
@@ -73,7 +78,8 @@ def save_subset(out_dir: str, ema_state: dict[str, Tensor], phase_cfg: PhaseConf
     storage.write_bytes(storage.join(out_dir, TENSORS), blob)
     storage.write_json(storage.join(out_dir, SIDECAR), meta)
     files = {name: storage.hash_file(storage.join(out_dir, name)) for name in (TENSORS, SIDECAR)}
-    storage.write_manifest(out_dir, {"kind": "phase_subset", "config_hash": config_hash, "files": files})
+    storage.write_manifest(out_dir, {"kind": "phase_subset", "config_hash": config_hash, "files": files,
+                                     **(record or {})})
     log.info("wrote %d distilled pairs to %s", meta["pairs"], out_dir)
 
 

@@ -1,4 +1,4 @@
-"""One trajectory-matching iteration (ALGORITHM.md section 6) and its three gradient rules.
+"""One trajectory-matching iteration (docs/method.md#trajectory-matching) and its three gradient rules.
 
 Why this file exists: this is the heart of PTM-ST. From a teacher start theta_s the student
 takes N SGD steps on synthetic minibatches; the matching loss compares where it lands with the
@@ -12,10 +12,11 @@ alpha reaches the data through every g_i. Three rules compute it:
 * ``first_order`` (the paper's code, TESLA-style): holds each w_i constant. Constant memory:
   it keeps no unroll, only w_0 = theta_s; a first pass finds w_N and G, a second pass replays
   the N steps from w_0 and takes each step's data gradient on the way (two unrolls' time).
-* ``exact`` (ptmst_ray's own): the adjoint recursion of ALGORITHM.md 6.5, equal to full
+* ``exact`` (ptmst_ray's own): the adjoint recursion of docs/method.md#gradient-rules, equal to full
   autograd through the unroll. It needs w_N-1 .. w_0 in reverse order: a binomial checkpoint
-  schedule (Griewank's "revolve") keeps a few w_i (``exact_checkpoints(N)`` parameter vectors
-  at most: 2 at N = 8, 6 at N = 32) and replays the others, fewer than N steps in all.
+  schedule (Griewank's "revolve") keeps a few w_i and replays the others: at least
+  ``exact_checkpoints(N)`` parameter vectors (2 at N = 8, 6 at N = 32; fewer than N replayed
+  steps), more when a phase's memory budget allows (:func:`budget_checkpoints`: fewer replays).
 * ``unrolled``: plain autograd through all N steps (create_graph=True), the reference; its
   memory grows with N.
 
@@ -37,6 +38,7 @@ from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ptmst_ray.distill.synthetic import SyntheticSet
+from ptmst_ray.vocab import GRAD_METHODS
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +49,8 @@ LogitsFn = Callable[[Tensor, Tensor, Tensor, Tensor, int], Tensor]
 LossFn = Callable[[Tensor, Tensor], Tensor]
 """(logits, target) -> scalar loss."""
 Params = tuple[Tensor, Tensor]
-METHODS = ("first_order", "exact", "unrolled")
+METHODS = GRAD_METHODS
+"""The gradient rules (:data:`ptmst_ray.vocab.GRAD_METHODS`)."""
 MODALITIES = ("img", "txt")
 SEED_RANGE = 2**62
 
@@ -298,8 +301,8 @@ def budget_checkpoints(n: int, graph: int, vector: int, fraction: float = CHECKP
 
     ``vector``: bytes of one parameter vector (both modalities). At least :func:`exact_checkpoints`
     (its replays stay below N), at most N - 1 (which keeps every w_i: no replays). Where the budget
-    allows more than the replay rule, ``exact`` replays fewer steps at no memory above the budget: on
-    the toy at the paper's N = 8, 4 instead of 2 (3 replays instead of 7).
+    allows more than the replay rule, ``exact`` replays fewer steps at no memory above the budget
+    (a small model, whose vectors are small against its step graph, holds more and replays less).
     """
     if n <= 1:
         return exact_checkpoints(n)

@@ -1,6 +1,6 @@
 """The distillation loop of one phase: matching iterations, optimiser, EMA, checkpoints, metrics.
 
-Why this file exists: a phase (ALGORITHM.md sections 5-6) is a long, independent run that a
+Why this file exists: a phase (docs/method.md#phases) is a long, independent run that a
 Ray Train worker executes on its own accelerator, so it must resume exactly after a crash
 and stop loudly when it diverges. Everything Ray-specific stays outside: the caller supplies
 ``save_checkpoint(state)`` and ``report(metrics, is_checkpoint)``; this module is plain PyTorch.

@@ -3,7 +3,7 @@
 Why this file exists: LoRS-style distillation learns, next to the synthetic pairs, an n x n
 target similarity S that the contrastive loss uses instead of the identity. A minibatch B of
 synthetic pairs only ever needs S[B][:, B], so each generator materialises just that block
-(ALGORITHM.md section 6):
+(docs/method.md#similarity):
 
 * :class:`FullSimilarity`: S is a free n x n parameter, initialised to the identity.
 * :class:`LowRankSimilarity`: S = diag(w) + (alpha / r) L R^T with w = 1, L ~ N(0, 1) (seeded),

@@ -4,7 +4,7 @@ Why this file exists: a phase learns n image-text pairs (images in CLIP-normalis
 space, "texts" as free vectors in the frozen text tower's embedding space), a similarity
 generator that gives their soft targets, and one student step size per modality. Keeping them
 in one ``nn.Module`` gives a single ``state_dict`` for checkpoints, EMA and export, and one
-place that records how the set was initialised (ALGORITHM.md section 6, "Synthetic init").
+place that records how the set was initialised (docs/method.md#the-synthetic-set).
 """
 
 from __future__ import annotations

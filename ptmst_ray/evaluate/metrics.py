@@ -1,6 +1,6 @@
 """Image-text retrieval recall (IR@K, TR@K, r_mean): the score every distilled set is judged by.
 
-Why this file exists: ALGORITHM.md section 7 defines the numbers the paper reports. They are
+Why this file exists: docs/method.md#evaluation-protocol defines the numbers the paper reports. They are
 computed here once, vectorised (1000 images x 5000 captions in well under a second), from a
 similarity matrix, independently of how the embeddings were produced.
 
@@ -24,10 +24,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ptmst_ray.vocab import METRICS
+
 log = logging.getLogger(__name__)
 
 KS: tuple[int, ...] = (1, 5, 10)
-METRIC_NAMES: tuple[str, ...] = ("IR@1", "IR@5", "IR@10", "TR@1", "TR@5", "TR@10", "r_mean")
+METRIC_NAMES = METRICS
+"""The six recalls and r_mean (:data:`ptmst_ray.vocab.METRICS`)."""
 
 # Elements of the n_images x n_captions matrix handled per chunk (bounds temporary memory).
 _CHUNK_ELEMENTS = 1 << 24

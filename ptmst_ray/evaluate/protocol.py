@@ -1,6 +1,6 @@
 """The PTM evaluation protocol: fresh students per seed, trained on the phase subsets in order.
 
-Why this file exists: ALGORITHM.md section 7 fixes how a distilled set is scored, and the
+Why this file exists: docs/method.md#evaluation-protocol fixes how a distilled set is scored, and the
 baselines (random coreset, full data) must be scored the same way for the comparison to mean
 anything. This module turns "subsets + a student factory + a test split" into per-seed metrics
 and their mean/std, both for the FINAL epoch and for the BEST of the evaluation points (the
@@ -65,7 +65,7 @@ PHASE_TRAINING = ("sequential", "cumulative", "joint")
 def arrange_subsets(subsets: Sequence[Subset], mode: str) -> list[Subset]:
     """The training stages a student goes through for the phase subsets under ``mode``.
 
-    * ``sequential`` (ALGORITHM.md section 7, the paper): each subset in phase order.
+    * ``sequential`` (docs/method.md#evaluation-protocol, the paper): each subset in phase order.
     * ``cumulative``: stage p trains on subsets 0..p together, in phase order.
     * ``joint``: one stage on all subsets together.
     Subsets trained together are concatenated with a block-diagonal soft target (pairs of different
@@ -158,43 +158,6 @@ def aggregate(runs: Iterable[Metrics]) -> dict[str, dict[str, float]]:
     return out
 
 
-def evaluate_subsets(
-    subsets: Sequence[Subset],
-    make_student: Callable[[int], nn.Module],
-    test_set: RetrievalData,
-    cfg: EvalConfig,
-    loss: Optional[str] = None,
-    seeds: Optional[Sequence[int]] = None,
-    *,
-    epochs: Optional[int] = None,
-) -> dict[str, Any]:
-    """Run the protocol for each seed offset s (default ``range(cfg.seeds)``) sequentially.
-
-    Seed s builds ``make_student(cfg.seed + s)`` and trains with that seed. Returns
-    {"loss", "epochs", "seeds": [cfg.seed + s...], "per_seed": [{"seed", "final", "best",
-    "best_epoch", "diverged_at"}...], "final": {metric: {"mean", "std"}} (last epoch),
-    "best": {metric: {"mean", "std"}} (best of ``cfg.eval_points`` points per seed)}.
-    """
-    offsets = list(seeds) if seeds is not None else list(range(cfg.seeds))
-    per_seed = []
-    for s in offsets:
-        run_seed = cfg.seed + s
-        student = make_student(run_seed)
-        out = evaluate_one_seed(subsets, student, test_set, cfg, loss, seed=run_seed, epochs=epochs)
-        log.info("eval seed %d: final r_mean %.2f, best r_mean %.2f", run_seed,
-                 out["final"]["r_mean"], out["best"]["r_mean"])
-        keep = ("final", "best", "best_epoch", "diverged_at", "history")
-        per_seed.append({"seed": run_seed, **{k: out[k] for k in keep}})
-    return {
-        "loss": _loss_name(loss, cfg),
-        "epochs": epochs if epochs is not None else cfg.epochs,
-        "seeds": [r["seed"] for r in per_seed],
-        "per_seed": per_seed,
-        "final": aggregate(r["final"] for r in per_seed),
-        "best": aggregate(r["best"] for r in per_seed),
-    }
-
-
 def random_coreset(
     n_train_rows: int,
     pairs: int,
@@ -231,17 +194,3 @@ def random_coreset(
 def coreset_subset(images: Tensor, text_emb: Tensor, indices: Tensor) -> Subset:
     """A real-pair subset (identity target, default step sizes) from row indices."""
     return Subset(images=images[indices], text_emb=text_emb[indices])
-
-
-def evaluate_full_data(
-    images: Tensor,
-    text_emb: Tensor,
-    make_student: Callable[[int], nn.Module],
-    test_set: RetrievalData,
-    cfg: EvalConfig,
-    loss: Optional[str] = None,
-    seeds: Optional[Sequence[int]] = None,
-) -> dict[str, Any]:
-    """The full-train-split reference: identity targets, ``cfg.full_data_epochs`` epochs."""
-    full = Subset(images=images, text_emb=text_emb)
-    return evaluate_subsets([full], make_student, test_set, cfg, loss, seeds, epochs=cfg.full_data_epochs)

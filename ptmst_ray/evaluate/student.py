@@ -1,7 +1,7 @@
 """Train a fresh student on a set of image-text pairs and score it by retrieval.
 
 Why this file exists: a distilled set (or a baseline subset of real pairs) is only as good as a
-student trained on it (ALGORITHM.md section 7). This module holds that one training loop:
+student trained on it (docs/method.md#evaluation-protocol). This module holds that one training loop:
 minibatch SGD with momentum and weight decay on the pairs, the subset's similarity matrix as
 soft target, separate step sizes for the image encoder and the text projection head (the
 learned alphas of distillation), a x0.1 step decay, and evaluations at evenly spaced epochs.

@@ -6,7 +6,7 @@ a learned matrix for distilled ones). Distillation differentiates through these 
 (meta-gradient wrt images, text embeddings and S), so every loss here is written with plain,
 twice-differentiable tensor operations and no in-place updates.
 
-Definitions (ALGORITHM.md section 2; BCE, KL, MSE, CWCL and the exact WBCE constants follow the
+Definitions (docs/method.md#losses; BCE, KL, MSE, CWCL and the exact WBCE constants follow the
 LoRS code, silicx/LoRS ``MultilabelContrastiveLoss``, Xu et al. 2024):
 
 * ``InfoNCE`` (soft, symmetric):
@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-LOSS_NAMES: tuple[str, ...] = ("WBCE", "InfoNCE", "BCE", "KL", "MSE", "CWCL")
+from ptmst_ray.vocab import LOSS_NAMES
 
 _EPS = 1e-6
 _KL_TARGET_SHARPNESS = 10.0

@@ -15,6 +15,7 @@ The helpers here (HF folder layout, text weights kinds, header shapes) are plain
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import json
@@ -29,6 +30,18 @@ from ptmst_ray import storage
 from ptmst_ray.config import Config, ConfigError
 
 log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def quiet_root_logger():
+    """open_clip warns on the root logger whenever a model is built without a tag; we load weights ourselves."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(max(level, logging.ERROR))
+    try:
+        yield
+    finally:
+        root.setLevel(level)
 
 MODEL_CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
 
@@ -334,9 +347,7 @@ def _meta_image_tower(mcfg: dict[str, Any]):
     import torch
     from open_clip.model import _build_vision_tower
 
-    from ptmst_ray.models.towers import _quiet_root_logger
-
-    with torch.device("meta"), _quiet_root_logger():
+    with torch.device("meta"), quiet_root_logger():
         return _build_vision_tower(mcfg["embed_dim"], mcfg["vision_cfg"])
 
 
@@ -505,10 +516,8 @@ def _check_text_weights(value: str | None, hf_name: str | None, mcfg: dict[str, 
     import torch
     from open_clip.model import CLIP
 
-    from ptmst_ray.models.towers import _quiet_root_logger
-
     try:
-        with torch.device("meta"), _quiet_root_logger():
+        with torch.device("meta"), quiet_root_logger():
             own = _meta_shapes(CLIP(**mcfg))
     except Exception:  # a model config this cheap copy cannot express: the tower checks when it loads
         return

@@ -1,7 +1,7 @@
 """The trainable student: the image tower plus the text projection head, scored by cosine logits.
 
 Why this file exists: experts, distillation and evaluation all train the same model:
-f_phi (the whole image encoder, ALGORITHM.md "image_trainable") and h_psi (the projection
+f_phi (the whole image encoder, docs/method.md#data-and-models, "image_trainable") and h_psi (the projection
 head over frozen caption embeddings), with logits L_ij = s <f(x_i)/|f(x_i)|, h(t_j)/|h(t_j)|>.
 """
 

@@ -41,6 +41,7 @@ from ptmst_ray.models.requirements import (
     hf_dir_problem,
     hf_text_name,
     is_checkpoint_path,
+    quiet_root_logger,
     text_weights_kind,
 )
 
@@ -117,18 +118,6 @@ def _strip(sd: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     return sd
 
 
-@contextlib.contextmanager
-def _quiet_root_logger():
-    """open_clip warns on the root logger whenever a model is built without a tag; we load weights ourselves."""
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(max(level, logging.ERROR))
-    try:
-        yield
-    finally:
-        root.setLevel(level)
-
-
 def build_clip(cfg: ModelConfig, seed: int | None = None) -> torch.nn.Module:
     """The open_clip model ``cfg.name`` with weights loaded as configured.
 
@@ -155,7 +144,7 @@ def build_clip(cfg: ModelConfig, seed: int | None = None) -> torch.nn.Module:
     # the hub is reached only for an open_clip tag or an HF tower in neither a folder nor the HF cache
     offline = tag is None and (hf_name is None or hf_dir is not None)
     try:
-        with torch.random.fork_rng(devices=[]), _quiet_root_logger(), hub_offline() if offline else contextlib.nullcontext():
+        with torch.random.fork_rng(devices=[]), quiet_root_logger(), hub_offline() if offline else contextlib.nullcontext():
             if seed is not None:
                 torch.manual_seed(seed)
             model = open_clip.create_model(cfg.name, pretrained=tag, pretrained_image=False,

@@ -9,19 +9,18 @@ experts still training), which writes the compact shortcut trajectories the phas
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
-import time
-from typing import Callable
 
 import ray
 from ray.exceptions import RayActorError
 
-from ptmst_ray import storage
 from ptmst_ray.config import Config, from_dict
 from ptmst_ray.device import set_threads
-from ptmst_ray.orchestration import stages
-from ptmst_ray.orchestration.runtime import cluster_info, report_progress
+from ptmst_ray.layout import Layout, StageError, experts_hash, needed_ranges
+from ptmst_ray.orchestration.runtime import Poll, as_completed, cluster_info, record_attempt, report_progress
+from ptmst_ray.stages.experts import compress_expert, expert_store, train_and_store_expert
 
 log = logging.getLogger(__name__)
 
@@ -34,9 +33,6 @@ class ExpertActor:
         set_threads(threads)
         self.cfg, self.board = from_dict(cfg), board
 
-    def pid(self) -> int:
-        return os.getpid()
-
     def train(self, expert_id: int) -> int:
         total = self.cfg.experts.epochs
         name = f"expert {expert_id}"
@@ -46,11 +42,8 @@ class ExpertActor:
             report_progress(self.board, name, epoch, total, f"loss {metrics.get('loss', float('nan')):.3f}")
 
         # where it ran (node, GPU ids): `experts/attempts/` shows the spread over a cluster
-        info = {"expert_id": expert_id, "pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(),
-                "gpu_ids": [str(g) for g in ray.get_gpu_ids()], "start": time.time()}
-        storage.write_json(storage.join(stages.shared_root(self.cfg), "experts", "attempts",
-                                        f"expert{expert_id:04d}-{info['pid']}.json"), info)
-        return stages.train_and_store_expert(self.cfg, expert_id, on_epoch=on_epoch)
+        record_attempt(Layout.of(self.cfg).expert_attempt(expert_id, os.getpid()), expert_id=expert_id)
+        return train_and_store_expert(self.cfg, expert_id, on_epoch=on_epoch)
 
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=3)
@@ -62,7 +55,7 @@ class ShortcutActor:
         self.cfg = from_dict(cfg)
 
     def compress(self, expert_id: int) -> list[tuple[int, int]]:
-        return stages.compress_expert(self.cfg, expert_id)
+        return compress_expert(self.cfg, expert_id)
 
 
 def _actor_options(cfg: Config, n_actors: int) -> tuple[dict, int]:
@@ -73,50 +66,41 @@ def _actor_options(cfg: Config, n_actors: int) -> tuple[dict, int]:
     return {"num_cpus": cpus}, cfg.run.threads_per_worker or cpus
 
 
-def run_experts(cfg: Config, board=None, poll: Callable[[], None] | None = None) -> dict:
+def run_experts(cfg: Config, board=None, poll: Poll | None = None) -> dict:
     """Train every missing expert and compress every expert into shortcuts; returns counts."""
-    from ptmst_ray.trajectories.store import TrajectoryStore
-
-    chash = stages.experts_hash(cfg)
-    missing = TrajectoryStore.for_run(stages.shared_root(cfg)).missing_ids(cfg.experts.num_experts, chash)
+    missing = expert_store(cfg).missing_ids(cfg.experts.num_experts, experts_hash(cfg))
     complete = [i for i in range(cfg.experts.num_experts) if i not in missing]
     cfg_dict = cfg.to_dict()
     shortcut = ShortcutActor.remote(cfg_dict)
     compress = [shortcut.compress.remote(i) for i in complete]
     retries = 0
     if missing:
-        slots = cluster_info().parallel_slots(cfg.experts.gpus_per_expert)
-        n_actors = min(slots, len(missing))
+        n_actors = min(cluster_info().parallel_slots(cfg.experts.gpus_per_expert), len(missing))
         options, threads = _actor_options(cfg, n_actors)
         log.info("training %d expert(s) on %d actor(s) (%s), %d already complete", len(missing), n_actors, options,
                  len(complete))
         actors = [ExpertActor.options(**options).remote(cfg_dict, threads, board) for _ in range(n_actors)]
-        queue = list(missing)
-        pending = {}
-        for actor in actors:
-            if queue:
-                eid = queue.pop(0)
-                pending[actor.train.remote(eid)] = (actor, eid)
-        while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)
-            if poll is not None:
-                poll()
-            if not ready:
-                continue
-            actor, eid = pending.pop(ready[0])
+        free, actor_of = list(actors), {}
+
+        def submit(expert_id: int):
+            actor = free.pop()
+            ref = actor.train.remote(expert_id)
+            actor_of[ref] = actor
+            return ref
+
+        queue = collections.deque(missing)
+        for eid, ref in as_completed(queue, submit, n_actors, poll):
+            free.append(actor_of.pop(ref))
             try:
-                ray.get(ready[0])
+                ray.get(ref)
                 compress.append(shortcut.compress.remote(eid))
-                report_progress(board, "experts", cfg.experts.num_experts - len(queue) - len(pending),
+                report_progress(board, "experts", cfg.experts.num_experts - len(queue) - len(actor_of),
                                 cfg.experts.num_experts)
             except RayActorError as e:
                 retries += 1
                 log.warning("expert %d: its actor died (%s); the actor restarts and the expert is redone",
                             eid, type(e).__name__)
-                queue.insert(0, eid)
-            if queue:
-                nxt = queue.pop(0)
-                pending[actor.train.remote(nxt)] = (actor, nxt)
+                queue.appendleft(eid)
         for actor in actors:
             ray.kill(actor)
     ray.get(compress)
@@ -126,12 +110,10 @@ def run_experts(cfg: Config, board=None, poll: Callable[[], None] | None = None)
 
 def run_shortcuts(cfg: Config) -> dict:
     """`ptmst-ray shortcut`: compress every complete expert for the configured ranges."""
-    from ptmst_ray.trajectories.store import TrajectoryStore
-
-    ids = TrajectoryStore.for_run(stages.shared_root(cfg)).complete_ids(stages.experts_hash(cfg))
+    ids = expert_store(cfg).complete_ids(experts_hash(cfg))
     if not ids:
-        raise stages.StageError(f"{cfg.run.root}: no complete experts for this config; run `ptmst-ray experts` first")
+        raise StageError(f"{cfg.run.root}: no complete experts for this config; run `ptmst-ray experts` first")
     shortcut = ShortcutActor.remote(cfg.to_dict())
     written = ray.get([shortcut.compress.remote(i) for i in ids])
     ray.kill(shortcut)
-    return {"experts": len(ids), "written": sum(len(w) for w in written), "ranges": stages.needed_ranges(cfg)}
+    return {"experts": len(ids), "written": sum(len(w) for w in written), "ranges": needed_ranges(cfg)}

@@ -9,12 +9,14 @@ config again resumes unfinished phases and skips finished ones (their subset man
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import logging
 import os
 import shutil
 import tempfile
 import time
-from typing import Any, Callable
+from typing import Any
 
 import ray
 import torch
@@ -22,17 +24,15 @@ from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from ptmst_ray import storage, tensorio
-from ptmst_ray.config import PhaseConfig, _build, from_dict
+from ptmst_ray.config import Config, PhaseConfig, build_section, from_dict
 from ptmst_ray.device import pick_device, set_threads
-from ptmst_ray.orchestration import stages
-from ptmst_ray.orchestration.runtime import cluster_info, report_progress
+from ptmst_ray.layout import TRAIN_SNAPSHOT, Layout, PhaseJob, phase_jobs, phase_outcome
+from ptmst_ray.orchestration.runtime import Poll, as_completed, cluster_info, record_attempt, report_progress
+from ptmst_ray.stages.phase import distill_phase
 
 log = logging.getLogger(__name__)
 
-METRICS_FILE = "metrics.json"
 MAX_FAILURES = 2
-TRAIN_SNAPSHOT = "checkpoint_manager_snapshot.json"
-"""Ray Train 2.60's record of the checkpoints it tracks, next to the checkpoint folders of a run."""
 _PYARROW_SCHEMES = ("s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss", "file")
 
 
@@ -55,12 +55,13 @@ def _scalar_metrics(metrics: dict) -> dict:
 def phase_train_func(config: dict) -> None:
     """Per-worker function: parse the config, distil the phase, report metrics and checkpoints."""
     cfg = from_dict(config["cfg"])
-    name, phase = config["name"], _build(PhaseConfig, config["phase"])
+    name, phase = config["name"], build_section(PhaseConfig, config["phase"])
     set_threads(config["threads"])
     device = ray.train.torch.get_device() if torch.cuda.is_available() else pick_device()
     board = config.get("board")
     label = config.get("label") or name  # progress-board name (sweep trials prefix their id)
-    metrics_url = storage.join(stages.Layout(cfg.run.root).phases, name, METRICS_FILE)
+    layout = Layout.of(cfg)
+    metrics_url = layout.metrics(name)
     history: list[dict] = []
     resume_state = None
     ckpt = ray.train.get_checkpoint()
@@ -71,13 +72,16 @@ def phase_train_func(config: dict) -> None:
     if config.get("run_name"):
         # the controller's checkpoint can be older than one already on storage (a kill between
         # the upload and its registration): take the furthest intact state of the two
-        stored = latest_stored_state(storage.join(stages.Layout(cfg.run.root).phases, config["run_name"]), above=given)
+        stored = latest_stored_state(layout.train_run(config["run_name"]), above=given)
         resume_state = furthest_state(resume_state, stored)
     if resume_state is not None:
         if storage.exists(metrics_url):
             history = [m for m in storage.read_json(metrics_url) if m["iteration"] <= resume_state["iteration"]]
         log.info("%s: resuming from the checkpoint at iteration %d", name, resume_state["iteration"])
-    attempt = _record_attempt(cfg, name, resume_state, given)
+    start = time.time()
+    attempt_url = layout.attempt(name, os.getpid(), start)
+    attempt = record_attempt(attempt_url, start=start, given_checkpoint=given,
+                             resumed_from=int(resume_state["iteration"]) if resume_state else None)
     pending: dict[str, str] = {}
     last_recall: dict[str, float] = {}
     gauge = _loss_gauge()
@@ -106,7 +110,7 @@ def phase_train_func(config: dict) -> None:
         else:
             ray.train.report(metrics)
 
-    result = stages.distill_phase(cfg, name, phase, device=device, seed=config["seed"],
+    result = distill_phase(cfg, name, phase, device=device, seed=config["seed"],
                                   save_checkpoint=save_checkpoint, report=report, resume_state=resume_state,
                                   until=config.get("until"))
     storage.write_json(metrics_url, history)
@@ -118,7 +122,7 @@ def phase_train_func(config: dict) -> None:
         shutil.rmtree(d, ignore_errors=True)
     report_progress(board, label, phase.iterations if result["status"] == "done" else final["iteration"],
                     phase.iterations, result["status"])
-    _record_attempt(cfg, name, resume_state, given, {**attempt, "end": time.time(), "status": result["status"]})
+    record_attempt(attempt_url, attempt, end=time.time(), status=result["status"])
 
 
 def furthest_state(*states: dict | None) -> dict | None:
@@ -219,20 +223,6 @@ def fit_and_prune(trainer: TorchTrainer, run_dir: str):
     return result
 
 
-def _record_attempt(cfg, name: str, resume_state: dict | None, given: int | None, info: dict | None = None) -> dict:
-    """One JSON per worker attempt: where it ran (pid, node, GPU ids), when, and where it resumed from
-    (``given_checkpoint``: the iteration of the checkpoint Train handed over, if any)."""
-    info = info or {
-        "pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(),
-        "gpu_ids": [str(g) for g in ray.get_gpu_ids()], "start": time.time(),
-        "resumed_from": int(resume_state["iteration"]) if resume_state else None,
-        "given_checkpoint": given,
-    }
-    url = storage.join(stages.Layout(cfg.run.root).phases, name, "attempts", f"{info['pid']}-{int(info['start'])}.json")
-    storage.write_json(url, info)
-    return info
-
-
 def _loss_gauge():
     try:
         from ray.util.metrics import Gauge
@@ -255,7 +245,7 @@ def make_trainer(cfg_dict: dict, name: str, phase: dict, seed: int, run_name: st
                             resources_per_worker={"CPU": 1, **({"GPU": gpus} if gpus else {})})
     run_config = RunConfig(name=run_name, failure_config=FailureConfig(max_failures=max_failures),
                            checkpoint_config=CheckpointConfig(num_to_keep=2),
-                           **storage_args(stages.Layout(cfg.run.root).phases))
+                           **storage_args(Layout.of(cfg).phases))
     # gloo works everywhere (NCCL fails on logical GPUs without CUDA); one worker needs no collectives
     return TorchTrainer(phase_train_func, scaling_config=scaling, run_config=run_config,
                         torch_config=TorchConfig(backend="gloo"),
@@ -269,43 +259,35 @@ def fit_phase(cfg_dict: dict, name: str, phase: dict, seed: int, run_name: str, 
     """Launcher task (holds no CPU): build the phase's TorchTrainer and block on fit()."""
     trainer = make_trainer(cfg_dict, name, phase, seed, run_name, board)
     try:
-        fit_and_prune(trainer, storage.join(stages.Layout(from_dict(cfg_dict).run.root).phases, run_name))
+        fit_and_prune(trainer, Layout.of(from_dict(cfg_dict)).train_run(run_name))
     except Exception as e:  # noqa: BLE001 - Train wraps worker errors; report them per phase
         return {"name": name, "status": "failed", "detail": f"{type(e).__name__}: {e}"}
     return {"name": name, "status": "finished"}
 
 
-def run_phases(cfg, board=None, poll: Callable[[], None] | None = None, with_baseline: bool = True) -> dict[str, dict]:
+def run_phases(cfg: Config, board=None, poll: Poll | None = None, with_baseline: bool = True) -> dict[str, dict]:
     """Distil every phase (and the single-phase baseline) as concurrent Train runs; returns per-phase status."""
-    import dataclasses
-
-    layout = stages.Layout(cfg.run.root)
     cfg_dict = cfg.to_dict()
-    jobs, status = [], {}
-    for name, phase, seed in stages.phase_jobs(cfg, with_baseline):
-        chash = stages.phase_hash(cfg, phase)
-        if storage.is_complete(layout.subset(name), chash):
-            status[name] = {"status": "done", "skipped": True}
-            report_progress(board, name, phase.iterations, phase.iterations, "done (skipped)")
+    todo: collections.deque[PhaseJob] = collections.deque()
+    status = {}
+    for job in phase_jobs(cfg, with_baseline):
+        if phase_outcome(cfg, job).status == "done":
+            status[job.name] = {"status": "done", "skipped": True}
+            report_progress(board, job.name, job.phase.iterations, job.phase.iterations, "done (skipped)")
         else:
-            jobs.append((name, dataclasses.asdict(phase), seed, f"{name}-{chash}"))
+            todo.append(job)
     slots = cluster_info().parallel_slots(cfg.distill.gpus_per_phase)
-    log.info("%d distillation run(s) to do, up to %d at once", len(jobs), slots)
-    pending: dict = {}
-    while jobs or pending:
-        while jobs and len(pending) < slots:
-            name, phase, seed, run_name = jobs.pop(0)
-            pending[fit_phase.remote(cfg_dict, name, phase, seed, run_name, board)] = name
-        ready, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)
-        if poll is not None:
-            poll()
-        for ref in ready:
-            name = pending.pop(ref)
-            status[name] = ray.get(ref)
-    for name, phase, _ in stages.phase_jobs(cfg, with_baseline):
-        if storage.is_complete(layout.subset(name), stages.phase_hash(cfg, phase)):
-            status[name] = {**status.get(name, {}), "status": "done"}
-        elif storage.exists(storage.join(layout.phases, name, "diverged", storage.MANIFEST)):
-            status[name] = {"status": "diverged", "detail": storage.read_json(
-                storage.join(layout.phases, name, "diverged", "subset.json")).get("diverged", {}).get("detail")}
+    log.info("%d distillation run(s) to do, up to %d at once", len(todo), slots)
+
+    def submit(job: PhaseJob):
+        return fit_phase.remote(cfg_dict, job.name, dataclasses.asdict(job.phase), job.seed, job.run_name, board)
+
+    for job, ref in as_completed(todo, submit, slots, poll):
+        status[job.name] = ray.get(ref)
+    for job in phase_jobs(cfg, with_baseline):
+        outcome = phase_outcome(cfg, job)
+        if outcome.status == "done":
+            status[job.name] = {**status.get(job.name, {}), "status": "done"}
+        elif outcome.status == "diverged":
+            status[job.name] = {"status": "diverged", "detail": outcome.detail}
     return status

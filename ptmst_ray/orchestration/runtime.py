@@ -1,4 +1,5 @@
-"""Connecting to Ray (laptop or cluster), reading its resources, and the shared progress board.
+"""Connecting to Ray (laptop or cluster), reading its resources, the shared progress board, and the
+few scheduling helpers every stage's scheduler uses (waiting with a poll, a bounded pool, attempts).
 
 Why this file exists: every command starts Ray the same way: a local instance whose dashboard
 is bound to loopback (never 0.0.0.0: the dashboard and Jobs API run code for whoever reaches
@@ -9,14 +10,19 @@ that the CLI polls to draw its bars.
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import signal
 import threading
 import time
 from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Protocol
 
 import ray
+
+from ptmst_ray import storage
+from ptmst_ray.vocab import DASHBOARD_PORT
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +30,8 @@ LOOPBACK = "127.0.0.1"
 BOARD_NAME = "ptmst-progress"
 NAMESPACE = "ptmst-ray"
 TRAIN_DRIVER = "train_driver"
-"""Custom resource that Tune trial drivers hold instead of CPUs (RAY_NOTES: avoids deadlock)."""
+"""Custom resource that Tune trial drivers hold instead of CPUs: a trial holding a CPU while its Train
+runs wait for CPUs deadlocks a small cluster (docs/design.md#ray-topology)."""
 
 
 @dataclass(frozen=True)
@@ -54,7 +61,7 @@ def connect(address: str | None = None, num_cpus: int | None = None, num_gpus: i
             log.info("joining the Ray cluster at %s", address)
             ray.init(address=address, namespace=NAMESPACE, log_to_driver=True)
         else:
-            log.info("starting a local Ray instance (dashboard on http://%s:8265)", LOOPBACK)
+            log.info("starting a local Ray instance (dashboard on http://%s:%d)", LOOPBACK, DASHBOARD_PORT)
             ray.init(num_cpus=num_cpus, num_gpus=num_gpus, namespace=NAMESPACE, include_dashboard=True,
                      dashboard_host=LOOPBACK, resources={TRAIN_DRIVER: train_drivers}, log_to_driver=False,
                      configure_logging=True, logging_level=logging.WARNING)
@@ -124,3 +131,79 @@ def check_interrupted() -> None:
     if _INTERRUPTED.is_set():
         raise KeyboardInterrupt
 
+
+
+# --------------------------------------------------------------------------- waiting and pools
+
+
+class UI(Protocol):
+    """What the driver shows: a header per stage and the progress board's tasks."""
+
+    def stage(self, name: str) -> None: ...
+
+    def update(self, tasks: dict[str, dict]) -> None: ...
+
+
+class NullUI:
+    def stage(self, name: str) -> None:
+        log.info("== %s", name)
+
+    def update(self, tasks: dict[str, dict]) -> None:
+        pass
+
+
+Poll = Callable[[], None]
+
+
+def make_poll(board, ui: UI) -> Poll:
+    """A poll for the driver's wait loops: Ctrl-C check, and the board's state to ``ui`` twice a second."""
+    last = [0.0]
+
+    def poll() -> None:
+        check_interrupted()
+        now = time.monotonic()
+        if now - last[0] >= 0.5:
+            last[0] = now
+            try:
+                ui.update(ray.get(board.snapshot.remote(), timeout=5))
+            except Exception as e:  # noqa: BLE001 - the display must not fail the run
+                log.debug("progress poll failed: %s", e)
+
+    return poll
+
+
+def wait_all(refs: list, poll: Poll | None = None) -> list:
+    """``ray.get(refs)``, polling every half second while they run."""
+    pending = list(refs)
+    while pending:
+        _, pending = ray.wait(pending, num_returns=len(pending), timeout=0.5)
+        if poll is not None:
+            poll()
+    return ray.get(refs)
+
+
+def as_completed(queue: collections.deque, submit: Callable[[Any], Any], slots: int,
+                 poll: Poll | None = None) -> Iterator[tuple[Any, Any]]:
+    """Submit the items of ``queue`` with at most ``slots`` in flight; yield (item, ref) as each finishes.
+
+    The caller ``ray.get``s the ref and may put an item back into ``queue`` (a retry) while iterating.
+    """
+    pending: dict = {}
+    while queue or pending:
+        while queue and len(pending) < slots:
+            item = queue.popleft()
+            pending[submit(item)] = item
+        ready, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)
+        if poll is not None:
+            poll()
+        for ref in ready:
+            yield pending.pop(ref), ref
+
+
+def record_attempt(url: str, info: dict | None = None, **fields) -> dict:
+    """Write one worker attempt's record to ``url`` and return it: where it ran (pid, node, GPU ids),
+    when it started, plus ``fields``; pass a returned record as ``info`` to update it (e.g. its end)."""
+    info = {**(info or {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(),
+                        "gpu_ids": [str(g) for g in ray.get_gpu_ids()], "start": time.time()}), **fields}
+    storage.write_json(url, info)
+    return info

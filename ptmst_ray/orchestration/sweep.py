@@ -1,7 +1,7 @@
 """Hyper-parameter sweeps (`ptmst-ray sweep`): Ray Tune trials that each distil their phases as
 Train runs and report retrieval r_mean once per round, so ASHA can stop poor trials early.
 
-Why this file exists: the toy recipe's settings had to be found by measurement (RAY_NOTES), and
+Why this file exists: a recipe's settings are found by measurement, and
 the teacher ranges are the paper's main knob. A trial is the base config with the sampled dotted
 values applied, living in its own run root ``<root>/sweeps/<name>/<trial id>`` but reading data,
 pretraining, experts and shortcuts from the base root (``run.shared_root``): experts are trained
@@ -10,8 +10,8 @@ once, and every shortcut range any trial can need is compressed once, before Tun
 A trial's phase iterations are split into ``sweep.rounds``; a round reruns each phase's Train run
 (resuming from its checkpoint) up to the round's target iteration, all phases at once, then scores
 the phases' EMA subsets with one quick evaluation seed and calls ``tune.report``. Trial drivers
-hold ``{"CPU": 0, "train_driver": 1}`` so they never starve the Train workers (RAY_NOTES: the
-default 1 CPU per trial deadlocks a small cluster). Running the same command again restores the
+hold ``{"CPU": 0, "train_driver": 1}`` so they never starve the Train workers (the default 1 CPU
+per trial deadlocks a small cluster: docs/design.md#ray-topology). Running the same command again restores the
 Tune experiment: finished trials are not rerun, unfinished ones resume from their last round.
 """
 
@@ -36,12 +36,18 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from ptmst_ray import storage
 from ptmst_ray.config import Config, from_dict, section_hash
 from ptmst_ray.device import set_threads
-from ptmst_ray.orchestration import stages
-from ptmst_ray.orchestration.runtime import TRAIN_DRIVER, ClusterInfo, cluster_info, progress_board, report_progress
+from ptmst_ray.layout import Layout, StageError, needed_ranges, phase_jobs, phase_outcome
+from ptmst_ray.orchestration.phases import fit_and_prune, make_trainer, storage_args
+from ptmst_ray.orchestration.pipeline import run_prerequisites
+from ptmst_ray.orchestration.runtime import (
+    TRAIN_DRIVER, ClusterInfo, NullUI, cluster_info, make_poll, progress_board, report_progress, wait_all,
+)
+from ptmst_ray.stages.experts import compress_expert
+from ptmst_ray.stages.score import score_one_seed, subset_from_dir
+from ptmst_ray.vocab import METRICS, PTM_ST
 
 log = logging.getLogger(__name__)
 
-METRICS = ("IR@1", "IR@5", "IR@10", "TR@1", "TR@5", "TR@10", "r_mean")
 SWEEPABLE = ("phases.", "distill.", "shortcut.", "eval.")
 """Sections a trial may change: trials reuse the base run's data, pretraining and experts."""
 ROUND_FILE = "round.json"
@@ -59,7 +65,6 @@ def sweep_name(cfg: Config) -> str:
     """Deterministic name of this sweep (same config -> same name -> the same command resumes)."""
     raw = cfg.to_dict()
     raw["run"] = {k: v for k, v in raw["run"].items() if k not in ("address", "threads_per_worker")}
-    raw.pop("cluster")
     return f"{cfg.sweep.searcher}-{section_hash(raw)[:10]}"
 
 
@@ -139,7 +144,7 @@ def _candidates(spec: dict) -> list | None:
 
 def shortcut_ranges(cfg: Config) -> list[tuple[int, int]]:
     """Every teacher range any trial can need (enumerable dimensions only), within the experts' epochs."""
-    ranges = set(stages.needed_ranges(cfg))
+    ranges = set(needed_ranges(cfg))
     for i, phase in enumerate(cfg.phases):
         starts = _candidates(cfg.sweep.space.get(f"phases.{i}.range_start", {"choice": [phase.range_start]}))
         ends = _candidates(cfg.sweep.space.get(f"phases.{i}.range_end", {"choice": [phase.range_end]}))
@@ -163,12 +168,12 @@ def max_concurrent_trials(cfg: Config, info: ClusterInfo) -> int:
 
 
 def trial_root(base: Config, name: str, trial_id: str) -> str:
-    return storage.join(stages.Layout(base.run.root).sweeps, name, trial_id)
+    return Layout.of(base).trial(name, trial_id)
 
 
 def trial_config(base: Config, values: dict[str, Any], root: str) -> Config:
     """The base config with the sampled dotted values, phase outputs under ``root``, shared inputs from the base."""
-    return base.replace(**values, **{"run.root": root, "run.shared_root": stages.shared_root(base)})
+    return base.replace(**values, **{"run.root": root, "run.shared_root": Layout.of(base).shared})
 
 
 def round_target(iterations: int, rounds: int, k: int) -> int:
@@ -178,34 +183,23 @@ def round_target(iterations: int, rounds: int, k: int) -> int:
 
 def round_subsets(cfg: Config) -> list:
     """Each phase's EMA subset as of now: the complete one when finished, else the latest partial one."""
-    from ptmst_ray.distill.export import load_subset
-    from ptmst_ray.evaluate.protocol import Subset
-
-    layout, subsets = stages.Layout(cfg.run.root), []
-    for i, phase in enumerate(cfg.phases):
-        name = stages.phase_name(i)
-        done = storage.is_complete(layout.subset(name), stages.phase_hash(cfg, phase))
-        d = layout.subset(name) if done else layout.partial(name)
+    layout, subsets = Layout.of(cfg), []
+    for job in phase_jobs(cfg, with_baseline=False):
+        outcome = phase_outcome(cfg, job)
+        d = outcome.dir if outcome.status == "done" else layout.partial(job.name)
         if not storage.is_complete(d):
-            raise stages.StageError(f"{d}: phase {name} has no subset yet")
-        sub = load_subset(d)
-        subsets.append(Subset(images=sub.images.float(), text_emb=sub.text.float(), similarity=sub.similarity.float(),
-                              lr_img=sub.alpha_img, lr_txt=sub.alpha_txt))
+            raise StageError(f"{d}: phase {job.name} has no subset yet")
+        subsets.append(subset_from_dir(d))
     return subsets
 
 
-def _diverged(cfg: Config) -> str | None:
-    layout = stages.Layout(cfg.run.root)
-    for i, phase in enumerate(cfg.phases):
-        d = storage.join(layout.phases, stages.phase_name(i), "diverged")
-        if storage.is_complete(d, stages.phase_hash(cfg, phase)):
-            return stages.phase_name(i)
+def diverged_phase(cfg: Config) -> tuple[str, int] | None:
+    """(name, iteration) of the trial's first diverged phase, or None."""
+    for job in phase_jobs(cfg, with_baseline=False):
+        outcome = phase_outcome(cfg, job)
+        if outcome.status == "diverged":
+            return job.name, outcome.iteration or 0
     return None
-
-
-def _diverged_at(cfg: Config, name: str) -> int:
-    meta = storage.read_json(storage.join(stages.Layout(cfg.run.root).phases, name, "diverged", "subset.json"))
-    return int(meta.get("diverged", {}).get("iteration", 0))
 
 
 def eval_config(cfg: Config) -> Config:
@@ -220,33 +214,28 @@ _OUTSIDE_TRIAL = PlacementGroupSchedulingStrategy(placement_group=None)
 
 @ray.remote(num_cpus=1)
 def _score_round(cfg_dict: dict) -> dict:
-    from ptmst_ray.orchestration.scoring import score_one_seed
-
     set_threads(1)
     cfg = from_dict(cfg_dict)
-    return score_one_seed(cfg, "ptm_st", 0, subsets=round_subsets(cfg))
+    return score_one_seed(cfg, PTM_ST, 0, subsets=round_subsets(cfg))
 
 
 @ray.remote(num_cpus=1)
 def _compress_task(cfg_dict: dict, expert_id: int, ranges: list[tuple[int, int]]) -> list:
     set_threads(1)
-    return stages.compress_expert(from_dict(cfg_dict), expert_id, [tuple(r) for r in ranges])
+    return compress_expert(from_dict(cfg_dict), expert_id, [tuple(r) for r in ranges])
 
 
 def _distil_round(cfg: Config, trial_id: str, k: int, board) -> None:
     """Every phase of the trial up to round k's target, as concurrent Train runs (resumed from checkpoints)."""
-    from ptmst_ray.orchestration.phases import fit_and_prune, make_trainer
-
-    cfg_dict, rounds = cfg.to_dict(), cfg.sweep.rounds
+    cfg_dict, rounds, layout = cfg.to_dict(), cfg.sweep.rounds, Layout.of(cfg)
     jobs = []
-    for name, phase, seed in stages.phase_jobs(cfg, with_baseline=False):
-        if storage.is_complete(stages.Layout(cfg.run.root).subset(name), stages.phase_hash(cfg, phase)):
+    for job in phase_jobs(cfg, with_baseline=False):
+        if phase_outcome(cfg, job).status == "done":
             continue
-        until = round_target(phase.iterations, rounds, k)
-        run_name = f"{name}-{stages.phase_hash(cfg, phase)}"
-        jobs.append((make_trainer(cfg_dict, name, dataclasses.asdict(phase), seed, run_name, board, until=until,
-                                  label=f"{trial_id} {name}"),
-                     storage.join(stages.Layout(cfg.run.root).phases, run_name)))
+        until = round_target(job.phase.iterations, rounds, k)
+        jobs.append((make_trainer(cfg_dict, job.name, dataclasses.asdict(job.phase), job.seed, job.run_name, board,
+                                  until=until, label=f"{trial_id} {job.name}"),
+                     layout.train_run(job.run_name)))
     if not jobs:
         return
     with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
@@ -274,22 +263,22 @@ def run_trial(values: dict[str, Any], base: dict, name: str, board=None) -> None
     base_cfg = from_dict(base)
     trial_id = tune.get_context().get_trial_id()
     cfg = trial_config(base_cfg, values, trial_root(base_cfg, name, trial_id))
-    storage.write_text(storage.join(cfg.run.root, "config.yaml"), cfg.to_yaml())
+    storage.write_text(Layout.of(cfg).config_yaml, cfg.to_yaml())
     rounds = cfg.sweep.rounds
     for i in range(cfg.experts.num_experts):  # a range the driver could not foresee: computed once, shared
-        stages.compress_expert(cfg, i)
+        compress_expert(cfg, i)
     label = f"trial {trial_id}"
     for k in range(_restored_round() + 1, rounds + 1):
         report_progress(board, label, k - 1, rounds, "distilling")
-        diverged = _diverged(cfg)
+        diverged = diverged_phase(cfg)
         if diverged is None:
             _distil_round(cfg, trial_id, k, board)
-            diverged = _diverged(cfg)
+            diverged = diverged_phase(cfg)
         iterations = max(round_target(p.iterations, rounds, k) for p in cfg.phases)
         if diverged is not None:  # scored 0: a diverged trial must lose, not crash the sweep
             metrics = {m: 0.0 for m in METRICS} | {"r_mean_final": 0.0, "diverged": 1.0}
-            iterations = _diverged_at(cfg, diverged)
-            info = f"round {k}: {diverged} diverged (r_mean 0)"
+            name_diverged, iterations = diverged
+            info = f"round {k}: {name_diverged} diverged (r_mean 0)"
         else:
             report_progress(board, label, k - 1, rounds, "evaluating")
             out = ray.get(_score_round.options(scheduling_strategy=_OUTSIDE_TRIAL).remote(eval_config(cfg).to_dict()))
@@ -346,21 +335,14 @@ def _precompute_shortcuts(cfg: Config, poll) -> list[tuple[int, int]]:
     ranges = shortcut_ranges(cfg)
     if cfg.shortcut.enabled:
         cfg_dict = cfg.to_dict()
-        refs = [_compress_task.remote(cfg_dict, i, ranges) for i in range(cfg.experts.num_experts)]
-        pending = list(refs)
-        while pending:
-            _, pending = ray.wait(pending, num_returns=len(pending), timeout=0.5)
-            poll()
-        ray.get(refs)
+        wait_all([_compress_task.remote(cfg_dict, i, ranges) for i in range(cfg.experts.num_experts)], poll)
     return ranges
 
 
 def build_tuner(cfg: Config, name: str, board=None, poll=None, verbose: int = 1) -> tuple[tune.Tuner, bool]:
     """A new Tuner, or the restored one when this sweep's experiment exists (finished trials are kept)."""
-    from ptmst_ray.orchestration.phases import storage_args
-
     _POLL[0] = poll  # also read by the callback of a restored Tuner
-    sweeps = stages.Layout(cfg.run.root).sweeps
+    sweeps = Layout.of(cfg).sweeps
     args = storage_args(sweeps)
     path = storage.join(args["storage_path"], name) if "storage_filesystem" in args else storage.join(sweeps, name)
     trainable = tune.with_resources(tune.with_parameters(run_trial, base=cfg.to_dict(), name=name, board=board),
@@ -389,8 +371,6 @@ def run_sweep(cfg: Config, ui=None, name: str | None = None, verbose: int = 1) -
     Writes results.csv / results.parquet (one row per trial), best.yaml (ready for `ptmst-ray run`)
     and r_mean.png under ``<root>/sweeps/<name>``.
     """
-    from ptmst_ray.orchestration.driver import NullUI, _poller, run_prerequisites
-
     ui = ui or NullUI()
     validate_sweep(cfg)
     if not cluster_info_has_driver_slots():
@@ -399,7 +379,7 @@ def run_sweep(cfg: Config, ui=None, name: str | None = None, verbose: int = 1) -
     name = name or sweep_name(cfg)
     board = progress_board()
     ray.get(board.clear.remote())
-    poll = _poller(board, ui)
+    poll = make_poll(board, ui)
     t0 = time.time()
     run_prerequisites(cfg, ui, board, poll)
     ui.stage("shortcut ranges of the search space")
@@ -408,7 +388,7 @@ def run_sweep(cfg: Config, ui=None, name: str | None = None, verbose: int = 1) -
     ui.stage(f"sweep {name}" + (" (resumed)" if resumed else ""))
     grid = tuner.fit()
     rows = result_rows(grid, cfg)
-    out_dir = storage.join(stages.Layout(cfg.run.root).sweeps, name)
+    out_dir = Layout.of(cfg).sweep(name)
     summary = {"name": name, "dir": out_dir, "rows": rows, "resumed": resumed, "ranges": ranges,
                "wall_seconds": time.time() - t0, "errors": [str(e) for e in grid.errors]}
     write_outputs(cfg, name, rows, summary)
@@ -481,7 +461,7 @@ def write_outputs(cfg: Config, name: str, rows: list[dict[str, Any]], summary: d
     import pyarrow.csv as pcsv
     import pyarrow.parquet as pq
 
-    out = storage.join(stages.Layout(cfg.run.root).sweeps, name)
+    out = Layout.of(cfg).sweep(name)
     if not rows:
         return
     table = _table(rows)

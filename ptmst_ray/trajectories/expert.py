@@ -1,4 +1,4 @@
-"""Training one expert on the real train split (ALGORITHM.md section 3).
+"""Training one expert on the real train split (docs/method.md#expert-trajectories).
 
 Why this file exists: the teacher trajectories that distillation matches are the
 parameters of experts trained with the ordinary CLIP loss (InfoNCE with S = I) and plain

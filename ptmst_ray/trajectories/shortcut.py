@@ -1,4 +1,4 @@
-"""Shortcut trajectories (ALGORITHM.md section 4): an expert's range [a, b] as a straight path.
+"""Shortcut trajectories (docs/method.md#shortcut-trajectories): an expert's range [a, b] as a straight path.
 
 Why this file exists: PTM-ST matches against a *shortcut* of each expert trajectory. For
 every parameter tensor l the shortcut keeps the two end points theta_a, theta_b and the
@@ -227,22 +227,6 @@ def shortcut_sidecar(traj: ShortcutTrajectory, meta: Mapping[str, Any]) -> dict[
         "materialised_nbytes": traj.materialised_nbytes,
         "meta": dict(meta),
     }
-
-
-def save_shortcut(url: str, traj: ShortcutTrajectory, meta: Mapping[str, Any] | None = None) -> None:
-    """Write ``traj``'s compact form to ``url`` (safetensors) and its JSON sidecar, both atomically."""
-    from ptmst_ray.trajectories.store import write_with_sidecar  # store imports this module
-
-    write_with_sidecar(url, to_tensors(traj), shortcut_sidecar(traj, meta or {}))
-
-
-def load_shortcut(url: str) -> ShortcutTrajectory:
-    """Read a shortcut written by :func:`save_shortcut`; the file hash is checked against the sidecar."""
-    from ptmst_ray.trajectories.store import read_with_sidecar
-
-    tensors, sidecar = read_with_sidecar(url)
-    names = [p["name"] for p in sidecar["params"]]
-    return from_tensors(tensors, names, int(sidecar["start"]))
 
 
 # --------------------------------------------------------------------------- storage figures

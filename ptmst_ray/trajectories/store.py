@@ -37,14 +37,12 @@ from torch import Tensor
 
 from ptmst_ray import storage
 from ptmst_ray.storage import StorageError
-from ptmst_ray.trajectories.shortcut import ShortcutTrajectory, load_shortcut, save_shortcut
+from ptmst_ray.trajectories.shortcut import ShortcutTrajectory, from_tensors, shortcut_sidecar, to_tensors
 
 log = logging.getLogger(__name__)
 
 Snapshot = dict[str, Tensor]
 
-EXPERTS_DIR = "experts"
-SHORTCUTS_DIR = "shortcuts"
 EXPERT_FORMAT = "ptmst-expert/1"
 REBUILD_HINT = "rebuild it with `ptmst-ray experts --rebuild`"
 SIDECAR_KEY = "ptmst_sidecar"
@@ -155,6 +153,18 @@ def read_with_sidecar(url: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
         raise StorageError(f"{url}: not a readable safetensors file ({e}); {REBUILD_HINT}") from None
 
 
+def save_shortcut(url: str, traj: ShortcutTrajectory, meta: Mapping[str, Any] | None = None) -> None:
+    """Write ``traj``'s compact form to ``url`` (safetensors) and its JSON sidecar, both atomically."""
+    write_with_sidecar(url, to_tensors(traj), shortcut_sidecar(traj, meta or {}))
+
+
+def load_shortcut(url: str) -> ShortcutTrajectory:
+    """Read a shortcut written by :func:`save_shortcut`; the file hash is checked against the sidecar."""
+    tensors, sidecar = read_with_sidecar(url)
+    names = [p["name"] for p in sidecar["params"]]
+    return from_tensors(tensors, names, int(sidecar["start"]))
+
+
 def _ids_in(directory: str) -> list[int]:
     return sorted(int(m.group(1)) for name in storage.listdir(directory) if (m := _ID_FILE.match(name)))
 
@@ -189,10 +199,6 @@ class TrajectoryStore:
 
     def __init__(self, root: str):
         self.root = root
-
-    @classmethod
-    def for_run(cls, run_root: str) -> "TrajectoryStore":
-        return cls(storage.join(run_root, EXPERTS_DIR))
 
     def url(self, expert_id: int) -> str:
         return storage.join(self.root, f"expert_{expert_id:04d}.safetensors")
@@ -290,10 +296,6 @@ class ShortcutStore:
 
     def __init__(self, root: str):
         self.root = root
-
-    @classmethod
-    def for_run(cls, run_root: str) -> "ShortcutStore":
-        return cls(storage.join(run_root, SHORTCUTS_DIR))
 
     def range_dir(self, a: int, b: int) -> str:
         return storage.join(self.root, f"range_{a}_{b}")

@@ -1,4 +1,4 @@
-"""Scoring methods on the same budget: the distilled set and its baselines, one seed at a time.
+"""Stage `eval`: the distilled set and its baselines scored on the same budget, one seed at a time.
 
 Why this file exists: `ptmst-ray run` and `ptmst-ray eval` compare PTM-ST's distilled set with a
 random coreset, a single-phase (LoRS-style) distillation of the same total budget, and the full
@@ -11,33 +11,49 @@ from __future__ import annotations
 import logging
 from typing import Any, Callable
 
-from ptmst_ray.config import Config
+from ptmst_ray.config import Config, PhaseConfig
 from ptmst_ray.evaluate.protocol import (
     Subset, aggregate, arrange_subsets, coreset_subset, evaluate_one_seed, random_coreset,
 )
 from ptmst_ray.evaluate.student import RetrievalSet
-from ptmst_ray.orchestration.stages import SINGLE_PHASE, Layout, StageError, load_real
+from ptmst_ray.layout import Layout, StageError
+from ptmst_ray.stages.embed import load_real
+from ptmst_ray.vocab import BASELINES, METHODS, PTM_ST, SINGLE_PHASE
 
 log = logging.getLogger(__name__)
 
-METHODS = ("ptm_st", "random", "single_phase", "full")
+
+def subset_from_dir(directory: str) -> Subset:
+    """A stored phase subset (complete, partial or diverged) as an evaluation :class:`Subset`."""
+    from ptmst_ray.distill.export import load_subset
+
+    sub = load_subset(directory)
+    return Subset(images=sub.images.float(), text_emb=sub.text.float(), similarity=sub.similarity.float(),
+                  lr_img=sub.alpha_img, lr_txt=sub.alpha_txt)
+
+
+def subset_from_state(phase: PhaseConfig, ema: dict) -> Subset:
+    """A phase's EMA state (``SyntheticSet.tensors()`` names) as an evaluation :class:`Subset`."""
+    from ptmst_ray.distill.export import similarity_matrix
+
+    state = {k: v.detach().float().cpu() for k, v in ema.items()}
+    return Subset(images=state["images"], text_emb=state["text"],
+                  similarity=similarity_matrix(phase.similarity, state).float(),
+                  lr_img=float(state["alpha_img"]), lr_txt=float(state["alpha_txt"]))
 
 
 def method_subsets(cfg: Config, method: str, seed: int, distilled_dir: str | None = None) -> list[Subset]:
-    from ptmst_ray.distill.export import load_subset
-    from ptmst_ray.orchestration.distilled import load_distilled
+    from ptmst_ray.stages.aggregate import load_distilled
 
-    layout = Layout(cfg.run.root)
-    if method == "ptm_st":
+    layout = Layout.of(cfg)
+    if method == PTM_ST:
         return load_distilled(distilled_dir or layout.distilled)
     real = load_real(cfg)
     if method == "random":
         idx = random_coreset(real.train_images.shape[0], cfg.total_pairs, cfg.eval.seed + seed, real.train_image_index)
         return [coreset_subset(real.train_images, real.train_text, idx)]
-    if method == "single_phase":
-        sub = load_subset(layout.subset(SINGLE_PHASE))
-        return [Subset(images=sub.images.float(), text_emb=sub.text.float(), similarity=sub.similarity.float(),
-                       lr_img=sub.alpha_img, lr_txt=sub.alpha_txt)]
+    if method == SINGLE_PHASE:
+        return [subset_from_dir(layout.subset(SINGLE_PHASE))]
     if method == "full":
         return [Subset(images=real.train_images, text_emb=real.train_text)]
     raise StageError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
@@ -81,10 +97,10 @@ def summarise(runs: list[dict[str, Any]], cfg: Config) -> dict[str, Any]:
             "epochs": cfg.eval.full_data_epochs if method == "full" else cfg.eval.epochs,
         }
     ratios = {}
-    if "ptm_st" in methods:
-        for base in ("random", "single_phase", "full"):
+    if PTM_ST in methods:
+        for base in BASELINES:
             if base in methods and methods[base]["r_mean"]["mean"] > 0:
-                ratios[f"ptm_st/{base}"] = methods["ptm_st"]["r_mean"]["mean"] / methods[base]["r_mean"]["mean"]
+                ratios[f"{PTM_ST}/{base}"] = methods[PTM_ST]["r_mean"]["mean"] / methods[base]["r_mean"]["mean"]
     return {"protocol": "best of evaluation points (paper); 'final' = final epoch", "methods": methods,
             "ratios": ratios, "eval": {"epochs": cfg.eval.epochs, "seeds": cfg.eval.seeds,
                                        "eval_points": cfg.eval.eval_points, "loss": cfg.eval_loss,

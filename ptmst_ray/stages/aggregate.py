@@ -1,4 +1,4 @@
-"""The aggregated distilled dataset: phase subsets, in phase order, as one exported artefact.
+"""Stage `aggregate`: the phase subsets, in phase order, as one exported distilled dataset.
 
 Why this file exists: users take the distilled set away. It is written as Parquet that pyarrow
 and Ray Data read directly (images as PNG bytes, text embeddings, nearest real captions, each
@@ -21,9 +21,9 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from ptmst_ray import storage
-from ptmst_ray.config import Config, section_hash
+from ptmst_ray.config import Config
 from ptmst_ray.evaluate.protocol import Subset
-from ptmst_ray.orchestration.stages import Layout, StageError, phase_hash, phase_name
+from ptmst_ray.layout import Layout, StageError, distilled_hash, phase_jobs, phase_name, phase_outcome
 
 log = logging.getLogger(__name__)
 
@@ -33,27 +33,18 @@ GRID = "grid.png"
 CARD = "card.json"
 
 
-def distilled_hash(cfg: Config, statuses: list[str] | None = None) -> str:
-    """Identity of the distilled set: its phases' hashes (and which of them diverged)."""
-    return section_hash([phase_hash(cfg, p) for p in cfg.phases], statuses or ["done"] * len(cfg.phases))
-
-
 def phase_subset_dirs(cfg: Config) -> list[tuple[str, str]]:
     """(status, directory) of each phase's subset: "done" (finished) or "diverged" (its last finite EMA state).
 
     Raises StageError when a phase has neither (it has not run, or failed).
     """
-    from ptmst_ray.orchestration.stages import diverged_dir
-
-    layout, out = Layout(cfg.run.root), []
-    for i, phase in enumerate(cfg.phases):
-        name, chash = phase_name(i), phase_hash(cfg, phase)
-        if storage.is_complete(layout.subset(name), chash):
-            out.append(("done", layout.subset(name)))
-        elif storage.is_complete(diverged_dir(cfg, name), chash):
-            out.append(("diverged", diverged_dir(cfg, name)))
-        else:
-            raise StageError(f"{layout.subset(name)}: phase {i} has not finished; run `ptmst-ray run` to distil it")
+    out = []
+    for i, job in enumerate(phase_jobs(cfg, with_baseline=False)):
+        outcome = phase_outcome(cfg, job)
+        if outcome.status == "none":
+            raise StageError(f"{Layout.of(cfg).subset(job.name)}: phase {i} has not finished; "
+                             "run `ptmst-ray run` to distil it")
+        out.append((outcome.status, outcome.dir))
     return out
 
 
@@ -77,7 +68,7 @@ def aggregate(cfg: Config) -> dict:
     from ptmst_ray.data.dataset import denormalize_images
     from ptmst_ray.distill.export import image_grid_png, load_subset
 
-    layout = Layout(cfg.run.root)
+    layout = Layout.of(cfg)
     sources = phase_subset_dirs(cfg)
     statuses = [status for status, _ in sources]
     chash = distilled_hash(cfg, statuses)

@@ -1,0 +1,51 @@
+"""Stage `experts` (+ `shortcut`): one expert trajectory trained and stored; one expert compressed
+into the shortcut trajectories the phases match.
+
+Experts are addressed by id and written atomically, so a retried expert lands exactly once; the Ray
+layer trains many at once and compresses each as soon as it is stored.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from ptmst_ray.config import Config
+from ptmst_ray.layout import Layout, experts_hash, needed_ranges
+from ptmst_ray.stages.embed import load_real
+from ptmst_ray.trajectories.store import ShortcutStore, TrajectoryStore
+
+
+def expert_store(cfg: Config) -> TrajectoryStore:
+    return TrajectoryStore(Layout.of(cfg).experts)
+
+
+def shortcut_store(cfg: Config) -> ShortcutStore:
+    return ShortcutStore(Layout.of(cfg).shortcuts)
+
+
+def train_and_store_expert(cfg: Config, expert_id: int, on_epoch: Callable[[int, dict], None] | None = None) -> int:
+    """Train expert ``expert_id`` (unless complete) and write it to the trajectory store."""
+    from ptmst_ray.trajectories.expert import expert_seed, train_expert
+
+    store, chash = expert_store(cfg), experts_hash(cfg)
+    if store.is_complete(expert_id, chash):
+        return expert_id
+    real = load_real(cfg)
+    snapshots = train_expert(cfg.experts, cfg.model, real.train_images, real.train_text, expert_id, on_epoch=on_epoch)
+    store.write_expert(expert_id, snapshots, seed=expert_seed(cfg.experts, expert_id), config_hash=chash)
+    return expert_id
+
+
+def compress_expert(cfg: Config, expert_id: int,
+                    ranges: list[tuple[int, int]] | None = None) -> list[tuple[int, int]]:
+    """Shortcut trajectories of one finished expert for ``ranges`` (default: every range the phases need)."""
+    from ptmst_ray.trajectories.shortcut import shortcut_trajectory
+
+    chash, shortcuts = experts_hash(cfg), shortcut_store(cfg)
+    todo = [r for r in (ranges or needed_ranges(cfg)) if not shortcuts.is_complete(r[0], r[1], expert_id, chash)]
+    if not todo:
+        return []
+    snapshots = expert_store(cfg).load_expert(expert_id, chash)
+    for a, b in todo:
+        shortcuts.write(a, b, expert_id, shortcut_trajectory(snapshots, a, b), config_hash=chash)
+    return todo
