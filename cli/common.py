@@ -52,18 +52,24 @@ def get_config(config: Optional[Path], overrides: Optional[list[str]]) -> Config
 
 
 def get_run_config(config: Optional[Path], overrides: Optional[list[str]]) -> Config:
-    """:func:`get_config`, then the paths a run needs: inputs exist, run root writable (exit 2 naming the field).
+    """:func:`get_config`, then everything the recipe needs (inputs exist, the model can be built as
+    configured, the run root is writable), or exit 2 naming the field.
 
-    Called before Ray starts, so a bad path launches nothing.
+    Called before Ray starts, so a bad recipe launches nothing.
     """
-    from ptmst_ray.layout import check_paths
-
     cfg = get_config(config, overrides)
+    preflight(cfg, config)
+    return cfg
+
+
+def preflight(cfg: Config, config: Optional[Path]) -> None:
+    """:func:`ptmst_ray.stages.preflight.check`, warnings printed, a problem exits 2 naming the field."""
+    from ptmst_ray.stages.preflight import check
+
     try:
-        check_paths(cfg)
+        check(cfg, warn=lambda message: console.print(f"[bold yellow]warning:[/] {message}"))
     except ConfigError as e:
         fail(f"{config or DEFAULT_CONFIG}: {e}")
-    return cfg
 
 
 INTERRUPTED = 130

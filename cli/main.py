@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from ptmst_ray_cli.common import SetOpt, console, get_config, setup_logging
+from ptmst_ray_cli.common import SetOpt, console, get_config, get_run_config, setup_logging
 
 app = typer.Typer(
     name="ptmst-ray",
@@ -36,8 +36,9 @@ def config_show(config: Optional[Path] = typer.Argument(None, help="YAML config 
 @config_app.command("validate")
 def config_validate(config: Path = typer.Argument(..., help="YAML config to check."),
                     set_: Optional[list[str]] = SetOpt) -> None:
-    """Exit 0 if the config is valid; otherwise print the file and field path and exit 2."""
-    get_config(config, set_)
+    """Exit 0 if the config is valid and everything it needs is there (input paths, weights of the right
+    shapes, packages, a writable run root); otherwise print the file and field and exit 2."""
+    get_run_config(config, set_)
     console.print(f"{config}: ok")
 
 

@@ -11,6 +11,7 @@ Each module has one entry function that takes the config, reads and writes under
 * :mod:`.aggregate` ``aggregate``: the phase subsets as one exported distilled set
 * :mod:`.score` ``score_one_seed``: one method's recall for one seed; ``summarise``: results.json
 * :mod:`.plots` ``plot_run``: the run's figure
+* :mod:`.preflight` ``check``: everything a recipe needs, before any work
 
 The Ray layer (:mod:`ptmst_ray.orchestration`) schedules these; a test can call any of them in-process.
 """
