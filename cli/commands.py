@@ -36,22 +36,46 @@ def results_table(results: dict) -> Table:
     return table
 
 
+def stage_table(results: dict) -> Table:
+    """Each stage's wall time and whether it did work or found everything complete."""
+    table = Table(title=f"stages: {results.get('wall_seconds', 0):.0f} s in all")
+    for c, justify in (("stage", "left"), ("seconds", "right"), ("", "left")):
+        table.add_column(c, justify=justify)
+    for row in results.get("stages", []):
+        table.add_row(row["stage"], f"{row['seconds']:.1f}", "ran" if row["ran"] else "skipped (complete)")
+    return table
+
+
 @app.command()
 def run(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt, address: Optional[str] = AddressOpt,
         json_out: bool = typer.Option(False, "--json", help="Also print results.json to stdout."),
         rebuild: Optional[str] = typer.Option(
             None, "--rebuild", metavar="STAGE",
             help="Delete STAGE's artefacts and every later stage's, then run: data, pretrain, embed, experts, "
-                 "shortcut, phases, aggregate or eval (e.g. after a corrupt-file error).")) -> None:
+                 "shortcut, phases, aggregate or eval (e.g. after a corrupt-file error)."),
+        as_job: bool = typer.Option(
+            False, "--as-job",
+            help="Run as a Ray Job of the local Ray this command starts, so the dashboard's Jobs page has the "
+                 "run's log; the terminal follows that log (plain lines, no progress bars).")) -> None:
     """Run the whole pipeline (data, pretrain, experts, shortcuts, phases, aggregate, eval); resumes."""
     from ptmst_ray import layout
     from ptmst_ray.orchestration.pipeline import run_pipeline
     from ptmst_ray.orchestration.runtime import install_interrupt_handler
     from ptmst_ray.vocab import STAGES
 
-    cfg = get_run_config(config, set_)
+    cfg = get_run_config(config, set_, address)
     if rebuild is not None and rebuild not in STAGES:
         fail(f"--rebuild {rebuild!r}: not a stage; choose one of {', '.join(STAGES)}")
+    if as_job:
+        from ptmst_ray_cli.dashboard_cmd import run_as_job
+
+        if address or cfg.run.address:
+            fail("--as-job starts its own local Ray; on a running cluster use `ptmst-ray launch --address URL`")
+        raise typer.Exit(run_as_job(cfg, [*(["--config", str(config) if "://" in str(config) else str(Path(config).resolve())]
+                                            if config else []),
+                                          *[a for s in set_ or [] for a in ("--set", s)],
+                                          *(["--rebuild", rebuild] if rebuild else []),
+                                          *(["--json"] if json_out else [])]))
     try:
         if rebuild is not None:
             removed = layout.rebuild(cfg, rebuild)
@@ -67,6 +91,7 @@ def run(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt, 
     for w in results.get("warnings", []):
         console.print(f"[bold yellow]warning:[/] {w}")
     console.print(results_table(results))
+    console.print(stage_table(results))
     for k, v in results.get("ratios", {}).items():
         console.print(f"{k}: {v:.2f}x")
     paths = layout.Layout.of(cfg)
@@ -159,7 +184,7 @@ def experts(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetO
     from ptmst_ray.orchestration.experts import run_experts
     from ptmst_ray.orchestration.runtime import make_poll, progress_board
 
-    cfg = get_run_config(config, set_)
+    cfg = get_run_config(config, set_, address)
     try:
         _ready_for_experts(cfg)
         if rebuild:  # the same as `run --rebuild experts`: later stages were computed from these experts
@@ -181,7 +206,7 @@ def shortcut(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = Set
     """Compress the stored expert trajectories into the shortcut ranges the phases need."""
     from ptmst_ray.orchestration.experts import run_shortcuts
 
-    cfg = get_run_config(config, set_)
+    cfg = get_run_config(config, set_, address)
     connect_ray(cfg, address)
     try:
         out = run_shortcuts(cfg)
@@ -200,7 +225,7 @@ def eval_(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt
     from ptmst_ray.orchestration.runtime import make_poll, progress_board
     from ptmst_ray.vocab import METHODS
 
-    cfg = get_run_config(config, set_)
+    cfg = get_run_config(config, set_, address)
     bad = [m for m in method if m not in METHODS]
     if bad:
         fail(f"--method {bad[0]!r} is not one of {', '.join(METHODS)}")

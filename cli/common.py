@@ -51,23 +51,25 @@ def get_config(config: Optional[Path], overrides: Optional[list[str]]) -> Config
     raise AssertionError("unreachable")
 
 
-def get_run_config(config: Optional[Path], overrides: Optional[list[str]]) -> Config:
+def get_run_config(config: Optional[Path], overrides: Optional[list[str]], address: Optional[str] = None) -> Config:
     """:func:`get_config`, then everything the recipe needs (inputs exist, the model can be built as
     configured, the run root is writable), or exit 2 naming the field.
 
     Called before Ray starts, so a bad recipe launches nothing.
     """
     cfg = get_config(config, overrides)
-    preflight(cfg, config)
+    preflight(cfg, config, address)
     return cfg
 
 
-def preflight(cfg: Config, config: Optional[Path]) -> None:
+def preflight(cfg: Config, config: Optional[Path], address: Optional[str] = None) -> None:
     """:func:`ptmst_ray.stages.preflight.check`, warnings printed, a problem exits 2 naming the field."""
+    from ptmst_ray.orchestration.runtime import is_cluster_address
     from ptmst_ray.stages.preflight import check
 
     try:
-        check(cfg, warn=lambda message: console.print(f"[bold yellow]warning:[/] {message}"))
+        check(cfg, warn=lambda message: console.print(f"[bold yellow]warning:[/] {message}"),
+              shared_inputs=is_cluster_address(address or cfg.run.address or os.environ.get("RAY_ADDRESS")))
     except ConfigError as e:
         fail(f"{config or DEFAULT_CONFIG}: {e}")
 
@@ -126,8 +128,14 @@ def connect_ray(cfg, address: Optional[str]):
     """Start or join Ray (``--address``, else run.address / RAY_ADDRESS, else a local Ray) and say what it has."""
     from ptmst_ray.orchestration.runtime import connect
 
+    from ptmst_ray_cli.dashboard_cmd import login_hint
+
     info = connect(address or cfg.run.address)
     console.print(f"Ray: {info.cpus:.0f} CPUs, {info.gpus:.0f} GPUs, {info.nodes} node(s); run root {cfg.run.root}")
+    if info.dashboard_url:
+        joined = address or cfg.run.address or os.environ.get("RAY_ADDRESS")
+        where = " (on the head: reach it with `ray dashboard CLUSTER_YAML`)" if joined else ""
+        console.print(f"dashboard: {info.dashboard_url}{where}; {login_hint()}", highlight=False)
     return info
 
 

@@ -44,9 +44,10 @@ def config_validate(config: Path = typer.Argument(..., help="YAML config to chec
 
 def _register() -> None:
     """Stage commands live in their own modules; importing them adds them to `app`."""
-    from ptmst_ray_cli import cluster_cmds, commands, sweep_cmd  # noqa: F401
+    from ptmst_ray_cli import cluster_cmds, commands, dashboard_cmd, sweep_cmd  # noqa: F401
 
     cluster_cmds.register(app)
+    dashboard_cmd.register(app)
     sweep_cmd.register(app)
 
 

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from ptmst_ray_cli.common import ConfigOpt, SetOpt, console, fail, get_config, progress_bars
+from ptmst_ray_cli.common import ConfigOpt, SetOpt, console, fail, get_run_config, progress_bars
 
 from ptmst_ray.vocab import RECALLS
 
@@ -42,7 +42,7 @@ def sweep_cmd(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = Se
     from ptmst_ray_cli.common import RichUI, connect_ray, library_errors
 
     overrides = list(set_ or []) + ([f"sweep.num_samples={samples}"] if samples is not None else [])
-    cfg = get_config(config, overrides)
+    cfg = get_run_config(config, overrides, address)
     try:
         validate_sweep(cfg)
     except SweepError as e:

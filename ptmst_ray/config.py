@@ -68,10 +68,14 @@ class RunConfig:
     """torch threads inside each Ray worker; 0 = the CPUs the worker was given."""
     shared_root: Optional[str] = None
     """Root whose data, pretrain, experts and shortcuts this run reuses (sweep trials); None = root."""
+    gpus_per_task: float = 1.0
+    """GPUs each evaluation task (one method x seed student, the full-data baseline) and each pretraining run
+    asks Ray for when the cluster has GPUs (fractions share one); 0 = CPU only. Without GPUs: one CPU each."""
 
     def __post_init__(self):
         _check(bool(self.root), "root", "must be a path or URL, e.g. ~/ptmst-runs/toy or s3://bucket/runs/toy")
         _check(self.threads_per_worker >= 0, "threads_per_worker", "must be >= 0")
+        _check(self.gpus_per_task >= 0, "gpus_per_task", "must be >= 0 (0: evaluation and pretraining on CPUs)")
 
 
 @dataclass(frozen=True)

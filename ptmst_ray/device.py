@@ -17,6 +17,21 @@ def pick_device() -> torch.device:
     return torch.device("cpu")
 
 
+def worker_device(device: "torch.device | str | None" = None) -> torch.device:
+    """The device a stage computes on: ``device`` if given (a caller's explicit choice, e.g. a test's), else
+    :func:`pick_device`. In a Ray worker that was given a GPU, Ray sets CUDA_VISIBLE_DEVICES to that GPU
+    alone, so ``cuda:0`` is the GPU Ray gave it (never another task's)."""
+    return torch.device(device) if device is not None else pick_device()
+
+
+def pin(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``tensor`` in page-locked memory when it will be copied to a CUDA device (so ``.to(device,
+    non_blocking=True)`` overlaps the copy with compute), else unchanged (pinning is pointless on the CPU)."""
+    if device.type == "cuda" and tensor.device.type == "cpu" and not tensor.is_pinned():
+        return tensor.pin_memory()
+    return tensor
+
+
 def set_threads(n: int) -> None:
     """Set torch intra-op threads (0 = leave as is); Ray workers should match their CPU share."""
     if n > 0:

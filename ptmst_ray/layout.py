@@ -366,6 +366,12 @@ def check_paths(cfg: Config) -> None:
             continue
         if value and not storage.exists(value):
             raise ConfigError(name, f"{value} does not exist; fix the path (or --set {name}=...)")
+    if storage.scheme(cfg.run.root) in storage.OBJECT_STORE_SCHEMES:  # bounded: an unreachable endpoint fails fast
+        try:
+            storage.check_writable(cfg.run.root)
+        except (OSError, storage.StorageError) as e:
+            raise ConfigError("run.root", f"{e}; or choose another run root (--set run.root=...)") from None
+        return
     probe = storage.join(cfg.run.root, f".ptmst-write-check-{os.getpid()}")
     try:
         storage.write_bytes(probe, b"ok")

@@ -38,8 +38,17 @@ class StorageError(RuntimeError):
 
 
 def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    """(filesystem, path within it) for a local path or fsspec URL."""
-    return url_to_fs(os.path.expanduser(url) if "://" not in url else url)
+    """(filesystem, path within it) for a local path or fsspec URL.
+
+    On an object store, listings are never cached: other processes (Train workers writing through
+    pyarrow, other nodes) add and delete keys, and a cached listing would hide them from the resume
+    scan and the checkpoint clean-up.
+    """
+    if "://" not in url:
+        return url_to_fs(os.path.expanduser(url))
+    if url.split("://", 1)[0].lower() in ("s3", "s3a"):
+        return url_to_fs(url, use_listings_cache=False)
+    return url_to_fs(url)
 
 
 def join(base: str, *parts: str) -> str:
@@ -111,6 +120,14 @@ def write_error(url: str, e: OSError) -> StorageError:
                         "run root writable, then run the same command again", url)
 
 
+_WRITES = [0]
+
+
+def writes() -> int:
+    """How many files this process has written (atomically) so far: a stage that wrote none did no work."""
+    return _WRITES[0]
+
+
 @contextlib.contextmanager
 def atomic_open(url: str, mode: str = "wb") -> Iterator[Any]:
     """Write to a temporary sibling, then move into place; on error the target is untouched.
@@ -127,6 +144,7 @@ def atomic_open(url: str, mode: str = "wb") -> Iterator[Any]:
         with fs.open(tmp, mode) as f:
             yield f
         fs.mv(tmp, path)
+        _WRITES[0] += 1
     except BaseException as e:
         with contextlib.suppress(FileNotFoundError, OSError):
             if fs.exists(tmp):
@@ -220,3 +238,69 @@ def local_path(url: str) -> str | None:
     if "://" in url:
         return None
     return os.path.abspath(os.path.expanduser(url))
+
+
+# --------------------------------------------------------------------------- object stores
+
+OBJECT_STORE_SCHEMES = ("s3", "s3a")
+"""Schemes reached through s3fs (and, for Ray Train's checkpoints, pyarrow's S3FileSystem)."""
+PROBE_TIMEOUT_S = 5.0
+"""Connect/read timeout of the run root's pre-run probe: an unreachable endpoint fails in seconds."""
+S3_ENV_VARS = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+               "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE")
+"""The standard variables s3fs (botocore) and pyarrow both read; values are never logged."""
+
+
+def scheme(url: str) -> str:
+    return url.split("://", 1)[0].lower() if "://" in url else ""
+
+
+def _probe_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """A filesystem for ``url`` that fails fast: bounded timeouts, no retries (object stores only)."""
+    if scheme(url) not in OBJECT_STORE_SCHEMES:
+        return filesystem(url)
+    fs_cls = fsspec.get_filesystem_class(scheme(url))
+    fs = fs_cls(skip_instance_cache=True, config_kwargs={"connect_timeout": PROBE_TIMEOUT_S,
+                                                         "read_timeout": PROBE_TIMEOUT_S,
+                                                         "retries": {"max_attempts": 1}})
+    fs.retries = 1  # s3fs's own retry loop (class default 5, with back-off)
+    return fs, fs._strip_protocol(url)
+
+
+def _endpoint() -> str:
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "AWS's default endpoint"
+
+
+def check_writable(url: str) -> None:
+    """Write and delete a probe object under ``url``; raise :class:`StorageError` with a one-line reason.
+
+    On an object store the bucket is read first, so the message tells apart an unreachable endpoint,
+    a missing bucket, credentials that are refused, and a prefix that can be read but not written.
+    Credentials are never part of a message (only the names of the variables to check).
+    """
+    fs, path = _probe_fs(url)
+    probe = f"{path.rstrip('/')}/.ptmst-write-check-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    if scheme(url) in OBJECT_STORE_SCHEMES:
+        bucket = path.split("/", 1)[0]
+        try:
+            fs.ls(bucket, detail=False)
+        except FileNotFoundError:
+            raise StorageError(f"{url}: bucket {bucket!r} does not exist at {_endpoint()}; create it or fix the "
+                               "bucket name", url) from None
+        except PermissionError:
+            raise StorageError(f"{url}: access to bucket {bucket!r} denied at {_endpoint()}; check the credentials "
+                               "(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_PROFILE)", url) from None
+        except Exception as e:  # noqa: BLE001 - botocore's connection errors are not OSErrors
+            raise StorageError(f"{url}: cannot reach the S3 endpoint {_endpoint()} ({type(e).__name__}); check "
+                               "AWS_ENDPOINT_URL and the network", url) from None
+    try:
+        with fs.open(probe, "wb") as f:
+            f.write(b"ok")
+        fs.rm(probe)
+    except PermissionError:
+        raise StorageError(f"{url}: read-only (writing a probe object was denied); choose a prefix these "
+                           "credentials may write", url) from None
+    except OSError as e:
+        raise write_error(url, e) from None
+    except Exception as e:  # noqa: BLE001 - connection errors of remote filesystems
+        raise StorageError(f"{url}: cannot write ({type(e).__name__}: {e})", url) from None

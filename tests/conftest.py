@@ -41,7 +41,7 @@ def ray_session():
     from ptmst_ray.orchestration.runtime import connect
 
     _os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
-    info = connect(num_cpus=2, num_gpus=2)
+    info = connect(num_cpus=2, num_gpus=int(_os.environ.get("PTMST_TEST_GPUS", "2")))  # bench/gpu_check.py: real ones
     yield info
     ray.shutdown()
 
@@ -89,3 +89,67 @@ def tiny_flickr_dir(tmp_path: _DataPath) -> _DataPath:
     (out / "flickr30k_train.json").write_text(_data_json.dumps(train))
     return out
 # ---------------------------------------------------------------- end of data layer fixtures
+
+
+# ---------------------------------------------------------------- S3 (tests/test_s3.py): a real S3 API on loopback
+import dataclasses as _s3_dc
+import socket as _s3_socket
+import uuid as _s3_uuid
+
+S3_KEY, S3_SECRET = "ptmst-test-key", "ptmst-test-secret-value-0123456789"
+"""The credentials the moto server accepts (it accepts any until auth is switched on, see ``s3_auth``)."""
+
+
+@_s3_dc.dataclass
+class S3Bucket:
+    endpoint: str
+    bucket: str
+    env: dict
+
+    def url(self, *parts: str) -> str:
+        return "/".join([f"s3://{self.bucket}", *parts])
+
+    def client(self, **kw):
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=S3_KEY,
+                            aws_secret_access_key=S3_SECRET, region_name="us-east-1", **kw)
+
+    def keys(self, prefix: str = "") -> list[str]:
+        pages = self.client().get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix)
+        return sorted(o["Key"] for page in pages for o in page.get("Contents", []))
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 server mode on 127.0.0.1 (a free port), for the whole session; stopped afterwards."""
+    from moto.server import ThreadedMotoServer
+
+    s = _s3_socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3(s3_server, monkeypatch) -> S3Bucket:
+    """A fresh bucket on the session's S3 server, and the standard AWS_* variables pointing at it (read by
+    s3fs and pyarrow alike, and inherited by the processes a test starts)."""
+    import s3fs
+
+    env = {"AWS_ENDPOINT_URL": s3_server, "AWS_ACCESS_KEY_ID": S3_KEY, "AWS_SECRET_ACCESS_KEY": S3_SECRET,
+           "AWS_DEFAULT_REGION": "us-east-1"}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    for k in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
+        monkeypatch.delenv(k, raising=False)
+    s3fs.S3FileSystem.clear_instance_cache()
+    b = S3Bucket(s3_server, f"ptmst-{_s3_uuid.uuid4().hex[:10]}", env)
+    b.client().create_bucket(Bucket=b.bucket)
+    yield b
+    s3fs.S3FileSystem.clear_instance_cache()
+# ---------------------------------------------------------------- end of S3 fixtures

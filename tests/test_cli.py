@@ -45,3 +45,10 @@ def test_show_applies_overrides():
     result = runner.invoke(app, ["config", "show", "--set", "distill.syn_steps=3"])
     assert result.exit_code == 0
     assert yaml.safe_load(result.stdout)["distill"]["syn_steps"] == 3
+
+
+def test_run_on_another_machines_cluster_refuses_local_inputs(tmp_path):
+    """Before connecting: with a cluster address, a run root only this machine can read is named (exit 2)."""
+    result = runner.invoke(app, ["run", "--address", "10.0.0.5:6379", "--set", f"run.root={tmp_path}"])
+    out = " ".join(result.output.split())
+    assert result.exit_code == 2 and "run.root" in out and "every node reads it" in out, out

@@ -113,15 +113,34 @@ def test_dry_run_prints_steps_and_does_nothing(monkeypatch):
     monkeypatch.setattr(subprocess, "Popen", lambda *a, **k: ran.append(a))
     monkeypatch.setattr(launch, "submit_job", lambda *a, **k: ran.append(a))
     monkeypatch.setattr(launch, "ensure_auth_token", lambda: ran.append("token"))
-    result = runner.invoke(_app(), ["launch", str(GPU_YAML), "--dry-run", "--set", "distill.syn_steps=4"])
+    result = runner.invoke(_app(), ["launch", str(GPU_YAML), "--dry-run", "--set", "distill.syn_steps=4",
+                                    "--set", "run.root=s3://bucket/runs/toy"])
     assert result.exit_code == 0, result.output
     out = result.output
     assert f"ray up -y {GPU_YAML}" in out
     assert f"ray dashboard {GPU_YAML}" in out
     assert "ray job submit --address http://127.0.0.1:8265" in out
-    assert "ptmst-ray run --config configs/toy.yaml --set distill.syn_steps=4" in out
+    assert "ptmst-ray run --config configs/toy.yaml --set distill.syn_steps=4 --set run.root=s3://bucket/runs/toy" in out
     assert '"working_dir"' in out and ".venv" in out
     assert ran == []
+
+
+def test_inputs_only_this_machine_reads_are_refused_before_ray_up(tmp_path):
+    """A new cluster's nodes cannot read this machine's files: the run root and every input must be URLs."""
+    local_root = runner.invoke(_app(), ["launch", str(GPU_YAML), "--dry-run"])  # the toy's ~/.cache root
+    assert local_root.exit_code == 2 and "run.root" in local_root.output and "s3://" in local_root.output
+    weights = runner.invoke(_app(), ["launch", str(GPU_YAML), "--dry-run", "--config", "configs/flickr30k_500.yaml",
+                                     "--set", "run.root=s3://bucket/r", "--set", "data.annotations=s3://bucket/ann",
+                                     "--set", "data.images=s3://bucket/img"])
+    assert weights.exit_code == 2 and "model.image_pretrained" in weights.output, weights.output
+
+
+def test_preflight_knows_a_cluster_address_from_a_local_one():
+    from ptmst_ray.orchestration.runtime import is_cluster_address
+
+    assert not any(is_cluster_address(a) for a in (None, "", "local", "auto", "127.0.0.1:6379", "localhost:6379",
+                                                   "ray://127.0.0.1:10001"))
+    assert all(is_cluster_address(a) for a in ("10.0.0.5:6379", "ray://head.example:10001", "head:6379"))
 
 
 def test_plan_with_address_skips_ray_up():
@@ -322,3 +341,27 @@ def test_job_on_local_two_node_cluster(local_cluster, tmp_path, monkeypatch):
                     assert (a["node_id"], a["gpu_ids"]) != (b["node_id"], b["gpu_ids"]), (a, b)
     assert len({a["node_id"] for a in experts + phases}) == 2, "all work stayed on one node"
 
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.heavy
+def test_pipeline_job_on_two_nodes_with_its_run_root_in_a_bucket(s3, local_cluster, tmp_path):
+    """Issue #21 on two nodes: the nodes' `ray start` has the AWS_* variables (as a cluster's nodes would,
+    see README "Run roots on object storage"); the tiny pipeline, submitted as a Ray Job, writes every
+    artefact to the bucket from both nodes and nothing to the local run root."""
+    from test_s3 import SMALL
+
+    address, _ = local_cluster
+    cfg = tiny_config(s3.url("run"), **{**SMALL, "phases.1.iterations": 4, "experts.num_experts": 3})
+    (tmp_path / "tiny.yaml").write_text(cfg.to_yaml())
+    steps = launch.plan_launch(None, config_path=tmp_path / "tiny.yaml", address=address, root=tmp_path)
+    out: list[str] = []
+    ctx = launch.execute_plan(steps, address=address, on_log=out.append)
+    assert ctx.status == "SUCCEEDED", "".join(out)[-5000:]
+    keys = s3.keys("run/")
+    assert "run/eval/results.json" in keys and "run/distilled/distilled.parquet" in keys
+    attempts = [json.loads(s3.client().get_object(Bucket=s3.bucket, Key=k)["Body"].read())
+                for k in keys if "/attempts/" in k]
+    assert len({a["node_id"] for a in attempts}) == 2, "all work stayed on one node"
+    assert any(k.startswith("run/phases/phase0-") and "/checkpoint_" in k for k in keys)

@@ -45,6 +45,7 @@ def ready_root(tmp_path_factory, ray_session):
     embed_stage.embed(cfg)
     out = run_experts(cfg)
     assert out["trained"] == cfg.experts.num_experts
+    assert out["shortcuts_written"] == cfg.experts.num_experts * len(layout.needed_ranges(cfg))
     return root
 
 
@@ -56,7 +57,8 @@ def test_experts_exist_once_and_rerun_does_nothing(ready_root):
     assert TrajectoryStore(layout.Layout(cfg.run.root).experts).complete_ids(layout.experts_hash(cfg)) == [0, 1]
     for a, b in layout.needed_ranges(cfg):
         assert ShortcutStore(layout.Layout(cfg.run.root).shortcuts).complete_ids(a, b, layout.experts_hash(cfg)) == [0, 1]
-    assert run_experts(cfg)["trained"] == 0
+    again = run_experts(cfg)
+    assert again["trained"] == 0 and again["shortcuts_written"] == 0
 
 
 def test_phases_run_concurrently_with_one_gpu_each(ready_root):
@@ -208,9 +210,17 @@ def test_run_end_to_end_through_the_cli(tmp_path):
     for png in ("distilled/grid.png", "eval/plot.png"):
         assert (Path(cfg.run.root) / png).read_bytes()[:4] == b"\x89PNG"
     assert storage.read_json(str(Path(cfg.run.root) / "distilled" / "card.json"))["pairs"] == cfg.total_pairs
+    stages = ["data", "pretrain", "embed", "experts", "phases", "aggregate", "eval"]
+    assert [r["stage"] for r in results["stages"]] == [s for s in stages if s != "pretrain" or cfg.pretrain.enabled]
+    assert all(row["ran"] for row in results["stages"]), results["stages"]
+    assert sum(r["seconds"] for r in results["stages"]) <= results["wall_seconds"] + 1
+    assert "stages:" in proc.stderr and "skipped (complete)" not in proc.stderr
     # the same command again redoes nothing before evaluation
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     again = json.loads((Path(cfg.run.root) / "eval" / "results.json").read_text())
     assert again["experts"]["trained"] == 0
     assert all(s.get("skipped") for s in again["phases"].values())
+    assert [(r["stage"], r["ran"]) for r in again["stages"]] == [(r["stage"], r["stage"] == "eval")
+                                                                 for r in results["stages"]]
+    assert "skipped (complete)" in proc.stderr

@@ -62,7 +62,7 @@ def read_auth_token() -> Optional[str]:
     token = os.environ.get("RAY_AUTH_TOKEN")
     if token:
         return token.strip()
-    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token").expanduser()
+    path = auth_token_path()
     return path.read_text().strip() if path.is_file() else None
 
 
@@ -79,9 +79,15 @@ def ensure_auth_token() -> Path:
     path = _get_default_token_path()
     if not path.is_file():
         generate_and_save_token()
-        path.chmod(0o600)
         log.info("generated a Ray auth token in %s", path)
+    if path.stat().st_mode & 0o077:  # Ray writes it with the umask (often world-readable): owner only
+        path.chmod(0o600)
     return path
+
+
+def auth_token_path() -> Path:
+    """Where the token the dashboard asks for is read from: RAY_AUTH_TOKEN_PATH, else ~/.ray/auth_token."""
+    return Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token").expanduser()
 
 
 def job_client(address: Optional[str] = None, token: Optional[str] = None):

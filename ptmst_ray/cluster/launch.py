@@ -105,8 +105,8 @@ def plan_launch(cluster_yaml: Optional[str | os.PathLike], config_path: Optional
     if cluster_yaml is None and address is None:
         raise LaunchError("give a cluster YAML (e.g. cluster/gpu.yaml) or --address of a running cluster's dashboard")
     if entrypoint is None:
+        entrypoint = build_entrypoint(config_path, sweep, overrides, root)  # the config reaches the job
         _check_pipeline_config(config_path, overrides, cluster_mode=address is None)
-        entrypoint = build_entrypoint(config_path, sweep, overrides, root)
     runtime_env = job_runtime_env(root, runtime_env_extra)
     steps: list[Step] = []
     target = normalize_address(address) if address else DEFAULT_ADDRESS
@@ -133,18 +133,20 @@ def plan_launch(cluster_yaml: Optional[str | os.PathLike], config_path: Optional
 
 
 def _check_pipeline_config(config_path, overrides, cluster_mode: bool) -> None:
-    """Reject a bad recipe here, before a cluster is paid for; warn when a multi-node run root is local."""
+    """Reject a bad recipe here, before a cluster is paid for: a bad value, or (``cluster_mode``, a new
+    cluster) an input or run root that only this machine can read."""
     from ptmst_ray.config import DEFAULT_CONFIG, ConfigError, load_config
+    from ptmst_ray.stages.preflight import check_inputs_shared
 
     if config_path is not None and "://" in str(config_path):
         return
+    source = str(config_path or DEFAULT_CONFIG)
     try:
         cfg = load_config(config_path or DEFAULT_CONFIG, overrides or [])
+        if cluster_mode:
+            check_inputs_shared(cfg)
     except ConfigError as e:
-        raise LaunchError(str(e)) from None
-    if cluster_mode and "://" not in cfg.run.root:
-        log.warning("run.root is a local path (%s) on the head node; for a multi-node cluster pass "
-                    "--set run.root=s3://<bucket>/ptmst-runs/<name>", cfg.run.root)
+        raise LaunchError(str(e) if str(e).startswith((source, "--set")) else f"{source}: {e}") from None
 
 
 def _submit_step(ctx: LaunchContext, entrypoint: str, root: Path, runtime_env_extra: Optional[dict]) -> str:

@@ -23,6 +23,7 @@ from typing import Any, Callable, Optional, Protocol, Union
 import torch
 from torch import Tensor, nn
 
+from ptmst_ray.device import pin
 from ptmst_ray.evaluate.metrics import retrieval_metrics
 from ptmst_ray.models.losses import contrastive_loss
 
@@ -211,8 +212,8 @@ def _run_epoch(
     total, count = 0.0, 0
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
-        x = images[idx].to(device)
-        t = text_emb[idx].to(device)
+        x = pin(images[idx], device).to(device, non_blocking=True)  # pinned: the copy overlaps compute on CUDA
+        t = pin(text_emb[idx], device).to(device, non_blocking=True)
         logits = student(x, t)
         value = contrastive_loss(loss_name, logits, _batch_target(target, idx, logits.dtype, device))
         if not torch.isfinite(value):

@@ -19,7 +19,10 @@ from ray.exceptions import RayActorError
 from ptmst_ray.config import Config, from_dict
 from ptmst_ray.device import set_threads
 from ptmst_ray.layout import Layout, StageError, experts_hash, needed_ranges
-from ptmst_ray.orchestration.runtime import Poll, as_completed, cluster_info, record_attempt, report_progress
+from ptmst_ray.orchestration.metrics import expert_metrics, expert_tag
+from ptmst_ray.orchestration.runtime import (
+    Poll, actor_name, as_completed, cluster_info, record_attempt, report_progress,
+)
 from ptmst_ray.stages.experts import compress_expert, expert_store, train_and_store_expert
 
 log = logging.getLogger(__name__)
@@ -33,13 +36,18 @@ class ExpertActor:
         set_threads(threads)
         self.cfg, self.board = from_dict(cfg), board
 
+    def __repr__(self) -> str:  # the dashboard's "Repr" of this actor (taken once, at creation)
+        return f"ExpertActor(experts={self.cfg.experts.num_experts}, epochs={self.cfg.experts.epochs})"
+
     def train(self, expert_id: int) -> int:
         total = self.cfg.experts.epochs
         name = f"expert {expert_id}"
         report_progress(self.board, name, 0, total, "starting")
+        print(f"{expert_tag(expert_id)}: training {total} epoch(s)", flush=True)  # the actor's log in the dashboard
 
         def on_epoch(epoch: int, metrics: dict) -> None:
             report_progress(self.board, name, epoch, total, f"loss {metrics.get('loss', float('nan')):.3f}")
+            expert_metrics(expert_id, epoch, metrics)
 
         # where it ran (node, GPU ids): `experts/attempts/` shows the spread over a cluster
         record_attempt(Layout.of(self.cfg).expert_attempt(expert_id, os.getpid()), expert_id=expert_id)
@@ -58,6 +66,16 @@ class ShortcutActor:
         return compress_expert(self.cfg, expert_id)
 
 
+def _shortcut_actor(cfg_dict: dict):
+    """The shortcut actor, named ``shortcut-<driver id>`` in the dashboard."""
+    return ShortcutActor.options(name=actor_name("shortcut")).remote(cfg_dict)
+
+
+def _compress(shortcut, expert_id: int):
+    """One expert's shortcuts, as a task named ``shortcut expert-NNNN``."""
+    return shortcut.compress.options(name=f"shortcut {expert_tag(expert_id)}").remote(expert_id)
+
+
 def _actor_options(cfg: Config, n_actors: int) -> tuple[dict, int]:
     info = cluster_info()
     if info.has_gpus:
@@ -71,20 +89,21 @@ def run_experts(cfg: Config, board=None, poll: Poll | None = None) -> dict:
     missing = expert_store(cfg).missing_ids(cfg.experts.num_experts, experts_hash(cfg))
     complete = [i for i in range(cfg.experts.num_experts) if i not in missing]
     cfg_dict = cfg.to_dict()
-    shortcut = ShortcutActor.remote(cfg_dict)
-    compress = [shortcut.compress.remote(i) for i in complete]
+    shortcut = _shortcut_actor(cfg_dict)
+    compress = [_compress(shortcut, i) for i in complete]
     retries = 0
     if missing:
         n_actors = min(cluster_info().parallel_slots(cfg.experts.gpus_per_expert), len(missing))
         options, threads = _actor_options(cfg, n_actors)
         log.info("training %d expert(s) on %d actor(s) (%s), %d already complete", len(missing), n_actors, options,
                  len(complete))
-        actors = [ExpertActor.options(**options).remote(cfg_dict, threads, board) for _ in range(n_actors)]
+        actors = [ExpertActor.options(name=actor_name(f"expert-actor-{k}"), **options).remote(cfg_dict, threads, board)
+                  for k in range(n_actors)]
         free, actor_of = list(actors), {}
 
         def submit(expert_id: int):
             actor = free.pop()
-            ref = actor.train.remote(expert_id)
+            ref = actor.train.options(name=expert_tag(expert_id)).remote(expert_id)
             actor_of[ref] = actor
             return ref
 
@@ -93,7 +112,7 @@ def run_experts(cfg: Config, board=None, poll: Poll | None = None) -> dict:
             free.append(actor_of.pop(ref))
             try:
                 ray.get(ref)
-                compress.append(shortcut.compress.remote(eid))
+                compress.append(_compress(shortcut, eid))
                 report_progress(board, "experts", cfg.experts.num_experts - len(queue) - len(actor_of),
                                 cfg.experts.num_experts)
             except RayActorError as e:
@@ -103,9 +122,9 @@ def run_experts(cfg: Config, board=None, poll: Poll | None = None) -> dict:
                 queue.appendleft(eid)
         for actor in actors:
             ray.kill(actor)
-    ray.get(compress)
+    written = sum(len(ranges) for ranges in ray.get(compress))
     ray.kill(shortcut)
-    return {"trained": len(missing), "skipped": len(complete), "actor_restarts": retries}
+    return {"trained": len(missing), "skipped": len(complete), "actor_restarts": retries, "shortcuts_written": written}
 
 
 def run_shortcuts(cfg: Config) -> dict:
@@ -113,7 +132,7 @@ def run_shortcuts(cfg: Config) -> dict:
     ids = expert_store(cfg).complete_ids(experts_hash(cfg))
     if not ids:
         raise StageError(f"{cfg.run.root}: no complete experts for this config; run `ptmst-ray experts` first")
-    shortcut = ShortcutActor.remote(cfg.to_dict())
-    written = ray.get([shortcut.compress.remote(i) for i in ids])
+    shortcut = _shortcut_actor(cfg.to_dict())
+    written = ray.get([_compress(shortcut, i) for i in ids])
     ray.kill(shortcut)
     return {"experts": len(ids), "written": sum(len(w) for w in written), "ranges": needed_ranges(cfg)}

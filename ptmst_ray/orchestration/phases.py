@@ -27,7 +27,10 @@ from ptmst_ray import storage, tensorio
 from ptmst_ray.config import Config, PhaseConfig, build_section, from_dict
 from ptmst_ray.device import pick_device, set_threads
 from ptmst_ray.layout import TRAIN_SNAPSHOT, Layout, PhaseJob, phase_jobs, phase_outcome
-from ptmst_ray.orchestration.runtime import Poll, as_completed, cluster_info, record_attempt, report_progress
+from ptmst_ray.orchestration.metrics import phase_metrics
+from ptmst_ray.orchestration.runtime import (
+    Poll, as_completed, cluster_info, ensure_train_state_actor, record_attempt, report_progress,
+)
 from ptmst_ray.stages.phase import distill_phase
 
 log = logging.getLogger(__name__)
@@ -84,7 +87,7 @@ def phase_train_func(config: dict) -> None:
                              resumed_from=int(resume_state["iteration"]) if resume_state else None)
     pending: dict[str, str] = {}
     last_recall: dict[str, float] = {}
-    gauge = _loss_gauge()
+    trial = config.get("trial") or ""
 
     def save_checkpoint(state: dict) -> None:
         tmp = tempfile.mkdtemp(prefix=f"ptmst-{name}-")
@@ -94,8 +97,7 @@ def phase_train_func(config: dict) -> None:
     def report(metrics: dict, is_checkpoint: bool) -> None:
         metrics = _scalar_metrics(metrics)
         history.append(metrics)
-        if gauge is not None:
-            gauge.set(metrics["loss"], tags={"phase": name})
+        phase_metrics(metrics, name, trial)
         if "recall/r_mean" in metrics:
             last_recall["r_mean"] = metrics["recall/r_mean"]
         recall = f" r_mean {last_recall['r_mean']:.1f}" if "r_mean" in last_recall else ""
@@ -223,20 +225,12 @@ def fit_and_prune(trainer: TorchTrainer, run_dir: str):
     return result
 
 
-def _loss_gauge():
-    try:
-        from ray.util.metrics import Gauge
-
-        return Gauge("ptmst_matching_loss", description="PTM-ST matching loss per phase", tag_keys=("phase",))
-    except Exception as e:  # noqa: BLE001 - metrics export is optional (needs ray[default])
-        log.debug("no Ray metrics: %s", e)
-        return None
-
-
 def make_trainer(cfg_dict: dict, name: str, phase: dict, seed: int, run_name: str, board=None,
                  max_failures: int = MAX_FAILURES, until: int | None = None,
-                 label: str | None = None) -> TorchTrainer:
-    """One phase's Train run; ``until`` stops it early (checkpointed), ``label`` names its progress bar."""
+                 label: str | None = None, trial: str = "") -> TorchTrainer:
+    """One phase's Train run; ``until`` stops it early (checkpointed), ``label`` names its progress bar,
+    ``trial`` (a sweep trial's id) tags its metrics. The run's name (the dashboard's Train page) is
+    ``run_name``; Train 2.60 gives its controller and worker actors no name of their own."""
     cfg = from_dict(cfg_dict)
     info = cluster_info()
     gpus = cfg.distill.gpus_per_phase if info.has_gpus else 0
@@ -251,7 +245,7 @@ def make_trainer(cfg_dict: dict, name: str, phase: dict, seed: int, run_name: st
                         torch_config=TorchConfig(backend="gloo"),
                         train_loop_config={"cfg": cfg_dict, "name": name, "phase": phase, "seed": seed,
                                            "threads": threads, "board": board, "until": until,
-                                           "label": label, "run_name": run_name})
+                                           "label": label, "run_name": run_name, "trial": trial})
 
 
 @ray.remote(num_cpus=0)
@@ -279,8 +273,12 @@ def run_phases(cfg: Config, board=None, poll: Poll | None = None, with_baseline:
     slots = cluster_info().parallel_slots(cfg.distill.gpus_per_phase)
     log.info("%d distillation run(s) to do, up to %d at once", len(todo), slots)
 
+    if todo:
+        ensure_train_state_actor()  # concurrent runs would race to create it (a spurious failed task)
+
     def submit(job: PhaseJob):
-        return fit_phase.remote(cfg_dict, job.name, dataclasses.asdict(job.phase), job.seed, job.run_name, board)
+        return fit_phase.options(name=f"phase {job.run_name}").remote(
+            cfg_dict, job.name, dataclasses.asdict(job.phase), job.seed, job.run_name, board)
 
     for job, ref in as_completed(todo, submit, slots, poll):
         status[job.name] = ray.get(ref)

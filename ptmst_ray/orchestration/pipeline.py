@@ -8,6 +8,7 @@ object for stage headers and progress; nothing here prints.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
@@ -20,6 +21,7 @@ from ptmst_ray.config import Config, PretrainConfig, build_section, from_dict
 from ptmst_ray.device import set_threads
 from ptmst_ray.layout import Layout, phase_jobs
 from ptmst_ray.orchestration.experts import run_experts
+from ptmst_ray.orchestration.metrics import stage_started
 from ptmst_ray.orchestration.phases import run_phases
 from ptmst_ray.orchestration.runtime import (
     UI, NullUI, Poll, cluster_info, make_poll, progress_board, report_progress, wait_all,
@@ -39,10 +41,31 @@ class PipelineError(RuntimeError):
     """A stage failed; finished work is kept and the same command resumes."""
 
 
+def task_resources(cfg: Config) -> dict:
+    """What one heavy task (an evaluation student, a pretraining run) asks Ray for: ``run.gpus_per_task``
+    GPUs and one CPU where the cluster has GPUs, else one CPU (as the experts' ``_actor_options``)."""
+    if cluster_info().has_gpus and cfg.run.gpus_per_task > 0:
+        return {"num_cpus": 1, "num_gpus": cfg.run.gpus_per_task}
+    return {"num_cpus": 1}
+
+
+def _task_threads(cfg: Config) -> int:
+    """torch threads of a heavy task: ``run.threads_per_worker``, else its CPU share (a GPU task feeds its
+    GPU from 2 threads, as an expert actor does)."""
+    resources = ray.get_runtime_context().get_assigned_resources()
+    if cfg.run.threads_per_worker:
+        return cfg.run.threads_per_worker
+    import torch
+
+    # a GPU it computes on is fed from 2 threads; a logical GPU without CUDA computes on its CPU share
+    # (one thread per CPU, so the bytes match a run in this process at the same thread count)
+    return 2 if resources.get("GPU") and torch.cuda.is_available() else max(1, int(resources.get("CPU", 1)))
+
+
 @ray.remote(num_cpus=1)
 def _pretrain_run_task(cfg_dict: dict, run: dict, label: str, board=None) -> dict:
-    """One CLIP run of the pretraining stage on its own CPU."""
-    set_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
+    """One CLIP run of the pretraining stage on the GPU Ray gave it (``task_resources``), else its own CPU."""
+    set_threads(_task_threads(from_dict(cfg_dict)))
     run_cfg = build_section(PretrainConfig, run)
     return pretrain_stage.pretrain_run(from_dict(cfg_dict), run_cfg,
                                        on_epoch=lambda epoch, _m: report_progress(board, label, epoch, run_cfg.epochs))
@@ -54,7 +77,9 @@ def pretrain_task(cfg_dict: dict, board=None) -> dict | None:
 
     def train(_cfg, runs: list) -> list[dict]:
         labels = ["pretrain"] if len(runs) == 1 else ["pretrain image tower", "pretrain text tower"]
-        return ray.get([_pretrain_run_task.remote(cfg_dict, dataclasses.asdict(r), label, board)
+        options = task_resources(from_dict(cfg_dict))
+        return ray.get([_pretrain_run_task.options(name=label, **options).remote(cfg_dict, dataclasses.asdict(r),
+                                                                                label, board)
                         for r, label in zip(runs, labels)])
 
     return pretrain_stage.pretrain(from_dict(cfg_dict), train=train)
@@ -62,8 +87,9 @@ def pretrain_task(cfg_dict: dict, board=None) -> dict | None:
 
 @ray.remote(num_cpus=1)
 def _score_task(cfg_dict: dict, method: str, seed: int, board=None) -> dict:
-    set_threads(1)
+    """One (method, seed) student, on the GPU Ray gave it (``task_resources``), else one CPU thread."""
     cfg = from_dict(cfg_dict)
+    set_threads(_task_threads(cfg) if ray.get_runtime_context().get_assigned_resources().get("GPU") else 1)
     name = f"eval {method} seed {seed}"
     points = cfg.eval.eval_points
 
@@ -72,7 +98,7 @@ def _score_task(cfg_dict: dict, method: str, seed: int, board=None) -> dict:
 
     out = score_one_seed(cfg, method, seed, progress=progress)
     report_progress(board, name, 1, 1, f"r_mean {out['best']['r_mean']:.1f} (of {points} points)")
-    return out
+    return {**out, "gpu_ids": [str(g) for g in ray.get_gpu_ids()]}  # results.json's runs: where each seed ran
 
 
 def evaluation_methods(cfg: Config) -> list[str]:
@@ -81,27 +107,68 @@ def evaluation_methods(cfg: Config) -> list[str]:
 
 def evaluate(cfg: Config, methods: list[str], board, poll: Poll | None) -> dict:
     """Every (method, seed) as one Ray task; results.json's scores."""
-    refs = [_score_task.remote(cfg.to_dict(), m, s, board) for m in methods for s in range(cfg.eval.seeds)]
+    options = task_resources(cfg)
+    refs = [_score_task.options(name=f"eval {m} seed {s}", **options).remote(cfg.to_dict(), m, s, board)
+            for m in methods for s in range(cfg.eval.seeds)]
     runs = wait_all(refs, poll)
     results = summarise(runs, cfg)
     results["runs"] = runs
     return results
 
 
-def run_prerequisites(cfg: Config, ui: UI, board, poll: Poll) -> dict:
+class StageTimes:
+    """Wall time of each stage of a run and whether it did work (``ran``) or found it all complete.
+
+    A stage run in the driver that wrote no file did no work; the Ray stages say what they did.
+    """
+
+    def __init__(self):
+        self.rows: list[dict] = []
+        """One row per stage in pipeline order: {"stage", "seconds", "ran"} (a list: JSON keeps its order)."""
+
+    @contextlib.contextmanager
+    def stage(self, name: str):
+        """Time the stage ``name``; the body may set ``ran`` in the yielded dict (else: did it write files)."""
+        t0, writes, out = time.monotonic(), storage.writes(), {}
+        yield out
+        self.rows.append({"stage": name, "seconds": round(time.monotonic() - t0, 2),
+                          "ran": bool(out["ran"]) if "ran" in out else storage.writes() > writes})
+
+
+def run_prerequisites(cfg: Config, ui: UI, board, poll: Poll, times: StageTimes | None = None) -> dict:
     """Data, pretraining, caption embeddings, experts + shortcuts (each skipped when complete).
 
-    Shared by `run` and `sweep`; returns run_experts' counts.
+    Shared by `run` and `sweep`; returns run_experts' counts. ``times`` records each stage's time.
     """
+    times = times or StageTimes()
     ui.stage("data: prepare")
-    data_stage.prepare(cfg, progress=lambda split, d, t: (report_progress(board, f"data {split}", d, t), poll()))
+    stage_started("data", cfg.run.root)
+    with times.stage("data") as out:
+        out["ran"] = False
+
+        def progress(split: str, done: int, total: int) -> None:  # called only while something is prepared
+            out["ran"] = True
+            report_progress(board, f"data {split}", done, total)
+            poll()
+
+        data_stage.prepare(cfg, progress=progress)
     if cfg.pretrain.enabled:
         ui.stage("pretrain towers")
-        wait_all([pretrain_task.remote(cfg.to_dict(), board)], poll)
+        stage_started("pretrain", cfg.run.root)
+        with times.stage("pretrain") as out:
+            out["ran"] = not pretrain_stage.is_done(cfg)
+            if out["ran"]:  # a finished stage costs no worker start
+                wait_all([pretrain_task.options(name="pretrain").remote(cfg.to_dict(), board)], poll)
     ui.stage("caption embeddings")
-    embed_stage.embed(cfg)
+    stage_started("embed", cfg.run.root)
+    with times.stage("embed"):
+        embed_stage.embed(cfg)
     ui.stage(f"experts ({cfg.experts.num_experts}) + shortcuts")
-    return run_experts(cfg, board, poll)
+    stage_started("experts", cfg.run.root)
+    with times.stage("experts") as out:
+        experts = run_experts(cfg, board, poll)
+        out["ran"] = bool(experts["trained"] or experts["shortcuts_written"])
+    return experts
 
 
 def run_pipeline(cfg: Config, ui: UI | None = None) -> dict[str, Any]:
@@ -114,12 +181,15 @@ def run_pipeline(cfg: Config, ui: UI | None = None) -> dict[str, Any]:
     board = progress_board()
     ray.get(board.clear.remote())
     poll = make_poll(board, ui)
-    t0 = time.time()
-    experts = run_prerequisites(cfg, ui, board, poll)
+    t0, times = time.time(), StageTimes()
+    experts = run_prerequisites(cfg, ui, board, poll, times)
 
     baseline = SINGLE_PHASE in cfg.eval.baselines
     ui.stage(f"phases ({len(cfg.phases)}" + (" + single-phase baseline)" if baseline else ")"))
-    status = run_phases(cfg, board, poll)
+    stage_started("phases", cfg.run.root)
+    with times.stage("phases") as out:
+        status = run_phases(cfg, board, poll)
+        out["ran"] = any(not s.get("skipped") for s in status.values())
     bad = {n: s for n, s in status.items() if s.get("status") != "done"}
     failed = {n: s for n, s in bad.items() if n != SINGLE_PHASE and s.get("status") != "diverged"}
     if failed:
@@ -132,17 +202,23 @@ def run_pipeline(cfg: Config, ui: UI | None = None) -> dict[str, Any]:
         log.warning("%s", w)
 
     ui.stage("aggregate distilled set")
-    distilled = aggregate_stage.aggregate(cfg)
+    stage_started("aggregate", cfg.run.root)
+    with times.stage("aggregate"):
+        distilled = aggregate_stage.aggregate(cfg)
     methods = evaluation_methods(cfg)
     if SINGLE_PHASE in bad:
         log.warning("single-phase baseline %s; it is left out of the evaluation", bad[SINGLE_PHASE].get("status"))
         methods.remove(SINGLE_PHASE)
     ui.stage(f"evaluation ({', '.join(methods)} x {cfg.eval.seeds} seeds)")
-    results = evaluate(cfg, methods, board, poll)
+    stage_started("eval", cfg.run.root)
+    with times.stage("eval") as out:
+        out["ran"] = True  # scores are recomputed on every run (seeds x methods, cheap against the rest)
+        results = evaluate(cfg, methods, board, poll)
     results.update({"experts": experts, "phases": status, "distilled": distilled["pairs"],
                     "diverged_phases": distilled.get("diverged", []), "warnings": warnings,
-                    "wall_seconds": time.time() - t0, "run_root": cfg.run.root})
+                    "wall_seconds": time.time() - t0, "stages": times.rows, "run_root": cfg.run.root})
     storage.write_json(layout.results, results)
+    stage_started("", cfg.run.root)
     _plot(cfg, results)
     return results
 

@@ -16,13 +16,14 @@ import os
 import signal
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Protocol
 
 import ray
 
 from ptmst_ray import storage
-from ptmst_ray.vocab import DASHBOARD_PORT
+from ptmst_ray.cluster.jobs import ensure_auth_token
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,9 @@ class ClusterInfo:
     cpus: float
     gpus: float
     nodes: int
+    dashboard_url: str | None = None
+    """The dashboard of the cluster this process is connected to (http://host:port), as Ray reports it:
+    a second local Ray gets the next free port, so 8265 is not always this run's."""
 
     @property
     def has_gpus(self) -> bool:
@@ -61,7 +65,11 @@ def connect(address: str | None = None, num_cpus: int | None = None, num_gpus: i
             log.info("joining the Ray cluster at %s", address)
             ray.init(address=address, namespace=NAMESPACE, log_to_driver=True)
         else:
-            log.info("starting a local Ray instance (dashboard on http://%s:%d)", LOOPBACK, DASHBOARD_PORT)
+            # the token Ray's dashboard asks for: created now (owner-only) so the CLI can say where it is
+            if (os.environ.get("RAY_AUTH_MODE", "token").lower() == "token"
+                    and not os.environ.get("RAY_AUTH_TOKEN") and not os.environ.get("RAY_AUTH_TOKEN_PATH")):
+                ensure_auth_token()
+            log.info("starting a local Ray instance (dashboard on %s, or the next free port)", LOOPBACK)
             ray.init(num_cpus=num_cpus, num_gpus=num_gpus, namespace=NAMESPACE, include_dashboard=True,
                      dashboard_host=LOOPBACK, resources={TRAIN_DRIVER: train_drivers}, log_to_driver=False,
                      configure_logging=True, logging_level=logging.WARNING)
@@ -71,7 +79,79 @@ def connect(address: str | None = None, num_cpus: int | None = None, num_gpus: i
 def cluster_info() -> ClusterInfo:
     res = ray.cluster_resources()
     nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
-    return ClusterInfo(cpus=float(res.get("CPU", 0)), gpus=float(res.get("GPU", 0)), nodes=nodes)
+    return ClusterInfo(cpus=float(res.get("CPU", 0)), gpus=float(res.get("GPU", 0)), nodes=nodes,
+                       dashboard_url=dashboard_url())
+
+
+def _address_info() -> dict:
+    node = getattr(ray._private.worker.global_worker, "node", None)
+    return dict(node.address_info) if node is not None else {}
+
+
+def dashboard_url() -> str | None:
+    """``http://host:port`` of the connected cluster's dashboard (None without one), as Ray reports it.
+
+    A driver joining a cluster sees the head's address (a port-forward makes it 127.0.0.1:8265).
+    """
+    url = _address_info().get("webui_url")
+    return (url if "://" in url else f"http://{url}") if url else None
+
+
+def metrics_export_port() -> int | None:
+    """This node's Prometheus metrics port (Ray's metrics agent; ``ray_``-prefixed names), or None."""
+    port = _address_info().get("metrics_export_port")
+    return int(port) if port else None
+
+
+def local_dashboards() -> list[str]:
+    """Dashboard URLs of the Ray clusters running on this machine (read from each one's GCS), oldest
+    port first; for `ptmst-ray dashboard` when no run printed its address."""
+    if "RAY_AUTH_MODE" not in os.environ:  # the GCS checks the token: send it (Ray caches the mode at import)
+        from ray._private.authentication.authentication_token_setup import _enable_token_auth
+
+        _enable_token_auth()
+    from ray._private.services import find_gcs_addresses
+    from ray._raylet import GcsClient
+
+    urls = []
+    for address in find_gcs_addresses():
+        try:
+            url = GcsClient(address=address).internal_kv_get(b"webui:url", namespace=b"dashboard", timeout=3)
+        except Exception as e:  # noqa: BLE001 - a cluster going down, another user's cluster
+            log.debug("%s: no dashboard address (%s)", address, e)
+            continue
+        if url:
+            urls.append(f"http://{url.decode()}")
+    return sorted(set(urls))
+
+
+def ensure_train_state_actor() -> None:
+    """Create Ray Train's state actor (``train_v2_state_actor``) once, before concurrent Train runs start.
+
+    Every Train 2.60 controller calls ``get_or_create_state_actor`` with ``get_if_exists=True`` under a
+    lock that is per process only: two runs starting at the same moment from two launcher tasks both try
+    to create the named actor, one of them loses with ``AlreadyExists`` and the dashboard's Jobs page
+    shows a failed task on a healthy run. Created here first, every controller finds it.
+    """
+    if os.environ.get("RAY_TRAIN_ENABLE_STATE_TRACKING", "0") not in ("1", "true", "True"):
+        return
+    try:
+        from ray.train.v2._internal.state.state_actor import get_or_create_state_actor
+
+        ray.get(get_or_create_state_actor().__ray_ready__.remote(), timeout=60)
+    except Exception as e:  # noqa: BLE001 - only the dashboard's Train view depends on it
+        log.warning("Ray Train's state actor could not be created up front (%s); the dashboard may show "
+                    "a spurious failed task", e)
+
+
+def actor_name(base: str) -> str:
+    """A dashboard name for an actor this driver starts: ``base`` plus this driver's short id, so two runs
+    on one cluster (or a re-run before the last one's actors are gone) never collide."""
+    return f"{base}-{RUN_ID}"
+
+
+RUN_ID = uuid.uuid4().hex[:6]
+"""This driver process's short id, in the names of the actors it starts."""
 
 
 @ray.remote(num_cpus=0)
@@ -82,13 +162,32 @@ class ProgressBoard:
         self.tasks: dict[str, dict] = {}
 
     def update(self, name: str, done: float, total: float, info: str = "") -> None:
-        self.tasks[name] = {"done": done, "total": total, "info": info, "time": time.time()}
+        now = time.time()
+        last = self.tasks.get(name)
+        self.tasks[name] = {"done": done, "total": total, "info": info, "time": now}
+        # the board's log (dashboard: Actors > ptmst-progress > Logs) follows the run: one line per task
+        # when it starts, finishes, or at most every 10 s while it moves
+        finished = done >= total and (last is None or last["done"] < last["total"])
+        if last is None or finished or (int(done) != int(last["done"]) and now - last.get("logged", 0) >= 10):
+            print(f"{name}: {done:.0f}/{total:.0f} {info}", flush=True)
+            self.tasks[name]["logged"] = now
+        elif last is not None:
+            self.tasks[name]["logged"] = last.get("logged", 0)
 
     def snapshot(self) -> dict[str, dict]:
         return dict(self.tasks)
 
     def clear(self) -> None:
         self.tasks.clear()
+
+    def __repr__(self) -> str:
+        """The dashboard's "Repr" of this actor. Ray reads it once, at creation, so it says what the actor is
+        (and the state then); the live state is in the board's log (printed by :meth:`update`)."""
+        busy = [f"{n} {t['done']:.0f}/{t['total']:.0f}" + (f" {t['info']}" if t["info"] else "")
+                for n, t in sorted(self.tasks.items()) if t["done"] < t["total"]]
+        done = sum(1 for t in self.tasks.values() if t["done"] >= t["total"])
+        text = "; ".join(busy) if busy else "idle"
+        return f"progress: {text} ({done} done)"[:500]
 
 
 def progress_board():
@@ -207,3 +306,39 @@ def record_attempt(url: str, info: dict | None = None, **fields) -> dict:
                         "gpu_ids": [str(g) for g in ray.get_gpu_ids()], "start": time.time()}), **fields}
     storage.write_json(url, info)
     return info
+
+
+# --------------------------------------------------------------------------- where a run goes
+
+
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def is_cluster_address(address: str | None) -> bool:
+    """A Ray address on another machine (not loopback, not one of this machine's own addresses, not
+    "local"/"auto"); None means a local Ray. A cluster whose head is this machine (a Ray Job's driver
+    on the head) is checked by `ptmst-ray launch` instead, before `ray up`."""
+    if not address or address in ("local", "auto"):
+        return False
+    host = address.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]")
+    return host not in LOCAL_HOSTS and not _is_this_machine(host)
+
+
+def _is_this_machine(host: str) -> bool:
+    """``host`` resolves to one of the addresses this machine's own name resolves to (no traffic sent)."""
+    import socket
+
+    def addresses(name: str) -> set[str]:
+        try:
+            return {info[4][0] for info in socket.getaddrinfo(name, None)}
+        except OSError:
+            return set()
+
+    own = addresses(socket.gethostname()) | addresses(socket.getfqdn())
+    try:
+        from ray.util import get_node_ip_address  # the address Ray gives this machine's node
+
+        own.add(get_node_ip_address())
+    except Exception:  # noqa: BLE001 - no route to look up: the names above are all there is
+        pass
+    return bool(addresses(host) & own)

@@ -40,7 +40,7 @@ from ptmst_ray.layout import Layout, StageError, needed_ranges, phase_jobs, phas
 from ptmst_ray.orchestration.phases import fit_and_prune, make_trainer, storage_args
 from ptmst_ray.orchestration.pipeline import run_prerequisites
 from ptmst_ray.orchestration.runtime import (
-    TRAIN_DRIVER, ClusterInfo, NullUI, cluster_info, make_poll, progress_board, report_progress, wait_all,
+    TRAIN_DRIVER, ClusterInfo, NullUI, cluster_info, ensure_train_state_actor, make_poll, progress_board, report_progress, wait_all,
 )
 from ptmst_ray.stages.experts import compress_expert
 from ptmst_ray.stages.score import score_one_seed, subset_from_dir
@@ -234,7 +234,7 @@ def _distil_round(cfg: Config, trial_id: str, k: int, board) -> None:
             continue
         until = round_target(job.phase.iterations, rounds, k)
         jobs.append((make_trainer(cfg_dict, job.name, dataclasses.asdict(job.phase), job.seed, job.run_name, board,
-                                  until=until, label=f"{trial_id} {job.name}"),
+                                  until=until, label=f"{trial_id} {job.name}", trial=trial_id),
                      layout.train_run(job.run_name)))
     if not jobs:
         return
@@ -281,7 +281,8 @@ def run_trial(values: dict[str, Any], base: dict, name: str, board=None) -> None
             info = f"round {k}: {name_diverged} diverged (r_mean 0)"
         else:
             report_progress(board, label, k - 1, rounds, "evaluating")
-            out = ray.get(_score_round.options(scheduling_strategy=_OUTSIDE_TRIAL).remote(eval_config(cfg).to_dict()))
+            out = ray.get(_score_round.options(scheduling_strategy=_OUTSIDE_TRIAL, name=f"eval {trial_id} round {k}")
+                          .remote(eval_config(cfg).to_dict()))
             metrics = {m: float(out["best"][m]) for m in METRICS} | {"r_mean_final": float(out["final"]["r_mean"]),
                                                                      "diverged": 0.0}
             info = f"round {k}: r_mean {metrics['r_mean']:.1f}"
@@ -335,7 +336,8 @@ def _precompute_shortcuts(cfg: Config, poll) -> list[tuple[int, int]]:
     ranges = shortcut_ranges(cfg)
     if cfg.shortcut.enabled:
         cfg_dict = cfg.to_dict()
-        wait_all([_compress_task.remote(cfg_dict, i, ranges) for i in range(cfg.experts.num_experts)], poll)
+        wait_all([_compress_task.options(name=f"shortcut expert-{i:04d}").remote(cfg_dict, i, ranges)
+                  for i in range(cfg.experts.num_experts)], poll)
     return ranges
 
 
@@ -385,6 +387,7 @@ def run_sweep(cfg: Config, ui=None, name: str | None = None, verbose: int = 1) -
     ui.stage("shortcut ranges of the search space")
     ranges = _precompute_shortcuts(cfg, poll)
     tuner, resumed = build_tuner(cfg, name, board, poll, verbose)
+    ensure_train_state_actor()  # the trials' concurrent Train runs would race to create it
     ui.stage(f"sweep {name}" + (" (resumed)" if resumed else ""))
     grid = tuner.fit()
     rows = result_rows(grid, cfg)

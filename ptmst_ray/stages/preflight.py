@@ -10,17 +10,37 @@ from __future__ import annotations
 
 import logging
 
-from ptmst_ray.config import Config
+from ptmst_ray.config import Config, ConfigError
 from ptmst_ray.layout import check_paths
 from ptmst_ray.models.requirements import check_model_requirements
 
 
-def check(cfg: Config, warn=None) -> None:
-    """Input paths exist, the run root is writable, and the model can be built as configured.
+def check_inputs_shared(cfg: Config) -> None:
+    """On a cluster every node reads the inputs and writes the run root: each must be a URL all of them reach.
+
+    A local path (``~/weights/nfnet_l0.safetensors``) passes the driver's own check and then fails on
+    every GPU node; this names the field instead, before any work.
+    """
+    fields = [("run.root", cfg.run.root), ("model.pretrained", None if cfg.pretrain.enabled else cfg.model.pretrained),
+              ("model.image_pretrained", cfg.model.image_pretrained), ("model.text_pretrained", cfg.model.text_pretrained)]
+    if cfg.data.dataset != "builtin":
+        fields += [("data.annotations", cfg.data.annotations), ("data.images", cfg.data.images)]
+    for name, value in fields:
+        if value and "://" not in value and ("/" in value or name.startswith(("run.", "data."))):
+            raise ConfigError(name, f"{value} is a path on this machine, but on a cluster every node reads it; "
+                                    f"use a URL all nodes reach (--set {name}=s3://BUCKET/...), or a shared "
+                                    "file system mounted at the same path with file://")
+
+
+def check(cfg: Config, warn=None, shared_inputs: bool = False) -> None:
+    """Input paths exist, the run root is writable, the model can be built as configured, and, with
+    ``shared_inputs`` (the run goes to another machine's cluster), every input is a URL all nodes read.
 
     ``warn(message)`` receives the checks' warnings (e.g. a CNN image tower at another image size);
     by default they are logged.
     """
+    if shared_inputs:
+        check_inputs_shared(cfg)
     check_paths(cfg)
     if warn is None:
         check_model_requirements(cfg)

@@ -74,11 +74,9 @@ def pretrain(cfg: Config, progress: Progress | None = None, train: TrainRuns | N
         return None
     from ptmst_ray.models.pretrain import save_checkpoint
 
-    out = Layout.of(cfg).pretrain
-    chash = pretrain_hash(cfg)
-    done = storage.read_manifest(out)
-    if done is not None and done.get("config_hash") == chash and storage.exists(cfg.model.pretrained):
-        return done
+    if is_done(cfg):
+        return storage.read_manifest(Layout.of(cfg).pretrain)
+    out, chash = Layout.of(cfg).pretrain, pretrain_hash(cfg)
     states = (train or _runs_in_turn(progress))(cfg, pretrain_runs(cfg))
     state = states[0] if len(states) == 1 else merge_towers(image_state=states[0], text_state=states[1])
     digest = save_checkpoint(cfg.model.pretrained, state)
@@ -86,6 +84,12 @@ def pretrain(cfg: Config, progress: Progress | None = None, train: TrainRuns | N
                 "zero_shot": zero_shot_recall(cfg.model, cfg)}
     storage.write_manifest(out, manifest)
     return manifest
+
+
+def is_done(cfg: Config) -> bool:
+    """The towers of this config are pretrained: the manifest matches and the checkpoint exists."""
+    done = storage.read_manifest(Layout.of(cfg).pretrain)
+    return done is not None and done.get("config_hash") == pretrain_hash(cfg) and storage.exists(cfg.model.pretrained)
 
 
 def merge_towers(image_state: dict, text_state: dict) -> dict:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 from typing import Any, Callable
 
+import torch
+
 from ptmst_ray.config import Config, PhaseConfig
 from ptmst_ray.evaluate.protocol import (
     Subset, aggregate, arrange_subsets, coreset_subset, evaluate_one_seed, random_coreset,
@@ -61,23 +63,26 @@ def method_subsets(cfg: Config, method: str, seed: int, distilled_dir: str | Non
 
 def score_one_seed(cfg: Config, method: str, seed: int, distilled_dir: str | None = None,
                    progress: Callable[[dict], None] | None = None,
-                   subsets: list[Subset] | None = None) -> dict[str, Any]:
+                   subsets: list[Subset] | None = None, device: torch.device | str | None = None) -> dict[str, Any]:
     """Train a fresh student (seed ``cfg.eval.seed + seed``) on the method's subsets (or the given
-    ``subsets``, e.g. a sweep round's partial phases) and score it."""
+    ``subsets``, e.g. a sweep round's partial phases) and score it, on ``device`` (default: the worker's,
+    ``device.worker_device``): the student lives there, minibatches move there."""
+    from ptmst_ray.device import worker_device
     from ptmst_ray.models.student import build_student
 
     real = load_real(cfg)
     subsets = subsets if subsets is not None else method_subsets(cfg, method, seed, distilled_dir)
     pairs = sum(int(s.images.shape[0]) for s in subsets)
     subsets = arrange_subsets(subsets, cfg.eval.phase_training)
-    student = build_student(cfg.model, real.text_dim, seed=cfg.eval.seed + seed)
+    device = worker_device(device)
+    student = build_student(cfg.model, real.text_dim, seed=cfg.eval.seed + seed).to(device)
     test = RetrievalSet(real.test_images, real.test_text, real.txt2img)
     epochs = cfg.eval.full_data_epochs if method == "full" else cfg.eval.epochs
     out = evaluate_one_seed(subsets, student, test, cfg.eval, loss=cfg.eval_loss, seed=seed, epochs=epochs,
                             progress=progress)
     return {"method": method, "seed": seed, "pairs": pairs,
             "final": out["final"], "best": out["best"], "best_epoch": out["best_epoch"],
-            "diverged_at": out["diverged_at"]}
+            "diverged_at": out["diverged_at"], "device": str(device)}
 
 
 def summarise(runs: list[dict[str, Any]], cfg: Config) -> dict[str, Any]:

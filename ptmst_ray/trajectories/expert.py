@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from ptmst_ray.config import ExpertsConfig, ModelConfig
-from ptmst_ray.device import pick_device
+from ptmst_ray.device import pick_device, pin
 from ptmst_ray.models.losses import contrastive_loss
 from ptmst_ray.models.student import build_student
 
@@ -77,7 +77,8 @@ def train_epoch(
     model.train()
     total, count = 0.0, 0
     for idx in order:
-        x, t = images[idx].to(device), text[idx].to(device)
+        x = pin(images[idx], device).to(device, non_blocking=True)  # pinned: the copy overlaps compute on CUDA
+        t = pin(text[idx], device).to(device, non_blocking=True)
         logits = model(x, t)
         loss = contrastive_loss(loss_name, logits, torch.eye(len(idx), device=device, dtype=logits.dtype))
         if not torch.isfinite(loss):

@@ -1,0 +1,283 @@
+"""The Ray dashboard as a user sees it, through its own REST API on the session's local cluster: the
+token login (401 without it), the pipeline's actors and tasks by name, the phases' Train runs, and the
+pipeline's metrics with their tags on the node's Prometheus endpoint; plus the Grafana dashboard JSON
+against the metric list, and the CLI's login commands."""
+
+from __future__ import annotations
+
+import json
+import re
+import stat
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from conftest import tiny_config
+
+pytestmark = [pytest.mark.ray]
+ROOT = Path(__file__).resolve().parents[1]
+GRAFANA = ROOT / "cluster" / "grafana" / "ptmst-ray.json"
+
+
+def get(url: str, token: str | None, timeout: float = 30) -> tuple[int, bytes]:
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def api(path: str, token: str) -> dict:
+    from ptmst_ray.orchestration.runtime import dashboard_url
+
+    status, body = get(dashboard_url() + path, token)
+    assert status == 200, f"{path}: HTTP {status}: {body[:300]!r}"
+    return json.loads(body)
+
+
+def state_rows(path: str, token: str) -> list[dict]:
+    """Rows of a State API listing (/api/v0/actors, /api/v0/tasks)."""
+    return api(path, token)["data"]["result"]["result"]
+
+
+def prometheus(port: int) -> str:
+    status, body = get(f"http://127.0.0.1:{port}/metrics", None)
+    assert status == 200
+    return body.decode()
+
+
+def samples(text: str, name: str) -> list[dict[str, str]]:
+    """Label sets of every sample of metric ``name`` in Prometheus text format."""
+    out = []
+    for line in text.splitlines():
+        m = re.match(rf"^{re.escape(name)}\{{(.*)\}} ", line)
+        if m:
+            out.append(dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', m.group(1))))
+    return out
+
+
+@pytest.fixture(scope="module")
+def token(ray_session):
+    from ptmst_ray.cluster.jobs import auth_token_path, read_auth_token
+
+    path = auth_token_path()
+    assert path.is_file(), f"{path}: a local start must create the token"
+    assert stat.S_IMODE(path.stat().st_mode) & 0o077 == 0, f"{path} is readable by others"
+    return read_auth_token()
+
+
+def test_dashboard_address_is_the_clusters_own_and_wants_the_token(ray_session, token):
+    import ray
+
+    from ptmst_ray.orchestration.runtime import dashboard_url, local_dashboards
+
+    url = dashboard_url()
+    # the address Ray itself recorded for this session (not a constant): the CLI prints this one
+    assert url == "http://" + ray._private.worker.global_worker.node.webui_url
+    assert ray_session.dashboard_url == url
+    assert url in local_dashboards()
+    assert get(url + "/api/v0/actors", None)[0] == 401
+    assert get(url + "/api/v0/actors", "not-the-token")[0] in (401, 403)
+    assert get(url + "/api/v0/actors", token)[0] == 200
+
+
+def test_progress_board_shows_its_state(ray_session, token):
+    import ray
+
+    from ptmst_ray.orchestration.runtime import BOARD_NAME, progress_board
+
+    board = progress_board()
+    ray.get(board.update.remote("expert 3", 1, 3, "loss 0.5"))
+    rows = [a for a in state_rows("/api/v0/actors?detail=1&limit=10000", token) if a.get("name") == BOARD_NAME]
+    assert rows and rows[0]["state"] == "ALIVE"
+    assert "progress" in (rows[0].get("repr_name") or "")
+
+
+class Scraper:
+    """Reads the node's Prometheus endpoint every second in a thread, keeping every label set seen per
+    metric: Ray's agent drops a process's metrics some seconds after the process ends (expert actors and
+    Train workers end with their stage), so a user, like this test, sees them while the work runs."""
+
+    def __init__(self, port: int):
+        import threading
+
+        self.port, self.seen, self.stop = port, {}, threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            try:
+                text = prometheus(self.port)
+            except Exception:  # noqa: BLE001 - the agent may be busy; next second
+                text = ""
+            for line in text.splitlines():
+                m = re.match(r"^(ray_ptmst_\w+)\{", line)
+                if m:
+                    self.seen.setdefault(m.group(1), []).extend(samples(line + "\n", m.group(1)))
+            self.stop.wait(1.0)
+
+    def close(self) -> dict[str, list[dict[str, str]]]:
+        self.stop.set()
+        self.thread.join()
+        return self.seen
+
+
+@pytest.fixture(scope="module")
+def ran(tmp_path_factory, ray_session):
+    """The tiny config's experts (actor pool + shortcut actor) and its two phases as concurrent Train runs,
+    with the Prometheus samples seen meanwhile."""
+    from ptmst_ray.orchestration.experts import run_experts
+    from ptmst_ray.orchestration.phases import run_phases
+    from ptmst_ray.orchestration.runtime import metrics_export_port
+    from ptmst_ray.stages import data as data_stage
+    from ptmst_ray.stages import embed as embed_stage
+    from ptmst_ray.stages import pretrain as pretrain_stage
+
+    root = tmp_path_factory.mktemp("dash")
+    cfg = tiny_config(root, **{"experts.epochs": 2, "phases.1.range_end": 2, "phases.1.start_max": 1,
+                               "phases.0.iterations": 3, "phases.1.iterations": 3, "distill.recall_every": 3})
+    data_stage.prepare(cfg)
+    pretrain_stage.pretrain(cfg)
+    embed_stage.embed(cfg)
+    scraper = Scraper(metrics_export_port())
+    try:
+        experts = run_experts(cfg)
+        status = run_phases(cfg, with_baseline=False)
+        time.sleep(5)  # the agent's last export of the ended workers
+    finally:
+        seen = scraper.close()
+    assert {n: s["status"] for n, s in status.items()} == {"phase0": "done", "phase1": "done"}
+    return cfg, seen
+
+
+@pytest.mark.slow
+@pytest.mark.heavy  # not verified on a quiet machine yet (issue #24): run with -m heavy
+def test_actors_and_tasks_carry_readable_names(ran, token):
+    from ptmst_ray.layout import phase_jobs
+    from ptmst_ray.orchestration.runtime import RUN_ID
+
+    cfg, _ = ran
+    actors = state_rows("/api/v0/actors?detail=1&limit=10000", token)
+    names = {a["class_name"]: set() for a in actors}
+    for a in actors:
+        names[a["class_name"]].add(a.get("name") or "")
+    assert f"shortcut-{RUN_ID}" in names["ShortcutActor"]
+    assert {n for n in names["ExpertActor"] if n.endswith(RUN_ID)} == {f"expert-actor-{k}-{RUN_ID}" for k in range(2)}
+    tasks = {t["name"] for t in state_rows("/api/v0/tasks?detail=1&limit=10000", token)}
+    for i in range(cfg.experts.num_experts):
+        assert f"expert-{i:04d}" in tasks and f"shortcut expert-{i:04d}" in tasks
+    for job in phase_jobs(cfg, with_baseline=False):
+        assert f"phase {job.run_name}" in tasks
+
+
+@pytest.mark.slow
+@pytest.mark.heavy  # not verified on a quiet machine yet (issue #24): run with -m heavy
+def test_train_runs_are_listed_by_phase_name_without_a_failed_state_actor(ran, token):
+    from ptmst_ray.layout import phase_jobs
+
+    cfg, _ = ran
+    runs = api("/api/train/v2/runs/v1", token)["train_runs"]  # Train V2's listing (plain /runs is Train V1's)
+    by_name = {r["name"]: r for r in runs}
+    for job in phase_jobs(cfg, with_baseline=False):
+        assert job.run_name in by_name, f"{job.run_name} not among {sorted(by_name)}"
+        assert by_name[job.run_name]["status"] == "FINISHED"
+    failed = [t for t in state_rows("/api/v0/tasks?detail=1&limit=10000&filter_keys=state&filter_predicates=%3D"
+                                    "&filter_values=FAILED", token)
+              if "train_v2_state_actor" in json.dumps(t)]
+    assert not failed, failed
+
+
+@pytest.mark.slow
+@pytest.mark.heavy  # not verified on a quiet machine yet (issue #24): run with -m heavy
+def test_pipeline_metrics_reach_prometheus_with_their_tags(ran):
+    from ptmst_ray.orchestration import metrics
+
+    expected = {
+        metrics.MATCHING_LOSS: {"phase0", "phase1"}, metrics.ALPHA_IMG: {"phase0", "phase1"},
+        metrics.ALPHA_TXT: {"phase0", "phase1"}, metrics.SEC_PER_ITER: {"phase0", "phase1"},
+        metrics.PHASE_RECALL: {"phase0", "phase1"},
+        metrics.EXPERT_LOSS: {"expert-0000", "expert-0001"}, metrics.EXPERT_EPOCH: {"expert-0000", "expert-0001"},
+    }
+    cfg, scraped = ran
+    missing = {}
+    for metric, values in expected.items():
+        seen = {s.get(metric.tags[0]) for s in scraped.get(metrics.PROMETHEUS_PREFIX + metric.name, [])}
+        if not values <= seen:
+            missing[metric.name] = (values, seen)
+    assert not missing, missing
+    assert all(s.get("trial") == "" for s in scraped["ray_ptmst_matching_loss"])  # not a sweep trial
+
+
+def test_stage_metric_is_exported_from_the_driver(ray_session):
+    from ptmst_ray.orchestration import metrics
+    from ptmst_ray.orchestration.runtime import metrics_export_port
+
+    metrics.stage_started("phases", "/tmp/dash-run")
+    metrics.stage_started("eval", "/tmp/dash-run")
+    deadline, found = time.monotonic() + 120, {}  # a bound, not a timing: the agent exports every few s
+    while time.monotonic() < deadline:
+        rows = samples(prometheus(metrics_export_port()), "ray_ptmst_stage")
+        text = prometheus(metrics_export_port())
+        found = {s["stage"]: line for s in rows if s.get("run") == "/tmp/dash-run"
+                 for line in text.splitlines() if line.startswith("ray_ptmst_stage{") and f'stage="{s["stage"]}"' in line
+                 and 'run="/tmp/dash-run"' in line}
+        if {"phases", "eval"} <= set(found):
+            break
+        time.sleep(2)
+    assert float(found["eval"].rsplit(" ", 1)[1]) == 1.0
+    assert float(found["phases"].rsplit(" ", 1)[1]) == 0.0
+    metrics.stage_started("", "/tmp/dash-run")
+
+
+def test_grafana_dashboard_plots_every_exported_metric():
+    from ptmst_ray.orchestration import metrics
+
+    board = json.loads(GRAFANA.read_text())
+    exprs = " ".join(t.get("expr", "") for p in board["panels"] for t in p.get("targets", []))
+    plotted = set(re.findall(r"\bray_(ptmst_\w+)", exprs))
+    assert plotted == {m.name for m in metrics.ALL}
+
+
+def test_token_and_dashboard_commands(token):
+    cli = [sys.executable, "-m", "ptmst_ray_cli"]
+    out = subprocess.run([*cli, "token"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.returncode == 0 and out.stdout.strip() == token
+    out = subprocess.run([*cli, "dashboard"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    from ptmst_ray.orchestration.runtime import dashboard_url
+
+    assert out.returncode == 0 and f"dashboard: {dashboard_url()}" in out.stderr + out.stdout
+
+
+def test_run_as_job_refuses_an_address(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "ptmst_ray_cli", "run", "--as-job", "--address", "127.0.0.1:6379",
+                          "--set", f"run.root={tmp_path}"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 2 and "ptmst-ray launch --address" in " ".join(out.stderr.split())
+
+
+@pytest.mark.slow
+@pytest.mark.heavy  # not verified on a quiet machine yet (issue #24): run with -m heavy
+def test_run_as_job_is_a_ray_job_with_the_runs_log(ran, tmp_path):
+    """`ptmst-ray run --as-job` on the finished stages above: its own local Ray, the run submitted there
+    as a Ray Job, the job's log (the results table) followed in the terminal, results.json written."""
+    import os
+
+    cfg, _ = ran
+    path = tmp_path / "cfg.yaml"
+    path.write_text(cfg.to_yaml())
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    out = subprocess.run([sys.executable, "-m", "ptmst_ray_cli", "run", "--config", str(path), "--as-job",
+                          "--set", "eval.baselines=[random]", "--set", "eval.seeds=1"],
+                         capture_output=True, text=True, timeout=1200, cwd=ROOT, env=env)
+    text = out.stdout + out.stderr
+    assert out.returncode == 0, text[-3000:]
+    job_id = re.search(r"job (\S+): its log is on the dashboard's Jobs page", text).group(1)
+    assert f"job {job_id}: SUCCEEDED" in text
+    assert "retrieval recall" in text  # the results table, printed by the job's driver
+    assert (Path(cfg.run.root) / "eval" / "results.json").is_file()
