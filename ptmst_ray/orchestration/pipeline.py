@@ -122,13 +122,16 @@ class StageTimes:
     A stage run in the driver that wrote no file did no work; the Ray stages say what they did.
     """
 
-    def __init__(self):
+    def __init__(self, run: str = ""):
+        self.run = run
+        """The run root: the ``stage`` metric's tag (the dashboard shows the stage in progress)."""
         self.rows: list[dict] = []
         """One row per stage in pipeline order: {"stage", "seconds", "ran"} (a list: JSON keeps its order)."""
 
     @contextlib.contextmanager
     def stage(self, name: str):
         """Time the stage ``name``; the body may set ``ran`` in the yielded dict (else: did it write files)."""
+        stage_started(name, self.run)
         t0, writes, out = time.monotonic(), storage.writes(), {}
         yield out
         self.rows.append({"stage": name, "seconds": round(time.monotonic() - t0, 2),
@@ -140,9 +143,8 @@ def run_prerequisites(cfg: Config, ui: UI, board, poll: Poll, times: StageTimes 
 
     Shared by `run` and `sweep`; returns run_experts' counts. ``times`` records each stage's time.
     """
-    times = times or StageTimes()
+    times = times or StageTimes(cfg.run.root)
     ui.stage("data: prepare")
-    stage_started("data", cfg.run.root)
     with times.stage("data") as out:
         out["ran"] = False
 
@@ -154,17 +156,14 @@ def run_prerequisites(cfg: Config, ui: UI, board, poll: Poll, times: StageTimes 
         data_stage.prepare(cfg, progress=progress)
     if cfg.pretrain.enabled:
         ui.stage("pretrain towers")
-        stage_started("pretrain", cfg.run.root)
         with times.stage("pretrain") as out:
             out["ran"] = not pretrain_stage.is_done(cfg)
             if out["ran"]:  # a finished stage costs no worker start
                 wait_all([pretrain_task.options(name="pretrain").remote(cfg.to_dict(), board)], poll)
     ui.stage("caption embeddings")
-    stage_started("embed", cfg.run.root)
     with times.stage("embed"):
         embed_stage.embed(cfg)
     ui.stage(f"experts ({cfg.experts.num_experts}) + shortcuts")
-    stage_started("experts", cfg.run.root)
     with times.stage("experts") as out:
         experts = run_experts(cfg, board, poll)
         out["ran"] = bool(experts["trained"] or experts["shortcuts_written"])
@@ -181,12 +180,11 @@ def run_pipeline(cfg: Config, ui: UI | None = None) -> dict[str, Any]:
     board = progress_board()
     ray.get(board.clear.remote())
     poll = make_poll(board, ui)
-    t0, times = time.time(), StageTimes()
+    t0, times = time.time(), StageTimes(cfg.run.root)
     experts = run_prerequisites(cfg, ui, board, poll, times)
 
     baseline = SINGLE_PHASE in cfg.eval.baselines
     ui.stage(f"phases ({len(cfg.phases)}" + (" + single-phase baseline)" if baseline else ")"))
-    stage_started("phases", cfg.run.root)
     with times.stage("phases") as out:
         status = run_phases(cfg, board, poll)
         out["ran"] = any(not s.get("skipped") for s in status.values())
@@ -202,7 +200,6 @@ def run_pipeline(cfg: Config, ui: UI | None = None) -> dict[str, Any]:
         log.warning("%s", w)
 
     ui.stage("aggregate distilled set")
-    stage_started("aggregate", cfg.run.root)
     with times.stage("aggregate"):
         distilled = aggregate_stage.aggregate(cfg)
     methods = evaluation_methods(cfg)
@@ -210,7 +207,6 @@ def run_pipeline(cfg: Config, ui: UI | None = None) -> dict[str, Any]:
         log.warning("single-phase baseline %s; it is left out of the evaluation", bad[SINGLE_PHASE].get("status"))
         methods.remove(SINGLE_PHASE)
     ui.stage(f"evaluation ({', '.join(methods)} x {cfg.eval.seeds} seeds)")
-    stage_started("eval", cfg.run.root)
     with times.stage("eval") as out:
         out["ran"] = True  # scores are recomputed on every run (seeds x methods, cheap against the rest)
         results = evaluate(cfg, methods, board, poll)

@@ -24,6 +24,7 @@ import ray
 
 from ptmst_ray import storage
 from ptmst_ray.cluster.jobs import ensure_auth_token
+from ptmst_ray.cluster.spec import LOOPBACK_HOSTS
 
 log = logging.getLogger(__name__)
 
@@ -311,9 +312,6 @@ def record_attempt(url: str, info: dict | None = None, **fields) -> dict:
 # --------------------------------------------------------------------------- where a run goes
 
 
-LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
-
-
 def is_cluster_address(address: str | None) -> bool:
     """A Ray address on another machine (not loopback, not one of this machine's own addresses, not
     "local"/"auto"); None means a local Ray. A cluster whose head is this machine (a Ray Job's driver
@@ -321,7 +319,7 @@ def is_cluster_address(address: str | None) -> bool:
     if not address or address in ("local", "auto"):
         return False
     host = address.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]")
-    return host not in LOCAL_HOSTS and not _is_this_machine(host)
+    return host not in LOOPBACK_HOSTS and not _is_this_machine(host)
 
 
 def _is_this_machine(host: str) -> bool:
