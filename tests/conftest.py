@@ -54,9 +54,7 @@ from pathlib import Path as _DataPath
 
 import pytest as _data_pytest
 
-FLICKR_DIR = next((p for p in (_DataPath(__file__).resolve().parents[2] / "shared/data/flickr30k",
-                                _DataPath("/work/shared/data/flickr30k")) if p.exists()),
-                  _DataPath("/work/shared/data/flickr30k"))
+FLICKR_DIR = _DataPath(__file__).resolve().parents[2] / "shared" / "data" / "flickr30k"
 """Real Flickr30k annotation files (read-only; copied before use)."""
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 
@@ -11,7 +12,7 @@ from ptmst_ray.data.annotations import (
     DataError, EvalRow, PairRow, iter_json_list, iter_split, normalize_caption, read_annotations, read_split,
 )
 
-FLICKR = "/work/shared/data/flickr30k"
+FLICKR = str(Path(__file__).resolve().parents[2] / "shared" / "data" / "flickr30k")  # beside the clone
 
 
 def blip_pre_caption(caption: str, max_words: int) -> str:
