@@ -133,11 +133,16 @@ def data_show(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = Se
               sheet: Optional[Path] = typer.Option(None, help="Write a PNG contact sheet of images with captions."),
               n: int = typer.Option(16, help="Images on the contact sheet.")) -> None:
     """Counts and sample rows of the prepared data; optionally a PNG contact sheet."""
+    from ptmst_ray import storage
     from ptmst_ray.data.show import contact_sheet, summarize
     from ptmst_ray.layout import Layout
 
     cfg = get_config(config, set_)
     data_dir = Layout.of(cfg).data
+    try:
+        storage.check_readable(cfg.run.root)  # an unreachable or refused store: one line, in seconds
+    except storage.StorageError as e:
+        fail(f"{config or 'the default config'}: run.root: {e}")
     try:
         typer.echo(json.dumps(summarize(data_dir), indent=2, default=str))
         if sheet is not None:

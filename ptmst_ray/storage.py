@@ -2,7 +2,7 @@
 
 Why this file exists: Ray workers do not run in the driver's working directory and may be
 on other machines, so every artefact is addressed by an absolute path or URL and written
-atomically (temporary name, then move). A stage's output counts as complete only when its
+atomically (temporary name, then move; on an object store, one upload). A stage's output counts as complete only when its
 manifest, written last, exists and matches the expected config hash.
 """
 
@@ -133,9 +133,14 @@ def atomic_open(url: str, mode: str = "wb") -> Iterator[Any]:
     """Write to a temporary sibling, then move into place; on error the target is untouched.
 
     An ``OSError`` while writing (a full disk, a read-only root) becomes a :class:`StorageError`
-    naming ``url``; the temporary file is removed.
+    naming ``url``; the temporary file is removed. On an object store the object is written in place
+    (:func:`_object_write`): an upload there is already all-or-nothing.
     """
     fs, path = filesystem(url)
+    if scheme(url) in OBJECT_STORE_SCHEMES:
+        with _object_write(fs, path, url, mode) as f:
+            yield f
+        return
     tmp = f"{path}{TMP_MARK}{uuid.uuid4().hex[:12]}"
     try:
         parent = path.rsplit("/", 1)[0] if "/" in path else ""
@@ -149,6 +154,28 @@ def atomic_open(url: str, mode: str = "wb") -> Iterator[Any]:
         with contextlib.suppress(FileNotFoundError, OSError):
             if fs.exists(tmp):
                 fs.rm(tmp)
+        if isinstance(e, OSError):
+            raise write_error(url, e) from e
+        raise
+
+
+@contextlib.contextmanager
+def _object_write(fs: fsspec.AbstractFileSystem, path: str, url: str, mode: str) -> Iterator[Any]:
+    """Write one object in place. A PUT, or a multipart upload once completed, appears whole or not at all,
+    so a temporary key and a move (a server-side copy of every byte, then a delete) would only cost
+    requests. On an error the buffer is dropped and a started multipart upload aborted: no object, and
+    no partial one, appears."""
+    f = None
+    try:
+        f = fs.open(path, mode)
+        yield f
+        f.close()
+        _WRITES[0] += 1
+    except BaseException as e:
+        if f is not None and not f.closed:
+            with contextlib.suppress(Exception):
+                f.discard()
+            f.closed = True  # closing would upload what was written so far
         if isinstance(e, OSError):
             raise write_error(url, e) from e
         raise
@@ -271,6 +298,52 @@ def _endpoint() -> str:
     return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "AWS's default endpoint"
 
 
+DENIED_CODES = frozenset({"AccessDenied", "Forbidden", "403", "AllAccessDisabled", "InvalidAccessKeyId",
+                          "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken", "AccountProblem"})
+"""S3 error codes that mean "these credentials may not do this" (refused, not unreachable or missing)."""
+
+
+def access_denied(e: BaseException) -> bool:
+    """Whether ``e`` (or an exception it wraps) is a refusal by the store: a ``PermissionError`` or an S3
+    error whose code is in :data:`DENIED_CODES` (s3fs translates most, not all, of botocore's errors)."""
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, PermissionError):
+            return True
+        response = getattr(e, "response", None)
+        code = response.get("Error", {}).get("Code") if isinstance(response, dict) else None
+        if code in DENIED_CODES or type(e).__name__ in DENIED_CODES:
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _probe_bucket(fs: fsspec.AbstractFileSystem, url: str, path: str) -> None:
+    """List the bucket of ``url``; a StorageError telling apart a missing bucket, refused credentials and
+    an unreachable endpoint (never the credentials themselves)."""
+    bucket = path.split("/", 1)[0]
+    try:
+        fs.ls(bucket, detail=False)
+    except FileNotFoundError:
+        raise StorageError(f"{url}: bucket {bucket!r} does not exist at {_endpoint()}; create it or fix the "
+                           "bucket name", url) from None
+    except Exception as e:  # noqa: BLE001 - botocore's connection errors are not OSErrors
+        if access_denied(e):
+            raise StorageError(f"{url}: access to bucket {bucket!r} denied at {_endpoint()}; check the "
+                               "credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_PROFILE)", url) from None
+        raise StorageError(f"{url}: cannot reach the S3 endpoint {_endpoint()} ({type(e).__name__}); check "
+                           "AWS_ENDPOINT_URL and the network", url) from None
+
+
+def check_readable(url: str) -> None:
+    """For commands that only read a run root: on an object store, the bucket probe of
+    :func:`check_writable` (fast, bounded, one line); nothing to do for local paths."""
+    if scheme(url) in OBJECT_STORE_SCHEMES:
+        fs, path = _probe_fs(url)
+        _probe_bucket(fs, url, path)
+
+
 def check_writable(url: str) -> None:
     """Write and delete a probe object under ``url``; raise :class:`StorageError` with a one-line reason.
 
@@ -281,26 +354,15 @@ def check_writable(url: str) -> None:
     fs, path = _probe_fs(url)
     probe = f"{path.rstrip('/')}/.ptmst-write-check-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     if scheme(url) in OBJECT_STORE_SCHEMES:
-        bucket = path.split("/", 1)[0]
-        try:
-            fs.ls(bucket, detail=False)
-        except FileNotFoundError:
-            raise StorageError(f"{url}: bucket {bucket!r} does not exist at {_endpoint()}; create it or fix the "
-                               "bucket name", url) from None
-        except PermissionError:
-            raise StorageError(f"{url}: access to bucket {bucket!r} denied at {_endpoint()}; check the credentials "
-                               "(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_PROFILE)", url) from None
-        except Exception as e:  # noqa: BLE001 - botocore's connection errors are not OSErrors
-            raise StorageError(f"{url}: cannot reach the S3 endpoint {_endpoint()} ({type(e).__name__}); check "
-                               "AWS_ENDPOINT_URL and the network", url) from None
+        _probe_bucket(fs, url, path)
     try:
         with fs.open(probe, "wb") as f:
             f.write(b"ok")
         fs.rm(probe)
-    except PermissionError:
-        raise StorageError(f"{url}: read-only (writing a probe object was denied); choose a prefix these "
-                           "credentials may write", url) from None
-    except OSError as e:
-        raise write_error(url, e) from None
-    except Exception as e:  # noqa: BLE001 - connection errors of remote filesystems
+    except Exception as e:  # noqa: BLE001 - connection errors of remote filesystems are not OSErrors
+        if access_denied(e):
+            raise StorageError(f"{url}: read-only (writing a probe object was denied); choose a prefix these "
+                               "credentials may write", url) from None
+        if isinstance(e, OSError):
+            raise write_error(url, e) from None
         raise StorageError(f"{url}: cannot write ({type(e).__name__}: {e})", url) from None

@@ -110,6 +110,34 @@ def test_non_finite_loss_stops_with_clear_error_and_keeps_finite_ema():
     assert all(torch.isfinite(v).all() for v in saves[-1]["ema"]["shadow"].values())
 
 
+def test_a_step_size_turned_non_positive_is_a_divergence_unless_min_alpha_clamps_it(monkeypatch):
+    """Without distill.min_alpha a learned alpha that the optimiser step takes to <= 0 stops the phase as a
+    divergence at that iteration (detail naming the alpha and the field); the EMA kept is that of the
+    iterations before, whose step sizes are positive. With min_alpha the same step is clamped and runs on."""
+    def push_alpha_txt_below_zero(self):  # the optimiser step of iteration 3 takes alpha_txt to -0.5
+        original_step()
+        if self.iteration == 2:
+            with torch.no_grad():
+                self.synthetic.alpha_txt.fill_(-0.5)
+
+    saves: list[dict] = []
+    trainer = make_trainer(saves=saves, min_alpha=None)
+    original_step = trainer.optimizer.step
+    monkeypatch.setattr(trainer.optimizer, "step", lambda: push_alpha_txt_below_zero(trainer))
+    with pytest.raises(DivergenceError, match=r"iteration 3: the learned step size alpha_txt = -0.5 is not positive"
+                                              r" \(distill.min_alpha is unset\).*distill.min_alpha"):
+        trainer.run()
+    assert saves[-1]["diverged"]["iteration"] == 3 and saves[-1]["iteration"] == 2
+    shadow = saves[-1]["ema"]["shadow"]
+    assert float(shadow["alpha_txt"]) > 0 and float(shadow["alpha_img"]) > 0
+
+    clamped = make_trainer(min_alpha=1e-4)
+    original_step = clamped.optimizer.step
+    monkeypatch.setattr(clamped.optimizer, "step", lambda: push_alpha_txt_below_zero(clamped))
+    clamped.run()
+    assert clamped.iteration == clamped.cfg.iterations and float(clamped.synthetic.alpha_txt) >= 1e-4
+
+
 class CountingLogits:
     """A student's logits_fn that counts its calls (one per student step taken or replayed)."""
 
@@ -176,7 +204,8 @@ def test_optimiser_groups_momentum_and_ema_follow_their_recurrences(monkeypatch)
     then the EMA of every learned tensor. Gradients are injected, so the check is of the update alone."""
     lrs = {"images": 3.0, "text": 5.0, "alpha": 0.07, "sim": 11.0}
     trainer = make_trainer(lr_img=lrs["images"], lr_txt=lrs["text"], lr_lr=lrs["alpha"], lr_sim=lrs["sim"],
-                           momentum=0.5, ema_decay=0.9, min_alpha=None, report_every=100, checkpoint_every=100)
+                           momentum=0.5, ema_decay=0.9, min_alpha=None, report_every=100, checkpoint_every=100,
+                           alpha_init=1.0)  # two steps of lr 0.07 on N(0, 1) gradients keep the alphas positive
     syn = trainer.synthetic
     names = list(syn.tensors())
     assert {"images", "text"} <= set(names) and len(names) == 2 + 2 + len(list(syn.similarity.parameters()))
@@ -204,3 +233,33 @@ def test_optimiser_groups_momentum_and_ema_follow_their_recurrences(monkeypatch)
         torch.testing.assert_close(syn.tensors()[n].detach(), p2, msg=n)
         e2 = 0.9 * (0.9 * p0[n] + 0.1 * p1) + 0.1 * p2
         torch.testing.assert_close(trainer.ema.state()[n], e2, msg=n)
+
+
+def test_aggregate_refuses_a_subset_whose_learned_step_size_is_not_positive(tmp_path):
+    """A phase whose learned alpha ended at or below zero (possible without distill.min_alpha, as in the
+    paper recipes) cannot train a student (SGD refuses a negative lr): aggregation stops before any
+    evaluation, naming the subset, the value and the fields to change; with positive alphas it succeeds."""
+    from conftest import tiny_config
+
+    from ptmst_ray.layout import Layout, StageError, phase_jobs
+    from ptmst_ray.stages.aggregate import aggregate
+
+    cfg = tiny_config(tmp_path / "run")
+    layout = Layout.of(cfg)
+
+    def write(alpha_txt: float) -> None:
+        for job in phase_jobs(cfg, with_baseline=False):
+            syn = SyntheticSet.from_noise(job.phase.pairs, (3, cfg.data.image_size, cfg.data.image_size), 16,
+                                          job.phase.similarity, 0.01, torch.Generator().manual_seed(0))
+            ema = {k: v.detach().clone() for k, v in syn.tensors().items()}
+            ema["alpha_txt"] = torch.tensor(alpha_txt)
+            save_subset(layout.subset(job.name), ema, job.phase, iterations=job.phase.iterations,
+                        config_hash=job.hash)
+
+    write(-0.003)
+    with pytest.raises(StageError) as err:
+        aggregate(cfg)
+    assert "alpha_txt = -0.003" in str(err.value) and "distill.min_alpha" in str(err.value)
+    assert "distill.lr_lr" in str(err.value) and layout.subset(phase_jobs(cfg)[0].name) in str(err.value)
+    write(0.002)
+    assert aggregate(cfg)["pairs"] == cfg.total_pairs

@@ -13,6 +13,8 @@ import sys
 import time
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -58,6 +60,39 @@ def test_storage_and_pyarrow_reach_the_same_bucket(s3):
         f.write(b"from pyarrow")
     assert storage.read_bytes(storage.join(root, "b", "y.bin")) == b"from pyarrow"
     assert s3.client().get_object(Bucket=s3.bucket, Key="run/b/y.bin")["Body"].read() == b"from pyarrow"
+
+
+def test_an_object_is_uploaded_in_place_and_a_failed_write_leaves_nothing(s3):
+    """On S3 an artefact is one upload, never a temporary key moved into place (no COPY); a write that
+    fails after some of its parts were uploaded (more than s3fs's 50 MiB block) or before any upload
+    leaves no object, partial or temporary, and no pending multipart upload."""
+    small, big = s3.url("run", "small.bin"), s3.url("run", "big.bin")
+    for url, size in ((small, 1024), (big, 60 * 2**20)):
+        with pytest.raises(RuntimeError, match="killed mid-write"):
+            with storage.atomic_open(url) as f:
+                f.write(b"x" * size)
+                raise RuntimeError("killed mid-write")
+    assert s3.keys("run/") == []
+    assert s3.client().list_multipart_uploads(Bucket=s3.bucket).get("Uploads", []) == []
+
+    import s3fs
+
+    copies = []
+    original = s3fs.S3FileSystem._copy_basic
+
+    async def counting(self, *a, **k):
+        copies.append(a)
+        return await original(self, *a, **k)
+
+    s3fs.S3FileSystem._copy_basic = counting
+    try:
+        storage.write_bytes(small, b"whole")
+        storage.write_json(storage.join(s3.url("run"), "m.json"), {"v": 1})
+    finally:
+        s3fs.S3FileSystem._copy_basic = original
+    assert copies == [] and s3.keys("run/") == ["run/m.json", "run/small.bin"]
+    assert storage.read_bytes(small) == b"whole"
+
 
 
 def test_resume_scan_and_checkpoint_cleanup_on_key_prefixes(s3):
@@ -174,8 +209,9 @@ def test_unreachable_endpoint_exits_2_quickly(s3, no_ray, monkeypatch):
     port = sock.getsockname()[1]
     sock.close()
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
-    res = _run_cli(["data", "prepare", "--set", f"run.root={s3.url('run')}"])
-    _assert_exit_2(res, "cannot reach", f"127.0.0.1:{port}", "AWS_ENDPOINT_URL")
+    for command in (["data", "prepare"], ["data", "show"]):  # a command that writes, and one that only reads
+        res = _run_cli([*command, "--set", f"run.root={s3.url('run')}"])
+        _assert_exit_2(res, "cannot reach", f"127.0.0.1:{port}", "AWS_ENDPOINT_URL")
 
 
 def test_wrong_credentials_and_read_only_prefix_exit_2(s3, s3_auth, no_ray, monkeypatch):
@@ -200,7 +236,9 @@ def test_wrong_credentials_and_read_only_prefix_exit_2(s3, s3_auth, no_ray, monk
 # ---------------------------------------------------------------- end to end on a bucket
 
 SMALL = {"phases.0.iterations": 4, "phases.1.iterations": 10, "distill.checkpoint_every": 2,
-         "eval.baselines": [], "eval.seeds": 1, "eval.epochs": 1, "eval.eval_points": 1}
+         "eval.seeds": 1, "eval.epochs": 1, "eval.eval_points": 1}
+"""The tiny config with every baseline (random, single_phase, full) but one short evaluation seed."""
+METRICS = ("IR@1", "IR@5", "IR@10", "TR@1", "TR@5", "TR@10", "r_mean")
 
 
 def _cli(args: list[str], cwd: Path, env: dict, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -208,14 +246,21 @@ def _cli(args: list[str], cwd: Path, env: dict, timeout: float = 600) -> subproc
                           capture_output=True, text=True)
 
 
+def _etags(s3, prefix: str) -> dict[str, str]:
+    pages = s3.client().get_paginator("list_objects_v2").paginate(Bucket=s3.bucket, Prefix=prefix)
+    return {o["Key"]: o["ETag"] for page in pages for o in page.get("Contents", [])}
+
+
 @pytest.mark.ray
 @pytest.mark.slow
 @pytest.mark.faults
 def test_run_on_s3_end_to_end_and_rerun_skips(s3, tmp_path):
-    """`ptmst-ray run` with run.root=s3://bucket/run on its own local Ray (its workers inherit AWS_*):
-    every artefact lands in the bucket, nothing in the working directory; a phase worker SIGKILLed
-    mid-phase resumes from its checkpoint in the bucket and the untracked checkpoint prefixes are
-    cleaned up; the same command again skips every finished stage; `data show` and `eval` read from the bucket; no credential is written."""
+    """`ptmst-ray run` end to end through the CLI, with run.root=s3://bucket/run on its own local Ray (its
+    workers inherit AWS_*): every stage runs and is timed, results.json holds every method and metric, the
+    distilled Parquet, grid, card and plot are written, every artefact lands in the bucket and nothing in the
+    working directory; a phase worker SIGKILLed mid-phase resumes from its checkpoint in the bucket and the
+    untracked checkpoint prefixes are cleaned up; the same command again redoes nothing before evaluation;
+    `data show` and `eval` read from the bucket; no credential is written."""
     root = s3.url("run")
     cfg = tiny_config(root, **SMALL)
     config = tmp_path / "s3.yaml"
@@ -275,16 +320,38 @@ def test_run_on_s3_end_to_end_and_rerun_skips(s3, tmp_path):
         assert S3_SECRET not in body and S3_KEY not in body, k
     assert S3_SECRET not in output
 
-    stamps = {o["Key"]: o["ETag"] for o in s3.client().list_objects_v2(Bucket=s3.bucket, Prefix="run/")["Contents"]}
+    # what a user reads after a run: results.json with every method and metric, the stage table, the files
+    results = json.loads(s3.client().get_object(Bucket=s3.bucket, Key="run/eval/results.json")["Body"].read())
+    assert set(results["methods"]) == {"ptm_st", "random", "single_phase", "full"}
+    for method, m in results["methods"].items():
+        for k in METRICS:
+            assert set(m[k]) == {"mean", "std"} and 0.0 <= m[k]["mean"] <= 100.0, (method, k)
+        assert m["seeds"] == cfg.eval.seeds
+    assert results["methods"]["ptm_st"]["pairs"] == cfg.total_pairs == results["methods"]["random"]["pairs"]
+    stages = ["data", "pretrain", "embed", "experts", "phases", "aggregate", "eval"]
+    assert [r["stage"] for r in results["stages"]] == stages and all(r["ran"] for r in results["stages"])
+    assert sum(r["seconds"] for r in results["stages"]) <= results["wall_seconds"] + 1
+    assert "stages:" in output and "skipped (complete)" not in output
+    table = pq.read_table(pa.BufferReader(storage.read_bytes(storage.join(root, "distilled", "distilled.parquet"))))
+    assert table.num_rows == cfg.total_pairs and table.column("phase").to_pylist() == [0] * 6 + [1] * 8
+    assert {"image_png", "text_embedding", "nearest_caption", "similarity_row", "alpha_img"} <= set(table.column_names)
+    for png in ("distilled/grid.png", "eval/plot.png"):
+        assert storage.read_bytes(storage.join(root, png))[:4] == b"\x89PNG", png
+    assert storage.read_json(storage.join(root, "distilled", "card.json"))["pairs"] == cfg.total_pairs
+
+    stamps = _etags(s3, "run/")
     second = _cli(["run", "--config", str(config), "--json"], cwd, env)
     assert second.returncode == 0, (second.stdout + second.stderr)[-4000:]
     results = json.loads(s3.client().get_object(Bucket=s3.bucket, Key="run/eval/results.json")["Body"].read())
-    assert {r["stage"] for r in results["stages"] if r["ran"]} == {"eval"}, results["stages"]
+    assert [(r["stage"], r["ran"]) for r in results["stages"]] == [(st, st == "eval") for st in stages]
+    assert "skipped (complete)" in second.stdout + second.stderr
     assert results["experts"]["trained"] == 0 and results["experts"]["skipped"] == 2
-    assert {n: s.get("skipped") for n, s in results["phases"].items()} == {"phase0": True, "phase1": True}
-    again = {o["Key"]: o["ETag"] for o in s3.client().list_objects_v2(Bucket=s3.bucket, Prefix="run/")["Contents"]}
-    redone = [k for k in stamps if not k.startswith(("run/eval/", "run/config.yaml", "run/phases/phase0/attempts",
-                                                       "run/phases/phase1/attempts")) and again.get(k) != stamps[k]]
+    assert {n: s.get("skipped") for n, s in results["phases"].items()} == {"phase0": True, "phase1": True,
+                                                                           "single_phase": True}
+    attempt_prefixes = tuple(f"run/phases/{n}/attempts" for n in results["phases"])
+    again = _etags(s3, "run/")
+    redone = [k for k in stamps if not k.startswith(("run/eval/", "run/config.yaml", *attempt_prefixes))
+              and again.get(k) != stamps[k]]
     assert redone == [], redone
 
     show = _cli(["data", "show", "--config", str(config)], cwd, env)

@@ -60,3 +60,23 @@ def test_unwritable_root_gives_clear_error(tmp_path):
 def test_missing_file_error_names_it(tmp_path):
     with pytest.raises(storage.StorageError, match="nope.json"):
         storage.read_json(str(tmp_path / "nope.json"))
+
+
+def test_access_denied_recognises_refusals_in_any_wrapping():
+    """A refusal is recognised however the S3 client delivers it: s3fs's PermissionError, botocore's raw
+    ClientError (any modeled subclass), or either wrapped as the cause of another error; an unreachable
+    endpoint or a missing key is not a refusal."""
+    from botocore.exceptions import ClientError, EndpointConnectionError
+
+    def client_error(code: str) -> ClientError:
+        return ClientError({"Error": {"Code": code, "Message": "m"}}, "PutObject")
+
+    assert storage.access_denied(PermissionError("denied"))
+    assert storage.access_denied(client_error("AccessDenied"))
+    assert storage.access_denied(client_error("InvalidAccessKeyId"))
+    wrapped = OSError(5, "I/O error")
+    wrapped.__cause__ = client_error("AccessDenied")
+    assert storage.access_denied(wrapped)
+    assert not storage.access_denied(client_error("NoSuchKey"))
+    assert not storage.access_denied(EndpointConnectionError(endpoint_url="http://127.0.0.1:1"))
+    assert not storage.access_denied(OSError(5, "I/O error"))

@@ -135,7 +135,7 @@ class PhaseTrainer:
         self._check_finite(stats)
         self.optimizer.step()
         self._clamp_alphas()
-        self._check_state_finite()
+        self._check_state()
         self.ema.update(self.synthetic.tensors())
         return {**stats, "expert": expert, "start_epoch": start}
 
@@ -172,10 +172,18 @@ class PhaseTrainer:
         if bad:
             self._diverge(f"non-finite gradient for {', '.join(bad)}")
 
-    def _check_state_finite(self) -> None:
+    def _check_state(self) -> None:
+        """After the optimiser step: every learned tensor finite, and (unless distill.min_alpha clamps them)
+        both learned step sizes positive: a student cannot train with a step size at or below zero, so the
+        EMA of the iterations before is kept, as for any divergence."""
         bad = [n for n, p in self.synthetic.named_parameters() if not torch.isfinite(p).all()]
         if bad:
             self._diverge(f"the optimiser step made {', '.join(bad)} non-finite")
+        if self.dcfg.min_alpha is None:
+            low = [f"{n} = {float(a.detach()):.4g}" for n, a in zip(("alpha_img", "alpha_txt"), self.synthetic.alphas)
+                   if float(a.detach()) <= 0]
+            if low:
+                self._diverge(f"the learned step size {', '.join(low)} is not positive (distill.min_alpha is unset)")
 
     def _diverge(self, detail: str) -> None:
         """Checkpoint the (finite) EMA and raise; the raw state of this iteration is not averaged in."""

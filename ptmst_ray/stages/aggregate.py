@@ -48,12 +48,19 @@ def phase_subset_dirs(cfg: Config) -> list[tuple[str, str]]:
     return out
 
 
-def _check_finite(directory: str, sub) -> None:
+def check_usable(directory: str, sub) -> None:
+    """Raise a StageError naming ``directory`` unless the stored subset can train a student: finite tensors
+    and positive learned step sizes (SGD refuses a negative lr; nothing clamps it without distill.min_alpha)."""
     bad = [k for k in ("images", "text", "similarity") if not bool(torch.isfinite(getattr(sub, k)).all())]
     bad += [k for k in ("alpha_img", "alpha_txt") if not math.isfinite(getattr(sub, k))]
     if bad:
         raise StageError(f"{directory}: {', '.join(bad)} not finite; the phase diverged before its EMA state "
                          "settled. Lower distill.lr_img / lr_txt / lr_sim (or the phase's similarity alpha), then "
+                         "`ptmst-ray run --rebuild phases`")
+    negative = [f"{k} = {getattr(sub, k):.4g}" for k in ("alpha_img", "alpha_txt") if getattr(sub, k) <= 0]
+    if negative:
+        raise StageError(f"{directory}: learned step size {', '.join(negative)} is not positive, so no student can "
+                         "train with it. Set distill.min_alpha (a floor, e.g. 1e-4) or lower distill.lr_lr, then "
                          "`ptmst-ray run --rebuild phases`")
 
 
@@ -79,7 +86,7 @@ def aggregate(cfg: Config) -> dict:
     subsets = []
     for status, d in sources:
         sub = load_subset(d)
-        _check_finite(d, sub)
+        check_usable(d, sub)
         if status == "diverged":
             log.warning("%s diverged (%s); the distilled set uses its last finite EMA state (iteration %s)",
                         sub.meta.get("name"), sub.meta["diverged"].get("detail"), sub.meta.get("iterations"))
@@ -108,9 +115,7 @@ def aggregate(cfg: Config) -> dict:
     out = layout.distilled
     storage.write_bytes(storage.join(out, PARQUET), buf.getvalue())
     storage.write_bytes(storage.join(out, TENSORS), st_save(tensors))
-    grid_local = storage.local_path(storage.join(out, GRID))
-    if grid_local is not None:
-        image_grid_png(torch.cat([s.images.float() for s in subsets]), captions, grid_local)
+    image_grid_png(torch.cat([s.images.float() for s in subsets]), captions, storage.join(out, GRID))
     card = {
         "method": "PTM-ST (phased teachers + shortcut trajectories)" if cfg.shortcut.enabled else "PTM (raw trajectories)",
         "pairs": sum(s.images.shape[0] for s in subsets),
