@@ -47,6 +47,23 @@ def register(app: typer.Typer) -> None:
     app.command("token")(token_cmd)
 
 
+def _agent_port_holder() -> str | None:
+    """``ip:port`` when something on this machine already listens on the port a new local Ray's job agent
+    takes (Ray's DEFAULT_DASHBOARD_AGENT_LISTEN_PORT, on the node's IP); None when it is free. Found by
+    connecting, never by binding."""
+    import socket
+
+    import ray
+    from ray._private.ray_constants import DEFAULT_DASHBOARD_AGENT_LISTEN_PORT as port
+
+    ip = ray.util.get_node_ip_address()
+    try:
+        with socket.create_connection((ip, port), timeout=1.0):
+            return f"{ip}:{port}"
+    except OSError:
+        return None
+
+
 def run_as_job(cfg, args: list[str]) -> int:
     """`ptmst-ray run --as-job`: start a local Ray, submit `ptmst-ray run ARGS` to it as a Ray Job, follow its
     log here until it ends; Ctrl-C stops the job (finished work is kept). Returns the exit code."""
@@ -57,6 +74,11 @@ def run_as_job(cfg, args: list[str]) -> int:
 
     from ptmst_ray_cli.common import connect_ray, interrupted
 
+    holder = _agent_port_holder()
+    if holder is not None:
+        fail(f"another Ray on this machine already serves its job agent on {holder}, and a second local Ray "
+             "cannot serve Ray Jobs beside it (Ray 2.60 fixes that port); stop the other one (`ray stop`), or run "
+             "without --as-job", code=2)
     info = connect_ray(cfg, None)
     client = jobs.job_client(info.dashboard_url)
     if "://" not in cfg.run.root and not os.path.isabs(cfg.run.root):  # the job's driver runs in another folder

@@ -71,6 +71,11 @@ class RunConfig:
     gpus_per_task: float = 1.0
     """GPUs each evaluation task (one method x seed student, the full-data baseline) and each pretraining run
     asks Ray for when the cluster has GPUs (fractions share one); 0 = CPU only. Without GPUs: one CPU each."""
+    accelerator: Literal["auto", "gpu", "cpu"] = "auto"
+    """What the heavy stages (experts, phases, pretraining, evaluation) ask Ray for, decided once when the
+    run starts and printed: gpu = GPUs (the autoscaler is asked for GPU nodes before each stage, so a
+    cluster whose GPU workers have min_workers 0 gets them); cpu = CPUs only; auto = gpu when the cluster
+    has GPUs now or its autoscaler config lists GPU node types, else cpu (a laptop's local Ray: cpu)."""
 
     def __post_init__(self):
         _check(bool(self.root), "root", "must be a path or URL, e.g. ~/ptmst-runs/toy or s3://bucket/runs/toy")

@@ -261,8 +261,18 @@ def test_run_as_job_refuses_an_address(tmp_path):
     assert out.returncode == 2 and "ptmst-ray launch --address" in " ".join(out.stderr.split())
 
 
+def test_run_as_job_beside_another_local_ray_exits_2_at_once(ray_session, tmp_path):
+    """The session's Ray holds this machine's job-agent port: a second local Ray could not serve Ray Jobs
+    (its agent fails to bind and the submission waits forever), so `--as-job` says so and exits 2."""
+    out = subprocess.run([sys.executable, "-m", "ptmst_ray_cli", "run", "--as-job", "--set", f"run.root={tmp_path}"],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    text = " ".join(out.stderr.split())
+    assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "already serves its job agent on" in text and ":52365" in text and "ray stop" in text
+
+
 @pytest.mark.slow
-@pytest.mark.heavy  # not verified on a quiet machine yet (issue #24): run with -m heavy
+@pytest.mark.heavy  # needs a machine with no other Ray (see the test above): run alone with -m heavy
 def test_run_as_job_is_a_ray_job_with_the_runs_log(ran, tmp_path):
     """`ptmst-ray run --as-job` on the finished stages above: its own local Ray, the run submitted there
     as a Ray Job, the job's log (the results table) followed in the terminal, results.json written."""

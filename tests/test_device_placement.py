@@ -198,3 +198,63 @@ def test_heavy_tasks_ask_for_a_gpu_where_the_cluster_has_them(ray_session, tmp_p
         return [str(g) for g in ray.get_gpu_ids()]
 
     assert len(ray.get(given.options(**task_resources(cfg)).remote())) == 1
+
+
+# --------------------------------------------------------------------------- the phase worker's teachers
+
+
+def _stored_experts(root, shortcut: bool):
+    """A tiny config whose 3 experts (random 4-epoch trajectories of two tensors) are in its expert store,
+    compressed into the shortcut ranges its phases need; returns (cfg, expert snapshots as written)."""
+    from ptmst_ray.layout import experts_hash
+    from ptmst_ray.stages.experts import compress_expert, expert_store
+
+    cfg = tiny_config(root, **{"experts.num_experts": 3, "shortcut.enabled": shortcut})
+    gen = torch.Generator().manual_seed(0)
+    written = []
+    for i in range(3):
+        snaps = [{"w": torch.randn(5, 3, generator=gen), "b": torch.randn(4, generator=gen)}
+                 for _ in range(cfg.experts.epochs + 1)]
+        expert_store(cfg).write_expert(i, snaps, seed=i, config_hash=experts_hash(cfg))
+        compress_expert(cfg, i)
+        written.append(snaps)
+    return cfg, written
+
+
+def _split(snap: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    return snap["w"].flatten(), snap["b"]
+
+
+@pytest.mark.parametrize("shortcut", [True, False])
+def test_phase_teachers_are_bit_identical_on_cpu_and_one_expert_at_a_time_on_the_device(tmp_path, shortcut):
+    """StoredTrajectories (the phase worker's teachers): every (expert, k) snapshot equals the one built
+    independently from the written expert (the shortcut formula of trajectories/shortcut.py over the
+    written snapshots, or the written snapshot itself for the ablation) bit for bit on the CPU; on another
+    device only the expert in use is there, the others stay in host memory (shortcuts) or unread (raw)."""
+    from ptmst_ray.stages.phase import StoredTrajectories
+    from ptmst_ray.trajectories.shortcut import shortcut_trajectory
+
+    cfg, written = _stored_experts(tmp_path, shortcut)
+    phase = cfg.phases[1]
+    a, b = phase.range_start, phase.range_end
+    source = StoredTrajectories(cfg, phase, _split, torch.device("cpu"))
+    order = [(e, k) for e in (0, 2, 1, 1, 0) for k in (0, b - a, 1)]  # as the loop asks: expert by expert
+    for e, k in order:
+        want = shortcut_trajectory(written[e], a, b).snapshot(k) if shortcut else written[e][a + k]
+        got = source.snapshot(e, k)
+        assert all(torch.equal(x, y) for x, y in zip(got, _split(want))), (e, k)
+        assert all(t.device.type == "cpu" for t in got)
+
+    source = StoredTrajectories(cfg, phase, _split, DEVICE)  # a device that is not the host's
+    for e, k in order:
+        got = source.snapshot(e, k)
+        assert all(t.device == DEVICE for t in got)
+        if shortcut:  # all experts' shortcuts on the host, one expert's copy on the device
+            assert all(t.device.type == "cpu" for traj in source.trajs for t in [*traj.theta_a.values(),
+                                                                                  *traj.theta_b.values()])
+            held = source._on_device
+            assert held[0] == e and all(t.device == DEVICE for t in held[1].theta_a.values())
+        else:  # nothing held: ids only, each snapshot read when asked for
+            assert not any(isinstance(t, torch.Tensor) for t in source.trajs)
+    with pytest.raises(IndexError, match="outside"):
+        source.snapshot(0, b - a + 1)

@@ -135,6 +135,37 @@ def test_inputs_only_this_machine_reads_are_refused_before_ray_up(tmp_path):
     assert weights.exit_code == 2 and "model.image_pretrained" in weights.output, weights.output
 
 
+@pytest.mark.parametrize("field", ["run.root", "data.annotations", "data.images", "model.image_pretrained",
+                                   "model.text_pretrained", "model.pretrained"])
+def test_each_input_only_this_machine_reads_is_named_on_a_cluster(field):
+    """Every input of a cluster run (the run root, annotations, images, each weights file) must be a URL all
+    nodes read: one local path among URLs is refused, naming exactly that field; URLs pass; open_clip's
+    pretrained tags (no path) pass."""
+    from ptmst_ray.config import ConfigError, load_config
+    from ptmst_ray.stages.preflight import check_inputs_shared
+
+    urls = {"run.root": "s3://b/r", "data.annotations": "s3://b/ann", "data.images": "s3://b/img",
+            "model.image_pretrained": "s3://b/w/img.safetensors", "model.text_pretrained": "s3://b/w/txt",
+            "model.pretrained": "s3://b/w/clip.safetensors"}
+    base = ["data.dataset=flickr30k", "pretrain.enabled=false"]
+    check_inputs_shared(load_config("configs/toy.yaml", base + [f"{k}={v}" for k, v in urls.items()]))
+    check_inputs_shared(load_config("configs/toy.yaml", base + [f"{k}={v}" for k, v in urls.items()
+                                                                 if k != "model.pretrained"] + ["model.pretrained=openai"]))
+    local = {**urls, field: "/home/me/thing"}
+    with pytest.raises(ConfigError) as e:
+        check_inputs_shared(load_config("configs/toy.yaml", base + [f"{k}={v}" for k, v in local.items()]))
+    assert str(e.value).startswith(f"{field}: ") and "every node reads it" in str(e.value)
+
+
+def test_sweep_on_another_machines_cluster_refuses_local_inputs(tmp_path):
+    """`ptmst-ray sweep --address` checks as `run` does, before connecting (exit 2, the field named)."""
+    from ptmst_ray_cli.main import app
+
+    result = CliRunner().invoke(app, ["sweep", "--address", "10.0.0.5:6379", "--set", f"run.root={tmp_path}"])
+    out = " ".join(result.output.split())
+    assert result.exit_code == 2 and "run.root" in out and "every node reads it" in out, out
+
+
 def test_preflight_knows_a_cluster_address_from_a_local_one():
     from ptmst_ray.orchestration.runtime import is_cluster_address
 

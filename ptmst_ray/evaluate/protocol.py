@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from ptmst_ray.config import EvalConfig
 from ptmst_ray.evaluate.metrics import METRIC_NAMES
-from ptmst_ray.evaluate.student import Metrics, RetrievalData, evaluate_student, train_student
+from ptmst_ray.evaluate.student import Images, Metrics, RetrievalData, evaluate_student, train_student
 
 log = logging.getLogger(__name__)
 
@@ -34,9 +34,10 @@ DEFAULT_LOSS = "WBCE"
 
 @dataclass
 class Subset:
-    """One phase's training pairs: images (float, CLIP-normalised), text embeddings, soft target."""
+    """One phase's training pairs: images (float, CLIP-normalised; for the full-data baseline the train
+    split's :class:`~ptmst_ray.data.dataset.ImageRows`, normalised per batch), text embeddings, soft target."""
 
-    images: Tensor
+    images: Images
     text_emb: Tensor
     similarity: Optional[Tensor] = None
     """n x n soft target; None = identity (real pairs)."""
@@ -191,6 +192,6 @@ def random_coreset(
     return chosen.sort().values
 
 
-def coreset_subset(images: Tensor, text_emb: Tensor, indices: Tensor) -> Subset:
+def coreset_subset(images: Images, text_emb: Tensor, indices: Tensor) -> Subset:
     """A real-pair subset (identity target, default step sizes) from row indices."""
     return Subset(images=images[indices], text_emb=text_emb[indices])

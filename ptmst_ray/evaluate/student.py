@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Protocol, Union
+from typing import TYPE_CHECKING, Any, Callable, Optional, Protocol, Union
 
 import torch
 from torch import Tensor, nn
@@ -27,7 +27,14 @@ from ptmst_ray.device import pin
 from ptmst_ray.evaluate.metrics import retrieval_metrics
 from ptmst_ray.models.losses import contrastive_loss
 
+if TYPE_CHECKING:
+    from ptmst_ray.data.dataset import ImageRows
+
 log = logging.getLogger(__name__)
+
+Images = Union[Tensor, "ImageRows"]
+"""Images by row: a float tensor, or rows whose ``[idx]`` (LongTensor or slice) gives the CLIP-normalised float
+batch from uint8 pixels held once per image (a real split is never materialised as float)."""
 
 Metrics = dict[str, float]
 Target = Union[Tensor, Callable[[Tensor], Tensor], None]
@@ -37,7 +44,7 @@ Target = Union[Tensor, Callable[[Tensor], Tensor], None]
 class RetrievalData(Protocol):
     """What scoring needs from a test split: one row per image, captions flattened."""
 
-    images: Tensor  # n_images x 3 x H x W, float, CLIP-normalised
+    images: Images  # n_images x 3 x H x W, float, CLIP-normalised (per batch)
     text_emb: Tensor  # n_captions x d_t (frozen text-tower embeddings)
     txt2img: Tensor  # n_captions, long: image index of each caption
 
@@ -46,7 +53,7 @@ class RetrievalData(Protocol):
 class RetrievalSet:
     """A concrete test split in memory (any object with these three attributes works)."""
 
-    images: Tensor
+    images: Images
     text_emb: Tensor
     txt2img: Tensor
 
@@ -118,7 +125,7 @@ def _evaluate(student: nn.Module, eval_fn: Callable[[nn.Module], Metrics]) -> Me
 
 def train_student(
     student: nn.Module,
-    images: Tensor,
+    images: Images,
     text_emb: Tensor,
     target: Target = None,
     *,
@@ -199,7 +206,7 @@ def _record(result: TrainResult, epoch: int, epoch_loss: float, metrics: Metrics
 def _run_epoch(
     student: nn.Module,
     optimizer: torch.optim.Optimizer,
-    images: Tensor,
+    images: Images,
     text_emb: Tensor,
     target: Target,
     loss_name: str,
@@ -226,7 +233,7 @@ def _run_epoch(
     return total / count, False
 
 
-def encode_test(student: nn.Module, test_images: Tensor, test_text_emb: Tensor, batch_size: int = 256) -> Tensor:
+def encode_test(student: nn.Module, test_images: Images, test_text_emb: Tensor, batch_size: int = 256) -> Tensor:
     """Cosine similarity matrix n_images x n_captions of the student's normalised embeddings."""
     device = next(student.parameters()).device
     was_training = student.training

@@ -38,7 +38,8 @@ def pretrain_clip(model_cfg: ModelConfig, cfg: PretrainConfig, images: torch.Ten
                   device: torch.device | None = None) -> dict[str, torch.Tensor]:
     """Train both towers of ``model_cfg.name`` from scratch on (images, captions); return the state dict.
 
-    ``images`` are float, CLIP-normalised, one row per caption (``captions[i]`` describes ``images[i]``).
+    ``images`` are float, CLIP-normalised, one row per caption (``captions[i]`` describes ``images[i]``): a
+    tensor or any rows object (``ptmst_ray.data.dataset.ImageRows``) whose ``[idx]`` gives such a batch.
     """
     device = device or pick_device()
     bare = dataclasses.replace(model_cfg, pretrained=None, image_pretrained=None, text_pretrained=None)

@@ -16,16 +16,56 @@ import os
 import ray
 from ray.exceptions import RayActorError
 
+from ptmst_ray import storage
 from ptmst_ray.config import Config, from_dict
 from ptmst_ray.device import set_threads
 from ptmst_ray.layout import Layout, StageError, experts_hash, needed_ranges
 from ptmst_ray.orchestration.metrics import expert_metrics, expert_tag
 from ptmst_ray.orchestration.runtime import (
-    Poll, actor_name, as_completed, cluster_info, record_attempt, report_progress,
+    Poll, actor_name, as_completed, cluster_info, record_attempt, report_progress, request_gpus, resolve_accelerator,
+    uses_gpus,
 )
 from ptmst_ray.stages.experts import compress_expert, expert_store, train_and_store_expert
 
 log = logging.getLogger(__name__)
+
+
+TEXT_WIDTH_BOUND = 1024
+"""Upper bound of a caption embedding's width (BERT-base: 768) when sizing what a worker holds."""
+
+
+def expert_nbytes(cfg: Config) -> int:
+    """Bytes of one expert's stored snapshots (epochs 0..K of the student's vector), read from a finished
+    expert's sidecar; 0 before any expert of this config exists."""
+    store, chash = expert_store(cfg), experts_hash(cfg)
+    for i in range(cfg.experts.num_experts):
+        sidecar = store.sidecar(i)
+        if sidecar and sidecar.get("config_hash") == chash and sidecar.get("nbytes"):
+            return int(sidecar["nbytes"])
+    return 0
+
+
+def shortcut_nbytes(cfg: Config) -> int:
+    """Bytes of one expert's shortcut (its two end points) for a phase range: 2 of the K+1 snapshots."""
+    return 2 * expert_nbytes(cfg) // (cfg.experts.epochs + 1)
+
+
+def split_nbytes(cfg: Config, images: bool = True) -> int:
+    """Bytes a worker holding the real data keeps (:class:`~ptmst_ray.stages.embed.RealData`): each distinct
+    image once as uint8 pixels (unless ``images`` is False: a phase decodes only its initial pairs) and a
+    float32 embedding per caption, train and test, counted from the prepared splits' manifests (0 before
+    the data is prepared)."""
+    layout, pixels, total = Layout.of(cfg), 3 * cfg.data.image_size ** 2 if images else 0, 0
+    for split in ("train", "test"):
+        manifest = storage.read_manifest(layout.split(split)) or {}
+        total += int(manifest.get("images", 0)) * pixels + int(manifest.get("captions", 0)) * TEXT_WIDTH_BOUND * 4
+    return total
+
+
+def memory_option(nbytes: int) -> dict:
+    """``{"memory": nbytes}`` for Ray (so it never packs more such workers on a node than its RAM holds),
+    or nothing when the size is not known yet."""
+    return {"memory": int(nbytes)} if nbytes > 0 else {}
 
 
 @ray.remote(max_restarts=-1, max_task_retries=0)
@@ -67,8 +107,11 @@ class ShortcutActor:
 
 
 def _shortcut_actor(cfg_dict: dict):
-    """The shortcut actor, named ``shortcut-<driver id>`` in the dashboard."""
-    return ShortcutActor.options(name=actor_name("shortcut")).remote(cfg_dict)
+    """The shortcut actor, named ``shortcut-<driver id>`` in the dashboard; it holds one whole expert (and
+    its shortcuts) at a time, and asks for that memory once an expert's size is known."""
+    cfg = from_dict(cfg_dict)
+    memory = expert_nbytes(cfg) + shortcut_nbytes(cfg) * len(needed_ranges(cfg))
+    return ShortcutActor.options(name=actor_name("shortcut"), **memory_option(memory)).remote(cfg_dict)
 
 
 def _compress(shortcut, expert_id: int):
@@ -77,24 +120,35 @@ def _compress(shortcut, expert_id: int):
 
 
 def _actor_options(cfg: Config, n_actors: int) -> tuple[dict, int]:
-    info = cluster_info()
-    if info.has_gpus:
-        return {"num_gpus": cfg.experts.gpus_per_expert, "num_cpus": 1}, cfg.run.threads_per_worker or 2
-    cpus = max(1, int(info.cpus // max(1, n_actors)))
-    return {"num_cpus": cpus}, cfg.run.threads_per_worker or cpus
+    """An expert actor's resources: ``experts.gpus_per_expert`` GPUs and one CPU when the run targets GPUs
+    (``run.accelerator``, whether or not GPU nodes are up yet), else an equal share of the CPUs; and the
+    memory of what it holds (the real data, an expert's snapshots once their size is known)."""
+    memory = memory_option(split_nbytes(cfg) + expert_nbytes(cfg))
+    if uses_gpus(cfg):
+        return {"num_gpus": cfg.experts.gpus_per_expert, "num_cpus": 1, **memory}, cfg.run.threads_per_worker or 2
+    cpus = max(1, int(cluster_info().cpus // max(1, n_actors)))
+    return {"num_cpus": cpus, **memory}, cfg.run.threads_per_worker or cpus
 
 
 def run_experts(cfg: Config, board=None, poll: Poll | None = None) -> dict:
     """Train every missing expert and compress every expert into shortcuts; returns counts."""
+    cfg = resolve_accelerator(cfg)
     missing = expert_store(cfg).missing_ids(cfg.experts.num_experts, experts_hash(cfg))
     complete = [i for i in range(cfg.experts.num_experts) if i not in missing]
     cfg_dict = cfg.to_dict()
-    shortcut = _shortcut_actor(cfg_dict)
-    compress = [_compress(shortcut, i) for i in complete]
+    shortcut: list = []  # started with the first finished expert, when the memory it needs is known
+
+    def compress_one(expert_id: int):
+        if not shortcut:
+            shortcut.append(_shortcut_actor(cfg_dict))
+        return _compress(shortcut[0], expert_id)
+
+    compress = [compress_one(i) for i in complete]
     retries = 0
     if missing:
-        n_actors = min(cluster_info().parallel_slots(cfg.experts.gpus_per_expert), len(missing))
+        n_actors = min(cluster_info().slots(cfg.experts.gpus_per_expert, uses_gpus(cfg)), len(missing))
         options, threads = _actor_options(cfg, n_actors)
+        request_gpus(cfg, n_actors, cfg.experts.gpus_per_expert, "experts")
         log.info("training %d expert(s) on %d actor(s) (%s), %d already complete", len(missing), n_actors, options,
                  len(complete))
         actors = [ExpertActor.options(name=actor_name(f"expert-actor-{k}"), **options).remote(cfg_dict, threads, board)
@@ -112,7 +166,7 @@ def run_experts(cfg: Config, board=None, poll: Poll | None = None) -> dict:
             free.append(actor_of.pop(ref))
             try:
                 ray.get(ref)
-                compress.append(_compress(shortcut, eid))
+                compress.append(compress_one(eid))
                 report_progress(board, "experts", cfg.experts.num_experts - len(queue) - len(actor_of),
                                 cfg.experts.num_experts)
             except RayActorError as e:
@@ -123,7 +177,8 @@ def run_experts(cfg: Config, board=None, poll: Poll | None = None) -> dict:
         for actor in actors:
             ray.kill(actor)
     written = sum(len(ranges) for ranges in ray.get(compress))
-    ray.kill(shortcut)
+    for actor in shortcut:
+        ray.kill(actor)
     return {"trained": len(missing), "skipped": len(complete), "actor_restarts": retries, "shortcuts_written": written}
 
 

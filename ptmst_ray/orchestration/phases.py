@@ -27,9 +27,11 @@ from ptmst_ray import storage, tensorio
 from ptmst_ray.config import Config, PhaseConfig, build_section, from_dict
 from ptmst_ray.device import pick_device, set_threads
 from ptmst_ray.layout import TRAIN_SNAPSHOT, Layout, PhaseJob, phase_jobs, phase_outcome
+from ptmst_ray.orchestration.experts import memory_option, shortcut_nbytes, split_nbytes
 from ptmst_ray.orchestration.metrics import phase_metrics
 from ptmst_ray.orchestration.runtime import (
-    Poll, as_completed, cluster_info, ensure_train_state_actor, record_attempt, report_progress,
+    Poll, as_completed, cluster_info, ensure_train_state_actor, record_attempt, report_progress, request_gpus,
+    resolve_accelerator, uses_gpus,
 )
 from ptmst_ray.stages.phase import distill_phase
 
@@ -225,6 +227,14 @@ def fit_and_prune(trainer: TorchTrainer, run_dir: str):
     return result
 
 
+def phase_memory(cfg: Config) -> dict:
+    """What a phase worker holds in host memory: the caption embeddings (it decodes only its initial
+    images) and every expert's shortcut for its range (the raw ablation reads each snapshot when used: two
+    at a time), as a Ray ``memory`` request."""
+    teachers = (cfg.experts.num_experts * shortcut_nbytes(cfg) if cfg.shortcut.enabled else shortcut_nbytes(cfg))
+    return memory_option(split_nbytes(cfg, images=False) + teachers)
+
+
 def make_trainer(cfg_dict: dict, name: str, phase: dict, seed: int, run_name: str, board=None,
                  max_failures: int = MAX_FAILURES, until: int | None = None,
                  label: str | None = None, trial: str = "") -> TorchTrainer:
@@ -232,11 +242,11 @@ def make_trainer(cfg_dict: dict, name: str, phase: dict, seed: int, run_name: st
     ``trial`` (a sweep trial's id) tags its metrics. The run's name (the dashboard's Train page) is
     ``run_name``; Train 2.60 gives its controller and worker actors no name of their own."""
     cfg = from_dict(cfg_dict)
-    info = cluster_info()
-    gpus = cfg.distill.gpus_per_phase if info.has_gpus else 0
+    gpus = cfg.distill.gpus_per_phase if uses_gpus(cfg) else 0  # the run's target, not the GPUs up right now
     threads = cfg.run.threads_per_worker or 1
     scaling = ScalingConfig(num_workers=1, use_gpu=gpus > 0,
-                            resources_per_worker={"CPU": 1, **({"GPU": gpus} if gpus else {})})
+                            resources_per_worker={"CPU": 1, **({"GPU": gpus} if gpus else {}),
+                                                  **phase_memory(cfg)})
     run_config = RunConfig(name=run_name, failure_config=FailureConfig(max_failures=max_failures),
                            checkpoint_config=CheckpointConfig(num_to_keep=2),
                            **storage_args(Layout.of(cfg).phases))
@@ -261,6 +271,7 @@ def fit_phase(cfg_dict: dict, name: str, phase: dict, seed: int, run_name: str, 
 
 def run_phases(cfg: Config, board=None, poll: Poll | None = None, with_baseline: bool = True) -> dict[str, dict]:
     """Distil every phase (and the single-phase baseline) as concurrent Train runs; returns per-phase status."""
+    cfg = resolve_accelerator(cfg)
     cfg_dict = cfg.to_dict()
     todo: collections.deque[PhaseJob] = collections.deque()
     status = {}
@@ -270,10 +281,11 @@ def run_phases(cfg: Config, board=None, poll: Poll | None = None, with_baseline:
             report_progress(board, job.name, job.phase.iterations, job.phase.iterations, "done (skipped)")
         else:
             todo.append(job)
-    slots = cluster_info().parallel_slots(cfg.distill.gpus_per_phase)
+    slots = cluster_info().slots(cfg.distill.gpus_per_phase, uses_gpus(cfg))
     log.info("%d distillation run(s) to do, up to %d at once", len(todo), slots)
 
     if todo:
+        request_gpus(cfg, min(len(todo), slots), cfg.distill.gpus_per_phase, "phases")
         ensure_train_state_actor()  # concurrent runs would race to create it (a spurious failed task)
 
     def submit(job: PhaseJob):

@@ -20,11 +20,12 @@ from ptmst_ray import storage
 from ptmst_ray.config import Config, PretrainConfig, build_section, from_dict
 from ptmst_ray.device import set_threads
 from ptmst_ray.layout import Layout, phase_jobs
-from ptmst_ray.orchestration.experts import run_experts
+from ptmst_ray.orchestration.experts import memory_option, run_experts, split_nbytes
 from ptmst_ray.orchestration.metrics import stage_started
 from ptmst_ray.orchestration.phases import run_phases
 from ptmst_ray.orchestration.runtime import (
-    UI, NullUI, Poll, cluster_info, make_poll, progress_board, report_progress, wait_all,
+    UI, NullUI, Poll, cluster_info, make_poll, progress_board, release_gpus, report_progress, request_gpus,
+    resolve_accelerator, uses_gpus, wait_all,
 )
 from ptmst_ray.stages import aggregate as aggregate_stage
 from ptmst_ray.stages import data as data_stage
@@ -43,10 +44,16 @@ class PipelineError(RuntimeError):
 
 def task_resources(cfg: Config) -> dict:
     """What one heavy task (an evaluation student, a pretraining run) asks Ray for: ``run.gpus_per_task``
-    GPUs and one CPU where the cluster has GPUs, else one CPU (as the experts' ``_actor_options``)."""
-    if cluster_info().has_gpus and cfg.run.gpus_per_task > 0:
+    GPUs and one CPU when the run targets GPUs (``run.accelerator``), else one CPU (as the experts'
+    ``_actor_options``)."""
+    if cfg.run.gpus_per_task > 0 and uses_gpus(cfg):
         return {"num_cpus": 1, "num_gpus": cfg.run.gpus_per_task}
     return {"num_cpus": 1}
+
+
+def score_resources(cfg: Config) -> dict:
+    """An evaluation task's :func:`task_resources` and the memory of the real data it holds."""
+    return {**task_resources(cfg), **memory_option(split_nbytes(cfg))}
 
 
 def _task_threads(cfg: Config) -> int:
@@ -86,6 +93,28 @@ def pretrain_task(cfg_dict: dict, board=None) -> dict | None:
 
 
 @ray.remote(num_cpus=1)
+def _embed_task(cfg_dict: dict, board=None) -> dict:
+    """The caption-embedding stage on the GPU Ray gave it (the text tower picks CUDA where there is one):
+    BERT-base over 145k-566k captions is hours on a head's CPUs, minutes on a GPU."""
+    cfg = from_dict(cfg_dict)
+    set_threads(_task_threads(cfg))
+    writes, start = storage.writes(), time.time()
+    key = embed_stage.embed(cfg, progress=lambda done, total: report_progress(board, "embed captions", done, total))
+    return {"key": key, "node_id": ray.get_runtime_context().get_node_id(),
+            "gpu_ids": [str(g) for g in ray.get_gpu_ids()], "ran": storage.writes() > writes, "start": start}
+
+
+def embed_captions(cfg: Config, board=None, poll: Poll | None = None) -> dict:
+    """The caption-embedding stage: a Ray task with ``run.gpus_per_task`` GPUs when the run targets GPUs,
+    else here in the driver (a laptop: no worker to start, the same bytes as before)."""
+    options = task_resources(cfg)
+    if not options.get("num_gpus"):
+        return {"key": embed_stage.embed(cfg), "node_id": None, "gpu_ids": []}
+    request_gpus(cfg, 1, options["num_gpus"], "embed", keep_larger=True)  # the experts' request covers it
+    return wait_all([_embed_task.options(name="embed captions", **options).remote(cfg.to_dict(), board)], poll)[0]
+
+
+@ray.remote(num_cpus=1)
 def _score_task(cfg_dict: dict, method: str, seed: int, board=None) -> dict:
     """One (method, seed) student, on the GPU Ray gave it (``task_resources``), else one CPU thread."""
     cfg = from_dict(cfg_dict)
@@ -98,7 +127,8 @@ def _score_task(cfg_dict: dict, method: str, seed: int, board=None) -> dict:
 
     out = score_one_seed(cfg, method, seed, progress=progress)
     report_progress(board, name, 1, 1, f"r_mean {out['best']['r_mean']:.1f} (of {points} points)")
-    return {**out, "gpu_ids": [str(g) for g in ray.get_gpu_ids()]}  # results.json's runs: where each seed ran
+    # results.json's runs: where each seed ran
+    return {**out, "gpu_ids": [str(g) for g in ray.get_gpu_ids()], "node_id": ray.get_runtime_context().get_node_id()}
 
 
 def evaluation_methods(cfg: Config) -> list[str]:
@@ -107,7 +137,8 @@ def evaluation_methods(cfg: Config) -> list[str]:
 
 def evaluate(cfg: Config, methods: list[str], board, poll: Poll | None) -> dict:
     """Every (method, seed) as one Ray task; results.json's scores."""
-    options = task_resources(cfg)
+    options = score_resources(cfg)
+    request_gpus(cfg, len(methods) * cfg.eval.seeds, options.get("num_gpus", 0), "evaluation")
     refs = [_score_task.options(name=f"eval {m} seed {s}", **options).remote(cfg.to_dict(), m, s, board)
             for m in methods for s in range(cfg.eval.seeds)]
     runs = wait_all(refs, poll)
@@ -138,10 +169,12 @@ class StageTimes:
                           "ran": bool(out["ran"]) if "ran" in out else storage.writes() > writes})
 
 
-def run_prerequisites(cfg: Config, ui: UI, board, poll: Poll, times: StageTimes | None = None) -> dict:
+def run_prerequisites(cfg: Config, ui: UI, board, poll: Poll, times: StageTimes | None = None,
+                      where: dict | None = None) -> dict:
     """Data, pretraining, caption embeddings, experts + shortcuts (each skipped when complete).
 
-    Shared by `run` and `sweep`; returns run_experts' counts. ``times`` records each stage's time.
+    Shared by `run` and `sweep`; returns run_experts' counts. ``times`` records each stage's time, ``where``
+    (if given) receives ``embed``: the node and GPU ids the caption embeddings were computed on.
     """
     times = times or StageTimes(cfg.run.root)
     ui.stage("data: prepare")
@@ -159,14 +192,20 @@ def run_prerequisites(cfg: Config, ui: UI, board, poll: Poll, times: StageTimes 
         with times.stage("pretrain") as out:
             out["ran"] = not pretrain_stage.is_done(cfg)
             if out["ran"]:  # a finished stage costs no worker start
+                request_gpus(cfg, 2 if cfg.pretrain.towers == "separate" else 1,
+                             task_resources(cfg).get("num_gpus", 0), "pretrain", keep_larger=True)
                 wait_all([pretrain_task.options(name="pretrain").remote(cfg.to_dict(), board)], poll)
     ui.stage("caption embeddings")
-    with times.stage("embed"):
-        embed_stage.embed(cfg)
+    with times.stage("embed") as out:
+        embedded = embed_captions(cfg, board, poll)
+        if "ran" in embedded:  # computed in a Ray task: its writes are not this process's
+            out["ran"] = embedded["ran"]
     ui.stage(f"experts ({cfg.experts.num_experts}) + shortcuts")
     with times.stage("experts") as out:
         experts = run_experts(cfg, board, poll)
         out["ran"] = bool(experts["trained"] or experts["shortcuts_written"])
+    if where is not None:
+        where["embed"] = embedded
     return experts
 
 
@@ -177,11 +216,24 @@ def run_pipeline(cfg: Config, ui: UI | None = None) -> dict[str, Any]:
     storage.write_text(layout.config_yaml, cfg.to_yaml())
     info = cluster_info()
     log.info("cluster: %.0f CPUs, %.0f GPUs, %d node(s); run root %s", info.cpus, info.gpus, info.nodes, cfg.run.root)
+    cfg = resolve_accelerator(cfg)  # every stage below asks for what this decides, whatever is up at the moment
+    try:
+        # GPU nodes take minutes to boot: ask for the experts' now, so they start while data and embeddings run
+        request_gpus(cfg, cfg.experts.num_experts, cfg.experts.gpus_per_expert, "the run (experts first)")
+        return _run_stages(cfg, ui)
+    finally:
+        release_gpus()  # idle GPU nodes may go once the run no longer needs them
+
+
+def _run_stages(cfg: Config, ui: UI) -> dict[str, Any]:
+    """The stages of :func:`run_pipeline` on a config whose accelerator is decided."""
+    layout = Layout.of(cfg)
     board = progress_board()
     ray.get(board.clear.remote())
     poll = make_poll(board, ui)
     t0, times = time.time(), StageTimes(cfg.run.root)
-    experts = run_prerequisites(cfg, ui, board, poll, times)
+    where: dict = {}
+    experts = run_prerequisites(cfg, ui, board, poll, times, where)
 
     baseline = SINGLE_PHASE in cfg.eval.baselines
     ui.stage(f"phases ({len(cfg.phases)}" + (" + single-phase baseline)" if baseline else ")"))
@@ -212,7 +264,8 @@ def run_pipeline(cfg: Config, ui: UI | None = None) -> dict[str, Any]:
         results = evaluate(cfg, methods, board, poll)
     results.update({"experts": experts, "phases": status, "distilled": distilled["pairs"],
                     "diverged_phases": distilled.get("diverged", []), "warnings": warnings,
-                    "wall_seconds": time.time() - t0, "stages": times.rows, "run_root": cfg.run.root})
+                    "wall_seconds": time.time() - t0, "stages": times.rows, "run_root": cfg.run.root,
+                    "accelerator": cfg.run.accelerator, "embed": where.get("embed")})
     storage.write_json(layout.results, results)
     stage_started("", cfg.run.root)
     _plot(cfg, results)

@@ -45,14 +45,23 @@ class ClusterInfo:
     """The dashboard of the cluster this process is connected to (http://host:port), as Ray reports it:
     a second local Ray gets the next free port, so 8265 is not always this run's."""
 
+    autoscaler_gpus: float = 0.0
+    """GPUs the cluster's autoscaler can add (GPU node types x their max_workers; :func:`autoscaler_gpus`),
+    0 without an autoscaler or when its config cannot be read."""
+
     @property
     def has_gpus(self) -> bool:
         return self.gpus >= 1
 
     def parallel_slots(self, gpus_per_job: float = 1.0) -> int:
         """How many one-accelerator jobs can run at once (CPUs when there are no GPUs)."""
-        if self.has_gpus:
-            return max(1, int(self.gpus // max(gpus_per_job, 1e-6)))
+        return self.slots(gpus_per_job, self.has_gpus)
+
+    def slots(self, gpus_per_job: float, use_gpus: bool) -> int:
+        """How many jobs can run at once: on GPUs (those there now or, if more, those the autoscaler can add,
+        ``gpus_per_job`` each), else on the CPUs there now (one each)."""
+        if use_gpus:
+            return max(1, int(max(self.gpus, self.autoscaler_gpus) // max(gpus_per_job, 1e-6)))
         return max(1, int(self.cpus))
 
 
@@ -71,6 +80,7 @@ def connect(address: str | None = None, num_cpus: int | None = None, num_gpus: i
                     and not os.environ.get("RAY_AUTH_TOKEN") and not os.environ.get("RAY_AUTH_TOKEN_PATH")):
                 ensure_auth_token()
             log.info("starting a local Ray instance (dashboard on %s, or the next free port)", LOOPBACK)
+            _STARTED_LOCAL[0] = True
             ray.init(num_cpus=num_cpus, num_gpus=num_gpus, namespace=NAMESPACE, include_dashboard=True,
                      dashboard_host=LOOPBACK, resources={TRAIN_DRIVER: train_drivers}, log_to_driver=False,
                      configure_logging=True, logging_level=logging.WARNING)
@@ -81,7 +91,7 @@ def cluster_info() -> ClusterInfo:
     res = ray.cluster_resources()
     nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
     return ClusterInfo(cpus=float(res.get("CPU", 0)), gpus=float(res.get("GPU", 0)), nodes=nodes,
-                       dashboard_url=dashboard_url())
+                       dashboard_url=dashboard_url(), autoscaler_gpus=autoscaler_gpus()[0] or 0.0)
 
 
 def _address_info() -> dict:
@@ -307,6 +317,167 @@ def record_attempt(url: str, info: dict | None = None, **fields) -> dict:
                         "gpu_ids": [str(g) for g in ray.get_gpu_ids()], "start": time.time()}), **fields}
     storage.write_json(url, info)
     return info
+
+
+# --------------------------------------------------------------------------- GPUs from the config, not the moment
+
+BOOTSTRAP_CONFIG = "~/ray_bootstrap_config.yaml"
+"""Where `ray up` puts the autoscaler config on the head (cluster/gpu.yaml's head starts Ray with it); a
+`ptmst-ray launch` job's driver runs on the head, so it reads the GPU node types there."""
+AUTOSCALER_CONFIG_ENV = "PTMST_AUTOSCALER_CONFIG"
+"""Environment variable naming the autoscaler config the head was started with (``ray start
+--autoscaling-config=PATH``) when it is not :data:`BOOTSTRAP_CONFIG` (a hand-started head, a test's
+fake autoscaling cluster)."""
+_STARTED_LOCAL = [False]
+"""True once :func:`connect` started a local Ray in this process: it has no autoscaler to ask."""
+_ANNOUNCED: set[str] = set()
+"""Accelerator decisions (gpu, cpu) already logged by this process: each is said once."""
+_REQUESTED = [0]
+"""Bundles of this process's resource request standing with the autoscaler (0: none; see :func:`release_gpus`)."""
+
+
+def node_types_gpus(autoscaler_config: dict) -> float:
+    """GPUs an autoscaler config lets the cluster add: each worker node type's ``resources.GPU`` x its
+    ``max_workers`` (capped by the cluster's ``max_workers``); node types without declared resources
+    count 0 (Ray may detect them at launch, but they cannot be read ahead)."""
+    cap = autoscaler_config.get("max_workers")
+    total = 0.0
+    for name, node_type in (autoscaler_config.get("available_node_types") or {}).items():
+        if name == autoscaler_config.get("head_node_type") or not isinstance(node_type, dict):
+            continue  # the head is up already: its GPUs are in the cluster's resources
+        gpus = float((node_type.get("resources") or {}).get("GPU", 0))
+        count = node_type.get("max_workers", cap if cap is not None else 0)
+        total += gpus * (min(count, cap) if cap is not None else count)
+    return total
+
+
+def autoscaler_gpus() -> tuple[float | None, str]:
+    """(GPUs the autoscaler can add, where that was read), or (None, why it could not be read).
+
+    Read from Ray's own cluster config in the GCS (``ray._private.state``: what Ray Train reads; set where
+    the autoscaler reports it, e.g. KubeRay), else from the autoscaler config file on this machine:
+    ``$PTMST_AUTOSCALER_CONFIG``, else `ray up`'s :data:`BOOTSTRAP_CONFIG`. A local Ray this process
+    started has no autoscaler.
+    """
+    if _STARTED_LOCAL[0]:
+        return None, "a local Ray started by this command (no autoscaler)"
+    try:
+        from ray._private.state import state
+
+        reported = state.get_max_resources_from_cluster_config()
+    except Exception as e:  # noqa: BLE001 - an older GCS, a Ray client connection: try the file
+        log.debug("no cluster config in the GCS (%s)", e)
+        reported = None
+    if reported:
+        return float(min(reported.get("GPU", 0), 1e6)), "the cluster config in Ray's GCS"
+    path = os.path.expanduser(os.environ.get(AUTOSCALER_CONFIG_ENV) or BOOTSTRAP_CONFIG)
+    if not os.path.isfile(path):
+        return None, (f"no autoscaler config found (none in Ray's GCS, no {path} here; set "
+                      f"{AUTOSCALER_CONFIG_ENV} to the file the head was started with)")
+    try:
+        import yaml  # JSON is YAML: Ray's fake cluster writes JSON
+
+        with open(path) as f:
+            raw = yaml.safe_load(f) or {}
+        return node_types_gpus(raw), path
+    except Exception as e:  # noqa: BLE001 - a broken file must not stop the run: say so, decide without it
+        return None, f"{path} could not be read ({type(e).__name__}: {e})"
+
+
+@dataclass(frozen=True)
+class AcceleratorPlan:
+    """Where the heavy stages go, and the sentence that says why (logged once, kept in results.json)."""
+
+    use_gpus: bool
+    reason: str
+
+
+def plan_accelerator(setting: str, info: ClusterInfo, autoscaler: tuple[float | None, str]) -> AcceleratorPlan:
+    """``run.accelerator`` against the cluster: ``gpu``/``cpu`` as given; ``auto`` = GPUs when the cluster
+    has them now or its autoscaler (``autoscaler``: :func:`autoscaler_gpus`) can add them, else CPUs."""
+    can_add, source = autoscaler
+    now = f"{info.gpus:.0f} GPU(s) now"
+    later = (f"the autoscaler can add {can_add:.0f} GPU(s) ({source})" if can_add is not None
+             else source)
+    if setting == "cpu":
+        return AcceleratorPlan(False, f"run.accelerator=cpu: heavy stages on CPUs ({now})")
+    if setting == "gpu":
+        if not info.has_gpus and not can_add:
+            if _STARTED_LOCAL[0]:
+                from ptmst_ray.config import ConfigError
+
+                raise ConfigError("run.accelerator", "gpu, but this command's local Ray has no GPUs and no "
+                                  "autoscaler; use auto or cpu, or join a GPU cluster with --address")
+            return AcceleratorPlan(True, f"run.accelerator=gpu: heavy stages ask for GPUs ({now}; {later}); "
+                                   "they wait until GPU nodes join")
+        return AcceleratorPlan(True, f"run.accelerator=gpu: heavy stages ask for GPUs ({now}; {later})")
+    if info.has_gpus:
+        return AcceleratorPlan(True, f"run.accelerator=auto: GPUs ({now})")
+    if can_add:
+        return AcceleratorPlan(True, f"run.accelerator=auto: GPUs ({now}, {later}); the autoscaler is asked "
+                               "for GPU nodes before each stage")
+    return AcceleratorPlan(False, f"run.accelerator=auto: CPUs ({now}; {later}); set run.accelerator=gpu to "
+                           "ask for GPUs anyway")
+
+
+def resolve_accelerator(cfg):
+    """The config with ``run.accelerator`` decided (``gpu`` or ``cpu``) for this run; the decision is logged
+    the first time this process makes it.
+
+    Called by the driver's entry points before any stage, so every task, actor and Train run of the run
+    (they receive the resolved config) asks for the same thing, whatever the cluster holds at the moment.
+    """
+    plan = plan_accelerator(cfg.run.accelerator, cluster_info(), autoscaler_gpus())
+    resolved = "gpu" if plan.use_gpus else "cpu"
+    if resolved not in _ANNOUNCED:
+        _ANNOUNCED.add(resolved)
+        log.info("accelerator: %s", plan.reason)
+    return cfg.replace(**{"run.accelerator": resolved})
+
+
+def uses_gpus(cfg) -> bool:
+    """Whether the heavy work of ``cfg`` asks Ray for GPUs: ``run.accelerator`` once resolved
+    (:func:`resolve_accelerator`); an unresolved ``auto`` (a library call) follows the GPUs there now."""
+    if cfg.run.accelerator == "auto":
+        return cluster_info().has_gpus
+    return cfg.run.accelerator == "gpu"
+
+
+def request_gpus(cfg, jobs: int, gpus_per_job: float, what: str, keep_larger: bool = False) -> int:
+    """Tell the autoscaler what a stage is about to ask for: ``jobs`` bundles of {1 CPU, ``gpus_per_job``
+    GPU} (at most what the cluster can hold), so GPU nodes start before the work waits on them
+    (``ray.autoscaler.sdk.request_resources``; the request replaces the last one and stands until the next
+    or :func:`release_gpus`). ``keep_larger``: a short stage ahead of a bigger one leaves a larger standing
+    request as it is. Nothing on CPUs or on a local Ray. Returns the bundles requested."""
+    if not uses_gpus(cfg) or jobs <= 0 or gpus_per_job <= 0 or _STARTED_LOCAL[0]:
+        return 0
+    n = min(jobs, cluster_info().slots(gpus_per_job, True))
+    if keep_larger and _REQUESTED[0] >= n:
+        return 0
+    try:
+        from ray.autoscaler.sdk import request_resources
+
+        request_resources(bundles=[{"CPU": 1, "GPU": gpus_per_job} for _ in range(n)])
+    except Exception as e:  # noqa: BLE001 - the work still asks for GPUs; Ray's autoscaler sees it waiting
+        log.warning("%s: could not ask the autoscaler for %d GPU bundle(s) (%s); the work waits for GPU nodes "
+                    "the autoscaler adds on its own", what, n, e)
+        return 0
+    _REQUESTED[0] = n
+    log.info("%s: asked the autoscaler for %d bundle(s) of 1 CPU + %g GPU", what, n, gpus_per_job)
+    return n
+
+
+def release_gpus() -> None:
+    """Withdraw this process's standing resource request, so idle GPU nodes can be removed after the run."""
+    if not _REQUESTED[0]:
+        return
+    try:
+        from ray.autoscaler.sdk import request_resources
+
+        request_resources(bundles=[])
+        _REQUESTED[0] = 0
+    except Exception as e:  # noqa: BLE001 - the nodes then stay until the request is replaced
+        log.warning("could not withdraw the autoscaler request (%s); GPU nodes stay until the next run", e)
 
 
 # --------------------------------------------------------------------------- where a run goes

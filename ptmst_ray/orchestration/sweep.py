@@ -37,10 +37,12 @@ from ptmst_ray import storage
 from ptmst_ray.config import Config, from_dict, section_hash
 from ptmst_ray.device import set_threads
 from ptmst_ray.layout import Layout, StageError, needed_ranges, phase_jobs, phase_outcome
+from ptmst_ray.orchestration.experts import expert_nbytes, memory_option, shortcut_nbytes
 from ptmst_ray.orchestration.phases import fit_and_prune, make_trainer, storage_args
 from ptmst_ray.orchestration.pipeline import run_prerequisites
 from ptmst_ray.orchestration.runtime import (
-    TRAIN_DRIVER, ClusterInfo, NullUI, cluster_info, ensure_train_state_actor, make_poll, progress_board, report_progress, wait_all,
+    TRAIN_DRIVER, ClusterInfo, NullUI, cluster_info, ensure_train_state_actor, make_poll, progress_board, release_gpus,
+    report_progress, request_gpus, resolve_accelerator, wait_all,
 )
 from ptmst_ray.stages.experts import compress_expert
 from ptmst_ray.stages.score import score_one_seed, subset_from_dir
@@ -64,7 +66,7 @@ class SweepError(RuntimeError):
 def sweep_name(cfg: Config) -> str:
     """Deterministic name of this sweep (same config -> same name -> the same command resumes)."""
     raw = cfg.to_dict()
-    raw["run"] = {k: v for k, v in raw["run"].items() if k not in ("address", "threads_per_worker")}
+    raw["run"] = {k: v for k, v in raw["run"].items() if k not in ("address", "threads_per_worker", "accelerator")}
     return f"{cfg.sweep.searcher}-{section_hash(raw)[:10]}"
 
 
@@ -155,12 +157,15 @@ def shortcut_ranges(cfg: Config) -> list[tuple[int, int]]:
 
 
 def max_concurrent_trials(cfg: Config, info: ClusterInfo) -> int:
-    """sweep.max_concurrent, else as many trials as can run all their phases at once."""
+    """sweep.max_concurrent, else as many trials as can run all their phases at once (on the GPUs the
+    cluster has or its autoscaler can add when the run targets GPUs, ``run.accelerator``)."""
     if cfg.sweep.max_concurrent:
         return cfg.sweep.max_concurrent
     phases = len(cfg.phases)
-    if info.has_gpus:
-        return max(1, int(info.gpus // (phases * max(cfg.distill.gpus_per_phase, 1e-6))))
+    accelerator = cfg.run.accelerator
+    if accelerator == "gpu" or (accelerator == "auto" and info.has_gpus):
+        gpus = max(info.gpus, info.autoscaler_gpus)
+        return max(1, int(gpus // (phases * max(cfg.distill.gpus_per_phase, 1e-6))))
     return max(1, int(info.cpus // phases))
 
 
@@ -336,7 +341,8 @@ def _precompute_shortcuts(cfg: Config, poll) -> list[tuple[int, int]]:
     ranges = shortcut_ranges(cfg)
     if cfg.shortcut.enabled:
         cfg_dict = cfg.to_dict()
-        wait_all([_compress_task.options(name=f"shortcut expert-{i:04d}").remote(cfg_dict, i, ranges)
+        memory = memory_option(expert_nbytes(cfg) + shortcut_nbytes(cfg) * len(ranges))  # one whole expert each
+        wait_all([_compress_task.options(name=f"shortcut expert-{i:04d}", **memory).remote(cfg_dict, i, ranges)
                   for i in range(cfg.experts.num_experts)], poll)
     return ranges
 
@@ -375,10 +381,19 @@ def run_sweep(cfg: Config, ui=None, name: str | None = None, verbose: int = 1) -
     """
     ui = ui or NullUI()
     validate_sweep(cfg)
+    name = name or sweep_name(cfg)
+    cfg = resolve_accelerator(cfg)  # trials ask for what this decides, whatever is up at the moment
+    try:
+        return _sweep(cfg, ui, name, verbose)
+    finally:
+        release_gpus()
+
+
+def _sweep(cfg: Config, ui, name: str, verbose: int) -> dict[str, Any]:
+    """:func:`run_sweep` on a config whose accelerator is decided."""
     if not cluster_info_has_driver_slots():
         raise SweepError(f"the Ray cluster has no {TRAIN_DRIVER!r} resource, which sweep trial drivers hold instead of "
                          f"CPUs; start Ray with --resources='{{\"{TRAIN_DRIVER}\": 16}}' (cluster/gpu.yaml does)")
-    name = name or sweep_name(cfg)
     board = progress_board()
     ray.get(board.clear.remote())
     poll = make_poll(board, ui)
@@ -387,6 +402,8 @@ def run_sweep(cfg: Config, ui=None, name: str | None = None, verbose: int = 1) -
     ui.stage("shortcut ranges of the search space")
     ranges = _precompute_shortcuts(cfg, poll)
     tuner, resumed = build_tuner(cfg, name, board, poll, verbose)
+    request_gpus(cfg, max_concurrent_trials(cfg, cluster_info()) * len(cfg.phases), cfg.distill.gpus_per_phase,
+                 "sweep trials")
     ensure_train_state_actor()  # the trials' concurrent Train runs would race to create it
     ui.stage(f"sweep {name}" + (" (resumed)" if resumed else ""))
     grid = tuner.fit()

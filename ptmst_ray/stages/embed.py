@@ -1,15 +1,16 @@
 """Stage `embed`: caption embeddings by the frozen text tower, and the real data the models read.
 
 The embeddings of every train and test caption are written once per (tower, data) under
-``data/embedded/<key>`` (built from a per-caption cache that is reused across runs and configs);
-:func:`load_real` gives the experts, phases and evaluation the real splits with those embeddings.
+``data/embedded/<key>`` (built from a per-caption cache that is reused across runs and configs; only
+the caption shards are read, never the images); :func:`load_real` gives the experts, phases and
+evaluation the real splits with those embeddings, each image's pixels held once as uint8.
 """
 
 from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from safetensors.torch import load as st_load
@@ -19,6 +20,9 @@ from ptmst_ray import storage
 from ptmst_ray.config import Config, section_hash
 from ptmst_ray.layout import Layout, StageError, data_hash
 
+if TYPE_CHECKING:
+    from ptmst_ray.data.dataset import ImageRows
+
 Progress = Callable[[int, int], None]
 
 
@@ -27,7 +31,7 @@ def embed(cfg: Config, progress: Progress | None = None) -> str:
 
     Uses the per-caption cache (reused across runs and configs). Returns the key.
     """
-    from ptmst_ray.data.dataset import load_split
+    from ptmst_ray.data.dataset import read_captions
     from ptmst_ray.data.text_cache import embed_captions
     from ptmst_ray.models.towers import build_text_encoder
 
@@ -37,12 +41,14 @@ def embed(cfg: Config, progress: Progress | None = None) -> str:
     out = layout.embedded(key)
     done = storage.read_manifest(out)
     if done is not None and done.get("config_hash") == key:
-        storage.verify_files(out, done["files"])  # small files: check them before any worker uses them
+        # checked here once per run, so a damaged file is named before any stage uses it; workers check the
+        # bytes they read (load_real) in the same pass, without fetching the file a second time
+        storage.verify_files(out, done["files"])
         return key
     files = {}
     for split in ("train", "test"):
-        data = load_split(layout.data, split)
-        emb = embed_captions(list(data.captions), encoder, layout.text_cache, progress=progress)
+        captions = read_captions(layout.data, split).captions  # the caption shards (or column) only
+        emb = embed_captions(list(captions), encoder, layout.text_cache, progress=progress)
         blob = st_save({"text": emb.float().contiguous()})
         storage.write_bytes(storage.join(out, f"{split}.safetensors"), blob)
         files[f"{split}.safetensors"] = storage.hash_bytes(blob)
@@ -53,13 +59,18 @@ def embed(cfg: Config, progress: Progress | None = None) -> str:
 
 @dataclass
 class RealData:
-    """The real train split (one row per caption) and the test split, ready for the models."""
+    """The real train split (one row per caption) and the test split, ready for the models.
 
-    train_images: torch.Tensor  # float, CLIP-normalised, one row per caption
+    ``train_images`` and ``test_images`` are :class:`~ptmst_ray.data.dataset.ImageRows`: indexing rows
+    gives their CLIP-normalised float pixels, while each distinct image is held once as uint8 (or, for a
+    phase, read from the shards only when asked for). No float or per-caption copy of a split exists.
+    """
+
+    train_images: "ImageRows"  # rows = captions -> float, CLIP-normalised batches
     train_text: torch.Tensor  # caption embeddings, one row per caption
     train_captions: list[str]
     train_image_index: torch.Tensor  # row -> distinct train image
-    test_images: torch.Tensor
+    test_images: "ImageRows"  # rows = test images
     test_text: torch.Tensor
     test_captions: list[str]
     txt2img: torch.Tensor
@@ -69,32 +80,59 @@ class RealData:
         return int(self.train_text.shape[1])
 
 
-@functools.lru_cache(maxsize=2)
-def _load_real_cached(data_dir: str, embedded_dir: str, files: tuple, max_train_rows: int | None) -> RealData:
-    from ptmst_ray.data.dataset import load_split, normalize_images
+def _read_embeddings(embedded_dir: str, files: dict[str, str], split: str) -> torch.Tensor:
+    from ptmst_ray.data.dataset import read_verified
 
-    storage.verify_files(embedded_dir, dict(files))
-    emb = {s: st_load(storage.read_bytes(storage.join(embedded_dir, f"{s}.safetensors")))["text"]
-           for s in ("train", "test")}
-    train, test = load_split(data_dir, "train"), load_split(data_dir, "test")
+    name = f"{split}.safetensors"
+    return st_load(read_verified(embedded_dir, name, files[name]))["text"]
+
+
+@functools.lru_cache(maxsize=2)
+def _test_images(data_dir: str, embedded_dir: str, files: tuple) -> "ImageRows":
+    """The test images, shared by both train modes of :func:`load_real` (decoded once per process, on first use;
+    ``embedded_dir`` and ``files`` key the cache to the data the embeddings were built from)."""
+    from ptmst_ray.data.dataset import ImageRows, ShardImages
+
+    return ImageRows(ShardImages(data_dir, "test", keep=True))
+
+
+@functools.lru_cache(maxsize=4)
+def _load_real_cached(data_dir: str, embedded_dir: str, files: tuple, max_train_rows: int | None,
+                      whole_train: bool) -> RealData:
+    from ptmst_ray.data.dataset import ImageRows, ShardImages, read_captions, split_manifest
+
+    emb = {s: _read_embeddings(embedded_dir, dict(files), s) for s in ("train", "test")}
+    manifests = {s: split_manifest(data_dir, s, verify=False) for s in ("train", "test")}
+    train, test = (read_captions(data_dir, s, manifests[s]) for s in ("train", "test"))
+    for s, caps in (("train", train), ("test", test)):
+        if len(caps.captions) != len(emb[s]):
+            raise StageError(f"{embedded_dir}/{s}.safetensors: {len(emb[s])} caption embeddings but the {s} split "
+                             f"has {len(caps.captions)} captions; run `ptmst-ray data prepare` to rebuild them")
     rows = torch.arange(len(train.captions))
     if max_train_rows is not None:
         rows = rows[:max_train_rows]
+    index = train.image_index[rows]
     return RealData(
-        train_images=normalize_images(train.images[train.image_index[rows]]),
+        train_images=ImageRows(ShardImages(data_dir, "train", manifests["train"], keep=whole_train), index),
         train_text=emb["train"][rows],
         train_captions=[train.captions[i] for i in rows.tolist()],
-        train_image_index=train.image_index[rows],
-        test_images=normalize_images(test.images),
+        train_image_index=index,
+        test_images=_test_images(data_dir, embedded_dir, files),
         test_text=emb["test"],
         test_captions=list(test.captions),
-        txt2img=test.txt2img,
+        txt2img=test.image_index,
     )
 
 
-def load_real(cfg: Config) -> RealData:
+def load_real(cfg: Config, whole_train: bool = True) -> RealData:
     """The embedded real data of this run (cached per process: a Ray worker loads it once; a rebuilt
-    embedding, which has a new manifest, is read afresh)."""
+    embedding, which has a new manifest, is read afresh).
+
+    Only captions and embeddings are read here; pixels are read when first indexed. With
+    ``whole_train`` (experts, the full-data baseline) the first access decodes every train image once
+    and keeps it as uint8; without it (a phase's initial pairs, a coreset) each access reads and decodes
+    only the images asked for. The test images are decoded once, on first use (scoring, phase recall).
+    """
     layout = Layout.of(cfg)
     if not storage.exists(layout.embedded_current):
         raise StageError(f"{layout.embedded_current}: no caption embeddings yet; run `ptmst-ray run` "
@@ -103,4 +141,5 @@ def load_real(cfg: Config) -> RealData:
     manifest = storage.read_manifest(out)
     if manifest is None:
         raise StageError(f"{out}: caption embeddings are missing; run `ptmst-ray run` (or `ptmst-ray data prepare`)")
-    return _load_real_cached(layout.data, out, tuple(sorted(manifest["files"].items())), cfg.data.max_train_rows)
+    return _load_real_cached(layout.data, out, tuple(sorted(manifest["files"].items())), cfg.data.max_train_rows,
+                             whole_train)

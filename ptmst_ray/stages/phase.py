@@ -22,32 +22,70 @@ log = logging.getLogger(__name__)
 
 
 class StoredTrajectories:
-    """TrajectorySource over the stored shortcut (or, for the ablation, raw) trajectories of one range."""
+    """TrajectorySource over the stored shortcut (or, for the ablation, raw) trajectories of one range.
+
+    Only the expert an iteration matches against is on ``device``: the shortcuts of all experts stay in
+    host memory (pinned when ``device`` is CUDA, so the copy is fast), and each iteration's expert is
+    copied over once (its two snapshots are then built there). At paper scale all 20 experts' shortcuts
+    are about 6.4 GB, an A10G's GPU would hold them beside NFNet's double-backward graph only just. The
+    raw trajectories of the no-shortcut ablation (22-29 GB) are not held at all: each snapshot is read
+    from the expert store when asked for. On a CPU the tensors and arithmetic are those of holding
+    everything in place, so results are bit-identical.
+    """
 
     def __init__(self, cfg: Config, phase: PhaseConfig, split: Callable, device: torch.device):
-        from ptmst_ray.trajectories.shortcut import raw_trajectory
-
         a, b, chash = phase.range_start, phase.range_end, experts_hash(cfg)
         n = cfg.experts.num_experts
+        self.range_start, self.range_end = a, b
+        self.split, self.device = split, device
+        self._on_device: tuple[int, object] | None = None
         if cfg.shortcut.enabled:
             store = shortcut_store(cfg)
             missing = store.missing_ids(a, b, n, chash)
             if missing:
                 raise StageError(f"{store.range_dir(a, b)}: shortcut trajectories of experts {missing} are missing; "
                                  "run `ptmst-ray shortcut` (or `ptmst-ray run`) first")
-            self.trajs = [store.load(a, b, i).to(device) for i in range(n)]
+            pin = device.type == "cuda" and torch.cuda.is_available()
+            self.trajs = [_pinned(store.load(a, b, i)) if pin else store.load(a, b, i) for i in range(n)]
+            self.raw = None
         else:
-            store = expert_store(cfg)
-            self.trajs = [raw_trajectory(store.load_expert(i, chash), a, b) for i in range(n)]
-        self.split, self.device = split, device
+            self.raw = expert_store(cfg)
+            missing = self.raw.missing_ids(n, chash)
+            if missing:
+                raise StageError(f"{self.raw.root}: experts {missing} are missing or were trained for another "
+                                 "config; run `ptmst-ray experts` (or `ptmst-ray run`) first")
+            if not 0 <= a < b <= cfg.experts.epochs:
+                raise StageError(f"phase range [{a}, {b}] is not inside the experts' epochs 0..{cfg.experts.epochs}; "
+                                 "choose range_start < range_end <= experts.epochs")
+            self.trajs = list(range(n))
 
     @property
     def num_experts(self) -> int:
         return len(self.trajs)
 
     def snapshot(self, expert: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        w_img, w_txt = self.split(self.trajs[expert].snapshot(k))
+        if not 0 <= k <= self.range_end - self.range_start:
+            raise IndexError(f"snapshot index {k} is outside 0..{self.range_end - self.range_start} of the range "
+                             f"[{self.range_start}, {self.range_end}]")
+        if self.raw is not None:  # the ablation: one epoch of one expert, read now
+            params = self.raw.load_snapshot(expert, self.range_start + k)
+        else:
+            params = self._expert_on_device(expert).snapshot(k)
+        w_img, w_txt = self.split(params)
         return w_img.to(self.device), w_txt.to(self.device)
+
+    def _expert_on_device(self, expert: int):
+        """The shortcut of ``expert`` on the device; the previous iteration's copy is dropped first."""
+        if self._on_device is None or self._on_device[0] != expert:
+            self._on_device = None  # free the last expert's copy before the next one arrives
+            self._on_device = (expert, self.trajs[expert].to(self.device))
+        return self._on_device[1]
+
+
+def _pinned(traj):
+    """A shortcut whose end points are in pinned (page-locked) host memory: faster, asynchronous copies."""
+    return type(traj)({n: t.pin_memory() for n, t in traj.theta_a.items()},
+                      {n: t.pin_memory() for n, t in traj.theta_b.items()}, dict(traj.beta), traj.start)
 
 
 def distill_phase(cfg: Config, name: str, phase: PhaseConfig, *, device: torch.device, seed: int = 0,
@@ -69,7 +107,7 @@ def distill_phase(cfg: Config, name: str, phase: PhaseConfig, *, device: torch.d
     layout, chash = Layout.of(cfg), phase_hash(cfg, phase)
     if storage.is_complete(layout.subset(name), chash):
         return {"status": "done", "skipped": True}
-    real = load_real(cfg)
+    real = load_real(cfg, whole_train=False)  # pixels of the n initial pairs only (and the test split for recall)
     fs = FunctionalStudent(build_student(cfg.model, real.text_dim, seed=cfg.experts.seed).to(device).train())
     gen = torch.Generator().manual_seed(seed)
     if cfg.distill.init == "real":
@@ -147,7 +185,7 @@ def _keep_diverged(cfg: Config, name: str, phase: PhaseConfig, ema: dict, info: 
     out = Layout.of(cfg).diverged(name)
     finite_at = max(0, int(info.get("iteration", 1)) - 1)  # the EMA was last updated by the iteration before
     save_subset(out, ema, phase, config_hash=phase_hash(cfg, phase), iterations=finite_at,
-                extra={"name": name, "diverged": info, "nearest_captions": _nearest_captions(ema, load_real(cfg))},
+                extra={"name": name, "diverged": info, "nearest_captions": _nearest_captions(ema, load_real(cfg, whole_train=False))},
                 record={"diverged": info})
     log.error("phase %s diverged (%s); its last finite EMA state is in %s", name, info.get("detail"), out)
     return {"status": "diverged", "detail": info.get("detail"), "kept": out}

@@ -31,20 +31,23 @@ def pretrain_runs(cfg: Config) -> list[PretrainConfig]:
 
 
 def normalised_split(cfg: Config, split: str):
-    """(the split, its images CLIP-normalised) of a prepared split."""
-    from ptmst_ray.data.dataset import load_split, normalize_images
+    """(the split, its images as CLIP-normalised rows: ``images[i]`` is image i as float, built per batch)."""
+    from ptmst_ray.data.dataset import ImageRows, load_split
 
     data = load_split(Layout.of(cfg).data, split)
-    return data, normalize_images(data.images)
+    return data, ImageRows(data.images)
 
 
 def pretrain_run(cfg: Config, run_cfg: PretrainConfig, on_epoch: Callable[[int, dict], None] | None = None) -> dict:
     """One CLIP run of :func:`pretrain_runs` on the pretraining split; returns its state dict."""
     from ptmst_ray.models.pretrain import pretrain_clip
 
-    data, images = normalised_split(cfg, "pretrain")
-    # one row per caption -> its image
-    return pretrain_clip(cfg.model, run_cfg, images[data.image_index], list(data.captions), on_epoch=on_epoch)
+    from ptmst_ray.data.dataset import ImageRows
+
+    data, _ = normalised_split(cfg, "pretrain")
+    # one row per caption -> its image, normalised per batch (no per-caption copy of the pixels)
+    return pretrain_clip(cfg.model, run_cfg, ImageRows(data.images, data.image_index), list(data.captions),
+                         on_epoch=on_epoch)
 
 
 def _runs_in_turn(progress: Progress | None) -> TrainRuns:
@@ -110,7 +113,8 @@ def zero_shot_recall(model_cfg: ModelConfig, cfg: Config) -> dict:
     model = build_clip(model_cfg).eval()
     tok = open_clip.get_tokenizer(model_cfg.name)
     with torch.no_grad():
-        img = torch.nn.functional.normalize(model.encode_image(images), dim=-1)
+        img = torch.nn.functional.normalize(torch.cat([model.encode_image(images[i:i + 512])
+                                                       for i in range(0, len(images), 512)]), dim=-1)
         txt = torch.cat([model.encode_text(tok(test.captions[i:i + 512]), normalize=True)
                          for i in range(0, len(test.captions), 512)])
     return retrieval_metrics(img @ txt.T, test.txt2img)

@@ -28,8 +28,10 @@ log = logging.getLogger(__name__)
 def subset_from_dir(directory: str) -> Subset:
     """A stored phase subset (complete, partial or diverged) as an evaluation :class:`Subset`."""
     from ptmst_ray.distill.export import load_subset
+    from ptmst_ray.stages.aggregate import check_usable
 
     sub = load_subset(directory)
+    check_usable(directory, sub)
     return Subset(images=sub.images.float(), text_emb=sub.text.float(), similarity=sub.similarity.float(),
                   lr_img=sub.alpha_img, lr_txt=sub.alpha_txt)
 
@@ -50,7 +52,8 @@ def method_subsets(cfg: Config, method: str, seed: int, distilled_dir: str | Non
     layout = Layout.of(cfg)
     if method == PTM_ST:
         return load_distilled(distilled_dir or layout.distilled)
-    real = load_real(cfg)
+    # the full baseline reads every train image (decoded once per process, uint8); a coreset only its own
+    real = load_real(cfg, whole_train=method == "full")
     if method == "random":
         idx = random_coreset(real.train_images.shape[0], cfg.total_pairs, cfg.eval.seed + seed, real.train_image_index)
         return [coreset_subset(real.train_images, real.train_text, idx)]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Callable
+from typing import TYPE_CHECKING, Callable, Iterable, Union
 
 import torch
 from torch import Tensor, nn
@@ -22,10 +22,18 @@ from ptmst_ray.device import pick_device, pin
 from ptmst_ray.models.losses import contrastive_loss
 from ptmst_ray.models.student import build_student
 
+if TYPE_CHECKING:
+    from ptmst_ray.data.dataset import ImageRows
+
 log = logging.getLogger(__name__)
+
+Images = Union[Tensor, "ImageRows"]
+"""Train images by row: a float tensor, or rows whose ``[idx]`` gives the float batch (pixels kept as uint8)."""
 
 Snapshot = dict[str, Tensor]
 EpochCallback = Callable[[int, dict], None]
+EpochBatches = Callable[[int], Iterable[tuple[Tensor, Tensor]]]
+"""epoch (1-based) -> that epoch's (images, text) minibatches, e.g. from ``ptmst_ray.data.stream.CaptionStream``."""
 
 
 def expert_seed(cfg: ExpertsConfig, expert_id: int) -> int:
@@ -67,20 +75,32 @@ def batches(n: int, batch_size: int, generator: torch.Generator) -> list[Tensor]
 def train_epoch(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
-    images: Tensor,
+    images: Images,
     text: Tensor,
     loss_name: str,
     order: list[Tensor],
     device: torch.device,
 ) -> float:
     """One pass over ``order``'s minibatches; returns the mean loss. Stops on a non-finite loss."""
+    return train_batches(model, optimizer, ((images[idx], text[idx]) for idx in order), loss_name, device)
+
+
+def train_batches(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batches: Iterable[tuple[Tensor, Tensor]],
+    loss_name: str,
+    device: torch.device,
+) -> float:
+    """One pass over (images, text) minibatches (row-aligned, on the CPU); returns the mean loss.
+    Stops on a non-finite loss."""
     model.train()
     total, count = 0.0, 0
-    for idx in order:
-        x = pin(images[idx], device).to(device, non_blocking=True)  # pinned: the copy overlaps compute on CUDA
-        t = pin(text[idx], device).to(device, non_blocking=True)
+    for images, text in batches:
+        x = pin(images, device).to(device, non_blocking=True)  # pinned: the copy overlaps compute on CUDA
+        t = pin(text, device).to(device, non_blocking=True)
         logits = model(x, t)
-        loss = contrastive_loss(loss_name, logits, torch.eye(len(idx), device=device, dtype=logits.dtype))
+        loss = contrastive_loss(loss_name, logits, torch.eye(len(x), device=device, dtype=logits.dtype))
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"expert loss became {loss.item()} after {count} steps of this epoch; lower experts.lr_img / lr_txt"
@@ -88,24 +108,28 @@ def train_epoch(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        total += loss.item() * len(idx)
-        count += len(idx)
+        total += loss.item() * len(x)
+        count += len(x)
     return total / max(count, 1)
 
 
 def train_expert(
     cfg: ExpertsConfig,
     model_cfg: ModelConfig,
-    train_images: Tensor,
+    train_images: Images,
     train_text: Tensor,
     expert_id: int,
     on_epoch: EpochCallback | None = None,
     device: torch.device | None = None,
+    epoch_batches: EpochBatches | None = None,
 ) -> list[Snapshot]:
     """Train expert ``expert_id`` and return its trajectory: snapshots after epochs 0..cfg.epochs.
 
-    ``train_images`` (N x 3 x H x W, CLIP-normalised) and ``train_text`` (N x d_t caption
-    embeddings) are row-aligned pairs, kept on the CPU; minibatches move to ``device``.
+    ``train_images`` (N rows x 3 x H x W, CLIP-normalised: a tensor, or :class:`ImageRows` that
+    normalise each minibatch from uint8 pixels held once per image) and ``train_text`` (N x d_t
+    caption embeddings) are row-aligned pairs, kept on the CPU; minibatches move to ``device``.
+    With ``epoch_batches`` (a stream of the same pairs, e.g. read shard by shard) each epoch trains on
+    its batches instead of a permutation of the rows; the rows then only give the split's size and d_t.
     """
     if len(train_images) != len(train_text):
         raise ValueError(f"{len(train_images)} train images but {len(train_text)} caption embeddings; they must pair up")
@@ -119,8 +143,11 @@ def train_expert(
     trajectory = [snapshot(model)]
     for epoch in range(1, cfg.epochs + 1):
         started = time.perf_counter()
-        order = batches(len(train_images), cfg.batch_size, generator)
-        loss = train_epoch(model, optimizer, train_images, train_text, cfg.loss, order, device)
+        if epoch_batches is not None:
+            loss = train_batches(model, optimizer, epoch_batches(epoch), cfg.loss, device)
+        else:
+            order = batches(len(train_images), cfg.batch_size, generator)
+            loss = train_epoch(model, optimizer, train_images, train_text, cfg.loss, order, device)
         trajectory.append(snapshot(model))
         stats = {"loss": loss, "seconds": time.perf_counter() - started, "expert_id": expert_id}
         log.info("expert %d epoch %d/%d: loss %.4f (%.1fs)", expert_id, epoch, cfg.epochs, loss, stats["seconds"])

@@ -1,0 +1,176 @@
+"""Peak memory and throughput of the train data path of one expert epoch vs the number of caption rows.
+
+Why this file exists: issue #26 asks that a consumer's memory not grow with the split. This script writes
+pairs splits of 2,000 / 20,000 / 100,000 caption rows (5 captions per image, 224x224 PNGs, the prepared
+layout `data prepare` writes: image and caption Parquet shards + manifest) and, in a fresh child process
+per (size, path), runs one epoch of 128-row minibatches through the data path and records the child's
+peak RSS (VmHWM), its RSS after the imports, wall time and caption rows (and distinct PNG decodes) per
+second. The minibatches are consumed by a trivial reduction, not a model: the figures are the data
+path's own (what a worker holds and how fast it feeds), not an expert's compute.
+
+Paths: ``rows`` = the loader the experts use (:class:`ImageRows` over :class:`ShardImages`: every image
+decoded once, kept as uint8; a seeded permutation of the rows; float only per batch); ``stream`` =
+:class:`ptmst_ray.data.stream.CaptionStream` (one shard at a time, a 1,024-row shuffle buffer, each
+batch decoded and normalised on its own).
+
+    .venv/bin/python bench/bench_data_memory.py                 # 2,000 / 20,000 / 100,000 captions
+    .venv/bin/python bench/bench_data_memory.py --sizes 2000 --no-write
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import command_line, machine, replace_section, status_kb  # noqa: E402
+
+SECTION = "## Train data path: peak memory of an expert epoch vs split size"
+SIZES = (2000, 20000, 100000)
+CAPTIONS = 5
+IMAGE_SIZE = 224
+BATCH = 128
+BUFFER = 1024
+THREADS = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "ARROW_NUM_THREADS": "1"}
+
+
+def _png(rng) -> bytes:
+    """A distinct 224x224 PNG: a smooth colour field plus pixel noise (compress level 1, for speed)."""
+    import numpy as np
+    from PIL import Image
+
+    base = Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8))
+    field = np.asarray(base.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BICUBIC), dtype=np.int16)
+    noisy = np.clip(field + rng.integers(-6, 7, field.shape, dtype=np.int16), 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(noisy).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def write_split(data_dir: Path, captions: int, seed: int = 0) -> dict:
+    """A prepared pairs split ``data_dir/train`` of ``captions`` rows (the layout and manifest of `data prepare`)."""
+    import numpy as np
+
+    from ptmst_ray import storage
+    from ptmst_ray.data.prepare import CAPTION_SCHEMA, IMAGE_SCHEMA_PAIRS, ShardWriter
+
+    out = data_dir / "train"
+    out.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    images = captions // CAPTIONS
+    with ShardWriter(str(out), "images", IMAGE_SCHEMA_PAIRS, 2048) as imgs, \
+            ShardWriter(str(out), "captions", CAPTION_SCHEMA, 2048) as caps:
+        for i in range(images):
+            imgs.add({"image_index": i, "image": f"{i}.png", "image_id": str(i), "row": i, "png": _png(rng)})
+            for c in range(CAPTIONS):
+                caps.add({"row": i * CAPTIONS + c, "image_index": i, "caption": f"image {i} caption {c}"})
+    manifest = {"kind": "data_split", "split": "train", "split_kind": "pairs", "rows": caps.rows,
+                "images": imgs.rows, "captions": caps.rows, "image_size": IMAGE_SIZE,
+                "files": {**imgs.files, **caps.files}, "skipped": []}
+    storage.write_manifest(str(out), manifest)
+    return {"images": imgs.rows, "bytes": sum(p.stat().st_size for p in out.glob("*.parquet")),
+            "shards": len(imgs.files)}
+
+
+def child(data_dir: str, path: str) -> None:
+    """One epoch of the data path ``path`` over ``data_dir/train``; prints a JSON line of figures."""
+    import torch
+
+    from ptmst_ray.data import dataset
+    from ptmst_ray.data.dataset import ImageRows, ShardImages, read_captions
+
+    decodes = {"n": 0}
+    real = dataset.decode_png
+
+    def counting(data: bytes):
+        decodes["n"] += 1
+        return real(data)
+
+    dataset.decode_png = counting
+    dataset.normalize_images(torch.zeros(1, 3, 2, 2, dtype=torch.uint8))  # imports open_clip (~280 MiB) up front
+    after_imports = status_kb("VmRSS")
+    started = time.perf_counter()
+    caps = read_captions(data_dir, "train")
+    text = torch.zeros(len(caps.captions), 8)  # stands in for the caption embeddings (768-d at paper scale)
+    total, rows = 0.0, 0
+    if path == "rows":
+        images = ImageRows(ShardImages(data_dir, "train", keep=True), caps.image_index)
+        for idx in torch.randperm(len(images), generator=torch.Generator().manual_seed(0)).split(BATCH):
+            x, t = images[idx], text[idx]
+            total += float(x.mean()) + float(t.sum())
+            rows += len(idx)
+    else:
+        from ptmst_ray.data.stream import CaptionStream
+
+        for idx, x, t in CaptionStream(data_dir, "train", text, BATCH, seed=0, buffer=BUFFER).epoch(1):
+            total += float(x.mean()) + float(t.sum())
+            rows += len(idx)
+    seconds = time.perf_counter() - started
+    print(json.dumps({"path": path, "rows": rows, "seconds": seconds, "decodes": decodes["n"],
+                      "rss_after_imports_kb": after_imports, "peak_kb": status_kb("VmHWM")}), flush=True)
+
+
+def spawn(data_dir: Path, path: str) -> dict:
+    import os
+
+    env = {**os.environ, **THREADS}
+    out = subprocess.run([sys.executable, __file__, "--child", str(data_dir), path], env=env,
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def mib(kb: float) -> str:
+    return f"{kb / 1024:,.0f}"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", type=int, nargs="+", default=list(SIZES), help="caption rows per split")
+    p.add_argument("--paths", nargs="+", default=["rows", "stream"], choices=["rows", "stream"])
+    p.add_argument("--workdir", default=None, help="where the splits are written (default: a temporary folder)")
+    p.add_argument("--no-write", action="store_true", help="print only; leave bench/RESULTS.md alone")
+    p.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        child(*args.child)
+        return
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_data_memory_"))
+    lines = ["| captions | images | split MB | path | peak RSS MiB | RSS after imports MiB | peak over imports MiB "
+             "| PNG decodes | wall s | caption rows/s |", "|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
+    try:
+        for n in args.sizes:
+            d = work / f"c{n}"
+            t0 = time.perf_counter()
+            info = write_split(d, n)
+            print(f"wrote {n:,} captions / {info['images']:,} images ({info['bytes'] / 1e6:.0f} MB, "
+                  f"{info['shards']} image shards) in {time.perf_counter() - t0:.0f} s", flush=True)
+            for path in args.paths:
+                r = spawn(d, path)
+                print(json.dumps({"captions": n, **r}), flush=True)
+                lines.append(f"| {n:,} | {info['images']:,} | {info['bytes'] / 1e6:,.0f} | {path} | {mib(r['peak_kb'])} "
+                             f"| {mib(r['rss_after_imports_kb'])} | {mib(r['peak_kb'] - r['rss_after_imports_kb'])} "
+                             f"| {r['decodes']:,} | {r['seconds']:.1f} | {r['rows'] / r['seconds']:,.0f} |")
+            shutil.rmtree(d)
+    finally:
+        if not args.workdir:
+            shutil.rmtree(work, ignore_errors=True)
+    table = "\n".join(lines)
+    print(table)
+    if not args.no_write:
+        body = (f"Command: `{command_line()}`\n\nMachine: {machine(load=True)}\n\n"
+                f"One epoch, minibatch {BATCH}, {CAPTIONS} captions per image, {IMAGE_SIZE} px PNGs, shards of 2,048 "
+                f"rows, one thread per child; batches consumed by a reduction (no model). `rows`: every image "
+                f"decoded once and held as uint8 (the loader experts use); `stream`: CaptionStream, buffer "
+                f"{BUFFER} rows.\n\n{table}\n")
+        replace_section(SECTION, body)
+
+
+if __name__ == "__main__":
+    main()
