@@ -351,7 +351,7 @@ def test_job_on_local_two_node_cluster(local_cluster, tmp_path, monkeypatch):
     # cluster has 3 of each over two nodes, so concurrent work must spread; one machine: a local path is
     # the shared storage
     run_root = tmp_path / "run"
-    cfg = tiny_config(run_root, **{"experts.num_experts": 3})
+    cfg = tiny_config(run_root, **{"experts.num_experts": 3, "eval.seeds": 1})  # 4 evaluation tasks, not 8
     (tmp_path / "tiny.yaml").write_text(cfg.to_yaml())
     steps = launch.plan_launch(None, config_path=tmp_path / "tiny.yaml", address=address, root=tmp_path)
     assert any("ptmst-ray run --config tiny.yaml" in s.description for s in steps)
