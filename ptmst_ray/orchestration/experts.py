@@ -70,23 +70,25 @@ def memory_option(nbytes: int) -> dict:
 
 @ray.remote(max_restarts=-1, max_task_retries=0)
 class ExpertActor:
-    """Trains experts by id; holds the real data in memory between experts."""
+    """Trains experts by id; holds the real data in memory between experts. The progress board comes with
+    each call, not to the constructor: an actor handle among a restartable actor's constructor arguments
+    makes Ray log an error line on every run (ray-project/ray#53727)."""
 
-    def __init__(self, cfg: dict, threads: int, board=None):
+    def __init__(self, cfg: dict, threads: int):
         set_threads(threads)
-        self.cfg, self.board = from_dict(cfg), board
+        self.cfg = from_dict(cfg)
 
     def __repr__(self) -> str:  # the dashboard's "Repr" of this actor (taken once, at creation)
         return f"ExpertActor(experts={self.cfg.experts.num_experts}, epochs={self.cfg.experts.epochs})"
 
-    def train(self, expert_id: int) -> int:
+    def train(self, expert_id: int, board=None) -> int:
         total = self.cfg.experts.epochs
         name = f"expert {expert_id}"
-        report_progress(self.board, name, 0, total, "starting")
+        report_progress(board, name, 0, total, "starting")
         print(f"{expert_tag(expert_id)}: training {total} epoch(s)", flush=True)  # the actor's log in the dashboard
 
         def on_epoch(epoch: int, metrics: dict) -> None:
-            report_progress(self.board, name, epoch, total, f"loss {metrics.get('loss', float('nan')):.3f}")
+            report_progress(board, name, epoch, total, f"loss {metrics.get('loss', float('nan')):.3f}")
             expert_metrics(expert_id, epoch, metrics)
 
         # where it ran (node, GPU ids): `experts/attempts/` shows the spread over a cluster
@@ -151,13 +153,13 @@ def run_experts(cfg: Config, board=None, poll: Poll | None = None) -> dict:
         request_gpus(cfg, n_actors, cfg.experts.gpus_per_expert, "experts")
         log.info("training %d expert(s) on %d actor(s) (%s), %d already complete", len(missing), n_actors, options,
                  len(complete))
-        actors = [ExpertActor.options(name=actor_name(f"expert-actor-{k}"), **options).remote(cfg_dict, threads, board)
+        actors = [ExpertActor.options(name=actor_name(f"expert-actor-{k}"), **options).remote(cfg_dict, threads)
                   for k in range(n_actors)]
         free, actor_of = list(actors), {}
 
         def submit(expert_id: int):
             actor = free.pop()
-            ref = actor.train.options(name=expert_tag(expert_id)).remote(expert_id)
+            ref = actor.train.options(name=expert_tag(expert_id)).remote(expert_id, board)
             actor_of[ref] = actor
             return ref
 
