@@ -245,17 +245,35 @@ def is_complete(directory: str, config_hash: str | None = None) -> bool:
     return config_hash is None or m.get("config_hash") == config_hash
 
 
+def _listed_but_missing(directory: str, url: str) -> StorageError:
+    return StorageError(f"{url}: listed in {join(directory, MANIFEST)} but missing; rebuild this stage", url)
+
+
+def _hash_mismatch(directory: str, url: str) -> StorageError:
+    return StorageError(f"{url}: content hash does not match {join(directory, MANIFEST)} (corrupt or changed); "
+                        "rebuild this stage", url)
+
+
 def verify_files(directory: str, files: dict[str, str]) -> None:
     """Check {relative name: sha256} against the files on disk; raise naming the first bad one."""
     for name, digest in files.items():
         url = join(directory, name)
         if not exists(url):
-            raise StorageError(f"{url}: listed in {join(directory, MANIFEST)} but missing; rebuild this stage", url)
+            raise _listed_but_missing(directory, url)
         if hash_file(url) != digest:
-            raise StorageError(
-                f"{url}: content hash does not match {join(directory, MANIFEST)} (corrupt or changed); rebuild this stage",
-                url,
-            )
+            raise _hash_mismatch(directory, url)
+
+
+def read_verified(directory: str, name: str, digest: str) -> bytes:
+    """The bytes of ``directory/name``, checked against the manifest's sha256 ``digest`` as they are read
+    (one fetch per file: the check and the read are the same pass; errors as :func:`verify_files`)."""
+    url = join(directory, name)
+    if not exists(url):
+        raise _listed_but_missing(directory, url)
+    blob = read_bytes(url)
+    if hash_bytes(blob) != digest:
+        raise _hash_mismatch(directory, url)
+    return blob
 
 
 def local_path(url: str) -> str | None:

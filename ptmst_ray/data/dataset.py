@@ -64,8 +64,9 @@ def split_dir(data_dir: str, split: str) -> str:
 def split_manifest(data_dir: str, split: str, verify: bool = True) -> dict:
     """The split's manifest; raises StorageError (saying what to run) when it is missing or its files changed.
 
-    Readers pass ``verify=False`` and check each file while they read it (:func:`read_verified`), so a
-    file is fetched once, not hashed in one pass and read in a second."""
+    Readers pass ``verify=False`` and check each file while they read it
+    (:func:`ptmst_ray.storage.read_verified`), so a file is fetched once, not hashed in one pass and read in
+    a second."""
     d = split_dir(data_dir, split)
     m = storage.read_manifest(d)
     if m is None:
@@ -83,20 +84,6 @@ def decode_png(data: bytes) -> np.ndarray:
         return np.array(im.convert("RGB"), dtype=np.uint8)
 
 
-def read_verified(directory: str, name: str, digest: str) -> bytes:
-    """The bytes of ``directory/name``, checked against the manifest's sha256 ``digest`` as they are read
-    (one fetch per file: the check and the read are the same pass)."""
-    url = storage.join(directory, name)
-    if not storage.exists(url):
-        raise storage.StorageError(f"{url}: listed in {storage.join(directory, storage.MANIFEST)} but missing; "
-                                   "rebuild this stage", url)
-    blob = storage.read_bytes(url)
-    if storage.hash_bytes(blob) != digest:
-        raise storage.StorageError(f"{url}: content hash does not match {storage.join(directory, storage.MANIFEST)} "
-                                   "(corrupt or changed); rebuild this stage", url)
-    return blob
-
-
 @contextlib.contextmanager
 def _shard_errors(url: str) -> Iterator[None]:
     """Turn a damaged shard's Arrow / IO error into a StorageError that names the shard and the fix."""
@@ -111,7 +98,7 @@ def _read_shard(d: str, name: str, columns: list[str], digest: str | None) -> pa
     """``columns`` of one shard. With ``digest`` the whole file is read once and checked; without it only
     the columns' bytes are fetched (unchecked: a column subset cannot be hashed against the file's sha256)."""
     if digest is not None:
-        blob = read_verified(d, name, digest)
+        blob = storage.read_verified(d, name, digest)
         with _shard_errors(storage.join(d, name)):
             return pq.read_table(pa.BufferReader(blob), columns=columns)
     fs, path = storage.filesystem(storage.join(d, name))

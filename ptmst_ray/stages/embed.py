@@ -81,10 +81,8 @@ class RealData:
 
 
 def _read_embeddings(embedded_dir: str, files: dict[str, str], split: str) -> torch.Tensor:
-    from ptmst_ray.data.dataset import read_verified
-
     name = f"{split}.safetensors"
-    return st_load(read_verified(embedded_dir, name, files[name]))["text"]
+    return st_load(storage.read_verified(embedded_dir, name, files[name]))["text"]
 
 
 @functools.lru_cache(maxsize=2)
