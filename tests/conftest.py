@@ -55,7 +55,21 @@ from pathlib import Path as _DataPath
 import pytest as _data_pytest
 
 FLICKR_DIR = _DataPath(__file__).resolve().parents[2] / "shared" / "data" / "flickr30k"
-"""Real Flickr30k annotation files (read-only; copied before use)."""
+"""Real Flickr30k annotation files (read-only; copied before use), beside the clone as CI has them."""
+
+
+def require_flickr30k() -> str:
+    """FLICKR_DIR as a string, or skip the test saying where the real annotations were looked for."""
+    if not (FLICKR_DIR / "flickr30k_test.json").exists():
+        _data_pytest.skip(f"the real Flickr30k annotations are not at {FLICKR_DIR} (../shared/data/flickr30k "
+                          "beside the repository)")
+    return str(FLICKR_DIR)
+
+
+@_data_pytest.fixture
+def flickr30k() -> str:
+    """The folder of the real Flickr30k test/val annotation files (skips when it is absent)."""
+    return require_flickr30k()
 
 
 def _solid_png(rgb: tuple[int, int, int], size: int = 8) -> bytes:
@@ -70,8 +84,7 @@ def _solid_png(rgb: tuple[int, int, int], size: int = 8) -> bytes:
 def tiny_flickr_dir(tmp_path: _DataPath) -> _DataPath:
     """A Flickr30k-layout folder: the first 12 test/val rows of the real annotations, a train file
     built from them (one row per caption), and tiny solid placeholder PNGs for every listed image."""
-    if not (FLICKR_DIR / "flickr30k_test.json").exists():
-        _data_pytest.skip("real Flickr30k annotations not available")
+    require_flickr30k()
     out = tmp_path / "flickr"
     out.mkdir()
     train = []

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
 import pytest
 
@@ -12,7 +11,6 @@ from ptmst_ray.data.annotations import (
     DataError, EvalRow, PairRow, iter_json_list, iter_split, normalize_caption, read_annotations, read_split,
 )
 
-FLICKR = str(Path(__file__).resolve().parents[2] / "shared" / "data" / "flickr30k")  # beside the clone
 
 
 def blip_pre_caption(caption: str, max_words: int) -> str:
@@ -35,8 +33,8 @@ def test_normalize_caption_examples(text, expected):
     assert normalize_caption(text, 3 if "four" in text else 30) == blip_pre_caption(text, 3 if "four" in text else 30)
 
 
-def test_normalize_matches_blip_on_real_captions():
-    rows = json.load(open(f"{FLICKR}/flickr30k_test.json"))
+def test_normalize_matches_blip_on_real_captions(flickr30k):
+    rows = json.load(open(f"{flickr30k}/flickr30k_test.json"))
     caps = [c for r in rows[:300] for c in r["caption"]]
     for c in caps:
         for mw in (5, 30):
@@ -44,11 +42,11 @@ def test_normalize_matches_blip_on_real_captions():
 
 
 @pytest.mark.parametrize("split,images,captions", [("test", 1000, 5000), ("val", 1014, 5070)])
-def test_full_flickr_files(split, images, captions):
-    ann = read_split(FLICKR, "flickr30k", split)
+def test_full_flickr_files(split, images, captions, flickr30k):
+    ann = read_split(flickr30k, "flickr30k", split)
     assert len(ann.rows) == images and ann.num_captions == captions
     assert all(isinstance(r, EvalRow) and len(r.captions) == 5 for r in ann.rows)
-    raw = json.load(open(f"{FLICKR}/flickr30k_{split}.json"))
+    raw = json.load(open(f"{flickr30k}/flickr30k_{split}.json"))
     assert ann.rows[5].image == raw[5]["image"]
     assert ann.rows[5].captions == [blip_pre_caption(c, 30) for c in raw[5]["caption"]]
     if split == "test":
@@ -119,12 +117,12 @@ def test_skip_bad_lists_rows(tmp_path):
     assert all(s["reason"] for s in ann.skipped)
 
 
-def test_memory_url(tmp_path):
+def test_memory_url(tmp_path, flickr30k):
     import fsspec
 
     fs = fsspec.filesystem("memory")
     with fs.open("/ann/flickr30k_test.json", "wb") as f:
-        f.write(open(f"{FLICKR}/flickr30k_test.json", "rb").read())
+        f.write(open(f"{flickr30k}/flickr30k_test.json", "rb").read())
     ann = read_split("memory://ann", "flickr30k", "test")
     assert len(ann.rows) == 1000
     fs.rm("/ann", recursive=True)
@@ -185,8 +183,8 @@ def test_not_utf8(tmp_path):
         read_annotations(url, "pairs")
 
 
-def test_real_file_streamed_in_small_chunks():
-    url = f"{FLICKR}/flickr30k_val.json"
+def test_real_file_streamed_in_small_chunks(flickr30k):
+    url = f"{flickr30k}/flickr30k_val.json"
     assert list(iter_json_list(url, chunk_bytes=4096)) == json.load(open(url))
 
 

@@ -74,9 +74,9 @@ def test_new_key_recomputes_in_new_folder(tmp_path):
     assert meta["encoder_key"] == "k1" and meta["dim"] == 8
 
 
-def test_real_captions_batched_parts(tmp_path, monkeypatch):
+def test_real_captions_batched_parts(tmp_path, monkeypatch, flickr30k):
     monkeypatch.setattr(text_cache, "PART_CAPTIONS", 1000)
-    caps = [c for r in read_split(str(Path(__file__).resolve().parents[2] / "shared" / "data" / "flickr30k"), "flickr30k", "test").rows for c in r.captions]
+    caps = [c for r in read_split(flickr30k, "flickr30k", "test").rows for c in r.captions]
     enc = FakeEncoder(dim=16)
     progress = []
     e = embed_captions(caps, enc, str(tmp_path), batch_size=256, progress=lambda d, t: progress.append((d, t)))

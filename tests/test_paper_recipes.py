@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from _tiny_models import WORDS, make_tiny_bert, save_nfnet_l0
+from conftest import require_flickr30k
 from ptmst_ray import storage
 from ptmst_ray.config import Config, load_config
 from ptmst_ray.data.annotations import annotation_name
@@ -29,7 +30,6 @@ from ptmst_ray.layout import Layout, phase_jobs
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.paper, pytest.mark.heavy]
 
 ROOT = Path(__file__).resolve().parents[1]
-FLICKR = Path(__file__).resolve().parents[2] / "shared" / "data" / "flickr30k"
 METRICS = ("IR@1", "IR@5", "IR@10", "TR@1", "TR@5", "TR@10", "r_mean")
 METHODS = {"ptm_st", "random", "single_phase", "full"}
 TRAIN_IMAGES, EVAL_IMAGES, CAPTIONS = 8, 6, 5
@@ -77,10 +77,9 @@ def _write(folder: Path, dataset: str, train: list[dict], evals: dict[str, list[
 
 def flickr30k_dataset(folder: Path) -> Path:
     """A handful of the real Flickr30k test/val rows; train rows (one per caption) from further val images."""
-    if not (FLICKR / "flickr30k_test.json").exists():
-        pytest.skip(f"the real Flickr30k annotations are not at {FLICKR} (../shared/data/flickr30k)")
-    test = json.loads((FLICKR / "flickr30k_test.json").read_text())[:EVAL_IMAGES]
-    val_all = json.loads((FLICKR / "flickr30k_val.json").read_text())
+    flickr = Path(require_flickr30k())
+    test = json.loads((flickr / "flickr30k_test.json").read_text())[:EVAL_IMAGES]
+    val_all = json.loads((flickr / "flickr30k_val.json").read_text())
     val, pool = val_all[:EVAL_IMAGES], val_all[EVAL_IMAGES:EVAL_IMAGES + TRAIN_IMAGES]
     train = [{"image": r["image"], "caption": c, "image_id": str(i)} for i, r in enumerate(pool)
              for c in r["caption"][:CAPTIONS]]
