@@ -8,13 +8,19 @@ peak RSS (VmHWM), its RSS after the imports, wall time and caption rows (and dis
 second. The minibatches are consumed by a trivial reduction, not a model: the figures are the data
 path's own (what a worker holds and how fast it feeds), not an expert's compute.
 
-Paths: ``rows`` = the loader the experts use (:class:`ImageRows` over :class:`ShardImages`: every image
-decoded once, kept as uint8; a seeded permutation of the rows; float only per batch); ``stream`` =
-:class:`ptmst_ray.data.stream.CaptionStream` (one shard at a time, a 1,024-row shuffle buffer, each
-batch decoded and normalised on its own).
+Paths: ``rows`` = the held loader (``data.stream: off``; :class:`ImageRows` over :class:`ShardImages`:
+every image decoded once, kept as uint8; a seeded permutation of the rows; float only per batch);
+``stream`` = :class:`ptmst_ray.data.stream.CaptionStream` bare (one shard at a time, a 1,024-row shuffle
+buffer, each batch decoded and normalised on its own, no prefetch, no cache); ``stream+`` = the same with
+what ``data.stream: on`` configures by default (a prefetch thread 2 batches deep, a 256 MiB decoded-image
+LRU); ``full`` = a full-data baseline epoch: ``evaluate.student.train_student`` fed ``stream+`` batches
+(``min_batch`` 1, the student's seed), its student a stand-in of a few hundred parameters so the figures
+stay the data path's. ``--model-rate`` times training steps of the toy student (ptmst-toy-vit, 32 px),
+the rate a data path has to keep up with.
 
     .venv/bin/python bench/bench_data_memory.py                 # 2,000 / 20,000 / 100,000 captions
     .venv/bin/python bench/bench_data_memory.py --sizes 2000 --no-write
+    .venv/bin/python bench/bench_data_memory.py --sizes 2000 20000 --paths stream+ full --model-rate
 """
 
 from __future__ import annotations
@@ -32,12 +38,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import command_line, machine, replace_section, status_kb  # noqa: E402
 
-SECTION = "## Train data path: peak memory of an expert epoch vs split size"
+SECTION = "## Train data path: peak memory and rate of an expert and a full-data epoch vs split size"
 SIZES = (2000, 20000, 100000)
 CAPTIONS = 5
 IMAGE_SIZE = 224
 BATCH = 128
 BUFFER = 1024
+PREFETCH = 2
+CACHE_MB = 256.0
+PATHS = ("rows", "stream", "stream+", "full", "raydata")
 THREADS = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "ARROW_NUM_THREADS": "1"}
 
 
@@ -106,15 +115,123 @@ def child(data_dir: str, path: str) -> None:
             x, t = images[idx], text[idx]
             total += float(x.mean()) + float(t.sum())
             rows += len(idx)
-    else:
+    elif path in ("stream", "stream+"):
         from ptmst_ray.data.stream import CaptionStream
 
-        for idx, x, t in CaptionStream(data_dir, "train", text, BATCH, seed=0, buffer=BUFFER).epoch(1):
+        fast = {"prefetch": PREFETCH, "cache_mb": CACHE_MB} if path == "stream+" else {}
+        for idx, x, t in CaptionStream(data_dir, "train", text, BATCH, seed=0, buffer=BUFFER, **fast).epoch(1):
             total += float(x.mean()) + float(t.sum())
             rows += len(idx)
+    elif path == "full":
+        rows = full_data_epoch(data_dir, text, caps.image_index)
+    else:
+        return ray_data_epoch(data_dir, after_imports)
     seconds = time.perf_counter() - started
     print(json.dumps({"path": path, "rows": rows, "seconds": seconds, "decodes": decodes["n"],
                       "rss_after_imports_kb": after_imports, "peak_kb": status_kb("VmHWM")}), flush=True)
+
+
+def stand_in_student(text_dim: int):
+    """A student of a few hundred parameters (pooled pixels -> 16-d; a linear text head): what ``train_student``
+    trains, at next to no compute, so a full-data epoch measures its data path."""
+    import torch
+    from torch import nn
+
+    class Student(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.image = nn.Sequential(nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(48, 16))
+            self.head = nn.Linear(text_dim, 16)
+
+        def forward(self, x, t):
+            img, txt = (nn.functional.normalize(v, dim=-1) for v in (self.image(x), self.head(t)))
+            return img @ txt.T / 0.07
+
+    torch.manual_seed(0)
+    return Student()
+
+
+def full_data_epoch(data_dir: str, text, image_index) -> int:
+    """One epoch of the full-data baseline's training loop over the streamed split; returns the rows trained."""
+    from ptmst_ray.data.stream import CaptionStream
+    from ptmst_ray.evaluate.student import train_student
+
+    stream = CaptionStream(data_dir, "train", text, BATCH, seed=0, buffer=BUFFER, min_batch=1, prefetch=PREFETCH,
+                           cache_mb=CACHE_MB, image_index=image_index)
+    seen = {"rows": 0}
+
+    def batches(epoch: int):
+        for idx, x, t in stream.epoch(epoch, seed=7):
+            seen["rows"] += len(idx)
+            yield idx, x, t
+
+    rows = _Rows(len(text), (3, IMAGE_SIZE, IMAGE_SIZE))
+    train_student(stand_in_student(text.shape[1]), rows, text, None, epochs=1, batch_size=BATCH, epoch_batches=batches)
+    return seen["rows"]
+
+
+class _Rows:
+    """The shape of the train rows (all ``train_student`` reads of them when it is fed batches)."""
+
+    def __init__(self, n: int, image: tuple):
+        import torch
+
+        self.shape = torch.Size((n, *image))
+
+
+def ray_data_epoch(data_dir: str, after_imports: int) -> None:
+    """Ray Data's path over the same image shards: ``read_parquet`` -> decode + normalise in ``map_batches`` ->
+    ``iter_torch_batches`` (128 images, prefetch 2), on a local Ray of one CPU bound to 127.0.0.1. Images, not
+    caption rows (Ray Data would need a join for those); the Ray start-up is not timed."""
+    import glob
+
+    import numpy as np
+    import ray
+
+    from ptmst_ray.data import dataset
+
+    def decode(batch: dict) -> dict:
+        import torch
+
+        pixels = np.stack([dataset.decode_png(p) for p in batch["png"]]).transpose(0, 3, 1, 2)
+        return {"image_index": batch["image_index"],
+                "image": dataset.normalize_images(torch.from_numpy(np.ascontiguousarray(pixels))).numpy()}
+
+    ray.init(num_cpus=1, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
+             configure_logging=False)
+    try:
+        files = sorted(glob.glob(f"{data_dir}/train/images-*.parquet"))
+        started = time.perf_counter()
+        ds = ray.data.read_parquet(files, columns=["image_index", "png"]).map_batches(decode, batch_size=BATCH)
+        images, total = 0, 0.0
+        for batch in ds.iter_torch_batches(batch_size=BATCH, prefetch_batches=PREFETCH, local_shuffle_buffer_size=BUFFER,
+                                           local_shuffle_seed=0):
+            total += float(batch["image"].mean())
+            images += len(batch["image_index"])
+        seconds = time.perf_counter() - started
+    finally:
+        ray.shutdown()
+    print(json.dumps({"path": "raydata", "rows": images, "seconds": seconds, "decodes": images,
+                      "rss_after_imports_kb": after_imports, "peak_kb": status_kb("VmHWM")}), flush=True)
+
+
+def model_rate(steps: int = 5) -> dict:
+    """Training steps per second of the toy student (ptmst-toy-vit, 32 px, batch 128) on this process's threads."""
+    import torch
+
+    from ptmst_ray.config import ExpertsConfig, ModelConfig
+    from ptmst_ray.models.student import build_student
+    from ptmst_ray.trajectories.expert import make_optimizer, train_batches
+
+    model = build_student(ModelConfig(), text_dim=64, seed=0)
+    opt = make_optimizer(model, ExpertsConfig())
+    x, t = torch.randn(BATCH, 3, 32, 32), torch.randn(BATCH, 64)
+    train_batches(model, opt, [(x, t)], "InfoNCE", torch.device("cpu"))  # warm-up
+    started = time.perf_counter()
+    train_batches(model, opt, [(x, t)] * steps, "InfoNCE", torch.device("cpu"))
+    seconds = time.perf_counter() - started
+    return {"model": "ptmst-toy-vit", "image_size": 32, "batch": BATCH, "images_per_s": steps * BATCH / seconds,
+            "threads": torch.get_num_threads()}
 
 
 def spawn(data_dir: Path, path: str) -> dict:
@@ -133,14 +250,21 @@ def mib(kb: float) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", type=int, nargs="+", default=list(SIZES), help="caption rows per split")
-    p.add_argument("--paths", nargs="+", default=["rows", "stream"], choices=["rows", "stream"])
+    p.add_argument("--paths", nargs="+", default=list(PATHS), choices=list(PATHS))
+    p.add_argument("--model-rate", action="store_true", help="also time the toy student's training steps")
     p.add_argument("--workdir", default=None, help="where the splits are written (default: a temporary folder)")
     p.add_argument("--no-write", action="store_true", help="print only; leave bench/RESULTS.md alone")
     p.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        child(*args.child)
+        if args.child[1] == "model":
+            print(json.dumps(model_rate()), flush=True)
+        else:
+            child(*args.child)
         return
+    rate = spawn(Path("."), "model") if args.model_rate else None
+    if rate:
+        print(json.dumps(rate), flush=True)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_data_memory_"))
     lines = ["| captions | images | split MB | path | peak RSS MiB | RSS after imports MiB | peak over imports MiB "
              "| PNG decodes | wall s | caption rows/s |", "|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
@@ -168,7 +292,11 @@ def main() -> None:
                 f"One epoch, minibatch {BATCH}, {CAPTIONS} captions per image, {IMAGE_SIZE} px PNGs, shards of 2,048 "
                 f"rows, one thread per child; batches consumed by a reduction (no model). `rows`: every image "
                 f"decoded once and held as uint8 (the loader experts use); `stream`: CaptionStream, buffer "
-                f"{BUFFER} rows.\n\n{table}\n")
+                f"{BUFFER} rows; `stream+`: with prefetch {PREFETCH} and a {CACHE_MB:.0f} MiB image cache; `full`: a "
+                f"full-data baseline epoch (train_student on `stream+` batches, a stand-in student).\n\n{table}\n")
+        if rate:
+            body += (f"\nModel consumption: {rate['model']} training steps at {rate['image_size']} px, batch "
+                     f"{rate['batch']}, {rate['threads']} thread: {rate['images_per_s']:,.0f} images/s.\n")
         replace_section(SECTION, body)
 
 

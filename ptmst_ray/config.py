@@ -105,6 +105,10 @@ class BuiltinDataConfig:
             _check(getattr(self, name) >= 1, name, "must be >= 1")
 
 
+READ_SETTINGS = ("stream", "hold_images_mb", "stream_buffer", "prefetch", "image_cache_mb")
+"""``data`` settings of how training reads the prepared data, not of what preparation writes."""
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """Which image-text dataset, and how it is prepared."""
@@ -127,6 +131,22 @@ class DataConfig:
     """Use only the first N train rows (debugging); None = all."""
     workers: int = 1
     """Image decoding while preparing: 1 = in this process; N > 1 = up to N Ray tasks at once (same output)."""
+    stream: Literal["auto", "on", "off"] = "auto"
+    """How training reads a whole pairs split (experts, the full-data baseline, pretraining): on = stream
+    batches from the Parquet shards (memory bounded by a shard, ``stream_buffer`` and ``prefetch``, not by the
+    split); off = decode every image once and hold it as uint8 in each worker; auto = hold when the split's
+    decoded uint8 pixels fit in ``hold_images_mb``, else stream. Held and streamed batches come in different
+    (each seeded) orders, so this decides the experts' data order; decided once per split and logged."""
+    hold_images_mb: float = 2048.0
+    """``stream: auto`` holds a split whose decoded uint8 pixels (images x 3 x size^2 bytes) fit in this many MiB
+    (per worker process: each expert actor and evaluation task holds its own copy); above it, it streams."""
+    stream_buffer: int = 4096
+    """Caption rows (encoded images) in the streaming shuffle buffer: more mixes shards more, costs memory."""
+    prefetch: int = 2
+    """Batches a background thread decodes ahead of training when streaming (0 = decode in the training thread)."""
+    image_cache_mb: float = 256.0
+    """Decoded uint8 images a stream keeps (LRU, per worker) so an image's other captions are not decoded
+    again; 0 = none. Changes speed and memory only, never the batches."""
     builtin: BuiltinDataConfig = field(default_factory=BuiltinDataConfig)
     """The generated dataset's sizes and seeds; read only when dataset is builtin."""
 
@@ -134,7 +154,8 @@ class DataConfig:
         """The settings that decide what preparation writes (all but ``workers``, which only decides
         where images are decoded): the identity of the prepared data."""
         settings = dataclasses.asdict(self)
-        settings.pop("workers")
+        for read_only in ("workers",) + READ_SETTINGS:
+            settings.pop(read_only)
         return settings
 
     def __post_init__(self):
@@ -142,6 +163,10 @@ class DataConfig:
         _check(self.image_size >= 8, "image_size", "must be >= 8")
         _check(self.max_words >= 1, "max_words", "must be >= 1")
         _check(self.shard_rows >= 1, "shard_rows", "must be >= 1")
+        _check(self.hold_images_mb >= 0, "hold_images_mb", "must be >= 0 (MiB of decoded pixels a worker may hold)")
+        _check(self.stream_buffer >= 1, "stream_buffer", "must be >= 1 (caption rows in the shuffle buffer)")
+        _check(self.prefetch >= 0, "prefetch", "must be >= 0 (0 decodes in the training thread)")
+        _check(self.image_cache_mb >= 0, "image_cache_mb", "must be >= 0 (0 = no decoded-image cache)")
         if self.dataset != "builtin":
             _check(
                 self.annotations is not None,

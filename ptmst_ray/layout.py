@@ -169,8 +169,21 @@ def data_hash(cfg: Config) -> str:
     return section_hash(cfg.data.output_settings())
 
 
+ORDER_SETTINGS = ("stream", "hold_images_mb", "stream_buffer")
+"""``data`` settings that decide the order training reads a split in (held and permuted, or streamed)."""
+
+
+def data_order(cfg: Config) -> list:
+    """The :data:`ORDER_SETTINGS` set away from their defaults, for the hashes of what training makes. At the
+    defaults the choice follows from the prepared data alone (its size, fixed by :func:`data_hash`), so stored
+    runs keep their hashes; setting any of them makes experts and pretraining of another order."""
+    default = type(cfg.data)()
+    return [[name, getattr(cfg.data, name)] for name in ORDER_SETTINGS if getattr(cfg.data, name) != getattr(default, name)]
+
+
 def pretrain_hash(cfg: Config) -> str:
-    return section_hash(data_hash(cfg), cfg.model.name, cfg.pretrain)
+    order = data_order(cfg)
+    return section_hash(data_hash(cfg), cfg.model.name, cfg.pretrain, *([order] if order else []))
 
 
 ADDED_MODEL_FIELDS = ("image_proj_dim",)
@@ -193,7 +206,8 @@ def experts_hash(cfg: Config) -> str:
     experts = dataclasses.asdict(cfg.experts)
     experts.pop("num_experts")
     experts.pop("gpus_per_expert")
-    return section_hash(data_hash(cfg), model_hash(cfg), experts)
+    order = data_order(cfg)
+    return section_hash(data_hash(cfg), model_hash(cfg), experts, *([order] if order else []))
 
 
 PHASE_VOLATILE = ("checkpoint_every", "report_every", "recall_every", "gpus_per_phase", "exact_checkpoints")

@@ -259,3 +259,287 @@ def test_expert_trains_from_a_stream_as_from_rows(data_dir):
     out = train_expert(cfg, model, images, text, 0, device=torch.device("cpu"), epoch_batches=streamed)
     assert len(out) == 3 and sorted(seen) == sorted(list(range(60)) * 2)
     assert any(not torch.equal(out[0][k], out[2][k]) for k in out[0])
+
+
+def test_prefetch_and_image_cache_keep_every_batch(data_dir, decodes):
+    """Decoding ahead in a thread and reusing decoded images change neither a batch nor its order; the cache
+    saves the repeat decodes (2 captions an image) and never holds more than its budget."""
+    plain = list(_stream(data_dir).epoch(1))
+    decodes.clear()
+    fast = _stream(data_dir, prefetch=2, cache_mb=1.0)
+    got = list(fast.epoch(1))
+    assert len(got) == len(plain) and all(
+        torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and torch.equal(a[2], b[2]) for a, b in zip(plain, got))
+    assert len(decodes) == fast.decoded == 30  # each image once: its second caption came from the cache
+    small = _stream(data_dir, prefetch=1, cache_mb=3 * 3072 / 2**20)  # room for 3 images (3 x 32 x 32 bytes each)
+    assert all(torch.equal(a[1], b[1]) for a, b in zip(plain, small.epoch(1), strict=True))
+    assert len(small.cache) == 3 and small.cache.bytes == 3 * 3072 and small.decoded > 30
+
+
+def test_image_cache_evicts_the_least_recently_used():
+    from ptmst_ray.data.stream import ImageCache
+
+    cache = ImageCache(max_bytes=30)
+    for k in range(3):
+        cache.put(k, torch.full((10,), k, dtype=torch.uint8))
+    assert cache.get(0) is not None  # 0 is now the most recent: 1 goes first
+    cache.put(3, torch.zeros(10, dtype=torch.uint8))
+    assert cache.get(1) is None and all(cache.get(k) is not None for k in (0, 2, 3)) and cache.bytes == 30
+    cache.put(9, torch.zeros(31, dtype=torch.uint8))  # larger than the whole budget: not kept, nothing evicted
+    assert cache.get(9) is None and len(cache) == 3
+
+
+def test_prefetch_thread_stops_when_the_consumer_leaves_early():
+    import threading
+
+    from ptmst_ray.data.stream import prefetched
+
+    made: list[int] = []
+
+    def items():
+        for i in range(1000):
+            made.append(i)
+            yield i
+
+    it = prefetched(items(), 3)
+    assert [next(it) for _ in range(5)] == [0, 1, 2, 3, 4]
+    it.close()
+    assert not any(t.name == "ptmst-prefetch" and t.is_alive() for t in threading.enumerate())
+    assert len(made) <= 5 + 3 + 2  # bounded: the queue's depth ahead, no more
+
+    def failing():
+        yield 1
+        raise storage.StorageError("images-00007.parquet: damaged")
+
+    got = []
+    with pytest.raises(storage.StorageError, match="images-00007"):
+        for x in prefetched(failing(), 2):
+            got.append(x)
+    assert got == [1]
+
+
+# ---------------------------------------------------------------- the stream in use (data.stream)
+
+
+def _run(tmp_path, **overrides):
+    """A tiny run with prepared data (4 train shards of 16 images) and fake caption embeddings; no pretraining."""
+    from conftest import tiny_config
+
+    from ptmst_ray.stages import data as data_stage
+
+    cfg = tiny_config(tmp_path, **{"model.pretrained": None, "pretrain.enabled": False,
+                                           "data.shard_rows": 16, **overrides})
+    data_stage.prepare(cfg)
+    _fake_embeddings(cfg)
+    return cfg
+
+
+@pytest.fixture
+def no_whole_decode(monkeypatch) -> None:
+    """Fails a test that decodes a whole pairs split (train, pretrain) into memory; the test split may be."""
+    real_decode_all, real_load_split = ShardImages.decode_all, dataset.load_split
+
+    def decode_all(self):
+        if not self.dir.endswith("/test"):
+            pytest.fail(f"{self.dir}: whole split decoded")
+        return real_decode_all(self)
+
+    def load_split(data_dir, split, *a, **k):
+        if split != "test":
+            pytest.fail(f"{split}: whole split loaded")
+        return real_load_split(data_dir, split, *a, **k)
+
+    monkeypatch.setattr(ShardImages, "decode_all", decode_all)
+    monkeypatch.setattr(dataset, "load_split", load_split)
+
+
+def test_the_run_streams_as_the_switch_says(tmp_path):
+    from ptmst_ray.stages.embed import stream_split
+
+    cfg = _run(tmp_path)
+    assert not stream_split(cfg)  # auto, the toy default: 60 x 3 x 32 x 32 bytes fit; held as before
+    assert stream_split(cfg.replace(**{"data.hold_images_mb": 0.1}))  # 0.18 MiB of pixels > 0.1: streamed
+    assert not stream_split(cfg.replace(**{"data.hold_images_mb": 0.2}))
+    assert stream_split(cfg.replace(**{"data.stream": "on"})) and not stream_split(cfg.replace(**{"data.stream": "off"}))
+    assert stream_split(cfg.replace(**{"data.hold_images_mb": 0}), "pretrain")
+
+
+def test_data_order_settings_make_other_experts_and_only_when_set(tmp_path):
+    from ptmst_ray.layout import data_hash, experts_hash, pretrain_hash
+
+    cfg = _run(tmp_path)
+    base = (data_hash(cfg), experts_hash(cfg), pretrain_hash(cfg))
+    for same in ({"data.stream": "auto"}, {"data.prefetch": 0}, {"data.image_cache_mb": 1.0}):
+        assert (data_hash(cfg.replace(**same)), experts_hash(cfg.replace(**same)),
+                pretrain_hash(cfg.replace(**same))) == base
+    for other in ({"data.stream": "on"}, {"data.stream_buffer": 7}, {"data.hold_images_mb": 1.0}):
+        changed = cfg.replace(**other)
+        assert data_hash(changed) == base[0]  # the prepared data is the same
+        assert experts_hash(changed) != base[1] and pretrain_hash(changed) != base[2]
+
+
+def test_a_streamed_expert_is_the_same_expert_again(tmp_path, no_whole_decode):
+    """Streamed (auto, over the budget), an expert never decodes the whole split; trained again from scratch (a
+    fresh root, the per-process caches cleared, no prefetch or image cache) it is bit-identical, and it trained."""
+    from ptmst_ray.layout import experts_hash
+    from ptmst_ray.stages import embed
+    from ptmst_ray.stages.experts import expert_store, train_and_store_expert
+
+    over = {"data.hold_images_mb": 0.05, "data.max_train_rows": 64}  # 32 images (0.09 MiB): streamed
+    cfg = _run(tmp_path / "a", **over, **{"data.prefetch": 2, "data.image_cache_mb": 0.05})
+    train_and_store_expert(cfg, 0)
+    first = expert_store(cfg).load_expert(0, experts_hash(cfg))
+    embed._load_real_cached.cache_clear()
+    embed._stream_decision.cache_clear()
+    other = _run(tmp_path / "b", **over, **{"data.prefetch": 0, "data.image_cache_mb": 0})
+    train_and_store_expert(other, 0)
+    again = expert_store(other).load_expert(0, experts_hash(other))
+    assert experts_hash(other) == experts_hash(cfg)  # prefetch and the cache are not part of what an expert is
+    assert len(first) == 4 and all(torch.equal(a[k], b[k]) for a, b in zip(first, again, strict=True) for k in a)
+    assert any(not torch.equal(first[0][k], first[2][k]) for k in first[0])
+
+
+def test_a_held_expert_is_unchanged_by_the_switch(tmp_path):
+    """The toy default holds its images: the expert equals train_expert on the rows' own permutation (today's)."""
+    from ptmst_ray.layout import Layout, experts_hash
+    from ptmst_ray.stages.embed import load_real
+    from ptmst_ray.stages.experts import expert_store, train_and_store_expert
+    from ptmst_ray.trajectories.expert import train_expert
+
+    cfg = _run(tmp_path, **{"data.max_train_rows": 48})
+    train_and_store_expert(cfg, 1)
+    got = expert_store(cfg).load_expert(1, experts_hash(cfg))
+    train = load_split(Layout.of(cfg).data, "train")
+    text = load_real(cfg).train_text
+    ref = train_expert(cfg.experts, cfg.model, ImageRows(train.images, train.image_index[:48]), text, 1)
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(ref, got, strict=True) for k in a)
+
+
+def test_a_damaged_shard_stops_a_streamed_expert_and_keeps_the_finished_ones(tmp_path, decodes):
+    import numpy as np
+
+    from ptmst_ray.layout import Layout, experts_hash
+    from ptmst_ray.stages.experts import expert_store, train_and_store_expert
+    from ptmst_ray.trajectories.expert import expert_seed
+
+    # a small buffer, so batches train while shards are still to come; no prefetch or cache, so decodes = batches
+    cfg = _run(tmp_path, **{"data.stream": "on", "data.stream_buffer": 8, "data.prefetch": 0, "data.image_cache_mb": 0})
+    train_and_store_expert(cfg, 0)
+    store, chash = expert_store(cfg), experts_hash(cfg)
+    before = store.load_expert(0, chash)
+    d = storage.join(Layout.of(cfg).data, "train")
+    shards = sorted(n for n in storage.read_manifest(d)["files"] if n.startswith("images-"))
+    rng = np.random.default_rng(np.random.SeedSequence([expert_seed(cfg.experts, 1), 1]))
+    last = shards[int(rng.permutation(len(shards))[-1])]  # expert 1's epoch 1 meets it after the other shards
+    blob = bytearray(open(storage.join(d, last), "rb").read())
+    blob[len(blob) // 2] ^= 0xFF
+    open(storage.join(d, last), "wb").write(bytes(blob))
+    decodes.clear()
+    with pytest.raises(storage.StorageError, match=f"{last}: content hash does not match"):
+        train_and_store_expert(cfg, 1)
+    # the three good shards' 96 rows, less 8 in the buffer: two full batches of 32 came (and trained) first
+    assert len(decodes) == 64
+    assert not store.is_complete(1, chash) and store.is_complete(0, chash)
+    after = store.load_expert(0, chash)
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(before, after, strict=True) for k in a)
+
+
+def _uint8_bytes_alive() -> int:
+    """Bytes of every uint8 tensor storage alive in this process (decoded pixels), each storage counted once."""
+    import gc
+    import warnings
+
+    storages = {}
+    with warnings.catch_warnings():  # isinstance on torch's deprecated module attributes warns
+        warnings.simplefilter("ignore")
+        tensors = [o for o in gc.get_objects() if isinstance(o, torch.Tensor) and o.dtype == torch.uint8]
+    for t in tensors:
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(storages.values())
+
+
+def test_a_consumers_decoded_pixels_do_not_grow_with_the_split(tmp_path, monkeypatch):
+    """Streamed, the decoded images alive at any batch stay within the cache + the batches in flight, for a split
+    of 30 and of 150 images (several times the buffer and the cache); held, all of a split's images are."""
+    from ptmst_ray.data.stream import CaptionStream
+
+    image = 3 * 32 * 32
+    peaks = {}
+    for n in (30, 150):
+        d = str(tmp_path / str(n))
+        with monkeypatch.context() as m:
+            m.setattr(prepare, "ROW_GROUP_BYTES", 3000)
+            prepare.prepare_dataset(DataConfig(builtin=BuiltinDataConfig(train_images=n, test_images=2,
+                                                                         pretrain_images=2), shard_rows=16), d)
+        text = torch.zeros(2 * n, 2)
+        base = _uint8_bytes_alive()
+        stream = CaptionStream(d, "train", text, batch_size=7, seed=0, buffer=10, prefetch=2, cache_mb=4 * image / 2**20)
+        peak, rows = 0, 0
+        for r, _, _ in stream.epoch(1):
+            peak, rows = max(peak, _uint8_bytes_alive() - base), rows + len(r)
+        assert rows == 2 * n
+        peaks[n] = peak
+        held = ImageRows(ShardImages(d, "train", keep=True), read_captions(d, "train").image_index)
+        held[torch.tensor([0])]
+        assert _uint8_bytes_alive() - base >= n * image  # the held path: the whole split (the check can fail)
+        del held, stream
+    # 4 cached images + at most the uint8 of batches being built (prefetch 2 + 1 in hand + 1 being built)
+    assert all(4 * image <= peaks[n] <= (4 + 4 * 7) * image for n in peaks), peaks
+
+
+def test_the_full_data_baseline_streams_every_row_in_the_students_order(tmp_path, no_whole_decode):
+    """Streamed, the full-data baseline's student trains on every train row each epoch, in an order fixed by its
+    seed, and is scored, without the train split decoded whole."""
+    from ptmst_ray.stages import score
+
+    cfg = _run(tmp_path, **{"data.stream": "on", "eval.full_data_epochs": 2})
+    [full] = score.method_subsets(cfg, "full", 0)
+    assert full.stream is not None and len(full) == 120
+    orders = {s: [torch.cat([r for r, _, _ in full.stream(s, e)]) for e in (1, 2)] for s in (0, 1)}
+    assert all(sorted(o.tolist()) == list(range(120)) for os in orders.values() for o in os)
+    assert not torch.equal(orders[0][0], orders[0][1]) and not torch.equal(orders[0][0], orders[1][0])
+    assert torch.equal(torch.cat([r for r, _, _ in full.stream(0, 1)]), orders[0][0])  # the same seed: the same
+    losses: list = []
+    out = score.score_one_seed(cfg, "full", 0, progress=losses.append)
+    assert out["pairs"] == 120 and out["final"]["r_mean"] >= 0 and len(losses) == 2
+
+
+def test_a_student_fed_its_own_permutation_trains_as_before(data_dir):
+    """train_student's stream hook is the same training: fed the held path's batches it gives identical weights."""
+    from ptmst_ray.config import ModelConfig
+    from ptmst_ray.models.student import build_student
+
+    train = load_split(data_dir, "train")
+    images = ImageRows(train.images, train.image_index)
+    text = torch.randn(60, 8, generator=torch.Generator().manual_seed(0))
+    from ptmst_ray.evaluate.student import train_student
+
+    common = dict(epochs=2, batch_size=16, seed=5)
+    a, b = (build_student(ModelConfig(), text_dim=8, seed=0) for _ in range(2))
+    train_student(a, images, text, None, **common)
+    gen = torch.Generator().manual_seed(5)
+    orders = {e: torch.randperm(60, generator=gen).split(16) for e in (1, 2)}
+    train_student(b, images, text, None, **common,
+                  epoch_batches=lambda e: ((i, images[i], text[i]) for i in orders[e]))
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_pretraining_streams_the_pretrain_split(tmp_path, no_whole_decode, monkeypatch):
+    """Streamed, a pretraining run sees every full batch of the pretrain split without decoding it whole."""
+    from ptmst_ray.models import pretrain as model_pretrain
+    from ptmst_ray.stages.pretrain import pretrain_run
+
+    cfg = _run(tmp_path, **{"data.stream": "on", "pretrain.enabled": True, "pretrain.batch_size": 16,
+                            "model.pretrained": str(tmp_path / "clip.safetensors")})
+    seen: list = []
+    real = model_pretrain.pretrain_clip
+
+    def recording(model_cfg, run_cfg, images, captions, **kw):
+        batches = kw["epoch_batches"]
+        kw["epoch_batches"] = lambda e: ((seen.append(r) or r, x) for r, x in batches(e))
+        return real(model_cfg, run_cfg, images, captions, **kw)
+
+    monkeypatch.setattr(model_pretrain, "pretrain_clip", recording)
+    state = pretrain_run(cfg, cfg.pretrain)
+    assert state and all(len(r) == 16 for r in seen) and len(seen) == 120 // 16
+    assert len(torch.cat(seen).unique()) == len(seen) * 16  # distinct rows, full batches only (the schedule's steps)

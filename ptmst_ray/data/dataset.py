@@ -133,15 +133,6 @@ def read_image_shard(d: str, name: str, digest: str) -> tuple[int, list[bytes]]:
     return first, t.column("png").to_pylist()
 
 
-def decode_batch(pngs: list[bytes]) -> torch.Tensor:
-    """Encoded images -> one CLIP-normalised float batch (b x 3 x H x W)."""
-    first = decode_png(pngs[0])
-    out = torch.empty((len(pngs), 3, *first.shape[:2]), dtype=torch.uint8)
-    out[0] = torch.from_numpy(first).permute(2, 0, 1)
-    _decode_into(out, 1, pngs[1:])
-    return normalize_images(out)
-
-
 def _decode_into(out: torch.Tensor, start: int, pngs: list[bytes]) -> None:
     for i, data in enumerate(pngs):
         out[start + i] = torch.from_numpy(decode_png(data)).permute(2, 0, 1)

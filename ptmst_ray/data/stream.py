@@ -9,18 +9,30 @@ the buffer and the batch, not by the split. Every epoch yields each caption row 
 order fixed by (seed, epoch): the image shards in a seeded random order, each shard's rows shuffled,
 then mixed through the buffer. It is a plain ``torch.utils.data.IterableDataset`` (no Ray), so it runs
 wherever a worker runs; the shards may be local or any fsspec URL.
+
+Two things keep training from waiting on it without changing a single batch: ``prefetch`` batches are read
+and decoded ahead in one background thread (a thread, not DataLoader worker processes: it works the same
+inside a Ray actor, PNG decoding and torch release the GIL, and the order stays that of one iterator), and
+a bounded LRU of decoded uint8 images (``cache_mb``) serves an image's other captions without decoding it
+again. Why not Ray Data: docs/design.md "Streaming the train split".
 """
 
 from __future__ import annotations
 
-from typing import Iterator
+import collections
+import queue
+import threading
+from typing import Iterable, Iterator, TypeVar
 
 import numpy as np
 import torch
 
+from ptmst_ray.data import dataset
 from ptmst_ray.data.dataset import (
-    decode_batch, image_shards, read_captions, read_image_shard, split_dir, split_manifest,
+    image_shards, normalize_images, read_captions, read_image_shard, split_dir, split_manifest,
 )
+
+T = TypeVar("T")
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 """(caption rows (LongTensor), their images (float, CLIP-normalised, b x 3 x H x W), their text rows)."""
@@ -33,18 +45,24 @@ class CaptionStream(torch.utils.data.IterableDataset):
     indexed by the yielded rows. ``rows`` (default all) streams only caption rows below it (the
     loaders' ``data.max_train_rows``). A last batch smaller than ``min_batch`` is dropped (a contrastive
     loss needs two pairs). Call :meth:`set_epoch` (or :meth:`epoch`) so each epoch gets its own order.
+    :meth:`epoch` decodes ``prefetch`` batches ahead in a background thread; ``cache_mb`` bounds the decoded
+    images kept for reuse. Neither changes the batches.
     """
 
     def __init__(self, data_dir: str, split: str, text: torch.Tensor, batch_size: int, seed: int,
-                 buffer: int = 4096, rows: int | None = None, min_batch: int = 2):
+                 buffer: int = 4096, rows: int | None = None, min_batch: int = 2, prefetch: int = 0,
+                 cache_mb: float = 0.0, image_index: torch.Tensor | None = None):
         super().__init__()
         if batch_size < 1 or buffer < 1:
             raise ValueError(f"batch_size and buffer must be >= 1, got {batch_size} and {buffer}")
+        if prefetch < 0 or cache_mb < 0:
+            raise ValueError(f"prefetch and cache_mb must be >= 0, got {prefetch} and {cache_mb}")
         self.dir = split_dir(data_dir, split)
         self.manifest = split_manifest(data_dir, split, verify=False)
         if self.manifest["split_kind"] != "pairs":
             raise ValueError(f"{self.dir}: CaptionStream streams a pairs split (train/pretrain), not {split!r}")
-        image_index = read_captions(data_dir, split, self.manifest).image_index
+        if image_index is None:  # the caller may pass it (already read), so the caption shards are read once
+            image_index = read_captions(data_dir, split, self.manifest).image_index
         n = len(image_index) if rows is None else min(rows, len(image_index))
         if len(text) < n:
             raise ValueError(f"{self.dir}: {n} caption rows but only {len(text)} text rows; they must pair up")
@@ -57,6 +75,10 @@ class CaptionStream(torch.utils.data.IterableDataset):
         self._rows_by_image = order
         self._start = torch.searchsorted(index[order], torch.arange(int(self.manifest["images"]) + 1))
         self._epoch = 0
+        self.prefetch = prefetch
+        self.cache = ImageCache(int(cache_mb * 2**20))
+        self.decoded = 0
+        """Images decoded so far (cache misses)."""
 
     def __len__(self) -> int:
         """Caption rows per epoch."""
@@ -65,15 +87,18 @@ class CaptionStream(torch.utils.data.IterableDataset):
     def set_epoch(self, epoch: int) -> None:
         self._epoch = epoch
 
-    def epoch(self, epoch: int) -> Iterator[Batch]:
-        """The batches of ``epoch`` (the same for the same seed and epoch, in any process)."""
+    def epoch(self, epoch: int, seed: int | None = None) -> Iterator[Batch]:
+        """The batches of ``epoch`` (the same for the same seed and epoch, in any process), ``prefetch`` ahead;
+        ``seed`` replaces the stream's seed from here on (a consumer with a seed per run, e.g. a student)."""
+        if seed is not None:
+            self.seed = seed
         self.set_epoch(epoch)
-        return iter(self)
+        return prefetched(iter(self), self.prefetch)
 
     def __iter__(self) -> Iterator[Batch]:
         rng = np.random.default_rng(np.random.SeedSequence([self.seed, self._epoch]))
-        buffer: list[tuple[int, bytes]] = []
-        batch: list[tuple[int, bytes]] = []
+        buffer: list[Row] = []
+        batch: list[Row] = []
         for pos in rng.permutation(len(self.shards)):
             for row in self._shard_rows(self.shards[int(pos)], rng):
                 if len(buffer) < self.buffer:
@@ -93,16 +118,109 @@ class CaptionStream(torch.utils.data.IterableDataset):
         if len(batch) >= self.min_batch:
             yield self._batch(batch)
 
-    def _shard_rows(self, name: str, rng: np.random.Generator) -> list[tuple[int, bytes]]:
-        """(caption row, encoded image) of every streamed caption of one image shard, shuffled."""
+    def _shard_rows(self, name: str, rng: np.random.Generator) -> list[Row]:
+        """(caption row, image, encoded image) of every streamed caption of one image shard, shuffled."""
         first, pngs = read_image_shard(self.dir, name, self.manifest["files"][name])
         out = []
         for k, png in enumerate(pngs):
             i = first + k
             for row in self._rows_by_image[int(self._start[i]):int(self._start[i + 1])].tolist():
-                out.append((row, png))
+                out.append((row, i, png))
         return [out[int(j)] for j in rng.permutation(len(out))]
 
-    def _batch(self, rows: list[tuple[int, bytes]]) -> Batch:
-        idx = torch.tensor([r for r, _ in rows], dtype=torch.long)
-        return idx, decode_batch([p for _, p in rows]), self.text[idx]
+    def _batch(self, rows: list[Row]) -> Batch:
+        idx = torch.tensor([r for r, _, _ in rows], dtype=torch.long)
+        return idx, normalize_images(torch.stack([self._pixels(i, png) for _, i, png in rows])), self.text[idx]
+
+    def _pixels(self, image: int, png: bytes) -> torch.Tensor:
+        """Image ``image``'s uint8 pixels (3 x H x W): from the cache, or decoded (and cached)."""
+        pixels = self.cache.get(image)
+        if pixels is None:
+            pixels = torch.from_numpy(dataset.decode_png(png)).permute(2, 0, 1).contiguous()
+            self.decoded += 1
+            self.cache.put(image, pixels)
+        return pixels
+
+
+Row = tuple[int, int, bytes]
+"""(caption row, its image's index, the image's encoded bytes)."""
+
+
+class ImageCache:
+    """Decoded uint8 images by index, least recently used evicted first, at most ``max_bytes`` in all (0: none).
+
+    Why: a caption stream meets each image once per caption (5 times an epoch on Flickr30k/COCO), mostly while
+    its shard is in the buffer; keeping the decoded pixels of recent images saves those repeat decodes with
+    memory bounded by this budget, independent of the split.
+    """
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes, self.bytes = max_bytes, 0
+        self._items: collections.OrderedDict[int, torch.Tensor] = collections.OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def get(self, key: int) -> torch.Tensor | None:
+        value = self._items.get(key)
+        if value is not None:
+            self._items.move_to_end(key)
+        return value
+
+    def put(self, key: int, value: torch.Tensor) -> None:
+        size = value.numel() * value.element_size()
+        if size > self.max_bytes or key in self._items:
+            return
+        self._items[key] = value
+        self.bytes += size
+        while self.bytes > self.max_bytes:
+            _, old = self._items.popitem(last=False)
+            self.bytes -= old.numel() * old.element_size()
+
+
+_DONE = object()
+
+
+def prefetched(items: Iterable[T], depth: int) -> Iterator[T]:
+    """``items`` in the same order, produced up to ``depth`` ahead by one background thread (0: inline).
+
+    An error in the producer (a damaged shard) is raised here, at the point of the stream it was met, after
+    the items before it. Leaving the loop early (or closing the iterator) stops the thread before returning.
+    """
+    if depth <= 0:
+        yield from items
+        return
+    out: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def offer(item: object) -> bool:
+        while not stop.is_set():
+            try:
+                out.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not offer(item):
+                    return
+            offer(_DONE)
+        except BaseException as e:  # handed to the consumer, raised there
+            offer(e)
+
+    thread = threading.Thread(target=produce, name="ptmst-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = out.get()
+            if item is _DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join()

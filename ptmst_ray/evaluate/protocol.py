@@ -45,6 +45,9 @@ class Subset:
     """Learned image-encoder step size; None = ``EvalConfig.lr`` or 0.1."""
     lr_txt: Optional[float] = None
     """Learned projection-head step size; None = ``EvalConfig.lr`` or 0.1."""
+    stream: Optional[Callable[[int, int], Iterable[tuple[Tensor, Tensor, Tensor]]]] = None
+    """(seed, epoch) -> the epoch's (rows, images, text) minibatches of these pairs, streamed from the shards
+    (a train split too large to hold, ``data.stream``); None = minibatches of a permutation of ``images``."""
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -85,6 +88,8 @@ def arrange_subsets(subsets: Sequence[Subset], mode: str) -> list[Subset]:
 def _concat(subsets: Sequence[Subset]) -> Subset:
     if len(subsets) == 1:
         return subsets[0]
+    if any(s.stream is not None for s in subsets):
+        raise ValueError("a streamed subset (the full train split) cannot be trained together with others")
     blocks = [s.similarity if s.similarity is not None else torch.eye(len(s), dtype=s.images.dtype)
               for s in subsets]
     last = subsets[-1]
@@ -119,6 +124,7 @@ def evaluate_one_seed(
     result = None
     for p, subset in enumerate(subsets):
         last = p == len(subsets) - 1
+        stream = subset.stream
         result = train_student(
             student, subset.images, subset.text_emb, subset.similarity,
             epochs=n_epochs, batch_size=cfg.batch_size,
@@ -128,6 +134,7 @@ def evaluate_one_seed(
             eval_fn=(lambda st: evaluate_student(st, test_set, cfg.batch_size)) if last else None,
             eval_points=cfg.eval_points,
             progress=(lambda r, p=p: progress({"subset": p, **r})) if progress is not None else None,
+            epoch_batches=(lambda e, s=seed * 1000 + p: stream(s, e)) if stream is not None else None,
         )
         history.append({"subset": p, "epoch_losses": result.epoch_losses, "points": result.history})
         if result.diverged_at is not None:

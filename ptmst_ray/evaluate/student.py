@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Optional, Protocol, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Optional, Protocol, Union
 
 import torch
 from torch import Tensor, nn
@@ -37,6 +37,9 @@ Images = Union[Tensor, "ImageRows"]
 batch from uint8 pixels held once per image (a real split is never materialised as float)."""
 
 Metrics = dict[str, float]
+EpochBatches = Callable[[int], Iterable[tuple[Tensor, Tensor, Tensor]]]
+"""epoch (1-based) -> that epoch's (rows, images, text) minibatches, e.g. a ``ptmst_ray.data.stream.CaptionStream``
+over a split too large to hold; ``rows`` index the soft target."""
 Target = Union[Tensor, Callable[[Tensor], Tensor], None]
 """n x n similarity of the pairs; or f(indices) -> b x b (e.g. ``FullSimilarity.matrix``); None = I."""
 
@@ -140,6 +143,7 @@ def train_student(
     eval_fn: Optional[Callable[[nn.Module], Metrics]] = None,
     eval_points: int = 10,
     progress: Optional[Callable[[dict[str, Any]], None]] = None,
+    epoch_batches: Optional[EpochBatches] = None,
 ) -> TrainResult:
     """Train ``student`` in place on the pairs (images[i], text_emb[i]), i < n.
 
@@ -150,7 +154,8 @@ def train_student(
     ``progress`` receives one dict per epoch ({"epoch", "loss", "lr_img" (None when the image
     tower is frozen), "lr_txt"} plus metrics at evaluation points). Shuffling and dropout draw
     from ``seed`` without touching the global RNG. A non-finite loss stops training before the
-    bad step (see ``TrainResult.diverged_at``).
+    bad step (see ``TrainResult.diverged_at``). With ``epoch_batches`` (a stream of the same pairs) each
+    epoch trains on its batches instead of a permutation of the rows; the rows then only give n.
     """
     n = images.shape[0]
     if text_emb.shape[0] != n:
@@ -174,7 +179,11 @@ def train_student(
             scale = 0.1 if epoch >= decay_epoch(epochs) else 1.0
             for g in optimizer.param_groups:
                 g["lr"] = g["base_lr"] * scale
-            epoch_loss, diverged = _run_epoch(student, optimizer, images, text_emb, target, loss, bs, gen, device)
+            if epoch_batches is not None:
+                epoch_iter = epoch_batches(epoch)
+            else:
+                epoch_iter = _permuted(images, text_emb, bs, gen)
+            epoch_loss, diverged = _run_epoch(student, optimizer, epoch_iter, target, loss, device)
             if diverged:
                 result.diverged_at = epoch
                 log.warning("non-finite %s loss at epoch %d; stopping with the last good weights", loss, epoch)
@@ -203,24 +212,28 @@ def _record(result: TrainResult, epoch: int, epoch_loss: float, metrics: Metrics
         result.best, result.best_epoch = metrics, epoch
 
 
+def _permuted(images: Images, text_emb: Tensor, batch_size: int, gen: torch.Generator
+              ) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+    """(rows, images, text) minibatches of one random permutation of the pairs."""
+    order = torch.randperm(images.shape[0], generator=gen)
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        yield idx, images[idx], text_emb[idx]
+
+
 def _run_epoch(
     student: nn.Module,
     optimizer: torch.optim.Optimizer,
-    images: Images,
-    text_emb: Tensor,
+    batches: Iterable[tuple[Tensor, Tensor, Tensor]],
     target: Target,
     loss_name: str,
-    batch_size: int,
-    gen: torch.Generator,
     device: torch.device,
 ) -> tuple[float, bool]:
-    """One pass over a random permutation; returns (mean loss, diverged)."""
-    order = torch.randperm(images.shape[0], generator=gen)
+    """One pass over (rows, images, text) minibatches; returns (mean loss, diverged)."""
     total, count = 0.0, 0
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        x = pin(images[idx], device).to(device, non_blocking=True)  # pinned: the copy overlaps compute on CUDA
-        t = pin(text_emb[idx], device).to(device, non_blocking=True)
+    for idx, images, text in batches:
+        x = pin(images, device).to(device, non_blocking=True)  # pinned: the copy overlaps compute on CUDA
+        t = pin(text, device).to(device, non_blocking=True)
         logits = student(x, t)
         value = contrastive_loss(loss_name, logits, _batch_target(target, idx, logits.dtype, device))
         if not torch.isfinite(value):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from typing import Callable
+from typing import Callable, Iterable, Optional
 
 import open_clip
 import torch
@@ -33,30 +33,40 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_s
     return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
 
 
-def pretrain_clip(model_cfg: ModelConfig, cfg: PretrainConfig, images: torch.Tensor, captions: list[str],
+EpochBatches = Callable[[int], Iterable[tuple[torch.Tensor, torch.Tensor]]]
+"""epoch (1-based) -> that epoch's (caption rows, their images) minibatches, e.g. streamed from the shards."""
+
+
+def pretrain_clip(model_cfg: ModelConfig, cfg: PretrainConfig, images: Optional[torch.Tensor], captions: list[str],
                   on_epoch: Callable[[int, dict], None] | None = None,
-                  device: torch.device | None = None) -> dict[str, torch.Tensor]:
+                  device: torch.device | None = None,
+                  epoch_batches: Optional[EpochBatches] = None) -> dict[str, torch.Tensor]:
     """Train both towers of ``model_cfg.name`` from scratch on (images, captions); return the state dict.
 
     ``images`` are float, CLIP-normalised, one row per caption (``captions[i]`` describes ``images[i]``): a
     tensor or any rows object (``ptmst_ray.data.dataset.ImageRows``) whose ``[idx]`` gives such a batch.
+    With ``epoch_batches`` (then ``images`` may be None) each epoch trains on its (rows, images) batches
+    instead of a permutation; they should be full batches, ``len(captions) // batch_size`` an epoch, which
+    the learning-rate schedule assumes.
     """
     device = device or pick_device()
     bare = dataclasses.replace(model_cfg, pretrained=None, image_pretrained=None, text_pretrained=None)
     model = build_clip(bare, seed=cfg.seed).to(device).train()
     tokens = open_clip.get_tokenizer(model_cfg.name)(captions)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    n = images.shape[0]
+    n = len(captions)
+    if images is not None and images.shape[0] != n:
+        raise ValueError(f"{images.shape[0]} images but {n} captions; they must pair up (one image row per caption)")
     steps_per_epoch = max(1, n // cfg.batch_size)
     total = cfg.epochs * steps_per_epoch
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
     gen = torch.Generator().manual_seed(cfg.seed)
     for epoch in range(cfg.epochs):
-        perm = torch.randperm(n, generator=gen)
+        batches = epoch_batches(epoch + 1) if epoch_batches is not None else _permuted(images, n, steps_per_epoch,
+                                                                                         cfg.batch_size, gen)
         losses = []
-        for b in range(steps_per_epoch):
-            idx = perm[b * cfg.batch_size:(b + 1) * cfg.batch_size]
-            img_f, txt_f, scale = model(images[idx].to(device), tokens[idx].to(device))[:3]
+        for idx, batch in batches:
+            img_f, txt_f, scale = model(batch.to(device), tokens[idx].to(device))[:3]
             loss = clip_loss(img_f, txt_f, scale)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -69,6 +79,14 @@ def pretrain_clip(model_cfg: ModelConfig, cfg: PretrainConfig, images: torch.Ten
             on_epoch(epoch + 1, {"loss": sum(losses) / len(losses)})
         log.info("pretrain epoch %d/%d: loss %.4f", epoch + 1, cfg.epochs, sum(losses) / len(losses))
     return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+
+
+def _permuted(images, n: int, steps: int, batch_size: int, gen: torch.Generator):
+    """(rows, images) of ``steps`` full minibatches of a random permutation of the n rows."""
+    perm = torch.randperm(n, generator=gen)
+    for b in range(steps):
+        idx = perm[b * batch_size:(b + 1) * batch_size]
+        yield idx, images[idx]
 
 
 def save_checkpoint(url: str, state: dict[str, torch.Tensor]) -> str:

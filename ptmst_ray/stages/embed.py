@@ -3,12 +3,14 @@
 The embeddings of every train and test caption are written once per (tower, data) under
 ``data/embedded/<key>`` (built from a per-caption cache that is reused across runs and configs; only
 the caption shards are read, never the images); :func:`load_real` gives the experts, phases and
-evaluation the real splits with those embeddings, each image's pixels held once as uint8.
+evaluation the real splits with those embeddings, each image's pixels held once as uint8 or, when
+:func:`stream_split` says so (``data.stream``), never held: :func:`train_stream` then streams them.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
@@ -22,6 +24,9 @@ from ptmst_ray.layout import Layout, StageError, data_hash
 
 if TYPE_CHECKING:
     from ptmst_ray.data.dataset import ImageRows
+    from ptmst_ray.data.stream import CaptionStream
+
+log = logging.getLogger(__name__)
 
 Progress = Callable[[int, int], None]
 
@@ -141,3 +146,44 @@ def load_real(cfg: Config, whole_train: bool = True) -> RealData:
         raise StageError(f"{out}: caption embeddings are missing; run `ptmst-ray run` (or `ptmst-ray data prepare`)")
     return _load_real_cached(layout.data, out, tuple(sorted(manifest["files"].items())), cfg.data.max_train_rows,
                              whole_train)
+
+
+def stream_split(cfg: Config, split: str = "train") -> bool:
+    """Whether training on the whole pairs split ``split`` (train: experts, the full-data baseline; pretrain:
+    pretraining) streams its batches (:func:`train_stream`) instead of holding every image decoded.
+
+    The one place ``data.stream`` is decided: on / off, or auto = stream when the split's decoded uint8 pixels
+    (its manifest's image count x 3 x size^2 bytes) exceed ``data.hold_images_mb``. Logged once per process.
+    """
+    data = cfg.data
+    return _stream_decision(Layout.of(cfg).data, split, data.stream, data.hold_images_mb)
+
+
+@functools.lru_cache(maxsize=8)
+def _stream_decision(data_dir: str, split: str, mode: str, hold_mb: float) -> bool:
+    if mode != "auto":
+        log.info("data.stream: %s: training %s the %s split", mode, "streams" if mode == "on" else "holds", split)
+        return mode == "on"
+    from ptmst_ray.data.dataset import split_manifest
+
+    m = split_manifest(data_dir, split, verify=False)
+    mib = int(m["images"]) * 3 * int(m["image_size"]) ** 2 / 2**20
+    streamed = mib > hold_mb
+    log.info("data.stream: auto: the %s split's decoded pixels are %.0f MiB (%d images), %s data.hold_images_mb "
+             "%.0f MiB: training %s them", split, mib, int(m["images"]), ">" if streamed else "<=", hold_mb,
+             "streams" if streamed else "holds")
+    return streamed
+
+
+def train_stream(cfg: Config, split: str, text: torch.Tensor, batch_size: int, seed: int, min_batch: int = 2,
+                 image_index: torch.Tensor | None = None) -> "CaptionStream":
+    """The caption rows of the pairs split ``split`` streamed per epoch with ``data``'s buffer, prefetch and
+    image cache (``text``: one row per caption; ``image_index``: the split's, when already read, so the
+    caption shards are not read again). The train split is cut to ``data.max_train_rows`` like
+    :func:`load_real`'s rows."""
+    from ptmst_ray.data.stream import CaptionStream
+
+    rows = cfg.data.max_train_rows if split == "train" else None
+    return CaptionStream(Layout.of(cfg).data, split, text, batch_size, seed, buffer=cfg.data.stream_buffer,
+                         rows=rows, min_batch=min_batch, prefetch=cfg.data.prefetch, cache_mb=cfg.data.image_cache_mb,
+                         image_index=image_index)

@@ -7,12 +7,15 @@ layer trains many at once and compresses each as soon as it is stored.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Callable, Iterator
 
 from ptmst_ray.config import Config
 from ptmst_ray.layout import Layout, experts_hash, needed_ranges
-from ptmst_ray.stages.embed import load_real
+from ptmst_ray.stages.embed import RealData, load_real, stream_split, train_stream
 from ptmst_ray.trajectories.store import ShortcutStore, TrajectoryStore
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 
 def expert_store(cfg: Config) -> TrajectoryStore:
@@ -30,10 +33,25 @@ def train_and_store_expert(cfg: Config, expert_id: int, on_epoch: Callable[[int,
     store, chash = expert_store(cfg), experts_hash(cfg)
     if store.is_complete(expert_id, chash):
         return expert_id
-    real = load_real(cfg)
-    snapshots = train_expert(cfg.experts, cfg.model, real.train_images, real.train_text, expert_id, on_epoch=on_epoch)
-    store.write_expert(expert_id, snapshots, seed=expert_seed(cfg.experts, expert_id), config_hash=chash)
+    streamed = stream_split(cfg, "train")
+    real = load_real(cfg, whole_train=not streamed)  # streamed: the train pixels are never held
+    seed = expert_seed(cfg.experts, expert_id)
+    epoch_batches = _streamed_epochs(cfg, real, seed) if streamed else None
+    snapshots = train_expert(cfg.experts, cfg.model, real.train_images, real.train_text, expert_id, on_epoch=on_epoch,
+                             epoch_batches=epoch_batches)
+    store.write_expert(expert_id, snapshots, seed=seed, config_hash=chash)
     return expert_id
+
+
+def _streamed_epochs(cfg: Config, real: RealData, seed: int) -> Callable[[int], Iterator[tuple[Tensor, Tensor]]]:
+    """epoch -> the expert's (images, text) batches streamed in the stream's (seed, epoch) order: the same in any
+    process and on any retry."""
+    stream = train_stream(cfg, "train", real.train_text, cfg.experts.batch_size, seed, image_index=real.train_image_index)
+
+    def epoch_batches(epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
+        return ((images, text) for _, images, text in stream.epoch(epoch))
+
+    return epoch_batches
 
 
 def compress_expert(cfg: Config, expert_id: int,

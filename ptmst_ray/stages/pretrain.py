@@ -40,10 +40,21 @@ def normalised_split(cfg: Config, split: str):
 
 def pretrain_run(cfg: Config, run_cfg: PretrainConfig, on_epoch: Callable[[int, dict], None] | None = None) -> dict:
     """One CLIP run of :func:`pretrain_runs` on the pretraining split; returns its state dict."""
+    from ptmst_ray.data.dataset import ImageRows, read_captions
     from ptmst_ray.models.pretrain import pretrain_clip
+    from ptmst_ray.stages.embed import stream_split, train_stream
 
-    from ptmst_ray.data.dataset import ImageRows
+    if stream_split(cfg, "pretrain"):  # the pixels are never held: full batches streamed in a seeded order
+        caps = read_captions(Layout.of(cfg).data, "pretrain")
+        n = len(caps.captions)
+        stream = train_stream(cfg, "pretrain", torch.arange(n), run_cfg.batch_size, run_cfg.seed,
+                              min_batch=min(run_cfg.batch_size, n), image_index=caps.image_index)
 
+        def epoch_batches(epoch: int):
+            return ((rows, images) for rows, images, _ in stream.epoch(epoch))
+
+        return pretrain_clip(cfg.model, run_cfg, None, list(caps.captions), on_epoch=on_epoch,
+                             epoch_batches=epoch_batches)
     data, _ = normalised_split(cfg, "pretrain")
     # one row per caption -> its image, normalised per batch (no per-caption copy of the pixels)
     return pretrain_clip(cfg.model, run_cfg, ImageRows(data.images, data.image_index), list(data.captions),

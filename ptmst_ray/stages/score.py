@@ -19,7 +19,7 @@ from ptmst_ray.evaluate.protocol import (
 )
 from ptmst_ray.evaluate.student import RetrievalSet
 from ptmst_ray.layout import Layout, StageError
-from ptmst_ray.stages.embed import load_real
+from ptmst_ray.stages.embed import RealData, load_real, stream_split, train_stream
 from ptmst_ray.vocab import BASELINES, METHODS, PTM_ST, SINGLE_PHASE
 
 log = logging.getLogger(__name__)
@@ -52,16 +52,31 @@ def method_subsets(cfg: Config, method: str, seed: int, distilled_dir: str | Non
     layout = Layout.of(cfg)
     if method == PTM_ST:
         return load_distilled(distilled_dir or layout.distilled)
-    # the full baseline reads every train image (decoded once per process, uint8); a coreset only its own
-    real = load_real(cfg, whole_train=method == "full")
+    # the full baseline reads every train image (decoded once per process and held as uint8, or streamed per
+    # batch: data.stream); a coreset only its own
+    streamed = method == "full" and stream_split(cfg, "train")
+    real = load_real(cfg, whole_train=method == "full" and not streamed)
     if method == "random":
         idx = random_coreset(real.train_images.shape[0], cfg.total_pairs, cfg.eval.seed + seed, real.train_image_index)
         return [coreset_subset(real.train_images, real.train_text, idx)]
     if method == SINGLE_PHASE:
         return [subset_from_dir(layout.subset(SINGLE_PHASE))]
     if method == "full":
-        return [Subset(images=real.train_images, text_emb=real.train_text)]
+        stream = _streamed_full(cfg, real) if streamed else None
+        return [Subset(images=real.train_images, text_emb=real.train_text, stream=stream)]
     raise StageError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+
+
+def _streamed_full(cfg: Config, real: RealData):
+    """(seed, epoch) -> the full train split's batches streamed: every row once an epoch (min_batch 1, as the held
+    permutation), in the order of the student's seed."""
+    batches = train_stream(cfg, "train", real.train_text, cfg.eval.batch_size, seed=0, min_batch=1,
+                           image_index=real.train_image_index)
+
+    def stream(seed: int, epoch: int):
+        return batches.epoch(epoch, seed=seed)
+
+    return stream
 
 
 def score_one_seed(cfg: Config, method: str, seed: int, distilled_dir: str | None = None,
@@ -73,7 +88,7 @@ def score_one_seed(cfg: Config, method: str, seed: int, distilled_dir: str | Non
     from ptmst_ray.device import worker_device
     from ptmst_ray.models.student import build_student
 
-    real = load_real(cfg)
+    real = load_real(cfg, whole_train=False)  # the test split and the text width; the method's subsets bring the rest
     subsets = subsets if subsets is not None else method_subsets(cfg, method, seed, distilled_dir)
     pairs = sum(int(s.images.shape[0]) for s in subsets)
     subsets = arrange_subsets(subsets, cfg.eval.phase_training)
