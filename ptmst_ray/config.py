@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -557,6 +558,10 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
+_FLOAT_TEXT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
+"""Exponent notation without a dot (``1e-4``), which YAML 1.1 (PyYAML) leaves as a string."""
+
+
 def _coerce(value: Any, tp: Any, path: str) -> Any:
     """Check ``value`` against annotation ``tp``; build dataclasses; return the typed value."""
     origin = typing.get_origin(tp)
@@ -603,6 +608,8 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
             raise ConfigError(path, f"expected an integer, got {type(value).__name__} {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str) and _FLOAT_TEXT.fullmatch(value.strip()):
+            return float(value)  # YAML 1.1 reads 1e-4 (no dot) as a string; it is a number to anyone typing it
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(path, f"expected a number, got {type(value).__name__} {value!r}")
         return float(value)

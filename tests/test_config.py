@@ -116,6 +116,18 @@ def test_overrides_apply_and_are_validated(tmp_path):
     assert str(err.value).startswith(str(tmp_path)) and "distill.syn_steps" in str(err.value)
 
 
+def test_exponent_numbers_without_a_dot_are_numbers(tmp_path):
+    """YAML 1.1 (PyYAML) reads `1e-4` as a string; the divergence message suggests `distill.min_alpha=1e-4`."""
+    assert yaml.safe_load("x: 1e-4")["x"] == "1e-4"  # the reason for the rule
+    path = tmp_path / "c.yaml"
+    path.write_text("distill:\n  lr_lr: 1e-5\n")
+    cfg = load_config(path, ["distill.min_alpha=1e-4", "distill.lr_img=2E+2"])
+    assert (cfg.distill.lr_lr, cfg.distill.min_alpha, cfg.distill.lr_img) == (1e-5, 1e-4, 200.0)
+    for bad in ("abc", "1e", "e5"):
+        with pytest.raises(ConfigError, match="expected a number"):
+            load_config(path, [f"distill.lr_img={bad}"])
+
+
 def test_yaml_round_trip(tmp_path):
     cfg = load_config(CONFIG_DIR / "toy.yaml", ["run.root=" + str(tmp_path)])
     again = from_dict(yaml.safe_load(cfg.to_yaml()))
