@@ -308,3 +308,6 @@ def test_workers_holding_an_expert_or_a_split_ask_for_that_memory(tmp_path, monk
     assert pipeline.score_resources(cfg)["memory"] == data
     trainer = phases.make_trainer(cfg.to_dict(), "phase_0", {}, 0, "run")
     assert trainer.scaling_config.resources_per_worker["memory"] == text + 3 * 2 * vector
+    # a streamed train split (data.stream): its cache and buffer, not its pixels; the test images stay held
+    streamed = cfg.replace(**{"data.stream": "on", "data.image_cache_mb": 1.0, "data.stream_buffer": 10})
+    assert experts.split_nbytes(streamed) == 2**20 + 10 * 3 * cfg.data.image_size ** 2 + 20 * 3 * cfg.data.image_size ** 2 + text

@@ -23,8 +23,9 @@ from ptmst_ray.layout import Layout, StageError, experts_hash, needed_ranges
 from ptmst_ray.orchestration.metrics import expert_metrics, expert_tag
 from ptmst_ray.orchestration.runtime import (
     Poll, actor_name, as_completed, cluster_info, record_attempt, report_progress, request_gpus, resolve_accelerator,
-    uses_gpus,
+    uses_gpus, wait_all,
 )
+from ptmst_ray.stages.embed import stream_split
 from ptmst_ray.stages.experts import compress_expert, expert_store, train_and_store_expert
 
 log = logging.getLogger(__name__)
@@ -52,14 +53,24 @@ def shortcut_nbytes(cfg: Config) -> int:
 
 def split_nbytes(cfg: Config, images: bool = True) -> int:
     """Bytes a worker holding the real data keeps (:class:`~ptmst_ray.stages.embed.RealData`): each distinct
-    image once as uint8 pixels (unless ``images`` is False: a phase decodes only its initial pairs) and a
-    float32 embedding per caption, train and test, counted from the prepared splits' manifests (0 before
-    the data is prepared)."""
+    image once as uint8 pixels (unless ``images`` is False: a phase decodes only its initial pairs; a train
+    split that training streams, ``data.stream``, costs :func:`stream_nbytes` instead) and a float32
+    embedding per caption, train and test, counted from the prepared splits' manifests (0 before the data
+    is prepared)."""
     layout, pixels, total = Layout.of(cfg), 3 * cfg.data.image_size ** 2 if images else 0, 0
     for split in ("train", "test"):
         manifest = storage.read_manifest(layout.split(split)) or {}
-        total += int(manifest.get("images", 0)) * pixels + int(manifest.get("captions", 0)) * TEXT_WIDTH_BOUND * 4
+        held = int(manifest.get("images", 0)) * pixels
+        if split == "train" and held and stream_split(cfg, "train"):
+            held = stream_nbytes(cfg)
+        total += held + int(manifest.get("captions", 0)) * TEXT_WIDTH_BOUND * 4
     return total
+
+
+def stream_nbytes(cfg: Config) -> int:
+    """A bound on what a streaming consumer holds of a split's pixels, whatever the split's size: the decoded-image
+    cache, and the shuffle buffer's encoded images counted at their decoded size (an encoded image is smaller)."""
+    return int(cfg.data.image_cache_mb * 2**20) + cfg.data.stream_buffer * 3 * cfg.data.image_size ** 2
 
 
 def memory_option(nbytes: int) -> dict:
@@ -80,6 +91,10 @@ class ExpertActor:
 
     def __repr__(self) -> str:  # the dashboard's "Repr" of this actor (taken once, at creation)
         return f"ExpertActor(experts={self.cfg.experts.num_experts}, epochs={self.cfg.experts.epochs})"
+
+    def ready(self) -> bool:
+        """A no-op: called with retries, it returns once a restarting actor is up again (:func:`_await_restart`)."""
+        return True
 
     def train(self, expert_id: int, board=None) -> int:
         total = self.cfg.experts.epochs
@@ -119,6 +134,13 @@ def _shortcut_actor(cfg_dict: dict):
 def _compress(shortcut, expert_id: int):
     """One expert's shortcuts, as a task named ``shortcut expert-NNNN``."""
     return shortcut.compress.options(name=f"shortcut {expert_tag(expert_id)}").remote(expert_id)
+
+
+def _await_restart(actor, poll: Poll | None) -> None:
+    """Wait until a dead expert actor is up again before handing it the expert back. While Ray restarts it, a
+    call to it fails at once (ActorUnavailableError, "The actor is restarting"), so resubmitting straight away
+    spins: one failure a second per actor for as long as the restart takes (minutes on a loaded node)."""
+    wait_all([actor.ready.options(max_task_retries=-1).remote()], poll)
 
 
 def _actor_options(cfg: Config, n_actors: int) -> tuple[dict, int]:
@@ -165,7 +187,7 @@ def run_experts(cfg: Config, board=None, poll: Poll | None = None) -> dict:
 
         queue = collections.deque(missing)
         for eid, ref in as_completed(queue, submit, n_actors, poll):
-            free.append(actor_of.pop(ref))
+            actor = actor_of.pop(ref)
             try:
                 ray.get(ref)
                 compress.append(compress_one(eid))
@@ -175,7 +197,9 @@ def run_experts(cfg: Config, board=None, poll: Poll | None = None) -> dict:
                 retries += 1
                 log.warning("expert %d: its actor died (%s); the actor restarts and the expert is redone",
                             eid, type(e).__name__)
+                _await_restart(actor, poll)
                 queue.appendleft(eid)
+            free.append(actor)
         for actor in actors:
             ray.kill(actor)
     written = sum(len(ranges) for ranges in ray.get(compress))

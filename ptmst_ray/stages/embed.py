@@ -156,18 +156,18 @@ def stream_split(cfg: Config, split: str = "train") -> bool:
     (its manifest's image count x 3 x size^2 bytes) exceed ``data.hold_images_mb``. Logged once per process.
     """
     data = cfg.data
-    return _stream_decision(Layout.of(cfg).data, split, data.stream, data.hold_images_mb)
+    return _stream_decision(Layout.of(cfg).data, split, data.stream, data.hold_images_mb, data.image_size)
 
 
 @functools.lru_cache(maxsize=8)
-def _stream_decision(data_dir: str, split: str, mode: str, hold_mb: float) -> bool:
+def _stream_decision(data_dir: str, split: str, mode: str, hold_mb: float, image_size: int) -> bool:
     if mode != "auto":
         log.info("data.stream: %s: training %s the %s split", mode, "streams" if mode == "on" else "holds", split)
         return mode == "on"
     from ptmst_ray.data.dataset import split_manifest
 
     m = split_manifest(data_dir, split, verify=False)
-    mib = int(m["images"]) * 3 * int(m["image_size"]) ** 2 / 2**20
+    mib = int(m["images"]) * 3 * int(m.get("image_size", image_size)) ** 2 / 2**20
     streamed = mib > hold_mb
     log.info("data.stream: auto: the %s split's decoded pixels are %.0f MiB (%d images), %s data.hold_images_mb "
              "%.0f MiB: training %s them", split, mib, int(m["images"]), ">" if streamed else "<=", hold_mb,
