@@ -40,9 +40,27 @@ SCALE = [  # scale only: the recipe's model, losses, learning rates, protocol an
     *(f"phases.{i}.{k}" for i in (0, 1) for k in ("pairs=4", "iterations=2", "minibatch=4", "range_end=2")),
     "phases.1.start_min=1", "phases.1.start_max=1",
     "distill.syn_steps=2", "distill.checkpoint_every=1", "distill.report_every=1",
+    "distill.min_alpha=1e-4",  # why: see MIN_ALPHA_WHY
     "eval.epochs=2", "eval.seeds=1", "eval.eval_points=1", "eval.full_data_epochs=1", "eval.batch_size=16",
 ]
 """The overrides that shrink a shipped 500-pair recipe (two phases) to seconds per stage."""
+
+MIN_ALPHA_WHY = """Why the test floors the learned step sizes (distill.min_alpha) although the recipes do not.
+
+The recipes' data learning rates (lr_img = lr_txt = 1000, lr_sim 10 or 50) are the paper's, calibrated for
+expert epochs of ~1000 SGD steps over 145k+ captions: the normalised matching loss divides by the expert's
+move over an epoch, so its gradients on the synthetic data are small there. At this test's scale an expert
+epoch is 3 steps over 40 unrelated image/caption pairs. Measured on the cc3m recipe (in-process, these
+overrides): iteration 1's gradient on the 4 synthetic text embeddings has norm 0.15-0.22, so the data step
+moves them by 150-220 where their norm is 1.3 (the tiny BERT's embeddings: 0.65 each); iteration 2's unroll
+then has loss 683 / 4466 (image / text, 1 = no progress) and d loss / d alpha 2.7e4 / 1.1e5, which takes
+alpha_img to -168 and alpha_txt to -711: a diverged phase. coco_500 diverges too (alpha_txt -0.017 after
+iteration 1), so all three families get the floor. A larger tiny scale does not reach the paper's regime at
+a cost a test can pay: 200 captions with expert batch 4 (50 steps an epoch, 3x the expert time) still took
+alpha to -7 / -15 at iteration 2, the text gradient not shrinking (0.20). With the floor the two
+iterations' plumbing (unroll, optimiser, EMA, checkpoints, export, evaluation with the learned step sizes)
+runs with finite values; what this test checks is the pipeline, not the distillation's quality at 40
+pairs."""
 
 
 # --------------------------------------------------------------------------- datasets in each benchmark's layout
@@ -239,4 +257,7 @@ def test_cc3m_recipe_end_to_end_with_a_frozen_tower_and_2048d_projection(tmp_pat
 
     params = {p["name"]: p["shape"] for p in TrajectoryStore(Layout.of(cfg).experts).sidecar(0)["params"]}
     assert [2048, 2304] in params.values() and not any("trunk" in name for name in params), sorted(params)
-    assert sum(math.prod(shape) for shape in params.values()) < 2304 * 2048 + 2 * 768 * 2048  # no 35M tower
+    # counted by hand: the 2304 -> 2048 map (no bias), the text head on the tiny BERT's 32-d embedding (projection
+    # 32 -> 2048, fc 2048 -> 2048, layer norm): 9.0M, none of the frozen NFNet-L0's 35M parameters
+    text_head = (32 * 2048 + 2048) + (2048 * 2048 + 2048) + 2 * 2048
+    assert sum(math.prod(shape) for shape in params.values()) == 2304 * 2048 + text_head
