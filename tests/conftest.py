@@ -46,6 +46,37 @@ def ray_session():
     ray.shutdown()
 
 
+@pytest.fixture(scope="session")
+def prepared_root(tmp_path_factory, ray_session):
+    """The tiny config's data, pretrained towers, caption embeddings, 2 experts and their shortcuts, built
+    once per session (each build costs ~40 s of Ray actors and tasks). Never written to: tests take a copy
+    of the parts they need with :func:`copy_root`."""
+    from ptmst_ray import layout
+    from ptmst_ray.orchestration.experts import run_experts
+    from ptmst_ray.stages import data as data_stage
+    from ptmst_ray.stages import embed as embed_stage
+    from ptmst_ray.stages import pretrain as pretrain_stage
+
+    root = tmp_path_factory.mktemp("prepared")
+    cfg = tiny_config(root)
+    data_stage.prepare(cfg)
+    pretrain_stage.pretrain(cfg)
+    embed_stage.embed(cfg)
+    out = run_experts(cfg)
+    assert out["trained"] == cfg.experts.num_experts
+    assert out["shortcuts_written"] == cfg.experts.num_experts * len(layout.needed_ranges(cfg))
+    return root
+
+
+def copy_root(src, dst, parts=("data", "pretrain", "experts", "shortcuts")):
+    """``dst`` with a copy of ``parts`` of the run root ``src`` (a prepared root stays untouched)."""
+    import shutil
+
+    for part in parts:
+        shutil.copytree(_os.path.join(src, part), _os.path.join(dst, part))
+    return dst
+
+
 
 # ---------------------------------------------------------------- data layer fixtures (tests/test_data*.py)
 import io as _data_io

@@ -2,8 +2,8 @@
 input, a full disk, and what must never be unpickled or exposed. Each test fails if work is lost,
 redone needlessly, or a broken artefact is taken for a finished one.
 
-Cost: one module-scoped prepared root (data, pretrained towers, embeddings, 2 experts) is copied
-by the tests that damage it; the driver-interruption test is one chain of four CLI runs.
+Cost: the session's prepared root (conftest.prepared_root: data, pretrained towers, embeddings, 2 experts)
+is copied by the tests that damage it; the driver-interruption test is one chain of four CLI runs.
 """
 
 from __future__ import annotations
@@ -25,12 +25,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import tiny_config
+from conftest import copy_root, tiny_config
 from ptmst_ray import storage
 from ptmst_ray import layout
 from ptmst_ray.stages import data as data_stage
 from ptmst_ray.stages import embed as embed_stage
-from ptmst_ray.stages import pretrain as pretrain_stage
 from ptmst_ray.stages import experts as experts_stage
 from ptmst_ray.stages import phase as phase_stage
 
@@ -42,24 +41,10 @@ runner = CliRunner()
 # ---------------------------------------------------------------- shared roots and helpers
 
 
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory, ray_session) -> Path:
-    """Data, pretrained towers, caption embeddings, 2 experts and their shortcuts of the tiny config."""
-    from ptmst_ray.orchestration.experts import run_experts
-
-    root = tmp_path_factory.mktemp("faults-prepared")
-    cfg = tiny_config(root)
-    data_stage.prepare(cfg)
-    pretrain_stage.pretrain(cfg)
-    embed_stage.embed(cfg)
-    assert run_experts(cfg)["trained"] == 2
-    return root
-
-
-def copy_root(src: Path, dst: Path, parts=("data", "pretrain", "experts", "shortcuts")) -> Path:
-    for part in parts:
-        shutil.copytree(src / part, dst / part)
-    return dst
+@pytest.fixture
+def prepared(prepared_root) -> Path:
+    """The session's prepared tiny root (data, pretrained towers, embeddings, 2 experts, shortcuts): copy, never write."""
+    return prepared_root
 
 
 def copy_config(prepared: Path, root: Path, **overrides):

@@ -317,7 +317,11 @@ def _wait_for(check, timeout_s, procs, temp):
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_job_on_local_two_node_cluster(local_cluster, tmp_path, monkeypatch):
+def test_job_on_local_two_node_cluster_with_its_run_root_in_a_bucket(s3, local_cluster, tmp_path, monkeypatch):
+    """A GPU probe and then the tiny pipeline as Ray Jobs on a local two-node cluster (token auth). The run
+    root is an S3 bucket (moto on loopback; the nodes' `ray start` has the AWS_* variables, as a cluster's
+    nodes would: README "Run roots on object storage"), so both nodes write every artefact to it and
+    nothing to local disk (issue #21 on two nodes)."""
     address, token = local_cluster
     (tmp_path / "gpu_probe.py").write_text(PROBE)
 
@@ -348,21 +352,24 @@ def test_job_on_local_two_node_cluster(local_cluster, tmp_path, monkeypatch):
 
     # the tiny pipeline as a Ray Job through launch's own submission path (plan_launch + execute_plan):
     # 3 experts and 3 phase runs (2 phases + the single-phase baseline) each need 1 CPU + 1 GPU, and the
-    # cluster has 3 of each over two nodes, so concurrent work must spread; one machine: a local path is
-    # the shared storage
-    run_root = tmp_path / "run"
-    cfg = tiny_config(run_root, **{"experts.num_experts": 3, "eval.seeds": 1})  # 4 evaluation tasks, not 8
+    # cluster has 3 of each over two nodes, so concurrent work must spread
+    cfg = tiny_config(s3.url("run"), **{"experts.num_experts": 3, "eval.seeds": 1})  # 4 evaluation tasks, not 8
     (tmp_path / "tiny.yaml").write_text(cfg.to_yaml())
     steps = launch.plan_launch(None, config_path=tmp_path / "tiny.yaml", address=address, root=tmp_path)
     assert any("ptmst-ray run --config tiny.yaml" in s.description for s in steps)
     out = []
     ctx = launch.execute_plan(steps, address=address, on_log=out.append)
     assert ctx.status == "SUCCEEDED", "".join(out)[-5000:]
-    results = json.loads((run_root / "eval" / "results.json").read_text())
-    assert set(results["methods"]) == {"ptm_st", "random", "single_phase", "full"}
-    assert (run_root / "distilled" / "distilled.parquet").exists()
-    experts = [json.loads(p.read_text()) for p in (run_root / "experts" / "attempts").glob("*.json")]
-    phases = [json.loads(p.read_text()) for p in (run_root / "phases").glob("*/attempts/*.json")]
+    keys = s3.keys("run/")
+
+    def read(key: str):
+        return json.loads(s3.client().get_object(Bucket=s3.bucket, Key=key)["Body"].read())
+
+    assert set(read("run/eval/results.json")["methods"]) == {"ptm_st", "random", "single_phase", "full"}
+    assert "run/distilled/distilled.parquet" in keys
+    assert any(k.startswith("run/phases/phase0-") and "/checkpoint_" in k for k in keys)  # Train's, via pyarrow
+    experts = [read(k) for k in keys if k.startswith("run/experts/attempts/")]
+    phases = [read(k) for k in keys if k.startswith("run/phases/") and "/attempts/" in k]
     assert sorted(e["expert_id"] for e in experts) == [0, 1, 2]
     assert len(phases) == 3 and all(len(a["gpu_ids"]) == 1 for a in experts + phases)
     for group in (experts, phases):  # runs that overlap in time hold different (node, GPU) slots
@@ -371,28 +378,4 @@ def test_job_on_local_two_node_cluster(local_cluster, tmp_path, monkeypatch):
                 if a["start"] < b.get("end", float("inf")) and b["start"] < a.get("end", float("inf")):
                     assert (a["node_id"], a["gpu_ids"]) != (b["node_id"], b["gpu_ids"]), (a, b)
     assert len({a["node_id"] for a in experts + phases}) == 2, "all work stayed on one node"
-
-
-
-@pytest.mark.ray
-@pytest.mark.slow
-@pytest.mark.heavy
-def test_pipeline_job_on_two_nodes_with_its_run_root_in_a_bucket(s3, local_cluster, tmp_path):
-    """Issue #21 on two nodes: the nodes' `ray start` has the AWS_* variables (as a cluster's nodes would,
-    see README "Run roots on object storage"); the tiny pipeline, submitted as a Ray Job, writes every
-    artefact to the bucket from both nodes and nothing to the local run root."""
-    from test_s3 import SMALL
-
-    address, _ = local_cluster
-    cfg = tiny_config(s3.url("run"), **{**SMALL, "phases.1.iterations": 4, "experts.num_experts": 3})
-    (tmp_path / "tiny.yaml").write_text(cfg.to_yaml())
-    steps = launch.plan_launch(None, config_path=tmp_path / "tiny.yaml", address=address, root=tmp_path)
-    out: list[str] = []
-    ctx = launch.execute_plan(steps, address=address, on_log=out.append)
-    assert ctx.status == "SUCCEEDED", "".join(out)[-5000:]
-    keys = s3.keys("run/")
-    assert "run/eval/results.json" in keys and "run/distilled/distilled.parquet" in keys
-    attempts = [json.loads(s3.client().get_object(Bucket=s3.bucket, Key=k)["Body"].read())
-                for k in keys if "/attempts/" in k]
-    assert len({a["node_id"] for a in attempts}) == 2, "all work stayed on one node"
-    assert any(k.startswith("run/phases/phase0-") and "/checkpoint_" in k for k in keys)
+    assert not (tmp_path / "run").exists() and not list(tmp_path.glob("**/*.safetensors"))

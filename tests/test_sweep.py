@@ -11,7 +11,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import tiny_config
+from conftest import copy_root, tiny_config
 from ptmst_ray import storage
 from ptmst_ray.config import load_config
 from ptmst_ray import layout
@@ -113,39 +113,49 @@ class LockedUI:
             self.updates += 1
 
 
+ON_RAY = {k: v for k, v in FAST.items() if not k.startswith(("pretrain.", "model.", "experts."))}
+"""FAST on the session's prepared root (its pretrained towers and 3-epoch experts: no base stage reruns)."""
+
+
 @pytest.fixture(scope="module")
-def base_root(tmp_path_factory):
-    return tmp_path_factory.mktemp("sweep")
+def base_root(tmp_path_factory, prepared_root):
+    return copy_root(prepared_root, tmp_path_factory.mktemp("sweep"))
+
+
+def ray_config(root, **overrides):
+    return tiny_config(root, **{**ON_RAY, **overrides})
 
 
 @pytest.mark.ray
 @pytest.mark.slow
 def test_tiny_sweep_completes_every_trial(ray_session, base_root):
     """2 trials (2 grid values x 1 random sample of a choice), both at once, both phases of a trial in
-    parallel; a range only one trial needs is compressed once; best.yaml is valid and `run` on it reuses the
+    parallel; a range only one trial needs (phase 1 over epochs 1..3) is compressed before the trials; best.yaml is valid and `run` on it reuses the
     trial's phases."""
     from ptmst_ray.orchestration.pipeline import run_pipeline
     from ptmst_ray.trajectories.store import ShortcutStore
 
-    cfg = fast_config(base_root, **{
+    cfg = ray_config(base_root, **{
         "sweep.searcher": "random", "sweep.num_samples": 1, "sweep.max_concurrent": 2, "sweep.scheduler": "none",
         "sweep.rounds": 1,
-        "sweep.space": {"phases.1.range_end": {"grid": [3, 4]}, "distill.lr_img": {"choice": [50.0, 100.0]}}})
+        "sweep.space": {"phases.1.range_start": {"grid": [0, 1]}, "distill.lr_img": {"choice": [50.0, 100.0]}}})
+    shortcuts = ShortcutStore(layout.Layout(cfg.run.root).shortcuts)
+    assert shortcuts.complete_ids(1, 3, layout.experts_hash(cfg)) == []  # only the second trial's phase 1 needs it
     summary = sw.run_sweep(cfg, verbose=0)
     rows = summary["rows"]
     assert len(rows) == 2 and not summary["errors"], summary["errors"]
-    assert sorted(r["phases.1.range_end"] for r in rows) == [3, 4]
+    assert sorted(r["phases.1.range_start"] for r in rows) == [0, 1]
     assert all(r["distill.lr_img"] in (50.0, 100.0) for r in rows)
     assert all(r["r_mean"] is not None and r["iterations"] == 10 and not r["stopped_early"] for r in rows)
     assert [r["r_mean"] for r in rows] == sorted((r["r_mean"] for r in rows), reverse=True)
-    assert ShortcutStore(layout.Layout(cfg.run.root).shortcuts).complete_ids(0, 4, layout.experts_hash(cfg)) == [0, 1]
+    assert shortcuts.complete_ids(1, 3, layout.experts_hash(cfg)) == [0, 1]
     out = Path(summary["dir"])
     assert pq.read_table(out / sw.TABLE_PARQUET).num_rows == 2 and (out / sw.PLOT).exists()
     for r in rows:  # each trial distilled in its own root, reading the base run's data and experts
         assert (out / r["trial_id"] / "phases" / "phase1" / "subset" / storage.MANIFEST).exists()
     assert not (Path(cfg.run.root) / "phases").exists()
     best = load_config(out / sw.BEST_YAML, ["eval.seeds=1"])
-    assert best.phases[1].range_end == rows[0]["phases.1.range_end"]
+    assert best.phases[1].range_start == rows[0]["phases.1.range_start"]
     results = run_pipeline(best)  # phases are complete in the trial's root: only aggregate + evaluation run
     assert results["phases"]["phase0"].get("skipped") and results["phases"]["phase1"].get("skipped")
     assert math.isfinite(results["methods"]["ptm_st"]["r_mean"]["mean"])
@@ -156,8 +166,8 @@ def test_tiny_sweep_completes_every_trial(ray_session, base_root):
 def test_asha_stops_diverged_trial_and_rerun_restores(ray_session, base_root):
     """lr_img = inf diverges at iteration 1 and scores 0; running after a good trial (one at a time),
     ASHA stops it at the first rung. The same sweep again restores the finished experiment: no trial reruns."""
-    cfg = fast_config(base_root, **{
-        "phases": [fast_config(base_root).to_dict()["phases"][0]],
+    cfg = ray_config(base_root, **{
+        "phases": [ray_config(base_root).to_dict()["phases"][0]],
         "sweep.searcher": "grid", "sweep.max_concurrent": 1, "sweep.scheduler": "asha", "sweep.grace_period": 1,
         "sweep.rounds": 2, "sweep.space": {"distill.lr_img": {"grid": [100.0, float("inf")]}}})
     ui = LockedUI()  # like the CLI's rich UI, it cannot be pickled: Tune must not pickle it with its state

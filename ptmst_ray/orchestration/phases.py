@@ -106,13 +106,15 @@ def phase_train_func(config: dict) -> None:
         report_progress(board, label, metrics["iteration"], phase.iterations,
                         f"M {metrics['loss']:.4f} a_img {metrics['alpha_img']:.3g} {metrics['sec_per_iter']:.2f}s/it"
                         + recall)
+        # Only checkpoints go through ray.train.report: Train 2.60 takes one report per worker per
+        # controller poll (2 s) and blocks the next until then, so a report per iteration would pace the
+        # phase at 2 s an iteration (bench/RESULTS.md "Ray Train's report"). Metrics reach the board,
+        # Prometheus and metrics.json above without it.
         if is_checkpoint and "dir" in pending:
             storage.write_json(metrics_url, history)
             d = pending.pop("dir")
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
             shutil.rmtree(d, ignore_errors=True)
-        else:
-            ray.train.report(metrics)
 
     result = distill_phase(cfg, name, phase, device=device, seed=config["seed"],
                                   save_checkpoint=save_checkpoint, report=report, resume_state=resume_state,
