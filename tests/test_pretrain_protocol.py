@@ -178,7 +178,7 @@ def eval_seeds(cfg, monkeypatch) -> list[int]:
     seeds: list[int] = []
     with monkeypatch.context() as m:
         _capture(m, student_mod, seeds)
-        m.setattr(scoring, "load_real", lambda c: real)
+        m.setattr(scoring, "load_real", lambda c, whole_train=True: real)
         m.setattr("ptmst_ray.distill.export.similarity_matrix", lambda c, s: torch.eye(2))
         for method in scoring.METHODS:
             for s in range(cfg.eval.seeds):
