@@ -142,7 +142,7 @@ def test_max_train_rows(tiny_flickr_dir, tmp_path):
     assert m["rows"] == 13 and m["images"] == 3
 
 
-def test_builtin_prepare_dataset_and_show(tmp_path):
+def test_builtin_prepare_dataset_and_show(tmp_path, monkeypatch):
     cfg = DataConfig(builtin=BuiltinDataConfig(train_images=30, test_images=10, pretrain_images=20), shard_rows=16)
     seen = []
     m = prepare.prepare_dataset(cfg, str(tmp_path), progress=lambda s, d, t: seen.append(s))
@@ -153,13 +153,30 @@ def test_builtin_prepare_dataset_and_show(tmp_path):
     assert train.images.shape == (30, 3, 32, 32)
     x = normalize_images(train.images[:4])
     assert x.dtype == torch.float32 and torch.equal(denormalize_images(x), train.images[:4])
+    # `data show` never decodes a whole split: the summary reads captions and ids, the sheet only its images
+    from ptmst_ray.data import dataset
+
+    test = load_split(str(tmp_path), "test")
+    decoded = []
+    decode = dataset.decode_png
+    monkeypatch.setattr(dataset, "decode_png", lambda data: decoded.append(1) or decode(data))
     s = summarize(str(tmp_path))
+    assert decoded == []
     assert s["splits"]["test"]["images"] == 10 and len(s["splits"]["test"]["samples"]) == 3
+    test = load_split(str(tmp_path), "test")
+    assert s["splits"]["test"]["samples"][1] == {"image_id": test.image_ids[int(test.txt2img[1])],
+                                                 "caption": test.captions[1]}
+    assert s["splits"]["train"]["samples"][0]["image_id"] == train.image_ids[int(train.image_index[0])]
+    decoded.clear()
     out = contact_sheet(str(tmp_path), "test", str(tmp_path / "sheet.png"), n=8)
+    assert len(decoded) == 8  # the 8 images drawn, not the split's 10
     from PIL import Image
 
     with Image.open(out) as im:
         assert im.size[0] >= 4 * 128
+        first = Image.fromarray(test.images[int(test.txt2img[0])].permute(1, 2, 0).numpy()).resize(
+            (128, 128), Image.Resampling.NEAREST)
+        assert list(im.convert("RGB").crop((4, 4, 132, 132)).getdata()) == list(first.getdata())
     assert prepare.prepare_dataset(cfg, str(tmp_path)) == m
 
 

@@ -166,6 +166,12 @@ def read_captions(data_dir: str, split: str, manifest: dict | None = None) -> Sp
                          torch.tensor([i for i, cs in enumerate(per_image) for _ in cs], dtype=torch.long))
 
 
+def read_image_ids(data_dir: str, split: str, manifest: dict | None = None) -> list[str]:
+    """Every image's id in order, from the ``image_id`` column alone of the image shards (no pixel read)."""
+    m = manifest if manifest is not None else split_manifest(data_dir, split, verify=False)
+    return _read_table(split_dir(data_dir, split), _shards(m, "images"), ["image_id"], None)["image_id"]
+
+
 def load_split(data_dir: str, split: str, verify: bool = True) -> PairSet | TestSet:
     """A prepared split, decoded: :class:`PairSet` for train/pretrain, :class:`TestSet` for val/test.
     Each file is read once (and, with ``verify``, checked against the manifest as it is read)."""
