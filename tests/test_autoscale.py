@@ -308,6 +308,11 @@ def test_workers_holding_an_expert_or_a_split_ask_for_that_memory(tmp_path, monk
     assert pipeline.score_resources(cfg)["memory"] == data
     trainer = phases.make_trainer(cfg.to_dict(), "phase_0", {}, 0, "run")
     assert trainer.scaling_config.resources_per_worker["memory"] == text + 3 * 2 * vector
+    # a pretraining run holds the pretrain split's images once (nothing known before it is prepared)
+    assert "memory" not in pipeline.pretrain_resources(cfg)
+    storage.write_manifest(Layout.of(cfg).split("pretrain"), {"images": 50, "captions": 100})
+    assert pipeline.pretrain_resources(cfg)["memory"] == 50 * 3 * cfg.data.image_size ** 2
     # a streamed train split (data.stream): its cache and buffer, not its pixels; the test images stay held
     streamed = cfg.replace(**{"data.stream": "on", "data.image_cache_mb": 1.0, "data.stream_buffer": 10})
     assert experts.split_nbytes(streamed) == 2**20 + 10 * 3 * cfg.data.image_size ** 2 + 20 * 3 * cfg.data.image_size ** 2 + text
+    assert pipeline.pretrain_resources(streamed)["memory"] == 2**20 + 10 * 3 * cfg.data.image_size ** 2

@@ -24,6 +24,16 @@ Result = TypeVar("Result")
 BATCH_IMAGES = 32
 """Images per Ray task: large enough to amortise a task's overhead, small enough to keep all workers busy."""
 
+SOURCE_PIXELS = 2**20
+"""Source pixels per image a decoding task's memory request allows for (a megapixel: Flickr30k's and COCO's
+images are ~0.2-0.3; a larger source only makes the request an underestimate, never a failure)."""
+
+
+def task_memory(batch_images: int, size: int) -> int:
+    """Bytes one decoding task asks Ray for: its batch decoded at source size (RGB, :data:`SOURCE_PIXELS`)
+    and resized to ``size``, so Ray never packs more decoding tasks on a node than its memory holds."""
+    return batch_images * 3 * (SOURCE_PIXELS + size * size)
+
 
 @functools.cache
 def _remote(load_batch: Callable):
@@ -40,7 +50,7 @@ def map_images(rows: Iterable[Row], image_url: Callable[[Row], str | None],
         raise RuntimeError("data.workers > 1 decodes images on Ray: connect first "
                            "(ptmst_ray.orchestration.runtime.connect), or set data.workers: 1")
     batch_images = batch_images or BATCH_IMAGES
-    task = _remote(load_batch)
+    task = _remote(load_batch).options(memory=task_memory(batch_images, size))
     pending: collections.deque = collections.deque()  # (rows with their url or None, ObjectRef)
     batch: list[tuple[Row, str | None]] = []
     n_urls = 0

@@ -61,10 +61,18 @@ def split_nbytes(cfg: Config, images: bool = True) -> int:
     for split in ("train", "test"):
         manifest = storage.read_manifest(layout.split(split)) or {}
         held = int(manifest.get("images", 0)) * pixels
-        if split == "train" and held and stream_split(cfg, "train"):
-            held = stream_nbytes(cfg)
+        if split == "train" and held:
+            held = pairs_split_nbytes(cfg, "train")
         total += held + int(manifest.get("captions", 0)) * TEXT_WIDTH_BOUND * 4
     return total
+
+
+def pairs_split_nbytes(cfg: Config, split: str) -> int:
+    """What a worker training on the whole pairs split ``split`` holds of its pixels: each image once as uint8,
+    or :func:`stream_nbytes` when training streams it (0 before the data is prepared)."""
+    manifest = storage.read_manifest(Layout.of(cfg).split(split)) or {}
+    held = int(manifest.get("images", 0)) * 3 * cfg.data.image_size ** 2
+    return stream_nbytes(cfg) if held and stream_split(cfg, split) else held
 
 
 def stream_nbytes(cfg: Config) -> int:

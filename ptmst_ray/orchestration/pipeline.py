@@ -20,7 +20,7 @@ from ptmst_ray import storage
 from ptmst_ray.config import Config, PretrainConfig, build_section, from_dict
 from ptmst_ray.device import set_threads
 from ptmst_ray.layout import Layout, phase_jobs
-from ptmst_ray.orchestration.experts import memory_option, run_experts, split_nbytes
+from ptmst_ray.orchestration.experts import memory_option, pairs_split_nbytes, run_experts, split_nbytes
 from ptmst_ray.orchestration.metrics import stage_started
 from ptmst_ray.orchestration.phases import run_phases
 from ptmst_ray.orchestration.runtime import (
@@ -49,6 +49,11 @@ def task_resources(cfg: Config) -> dict:
     if cfg.run.gpus_per_task > 0 and uses_gpus(cfg):
         return {"num_cpus": 1, "num_gpus": cfg.run.gpus_per_task}
     return {"num_cpus": 1}
+
+
+def pretrain_resources(cfg: Config) -> dict:
+    """A pretraining run's :func:`task_resources` and the memory of the pretrain split it trains on."""
+    return {**task_resources(cfg), **memory_option(pairs_split_nbytes(cfg, "pretrain"))}
 
 
 def score_resources(cfg: Config) -> dict:
@@ -84,7 +89,7 @@ def pretrain_task(cfg_dict: dict, board=None) -> dict | None:
 
     def train(_cfg, runs: list) -> list[dict]:
         labels = ["pretrain"] if len(runs) == 1 else ["pretrain image tower", "pretrain text tower"]
-        options = task_resources(from_dict(cfg_dict))
+        options = pretrain_resources(from_dict(cfg_dict))
         return ray.get([_pretrain_run_task.options(name=label, **options).remote(cfg_dict, dataclasses.asdict(r),
                                                                                 label, board)
                         for r, label in zip(runs, labels)])
