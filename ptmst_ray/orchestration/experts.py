@@ -57,22 +57,24 @@ def split_nbytes(cfg: Config, images: bool = True) -> int:
     split that training streams, ``data.stream``, costs :func:`stream_nbytes` instead) and a float32
     embedding per caption, train and test, counted from the prepared splits' manifests (0 before the data
     is prepared)."""
-    layout, pixels, total = Layout.of(cfg), 3 * cfg.data.image_size ** 2 if images else 0, 0
+    total = 0
     for split in ("train", "test"):
-        manifest = storage.read_manifest(layout.split(split)) or {}
-        held = int(manifest.get("images", 0)) * pixels
-        if split == "train" and held:
-            held = pairs_split_nbytes(cfg, "train")
-        total += held + int(manifest.get("captions", 0)) * TEXT_WIDTH_BOUND * 4
+        manifest = storage.read_manifest(Layout.of(cfg).split(split)) or {}
+        pixels = _pixel_nbytes(cfg, split, manifest) if images else 0
+        total += pixels + int(manifest.get("captions", 0)) * TEXT_WIDTH_BOUND * 4
     return total
 
 
 def pairs_split_nbytes(cfg: Config, split: str) -> int:
     """What a worker training on the whole pairs split ``split`` holds of its pixels: each image once as uint8,
     or :func:`stream_nbytes` when training streams it (0 before the data is prepared)."""
-    manifest = storage.read_manifest(Layout.of(cfg).split(split)) or {}
+    return _pixel_nbytes(cfg, split, storage.read_manifest(Layout.of(cfg).split(split)) or {})
+
+
+def _pixel_nbytes(cfg: Config, split: str, manifest: dict) -> int:
+    """A split's pixels held once per image as uint8, or a stream's bound for a pairs split training streams."""
     held = int(manifest.get("images", 0)) * 3 * cfg.data.image_size ** 2
-    return stream_nbytes(cfg) if held and stream_split(cfg, split) else held
+    return stream_nbytes(cfg) if held and split != "test" and stream_split(cfg, split) else held
 
 
 def stream_nbytes(cfg: Config) -> int:
