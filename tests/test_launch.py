@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
+import math
 import os
 import secrets
 import shutil
@@ -19,7 +21,8 @@ import typer
 import yaml
 from typer.testing import CliRunner
 
-from conftest import tiny_config
+from conftest import S3_KEY, S3_SECRET, tiny_config
+from ptmst_ray import storage, tensorio
 from ptmst_ray.cluster import jobs, launch
 from ptmst_ray.cluster.spec import LaunchError, validate_cluster_yaml
 from ptmst_ray_cli.cluster_cmds import register
@@ -317,11 +320,15 @@ def _wait_for(check, timeout_s, procs, temp):
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_job_on_local_two_node_cluster_with_its_run_root_in_a_bucket(s3, local_cluster, tmp_path, monkeypatch):
-    """A GPU probe and then the tiny pipeline as Ray Jobs on a local two-node cluster (token auth). The run
-    root is an S3 bucket (moto on loopback; the nodes' `ray start` has the AWS_* variables, as a cluster's
-    nodes would: README "Run roots on object storage"), so both nodes write every artefact to it and
-    nothing to local disk (issue #21 on two nodes)."""
+@pytest.mark.faults
+def test_job_on_two_node_cluster_with_run_root_in_a_bucket(s3, local_cluster, tmp_path, monkeypatch):
+    """A GPU probe and then the tiny pipeline as Ray Jobs on a local two-node cluster (token auth), its run
+    root an S3 bucket (moto on loopback; the nodes' `ray start` has the AWS_* variables, as a cluster's nodes
+    would: README "Run roots on object storage"). Both nodes write every artefact to the bucket and nothing to
+    local disk; a phase worker SIGKILLed mid-phase resumes from its checkpoint in the bucket and the untracked
+    checkpoint prefixes are cleaned up; results.json holds every method, metric and stage; the same job again
+    redoes nothing before evaluation; `data show` and a laptop-mode `eval` read the bucket; no credential is
+    written (issue #21 end to end, on two nodes)."""
     address, token = local_cluster
     (tmp_path / "gpu_probe.py").write_text(PROBE)
 
@@ -352,30 +359,154 @@ def test_job_on_local_two_node_cluster_with_its_run_root_in_a_bucket(s3, local_c
 
     # the tiny pipeline as a Ray Job through launch's own submission path (plan_launch + execute_plan):
     # 3 experts and 3 phase runs (2 phases + the single-phase baseline) each need 1 CPU + 1 GPU, and the
-    # cluster has 3 of each over two nodes, so concurrent work must spread
-    cfg = tiny_config(s3.url("run"), **{"experts.num_experts": 3, "eval.seeds": 1})  # 4 evaluation tasks, not 8
+    # cluster has 3 of each over two nodes, so concurrent work must spread; one phase worker is SIGKILLed
+    # once a checkpoint of it is intact in the bucket
+    cfg = tiny_config(s3.url("run"), **{"experts.num_experts": 3, **SMALL})
     (tmp_path / "tiny.yaml").write_text(cfg.to_yaml())
     steps = launch.plan_launch(None, config_path=tmp_path / "tiny.yaml", address=address, root=tmp_path)
     assert any("ptmst-ray run --config tiny.yaml" in s.description for s in steps)
     out = []
-    ctx = launch.execute_plan(steps, address=address, on_log=out.append)
-    assert ctx.status == "SUCCEEDED", "".join(out)[-5000:]
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        job = pool.submit(launch.execute_plan, steps, address=address, on_log=out.append)
+        _kill_phase_worker_after_a_checkpoint(cfg, "phase1", 4, job, out)
+        ctx = job.result(timeout=900)
+    first_log = "".join(out)
+    assert ctx.status == "SUCCEEDED", first_log[-5000:]
     keys = s3.keys("run/")
 
     def read(key: str):
         return json.loads(s3.client().get_object(Bucket=s3.bucket, Key=key)["Body"].read())
 
-    assert set(read("run/eval/results.json")["methods"]) == {"ptm_st", "random", "single_phase", "full"}
-    assert "run/distilled/distilled.parquet" in keys
-    assert any(k.startswith("run/phases/phase0-") and "/checkpoint_" in k for k in keys)  # Train's, via pyarrow
     experts = [read(k) for k in keys if k.startswith("run/experts/attempts/")]
     phases = [read(k) for k in keys if k.startswith("run/phases/") and "/attempts/" in k]
     assert sorted(e["expert_id"] for e in experts) == [0, 1, 2]
-    assert len(phases) == 3 and all(len(a["gpu_ids"]) == 1 for a in experts + phases)
-    for group in (experts, phases):  # runs that overlap in time hold different (node, GPU) slots
+    assert len(phases) >= 4 and all(len(a["gpu_ids"]) == 1 for a in experts + phases)
+    killed = [a for a in phases if "end" not in a]
+    assert len(killed) == 1 and killed[0]["pid"] not in [a["pid"] for a in phases if a is not killed[0]]
+    for group in (experts, [a for a in phases if "end" in a]):  # runs overlapping in time hold different slots
         for i, a in enumerate(group):
             for b in group[i + 1:]:
-                if a["start"] < b.get("end", float("inf")) and b["start"] < a.get("end", float("inf")):
+                if a["start"] < b.get("end", math.inf) and b["start"] < a.get("end", math.inf):
                     assert (a["node_id"], a["gpu_ids"]) != (b["node_id"], b["gpu_ids"]), (a, b)
     assert len({a["node_id"] for a in experts + phases}) == 2, "all work stayed on one node"
+    _assert_run_in_bucket(s3, cfg, keys, first_log)
     assert not (tmp_path / "run").exists() and not list(tmp_path.glob("**/*.safetensors"))
+
+    # the same job again redoes nothing before evaluation
+    stamps = _etags(s3, "run/")
+    out = []
+    ctx = launch.execute_plan(steps, address=address, on_log=out.append)
+    assert ctx.status == "SUCCEEDED", "".join(out)[-5000:]
+    results = read("run/eval/results.json")
+    assert [(r["stage"], r["ran"]) for r in results["stages"]] == [(st, st == "eval") for st in STAGES]
+    assert "skipped (complete)" in "".join(out)
+    assert results["experts"]["trained"] == 0 and results["experts"]["skipped"] == 3
+    assert {n: s.get("skipped") for n, s in results["phases"].items()} == {"phase0": True, "phase1": True,
+                                                                           "single_phase": True}
+    attempt_prefixes = tuple(f"run/phases/{n}/attempts" for n in results["phases"])
+    again = _etags(s3, "run/")
+    redone = [k for k in stamps if not k.startswith(("run/eval/", "run/config.yaml", *attempt_prefixes))
+              and again.get(k) != stamps[k]]
+    assert redone == [], redone
+
+    # `data show` and `eval` (laptop mode: its own local Ray, whose workers inherit AWS_*) read the bucket
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN")}
+    env.update(OMP_NUM_THREADS="1", RAY_ENABLE_UV_RUN_RUNTIME_ENV="0", PTMST_RAY_CACHE=str(tmp_path / "cache"))
+    (tmp_path / "bucket.yaml").write_text(cfg.to_yaml())
+    show = _cli(["data", "show", "--config", str(tmp_path / "bucket.yaml")], cwd, env)
+    assert show.returncode == 0 and "train" in show.stdout, show.stdout + show.stderr
+    ev = _cli(["eval", "--config", str(tmp_path / "bucket.yaml"), "-m", "ptm_st", "--json", str(tmp_path / "ev.json")],
+              cwd, env)
+    assert ev.returncode == 0, (ev.stdout + ev.stderr)[-4000:]
+    assert json.loads((tmp_path / "ev.json").read_text())["methods"]["ptm_st"]["pairs"] == cfg.total_pairs
+    assert list(cwd.iterdir()) == [], "a command wrote to the local working directory"
+    assert S3_SECRET not in show.stdout + show.stderr + ev.stdout + ev.stderr
+
+
+SMALL = {"phases.0.iterations": 4, "phases.1.iterations": 10, "distill.checkpoint_every": 2,
+         "eval.seeds": 1, "eval.epochs": 1, "eval.eval_points": 1}
+"""The tiny config with every baseline (random, single_phase, full) but one short evaluation seed."""
+METRICS = ("IR@1", "IR@5", "IR@10", "TR@1", "TR@5", "TR@10", "r_mean")
+STAGES = ["data", "pretrain", "embed", "experts", "phases", "aggregate", "eval"]
+
+
+def _cli(args: list[str], cwd: Path, env: dict, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ptmst_ray_cli", *args], cwd=cwd, env=env, timeout=timeout,
+                          capture_output=True, text=True)
+
+
+def _etags(s3, prefix: str) -> dict[str, str]:
+    pages = s3.client().get_paginator("list_objects_v2").paginate(Bucket=s3.bucket, Prefix=prefix)
+    return {o["Key"]: o["ETag"] for page in pages for o in page.get("Contents", [])}
+
+
+def _kill_phase_worker_after_a_checkpoint(cfg, phase: str, at_least: int, job, out: list[str]) -> None:
+    """SIGKILL ``phase``'s Train worker (all nodes are this machine's processes) once a checkpoint of at least
+    ``at_least`` iterations is intact in the run root, before the phase ends."""
+    from ptmst_ray.layout import Layout, phase_hash
+    from ptmst_ray.orchestration.phases import latest_stored_state
+
+    layout = Layout.of(cfg)
+    index = int(phase.removeprefix("phase"))
+    run_dir = layout.train_run(f"{phase}-{phase_hash(cfg, cfg.phases[index])}")
+    attempts = storage.join(layout.phase(phase), "attempts")
+    deadline = time.time() + 600
+    while time.time() < deadline and not job.done():
+        tries = [storage.read_json(storage.join(attempts, n)) for n in storage.listdir(attempts)]
+        if tries and "end" not in tries[-1] and storage.exists(run_dir):
+            stored = latest_stored_state(run_dir)
+            if stored is not None and at_least <= int(stored["iteration"]) < cfg.phases[index].iterations:
+                os.kill(tries[-1]["pid"], signal.SIGKILL)
+                return
+        time.sleep(0.5)
+    raise AssertionError(f"{phase} never had an intact checkpoint in the run root while it ran (job "
+                         f"{'ended' if job.done() else 'still running'}):\n{''.join(out)[-3000:]}")
+
+
+def _assert_run_in_bucket(s3, cfg, keys: list[str], log: str) -> None:
+    """What a user reads after a run on a bucket: every artefact there, the killed phase resumed from its
+    checkpoint and its untracked checkpoint prefixes removed, no temporary object, no credential."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from ptmst_ray.layout import Layout, phase_hash
+    from ptmst_ray.orchestration.phases import checkpoint_dirs
+
+    layout, root = Layout.of(cfg), cfg.run.root
+    attempts = [storage.read_json(storage.join(layout.phase("phase1"), "attempts", n))
+                for n in storage.listdir(storage.join(layout.phase("phase1"), "attempts"))]
+    assert len(attempts) >= 2 and max(a.get("resumed_from") or 0 for a in attempts) >= 4, attempts
+    assert [m["iteration"] for m in storage.read_json(layout.metrics("phase1"))][-1] == 10
+    run_dir = layout.train_run(f"phase1-{phase_hash(cfg, cfg.phases[1])}")
+    assert len(checkpoint_dirs(run_dir)) <= 2, checkpoint_dirs(run_dir)  # untracked prefixes cleaned up
+    for part in ("config.yaml", "data/train/manifest.json", "data/text_cache/", "data/embedded/",
+                 "pretrain/manifest.json", "experts/expert_0001.safetensors", "shortcuts/range_0_3/",
+                 "phases/phase0/subset/manifest.json", "phases/phase1/metrics.json", "distilled/distilled.parquet",
+                 "distilled/manifest.json", "eval/results.json", "eval/plot.png"):
+        assert any(k.startswith(f"run/{part}") for k in keys), (part, keys)
+    ckpts = [k for k in keys if k.startswith(f"run/phases/phase0-{phase_hash(cfg, cfg.phases[0])}/checkpoint_")]
+    assert any(k.endswith(tensorio.TENSORS) for k in ckpts), keys  # Train's checkpoints, through pyarrow
+    assert not [k for k in keys if storage.TMP_MARK in k], "a temporary object was left behind"
+    for k in ("config.yaml", "eval/results.json"):
+        body = s3.client().get_object(Bucket=s3.bucket, Key=f"run/{k}")["Body"].read().decode()
+        assert S3_SECRET not in body and S3_KEY not in body, k
+    assert S3_SECRET not in log
+
+    results = json.loads(storage.read_bytes(storage.join(root, "eval", "results.json")))
+    assert set(results["methods"]) == {"ptm_st", "random", "single_phase", "full"}
+    for method, m in results["methods"].items():
+        for k in METRICS:
+            assert set(m[k]) == {"mean", "std"} and 0.0 <= m[k]["mean"] <= 100.0, (method, k)
+        assert m["seeds"] == cfg.eval.seeds
+    assert results["methods"]["ptm_st"]["pairs"] == cfg.total_pairs == results["methods"]["random"]["pairs"]
+    assert [r["stage"] for r in results["stages"]] == STAGES and all(r["ran"] for r in results["stages"])
+    assert sum(r["seconds"] for r in results["stages"]) <= results["wall_seconds"] + 1
+    assert "stages:" in log and "skipped (complete)" not in log
+    table = pq.read_table(pa.BufferReader(storage.read_bytes(storage.join(root, "distilled", "distilled.parquet"))))
+    assert table.num_rows == cfg.total_pairs and table.column("phase").to_pylist() == [0] * 6 + [1] * 8
+    assert {"image_png", "text_embedding", "nearest_caption", "similarity_row", "alpha_img"} <= set(table.column_names)
+    for png in ("distilled/grid.png", "eval/plot.png"):
+        assert storage.read_bytes(storage.join(root, png))[:4] == b"\x89PNG", png
+    assert storage.read_json(storage.join(root, "distilled", "card.json"))["pairs"] == cfg.total_pairs

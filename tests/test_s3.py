@@ -1,25 +1,21 @@
 """Run roots on object storage (issue #21), through a real S3 API: moto's server on 127.0.0.1, a fresh
 bucket per test, reached only through the standard AWS_* variables (fixtures ``s3_server`` / ``s3`` in
 conftest.py). Covers the storage layer and Train's pyarrow filesystem on one bucket, the resume scan
-and checkpoint clean-up on key prefixes, the pre-run checks of a bad S3 run root, and `ptmst-ray run`
-end to end on a bucket (a second run skipping every finished stage)."""
+and checkpoint clean-up on key prefixes, and the pre-run checks of a bad S3 run root. The pipeline end to end on
+a bucket (a killed phase worker, a rerun that skips every finished stage, `data show` and `eval` reading
+it) runs on the two-node cluster: tests/test_launch.py."""
 
 from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import S3_KEY, S3_SECRET, tiny_config
+from conftest import S3_KEY, S3_SECRET
 from ptmst_ray import storage, tensorio
 
 REPO = Path(__file__).resolve().parents[1]
@@ -231,132 +227,3 @@ def test_wrong_credentials_and_read_only_prefix_exit_2(s3, s3_auth, no_ray, monk
     res = _run_cli(["run", "--set", f"run.root={s3.url('run')}"])
     _assert_exit_2(res, "read-only")
     assert reader_secret not in res.output
-
-
-# ---------------------------------------------------------------- end to end on a bucket
-
-SMALL = {"phases.0.iterations": 4, "phases.1.iterations": 10, "distill.checkpoint_every": 2,
-         "eval.seeds": 1, "eval.epochs": 1, "eval.eval_points": 1}
-"""The tiny config with every baseline (random, single_phase, full) but one short evaluation seed."""
-METRICS = ("IR@1", "IR@5", "IR@10", "TR@1", "TR@5", "TR@10", "r_mean")
-
-
-def _cli(args: list[str], cwd: Path, env: dict, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "ptmst_ray_cli", *args], cwd=cwd, env=env, timeout=timeout,
-                          capture_output=True, text=True)
-
-
-def _etags(s3, prefix: str) -> dict[str, str]:
-    pages = s3.client().get_paginator("list_objects_v2").paginate(Bucket=s3.bucket, Prefix=prefix)
-    return {o["Key"]: o["ETag"] for page in pages for o in page.get("Contents", [])}
-
-
-@pytest.mark.ray
-@pytest.mark.slow
-@pytest.mark.faults
-def test_run_on_s3_end_to_end_and_rerun_skips(s3, tmp_path):
-    """`ptmst-ray run` end to end through the CLI, with run.root=s3://bucket/run on its own local Ray (its
-    workers inherit AWS_*): every stage runs and is timed, results.json holds every method and metric, the
-    distilled Parquet, grid, card and plot are written, every artefact lands in the bucket and nothing in the
-    working directory; a phase worker SIGKILLed mid-phase resumes from its checkpoint in the bucket and the
-    untracked checkpoint prefixes are cleaned up; the same command again redoes nothing before evaluation;
-    `data show` and `eval` read from the bucket; no credential is written."""
-    root = s3.url("run")
-    cfg = tiny_config(root, **SMALL)
-    config = tmp_path / "s3.yaml"
-    config.write_text(cfg.to_yaml())
-    cwd = tmp_path / "cwd"
-    cwd.mkdir()
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update(OMP_NUM_THREADS="1", RAY_ENABLE_UV_RUN_RUNTIME_ENV="0", PTMST_RAY_CACHE=str(tmp_path / "cache"))
-
-    from ptmst_ray.layout import Layout, phase_hash
-    from ptmst_ray.orchestration.phases import checkpoint_dirs, latest_stored_state
-
-    layout = Layout.of(cfg)
-    run_dir = layout.train_run(f"phase1-{phase_hash(cfg, cfg.phases[1])}")
-    t0 = time.time()
-    log = tmp_path / "first.log"
-    proc = subprocess.Popen([sys.executable, "-m", "ptmst_ray_cli", "run", "--config", str(config)], cwd=cwd, env=env,
-                            stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        # a phase worker SIGKILLed mid-phase, once a checkpoint of it is intact in the bucket
-        victim, deadline = None, time.time() + 500
-        while victim is None and time.time() < deadline and proc.poll() is None:
-            tries = [storage.read_json(storage.join(layout.phase("phase1"), "attempts", n))
-                     for n in storage.listdir(storage.join(layout.phase("phase1"), "attempts"))]
-            if tries and "end" not in tries[-1] and storage.exists(run_dir):
-                stored = latest_stored_state(run_dir)
-                if stored is not None and 4 <= int(stored["iteration"]) < 10:
-                    victim = tries[-1]["pid"]
-            time.sleep(0.5)
-        assert victim is not None, (f"phase1 never had an intact checkpoint in the bucket while it ran (run "
-                                    f"{'ended' if proc.poll() is not None else 'still running'}):\n"
-                                    f"{log.read_text()[-3000:]}")
-        os.kill(victim, 9)
-        assert proc.wait(timeout=600) == 0, log.read_text()[-4000:]
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    output = log.read_text()
-    print(f"first run on S3 (one phase worker killed): {time.time() - t0:.0f} s")
-    attempts = [storage.read_json(storage.join(layout.phase("phase1"), "attempts", n))
-                for n in storage.listdir(storage.join(layout.phase("phase1"), "attempts"))]
-    assert len(attempts) >= 2 and max(a.get("resumed_from") or 0 for a in attempts) >= 4, attempts
-    assert [m["iteration"] for m in storage.read_json(layout.metrics("phase1"))][-1] == 10
-    assert len(checkpoint_dirs(run_dir)) <= 2, checkpoint_dirs(run_dir)  # untracked prefixes cleaned up
-    keys = s3.keys("run/")
-    for part in ("config.yaml", "data/train/manifest.json", "data/text_cache/", "data/embedded/", "pretrain/manifest.json",
-                 "experts/expert_0001.safetensors", "shortcuts/range_0_3/", "phases/phase0/subset/manifest.json",
-                 "phases/phase1/metrics.json", "distilled/distilled.parquet", "distilled/manifest.json",
-                 "eval/results.json", "eval/plot.png"):
-        assert any(k.startswith(f"run/{part}") for k in keys), (part, keys)
-    ckpts = [k for k in keys if k.startswith(f"run/phases/phase0-{phase_hash(cfg, cfg.phases[0])}/checkpoint_")]
-    assert any(k.endswith(tensorio.TENSORS) for k in ckpts), keys  # Train's checkpoints, through pyarrow
-    assert not [k for k in keys if storage.TMP_MARK in k], "a temporary object was left behind"
-    assert list(cwd.iterdir()) == [], "the run wrote to the local working directory"
-    for k in ("config.yaml", "eval/results.json"):
-        body = s3.client().get_object(Bucket=s3.bucket, Key=f"run/{k}")["Body"].read().decode()
-        assert S3_SECRET not in body and S3_KEY not in body, k
-    assert S3_SECRET not in output
-
-    # what a user reads after a run: results.json with every method and metric, the stage table, the files
-    results = json.loads(s3.client().get_object(Bucket=s3.bucket, Key="run/eval/results.json")["Body"].read())
-    assert set(results["methods"]) == {"ptm_st", "random", "single_phase", "full"}
-    for method, m in results["methods"].items():
-        for k in METRICS:
-            assert set(m[k]) == {"mean", "std"} and 0.0 <= m[k]["mean"] <= 100.0, (method, k)
-        assert m["seeds"] == cfg.eval.seeds
-    assert results["methods"]["ptm_st"]["pairs"] == cfg.total_pairs == results["methods"]["random"]["pairs"]
-    stages = ["data", "pretrain", "embed", "experts", "phases", "aggregate", "eval"]
-    assert [r["stage"] for r in results["stages"]] == stages and all(r["ran"] for r in results["stages"])
-    assert sum(r["seconds"] for r in results["stages"]) <= results["wall_seconds"] + 1
-    assert "stages:" in output and "skipped (complete)" not in output
-    table = pq.read_table(pa.BufferReader(storage.read_bytes(storage.join(root, "distilled", "distilled.parquet"))))
-    assert table.num_rows == cfg.total_pairs and table.column("phase").to_pylist() == [0] * 6 + [1] * 8
-    assert {"image_png", "text_embedding", "nearest_caption", "similarity_row", "alpha_img"} <= set(table.column_names)
-    for png in ("distilled/grid.png", "eval/plot.png"):
-        assert storage.read_bytes(storage.join(root, png))[:4] == b"\x89PNG", png
-    assert storage.read_json(storage.join(root, "distilled", "card.json"))["pairs"] == cfg.total_pairs
-
-    stamps = _etags(s3, "run/")
-    second = _cli(["run", "--config", str(config), "--json"], cwd, env)
-    assert second.returncode == 0, (second.stdout + second.stderr)[-4000:]
-    results = json.loads(s3.client().get_object(Bucket=s3.bucket, Key="run/eval/results.json")["Body"].read())
-    assert [(r["stage"], r["ran"]) for r in results["stages"]] == [(st, st == "eval") for st in stages]
-    assert "skipped (complete)" in second.stdout + second.stderr
-    assert results["experts"]["trained"] == 0 and results["experts"]["skipped"] == 2
-    assert {n: s.get("skipped") for n, s in results["phases"].items()} == {"phase0": True, "phase1": True,
-                                                                           "single_phase": True}
-    attempt_prefixes = tuple(f"run/phases/{n}/attempts" for n in results["phases"])
-    again = _etags(s3, "run/")
-    redone = [k for k in stamps if not k.startswith(("run/eval/", "run/config.yaml", *attempt_prefixes))
-              and again.get(k) != stamps[k]]
-    assert redone == [], redone
-
-    show = _cli(["data", "show", "--config", str(config)], cwd, env)
-    assert show.returncode == 0 and "train" in show.stdout, show.stdout + show.stderr
-    ev = _cli(["eval", "--config", str(config), "-m", "ptm_st", "--json", str(tmp_path / "ev.json")], cwd, env)
-    assert ev.returncode == 0, (ev.stdout + ev.stderr)[-4000:]
-    assert json.loads((tmp_path / "ev.json").read_text())["methods"]["ptm_st"]["pairs"] == cfg.total_pairs
-    assert list(cwd.iterdir()) == []
