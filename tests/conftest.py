@@ -33,15 +33,26 @@ def tiny_config(root, **overrides) -> Config:
 
 
 @pytest.fixture(scope="session")
-def ray_session():
+def ray_session(s3_server):
     """One local Ray per test session: 2 CPUs and 2 logical GPUs (torch sees no CUDA: GPU placement
-    is exercised, compute falls back to the CPU)."""
+    is exercised, compute falls back to the CPU). Its workers start with the session S3 server's endpoint
+    and credentials in their environment, as a cluster's nodes would have them, so that runs on a bucket
+    (fixture ``s3``) work on it; the test process itself gets them only from ``s3``."""
     import ray
 
     from ptmst_ray.orchestration.runtime import connect
 
     _os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
-    info = connect(num_cpus=2, num_gpus=int(_os.environ.get("PTMST_TEST_GPUS", "2")))  # bench/gpu_check.py: real ones
+    saved = {k: _os.environ.get(k) for k in _s3_env(s3_server)}
+    _os.environ.update(_s3_env(s3_server))
+    try:
+        info = connect(num_cpus=2, num_gpus=int(_os.environ.get("PTMST_TEST_GPUS", "2")))  # gpu_check.py: real ones
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                _os.environ.pop(k, None)
+            else:
+                _os.environ[k] = v
     yield info
     ray.shutdown()
 
@@ -177,14 +188,30 @@ def s3_server():
     server.stop()
 
 
+def _s3_env(endpoint: str) -> dict[str, str]:
+    """The standard AWS_* variables that point s3fs and pyarrow at the session's S3 server."""
+    return {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": S3_KEY, "AWS_SECRET_ACCESS_KEY": S3_SECRET,
+            "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+def upload_root(src, url: str, parts=("data", "pretrain", "experts", "shortcuts")) -> str:
+    """``url`` (a bucket prefix) holding a copy of ``parts`` of the local run root ``src``, as :func:`copy_root`."""
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(url)
+    for part in parts:
+        fs.put(_os.path.join(src, part), f"{path}/{part}", recursive=True)
+    fs.invalidate_cache()
+    return url
+
+
 @pytest.fixture
 def s3(s3_server, monkeypatch) -> S3Bucket:
     """A fresh bucket on the session's S3 server, and the standard AWS_* variables pointing at it (read by
     s3fs and pyarrow alike, and inherited by the processes a test starts)."""
     import s3fs
 
-    env = {"AWS_ENDPOINT_URL": s3_server, "AWS_ACCESS_KEY_ID": S3_KEY, "AWS_SECRET_ACCESS_KEY": S3_SECRET,
-           "AWS_DEFAULT_REGION": "us-east-1"}
+    env = _s3_env(s3_server)
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     for k in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):

@@ -1,6 +1,6 @@
-"""Sweeps: the search space and trial configs (plain), and tiny Tune sweeps on the shared local Ray
-(every trial in the table, best.yaml valid and cheap to `run`, ASHA stopping a diverged trial,
-a rerun restoring the finished experiment without rerunning any trial)."""
+"""Sweeps: the search space and trial configs (plain), and a tiny Tune sweep on the shared local Ray with
+its run root in an S3 bucket (every trial in the table, ASHA stopping a diverged trial, a rerun restoring
+the finished experiment without rerunning any trial, best.yaml valid and cheap to `run`)."""
 
 from __future__ import annotations
 
@@ -8,10 +8,11 @@ import math
 import threading
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import copy_root, tiny_config
+from conftest import tiny_config, upload_root
 from ptmst_ray import storage
 from ptmst_ray.config import load_config
 from ptmst_ray import layout
@@ -117,78 +118,69 @@ ON_RAY = {k: v for k, v in FAST.items() if not k.startswith(("pretrain.", "model
 """FAST on the session's prepared root (its pretrained towers and 3-epoch experts: no base stage reruns)."""
 
 
-@pytest.fixture(scope="module")
-def base_root(tmp_path_factory, prepared_root):
-    return copy_root(prepared_root, tmp_path_factory.mktemp("sweep"))
-
-
 def ray_config(root, **overrides):
     return tiny_config(root, **{**ON_RAY, **overrides})
 
 
+def _modified(s3, prefix: str) -> dict[str, object]:
+    pages = s3.client().get_paginator("list_objects_v2").paginate(Bucket=s3.bucket, Prefix=prefix)
+    return {o["Key"]: o["LastModified"] for page in pages for o in page.get("Contents", [])}
+
+
 @pytest.mark.ray
 @pytest.mark.slow
-def test_tiny_sweep_completes_every_trial(ray_session, base_root):
-    """2 trials (2 grid values x 1 random sample of a choice), both at once, both phases of a trial in
-    parallel; a range only one trial needs (phase 1 over epochs 1..3) is compressed before the trials; best.yaml is valid and `run` on it reuses the
-    trial's phases."""
+def test_sweep_on_a_bucket_asha_stops_a_diverged_trial_and_rerun_restores(ray_session, prepared_root, s3, tmp_path):
+    """A grid of 2 trials, one at a time, both phases of a trial as concurrent Train runs; the base run, the
+    trials' roots and Tune's experiment in an S3 bucket (issue #21). lr_img = inf diverges at iteration 1 and
+    scores 0; running after the good trial, ASHA stops it at the first rung. A range no finished run holds
+    (phase 1 over epochs 1..3) is compressed before the trials. The table, plot and best.yaml land in the
+    bucket; the same sweep again restores the finished experiment (no trial reruns); `run` on best.yaml
+    reuses the trial's phases."""
     from ptmst_ray.orchestration.pipeline import run_pipeline
     from ptmst_ray.trajectories.store import ShortcutStore
 
-    cfg = ray_config(base_root, **{
-        "sweep.searcher": "random", "sweep.num_samples": 1, "sweep.max_concurrent": 2, "sweep.scheduler": "none",
-        "sweep.rounds": 1,
-        "sweep.space": {"phases.1.range_start": {"grid": [0, 1]}, "distill.lr_img": {"choice": [50.0, 100.0]}}})
-    shortcuts = ShortcutStore(layout.Layout(cfg.run.root).shortcuts)
-    assert shortcuts.complete_ids(1, 3, layout.experts_hash(cfg)) == []  # only the second trial's phase 1 needs it
-    summary = sw.run_sweep(cfg, verbose=0)
-    rows = summary["rows"]
-    assert len(rows) == 2 and not summary["errors"], summary["errors"]
-    assert sorted(r["phases.1.range_start"] for r in rows) == [0, 1]
-    assert all(r["distill.lr_img"] in (50.0, 100.0) for r in rows)
-    assert all(r["r_mean"] is not None and r["iterations"] == 10 and not r["stopped_early"] for r in rows)
-    assert [r["r_mean"] for r in rows] == sorted((r["r_mean"] for r in rows), reverse=True)
-    assert shortcuts.complete_ids(1, 3, layout.experts_hash(cfg)) == [0, 1]
-    out = Path(summary["dir"])
-    assert pq.read_table(out / sw.TABLE_PARQUET).num_rows == 2 and (out / sw.PLOT).exists()
-    for r in rows:  # each trial distilled in its own root, reading the base run's data and experts
-        assert (out / r["trial_id"] / "phases" / "phase1" / "subset" / storage.MANIFEST).exists()
-    assert not (Path(cfg.run.root) / "phases").exists()
-    best = load_config(out / sw.BEST_YAML, ["eval.seeds=1"])
-    assert best.phases[1].range_start == rows[0]["phases.1.range_start"]
-    results = run_pipeline(best)  # phases are complete in the trial's root: only aggregate + evaluation run
-    assert results["phases"]["phase0"].get("skipped") and results["phases"]["phase1"].get("skipped")
-    assert math.isfinite(results["methods"]["ptm_st"]["r_mean"]["mean"])
-
-
-@pytest.mark.ray
-@pytest.mark.slow
-def test_asha_stops_diverged_trial_and_rerun_restores(ray_session, base_root):
-    """lr_img = inf diverges at iteration 1 and scores 0; running after a good trial (one at a time),
-    ASHA stops it at the first rung. The same sweep again restores the finished experiment: no trial reruns."""
-    cfg = ray_config(base_root, **{
-        "phases": [ray_config(base_root).to_dict()["phases"][0]],
-        "sweep.searcher": "grid", "sweep.max_concurrent": 1, "sweep.scheduler": "asha", "sweep.grace_period": 1,
-        "sweep.rounds": 2, "sweep.space": {"distill.lr_img": {"grid": [100.0, float("inf")]}}})
+    base = upload_root(prepared_root, s3.url("base"))
+    cfg = ray_config(base, **{
+        "phases.1.range_start": 1, "sweep.searcher": "grid", "sweep.max_concurrent": 1, "sweep.scheduler": "asha",
+        "sweep.grace_period": 1, "sweep.rounds": 2, "sweep.space": {"distill.lr_img": {"grid": [100.0, float("inf")]}}})
+    shortcuts = ShortcutStore(layout.Layout(base).shortcuts)
+    assert shortcuts.complete_ids(1, 3, layout.experts_hash(cfg)) == []  # the prepared run's phase 1 is 0..3
     ui = LockedUI()  # like the CLI's rich UI, it cannot be pickled: Tune must not pickle it with its state
     summary = sw.run_sweep(cfg, ui, verbose=0)
     assert ui.updates > 0  # the progress poll ran during the sweep
-    rows = {r["distill.lr_img"]: r for r in summary["rows"]}
     assert not summary["errors"], summary["errors"]
+    assert shortcuts.complete_ids(1, 3, layout.experts_hash(cfg)) == [0, 1]
+    rows = {r["distill.lr_img"]: r for r in summary["rows"]}
     good, bad = rows[100.0], rows[float("inf")]
     assert good["rounds"] == 2 and good["iterations"] == 10 and not good["stopped_early"] and good["r_mean"] > 0
     assert bad["diverged"] and bad["r_mean"] == 0.0 and bad["stopped_early"] and bad["rounds"] == 1
     assert bad["iterations"] == 1  # diverged at its first iteration
-    out = Path(summary["dir"])
-    good_root = out / good["trial_id"]
-    assert (good_root / "phases" / "phase0" / "partial" / storage.MANIFEST).exists()  # round 1 stopped at 5
-    assert (good_root / "phases" / "phase0" / "subset" / storage.MANIFEST).exists()
-    stamps = {p: p.stat().st_mtime_ns for p in out.glob("*/config.yaml")}
-    assert len(stamps) == 2
+    assert [r["r_mean"] for r in summary["rows"]] == [good["r_mean"], 0.0]  # best first
+
+    out = summary["dir"]
+    assert out.startswith(f"s3://{s3.bucket}/base/sweeps/"), out
+    table = pq.read_table(pa.BufferReader(storage.read_bytes(storage.join(out, sw.TABLE_PARQUET))))
+    assert table.num_rows == 2 and storage.read_bytes(storage.join(out, sw.PLOT))[:4] == b"\x89PNG"
+    good_root = storage.join(out, good["trial_id"])  # each trial distilled in its own root in the bucket
+    for part in ("partial", "subset"):  # round 1 stopped phase 0 at iteration 5
+        assert storage.exists(storage.join(good_root, "phases", "phase0", part, storage.MANIFEST)), part
+    assert storage.exists(storage.join(good_root, "phases", "phase1", "subset", storage.MANIFEST))
+    assert not storage.exists(storage.join(base, "phases"))
+
+    prefix = out.removeprefix(f"s3://{s3.bucket}/")
+    stamps = {k: t for k, t in _modified(s3, prefix).items() if k.endswith("/config.yaml")}
+    assert len(stamps) == 2, stamps
     again = sw.run_sweep(cfg, LockedUI(), verbose=0)
     assert again["resumed"] and again["name"] == summary["name"]
     assert {r["trial_id"] for r in again["rows"]} == {r["trial_id"] for r in summary["rows"]}
-    assert {p: p.stat().st_mtime_ns for p in out.glob("*/config.yaml")} == stamps  # no trial ran again
+    assert {k: t for k, t in _modified(s3, prefix).items() if k.endswith("/config.yaml")} == stamps  # none reran
+
+    (tmp_path / "best.yaml").write_text(storage.read_text(storage.join(out, sw.BEST_YAML)))
+    best = load_config(tmp_path / "best.yaml", ["eval.seeds=1"])
+    assert best.run.root == good_root and best.distill.lr_img == 100.0 and best.phases[1].range_start == 1
+    results = run_pipeline(best)  # phases are complete in the trial's root: only aggregate + evaluation run
+    assert results["phases"]["phase0"].get("skipped") and results["phases"]["phase1"].get("skipped")
+    assert math.isfinite(results["methods"]["ptm_st"]["r_mean"]["mean"])
 
 
 def test_cli_sweep_options_and_bad_space_exit_2():
