@@ -174,11 +174,13 @@ def pretrain(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = Set
 def _ready_for_experts(cfg) -> None:
     from ptmst_ray.stages.data import prepare
     from ptmst_ray.stages.embed import embed
+    from ptmst_ray.stages.features import compute as frozen_tower_features
     from ptmst_ray.stages.pretrain import pretrain as pretrain_stage
 
     prepare(cfg)
     pretrain_stage(cfg)
     embed(cfg)
+    frozen_tower_features(cfg)  # a frozen image tower's features, once (nothing when the tower trains)
 
 
 @app.command()

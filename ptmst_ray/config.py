@@ -199,6 +199,11 @@ class ModelConfig:
     """Dropout probability inside the text projection head."""
     temperature: float = 0.07
     """Logit scale is 1/temperature (fixed)."""
+    cache_frozen_features: bool = True
+    """With a frozen image tower (image_trainable: false): compute its features of every real train and test image
+    once (run root's features/<key>/) and train experts, the full-data baseline and evaluation students on them
+    instead of running the tower every epoch; the same results up to float rounding. false: run the tower
+    every epoch. Has no effect with a trainable tower, and is not part of any artefact's hash."""
 
     def __post_init__(self):
         _check(self.temperature > 0, "temperature", "must be > 0")

@@ -82,6 +82,14 @@ class Layout:
         return storage.join(self.embedded_root, "CURRENT")
 
     @property
+    def features_root(self) -> str:
+        return storage.join(self.shared, "features")
+
+    def features(self, key: str) -> str:
+        """A frozen image tower's features of every train and test image (``stages/features.py``)."""
+        return storage.join(self.features_root, key)
+
+    @property
     def pretrain(self) -> str:
         return storage.join(self.shared, "pretrain")
 
@@ -195,6 +203,7 @@ def model_hash(cfg: Config) -> str:
     model = dataclasses.asdict(cfg.model)
     if cfg.pretrain.enabled:  # the checkpoint is this run's own pretraining (pretrain_hash): its path, which
         model["pretrained"] = None  # holds the run root, must not tie the experts to where the root lives
+    del model["cache_frozen_features"]  # where the frozen tower's features come from, not what they are
     for added in ADDED_MODEL_FIELDS:  # fields added later count only when set, so older roots keep their experts
         if model[added] is None:
             del model[added]
@@ -300,7 +309,7 @@ def stage_dirs(cfg: Config, stage: str) -> list[str]:
     dirs = {
         "data": [layout.data],
         "pretrain": [layout.pretrain] if cfg.pretrain.enabled else [],
-        "embed": [layout.embedded_root, layout.text_cache],
+        "embed": [layout.embedded_root, layout.text_cache, layout.features_root],
         "experts": [layout.experts],
         "shortcut": [layout.shortcuts],
         "phases": [layout.phases],

@@ -118,9 +118,19 @@ class CaptionStream(torch.utils.data.IterableDataset):
         if len(batch) >= self.min_batch:
             yield self._batch(batch)
 
+    def shard_images(self, name: str) -> tuple[int, list]:
+        """(index of its first image, one entry per image) of the image shard ``name``: its encoded images. A
+        subclass may serve another per-image entry in the same order (a frozen tower's cached features,
+        ``stages/features.py``): the rows, and so the batches' order, stay the same."""
+        return read_image_shard(self.dir, name, self.manifest["files"][name])
+
+    def batch_images(self, rows: list[Row]) -> torch.Tensor:
+        """The batch's images from its rows' entries: decoded (or cached) and CLIP-normalised."""
+        return normalize_images(torch.stack([self._pixels(i, png) for _, i, png in rows]))
+
     def _shard_rows(self, name: str, rng: np.random.Generator) -> list[Row]:
         """(caption row, image, encoded image) of every streamed caption of one image shard, shuffled."""
-        first, pngs = read_image_shard(self.dir, name, self.manifest["files"][name])
+        first, pngs = self.shard_images(name)
         out = []
         for k, png in enumerate(pngs):
             i = first + k
@@ -130,7 +140,7 @@ class CaptionStream(torch.utils.data.IterableDataset):
 
     def _batch(self, rows: list[Row]) -> Batch:
         idx = torch.tensor([r for r, _, _ in rows], dtype=torch.long)
-        return idx, normalize_images(torch.stack([self._pixels(i, png) for _, i, png in rows])), self.text[idx]
+        return idx, self.batch_images(rows), self.text[idx]
 
     def _pixels(self, image: int, png: bytes) -> torch.Tensor:
         """Image ``image``'s uint8 pixels (3 x H x W): from the cache, or decoded (and cached)."""

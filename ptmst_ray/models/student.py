@@ -7,6 +7,8 @@ head over frozen caption embeddings), with logits L_ij = s <f(x_i)/|f(x_i)|, h(t
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -54,10 +56,26 @@ class Student(nn.Module):
         self.image = image
         self.head = head
         self.scale = 1.0 / temperature
+        self.image_trainable = image_trainable
         if not image_trainable:
-            frozen = image.tower if isinstance(image, ProjectedTower) else image
-            for p in frozen.parameters():
+            for p in self.frozen_tower().parameters():
                 p.requires_grad_(False)
+
+    def frozen_tower(self) -> nn.Module:
+        """The image module whose weights never change (``image_trainable: false``): the tower before the
+        projection, or the whole image encoder; an empty module once :func:`drop_frozen_tower` removed it."""
+        if self.image_trainable:
+            raise ValueError("the image tower is trainable (model.image_trainable: true); nothing is frozen")
+        return self.image.tower if isinstance(self.image, ProjectedTower) else self.image
+
+    def train(self, mode: bool = True) -> "Student":
+        """Train mode for everything but a frozen tower, which stays in eval mode: frozen means its forward is
+        one fixed function (no batch statistics, dropout or stochastic depth), the one its cached features
+        (``model.cache_frozen_features``) were computed with."""
+        super().train(mode)
+        if not self.image_trainable:
+            self.frozen_tower().eval()
+        return self
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.image(images), dim=-1)
@@ -71,6 +89,29 @@ class Student(nn.Module):
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """Detached CPU copies of the trainable parameters: one trajectory snapshot."""
         return {n: p.detach().cpu().clone() for n, p in self.named_parameters() if p.requires_grad}
+
+
+def drop_frozen_tower(student: Student) -> nn.Module:
+    """Remove ``student``'s frozen tower (replaced by the identity) and return it: the student then takes the
+    tower's features where it took images. The trainable parameters, their names and values are unchanged, so
+    its trajectory snapshots are those of the whole student."""
+    tower = student.frozen_tower()
+    if isinstance(student.image, ProjectedTower):
+        student.image.tower = nn.Identity()
+    else:
+        student.image = nn.Identity()
+    return tower
+
+
+def tower_digest(tower: nn.Module) -> str:
+    """sha256 of a module's weights and buffers (names, dtypes, shapes, bytes): what its outputs depend on
+    besides its architecture."""
+    h = hashlib.sha256()
+    for name, t in sorted(tower.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
 
 
 def embed_dim_of(image_tower: nn.Module, image_size: int) -> int:

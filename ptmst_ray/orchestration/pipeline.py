@@ -20,7 +20,9 @@ from ptmst_ray import storage
 from ptmst_ray.config import Config, PretrainConfig, build_section, from_dict
 from ptmst_ray.device import set_threads
 from ptmst_ray.layout import Layout, phase_jobs
-from ptmst_ray.orchestration.experts import memory_option, pairs_split_nbytes, run_experts, split_nbytes
+from ptmst_ray.orchestration.experts import (
+    memory_option, pairs_split_nbytes, run_experts, split_nbytes, stream_nbytes,
+)
 from ptmst_ray.orchestration.metrics import stage_started
 from ptmst_ray.orchestration.phases import run_phases
 from ptmst_ray.orchestration.runtime import (
@@ -30,6 +32,7 @@ from ptmst_ray.orchestration.runtime import (
 from ptmst_ray.stages import aggregate as aggregate_stage
 from ptmst_ray.stages import data as data_stage
 from ptmst_ray.stages import embed as embed_stage
+from ptmst_ray.stages import features as features_stage
 from ptmst_ray.stages import pretrain as pretrain_stage
 from ptmst_ray.stages.plots import plot_run
 from ptmst_ray.stages.score import score_one_seed, summarise
@@ -120,6 +123,33 @@ def embed_captions(cfg: Config, board=None, poll: Poll | None = None) -> dict:
 
 
 @ray.remote(num_cpus=1)
+def _features_task(cfg_dict: dict, board=None) -> dict:
+    """The frozen-tower feature pass on the GPU Ray gave it (the tower picks CUDA where there is one)."""
+    cfg = from_dict(cfg_dict)
+    set_threads(_task_threads(cfg))
+    out = features_stage.compute(cfg, progress=lambda done, total: report_progress(board, "image features", done,
+                                                                                    total))
+    return {**out, "node_id": ray.get_runtime_context().get_node_id(),
+            "gpu_ids": [str(g) for g in ray.get_gpu_ids()]}
+
+
+def image_features(cfg: Config, board=None, poll: Poll | None = None) -> dict:
+    """A frozen image tower's features of every real image, computed once (``stages/features.py``): a Ray task
+    with ``run.gpus_per_task`` GPUs when the run targets GPUs, else here in the driver (as the caption
+    embeddings); nothing to do, and logged, when the tower trains or ``model.cache_frozen_features`` is off."""
+    reason = features_stage.skip_reason(cfg)
+    if reason:
+        log.info("frozen-tower features: skipped: %s", reason)
+        return {"key": None, "ran": False, "skipped": reason, "node_id": None, "gpu_ids": []}
+    options = {**task_resources(cfg), **memory_option(stream_nbytes(cfg))}  # one shard and a batch at a time
+    if not options.get("num_gpus"):
+        progress = (lambda done, total: report_progress(board, "image features", done, total)) if board else None
+        return {**features_stage.compute(cfg, progress=progress), "node_id": None, "gpu_ids": []}
+    request_gpus(cfg, 1, options["num_gpus"], "features", keep_larger=True)  # the experts' request covers it
+    return wait_all([_features_task.options(name="image features", **options).remote(cfg.to_dict(), board)], poll)[0]
+
+
+@ray.remote(num_cpus=1)
 def _score_task(cfg_dict: dict, method: str, seed: int, board=None) -> dict:
     """One (method, seed) student, on the GPU Ray gave it (``task_resources``), else one CPU thread."""
     cfg = from_dict(cfg_dict)
@@ -205,12 +235,20 @@ def run_prerequisites(cfg: Config, ui: UI, board, poll: Poll, times: StageTimes 
         embedded = embed_captions(cfg, board, poll)
         if "ran" in embedded:  # computed in a Ray task: its writes are not this process's
             out["ran"] = embedded["ran"]
+    if features_stage.skip_reason(cfg):  # a trainable tower (every recipe but CC3M's): no stage, one log line
+        feats = image_features(cfg, board, poll)
+    else:
+        ui.stage("image features (frozen tower)")
+        with times.stage("features") as out:
+            feats = image_features(cfg, board, poll)
+            out["ran"] = feats["ran"]
     ui.stage(f"experts ({cfg.experts.num_experts}) + shortcuts")
     with times.stage("experts") as out:
         experts = run_experts(cfg, board, poll)
         out["ran"] = bool(experts["trained"] or experts["shortcuts_written"])
     if where is not None:
         where["embed"] = embedded
+        where["features"] = feats
     return experts
 
 
@@ -270,7 +308,8 @@ def _run_stages(cfg: Config, ui: UI) -> dict[str, Any]:
     results.update({"experts": experts, "phases": status, "distilled": distilled["pairs"],
                     "diverged_phases": distilled.get("diverged", []), "warnings": warnings,
                     "wall_seconds": time.time() - t0, "stages": times.rows, "run_root": cfg.run.root,
-                    "accelerator": cfg.run.accelerator, "embed": where.get("embed")})
+                    "accelerator": cfg.run.accelerator, "embed": where.get("embed"),
+                    "features": where.get("features")})
     storage.write_json(layout.results, results)
     stage_started("", cfg.run.root)
     _plot(cfg, results)

@@ -6,6 +6,7 @@ Each module has one entry function that takes the config, reads and writes under
 * :mod:`.data` ``prepare``: annotations + images -> Parquet shards
 * :mod:`.pretrain` ``pretrain``: CLIP-style pretraining of the built-in towers
 * :mod:`.embed` ``embed``: caption embeddings by the frozen text tower; ``load_real`` reads them back
+* :mod:`.features` ``compute``: a frozen image tower's features of every real image, once; ``find`` for consumers
 * :mod:`.experts` ``train_expert``: one expert trajectory; ``compress_expert``: its shortcuts
 * :mod:`.phase` ``distill_phase``: one phase's synthetic subset
 * :mod:`.aggregate` ``aggregate``: the phase subsets as one exported distilled set

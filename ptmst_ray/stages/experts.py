@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Callable, Iterator
 
 from ptmst_ray.config import Config
 from ptmst_ray.layout import Layout, experts_hash, needed_ranges
+from ptmst_ray.stages import features
 from ptmst_ray.stages.embed import RealData, load_real, stream_split, train_stream
 from ptmst_ray.trajectories.store import ShortcutStore, TrajectoryStore
 
@@ -34,19 +35,28 @@ def train_and_store_expert(cfg: Config, expert_id: int, on_epoch: Callable[[int,
     if store.is_complete(expert_id, chash):
         return expert_id
     streamed = stream_split(cfg, "train")
-    real = load_real(cfg, whole_train=not streamed)  # streamed: the train pixels are never held
+    cached = features.find(cfg)  # a frozen tower's features, computed once: the tower never runs here
+    # streamed: the train pixels are never held; cached: never read
+    real = load_real(cfg, whole_train=not streamed and cached is None)
     seed = expert_seed(cfg.experts, expert_id)
-    epoch_batches = _streamed_epochs(cfg, real, seed) if streamed else None
-    snapshots = train_expert(cfg.experts, cfg.model, real.train_images, real.train_text, expert_id, on_epoch=on_epoch,
-                             epoch_batches=epoch_batches)
+    images = real.train_images if cached is None else features.FeatureRows(cached, real.train_image_index)
+    epoch_batches = _streamed_epochs(cfg, real, seed, cached) if streamed else None
+    snapshots = train_expert(cfg.experts, cfg.model, images, real.train_text, expert_id, on_epoch=on_epoch,
+                             epoch_batches=epoch_batches, frozen_features=cached.check_tower if cached else None)
     store.write_expert(expert_id, snapshots, seed=seed, config_hash=chash)
     return expert_id
 
 
-def _streamed_epochs(cfg: Config, real: RealData, seed: int) -> Callable[[int], Iterator[tuple[Tensor, Tensor]]]:
+def _streamed_epochs(cfg: Config, real: RealData, seed: int, cached: features.CachedFeatures | None = None
+                     ) -> Callable[[int], Iterator[tuple[Tensor, Tensor]]]:
     """epoch -> the expert's (images, text) batches streamed in the stream's (seed, epoch) order: the same in any
-    process and on any retry."""
-    stream = train_stream(cfg, "train", real.train_text, cfg.experts.batch_size, seed, image_index=real.train_image_index)
+    process and on any retry (with ``cached``: the images' frozen-tower features, in the same order)."""
+    if cached is not None:
+        stream = features.feature_stream(cfg, cached, real.train_text, cfg.experts.batch_size, seed,
+                                         image_index=real.train_image_index)
+    else:
+        stream = train_stream(cfg, "train", real.train_text, cfg.experts.batch_size, seed,
+                              image_index=real.train_image_index)
 
     def epoch_batches(epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
         return ((images, text) for _, images, text in stream.epoch(epoch))

@@ -8,6 +8,7 @@ is the plain function it runs and the aggregation into results.json. No Ray here
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any, Callable
 
@@ -19,6 +20,7 @@ from ptmst_ray.evaluate.protocol import (
 )
 from ptmst_ray.evaluate.student import RetrievalSet
 from ptmst_ray.layout import Layout, StageError
+from ptmst_ray.stages import features
 from ptmst_ray.stages.embed import RealData, load_real, stream_split, train_stream
 from ptmst_ray.vocab import BASELINES, METHODS, PTM_ST, SINGLE_PHASE
 
@@ -46,32 +48,42 @@ def subset_from_state(phase: PhaseConfig, ema: dict) -> Subset:
                   lr_img=float(state["alpha_img"]), lr_txt=float(state["alpha_txt"]))
 
 
-def method_subsets(cfg: Config, method: str, seed: int, distilled_dir: str | None = None) -> list[Subset]:
+def method_subsets(cfg: Config, method: str, seed: int, distilled_dir: str | None = None,
+                   cached: features.CachedFeatures | None = None) -> list[Subset]:
+    """The method's training subsets; with ``cached`` (a frozen tower's features) real pairs come as their
+    images' features (synthetic subsets stay pixels: :func:`score_one_seed` runs the tower on them once)."""
     from ptmst_ray.stages.aggregate import load_distilled
 
     layout = Layout.of(cfg)
     if method == PTM_ST:
         return load_distilled(distilled_dir or layout.distilled)
     # the full baseline reads every train image (decoded once per process and held as uint8, or streamed per
-    # batch: data.stream); a coreset only its own
+    # batch: data.stream); a coreset only its own; with cached features, none
     streamed = method == "full" and stream_split(cfg, "train")
-    real = load_real(cfg, whole_train=method == "full" and not streamed)
+    real = load_real(cfg, whole_train=method == "full" and not streamed and cached is None)
+    # cached: the full baseline's rows read the split's features once (never, streamed), a coreset only its own
+    train_images = real.train_images if cached is None else \
+        features.FeatureRows(cached, real.train_image_index, keep=method == "full")
     if method == "random":
         idx = random_coreset(real.train_images.shape[0], cfg.total_pairs, cfg.eval.seed + seed, real.train_image_index)
-        return [coreset_subset(real.train_images, real.train_text, idx)]
+        return [coreset_subset(train_images, real.train_text, idx)]
     if method == SINGLE_PHASE:
         return [subset_from_dir(layout.subset(SINGLE_PHASE))]
     if method == "full":
-        stream = _streamed_full(cfg, real) if streamed else None
-        return [Subset(images=real.train_images, text_emb=real.train_text, stream=stream)]
+        stream = _streamed_full(cfg, real, cached) if streamed else None
+        return [Subset(images=train_images, text_emb=real.train_text, stream=stream)]
     raise StageError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
 
 
-def _streamed_full(cfg: Config, real: RealData):
+def _streamed_full(cfg: Config, real: RealData, cached: features.CachedFeatures | None = None):
     """(seed, epoch) -> the full train split's batches streamed: every row once an epoch (min_batch 1, as the held
-    permutation), in the order of the student's seed."""
-    batches = train_stream(cfg, "train", real.train_text, cfg.eval.batch_size, seed=0, min_batch=1,
-                           image_index=real.train_image_index)
+    permutation), in the order of the student's seed (with ``cached``: the images' features, same order)."""
+    if cached is not None:
+        batches = features.feature_stream(cfg, cached, real.train_text, cfg.eval.batch_size, seed=0, min_batch=1,
+                                          image_index=real.train_image_index)
+    else:
+        batches = train_stream(cfg, "train", real.train_text, cfg.eval.batch_size, seed=0, min_batch=1,
+                               image_index=real.train_image_index)
 
     def stream(seed: int, epoch: int):
         return batches.epoch(epoch, seed=seed)
@@ -89,18 +101,38 @@ def score_one_seed(cfg: Config, method: str, seed: int, distilled_dir: str | Non
     from ptmst_ray.models.student import build_student
 
     real = load_real(cfg, whole_train=False)  # the test split and the text width; the method's subsets bring the rest
-    subsets = subsets if subsets is not None else method_subsets(cfg, method, seed, distilled_dir)
+    cached = features.find(cfg)  # a frozen tower's features: the student trains and scores without its tower
+    subsets = subsets if subsets is not None else method_subsets(cfg, method, seed, distilled_dir, cached)
     pairs = sum(int(s.images.shape[0]) for s in subsets)
-    subsets = arrange_subsets(subsets, cfg.eval.phase_training)
     device = worker_device(device)
-    student = build_student(cfg.model, real.text_dim, seed=cfg.eval.seed + seed).to(device)
+    student = build_student(cfg.model, real.text_dim, seed=cfg.eval.seed + seed)
     test = RetrievalSet(real.test_images, real.test_text, real.txt2img)
+    if cached is not None:
+        subsets, test = _on_features(student, cached, subsets, test, device)
+    subsets = arrange_subsets(subsets, cfg.eval.phase_training)
+    student = student.to(device)
     epochs = cfg.eval.full_data_epochs if method == "full" else cfg.eval.epochs
     out = evaluate_one_seed(subsets, student, test, cfg.eval, loss=cfg.eval_loss, seed=seed, epochs=epochs,
                             progress=progress)
     return {"method": method, "seed": seed, "pairs": pairs,
             "final": out["final"], "best": out["best"], "best_epoch": out["best_epoch"],
             "diverged_at": out["diverged_at"], "device": str(device)}
+
+
+def _on_features(student, cached: features.CachedFeatures, subsets: list[Subset], test: RetrievalSet,
+                 device: torch.device) -> tuple[list[Subset], RetrievalSet]:
+    """The subsets and the test split as the frozen tower's features, and ``student`` without its tower: real
+    images from the cache; pixel subsets (synthetic images, whose pixels do not change during evaluation)
+    through the tower once here, instead of once an epoch."""
+    from ptmst_ray.models.student import drop_frozen_tower
+
+    tower = student.frozen_tower()
+    cached.check_tower(tower)
+    tower = tower.to(device)
+    subsets = [dataclasses.replace(s, images=features.featurize(tower, s.images, device))
+               if len(s.images.shape) == 4 else s for s in subsets]  # pixels (N x 3 x H x W), not feature rows
+    drop_frozen_tower(student)
+    return subsets, RetrievalSet(cached.split("test"), test.text_emb, test.txt2img)
 
 
 def summarise(runs: list[dict[str, Any]], cfg: Config) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from ptmst_ray.config import ExpertsConfig, ModelConfig
 from ptmst_ray.device import pick_device, pin
 from ptmst_ray.models.losses import contrastive_loss
-from ptmst_ray.models.student import build_student
+from ptmst_ray.models.student import build_student, drop_frozen_tower
 
 if TYPE_CHECKING:
     from ptmst_ray.data.dataset import ImageRows
@@ -122,6 +122,7 @@ def train_expert(
     on_epoch: EpochCallback | None = None,
     device: torch.device | None = None,
     epoch_batches: EpochBatches | None = None,
+    frozen_features: Callable[[nn.Module], None] | None = None,
 ) -> list[Snapshot]:
     """Train expert ``expert_id`` and return its trajectory: snapshots after epochs 0..cfg.epochs.
 
@@ -130,6 +131,9 @@ def train_expert(
     caption embeddings) are row-aligned pairs, kept on the CPU; minibatches move to ``device``.
     With ``epoch_batches`` (a stream of the same pairs, e.g. read shard by shard) each epoch trains on
     its batches instead of a permutation of the rows; the rows then only give the split's size and d_t.
+    With ``frozen_features`` the images are a frozen tower's cached features (``model.image_trainable: false``):
+    it is called with the student's frozen tower (to check these are its features; it raises if not), then the
+    tower is dropped and never runs. The trajectory is the same, up to float rounding.
     """
     if len(train_images) != len(train_text):
         raise ValueError(f"{len(train_images)} train images but {len(train_text)} caption embeddings; they must pair up")
@@ -137,7 +141,11 @@ def train_expert(
         raise ValueError("the train split needs at least two pairs for a contrastive loss")
     device = device or pick_device()
     seed = expert_seed(cfg, expert_id)
-    model = build_student(model_cfg, text_dim=train_text.shape[1], seed=seed).to(device)
+    model = build_student(model_cfg, text_dim=train_text.shape[1], seed=seed)
+    if frozen_features is not None:
+        frozen_features(model.frozen_tower())
+        drop_frozen_tower(model)
+    model = model.to(device)
     optimizer = make_optimizer(model, cfg)
     generator = torch.Generator().manual_seed(seed)
     trajectory = [snapshot(model)]
