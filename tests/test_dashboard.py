@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import tiny_config
+from conftest import copy_root, tiny_config
 
 pytestmark = [pytest.mark.ray]
 ROOT = Path(__file__).resolve().parents[1]
@@ -130,22 +130,16 @@ class Scraper:
 
 
 @pytest.fixture(scope="module")
-def ran(tmp_path_factory, ray_session):
-    """The tiny config's experts (actor pool + shortcut actor) and its two phases as concurrent Train runs,
-    with the Prometheus samples seen meanwhile."""
+def ran(tmp_path_factory, prepared_root, ray_session):
+    """The tiny config's experts (actor pool + shortcut actor) and its two phases as concurrent Train runs, on
+    a copy of the session's prepared data and towers, with the Prometheus samples seen meanwhile."""
     from ptmst_ray.orchestration.experts import run_experts
     from ptmst_ray.orchestration.phases import run_phases
     from ptmst_ray.orchestration.runtime import metrics_export_port
-    from ptmst_ray.stages import data as data_stage
-    from ptmst_ray.stages import embed as embed_stage
-    from ptmst_ray.stages import pretrain as pretrain_stage
 
-    root = tmp_path_factory.mktemp("dash")
+    root = copy_root(prepared_root, tmp_path_factory.mktemp("dash"), parts=("data", "pretrain"))
     cfg = tiny_config(root, **{"experts.epochs": 2, "phases.1.range_end": 2, "phases.1.start_max": 1,
-                               "phases.0.iterations": 3, "phases.1.iterations": 3, "distill.recall_every": 3})
-    data_stage.prepare(cfg)
-    pretrain_stage.pretrain(cfg)
-    embed_stage.embed(cfg)
+                               "phases.0.iterations": 4, "phases.1.iterations": 4, "distill.recall_every": 4})
     scraper = Scraper(metrics_export_port())
     try:
         experts = run_experts(cfg)
@@ -153,12 +147,26 @@ def ran(tmp_path_factory, ray_session):
         time.sleep(5)  # the agent's last export of the ended workers
     finally:
         seen = scraper.close()
+    assert experts["trained"] == 2
     assert {n: s["status"] for n, s in status.items()} == {"phase0": "done", "phase1": "done"}
     return cfg, seen
 
 
+def attempts(root: str, name: str) -> list[dict]:
+    d = Path(root) / "phases" / name / "attempts"
+    return sorted((json.loads(p.read_text()) for p in d.glob("*.json")), key=lambda a: a["start"])
+
+
 @pytest.mark.slow
-@pytest.mark.heavy  # not verified on a quiet machine yet (issue #24): run with -m heavy
+def test_phases_ran_at_once_on_different_logical_gpus(ran):
+    """The two phases are independent Train runs started together, each holding one GPU of the session's two."""
+    cfg, _ = ran
+    (a0,), (a1,) = attempts(cfg.run.root, "phase0"), attempts(cfg.run.root, "phase1")
+    assert a0["start"] < a1["end"] and a1["start"] < a0["end"], "the two phases did not run at the same time"
+    assert len(a0["gpu_ids"]) == 1 and len(a1["gpu_ids"]) == 1 and a0["gpu_ids"] != a1["gpu_ids"]
+
+
+@pytest.mark.slow
 def test_actors_and_tasks_carry_readable_names(ran, token):
     from ptmst_ray.layout import phase_jobs
     from ptmst_ray.orchestration.runtime import RUN_ID
@@ -178,7 +186,6 @@ def test_actors_and_tasks_carry_readable_names(ran, token):
 
 
 @pytest.mark.slow
-@pytest.mark.heavy  # not verified on a quiet machine yet (issue #24): run with -m heavy
 def test_train_runs_are_listed_by_phase_name_without_a_failed_state_actor(ran, token):
     from ptmst_ray.layout import phase_jobs
 
@@ -195,7 +202,6 @@ def test_train_runs_are_listed_by_phase_name_without_a_failed_state_actor(ran, t
 
 
 @pytest.mark.slow
-@pytest.mark.heavy  # not verified on a quiet machine yet (issue #24): run with -m heavy
 def test_pipeline_metrics_reach_prometheus_with_their_tags(ran):
     from ptmst_ray.orchestration import metrics
 

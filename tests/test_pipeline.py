@@ -1,15 +1,13 @@
-"""The Ray pipeline on tiny data: experts on actors, phases as concurrent Train runs with one
-logical GPU each, a killed phase worker resuming from its checkpoint, and re-runs that skip.
-(`ptmst-ray run` end to end through the CLI, every stage and output, is in tests/test_s3.py on a
-bucket, and in tests/test_faults.py on a local root through four interrupted and resumed drivers.)"""
+"""The Ray pipeline on tiny data: experts on actors, re-runs that skip, a phase's recall and its reports to
+Train, and the checkpoints a finished Train run keeps. Elsewhere: phases as concurrent Train runs with one
+logical GPU each (tests/test_dashboard.py, whose run the dashboard tests read); `ptmst-ray run` end to end,
+a killed phase worker resuming from its checkpoint and a rerun that skips every stage (tests/test_launch.py,
+a Ray Job on two nodes with its run root in a bucket); four interrupted and resumed drivers on a local root
+(tests/test_faults.py)."""
 
 from __future__ import annotations
 
 import json
-import os
-import signal
-import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -19,11 +17,6 @@ from ptmst_ray import layout
 from ptmst_ray.stages import phase as phase_stage
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
-
-
-def attempts(root: str, name: str) -> list[dict]:
-    d = Path(root) / "phases" / name / "attempts"
-    return sorted((json.loads(p.read_text()) for p in d.glob("*.json")), key=lambda a: a["start"]) if d.exists() else []
 
 
 @pytest.fixture(scope="module")
@@ -91,57 +84,6 @@ def test_phase_worker_reports_to_train_only_with_its_checkpoints(ready_root, mon
     assert calls == [(3.0, True), (6.0, True), (7.0, True)]  # every 3rd and the last (a resume point)
     history = json.loads((Path(cfg.run.root) / "phases" / "report_probe" / "metrics.json").read_text())
     assert [m["iteration"] for m in history] == [1, 2, 3, 4, 5, 6, 7]
-
-
-@pytest.mark.faults
-def test_phases_run_concurrently_and_a_killed_worker_resumes_from_checkpoint(ready_root):
-    """Both phases run at once as Train runs holding one logical GPU each; phase0's worker, SIGKILLed once
-    a checkpoint of it is intact, resumes from that checkpoint (not from the start); no checkpoint folder
-    Train does not track is left; a re-run of the same config skips both phases and starts no worker.
-    (One Train run pair for the three scenarios: each Train run costs ~20 s of start-up here.)"""
-    from ptmst_ray.distill.export import load_subset
-    from ptmst_ray.orchestration.phases import checkpoint_dirs, latest_stored_state, run_phases
-
-    cfg = tiny_config(ready_root, **{"phases.0.iterations": 120, "phases.1.iterations": 150,
-                                     "distill.checkpoint_every": 5, "distill.report_every": 5})
-    result: dict = {}
-    thread = threading.Thread(target=lambda: result.update(run_phases(cfg, with_baseline=False)))
-    thread.start()
-    metrics = Path(cfg.run.root) / "phases" / "phase0" / "metrics.json"
-    run_dir = Path(cfg.run.root) / "phases" / f"phase0-{layout.phase_hash(cfg, cfg.phases[0])}"
-    deadline = time.time() + 240
-    victim = None
-    while time.time() < deadline and victim is None:
-        tries = attempts(cfg.run.root, "phase0")
-        # a checkpoint's folder appears before its upload is complete (a kill then falls back to the
-        # previous one, by design): wait until the resume scan itself finds iteration 10 intact
-        if tries and "end" not in tries[-1] and run_dir.exists():
-            stored = latest_stored_state(str(run_dir))
-            if stored is not None and int(stored["iteration"]) >= 10:
-                victim = tries[-1]
-        time.sleep(0.2)
-    assert victim is not None, "phase0 never reached a checkpoint"
-    os.kill(victim["pid"], signal.SIGKILL)
-    killed_at = time.time()
-    thread.join(timeout=300)
-    assert {n: s["status"] for n, s in result.items()} == {"phase0": "done", "phase1": "done"}
-    # concurrency: phase1 ran while phase0's first worker did, on another logical GPU
-    a1 = attempts(cfg.run.root, "phase1")[-1]
-    assert a1["start"] < killed_at and victim["start"] < a1["end"], "the two phases did not run at the same time"
-    assert len(victim["gpu_ids"]) == 1 and len(a1["gpu_ids"]) == 1 and victim["gpu_ids"] != a1["gpu_ids"]
-    # the kill: phase0 continued from its checkpoint, and its history has every reported iteration once
-    tries = attempts(cfg.run.root, "phase0")
-    assert len(tries) >= 2 and tries[-1]["resumed_from"] >= 10, tries
-    history = [m["iteration"] for m in json.loads(metrics.read_text())]
-    assert history == sorted(set(history)) and history[-1] == 120
-    sub = load_subset(layout.Layout(cfg.run.root).subset("phase0"))
-    assert sub.images.shape[0] == cfg.phases[0].pairs and bool(sub.images.isfinite().all())
-    # no folder Train does not track is left behind (a resume point it never registered, a cut upload)
-    assert len(checkpoint_dirs(str(run_dir))) <= 2, checkpoint_dirs(str(run_dir))
-    # a re-run of the same config skips both phases and starts no worker
-    again = run_phases(cfg, with_baseline=False)
-    assert all(s.get("skipped") for s in again.values())
-    assert len(attempts(cfg.run.root, "phase0")) == len(tries) and len(attempts(cfg.run.root, "phase1")) == 1
 
 
 def test_finished_run_keeps_only_the_checkpoints_train_holds(tmp_path, ray_session):
