@@ -18,7 +18,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
@@ -101,7 +100,7 @@ def test_stages_ask_for_gpus_from_the_config_while_none_are_up(tmp_path, monkeyp
                                                                               autoscaler_gpus=4))
     monkeypatch.setattr(experts, "cluster_info", runtime.cluster_info)
     cfg = tiny_config(tmp_path, **{"run.accelerator": "gpu"})
-    options, _ = experts._actor_options(cfg, 2)
+    options = experts._actor_options(cfg, 2)
     assert options["num_gpus"] == 1.0 and options["num_cpus"] == 1
     trainer = phases.make_trainer(cfg.to_dict(), "phase_0", {}, 0, "run")
     assert trainer.scaling_config.use_gpu and trainer.scaling_config.resources_per_worker["GPU"] == 1.0
@@ -116,9 +115,27 @@ def test_stages_ask_for_gpus_from_the_config_while_none_are_up(tmp_path, monkeyp
     assert len(requests) == 3  # nothing standing: nothing to withdraw
 
     cpu = cfg.replace(**{"run.accelerator": "cpu"})
-    assert "num_gpus" not in experts._actor_options(cpu, 2)[0] and "num_gpus" not in pipeline.task_resources(cpu)
+    assert "num_gpus" not in experts._actor_options(cpu, 2) and "num_gpus" not in pipeline.task_resources(cpu)
     assert not phases.make_trainer(cpu.to_dict(), "phase_0", {}, 0, "run").scaling_config.use_gpu
     assert runtime.request_gpus(cpu, 6, 1.0, "phases") == 0 and len(requests) == 3
+
+
+def test_worker_threads_follow_what_ray_gave_the_worker(ray_session):
+    """A worker on a logical GPU without CUDA computes on its CPU share (1 thread for 1 CPU: two expert actors
+    with 2 threads each on 2 cores ran 2.6x slower), a CPU worker gets its CPUs, the setting wins."""
+    import ray
+    import torch
+
+    from ptmst_ray.orchestration.runtime import worker_threads
+
+    @ray.remote
+    def threads(setting: int) -> int:
+        return worker_threads(setting)
+
+    assert not torch.cuda.is_available()  # the session's GPUs are logical ones
+    assert ray.get(threads.options(num_cpus=1, num_gpus=1).remote(0)) == 1
+    assert ray.get(threads.options(num_cpus=2).remote(0)) == 2
+    assert ray.get(threads.options(num_cpus=1, num_gpus=1).remote(3)) == 3
 
 
 # --------------------------------------------------------------------------- Ray's fake autoscaling cluster
@@ -289,7 +306,7 @@ def test_workers_holding_an_expert_or_a_split_ask_for_that_memory(tmp_path, monk
 
     monkeypatch.setattr(runtime, "_STARTED_LOCAL", [False])
     cfg = tiny_config(tmp_path, **{"run.accelerator": "gpu", "experts.num_experts": 3})
-    assert experts.expert_nbytes(cfg) == 0 and "memory" not in experts._actor_options(cfg, 1)[0]  # nothing known
+    assert experts.expert_nbytes(cfg) == 0 and "memory" not in experts._actor_options(cfg, 1)  # nothing known
     import torch
 
     snaps = [{"w": torch.zeros(10, 10), "b": torch.zeros(20)} for _ in range(cfg.experts.epochs + 1)]
@@ -300,7 +317,7 @@ def test_workers_holding_an_expert_or_a_split_ask_for_that_memory(tmp_path, monk
         storage.write_manifest(Layout.of(cfg).split(split), {"images": images, "captions": captions})
     data = 80 * 3 * cfg.data.image_size ** 2 + 220 * experts.TEXT_WIDTH_BOUND * 4
     assert experts.split_nbytes(cfg) == data
-    assert experts._actor_options(cfg, 1)[0]["memory"] == data + (cfg.experts.epochs + 1) * vector
+    assert experts._actor_options(cfg, 1)["memory"] == data + (cfg.experts.epochs + 1) * vector
     text = 220 * experts.TEXT_WIDTH_BOUND * 4  # a phase decodes only its initial images
     assert experts.split_nbytes(cfg, images=False) == text
     assert phases.phase_memory(cfg) == {"memory": text + 3 * 2 * vector}

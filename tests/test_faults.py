@@ -256,7 +256,7 @@ def test_interrupted_driver_resumes_without_redoing_work(prepared, tmp_path):
         b.wait_for(phases / "phase0" / "subset" / storage.MANIFEST)
         b.proc.kill()
         b.finish(timeout=30)
-        _gone(tag, 20)  # Ray's reaper normally stops a killed driver's local Ray by itself ...
+        _gone(tag, 5)  # Ray's reaper normally stops a killed driver's local Ray by itself ...
         _reap(tag)  # ... and this test removes whatever it started that is still there
         assert _gone(tag, 10) == []
         after_b = tree_files(experts)

@@ -23,7 +23,7 @@ from ptmst_ray.layout import Layout, StageError, experts_hash, needed_ranges
 from ptmst_ray.orchestration.metrics import expert_metrics, expert_tag
 from ptmst_ray.orchestration.runtime import (
     Poll, actor_name, as_completed, cluster_info, record_attempt, report_progress, request_gpus, resolve_accelerator,
-    uses_gpus, wait_all,
+    uses_gpus, wait_all, worker_threads,
 )
 from ptmst_ray.stages.embed import stream_split
 from ptmst_ray.stages.experts import compress_expert, expert_store, train_and_store_expert
@@ -95,9 +95,9 @@ class ExpertActor:
     each call, not to the constructor: an actor handle among a restartable actor's constructor arguments
     makes Ray log an error line on every run (ray-project/ray#53727)."""
 
-    def __init__(self, cfg: dict, threads: int):
-        set_threads(threads)
+    def __init__(self, cfg: dict):
         self.cfg = from_dict(cfg)
+        set_threads(worker_threads(self.cfg.run.threads_per_worker))
 
     def __repr__(self) -> str:  # the dashboard's "Repr" of this actor (taken once, at creation)
         return f"ExpertActor(experts={self.cfg.experts.num_experts}, epochs={self.cfg.experts.epochs})"
@@ -153,15 +153,15 @@ def _await_restart(actor, poll: Poll | None) -> None:
     wait_all([actor.ready.options(max_task_retries=-1).remote()], poll)
 
 
-def _actor_options(cfg: Config, n_actors: int) -> tuple[dict, int]:
+def _actor_options(cfg: Config, n_actors: int) -> dict:
     """An expert actor's resources: ``experts.gpus_per_expert`` GPUs and one CPU when the run targets GPUs
     (``run.accelerator``, whether or not GPU nodes are up yet), else an equal share of the CPUs; and the
-    memory of what it holds (the real data, an expert's snapshots once their size is known)."""
+    memory of what it holds (the real data, an expert's snapshots once their size is known). Its torch
+    threads follow from what it was given (:func:`~ptmst_ray.orchestration.runtime.worker_threads`)."""
     memory = memory_option(split_nbytes(cfg) + expert_nbytes(cfg))
     if uses_gpus(cfg):
-        return {"num_gpus": cfg.experts.gpus_per_expert, "num_cpus": 1, **memory}, cfg.run.threads_per_worker or 2
-    cpus = max(1, int(cluster_info().cpus // max(1, n_actors)))
-    return {"num_cpus": cpus, **memory}, cfg.run.threads_per_worker or cpus
+        return {"num_gpus": cfg.experts.gpus_per_expert, "num_cpus": 1, **memory}
+    return {"num_cpus": max(1, int(cluster_info().cpus // max(1, n_actors))), **memory}
 
 
 def run_experts(cfg: Config, board=None, poll: Poll | None = None) -> dict:
@@ -181,11 +181,11 @@ def run_experts(cfg: Config, board=None, poll: Poll | None = None) -> dict:
     retries = 0
     if missing:
         n_actors = min(cluster_info().slots(cfg.experts.gpus_per_expert, uses_gpus(cfg)), len(missing))
-        options, threads = _actor_options(cfg, n_actors)
+        options = _actor_options(cfg, n_actors)
         request_gpus(cfg, n_actors, cfg.experts.gpus_per_expert, "experts")
         log.info("training %d expert(s) on %d actor(s) (%s), %d already complete", len(missing), n_actors, options,
                  len(complete))
-        actors = [ExpertActor.options(name=actor_name(f"expert-actor-{k}"), **options).remote(cfg_dict, threads)
+        actors = [ExpertActor.options(name=actor_name(f"expert-actor-{k}"), **options).remote(cfg_dict)
                   for k in range(n_actors)]
         free, actor_of = list(actors), {}
 

@@ -27,7 +27,7 @@ from ptmst_ray.orchestration.metrics import stage_started
 from ptmst_ray.orchestration.phases import run_phases
 from ptmst_ray.orchestration.runtime import (
     UI, NullUI, Poll, cluster_info, make_poll, progress_board, release_gpus, report_progress, request_gpus,
-    resolve_accelerator, uses_gpus, wait_all,
+    resolve_accelerator, uses_gpus, wait_all, worker_threads,
 )
 from ptmst_ray.stages import aggregate as aggregate_stage
 from ptmst_ray.stages import data as data_stage
@@ -64,23 +64,10 @@ def score_resources(cfg: Config) -> dict:
     return {**task_resources(cfg), **memory_option(split_nbytes(cfg))}
 
 
-def _task_threads(cfg: Config) -> int:
-    """torch threads of a heavy task: ``run.threads_per_worker``, else its CPU share (a GPU task feeds its
-    GPU from 2 threads, as an expert actor does)."""
-    resources = ray.get_runtime_context().get_assigned_resources()
-    if cfg.run.threads_per_worker:
-        return cfg.run.threads_per_worker
-    import torch
-
-    # a GPU it computes on is fed from 2 threads; a logical GPU without CUDA computes on its CPU share
-    # (one thread per CPU, so the bytes match a run in this process at the same thread count)
-    return 2 if resources.get("GPU") and torch.cuda.is_available() else max(1, int(resources.get("CPU", 1)))
-
-
 @ray.remote(num_cpus=1)
 def _pretrain_run_task(cfg_dict: dict, run: dict, label: str, board=None) -> dict:
     """One CLIP run of the pretraining stage on the GPU Ray gave it (``task_resources``), else its own CPU."""
-    set_threads(_task_threads(from_dict(cfg_dict)))
+    set_threads(worker_threads(from_dict(cfg_dict).run.threads_per_worker))
     run_cfg = build_section(PretrainConfig, run)
     return pretrain_stage.pretrain_run(from_dict(cfg_dict), run_cfg,
                                        on_epoch=lambda epoch, _m: report_progress(board, label, epoch, run_cfg.epochs))
@@ -105,7 +92,7 @@ def _embed_task(cfg_dict: dict, board=None) -> dict:
     """The caption-embedding stage on the GPU Ray gave it (the text tower picks CUDA where there is one):
     BERT-base over 145k-566k captions is hours on a head's CPUs, minutes on a GPU."""
     cfg = from_dict(cfg_dict)
-    set_threads(_task_threads(cfg))
+    set_threads(worker_threads(cfg.run.threads_per_worker))
     writes, start = storage.writes(), time.time()
     key = embed_stage.embed(cfg, progress=lambda done, total: report_progress(board, "embed captions", done, total))
     return {"key": key, "node_id": ray.get_runtime_context().get_node_id(),
@@ -126,7 +113,7 @@ def embed_captions(cfg: Config, board=None, poll: Poll | None = None) -> dict:
 def _features_task(cfg_dict: dict, board=None) -> dict:
     """The frozen-tower feature pass on the GPU Ray gave it (the tower picks CUDA where there is one)."""
     cfg = from_dict(cfg_dict)
-    set_threads(_task_threads(cfg))
+    set_threads(worker_threads(cfg.run.threads_per_worker))
     out = features_stage.compute(cfg, progress=lambda done, total: report_progress(board, "image features", done,
                                                                                     total))
     return {**out, "node_id": ray.get_runtime_context().get_node_id(),
@@ -153,7 +140,7 @@ def image_features(cfg: Config, board=None, poll: Poll | None = None) -> dict:
 def _score_task(cfg_dict: dict, method: str, seed: int, board=None) -> dict:
     """One (method, seed) student, on the GPU Ray gave it (``task_resources``), else one CPU thread."""
     cfg = from_dict(cfg_dict)
-    set_threads(_task_threads(cfg) if ray.get_runtime_context().get_assigned_resources().get("GPU") else 1)
+    set_threads(worker_threads(cfg.run.threads_per_worker) if ray.get_runtime_context().get_assigned_resources().get("GPU") else 1)
     name = f"eval {method} seed {seed}"
     points = cfg.eval.eval_points
 
