@@ -198,12 +198,18 @@ ADDED_MODEL_FIELDS = ("image_proj_dim",)
 """``model`` fields newer than stored runs; at their default (None) they leave every hash unchanged."""
 
 
+UNHASHED_MODEL_FIELDS = ("cache_frozen_features",)
+"""``model`` settings of where a frozen tower's features come from (computed once or every epoch), not of what
+the experts are: never part of their identity."""
+
+
 def model_hash(cfg: Config) -> str:
     """Identity of the student's starting point (model config + the pretraining that made its weights)."""
     model = dataclasses.asdict(cfg.model)
     if cfg.pretrain.enabled:  # the checkpoint is this run's own pretraining (pretrain_hash): its path, which
         model["pretrained"] = None  # holds the run root, must not tie the experts to where the root lives
-    del model["cache_frozen_features"]  # where the frozen tower's features come from, not what they are
+    for unhashed in UNHASHED_MODEL_FIELDS:
+        del model[unhashed]
     for added in ADDED_MODEL_FIELDS:  # fields added later count only when set, so older roots keep their experts
         if model[added] is None:
             del model[added]

@@ -179,6 +179,7 @@ def eval_seeds(cfg, monkeypatch) -> list[int]:
     with monkeypatch.context() as m:
         _capture(m, student_mod, seeds)
         m.setattr(scoring, "load_real", lambda c, whole_train=True: real)
+        m.setattr(scoring.features, "find", lambda c: None)  # a frozen tower's cache: none here (cc3m), tower runs
         m.setattr("ptmst_ray.distill.export.similarity_matrix", lambda c, s: torch.eye(2))
         for method in scoring.METHODS:
             for s in range(cfg.eval.seeds):
@@ -249,7 +250,9 @@ def test_a_moved_run_root_keeps_its_experts(tmp_path):
     for added in layout.ADDED_MODEL_FIELDS:
         assert getattr(a.model, added) is None
         assert layout.experts_hash(a) != layout.experts_hash(a.replace(**{f"model.{added}": 8}))
-    older = {k: v for k, v in dataclasses.asdict(a.model).items() if k not in layout.ADDED_MODEL_FIELDS}
+    older = {k: v for k, v in dataclasses.asdict(a.model).items()
+             if k not in layout.ADDED_MODEL_FIELDS + layout.UNHASHED_MODEL_FIELDS}
+    assert layout.experts_hash(a) == layout.experts_hash(a.replace(**{"model.cache_frozen_features": False}))
     older["pretrained"] = None
     assert layout.model_hash(a) == section_hash(older, layout.pretrain_hash(a))
 
