@@ -22,17 +22,27 @@ AddressOpt = typer.Option(None, "--address", help="Ray cluster address (default:
 
 
 def results_table(results: dict) -> Table:
+    """One row per method: the recalls at the chosen evaluation point, then r_mean at the final epoch; with a val
+    split (``selection: val``) also r_mean at the best point on test (the paper's figure) and val r_mean there."""
     from ptmst_ray.vocab import METRICS as METRIC_COLUMNS
 
+    def stat(s: dict) -> str:
+        return f"{s['mean']:.1f} ± {s['std']:.1f}"
+
+    by_val = results.get("selection") == "val"
     table = Table(title=f"retrieval recall (%), mean ± std over seeds; {results['protocol']}")
     table.add_column("method", no_wrap=True)
     table.add_column("pairs", justify="right")
     for c in METRIC_COLUMNS:
         table.add_column(c, justify="right")
     table.add_column("r_mean final", justify="right")
+    if by_val:
+        table.add_column("r_mean best on test", justify="right")
+        table.add_column("val r_mean", justify="right")
     for method, m in results["methods"].items():
-        table.add_row(method, str(m["pairs"]), *[f"{m[c]['mean']:.1f} ± {m[c]['std']:.1f}" for c in METRIC_COLUMNS],
-                      f"{m['final']['r_mean']['mean']:.1f} ± {m['final']['r_mean']['std']:.1f}")
+        extra = [stat(m["best_on_test"]["r_mean"]), stat(m["val"]["r_mean"])] if by_val else []
+        table.add_row(method, str(m["pairs"]), *[stat(m[c]) for c in METRIC_COLUMNS], stat(m["final"]["r_mean"]),
+                      *extra)
     return table
 
 
@@ -92,8 +102,9 @@ def run(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt, 
         console.print(f"[bold yellow]warning:[/] {w}")
     console.print(results_table(results))
     console.print(stage_table(results))
+    on_test = results.get("ratios_best_on_test", {})  # with a val split: the paper's best-on-test ratios beside
     for k, v in results.get("ratios", {}).items():
-        console.print(f"{k}: {v:.2f}x")
+        console.print(f"{k}: {v:.2f}x" + (f" (best on test: {on_test[k]:.2f}x)" if k in on_test else ""))
     paths = layout.Layout.of(cfg)
     console.print(f"results: {paths.results}, plot: {paths.plot}, distilled set: {paths.distilled}/")
     if json_out:

@@ -86,7 +86,7 @@ class RunConfig:
 
 @dataclass(frozen=True)
 class BuiltinDataConfig:
-    """The generated dataset (coloured shapes with compositional captions)."""
+    """The generated dataset: coloured shapes, or scenes of several objects (``kind``; docs/design.md#built-in-data)."""
 
     seed: int = 0
     """Generation seed of the distillation train/test splits."""
@@ -100,10 +100,41 @@ class BuiltinDataConfig:
     """Images in the pretraining split (disjoint from train and test)."""
     captions_per_image: int = 2
     """Train rows per image (one per caption)."""
+    val_images: int = 0
+    """Images in a val split (5 captions each, like test; disjoint from every other split), on which evaluation
+    chooses its best point and the full-data baseline stops (docs/method.md#evaluation-protocol); 0 = no val split."""
+    kind: Literal["shapes", "scenes", "scenes-alt"] = "shapes"
+    """What the generator draws. shapes: one or two coloured shapes, every caption naming every attribute (the
+    laptop demo; few concepts, so 50 random pairs already score near full data). scenes: 2-5 objects (20 kinds,
+    11 colours, 3 sizes, 5 textures, a 3x3 grid) with relations, each caption naming a different part, a concept
+    space far larger than the budgets (configs/scenes.yaml). scenes-alt: the same generator with other objects,
+    words and image statistics, kept out of tuning to check that a recipe carries over (docs/design.md#built-in-data)."""
+    objects_min: int = 2
+    """Fewest objects in a scene (scenes kinds only)."""
+    objects_max: int = 5
+    """Most objects in a scene (scenes kinds only; at most 9, the grid's cells)."""
 
     def __post_init__(self):
         for name in ("train_images", "test_images", "pretrain_images", "captions_per_image"):
             _check(getattr(self, name) >= 1, name, "must be >= 1")
+        _check(self.val_images >= 0, "val_images", "must be >= 0 (0: no val split)")
+        _check(1 <= self.objects_min <= self.objects_max <= 9, "objects_max",
+               f"objects_min ({self.objects_min}) and objects_max ({self.objects_max}) must satisfy "
+               "1 <= objects_min <= objects_max <= 9 (a scene's objects sit in distinct cells of a 3x3 grid)")
+
+    def identity(self) -> dict[str, Any]:
+        """The fields as a dict for hashing, without the fields added later while they hold their default
+        (:data:`ADDED_BUILTIN_DEFAULTS`): a config that does not use them keeps the hashes, and the prepared data
+        and experts, it had before they existed."""
+        fields = dataclasses.asdict(self)
+        for name, default in ADDED_BUILTIN_DEFAULTS.items():
+            if name in fields and fields[name] == default:
+                del fields[name]
+        return fields
+
+
+ADDED_BUILTIN_DEFAULTS: dict[str, Any] = {"val_images": 0, "kind": "shapes", "objects_min": 2, "objects_max": 5}
+"""``data.builtin`` fields added after data was first prepared, with the default that leaves their hash out."""
 
 
 READ_SETTINGS = ("stream", "hold_images_mb", "stream_buffer", "prefetch", "image_cache_mb")
@@ -157,6 +188,7 @@ class DataConfig:
         settings = dataclasses.asdict(self)
         for read_only in ("workers",) + READ_SETTINGS:
             settings.pop(read_only)
+        settings["builtin"] = self.builtin.identity()
         return settings
 
     def __post_init__(self):
@@ -414,7 +446,17 @@ class EvalConfig:
     baselines: list[str] = field(default_factory=lambda: ["random", "single_phase", "full"])
     """Baselines run by `ptmst-ray run`: random, single_phase, full."""
     full_data_epochs: int = 10
-    """Student epochs of the full-train-split baseline (full)."""
+    """Student epochs of the full-train-split baseline (full) when it has a fixed schedule: without a val split,
+    or with ``full_data_patience: 0``."""
+    full_data_patience: int = 5
+    """With a val split, the full-data baseline trains until val r_mean stops improving: after this many val
+    evaluations without a new best its lr drops x0.1, after as many more it stops, and its best-val point is
+    reported; 0 = the fixed ``full_data_epochs`` schedule even with a val split. Unused without a val split."""
+    full_data_max_epochs: int = 100
+    """The most epochs the full-data baseline trains when it stops by val (``full_data_patience`` > 0); its lr
+    also drops x0.1 from epoch max // 2 + 1 if no plateau came first."""
+    full_data_val_every: int = 1
+    """Epochs between the val evaluations of the full-data baseline that stops by val (and its last epoch)."""
     phase_training: Literal["sequential", "cumulative", "joint"] = "sequential"
     """How students train on the phase subsets: sequential (in phase order, the paper), cumulative or joint."""
 
@@ -424,6 +466,12 @@ class EvalConfig:
                "must be sequential, cumulative or joint")
         _check(self.seeds >= 1, "seeds", "must be >= 1")
         _check(self.eval_points >= 1, "eval_points", "must be >= 1")
+        _check(self.full_data_epochs >= 1, "full_data_epochs", "must be >= 1")
+        _check(self.full_data_patience >= 0, "full_data_patience",
+               "must be >= 0 (val evaluations without improvement; 0: the fixed full_data_epochs schedule)")
+        _check(self.full_data_max_epochs >= 1, "full_data_max_epochs", "must be >= 1")
+        _check(1 <= self.full_data_val_every <= self.full_data_max_epochs, "full_data_val_every",
+               f"must be in 1..full_data_max_epochs ({self.full_data_max_epochs})")
         if self.loss is not None:
             _check(self.loss in LOSS_NAMES, "loss", f"must be one of {', '.join(LOSS_NAMES)}")
         for i, b in enumerate(self.baselines):

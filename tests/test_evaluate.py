@@ -30,8 +30,11 @@ def _threads():
     torch.set_num_threads(old)
 
 
-def make_problem(n_cls: int = 8, per_cls: int = 4, test_per_cls: int = 2, caps: int = 2, seed: int = 0):
-    """Classes with their own colour/pattern and text prototype; pairs share a class."""
+def make_problem(n_cls: int = 8, per_cls: int = 4, test_per_cls: int = 2, caps: int = 2, seed: int = 0,
+                 crossed: bool = False):
+    """Classes with their own colour/pattern and text prototype; pairs share a class. With ``crossed``, also a
+    split whose captions describe the NEXT class's images (returned last): the better a student learns the
+    true pairs, the lower its recall there."""
     g = torch.Generator().manual_seed(seed)
     colour = torch.randn(n_cls, 3, 1, 1, generator=g)
     pattern = torch.randn(n_cls, 3, 32, 32, generator=g) * 0.5
@@ -47,6 +50,9 @@ def make_problem(n_cls: int = 8, per_cls: int = 4, test_per_cls: int = 2, caps: 
     test_cls = torch.arange(n_cls).repeat(test_per_cls)
     txt2img = torch.arange(len(test_cls)).repeat_interleave(caps)
     test = RetrievalSet(images(test_cls), texts(test_cls[txt2img]), txt2img)
+    if crossed:
+        other = RetrievalSet(images(test_cls), texts((test_cls[txt2img] + 1) % n_cls), txt2img)
+        return images(train_cls), texts(train_cls), train_cls, test, other
     return images(train_cls), texts(train_cls), train_cls, test
 
 

@@ -7,14 +7,16 @@ captions and retrieval recall measures real image-text alignment. The files are 
 same annotation format as the benchmarks (``builtin_{train,test,pretrain}.json`` + PNGs), so the
 rest of the pipeline cannot tell the difference.
 
-Every image has a unique attribute combination across all three splits (train and test come
-from ``seed``, pretrain from ``pretrain_seed`` with the train/test combinations excluded), and
-the generator checks that no two images have the same pixels.
+Every image has a unique attribute combination across all splits (train and test, and val when
+``val_images`` > 0, come from ``seed``; pretrain from ``pretrain_seed`` with those combinations
+excluded), and the generator checks that no two images have the same pixels.
+
+``data.builtin.kind`` scenes / scenes-alt: data/scenes.py plans, draws and captions the scenes; this
+file writes them through the same path (files, manifest, pixel check).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import io
 import json
@@ -28,6 +30,7 @@ from PIL import Image, ImageDraw
 
 from ptmst_ray import storage
 from ptmst_ray.config import BuiltinDataConfig
+from ptmst_ray.data import scenes as scene_kinds
 
 log = logging.getLogger(__name__)
 
@@ -94,17 +97,7 @@ def _sample_scene(rng: random.Random) -> Scene:
 
 def sample_scenes(n: int, rng: random.Random, exclude: set[Scene]) -> list[Scene]:
     """``n`` distinct scenes not in ``exclude`` (which is extended with them)."""
-    out: list[Scene] = []
-    tries = 0
-    while len(out) < n:
-        tries += 1
-        if tries > 100 * n + 10_000:
-            raise ValueError(f"cannot draw {n} distinct scenes; lower the builtin image counts")
-        s = _sample_scene(rng)
-        if s not in exclude:
-            exclude.add(s)
-            out.append(s)
-    return out
+    return scene_kinds.draw_distinct(n, lambda: _sample_scene(rng), exclude, "the builtin image counts")
 
 
 # --------------------------------------------------------------------------- captions
@@ -245,31 +238,46 @@ def _rng(*parts: object) -> random.Random:
 
 
 def plan_scenes(cfg: BuiltinDataConfig) -> dict[str, list[Scene]]:
-    """Scenes per split: test then train from ``seed``; pretrain from ``pretrain_seed``, excluding both."""
+    """Scenes per split: test then train from ``seed``; pretrain from ``pretrain_seed``, excluding both.
+    The scenes kinds (``data.builtin.kind``) draw theirs in data/scenes.py, the same way."""
+    if cfg.kind != "shapes":
+        return scene_kinds.plan_scenes(cfg)  # type: ignore[return-value]
     used: set[Scene] = set()
     rng = _rng("builtin", VERSION, cfg.seed)
     test = sample_scenes(cfg.test_images, rng, used)
     train = sample_scenes(cfg.train_images, rng, used)
+    # val (val_images > 0) is drawn after train and test, so they do not depend on it
+    val = {"val": sample_scenes(cfg.val_images, rng, used)} if cfg.val_images > 0 else {}
     pretrain = sample_scenes(cfg.pretrain_images, _rng("builtin-pretrain", VERSION, cfg.pretrain_seed), used)
-    return {"train": train, "test": test, "pretrain": pretrain}
+    return {"train": train, "test": test, "pretrain": pretrain, **val}
 
 
 def config_hash(cfg: BuiltinDataConfig, image_size: int) -> str:
-    return storage.stable_hash({"builtin": dataclasses.asdict(cfg), "image_size": image_size, "version": VERSION})
+    version = VERSION if cfg.kind == "shapes" else [VERSION, scene_kinds.VERSION]
+    return storage.stable_hash({"builtin": cfg.identity(), "image_size": image_size, "version": version})
+
+
+EVAL_SPLITS = ("test", "val")
+"""Splits written in the val/test shape: one row per image with its 5 captions."""
 
 
 def _split_rows(split: str, scenes: list[Scene], cfg: BuiltinDataConfig, image_size: int,
                 seed: int, images: dict[str, bytes]) -> list[dict]:
     """Render ``scenes`` into ``images`` (path -> PNG) and return the split's annotation rows."""
     rows: list[dict] = []
-    n_caps = 5 if split == "test" else cfg.captions_per_image
+    n_caps = 5 if split in EVAL_SPLITS else cfg.captions_per_image
     for i, scene in enumerate(scenes):
         rng = _rng(split, seed, i, VERSION)
         path = f"images/{split}/{split}_{i:05d}.png"
-        images[path] = png_bytes(render(scene, image_size, rng))
-        caps = captions_for(scene, n_caps, rng)
+        if cfg.kind == "shapes":
+            images[path] = png_bytes(render(scene, image_size, rng))
+            caps = captions_for(scene, n_caps, rng)
+        else:  # the scenes kinds: their theme's drawing and captions, the same rows and files
+            theme = scene_kinds.theme_of(cfg)
+            images[path] = png_bytes(scene_kinds.render(theme, scene, image_size, rng))
+            caps = scene_kinds.captions_for(theme, scene, n_caps, rng)
         image_id = f"{split}_{i:05d}"
-        if split == "test":
+        if split in EVAL_SPLITS:
             rows.append({"image": path, "caption": caps, "image_id": image_id})
         else:
             rows.extend({"image": path, "caption": c, "image_id": image_id} for c in caps)
@@ -305,7 +313,8 @@ def caption_stats(rows_by_split: dict[str, list[dict]]) -> dict[str, dict]:
 
 def generate_builtin(out_url: str, cfg: BuiltinDataConfig, image_size: int = 32,
                      progress: Callable[[int, int], None] | None = None) -> dict:
-    """Write builtin_{train,test,pretrain}.json and images/<split>/*.png under ``out_url``.
+    """Write builtin_{train,test,pretrain}.json (and builtin_val.json with ``val_images``) and
+    images/<split>/*.png under ``out_url``.
 
     Idempotent: a manifest (written last) with the same config hash means the files are there.
     Returns the manifest.

@@ -217,7 +217,7 @@ def split_settings(cfg: DataConfig, split: str, annotation_sha256: str) -> dict[
         "max_rows": cfg.max_train_rows if split == "train" else None,
     }
     if cfg.dataset == "builtin":
-        settings["builtin"] = dataclasses.asdict(cfg.builtin)
+        settings["builtin"] = cfg.builtin.identity()  # fields added later count only when set
     return settings
 
 
@@ -330,9 +330,10 @@ def prepare_split(cfg: DataConfig, split: str, out_dir: str, progress: Progress 
 
 
 def splits_to_prepare(cfg: DataConfig) -> list[str]:
-    """train and test; val when its file exists; pretrain for the built-in dataset."""
+    """train and test; val when its file exists (the built-in dataset: when ``builtin.val_images`` > 0);
+    pretrain for the built-in dataset."""
     if cfg.dataset == "builtin":
-        return ["train", "test", "pretrain"]
+        return ["train", "test", "pretrain"] + (["val"] if cfg.builtin.val_images > 0 else [])
     ann_dir, _ = _source_dirs(cfg)
     splits = ["train", "test"]
     if storage.exists(storage.join(ann_dir, annotation_name(cfg.dataset, "val"))):

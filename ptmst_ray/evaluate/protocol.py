@@ -3,9 +3,11 @@
 Why this file exists: docs/method.md#evaluation-protocol fixes how a distilled set is scored, and the
 baselines (random coreset, full data) must be scored the same way for the comparison to mean
 anything. This module turns "subsets + a student factory + a test split" into per-seed metrics
-and their mean/std, both for the FINAL epoch and for the BEST of the evaluation points (the
-paper's reporting, chosen on the test set). Plain PyTorch: the Ray layer runs
-``evaluate_one_seed`` once per task and ``aggregate``s the results.
+and their mean/std, both for the FINAL epoch and for the BEST of the evaluation points. The best point
+is chosen on the val split when the data has one (the honest figure: the test split never chooses
+anything) and reported with its TEST metrics, beside the best point chosen on test (the paper's
+reporting, optimistic); without a val split both are the best-on-test point, as in the paper. Plain
+PyTorch: the Ray layer runs ``evaluate_one_seed`` once per task and ``aggregate``s the results.
 
 Evaluation points are taken during the LAST subset only (the model after all phases is the one
 being scored); earlier subsets contribute their training-loss history.
@@ -23,13 +25,19 @@ from torch import Tensor, nn
 
 from ptmst_ray.config import EvalConfig
 from ptmst_ray.evaluate.metrics import METRIC_NAMES
-from ptmst_ray.evaluate.student import Images, Metrics, RetrievalData, evaluate_student, train_student
+from ptmst_ray.evaluate.student import (
+    EarlyStop, Images, Metrics, RetrievalData, evaluate_student, first_best, train_student,
+)
 
 log = logging.getLogger(__name__)
 
 DEFAULT_LR = 0.1
 """Student step size when neither a learned alpha nor ``EvalConfig.lr`` is given (the experts' lr)."""
 DEFAULT_LOSS = "WBCE"
+VAL_PREFIX = "val/"
+"""Evaluation points carry the val split's metrics under this prefix, beside the test metrics."""
+SELECTION_VAL, SELECTION_TEST = "val", "test"
+"""Which split chose a run's best evaluation point (results.json ``selection``)."""
 
 
 @dataclass
@@ -108,20 +116,40 @@ def evaluate_one_seed(
     seed: int = 0,
     epochs: Optional[int] = None,
     progress: Optional[Callable[[dict[str, Any]], None]] = None,
+    val_set: Optional[RetrievalData] = None,
+    eval_at: Optional[Sequence[int]] = None,
+    early_stop: Optional[int] = None,
 ) -> dict[str, Any]:
     """Train ``student`` (fresh, built by the caller) on ``subsets`` in order and score it.
 
     Each subset trains for ``epochs`` (default ``cfg.epochs``) with its own step sizes and
-    similarity; ``seed`` drives shuffling and dropout. Returns {"final": metrics at the last
-    epoch, "best": metrics at the best-r_mean evaluation point, "best_epoch", "history": one entry
-    per evaluation point and per-subset epoch losses, "diverged_at": (subset, epoch) or None}.
+    similarity; ``seed`` drives shuffling and dropout. At each evaluation point of the last subset
+    (``cfg.eval_points`` evenly spaced, or the epochs ``eval_at``) the student is scored on the test
+    split and, given ``val_set``, on the val split too. ``early_stop`` (patience in evaluation points;
+    needs ``val_set``) trains the last subset until val r_mean stops improving (:class:`EarlyStop`),
+    ``epochs`` being then the most it trains. Returns {"final": test metrics at the last point, "best":
+    test metrics at the point of the best val r_mean (without ``val_set``: of the best test r_mean),
+    "best_epoch", "best_on_test" / "best_on_test_epoch" (the point of the best test r_mean, the paper's
+    figure), "selection" ("val" or "test"), "best_val" (val metrics at the chosen point, or None),
+    "history": one entry per evaluation point and per-subset epoch losses, "epochs_run" (of the last
+    subset), "diverged_at": (subset, epoch) or None}.
     """
     if not subsets:
         raise ValueError("evaluate_one_seed needs at least one subset")
+    if early_stop is not None and val_set is None:
+        raise ValueError("early stopping needs a val split: it stops when val recall stops improving, and the "
+                         "test split must not choose anything")
     loss_name = _loss_name(loss, cfg)
     n_epochs = epochs if epochs is not None else cfg.epochs
     history: list[dict[str, Any]] = []
     result = None
+
+    def score(st: nn.Module) -> Metrics:
+        metrics = evaluate_student(st, test_set, cfg.batch_size)
+        if val_set is not None:
+            metrics.update({VAL_PREFIX + k: v for k, v in evaluate_student(st, val_set, cfg.batch_size).items()})
+        return metrics
+
     for p, subset in enumerate(subsets):
         last = p == len(subsets) - 1
         stream = subset.stream
@@ -131,24 +159,51 @@ def evaluate_one_seed(
             lr_img=_lr(subset.lr_img, cfg), lr_txt=_lr(subset.lr_txt, cfg),
             momentum=cfg.momentum, weight_decay=cfg.weight_decay, loss=loss_name,
             seed=seed * 1000 + p,
-            eval_fn=(lambda st: evaluate_student(st, test_set, cfg.batch_size)) if last else None,
+            eval_fn=score if last else None,
             eval_points=cfg.eval_points,
             progress=(lambda r, p=p: progress({"subset": p, **r})) if progress is not None else None,
             epoch_batches=(lambda e, s=seed * 1000 + p: stream(s, e)) if stream is not None else None,
+            eval_at=eval_at if last else None,
+            early_stop=EarlyStop(early_stop, VAL_PREFIX + "r_mean") if last and early_stop is not None else None,
         )
         history.append({"subset": p, "epoch_losses": result.epoch_losses, "points": result.history})
         if result.diverged_at is not None:
             log.warning("seed %d: training diverged on subset %d at epoch %d", seed, p, result.diverged_at)
             if not last:
                 # score the last good state so the run still yields numbers, and say so
-                final = evaluate_student(student, test_set, cfg.batch_size)
-                return {"final": final, "best": final, "best_epoch": None, "history": history,
+                final = score(student)
+                test, val = split_metrics(final)
+                return {"final": test, "best": test, "best_epoch": None, "best_on_test": test,
+                        "best_on_test_epoch": None, "selection": SELECTION_VAL if val else SELECTION_TEST,
+                        "best_val": val, "history": history, "epochs_run": result.epochs_run,
                         "diverged_at": (p, result.diverged_at)}
-            return {"final": result.final, "best": result.best, "best_epoch": result.best_epoch,
-                    "history": history, "diverged_at": (p, result.diverged_at)}
+            break
     assert result is not None
-    return {"final": result.final, "best": result.best, "best_epoch": result.best_epoch,
-            "history": history, "diverged_at": None}
+    out = select_points(result.history, use_val=val_set is not None)
+    return {**out, "history": history, "epochs_run": result.epochs_run,
+            "diverged_at": (len(subsets) - 1, result.diverged_at) if result.diverged_at is not None else None}
+
+
+def split_metrics(metrics: Metrics) -> tuple[Metrics, Optional[Metrics]]:
+    """(the test metrics, the val metrics or None) of one evaluation point's metrics."""
+    test = {k: v for k, v in metrics.items() if not k.startswith(VAL_PREFIX) and k not in ("epoch", "loss")}
+    val = {k[len(VAL_PREFIX):]: v for k, v in metrics.items() if k.startswith(VAL_PREFIX)}
+    return test, (val or None)
+
+
+def select_points(points: Sequence[dict[str, Any]], use_val: bool) -> dict[str, Any]:
+    """The chosen evaluation points of one run's history (entries {"epoch", "loss", test metrics, val metrics
+    under ``val/``}): "best" = the test metrics at the first point of the highest val r_mean (``use_val``) or
+    test r_mean; "best_on_test" = those of the highest test r_mean; "final" = the last point's; with their
+    epochs, the val metrics at the chosen point ("best_val") and which split chose it ("selection")."""
+    if not points:
+        raise ValueError("no evaluation points to choose from")
+    on_test = first_best([float(p["r_mean"]) for p in points])
+    chosen = first_best([float(p[VAL_PREFIX + "r_mean"]) for p in points]) if use_val else on_test
+    best, best_val = split_metrics(points[chosen])
+    return {"final": split_metrics(points[-1])[0], "best": best, "best_epoch": points[chosen]["epoch"],
+            "best_on_test": split_metrics(points[on_test])[0], "best_on_test_epoch": points[on_test]["epoch"],
+            "selection": SELECTION_VAL if use_val else SELECTION_TEST, "best_val": best_val}
 
 
 def aggregate(runs: Iterable[Metrics]) -> dict[str, dict[str, float]]:

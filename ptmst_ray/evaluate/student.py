@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Optional, Protocol, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Optional, Protocol, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -76,6 +76,45 @@ class TrainResult:
     """Mean training loss of each completed epoch."""
     diverged_at: Optional[int] = None
     """Epoch at which a non-finite loss stopped training (the last good weights were kept)."""
+    stopped_at: Optional[int] = None
+    """Epoch after which ``early_stop`` ended training (None: it ran its epochs, or diverged)."""
+    decayed_at: Optional[int] = None
+    """First epoch trained at lr * 0.1 (None: training ended before any)."""
+    epochs_run: int = 0
+    """Epochs trained (the last one included even when it diverged)."""
+
+
+@dataclass(frozen=True)
+class EarlyStop:
+    """Train until ``key`` (a metric of the evaluation points, e.g. ``val/r_mean``) stops improving.
+
+    After ``patience`` evaluation points in a row without a value above the best so far, the lr drops x0.1
+    (the one step decay every schedule here has, placed by the metric instead of at E // 2 + 1, which still
+    applies if it comes first); after ``patience`` more points without a new best, training stops. The epochs
+    given to :func:`train_student` are then the most it may train.
+    """
+
+    patience: int
+    key: str = "r_mean"
+
+    def __post_init__(self):
+        if self.patience < 1:
+            raise ValueError(f"early-stopping patience must be >= 1 evaluation point, got {self.patience}")
+
+
+def first_best(values: Sequence[float]) -> int:
+    """Index of the first maximum of ``values`` (a later equal value is no improvement); -1 when empty."""
+    best = -1
+    for i, v in enumerate(values):
+        if best < 0 or v > values[best]:
+            best = i
+    return best
+
+
+def points_without_improvement(values: Sequence[float], since: int = -1) -> int:
+    """Evaluation points at the end of ``values`` that did not beat the best before them, counting only points
+    after index ``since`` (the point at which the lr last dropped: the count starts afresh there)."""
+    return len(values) - 1 - max(first_best(values), since)
 
 
 def eval_epochs(epochs: int, points: int) -> list[int]:
@@ -144,6 +183,8 @@ def train_student(
     eval_points: int = 10,
     progress: Optional[Callable[[dict[str, Any]], None]] = None,
     epoch_batches: Optional[EpochBatches] = None,
+    eval_at: Optional[Sequence[int]] = None,
+    early_stop: Optional[EarlyStop] = None,
 ) -> TrainResult:
     """Train ``student`` in place on the pairs (images[i], text_emb[i]), i < n.
 
@@ -156,6 +197,8 @@ def train_student(
     from ``seed`` without touching the global RNG. A non-finite loss stops training before the
     bad step (see ``TrainResult.diverged_at``). With ``epoch_batches`` (a stream of the same pairs) each
     epoch trains on its batches instead of a permutation of the rows; the rows then only give n.
+    ``eval_at`` (epochs in 1..epochs) replaces the evenly spaced points; ``early_stop`` (needs ``eval_fn``)
+    drops the lr and then stops by a metric of the points instead of by the fixed schedule (:class:`EarlyStop`).
     """
     n = images.shape[0]
     if text_emb.shape[0] != n:
@@ -168,7 +211,11 @@ def train_student(
     device = next(student.parameters()).device
     groups = _param_groups(student, lr_img, lr_txt)
     optimizer = torch.optim.SGD(groups, lr=lr_txt, momentum=momentum, weight_decay=weight_decay)
-    points = set(eval_epochs(epochs, eval_points)) if eval_fn is not None else set()
+    points = _points(epochs, eval_points, eval_at) if eval_fn is not None else set()
+    if early_stop is not None and eval_fn is None:
+        raise ValueError("early_stop needs eval_fn: it stops by a metric of the evaluation points")
+    plateau_drop = False  # the lr dropped because early_stop's metric stopped improving
+    since = -1  # index of the evaluation point the lr dropped at
     result = TrainResult(final=None, best=None, best_epoch=None)
     gen = torch.Generator().manual_seed(seed)
     bs = max(1, min(batch_size, n))
@@ -176,7 +223,13 @@ def train_student(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for epoch in range(1, epochs + 1):
-            scale = 0.1 if epoch >= decay_epoch(epochs) else 1.0
+            scheduled = epoch >= decay_epoch(epochs)
+            if scheduled and early_stop is not None and result.decayed_at is None:
+                since = len(result.history) - 1  # the scheduled drop: points after it count afresh
+            scale = 0.1 if scheduled or plateau_drop else 1.0
+            if scale < 1.0 and result.decayed_at is None:
+                result.decayed_at = epoch
+            result.epochs_run = epoch
             for g in optimizer.param_groups:
                 g["lr"] = g["base_lr"] * scale
             if epoch_batches is not None:
@@ -195,14 +248,36 @@ def train_student(
             report: dict[str, Any] = {
                 "epoch": epoch, "loss": epoch_loss, "lr_img": lrs.get("img"), "lr_txt": lrs["txt"],
             }
+            stop = False
             if epoch in points:
                 metrics = _evaluate(student, eval_fn)
                 _record(result, epoch, epoch_loss, metrics)
                 report.update(metrics)
                 log.debug("epoch %d loss %.4f r_mean %.2f", epoch, epoch_loss, metrics.get("r_mean", float("nan")))
+                if early_stop is not None:
+                    values = [h[early_stop.key] for h in result.history]
+                    if points_without_improvement(values, since) >= early_stop.patience:
+                        if result.decayed_at is None:
+                            plateau_drop, since = True, len(values) - 1
+                        else:
+                            stop = True
             if progress is not None:
                 progress(report)
+            if stop:
+                result.stopped_at = epoch
+                log.info("%s did not improve for %d evaluation points: stopping after epoch %d (of at most %d)",
+                         early_stop.key, early_stop.patience, epoch, epochs)
+                break
     return result
+
+
+def _points(epochs: int, eval_points: int, eval_at: Optional[Sequence[int]]) -> set[int]:
+    if eval_at is None:
+        return set(eval_epochs(epochs, eval_points))
+    points = {int(e) for e in eval_at}
+    if not points or min(points) < 1 or max(points) > epochs:
+        raise ValueError(f"eval_at must list epochs in 1..{epochs}, got {sorted(points)}")
+    return points
 
 
 def _record(result: TrainResult, epoch: int, epoch_loss: float, metrics: Metrics) -> None:

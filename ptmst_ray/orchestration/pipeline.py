@@ -35,7 +35,7 @@ from ptmst_ray.stages import embed as embed_stage
 from ptmst_ray.stages import features as features_stage
 from ptmst_ray.stages import pretrain as pretrain_stage
 from ptmst_ray.stages.plots import plot_run
-from ptmst_ray.stages.score import score_one_seed, summarise
+from ptmst_ray.stages.score import schedule, score_one_seed, summarise
 from ptmst_ray.vocab import PTM_ST, SINGLE_PHASE
 
 log = logging.getLogger(__name__)
@@ -143,9 +143,10 @@ def _score_task(cfg_dict: dict, method: str, seed: int, board=None) -> dict:
     set_threads(worker_threads(cfg.run.threads_per_worker) if ray.get_runtime_context().get_assigned_resources().get("GPU") else 1)
     name = f"eval {method} seed {seed}"
     points = cfg.eval.eval_points
+    epochs = schedule(cfg.eval, method, data_stage.has_val(Layout.of(cfg).data))["epochs"]  # the most it trains
 
     def progress(r: dict) -> None:
-        report_progress(board, name, r.get("epoch", 0), cfg.eval.epochs if method != "full" else cfg.eval.full_data_epochs)
+        report_progress(board, name, r.get("epoch", 0), epochs)
 
     out = score_one_seed(cfg, method, seed, progress=progress)
     report_progress(board, name, 1, 1, f"r_mean {out['best']['r_mean']:.1f} (of {points} points)")

@@ -11,6 +11,22 @@ from ptmst_ray.data.prepare import prepare_dataset
 from ptmst_ray.layout import Layout
 
 
+VAL = "val"
+"""The split evaluation chooses its best point on (and the full-data baseline stops by), when the data has one."""
+
+
+def has_val(data_dir: str) -> bool:
+    """Whether the prepared data at ``data_dir`` has a val split (its dataset manifest lists one; a val folder
+    left over from an earlier preparation does not count)."""
+    manifest = storage.read_manifest(data_dir)
+    return manifest is not None and VAL in manifest.get("splits", {})
+
+
+def eval_splits(data_dir: str) -> tuple[str, ...]:
+    """The prepared evaluation splits: test, and val when the data has one."""
+    return ("test", VAL) if has_val(data_dir) else ("test",)
+
+
 def prepare(cfg: Config, progress: Callable[[str, int, int], None] | None = None) -> dict:
     """Prepared Parquet shards for every split under ``<shared root>/data`` (skipped when up to date).
 

@@ -1,6 +1,7 @@
 """Stage `embed`: caption embeddings by the frozen text tower, and the real data the models read.
 
-The embeddings of every train and test caption are written once per (tower, data) under
+The embeddings of every train and test caption (and val's, when the data has one) are written once per
+(tower, data) under
 ``data/embedded/<key>`` (built from a per-caption cache that is reused across runs and configs; only
 the caption shards are read, never the images); :func:`load_real` gives the experts, phases and
 evaluation the real splits with those embeddings, each image's pixels held once as uint8 or, when
@@ -25,6 +26,7 @@ from ptmst_ray.layout import Layout, StageError, data_hash
 if TYPE_CHECKING:
     from ptmst_ray.data.dataset import ImageRows
     from ptmst_ray.data.stream import CaptionStream
+    from ptmst_ray.evaluate.student import RetrievalSet
 
 log = logging.getLogger(__name__)
 
@@ -32,26 +34,34 @@ Progress = Callable[[int, int], None]
 
 
 def embed(cfg: Config, progress: Progress | None = None) -> str:
-    """Frozen-text-tower embeddings of the train and test captions, under data/embedded/<key>.
+    """Frozen-text-tower embeddings of the train and test captions (and val's, when the data has one), under
+    data/embedded/<key>.
 
-    Uses the per-caption cache (reused across runs and configs). Returns the key.
+    Uses the per-caption cache (reused across runs and configs). Returns the key. The key does not cover the
+    val split: embeddings made before val existed are kept, and only val's are added to them.
     """
     from ptmst_ray.data.dataset import read_captions
     from ptmst_ray.data.text_cache import embed_captions
     from ptmst_ray.models.towers import build_text_encoder
+    from ptmst_ray.stages.data import eval_splits
 
     layout = Layout.of(cfg)
     encoder = build_text_encoder(cfg.model)
     key = section_hash(encoder.key, data_hash(cfg))
     out = layout.embedded(key)
+    splits = ("train", *eval_splits(layout.data))
     done = storage.read_manifest(out)
+    files: dict[str, str] = {}
     if done is not None and done.get("config_hash") == key:
         # checked here once per run, so a damaged file is named before any stage uses it; workers check the
         # bytes they read (load_real) in the same pass, without fetching the file a second time
         storage.verify_files(out, done["files"])
-        return key
-    files = {}
-    for split in ("train", "test"):
+        if all(f"{s}.safetensors" in done["files"] for s in splits):
+            return key
+        files = dict(done["files"])  # complete but for a split prepared since (val): embed only that one
+    for split in splits:
+        if f"{split}.safetensors" in files:
+            continue
         captions = read_captions(layout.data, split).captions  # the caption shards (or column) only
         emb = embed_captions(list(captions), encoder, layout.text_cache, progress=progress)
         blob = st_save({"text": emb.float().contiguous()})
@@ -79,6 +89,8 @@ class RealData:
     test_text: torch.Tensor
     test_captions: list[str]
     txt2img: torch.Tensor
+    val: "RetrievalSet | None" = None
+    """The val split (images, caption embeddings, caption -> image) when the data has one, else None."""
 
     @property
     def text_dim(self) -> int:
@@ -90,13 +102,28 @@ def _read_embeddings(embedded_dir: str, files: dict[str, str], split: str) -> to
     return st_load(storage.read_verified(embedded_dir, name, files[name]))["text"]
 
 
-@functools.lru_cache(maxsize=2)
-def _test_images(data_dir: str, embedded_dir: str, files: tuple) -> "ImageRows":
-    """The test images, shared by both train modes of :func:`load_real` (decoded once per process, on first use;
-    ``embedded_dir`` and ``files`` key the cache to the data the embeddings were built from)."""
+@functools.lru_cache(maxsize=4)
+def _test_images(data_dir: str, embedded_dir: str, files: tuple, split: str = "test") -> "ImageRows":
+    """The test (or val) images, shared by both train modes of :func:`load_real` (decoded once per process, on
+    first use; ``embedded_dir`` and ``files`` key the cache to the data the embeddings were built from)."""
     from ptmst_ray.data.dataset import ImageRows, ShardImages
 
-    return ImageRows(ShardImages(data_dir, "test", keep=True))
+    return ImageRows(ShardImages(data_dir, split, keep=True))
+
+
+def _val_split(data_dir: str, embedded_dir: str, files: tuple) -> "RetrievalSet | None":
+    """The val split for scoring, when its embeddings exist (the data has a val split), else None."""
+    from ptmst_ray.data.dataset import read_captions
+    from ptmst_ray.evaluate.student import RetrievalSet
+
+    if "val.safetensors" not in dict(files):
+        return None
+    text = _read_embeddings(embedded_dir, dict(files), "val")
+    caps = read_captions(data_dir, "val")
+    if len(caps.captions) != len(text):
+        raise StageError(f"{embedded_dir}/val.safetensors: {len(text)} caption embeddings but the val split has "
+                         f"{len(caps.captions)} captions; run `ptmst-ray run --rebuild embed` to rebuild them")
+    return RetrievalSet(_test_images(data_dir, embedded_dir, files, "val"), text, caps.image_index)
 
 
 @functools.lru_cache(maxsize=4)
@@ -124,6 +151,7 @@ def _load_real_cached(data_dir: str, embedded_dir: str, files: tuple, max_train_
         test_text=emb["test"],
         test_captions=list(test.captions),
         txt2img=test.image_index,
+        val=_val_split(data_dir, embedded_dir, files),
     )
 
 
@@ -134,7 +162,8 @@ def load_real(cfg: Config, whole_train: bool = True) -> RealData:
     Only captions and embeddings are read here; pixels are read when first indexed. With
     ``whole_train`` (experts, the full-data baseline) the first access decodes every train image once
     and keeps it as uint8; without it (a phase's initial pairs, a coreset) each access reads and decodes
-    only the images asked for. The test images are decoded once, on first use (scoring, phase recall).
+    only the images asked for. The test images are decoded once, on first use (scoring, phase recall); so are
+    the val split's, there when its embeddings are (the data has a val split).
     """
     layout = Layout.of(cfg)
     if not storage.exists(layout.embedded_current):

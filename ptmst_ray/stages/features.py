@@ -40,10 +40,19 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 """Bumped when what a feature file holds changes (part of the key)."""
 SPLITS = ("train", "test")
+"""The splits whose features are always cached; val too when the data has one (:func:`splits`)."""
 BATCH = 64
 """Images per forward pass of the feature pass (a batch of decoded pixels is all it holds of a split)."""
 
 Progress = Callable[[int, int], None]
+
+
+def splits(cfg: Config) -> tuple[str, ...]:
+    """The splits whose features this run caches: :data:`SPLITS`, and val when the data has one (so a run
+    without val keeps its features key)."""
+    from ptmst_ray.stages.data import VAL, has_val
+
+    return SPLITS + ((VAL,) if has_val(Layout.of(cfg).data) else ())
 
 
 def skip_reason(cfg: Config) -> str | None:
@@ -63,7 +72,7 @@ def split_identity(manifest: dict) -> dict:
 
 def features_key(cfg: Config, digest: str, manifests: dict[str, dict]) -> str:
     """The folder key of the features of a tower with weights ``digest`` over the splits of ``manifests``."""
-    return section_hash(FORMAT_VERSION, cfg.model.name, digest, {s: split_identity(manifests[s]) for s in SPLITS})
+    return section_hash(FORMAT_VERSION, cfg.model.name, digest, {s: split_identity(m) for s, m in manifests.items()})
 
 
 def feature_file(split: str, image_shard: str) -> str:
@@ -110,7 +119,7 @@ def compute(cfg: Config, progress: Progress | None = None, device: torch.device 
         log.info("frozen-tower features: skipped: %s", reason)
         return {"key": None, "ran": False, "skipped": reason}
     layout = Layout.of(cfg)
-    manifests = {s: split_manifest(layout.data, s, verify=False) for s in SPLITS}
+    manifests = {s: split_manifest(layout.data, s, verify=False) for s in splits(cfg)}
     device = device or pick_device()
     tower = frozen_tower_of(cfg).to(device)
     from ptmst_ray.models.student import tower_digest
@@ -124,7 +133,7 @@ def compute(cfg: Config, progress: Progress | None = None, device: torch.device 
         return {"key": key, "ran": False, "skipped": None}
     total = sum(int(m["images"]) for m in manifests.values())
     files, shards, dim, seen = {}, {}, None, 0
-    for split in SPLITS:
+    for split in manifests:
         d, m = split_dir(layout.data, split), manifests[split]
         shards[split] = {}
         for name in image_shards(m):
@@ -151,7 +160,7 @@ def compute(cfg: Config, progress: Progress | None = None, device: torch.device 
                              "the manifest; rebuild with `ptmst-ray data prepare`")
     storage.write_manifest(out, {"config_hash": key, "files": files, "dim": dim, "tower": digest,
                                  "model": cfg.model.name, "splits": shards,
-                                 "images": {s: int(manifests[s]["images"]) for s in SPLITS}})
+                                 "images": {s: int(manifests[s]["images"]) for s in manifests}})
     log.info("frozen-tower features: %d images (%d-d) under %s", total, dim or 0, out)
     return {"key": key, "ran": True, "skipped": None}
 
@@ -236,7 +245,7 @@ def find(cfg: Config) -> CachedFeatures | None:
     layout = Layout.of(cfg)
     from ptmst_ray.models.student import tower_digest
 
-    manifests = {s: split_manifest(layout.data, s, verify=False) for s in SPLITS}
+    manifests = {s: split_manifest(layout.data, s, verify=False) for s in splits(cfg)}
     key = features_key(cfg, tower_digest(frozen_tower_of(cfg)), manifests)
     manifest = storage.read_manifest(layout.features(key))
     if manifest is None or manifest.get("config_hash") != key:

@@ -14,9 +14,10 @@ from typing import Any, Callable
 
 import torch
 
-from ptmst_ray.config import Config, PhaseConfig
+from ptmst_ray.config import Config, EvalConfig, PhaseConfig
 from ptmst_ray.evaluate.protocol import (
-    Subset, aggregate, arrange_subsets, coreset_subset, evaluate_one_seed, random_coreset,
+    SELECTION_TEST, SELECTION_VAL, Subset, aggregate, arrange_subsets, coreset_subset, evaluate_one_seed,
+    random_coreset,
 )
 from ptmst_ray.evaluate.student import RetrievalSet
 from ptmst_ray.layout import Layout, StageError
@@ -107,23 +108,42 @@ def score_one_seed(cfg: Config, method: str, seed: int, distilled_dir: str | Non
     device = worker_device(device)
     student = build_student(cfg.model, real.text_dim, seed=cfg.eval.seed + seed)
     test = RetrievalSet(real.test_images, real.test_text, real.txt2img)
+    val = real.val
     if cached is not None:
-        subsets, test = _on_features(student, cached, subsets, test, device)
+        subsets, test, val = _on_features(student, cached, subsets, test, val, device)
     subsets = arrange_subsets(subsets, cfg.eval.phase_training)
     student = student.to(device)
-    epochs = cfg.eval.full_data_epochs if method == "full" else cfg.eval.epochs
-    out = evaluate_one_seed(subsets, student, test, cfg.eval, loss=cfg.eval_loss, seed=seed, epochs=epochs,
-                            progress=progress)
+    plan = schedule(cfg.eval, method, has_val=val is not None)
+    out = evaluate_one_seed(subsets, student, test, cfg.eval, loss=cfg.eval_loss, seed=seed, epochs=plan["epochs"],
+                            progress=progress, val_set=val, eval_at=plan["eval_at"], early_stop=plan["patience"])
     return {"method": method, "seed": seed, "pairs": pairs,
             "final": out["final"], "best": out["best"], "best_epoch": out["best_epoch"],
+            "best_on_test": out["best_on_test"], "best_on_test_epoch": out["best_on_test_epoch"],
+            "selection": out["selection"], "best_val": out["best_val"], "epochs_run": out["epochs_run"],
             "diverged_at": out["diverged_at"], "device": str(device)}
 
 
+def schedule(cfg: EvalConfig, method: str, has_val: bool) -> dict[str, Any]:
+    """How long a method's student trains: {"epochs" (the most), "eval_at" (None: ``eval_points`` evenly spaced),
+    "patience" (None: the fixed schedule)}. The full-data baseline with a val split and
+    ``full_data_patience`` > 0 trains until val r_mean stops improving (at most ``full_data_max_epochs``,
+    evaluated every ``full_data_val_every`` epochs and at the last); otherwise every method has its fixed
+    schedule (``full_data_epochs`` for the baseline, ``epochs`` for the rest)."""
+    if method != "full":
+        return {"epochs": cfg.epochs, "eval_at": None, "patience": None}
+    if not has_val or cfg.full_data_patience == 0:
+        return {"epochs": cfg.full_data_epochs, "eval_at": None, "patience": None}
+    most, every = cfg.full_data_max_epochs, cfg.full_data_val_every
+    return {"epochs": most, "eval_at": sorted(set(range(every, most + 1, every)) | {most}),
+            "patience": cfg.full_data_patience}
+
+
 def _on_features(student, cached: features.CachedFeatures, subsets: list[Subset], test: RetrievalSet,
-                 device: torch.device) -> tuple[list[Subset], RetrievalSet]:
-    """The subsets and the test split as the frozen tower's features, and ``student`` without its tower: real
-    images from the cache; pixel subsets (synthetic images, whose pixels do not change during evaluation)
-    through the tower once here, instead of once an epoch."""
+                 val: RetrievalSet | None, device: torch.device
+                 ) -> tuple[list[Subset], RetrievalSet, RetrievalSet | None]:
+    """The subsets and the test (and val) split as the frozen tower's features, and ``student`` without its
+    tower: real images from the cache; pixel subsets (synthetic images, whose pixels do not change during
+    evaluation) through the tower once here, instead of once an epoch."""
     from ptmst_ray.models.student import drop_frozen_tower
 
     tower = student.frozen_tower()
@@ -132,31 +152,64 @@ def _on_features(student, cached: features.CachedFeatures, subsets: list[Subset]
     subsets = [dataclasses.replace(s, images=features.featurize(tower, s.images, device))
                if len(s.images.shape) == 4 else s for s in subsets]  # pixels (N x 3 x H x W), not feature rows
     drop_frozen_tower(student)
-    return subsets, RetrievalSet(cached.split("test"), test.text_emb, test.txt2img)
+    if val is not None:
+        val = RetrievalSet(cached.split("val"), val.text_emb, val.txt2img)
+    return subsets, RetrievalSet(cached.split("test"), test.text_emb, test.txt2img), val
+
+
+PROTOCOL_TEST = "best of evaluation points (paper); 'final' = final epoch"
+PROTOCOL_VAL = ("best evaluation point chosen on val, its test recall (honest); 'best_on_test' = best on test "
+                "(paper); 'final' = final epoch")
 
 
 def summarise(runs: list[dict[str, Any]], cfg: Config) -> dict[str, Any]:
     """results.json: per method, the six recalls and r_mean as mean/std over seeds.
 
-    Top-level figures follow the paper's protocol (best of the evaluation points, chosen on the
-    test split); "final" holds the final-epoch figures of the same runs.
+    Top-level figures are the test recall at each run's best evaluation point, chosen on the val split when
+    the data has one (``selection: val``, the honest figure), else on the test split (``selection: test``,
+    the paper's protocol). "best_on_test" holds the paper's best-on-test figures (with a val split, the
+    optimistic figure beside the honest one), "final" the final-epoch figures of the same runs, "val" the
+    val recall at the chosen points (with a val split), "epochs_run" each seed's trained epochs.
     """
+    selection = _selection(runs)
     methods: dict[str, Any] = {}
     for method in dict.fromkeys(r["method"] for r in runs):
         mine = [r for r in runs if r["method"] == method]
+        plan = schedule(cfg.eval, method, has_val=selection == SELECTION_VAL)
         methods[method] = {
             **aggregate(r["best"] for r in mine),
             "final": aggregate(r["final"] for r in mine),
+            "best_on_test": aggregate(r.get("best_on_test", r["best"]) for r in mine),
+            **({"val": aggregate(r["best_val"] for r in mine)} if selection == SELECTION_VAL else {}),
             "pairs": mine[0]["pairs"],
             "seeds": len(mine),
-            "epochs": cfg.eval.full_data_epochs if method == "full" else cfg.eval.epochs,
+            "epochs": plan["epochs"],
+            "epochs_run": [r.get("epochs_run") for r in mine],
+            **({"patience": plan["patience"]} if plan["patience"] is not None else {}),
         }
+    out = {"protocol": PROTOCOL_VAL if selection == SELECTION_VAL else PROTOCOL_TEST, "selection": selection,
+           "methods": methods, "ratios": _ratios(methods, lambda m: m["r_mean"]["mean"])}
+    if selection == SELECTION_VAL:
+        out["ratios_best_on_test"] = _ratios(methods, lambda m: m["best_on_test"]["r_mean"]["mean"])
+    out["eval"] = {"epochs": cfg.eval.epochs, "seeds": cfg.eval.seeds, "eval_points": cfg.eval.eval_points,
+                   "loss": cfg.eval_loss, "phase_training": cfg.eval.phase_training}
+    return out
+
+
+def _selection(runs: list[dict[str, Any]]) -> str:
+    """The split that chose every run's best point (runs before the val protocol chose on test)."""
+    chosen = {r.get("selection", SELECTION_TEST) for r in runs}
+    if len(chosen) > 1:
+        raise StageError(f"evaluation runs chose their best points on different splits ({', '.join(sorted(chosen))}); "
+                         "rerun the evaluation (`ptmst-ray run --rebuild eval`) so all use the same data")
+    return chosen.pop() if chosen else SELECTION_TEST
+
+
+def _ratios(methods: dict[str, Any], r_mean: Callable[[dict], float]) -> dict[str, float]:
+    """PTM-ST's r_mean over each baseline's (those with a positive r_mean)."""
     ratios = {}
     if PTM_ST in methods:
         for base in BASELINES:
-            if base in methods and methods[base]["r_mean"]["mean"] > 0:
-                ratios[f"{PTM_ST}/{base}"] = methods[PTM_ST]["r_mean"]["mean"] / methods[base]["r_mean"]["mean"]
-    return {"protocol": "best of evaluation points (paper); 'final' = final epoch", "methods": methods,
-            "ratios": ratios, "eval": {"epochs": cfg.eval.epochs, "seeds": cfg.eval.seeds,
-                                       "eval_points": cfg.eval.eval_points, "loss": cfg.eval_loss,
-                                       "phase_training": cfg.eval.phase_training}}
+            if base in methods and r_mean(methods[base]) > 0:
+                ratios[f"{PTM_ST}/{base}"] = r_mean(methods[PTM_ST]) / r_mean(methods[base])
+    return ratios

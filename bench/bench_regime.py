@@ -1,0 +1,222 @@
+"""Regime of a dataset: how far random coresets sit from full data, and whether experts carry signal.
+
+Why this file exists: distillation can only show head-room where a small random coreset scores far below
+the full train split and where experts keep improving over their epochs (issue #25). On Flickr30k 500
+random pairs score 0.25x full data and experts improve for 10 epochs; on the built-in shapes 50 random
+pairs score 0.68x and experts converge in one epoch, then move by SGD noise. This script measures a
+config's regime with the pipeline's own stage functions, in ONE process (no Ray), like
+bench/bench_quality_probe.py:
+
+* the full-data baseline (``eval.seeds`` seeds; stopped by val when the data has a val split);
+* random coresets of each ``--budgets`` size (the same seeds), and their ratio to full data;
+* one expert trajectory: test recall after every epoch, the norm of each epoch's displacement
+  theta_e - theta_(e-1), and the cosine of consecutive displacements (near 0: the expert moves by SGD
+  noise; clearly positive: its epochs point one way, and a trajectory carries something to match).
+
+    .venv/bin/python bench/bench_regime.py --root /tmp/regime/scenes [--config configs/scenes.yaml]
+        [--set KEY=VALUE ...] [--budgets 50 100] [--expert 0] [--threads 2] [--quick] [--write-results]
+
+Stages already complete under the root are skipped (config hashes). Prints a summary and writes every
+figure to <root>/eval/regime.json. --quick shrinks the data, pretraining, experts and evaluation to prove
+the script works in a couple of minutes (its figures mean nothing); --write-results puts the summary into
+bench/RESULTS.md ("## Regime: <config> (<kind>)") and is refused with --quick.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+for p in (REPO, REPO / "bench"):
+    if str(p) not in sys.path:
+        sys.path.insert(0, str(p))
+
+QUICK = [
+    "data.builtin.train_images=200", "data.builtin.test_images=100", "data.builtin.pretrain_images=200",
+    "pretrain.epochs=1", "experts.num_experts=1", "eval.epochs=3", "eval.seeds=1", "eval.full_data_epochs=2",
+]
+"""--quick's overrides; besides, 3 expert epochs (the phase windows clipped to them), at most 3 full-data epochs
+and, when the config has a val split, 100 val images."""
+QUICK_EXPERT_EPOCHS = 3
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--root", required=True, help="run root (a fresh or reusable directory)")
+    ap.add_argument("--config", default="configs/scenes.yaml")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--budgets", type=int, nargs="+", default=[50, 100], help="random coreset sizes (pairs)")
+    ap.add_argument("--expert", type=int, default=0, help="the expert whose trajectory is measured")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--quick", action="store_true", help="tiny sizes: proves the script runs, measures nothing")
+    ap.add_argument("--write-results", action="store_true", help="put the summary into bench/RESULTS.md")
+    return ap.parse_args(argv)
+
+
+def load(args: argparse.Namespace):
+    from ptmst_ray.config import load_config
+
+    overrides = [f"run.root={args.root}"]
+    if not args.quick:
+        return load_config(args.config, overrides + args.overrides)
+    base = load_config(args.config, overrides + QUICK + args.overrides)
+    epochs = QUICK_EXPERT_EPOCHS
+    phases = []
+    for p in base.phases:  # the windows clipped to the short experts (phases are not run here; the config checks them)
+        end = min(p.range_end, epochs)
+        start_max = min(p.start_max, end - 1)
+        start_min = min(p.start_min, start_max)
+        phases.append(dataclasses.replace(p, range_start=min(p.range_start, start_min), range_end=end,
+                                          start_min=start_min, start_max=start_max))
+    quick = {"experts.epochs": epochs, "phases": [dataclasses.asdict(p) for p in phases]}
+    if getattr(base.data.builtin, "val_images", 0):
+        quick["data.builtin.val_images"] = 100
+    if hasattr(base.eval, "full_data_max_epochs"):  # with val, full data trains until val stops improving
+        quick["eval.full_data_max_epochs"] = 3
+    return base.replace(**quick)
+
+
+def prerequisites(cfg, expert_id: int, times: dict[str, float]) -> None:
+    """Data, pretraining, caption embeddings and the one expert, as `ptmst-ray run` makes them."""
+    from ptmst_ray import storage
+    from ptmst_ray.stages import data as data_stage, embed as embed_stage, experts as experts_stage
+    from ptmst_ray.stages import pretrain as pretrain_stage
+
+    storage.write_text(storage.join(cfg.run.root, "config.yaml"), cfg.to_yaml())
+    for name, fn, a in (("data", data_stage.prepare, ()), ("pretrain", pretrain_stage.pretrain, ()),
+                        ("embed", embed_stage.embed, ()),
+                        ("expert", experts_stage.train_and_store_expert, (expert_id,))):
+        t = time.perf_counter()
+        fn(cfg, *a)
+        times[name] = time.perf_counter() - t
+        print(f"{name}: {times[name]:.0f}s", flush=True)
+
+
+def coreset_config(cfg, budget: int):
+    """``cfg`` with its phases resized to ``budget`` pairs in total (what a random coreset's size follows)."""
+    from bench_quality import budget_phases
+
+    return cfg.replace(phases=[dataclasses.asdict(p) for p in budget_phases(cfg, budget, "random")])
+
+
+def score(cfg, method: str, seeds: int) -> dict[str, Any]:
+    """``method`` scored over ``seeds`` seeds: per-seed runs and the mean/std summary of the stage."""
+    from ptmst_ray.stages import score as scoring
+
+    runs = [scoring.score_one_seed(cfg, method, s) for s in range(seeds)]
+    summary = scoring.summarise(runs, cfg)["methods"][method]
+    return {"runs": runs, "summary": summary}
+
+
+def r_mean(entry: dict) -> float:
+    """The headline r_mean of a method: its (val-selected when the data has val) best point, mean over seeds."""
+    return float(entry["summary"]["r_mean"]["mean"])
+
+
+def expert_trajectory(cfg, expert_id: int) -> dict[str, list[float]]:
+    """Test recall after each epoch of expert ``expert_id``, and the geometry of its epoch displacements."""
+    import torch
+
+    from ptmst_ray.evaluate.student import RetrievalSet, evaluate_student
+    from ptmst_ray.layout import experts_hash
+    from ptmst_ray.models.student import build_student
+    from ptmst_ray.stages.embed import load_real
+    from ptmst_ray.stages.experts import expert_store
+    from ptmst_ray.trajectories.expert import expert_seed
+
+    snapshots = expert_store(cfg).load_expert(expert_id, experts_hash(cfg))
+    real = load_real(cfg, whole_train=False)
+    test = RetrievalSet(real.test_images, real.test_text, real.txt2img)
+    student = build_student(cfg.model, real.text_dim, seed=expert_seed(cfg.experts, expert_id))
+    recall = []
+    for snap in snapshots:
+        missing = set(snap) - set(student.state_dict())
+        if missing:
+            raise SystemExit(f"expert {expert_id}'s snapshot names {sorted(missing)[:3]} are not the student's")
+        student.load_state_dict(snap, strict=False)
+        recall.append(evaluate_student(student, test)["r_mean"])
+    flat = [torch.cat([t.flatten().double() for t in s.values()]) for s in snapshots]
+    steps = [b - a for a, b in zip(flat, flat[1:])]
+    cosines = [float(torch.nn.functional.cosine_similarity(a, b, dim=0)) for a, b in zip(steps, steps[1:])]
+    return {"test_r_mean": recall, "step_norm": [float(s.norm()) for s in steps], "consecutive_cosine": cosines}
+
+
+def _extra(entry: dict) -> str:
+    """The paper's best-on-test figure and the epochs trained, when the stage reports them (data with val)."""
+    s, runs = entry["summary"], entry["runs"]
+    out = f"; best on test {s['best_on_test']['r_mean']['mean']:.1f}" if "best_on_test" in s else ""
+    if "epochs_run" in runs[0]:
+        out += f"; epochs trained {[r['epochs_run'] for r in runs]}"
+    return out
+
+
+def report(res: dict) -> str:
+    full = res["full"]
+    lines = [f"config {res['config']} (kind {res['kind']}), overrides {res['overrides']}",
+             f"full data ({full['pairs']} pairs): r_mean {r_mean(full):.1f} +- {full['summary']['r_mean']['std']:.1f}"
+             f" (best point chosen on {res['selection']}){_extra(full)}"]
+    for b, entry in res["random"].items():
+        lines.append(f"random {b} pairs: r_mean {r_mean(entry):.1f} +- {entry['summary']['r_mean']['std']:.1f}, "
+                     f"{res['ratios'][b]:.2f}x full{_extra(entry)}")
+    ex = res["expert"]
+    lines += ["expert test r_mean by epoch (0 = its start): " + ", ".join(f"{x:.1f}" for x in ex["test_r_mean"]),
+              "epoch displacement norms: " + ", ".join(f"{x:.3f}" for x in ex["step_norm"]),
+              "cos(consecutive displacements): " + ", ".join(f"{x:+.2f}" for x in ex["consecutive_cosine"]),
+              "times: " + ", ".join(f"{k} {v:.0f}s" for k, v in res["times"].items())]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    if args.quick and args.write_results:
+        raise SystemExit("--quick runs prove the script works; they do not go into bench/RESULTS.md")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from ptmst_ray import storage
+    from ptmst_ray.layout import Layout
+
+    cfg = load(args)
+    times: dict[str, float] = {}
+    t0 = time.perf_counter()
+    prerequisites(cfg, args.expert, times)
+    t = time.perf_counter()
+    full = score(cfg, "full", cfg.eval.seeds)
+    times["full"] = time.perf_counter() - t
+    res: dict[str, Any] = {"config": args.config, "kind": cfg.data.builtin.kind if cfg.data.dataset == "builtin"
+                           else cfg.data.dataset, "overrides": args.overrides, "quick": args.quick,
+                           "full": {"pairs": full["runs"][0]["pairs"], **full}, "random": {}, "ratios": {},
+                           "selection": full["runs"][0].get("selection", "test")}
+    for b in sorted(set(args.budgets)):
+        t = time.perf_counter()
+        res["random"][b] = score(coreset_config(cfg, b), "random", cfg.eval.seeds)
+        res["ratios"][b] = r_mean(res["random"][b]) / max(r_mean(full), 1e-9)
+        times[f"random {b}"] = time.perf_counter() - t
+        print(f"random {b}: {r_mean(res['random'][b]):.1f} ({res['ratios'][b]:.2f}x full)", flush=True)
+    t = time.perf_counter()
+    res["expert"] = expert_trajectory(cfg, args.expert)
+    times["expert recall"] = time.perf_counter() - t
+    res["times"], res["wall_seconds"] = times, time.perf_counter() - t0
+    out = storage.join(Layout.of(cfg).eval, "regime.json")
+    storage.write_text(out, json.dumps(res, indent=1, default=str))
+    text = report(res)
+    print(text + f"\nwritten to {out}; total {res['wall_seconds']:.0f}s")
+    if args.write_results:
+        from _common import command_line, machine, replace_section
+
+        replace_section(f"## Regime: {args.config} ({res['kind']})",
+                        f"Command: `{command_line()}`. Machine: {machine(load=True)}. Wall time "
+                        f"{res['wall_seconds'] / 60:.1f} min.\n\n```\n{text}\n```")
+    return res
+
+
+if __name__ == "__main__":
+    main()
