@@ -41,7 +41,8 @@ SCALE = [  # scale only: the recipe's model, losses, learning rates, protocol an
     "phases.1.start_min=1", "phases.1.start_max=1",
     "distill.syn_steps=2", "distill.checkpoint_every=1", "distill.report_every=1",
     "distill.min_alpha=1e-4",  # why: see MIN_ALPHA_WHY
-    "eval.epochs=2", "eval.seeds=1", "eval.eval_points=1", "eval.full_data_epochs=1", "eval.batch_size=16",
+    "eval.epochs=2", "eval.seeds=1", "eval.eval_points=1", "eval.full_data_epochs=1", "eval.full_data_patience=0",
+    "eval.batch_size=16",
 ]
 """The overrides that shrink a shipped 500-pair recipe (two phases) to seconds per stage."""
 

@@ -81,6 +81,16 @@ def test_max_concurrent_sized_to_cluster(tmp_path):
     assert sw.max_concurrent_trials(cfg.replace(**{"sweep.max_concurrent": 3}), ClusterInfo(2, 0, 1)) == 3
 
 
+def test_trial_objective_is_the_selecting_split():
+    """With a val split a trial is ranked on val (test stays out of the tuning); without one on test."""
+    recalls = lambda r: {m: r for m in sw.METRICS}  # noqa: E731
+    out = {"selection": "val", "best": recalls(40.0), "best_val": recalls(30.0), "final": recalls(35.0)}
+    m = sw.trial_metrics(out)
+    assert m["r_mean"] == 30.0 and m["IR@1"] == 30.0 and m["test_r_mean"] == 40.0 and m["r_mean_final"] == 35.0
+    m = sw.trial_metrics({"selection": "test", "best": recalls(40.0), "best_val": {}, "final": recalls(35.0)})
+    assert m["r_mean"] == 40.0 and m["test_r_mean"] == 40.0
+
+
 def test_outputs_table_yaml_and_plot(tmp_path):
     cfg = fast_config(tmp_path, **{"sweep.space": {"distill.lr_img": {"choice": [50.0, 100.0]},
                                                    "distill.min_alpha": {"choice": [None, 0.01]}}})

@@ -263,6 +263,15 @@ def _restored_round() -> int:
         return int(json.load(f)["round"])
 
 
+def trial_metrics(out: dict) -> dict[str, float]:
+    """What a trial reports to Tune from one evaluation (``score_one_seed``): the objective's recalls on the split
+    that chose the evaluation point, val where the data has one, so that tuning never looks at test (whose r_mean
+    is reported beside it as ``test_r_mean``), else test as the paper does."""
+    chosen = out["best_val"] if out.get("selection") == "val" else out["best"]
+    return {m: float(chosen[m]) for m in METRICS} | {"r_mean_final": float(out["final"]["r_mean"]),
+                                                     "test_r_mean": float(out["best"]["r_mean"]), "diverged": 0.0}
+
+
 def run_trial(values: dict[str, Any], base: dict, name: str, board=None) -> None:
     """Tune function trainable: distil the trial's phases round by round, reporting r_mean after each."""
     base_cfg = from_dict(base)
@@ -281,15 +290,14 @@ def run_trial(values: dict[str, Any], base: dict, name: str, board=None) -> None
             diverged = diverged_phase(cfg)
         iterations = max(round_target(p.iterations, rounds, k) for p in cfg.phases)
         if diverged is not None:  # scored 0: a diverged trial must lose, not crash the sweep
-            metrics = {m: 0.0 for m in METRICS} | {"r_mean_final": 0.0, "diverged": 1.0}
+            metrics = {m: 0.0 for m in METRICS} | {"r_mean_final": 0.0, "test_r_mean": 0.0, "diverged": 1.0}
             name_diverged, iterations = diverged
             info = f"round {k}: {name_diverged} diverged (r_mean 0)"
         else:
             report_progress(board, label, k - 1, rounds, "evaluating")
             out = ray.get(_score_round.options(scheduling_strategy=_OUTSIDE_TRIAL, name=f"eval {trial_id} round {k}")
                           .remote(eval_config(cfg).to_dict()))
-            metrics = {m: float(out["best"][m]) for m in METRICS} | {"r_mean_final": float(out["final"]["r_mean"]),
-                                                                     "diverged": 0.0}
+            metrics = trial_metrics(out)
             info = f"round {k}: r_mean {metrics['r_mean']:.1f}"
         report_progress(board, label, k, rounds, info)
         ckpt = _save_round(k)
@@ -442,6 +450,7 @@ def result_rows(grid, cfg: Config) -> list[dict[str, Any]]:
             **values,
             **{k: float(m[k]) if k in m else None for k in METRICS},
             "r_mean_final": m.get("r_mean_final"),
+            "test_r_mean": m.get("test_r_mean"),
             "iterations": int(m.get("iterations", 0)),
             "rounds": rounds_run,
             "stopped_early": error is None and rounds_run < cfg.sweep.rounds,
