@@ -65,8 +65,9 @@ def run(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt, 
                  "shortcut, phases, aggregate or eval (e.g. after a corrupt-file error)."),
         as_job: bool = typer.Option(
             False, "--as-job",
-            help="Run as a Ray Job of the local Ray this command starts, so the dashboard's Jobs page has the "
-                 "run's log; the terminal follows that log (plain lines, no progress bars).")) -> None:
+            help="Run as a Ray Job of a local Ray this command starts on free ports (so it works beside another "
+                 "Ray) and stops when the job ends: the dashboard's Jobs page has the run's log; the terminal "
+                 "follows that log (plain lines, no progress bars).")) -> None:
     """Run the whole pipeline (data, pretrain, experts, shortcuts, phases, aggregate, eval); resumes."""
     from ptmst_ray import layout
     from ptmst_ray.orchestration.pipeline import run_pipeline

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import sys
+
 import typer
 
 from ptmst_ray.cluster import jobs
@@ -47,53 +50,54 @@ def register(app: typer.Typer) -> None:
     app.command("token")(token_cmd)
 
 
-def _agent_port_holder() -> str | None:
-    """``ip:port`` when something on this machine already listens on the port a new local Ray's job agent
-    takes (Ray's DEFAULT_DASHBOARD_AGENT_LISTEN_PORT, on the node's IP); None when it is free. Found by
-    connecting, never by binding."""
-    import socket
-
-    import ray
-    from ray._private.ray_constants import DEFAULT_DASHBOARD_AGENT_LISTEN_PORT as port
-
-    ip = ray.util.get_node_ip_address()
-    try:
-        with socket.create_connection((ip, port), timeout=1.0):
-            return f"{ip}:{port}"
-    except OSError:
-        return None
-
-
 def run_as_job(cfg, args: list[str]) -> int:
-    """`ptmst-ray run --as-job`: start a local Ray, submit `ptmst-ray run ARGS` to it as a Ray Job, follow its
-    log here until it ends; Ctrl-C stops the job (finished work is kept). Returns the exit code."""
-    import os
+    """`ptmst-ray run --as-job`: start a local Ray of its own (`ray start --head` on free loopback ports, so it
+    works beside any other Ray on the machine), submit `ptmst-ray run ARGS` to it as a Ray Job, follow its log
+    here until it ends, then stop that Ray. Ctrl-C stops the job first (finished work is kept). Returns the
+    exit code."""
+    from ptmst_ray.cluster.local import start_local_cluster
+    from ptmst_ray.cluster.spec import LaunchError
+    from ptmst_ray.orchestration.runtime import TRAIN_DRIVER
+
+    console.print("starting a local Ray for the job (its own ports and temp dir; stopped when the job ends)",
+                  highlight=False)
+    try:  # the resources connect() gives a local start: what Ray detects, plus the Tune drivers' resource
+        cluster = start_local_cluster(resources={TRAIN_DRIVER: 16},
+                                      env={**os.environ, "RAY_TRAIN_ENABLE_STATE_TRACKING": "1"})
+    except LaunchError as e:
+        fail(str(e), code=1)
+    keep_logs = True  # Ray's logs are what is left to read when the run fails
+    try:
+        status = submit_and_follow(cluster, cfg, args)
+        keep_logs = status != "SUCCEEDED"
+        return 0 if status == "SUCCEEDED" else 1
+    except typer.Exit:  # Ctrl-C (the job is stopped, the user knows why)
+        keep_logs = False
+        raise
+    except (LaunchError, RuntimeError) as e:
+        fail(f"{cluster.dashboard_url}: the run could not be submitted to or followed on the local Ray as a Ray "
+             f"Job: {e}", code=1)
+        raise
+    finally:
+        stop_cluster(cluster, keep_logs=keep_logs)
+
+
+def submit_and_follow(cluster, cfg, args: list[str]) -> str:
+    """Submit `ptmst-ray run ARGS` to ``cluster`` as a Ray Job, print its log as it comes; its final status.
+    Ctrl-C: the job is stopped, its last lines printed, and the command exits 130."""
     import shlex
-    import sys
-    import time
 
-    from ptmst_ray_cli.common import connect_ray, interrupted
+    from ptmst_ray_cli.common import interrupted
 
-    holder = _agent_port_holder()
-    if holder is not None:
-        fail(f"another Ray on this machine already serves its job agent on {holder}, and a second local Ray "
-             "cannot serve Ray Jobs beside it (Ray 2.60 fixes that port); stop the other one (`ray stop`), or run "
-             "without --as-job", code=2)
-    info = connect_ray(cfg, None)
-    client = jobs.job_client(info.dashboard_url)
+    console.print(f"local Ray: {cluster.gcs_address}, logs in {cluster.temp_dir}", highlight=False)
+    console.print(f"dashboard: {cluster.dashboard_url}; {login_hint()}", highlight=False)
+    client = jobs.job_client(cluster.dashboard_url, token=cluster.token)
     if "://" not in cfg.run.root and not os.path.isabs(cfg.run.root):  # the job's driver runs in another folder
         args = [*args, "--set", f"run.root={os.path.abspath(cfg.run.root)}"]
     entrypoint = shlex.join([sys.executable, "-m", "ptmst_ray_cli", "run", *args])
     env = {"env_vars": {"RAY_TRAIN_ENABLE_STATE_TRACKING": "1", "PYTHONUNBUFFERED": "1", "COLUMNS": "160"}}
-    for attempt in range(60):  # a fresh Ray's job agent registers some seconds after ray.init returns
-        try:
-            job_id = client.submit_job(entrypoint=entrypoint, runtime_env=env)
-            break
-        except RuntimeError as e:
-            if "No available agent" not in str(e) or attempt == 59:
-                raise
-            time.sleep(2)
-    console.print(f"job {job_id}: its log is on the dashboard's Jobs page, {info.dashboard_url}/#/jobs/{job_id}",
+    job_id = submit_when_ready(client, entrypoint, env)
+    console.print(f"job {job_id}: its log is on the dashboard's Jobs page, {cluster.dashboard_url}/#/jobs/{job_id}",
                   highlight=False)
     try:
         status = jobs.follow_logs(client, job_id, lambda text: typer.echo(text, nl=False))
@@ -102,4 +106,34 @@ def run_as_job(cfg, args: list[str]) -> int:
         jobs.follow_logs(client, job_id, lambda text: typer.echo(text, nl=False), timeout_s=60)
         interrupted()
     console.print(f"job {job_id}: {status}", highlight=False)
-    return 0 if status == "SUCCEEDED" else 1
+    return status
+
+
+def submit_when_ready(client, entrypoint: str, runtime_env: dict, attempts: int = 60) -> str:
+    """Submit the job, retrying while the fresh cluster's job agent has not registered yet (some seconds
+    after its dashboard answers); the submission id."""
+    import time
+
+    for attempt in range(attempts):
+        try:
+            return client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env)
+        except RuntimeError as e:
+            if "No available agent" not in str(e) or attempt == attempts - 1:
+                raise
+            time.sleep(2)
+    raise AssertionError("unreachable")
+
+
+def stop_cluster(cluster, keep_logs: bool) -> None:
+    """Stop the job's local Ray, Ctrl-C ignored meanwhile (a second one would leave its processes behind);
+    its temp dir (Ray's logs of the run) is kept when the job did not succeed, and said where."""
+    import signal
+
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        console.print("stopping the job's local Ray", highlight=False)
+        cluster.stop(keep_temp=keep_logs)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if keep_logs:
+        console.print(f"Ray's logs of this run are kept in {cluster.temp_dir}", highlight=False)

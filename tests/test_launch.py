@@ -7,12 +7,9 @@ import json
 import math
 import os
 import secrets
-import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -24,6 +21,7 @@ from typer.testing import CliRunner
 from conftest import S3_KEY, S3_SECRET, tiny_config
 from ptmst_ray import storage, tensorio
 from ptmst_ray.cluster import jobs, launch
+from ptmst_ray.cluster.local import start_local_cluster
 from ptmst_ray.cluster.spec import LaunchError, validate_cluster_yaml
 from ptmst_ray_cli.cluster_cmds import register
 
@@ -224,98 +222,27 @@ print("RESOURCES", ray.cluster_resources())
 '''
 
 
-def _free_ports(n: int) -> list[int]:
-    socks, ports = [], []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-        ports.append(s.getsockname()[1])
-    for s in socks:
-        s.close()
-    return ports
-
-
-def _node_ports() -> list[str]:
-    names = ("--node-manager-port", "--object-manager-port", "--dashboard-agent-listen-port",
-             "--dashboard-agent-grpc-port", "--metrics-export-port", "--runtime-env-agent-port")
-    return [f"{name}={p}" for name, p in zip(names, _free_ports(len(names)))]
-
-
 @pytest.fixture
 def local_cluster(monkeypatch):
-    """A head (2 CPU, 2 logical GPU, train_driver 4) and a worker (1 CPU, 1 GPU) with token auth, on
-    free ports, their own temp dir, each `ray start --block` in its own session so that teardown ends
-    exactly these processes (never `ray stop`, which would stop every Ray on the machine)."""
-    temp = tempfile.mkdtemp(prefix="ptl", dir="/tmp")  # short: Ray's socket paths have a length limit
+    """A head (2 CPU, 2 logical GPU, train_driver 4) and a worker (1 CPU, 1 GPU) with token auth, on free
+    ports, their own temp dir, the AWS_* variables of this process in their environment, each `ray start
+    --block` in its own session, so that teardown ends exactly these processes (never `ray stop`, which would
+    stop every Ray on the machine): ptmst_ray.cluster.local, the helper `ptmst-ray run --as-job` uses too."""
     token = secrets.token_hex(16)
-    env = {**os.environ, "RAY_TMPDIR": temp, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token,
-           "RAY_USAGE_STATS_ENABLED": "0", "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
-    env.pop("RAY_ADDRESS", None)
-    gcs, dash, client_port = _free_ports(3)
-    ray_bin = str(Path(sys.executable).parent / "ray")
-    head = [ray_bin, "start", "--head", "--block", f"--port={gcs}", "--dashboard-host=127.0.0.1",
-            f"--dashboard-port={dash}", f"--ray-client-server-port={client_port}", "--num-cpus=2", "--num-gpus=2",
-            '--resources={"train_driver": 4}', f"--temp-dir={temp}", *_node_ports()]
-    # each node its own temp dir, as on separate machines: nodes sharing one would share the runtime-env
-    # folder, and a node re-extracting the job's working_dir deletes the running driver's cwd
-    worker = [ray_bin, "start", "--block", f"--address=127.0.0.1:{gcs}", "--num-cpus=1", "--num-gpus=1",
-              f"--temp-dir={temp}/w", *_node_ports()]
-    procs = []
-    logs = []
-
-    def start(argv, name):
-        out = open(Path(temp) / f"{name}.log", "w")
-        logs.append(out)
-        procs.append(subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True))
-
-    address = f"http://127.0.0.1:{dash}"
+    cluster = start_local_cluster(num_cpus=2, num_gpus=2, resources={"train_driver": 4}, token=token,
+                                  single_machine=False, prefix="ptl")
     try:
-        start(head, "head")
         monkeypatch.setenv("RAY_AUTH_TOKEN", token)
-        _wait_for(lambda: jobs.job_client(address), 90, procs, temp)
-        start(worker, "worker")
-        _wait_for(lambda: _nodes_alive(address) >= 2, 90, procs, temp)
-        yield address, token
+        cluster.add_worker(num_cpus=1, num_gpus=1)
+        cluster.wait_until(lambda: _nodes_alive(cluster.dashboard_url) >= 2, 90, "second node")
+        yield cluster.dashboard_url, token
     finally:
-        for p in reversed(procs):
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)  # `ray start --block` then stops the node's processes
-        deadline = time.monotonic() + 8  # a graceful stop, briefly: the head alone took 30 s to exit
-        for p in reversed(procs):
-            try:
-                p.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pass
-            try:
-                os.killpg(p.pid, signal.SIGKILL)  # leftovers of that session only (we created it)
-            except ProcessLookupError:
-                pass
-        for out in logs:
-            out.close()
-        shutil.rmtree(temp, ignore_errors=True)
+        cluster.stop()
 
 
 def _nodes_alive(address: str) -> int:
     text = jobs.cluster_status(jobs.job_client(address))
     return text.count("node_")
-
-
-def _wait_for(check, timeout_s, procs, temp):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        for p in procs:
-            if p.poll() is not None:
-                logs = "\n".join(f.read_text()[-2000:] for f in Path(temp).glob("*.log"))
-                raise RuntimeError(f"ray start exited with {p.returncode}:\n{logs}")
-        try:
-            if check():
-                return
-        except LaunchError:
-            pass
-        if time.monotonic() > deadline:
-            raise TimeoutError("local Ray cluster did not come up")
-        time.sleep(1)
 
 
 @pytest.mark.ray
