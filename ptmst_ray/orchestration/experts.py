@@ -83,6 +83,12 @@ def stream_nbytes(cfg: Config) -> int:
     return int(cfg.data.image_cache_mb * 2**20) + cfg.data.stream_buffer * 3 * cfg.data.image_size ** 2
 
 
+TRAINING_VECTORS = 3
+"""Copies of the parameter vector an expert actor holds while it trains, besides its snapshots: the parameters,
+their gradients and SGD's momentum buffer. Activations (which grow with the batch and the image size) come on
+top and are not counted."""
+
+
 def memory_option(nbytes: int) -> dict:
     """``{"memory": nbytes}`` for Ray (so it never packs more such workers on a node than its RAM holds),
     or nothing when the size is not known yet."""
@@ -156,9 +162,11 @@ def _await_restart(actor, poll: Poll | None) -> None:
 def _actor_options(cfg: Config, n_actors: int) -> dict:
     """An expert actor's resources: ``experts.gpus_per_expert`` GPUs and one CPU when the run targets GPUs
     (``run.accelerator``, whether or not GPU nodes are up yet), else an equal share of the CPUs; and the
-    memory of what it holds (the real data, an expert's snapshots once their size is known). Its torch
-    threads follow from what it was given (:func:`~ptmst_ray.orchestration.runtime.worker_threads`)."""
-    memory = memory_option(split_nbytes(cfg) + expert_nbytes(cfg))
+    memory of what it holds (the real data; once an expert's size is known, its snapshots and the vectors
+    training holds: :data:`TRAINING_VECTORS`). Its torch threads follow from what it was given
+    (:func:`~ptmst_ray.orchestration.runtime.worker_threads`)."""
+    expert = expert_nbytes(cfg)
+    memory = memory_option(split_nbytes(cfg) + expert + TRAINING_VECTORS * expert // (cfg.experts.epochs + 1))
     if uses_gpus(cfg):
         return {"num_gpus": cfg.experts.gpus_per_expert, "num_cpus": 1, **memory}
     return {"num_cpus": max(1, int(cluster_info().cpus // max(1, n_actors))), **memory}
