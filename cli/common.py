@@ -128,12 +128,12 @@ def connect_ray(cfg, address: Optional[str]):
     """Start or join Ray (``--address``, else run.address / RAY_ADDRESS, else a local Ray) and say what it has."""
     from ptmst_ray.orchestration.runtime import connect
 
-    from ptmst_ray_cli.dashboard_cmd import login_hint
+    from ptmst_ray_cli.dashboard_cmd import LOCAL_JOB, login_hint
 
     info = connect(address or cfg.run.address)
     console.print(f"Ray: {info.cpus:.0f} CPUs, {info.gpus:.0f} GPUs, {info.nodes} node(s); run root {cfg.run.root}")
     if info.dashboard_url:
-        joined = address or cfg.run.address or os.environ.get("RAY_ADDRESS")
+        joined = (address or cfg.run.address or os.environ.get("RAY_ADDRESS")) and not os.environ.get(LOCAL_JOB)
         where = " (on the head: reach it with `ray dashboard CLUSTER_YAML`)" if joined else ""
         console.print(f"dashboard: {info.dashboard_url}{where}; {login_hint()}", highlight=False)
     return info

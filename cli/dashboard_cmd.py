@@ -50,6 +50,11 @@ def register(app: typer.Typer) -> None:
     app.command("token")(token_cmd)
 
 
+LOCAL_JOB = "PTMST_LOCAL_JOB"
+"""Set in the environment of a job `--as-job` submits: its driver joins a cluster on this machine, whose
+dashboard is the address it prints, not a cluster head's to port-forward."""
+
+
 def run_as_job(cfg, args: list[str]) -> int:
     """`ptmst-ray run --as-job`: start a local Ray of its own (`ray start --head` on free loopback ports, so it
     works beside any other Ray on the machine), submit `ptmst-ray run ARGS` to it as a Ray Job, follow its log
@@ -95,7 +100,8 @@ def submit_and_follow(cluster, cfg, args: list[str]) -> str:
     if "://" not in cfg.run.root and not os.path.isabs(cfg.run.root):  # the job's driver runs in another folder
         args = [*args, "--set", f"run.root={os.path.abspath(cfg.run.root)}"]
     entrypoint = shlex.join([sys.executable, "-m", "ptmst_ray_cli", "run", *args])
-    env = {"env_vars": {"RAY_TRAIN_ENABLE_STATE_TRACKING": "1", "PYTHONUNBUFFERED": "1", "COLUMNS": "160"}}
+    env = {"env_vars": {"RAY_TRAIN_ENABLE_STATE_TRACKING": "1", "PYTHONUNBUFFERED": "1", "COLUMNS": "160",
+                        LOCAL_JOB: "1"}}
     job_id = submit_when_ready(client, entrypoint, env)
     console.print(f"job {job_id}: its log is on the dashboard's Jobs page, {cluster.dashboard_url}/#/jobs/{job_id}",
                   highlight=False)

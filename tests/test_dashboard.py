@@ -308,6 +308,7 @@ def test_run_as_job_beside_the_sessions_ray_is_a_ray_job_with_the_runs_log(ray_s
     job_id = re.search(r"job (\S+): its log is on the dashboard's Jobs page", text).group(1)
     assert f"job {job_id}: SUCCEEDED" in text
     assert "retrieval recall" in text and "ptm_st" in text  # the results table, printed by the job's driver
+    assert "dashboard: http://" in text and "CLUSTER_YAML" not in text  # a local cluster: no port-forward hint
     assert (root / "eval" / "results.json").is_file()
     url = re.search(r"dashboard: (http://127\.0\.0\.1:\d+);", text).group(1)
     assert url != ray_session.dashboard_url  # that cluster's own dashboard, not the session's
