@@ -109,13 +109,17 @@ def embed_captions(cfg: Config, board=None, poll: Poll | None = None) -> dict:
     return wait_all([_embed_task.options(name="embed captions", **options).remote(cfg.to_dict(), board)], poll)[0]
 
 
+def _features_progress(board):
+    """The feature pass's progress callback for the board (None without one)."""
+    return (lambda done, total: report_progress(board, "image features", done, total)) if board else None
+
+
 @ray.remote(num_cpus=1)
 def _features_task(cfg_dict: dict, board=None) -> dict:
     """The frozen-tower feature pass on the GPU Ray gave it (the tower picks CUDA where there is one)."""
     cfg = from_dict(cfg_dict)
     set_threads(worker_threads(cfg.run.threads_per_worker))
-    out = features_stage.compute(cfg, progress=lambda done, total: report_progress(board, "image features", done,
-                                                                                    total))
+    out = features_stage.compute(cfg, progress=_features_progress(board))
     return {**out, "node_id": ray.get_runtime_context().get_node_id(),
             "gpu_ids": [str(g) for g in ray.get_gpu_ids()]}
 
@@ -130,8 +134,7 @@ def image_features(cfg: Config, board=None, poll: Poll | None = None) -> dict:
         return {"key": None, "ran": False, "skipped": reason, "node_id": None, "gpu_ids": []}
     options = {**task_resources(cfg), **memory_option(stream_nbytes(cfg))}  # one shard and a batch at a time
     if not options.get("num_gpus"):
-        progress = (lambda done, total: report_progress(board, "image features", done, total)) if board else None
-        return {**features_stage.compute(cfg, progress=progress), "node_id": None, "gpu_ids": []}
+        return {**features_stage.compute(cfg, progress=_features_progress(board)), "node_id": None, "gpu_ids": []}
     request_gpus(cfg, 1, options["num_gpus"], "features", keep_larger=True)  # the experts' request covers it
     return wait_all([_features_task.options(name="image features", **options).remote(cfg.to_dict(), board)], poll)[0]
 

@@ -516,8 +516,8 @@ def _is_this_machine(host: str) -> bool:
 def worker_threads(threads_per_worker: int) -> int:
     """torch threads of the Ray worker calling this: ``run.threads_per_worker`` when set, else 2 when it computes on
     a real GPU (threads that feed it), else its CPU share. A logical GPU without CUDA computes on the CPU, so it
-    gets its CPU share too: 2 threads each for workers given 1 CPU would oversubscribe the node's cores (two
-    expert actors on 2 cores ran 2.6x slower that way)."""
+    gets its CPU share too: 2 threads each for workers given 1 CPU would oversubscribe the node's cores
+    (bench/RESULTS.md, "Test suite")."""
     if threads_per_worker:
         return threads_per_worker
     import torch
