@@ -405,6 +405,9 @@ class DistillConfig:
     """Iterations between quick recall scores of the phase's EMA subset (one student training each); 0 = off."""
     gpus_per_phase: float = 1.0
     """GPUs per phase trainer when the cluster has GPUs."""
+    max_concurrent: int = 0
+    """Distillation runs (phases, the single-phase baseline) at once; 0 = as many as the cluster has room for.
+    1 runs them in turn (e.g. to leave the rest of a shared cluster free); never changes a result."""
 
     def __post_init__(self):
         _check(self.syn_steps >= 1, "syn_steps", "must be >= 1")
@@ -417,6 +420,7 @@ class DistillConfig:
         _check(0.0 <= self.momentum < 1.0, "momentum", "must be in [0, 1)")
         _check(0.0 <= self.ema_decay < 1.0, "ema_decay", "must be in [0, 1)")
         _check(self.checkpoint_every >= 1, "checkpoint_every", "must be >= 1")
+        _check(self.max_concurrent >= 0, "max_concurrent", "must be >= 0 (0 = as many as fit)")
         _check(self.report_every >= 1, "report_every", "must be >= 1")
         _check(self.recall_every >= 0, "recall_every", "must be >= 0 (0 = no recall during distillation)")
 

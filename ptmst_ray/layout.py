@@ -225,8 +225,9 @@ def experts_hash(cfg: Config) -> str:
     return section_hash(data_hash(cfg), model_hash(cfg), experts, *([order] if order else []))
 
 
-PHASE_VOLATILE = ("checkpoint_every", "report_every", "recall_every", "gpus_per_phase", "exact_checkpoints")
-"""``distill`` settings that do not change a phase's result (how often it reports, where it runs)."""
+PHASE_VOLATILE = ("checkpoint_every", "report_every", "recall_every", "gpus_per_phase", "exact_checkpoints",
+                  "max_concurrent")
+"""``distill`` settings that do not change a phase's result (how often it reports, where and when it runs)."""
 
 
 def phase_hash(cfg: Config, phase: PhaseConfig) -> str:

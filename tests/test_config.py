@@ -162,6 +162,39 @@ def test_exact_checkpoints_is_validated_and_leaves_the_phase_hash_alone():
     assert phase_hash(cfg.replace(**{"distill.syn_steps": 3}), cfg.phases[0]) != reference
 
 
+def test_max_concurrent_is_validated_and_leaves_the_phase_hash_alone():
+    """Running the phases in turn instead of side by side changes when they run, never what they compute."""
+    from ptmst_ray.layout import phase_hash
+
+    with pytest.raises(ConfigError, match=r"max_concurrent: must be >= 0"):
+        Config().replace(**{"distill.max_concurrent": -1})
+    cfg = Config()
+    for phase in cfg.phases:
+        assert phase_hash(cfg.replace(**{"distill.max_concurrent": 1}), phase) == phase_hash(cfg, phase)
+
+
+def test_max_concurrent_caps_the_distillation_runs_at_once(monkeypatch, tmp_path):
+    """run_phases hands the scheduler min(the cluster's slots, distill.max_concurrent) runs at once."""
+    from ptmst_ray.orchestration import phases as orch
+
+    seen = []
+
+    class Info:
+        def slots(self, gpus_per_phase, gpus):
+            return 3
+
+    monkeypatch.setattr(orch, "cluster_info", lambda: Info())
+    monkeypatch.setattr(orch, "resolve_accelerator", lambda cfg: cfg)
+    monkeypatch.setattr(orch, "request_gpus", lambda *a, **k: None)
+    monkeypatch.setattr(orch, "ensure_train_state_actor", lambda: None)
+    monkeypatch.setattr(orch, "as_completed", lambda todo, submit, slots, poll: seen.append(slots) or [])
+    for cap, expected in ((0, 3), (1, 1), (2, 2), (5, 3)):
+        cfg = from_dict({"run": {"root": str(tmp_path / "r"), "accelerator": "cpu"},
+                         "distill": {"max_concurrent": cap}})
+        orch.run_phases(cfg)
+        assert seen[-1] == expected, (cap, seen)
+
+
 def test_every_config_field_has_a_docstring():
     """Each field of each config section carries a one-line docstring right after it (the user's reference)."""
     import ast

@@ -284,6 +284,8 @@ def run_phases(cfg: Config, board=None, poll: Poll | None = None, with_baseline:
         else:
             todo.append(job)
     slots = cluster_info().slots(cfg.distill.gpus_per_phase, uses_gpus(cfg))
+    if cfg.distill.max_concurrent:
+        slots = min(slots, cfg.distill.max_concurrent)
     log.info("%d distillation run(s) to do, up to %d at once", len(todo), slots)
 
     if todo:
