@@ -40,14 +40,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from ptmst_ray import storage
     from ptmst_ray.config import load_config
-    from ptmst_ray.stages import aggregate as distilled_mod
     from ptmst_ray import layout
-    from ptmst_ray import vocab
-    from ptmst_ray.stages import data as data_stage
-    from ptmst_ray.stages import embed as embed_stage
-    from ptmst_ray.stages import pretrain as pretrain_stage
-    from ptmst_ray.stages import experts as experts_stage
-    from ptmst_ray.stages import phase as phase_stage
     from ptmst_ray.stages import score as scoring
 
     cfg = load_config(args.config, [f"run.root={args.root}", *args.overrides])
@@ -61,16 +54,40 @@ def main(argv: list[str] | None = None) -> dict:
         return out
 
     t_all = time.perf_counter()
+    pre, phases, runs = run_in_process(cfg, args.methods, timed)
+    results = scoring.summarise(runs, cfg)
+    results.update(runs=runs, phases=phases, times=times, wall_seconds=time.perf_counter() - t_all,
+                   zero_shot=(pre or {}).get("zero_shot"), overrides=args.overrides, threads=args.threads,
+                   final_ratios=_final_ratios(results))
+    storage.write_json(storage.join(layout.Layout(cfg.run.root).eval, "probe.json"), results)
+    print(report(results))
+    return results
+
+
+def run_in_process(cfg, methods: list[str], timed) -> tuple[dict | None, dict, list[dict]]:
+    """The pipeline's stages for ``methods`` in this process, one after another, each call wrapped by
+    ``timed(name, fn, *args)``: (pretraining manifest, each phase's last metrics, one score per method and seed).
+    Stage names: prepare, pretrain, embed, experts, phases, aggregate, ``eval <method>``."""
+    from ptmst_ray import layout
+    from ptmst_ray import vocab
+    from ptmst_ray.stages import aggregate as distilled_mod
+    from ptmst_ray.stages import data as data_stage
+    from ptmst_ray.stages import embed as embed_stage
+    from ptmst_ray.stages import experts as experts_stage
+    from ptmst_ray.stages import phase as phase_stage
+    from ptmst_ray.stages import pretrain as pretrain_stage
+    from ptmst_ray.stages import score as scoring
+
     timed("prepare", data_stage.prepare, cfg)
     pre = timed("pretrain", pretrain_stage.pretrain, cfg)
     timed("embed", embed_stage.embed, cfg)
-    distilled = bool({"ptm_st", "single_phase"} & set(args.methods))  # random/full alone need no experts
+    distilled = bool({"ptm_st", "single_phase"} & set(methods))  # random/full alone need no experts
     for i in range(cfg.experts.num_experts if distilled else 0):
         timed("experts", experts_stage.train_and_store_expert, cfg, i)
         timed("experts", experts_stage.compress_expert, cfg, i)
     phases = {}
-    jobs = layout.phase_jobs(cfg, with_baseline="single_phase" in args.methods) if distilled else []
-    if "ptm_st" not in args.methods:
+    jobs = layout.phase_jobs(cfg, with_baseline="single_phase" in methods) if distilled else []
+    if "ptm_st" not in methods:
         jobs = [j for j in jobs if j.name == vocab.SINGLE_PHASE]
     for name, phase, seed in ((j.name, j.phase, j.seed) for j in jobs):
         last: dict = {}
@@ -79,19 +96,13 @@ def main(argv: list[str] | None = None) -> dict:
         phases[name] = {**out, **{k: last[k] for k in ("iteration", "loss", "loss_img", "loss_txt", "alpha_img",
                                                         "alpha_txt") if k in last}}
         print(f"{name}: {json.dumps(phases[name])}", flush=True)
-    if "ptm_st" in args.methods:
+    if "ptm_st" in methods:
         timed("aggregate", distilled_mod.aggregate, cfg)
     runs = []
-    for method in args.methods:
+    for method in methods:
         for s in range(cfg.eval.seeds):
             runs.append(timed(f"eval {method}", scoring.score_one_seed, cfg, method, s))
-    results = scoring.summarise(runs, cfg)
-    results.update(runs=runs, phases=phases, times=times, wall_seconds=time.perf_counter() - t_all,
-                   zero_shot=(pre or {}).get("zero_shot"), overrides=args.overrides, threads=args.threads,
-                   final_ratios=_final_ratios(results))
-    storage.write_json(storage.join(layout.Layout(cfg.run.root).eval, "probe.json"), results)
-    print(report(results))
-    return results
+    return pre, phases, runs
 
 
 def _final_ratios(results: dict) -> dict:

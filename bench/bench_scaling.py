@@ -1,0 +1,204 @@
+"""Scaling benchmark (issue #23 item 2): what Ray costs and what running the phases side by side gains.
+
+The same pipeline (a recipe, from a fresh run root each time) four ways:
+
+* ``plain``: the stage functions one after another in one process, no Ray (bench_quality_probe.run_in_process),
+  torch on every core;
+* ``laptop``: ``ptmst-ray run`` in laptop mode (a local Ray on this machine);
+* ``serial``: the same with ``distill.max_concurrent=1`` (the phases, and the single-phase baseline, in turn);
+* ``two-node``: ``ptmst-ray run`` as a driver of a local two-node cluster (two `ray start` nodes of one CPU
+  each on this machine, ptmst_ray.cluster.local), started before the driver and not counted in its time.
+
+Reports each stage's wall time per variant (the pipeline's own stage table for the Ray variants; "start-up"
+is the rest of the driver's wall time: imports, Ray start and stop), the totals, Ray's overhead over
+``plain``, the phases' concurrency gain (laptop against serial) and each variant's r_mean, so that a faster
+variant that computes something else shows.
+
+    .venv/bin/python bench/bench_scaling.py [--config configs/toy.yaml] [--set key=value ...]
+        [--variants plain laptop serial two-node] [--work /tmp/ptmst-bench-scaling] [--no-write]
+
+Without ``--no-write`` the section "Scaling: plain functions, laptop Ray, phases in turn, two nodes" of
+bench/RESULTS.md is replaced with this run's figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from _common import command_line, machine, replace_section  # noqa: E402
+
+VARIANTS = ("plain", "laptop", "serial", "two-node")
+HEADING = "## Scaling: plain functions, laptop Ray, phases in turn, two nodes (issue #23 item 2)"
+PLAIN_STAGES = {"prepare": "data", "pretrain": "pretrain", "embed": "embed", "experts": "experts",
+                "phases": "phases", "aggregate": "aggregate"}
+"""bench_quality_probe's stage names -> the pipeline's (``eval <method>`` -> eval)."""
+BIN = Path(sys.executable).parent
+
+
+def plain_child(config: str, overrides: list[str], root: str, out: str) -> None:
+    """Variant ``plain`` (in a child process of its own): every stage in this process, then the scores."""
+    import torch
+
+    from bench_quality_probe import run_in_process
+    from ptmst_ray import storage
+    from ptmst_ray.config import load_config
+    from ptmst_ray.orchestration.pipeline import evaluation_methods
+    from ptmst_ray.stages import score as scoring
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    t0 = time.perf_counter()
+    cfg = load_config(config, [f"run.root={root}", *overrides])
+    storage.write_text(storage.join(cfg.run.root, "config.yaml"), cfg.to_yaml())
+    times: dict[str, float] = {}
+
+    def timed(name, fn, *a, **k):
+        t = time.perf_counter()
+        result = fn(*a, **k)
+        stage = "eval" if name.startswith("eval ") else PLAIN_STAGES[name]
+        times[stage] = times.get(stage, 0.0) + time.perf_counter() - t
+        print(f"  plain: {name} +{time.perf_counter() - t:.1f}s", flush=True)
+        return result
+
+    _, _, runs = run_in_process(cfg, evaluation_methods(cfg), timed)
+    results = scoring.summarise(runs, cfg)
+    Path(out).write_text(json.dumps({"stages": times, "in_process_s": time.perf_counter() - t0,
+                                     "methods": results["methods"]}))
+
+
+def run_plain(config: str, overrides: list[str], root: Path, log: Path) -> dict:
+    out = root.parent / f"{root.name}.plain.json"
+    cmd = [sys.executable, __file__, "--plain-child", str(root), str(out), "--config", config,
+           *[a for o in overrides for a in ("--set", o)]]
+    wall = _timed_process(cmd, log, os.environ)
+    data = json.loads(out.read_text())
+    stages = dict(data["stages"])
+    stages["start-up"] = wall - sum(stages.values())
+    return {"wall": wall, "stages": stages, "methods": data["methods"]}
+
+
+def run_cli(config: str, overrides: list[str], root: Path, log: Path, env: dict) -> dict:
+    """``ptmst-ray run`` as a child process; its stage table from results.json, the rest of its wall time as
+    start-up (imports, Ray start and stop, the final plot)."""
+    cmd = [str(BIN / "ptmst-ray"), "run", "--config", config, "--set", f"run.root={root}",
+           *[a for o in overrides for a in ("--set", o)]]
+    wall = _timed_process(cmd, log, env)
+    results = json.loads((root / "eval" / "results.json").read_text())
+    stages = {row["stage"]: row["seconds"] for row in results["stages"]}
+    stages["start-up"] = wall - sum(stages.values())
+    return {"wall": wall, "stages": stages, "methods": results["methods"]}
+
+
+def run_two_node(config: str, overrides: list[str], root: Path, log: Path) -> dict:
+    from ptmst_ray.cluster import jobs
+    from ptmst_ray.cluster.local import start_local_cluster
+
+    t0 = time.perf_counter()
+    cluster = start_local_cluster(num_cpus=1, num_gpus=0, token=secrets.token_hex(16), single_machine=False,
+                                  prefix="pbs")
+    try:
+        cluster.add_worker(num_cpus=1, num_gpus=0)
+        cluster.wait_until(lambda: jobs.cluster_status(jobs.job_client(cluster.dashboard_url, token=cluster.token))
+                           .count("node_") >= 2, 120, "second node")
+        started = time.perf_counter() - t0
+        print(f"  two-node: cluster of 2 nodes up in {started:.1f}s", flush=True)
+        out = run_cli(config, overrides, root, log, cluster.env)  # RAY_ADDRESS and the token: the cluster's
+        out["cluster_start"] = started
+        return out
+    finally:
+        cluster.stop()
+
+
+def _timed_process(cmd: list[str], log: Path, env) -> float:
+    t0 = time.perf_counter()
+    with open(log, "w") as f:
+        code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
+    wall = time.perf_counter() - t0
+    if code != 0:
+        raise SystemExit(f"{' '.join(cmd[:3])} ... exited with {code}; its output: {log}")
+    return wall
+
+
+def report(runs: dict[str, dict], load: dict[str, str]) -> str:
+    stages = ["start-up"] + [s for s in ("data", "pretrain", "embed", "features", "experts", "phases", "aggregate",
+                                        "eval") if any(s in r["stages"] for r in runs.values())]
+    names = list(runs)
+    lines = ["| stage | " + " | ".join(f"{n} s" for n in names) + " |", "|---|" + "---:|" * len(names)]
+    for s in stages:
+        lines.append(f"| {s} | " + " | ".join(f"{runs[n]['stages'].get(s, 0.0):.1f}" for n in names) + " |")
+    lines.append("| **total (wall)** | " + " | ".join(f"**{runs[n]['wall']:.1f}**" for n in names) + " |")
+    methods = sorted({m for r in runs.values() for m in r["methods"]})
+    for m in methods:
+        lines.append(f"| r_mean {m} | " + " | ".join(
+            f"{runs[n]['methods'][m]['r_mean']['mean']:.1f} ± {runs[n]['methods'][m]['r_mean']['std']:.1f}"
+            if m in runs[n]["methods"] else "" for n in names) + " |")
+    lines.append("| load average at the end | " + " | ".join(load[n] for n in names) + " |")
+    notes = []
+    if "plain" in runs:
+        base = runs["plain"]["wall"]
+        for n in names:
+            if n != "plain":
+                notes.append(f"* {n} against plain, total: {runs[n]['wall'] / base:.2f}x "
+                             f"(Ray's overhead {100 * (runs[n]['wall'] / base - 1):+.0f}%; target at most +15% for laptop)")
+    if "laptop" in runs and "serial" in runs:
+        ratio = runs["laptop"]["stages"]["phases"] / runs["serial"]["stages"]["phases"]
+        notes.append(f"* phases side by side against in turn (laptop / serial, phases stage): {ratio:.2f}x "
+                     "(target at most 0.6x)")
+    if "two-node" in runs:
+        notes.append(f"* two-node: the cluster's two nodes took {runs['two-node']['cluster_start']:.1f} s to start "
+                     "(not in its column)")
+    return "\n".join(lines + [""] + notes)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", default="configs/toy.yaml")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    ap.add_argument("--work", default="/tmp/ptmst-bench-scaling", help="run roots and logs (emptied first)")
+    ap.add_argument("--no-write", action="store_true", help="print only; leave bench/RESULTS.md alone")
+    ap.add_argument("--plain-child", nargs=2, metavar=("ROOT", "OUT"), help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.plain_child:
+        plain_child(args.config, args.overrides, *args.plain_child)
+        return
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that a started cluster is stopped (finally)
+    work = Path(args.work)
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    runs: dict[str, dict] = {}
+    load: dict[str, str] = {}
+    t0 = time.perf_counter()
+    for name in args.variants:
+        root, log = work / name, work / f"{name}.log"
+        print(f"[{time.perf_counter() - t0:.0f}s] {name}: running (log {log})", flush=True)
+        if name == "plain":
+            runs[name] = run_plain(args.config, args.overrides, root, log)
+        elif name == "two-node":
+            runs[name] = run_two_node(args.config, args.overrides, root, log)
+        else:
+            extra = ["distill.max_concurrent=1"] if name == "serial" else []
+            runs[name] = run_cli(args.config, [*args.overrides, *extra], root, log, os.environ)
+        load[name] = f"{os.getloadavg()[0]:.1f}"
+        print(f"[{time.perf_counter() - t0:.0f}s] {name}: {runs[name]['wall']:.1f}s", flush=True)
+    table = report(runs, load)
+    print(table)
+    (work / "runs.json").write_text(json.dumps(runs, indent=1))
+    if not args.no_write:
+        replace_section(HEADING, f"Command: `{command_line()}`; machine: {machine(load=True)}.\n\n{table}\n")
+
+
+if __name__ == "__main__":
+    main()
