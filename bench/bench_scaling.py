@@ -3,7 +3,8 @@
 The same pipeline (a recipe, from a fresh run root each time) four ways:
 
 * ``plain``: the stage functions one after another in one process, no Ray (bench_quality_probe.run_in_process),
-  torch on every core;
+  torch on every core; ``plain-1``: the same on one torch thread, what each Ray worker gets (the unit costs
+  of bench/model_scaling.py);
 * ``laptop``: ``ptmst-ray run`` in laptop mode (a local Ray on this machine);
 * ``serial``: the same with ``distill.max_concurrent=1`` (the phases, and the single-phase baseline, in turn);
 * ``two-node``: ``ptmst-ray run`` as a driver of a local two-node cluster (two `ray start` nodes of one CPU
@@ -39,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _common import command_line, machine, replace_section  # noqa: E402
 
-VARIANTS = ("plain", "laptop", "serial", "two-node")
+VARIANTS = ("plain", "plain-1", "laptop", "serial", "two-node")
 HEADING = "## Scaling: plain functions, laptop Ray, phases in turn, two nodes (issue #23 item 2)"
 PLAIN_STAGES = {"prepare": "data", "pretrain": "pretrain", "embed": "embed", "experts": "experts",
                 "phases": "phases", "aggregate": "aggregate"}
@@ -47,7 +48,7 @@ PLAIN_STAGES = {"prepare": "data", "pretrain": "pretrain", "embed": "embed", "ex
 BIN = Path(sys.executable).parent
 
 
-def plain_child(config: str, overrides: list[str], root: str, out: str) -> None:
+def plain_child(config: str, overrides: list[str], root: str, out: str, threads: int) -> None:
     """Variant ``plain`` (in a child process of its own): every stage in this process, then the scores."""
     import torch
 
@@ -57,35 +58,37 @@ def plain_child(config: str, overrides: list[str], root: str, out: str) -> None:
     from ptmst_ray.orchestration.pipeline import evaluation_methods
     from ptmst_ray.stages import score as scoring
 
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(threads)
     t0 = time.perf_counter()
     cfg = load_config(config, [f"run.root={root}", *overrides])
     storage.write_text(storage.join(cfg.run.root, "config.yaml"), cfg.to_yaml())
     times: dict[str, float] = {}
+    calls: list[tuple[str, float]] = []
 
     def timed(name, fn, *a, **k):
         t = time.perf_counter()
         result = fn(*a, **k)
         stage = "eval" if name.startswith("eval ") else PLAIN_STAGES[name]
         times[stage] = times.get(stage, 0.0) + time.perf_counter() - t
-        print(f"  plain: {name} +{time.perf_counter() - t:.1f}s", flush=True)
+        calls.append((name, time.perf_counter() - t))
+        print(f"  plain: {name} +{calls[-1][1]:.1f}s", flush=True)
         return result
 
     _, _, runs = run_in_process(cfg, evaluation_methods(cfg), timed)
     results = scoring.summarise(runs, cfg)
-    Path(out).write_text(json.dumps({"stages": times, "in_process_s": time.perf_counter() - t0,
+    Path(out).write_text(json.dumps({"stages": times, "calls": calls, "in_process_s": time.perf_counter() - t0,
                                      "methods": results["methods"]}))
 
 
-def run_plain(config: str, overrides: list[str], root: Path, log: Path) -> dict:
+def run_plain(config: str, overrides: list[str], root: Path, log: Path, threads: int) -> dict:
     out = root.parent / f"{root.name}.plain.json"
-    cmd = [sys.executable, __file__, "--plain-child", str(root), str(out), "--config", config,
+    cmd = [sys.executable, __file__, "--plain-child", str(root), str(out), str(threads), "--config", config,
            *[a for o in overrides for a in ("--set", o)]]
     wall = _timed_process(cmd, log, os.environ)
     data = json.loads(out.read_text())
     stages = dict(data["stages"])
     stages["start-up"] = wall - sum(stages.values())
-    return {"wall": wall, "stages": stages, "methods": data["methods"]}
+    return {"wall": wall, "stages": stages, "methods": data["methods"], "calls": data["calls"], "threads": threads}
 
 
 def run_cli(config: str, overrides: list[str], root: Path, log: Path, env: dict) -> dict:
@@ -148,7 +151,7 @@ def report(runs: dict[str, dict], load: dict[str, str]) -> str:
     if "plain" in runs:
         base = runs["plain"]["wall"]
         for n in names:
-            if n != "plain":
+            if not n.startswith("plain"):
                 notes.append(f"* {n} against plain, total: {runs[n]['wall'] / base:.2f}x "
                              f"(Ray's overhead {100 * (runs[n]['wall'] / base - 1):+.0f}%; target at most +15% for laptop)")
     if "laptop" in runs and "serial" in runs:
@@ -168,10 +171,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     ap.add_argument("--work", default="/tmp/ptmst-bench-scaling", help="run roots and logs (emptied first)")
     ap.add_argument("--no-write", action="store_true", help="print only; leave bench/RESULTS.md alone")
-    ap.add_argument("--plain-child", nargs=2, metavar=("ROOT", "OUT"), help=argparse.SUPPRESS)
+    ap.add_argument("--plain-child", nargs=3, metavar=("ROOT", "OUT", "THREADS"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.plain_child:
-        plain_child(args.config, args.overrides, *args.plain_child)
+        root, out, threads = args.plain_child
+        plain_child(args.config, args.overrides, root, out, int(threads))
         return
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that a started cluster is stopped (finally)
@@ -184,8 +188,9 @@ def main(argv: list[str] | None = None) -> None:
     for name in args.variants:
         root, log = work / name, work / f"{name}.log"
         print(f"[{time.perf_counter() - t0:.0f}s] {name}: running (log {log})", flush=True)
-        if name == "plain":
-            runs[name] = run_plain(args.config, args.overrides, root, log)
+        if name.startswith("plain"):
+            threads = 1 if name == "plain-1" else os.cpu_count() or 1
+            runs[name] = run_plain(args.config, args.overrides, root, log, threads)
         elif name == "two-node":
             runs[name] = run_two_node(args.config, args.overrides, root, log)
         else:
