@@ -51,10 +51,15 @@ def test_gpus_an_autoscaler_config_can_add():
 @pytest.mark.parametrize("setting,gpus,can_add,use", [
     ("auto", 0, None, False), ("auto", 0, 0.0, False), ("auto", 2, None, True), ("auto", 0, 4.0, True),
     ("cpu", 2, 4.0, False), ("gpu", 0, 4.0, True), ("gpu", 0, None, True), ("gpu", 1, None, True)])
-def test_accelerator_follows_the_config_and_what_the_cluster_can_have(setting, gpus, can_add, use):
+def test_accelerator_follows_the_config_and_what_the_cluster_can_have(setting, gpus, can_add, use, monkeypatch):
     """auto: GPUs when there are some now or the autoscaler can add them; gpu/cpu as given. The reason
-    names the setting and what was seen (it is logged once per run and kept in results.json)."""
+    names the setting and what was seen (it is logged once per run and kept in results.json). A cluster
+    joined, not a local Ray this process started (the test session's own Ray may be up: that case is
+    test_laptop_stays_on_cpus_and_refuses_gpu_without_any)."""
+    from ptmst_ray.orchestration import runtime
     from ptmst_ray.orchestration.runtime import ClusterInfo, plan_accelerator
+
+    monkeypatch.setattr(runtime, "_STARTED_LOCAL", [False])
 
     plan = plan_accelerator(setting, ClusterInfo(cpus=2, gpus=gpus, nodes=1), (can_add, "autoscaler.yaml"))
     assert plan.use_gpus is use
