@@ -626,6 +626,78 @@ def test_dashboard_and_jobs_api_listen_on_loopback_only(ray_session):
     assert _listening(int(port)) == {"127.0.0.1"}
 
 
+def _listening_sockets() -> dict[str, str]:
+    """inode -> "address:port" of every listening TCP socket on this machine (Linux /proc/net/tcp, tcp6)."""
+    import ipaddress
+
+    out = {}
+    for name in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(name).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] != "0A":  # LISTEN
+                continue
+            ip_hex, port_hex = fields[1].split(":")
+            raw = bytes.fromhex(ip_hex)
+            raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))  # 32-bit words, host order
+            out[fields[9]] = f"{ipaddress.ip_address(raw)}:{int(port_hex, 16)}"
+    return out
+
+
+def _descendants(pid: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def _is_loopback(address: str) -> bool:
+    import ipaddress
+
+    ip = ipaddress.ip_address(address.rsplit(":", 1)[0])
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return ip.is_loopback or (mapped is not None and mapped.is_loopback)
+
+
+@pytest.mark.ray
+def test_a_local_ray_listens_on_loopback_only(ray_session):
+    """A local start (laptop mode; here the test session's Ray, started by the same ``runtime.connect``) runs in
+    Ray's single-machine mode: its GCS, raylet, dashboard, agents and workers listen on 127.0.0.1 and nowhere
+    else (by default Ray listens on every interface)."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    def hello() -> int:
+        return os.getpid()
+
+    worker = ray.get(hello.remote())
+    sockets = _listening_sockets()
+    held = {}
+    for pid in _descendants(os.getpid()) | {os.getpid()}:
+        try:
+            links = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+        except OSError:
+            continue
+        for link in links:
+            inode = link[len("socket:["):-1] if link.startswith("socket:[") else None
+            if inode in sockets:
+                held.setdefault(pid, []).append(sockets[inode])
+    assert worker in _descendants(os.getpid()) and len(held) >= 3, held  # GCS, raylet, dashboard, ... and the worker
+    exposed = {pid: [a for a in addresses if not _is_loopback(a)] for pid, addresses in held.items()}
+    assert {pid: a for pid, a in exposed.items() if a} == {}, {
+        pid: (Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ")[:80], a) for pid, a in exposed.items() if a}
+
+
 def test_cluster_yaml_binds_the_dashboard_to_loopback(tmp_path):
     import yaml
 

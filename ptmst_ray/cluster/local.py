@@ -43,8 +43,12 @@ NODE_PORT_FLAGS = ("--node-manager-port", "--object-manager-port", "--dashboard-
 another Ray on the machine)."""
 HEAD_PORT_FLAGS = ("--port", "--dashboard-port", "--ray-client-server-port")
 """The head's own ports (GCS, dashboard, Ray client server), free ones as well."""
-SINGLE_MACHINE_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-"""Ray's single-machine mode: the node address is 127.0.0.1 and Ray's servers listen on loopback only."""
+SINGLE_MACHINE_VAR = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+"""Ray's switch of its single-machine mode ("0"; Ray's default on macOS and Windows): the node address is
+127.0.0.1, so every server Ray starts (GCS, raylet, agents, workers) listens on loopback only and no other
+machine can join. Elsewhere Ray's default is to listen on every interface. Also used by a laptop-mode
+``ray.init()`` (``orchestration.runtime.loopback_only``)."""
+SINGLE_MACHINE_ENV = {SINGLE_MACHINE_VAR: "0"}
 START_ATTEMPTS = 2
 """A head that exits while starting is started again once on new ports: a free port picked here can be
 taken by another process before Ray binds it."""
@@ -243,7 +247,8 @@ def start_local_cluster(num_cpus: Optional[int] = None, num_gpus: Optional[int] 
     works; Ray's gRPC servers then listen on every interface). Raises LaunchError
     with the head's output when it does not come up; a head that exits while starting is retried on new ports.
     """
-    base = {k: v for k, v in (os.environ if env is None else env).items() if k != "RAY_ADDRESS"}
+    dropped = {"RAY_ADDRESS", SINGLE_MACHINE_VAR}  # the mode is this call's choice, never the caller's env's
+    base = {k: v for k, v in (os.environ if env is None else env).items() if k not in dropped}
     base, token = auth_env(base, token)
     error: Optional[LaunchError] = None
     for _ in range(START_ATTEMPTS):

@@ -11,6 +11,7 @@ that the CLI polls to draw its bars.
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import os
 import signal
@@ -81,10 +82,36 @@ def connect(address: str | None = None, num_cpus: int | None = None, num_gpus: i
                 ensure_auth_token()
             log.info("starting a local Ray instance (dashboard on %s, or the next free port)", LOOPBACK)
             _STARTED_LOCAL[0] = True
-            ray.init(num_cpus=num_cpus, num_gpus=num_gpus, namespace=NAMESPACE, include_dashboard=True,
-                     dashboard_host=LOOPBACK, resources={TRAIN_DRIVER: train_drivers}, log_to_driver=False,
-                     configure_logging=True, logging_level=logging.WARNING)
+            with loopback_only():
+                ray.init(num_cpus=num_cpus, num_gpus=num_gpus, namespace=NAMESPACE, include_dashboard=True,
+                         dashboard_host=LOOPBACK, resources={TRAIN_DRIVER: train_drivers}, log_to_driver=False,
+                         configure_logging=True, logging_level=logging.WARNING)
     return cluster_info()
+
+
+@contextlib.contextmanager
+def loopback_only():
+    """Around a local ``ray.init()``: Ray's single-machine mode for the processes it starts (they read
+    :data:`SINGLE_MACHINE_VAR` from the environment they inherit; workers inherit the raylet's) and for this
+    process's choice of the node address (read when Ray was imported); both restored after, so that a later
+    `ray start` of a multi-node cluster from this process is not affected. A user who set the variable to
+    another value than "0" gets Ray's own behaviour."""
+    from ray._private import ray_constants
+
+    from ptmst_ray.cluster.local import SINGLE_MACHINE_VAR
+
+    saved_env, saved_flag = os.environ.get(SINGLE_MACHINE_VAR), ray_constants.ENABLE_RAY_CLUSTER
+    if saved_env not in (None, "0"):
+        yield
+        return
+    os.environ[SINGLE_MACHINE_VAR] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved_flag
+        if saved_env is None:
+            os.environ.pop(SINGLE_MACHINE_VAR, None)
 
 
 def cluster_info() -> ClusterInfo:
