@@ -234,8 +234,9 @@ def train_stream(cfg: Config, split: str, text: torch.Tensor, batch_size: int, s
     caption shards are not read again). The train split is cut to ``data.max_train_rows`` like
     :func:`load_real`'s rows."""
     from ptmst_ray.data.stream import CaptionStream
+    from ptmst_ray.device import decode_threads
 
     rows = cfg.data.max_train_rows if split == "train" else None
     return CaptionStream(Layout.of(cfg).data, split, text, batch_size, seed, buffer=cfg.data.stream_buffer,
                          rows=rows, min_batch=min_batch, prefetch=cfg.data.prefetch, cache_mb=cfg.data.image_cache_mb,
-                         image_index=image_index)
+                         image_index=image_index, decode_workers=decode_threads(cfg.data.decode_workers))

@@ -366,4 +366,4 @@ def feature_stream(cfg: Config, cached: CachedFeatures, text: torch.Tensor, batc
     """:func:`ptmst_ray.stages.embed.train_stream` of the train split with features for pixels."""
     return FeatureStream(cached, Layout.of(cfg).data, "train", text, batch_size, seed, buffer=cfg.data.stream_buffer,
                          rows=cfg.data.max_train_rows, min_batch=min_batch, prefetch=cfg.data.prefetch,
-                         image_index=image_index)
+                         image_index=image_index)  # nothing to decode: one thread stacks the feature rows
