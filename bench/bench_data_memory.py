@@ -14,7 +14,8 @@ every image decoded once, kept as uint8; a seeded permutation of the rows; float
 ``stream`` = :class:`ptmst_ray.data.stream.CaptionStream` bare (one shard at a time, a 1,024-row shuffle
 buffer, each batch decoded and normalised on its own, no prefetch, no cache); ``stream+`` = the same with
 what ``data.stream: on`` configures by default (a prefetch thread 2 batches deep, a 256 MiB decoded-image
-LRU); ``full`` = a full-data baseline epoch: ``evaluate.student.train_student`` fed ``stream+`` batches
+LRU); ``decode`` = prefetch without the cache (every caption row decoded: the decoding rate itself);
+``full`` = a full-data baseline epoch: ``evaluate.student.train_student`` fed ``stream+`` batches
 (``min_batch`` 1, the student's seed), its student a stand-in of a few hundred parameters so the figures
 stay the data path's. ``--model-rate`` times training steps of the toy student (ptmst-toy-vit, 32 px),
 the rate a data path has to keep up with. ``--decode-workers 1 2`` runs the streaming paths once per number of
@@ -32,6 +33,7 @@ import argparse
 import io
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -48,7 +50,7 @@ BATCH = 128
 BUFFER = 1024
 PREFETCH = 2
 CACHE_MB = 256.0
-PATHS = ("rows", "stream", "stream+", "full", "raydata")
+PATHS = ("rows", "stream", "stream+", "decode", "full", "raydata")
 THREADS = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "ARROW_NUM_THREADS": "1"}
 FORMATS = {"jpeg": ("JPEG", {"quality": 90}, "jpg"), "png": ("PNG", {"compress_level": 1}, "png")}
 """Encoded image formats: JPEG (what real datasets hold; ~4x cheaper to write than PNG) or PNG (what `data
@@ -141,6 +143,8 @@ def child(data_dir: str, path: str, workers: int = 1) -> None:
     dataset.decode_png = counting
     dataset.normalize_images(torch.zeros(1, 3, 2, 2, dtype=torch.uint8))  # imports open_clip (~280 MiB) up front
     after_imports = status_kb("VmRSS")
+    start_usage = resource.getrusage(resource.RUSAGE_SELF)
+    cpu_at_start = start_usage.ru_utime + start_usage.ru_stime
     started = time.perf_counter()
     caps = read_captions(data_dir, "train")
     text = torch.zeros(len(caps.captions), 8)  # stands in for the caption embeddings (768-d at paper scale)
@@ -151,10 +155,10 @@ def child(data_dir: str, path: str, workers: int = 1) -> None:
             x, t = images[idx], text[idx]
             total += float(x.mean()) + float(t.sum())
             rows += len(idx)
-    elif path in ("stream", "stream+"):
+    elif path in ("stream", "stream+", "decode"):
         from ptmst_ray.data.stream import CaptionStream
 
-        fast = {"prefetch": PREFETCH, "cache_mb": CACHE_MB} if path == "stream+" else {}
+        fast = {"stream+": {"prefetch": PREFETCH, "cache_mb": CACHE_MB}, "decode": {"prefetch": PREFETCH}}.get(path, {})
         for idx, x, t in CaptionStream(data_dir, "train", text, BATCH, seed=0, buffer=BUFFER, decode_workers=workers,
                                        **fast).epoch(1):
             total += float(x.mean()) + float(t.sum())
@@ -164,7 +168,9 @@ def child(data_dir: str, path: str, workers: int = 1) -> None:
     else:
         return ray_data_epoch(data_dir, after_imports)
     seconds = time.perf_counter() - started
+    usage = resource.getrusage(resource.RUSAGE_SELF)  # every thread's CPU time, imports included (subtracted)
     print(json.dumps({"path": path, "workers": workers, "rows": rows, "seconds": seconds, "decodes": decodes["n"],
+                      "cpu_s": usage.ru_utime + usage.ru_stime - cpu_at_start,
                       "rss_after_imports_kb": after_imports, "peak_kb": status_kb("VmHWM")}), flush=True)
 
 
@@ -312,7 +318,7 @@ def main() -> None:
     for n in args.sizes:
         d, info = cached_split(cache, n, args.format)
         for path in args.paths:
-            for workers in (args.decode_workers if path in ("stream", "stream+", "full") else [1]):
+            for workers in (args.decode_workers if path in ("stream", "stream+", "decode", "full") else [1]):
                 r = spawn(d, path, workers)
                 load = os.getloadavg()[0]
                 print(json.dumps({"captions": n, "load": load, **r}), flush=True)

@@ -144,3 +144,17 @@ def test_tower_source_reads_content_not_names(tmp_path):
     save_file({"w": torch.ones(3)}, str(a))
     assert tower_source(cfg.model, "image") != image and tower_source(cfg.model, "text") == text
     assert tower_source(cfg.replace(**{"model.name": "RN50"}).model, "text") != text  # another architecture
+
+
+def test_finished_embeddings_start_no_gpu_task(prepared, tmp_path, ray_session):
+    """When the run targets GPUs the embeddings are computed in a GPU task (the session's Ray has 2 logical GPUs);
+    once finished, the next run asks for no GPU and starts no task."""
+    from conftest import copy_root
+    from ptmst_ray.orchestration.pipeline import embed_captions
+
+    root = copy_root(prepared, tmp_path / "root", parts=("data",))
+    save_file(load_file(str(prepared / "clip.safetensors")), str(root / "clip.safetensors"))
+    cfg = _config(root, **{"run.accelerator": "gpu"})
+    first = embed_captions(cfg)
+    assert first["ran"] and first["gpu_ids"] and first["node_id"], first
+    assert embed_captions(cfg) == {"key": first["key"], "node_id": None, "gpu_ids": [], "ran": False}
