@@ -1,8 +1,9 @@
 """Peak memory and throughput of the train data path of one expert epoch vs the number of caption rows.
 
 Why this file exists: issue #26 asks that a consumer's memory not grow with the split. This script writes
-pairs splits of 2,000 / 20,000 / 100,000 caption rows (5 captions per image, 224x224 PNGs, the prepared
-layout `data prepare` writes: image and caption Parquet shards + manifest) and, in a fresh child process
+pairs splits of 2,000 / 20,000 / 100,000 caption rows (5 captions per image, 224x224 JPEGs by default, or the
+PNGs `data prepare` stores with ``--format png``, in the prepared layout `data prepare` writes: image and
+caption Parquet shards + manifest; kept in ``--cache`` and reused by later runs) and, in a fresh child process
 per (size, path), runs one epoch of 128-row minibatches through the data path and records the child's
 peak RSS (VmHWM), its RSS after the imports, wall time and caption rows (and distinct PNG decodes) per
 second. The minibatches are consumed by a trivial reduction, not a model: the figures are the data
@@ -13,14 +14,17 @@ every image decoded once, kept as uint8; a seeded permutation of the rows; float
 ``stream`` = :class:`ptmst_ray.data.stream.CaptionStream` bare (one shard at a time, a 1,024-row shuffle
 buffer, each batch decoded and normalised on its own, no prefetch, no cache); ``stream+`` = the same with
 what ``data.stream: on`` configures by default (a prefetch thread 2 batches deep, a 256 MiB decoded-image
-LRU); ``full`` = a full-data baseline epoch: ``evaluate.student.train_student`` fed ``stream+`` batches
+LRU); ``decode`` = prefetch without the cache (every caption row decoded: the decoding rate itself);
+``full`` = a full-data baseline epoch: ``evaluate.student.train_student`` fed ``stream+`` batches
 (``min_batch`` 1, the student's seed), its student a stand-in of a few hundred parameters so the figures
 stay the data path's. ``--model-rate`` times training steps of the toy student (ptmst-toy-vit, 32 px),
-the rate a data path has to keep up with.
+the rate a data path has to keep up with. ``--decode-workers 1 2`` runs the streaming paths once per number of
+decoding threads (``data.decode_workers``; the batches are the same, only the rate may differ).
 
     .venv/bin/python bench/bench_data_memory.py                 # 2,000 / 20,000 / 100,000 captions
     .venv/bin/python bench/bench_data_memory.py --sizes 2000 --no-write
     .venv/bin/python bench/bench_data_memory.py --sizes 2000 20000 --paths stream+ full --model-rate
+    .venv/bin/python bench/bench_data_memory.py --sizes 2000 --paths stream stream+ --decode-workers 1 2 --format png
 """
 
 from __future__ import annotations
@@ -28,10 +32,10 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import shutil
+import os
+import resource
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -46,12 +50,17 @@ BATCH = 128
 BUFFER = 1024
 PREFETCH = 2
 CACHE_MB = 256.0
-PATHS = ("rows", "stream", "stream+", "full", "raydata")
+PATHS = ("rows", "stream", "stream+", "decode", "full", "raydata")
 THREADS = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "ARROW_NUM_THREADS": "1"}
+FORMATS = {"jpeg": ("JPEG", {"quality": 90}, "jpg"), "png": ("PNG", {"compress_level": 1}, "png")}
+"""Encoded image formats: JPEG (what real datasets hold; ~4x cheaper to write than PNG) or PNG (what `data
+prepare` stores in the shards; compress level 1, for speed). The loaders decode either (PIL)."""
+SPLIT_VERSION = 1
+"""Bumped when what write_split writes changes (part of a cached split's folder name)."""
 
 
-def _png(rng) -> bytes:
-    """A distinct 224x224 PNG: a smooth colour field plus pixel noise (compress level 1, for speed)."""
+def _image(rng, fmt: str) -> bytes:
+    """A distinct 224x224 image: a smooth colour field plus pixel noise, encoded as ``fmt``."""
     import numpy as np
     from PIL import Image
 
@@ -59,11 +68,35 @@ def _png(rng) -> bytes:
     field = np.asarray(base.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BICUBIC), dtype=np.int16)
     noisy = np.clip(field + rng.integers(-6, 7, field.shape, dtype=np.int16), 0, 255).astype(np.uint8)
     buf = io.BytesIO()
-    Image.fromarray(noisy).save(buf, format="PNG", compress_level=1)
+    name, options, _ = FORMATS[fmt]
+    Image.fromarray(noisy).save(buf, format=name, **options)
     return buf.getvalue()
 
 
-def write_split(data_dir: Path, captions: int, seed: int = 0) -> dict:
+def cached_split(cache: Path, captions: int, fmt: str) -> tuple[Path, dict]:
+    """The split of ``captions`` rows in ``fmt`` under ``cache``: written once (with progress), then reused."""
+    from ptmst_ray import storage
+
+    d = cache / f"c{captions}-{fmt}-v{SPLIT_VERSION}"
+    info_file = d / "info.json"
+    if info_file.exists() and storage.read_manifest(str(d / "train")) is not None:
+        info = json.loads(info_file.read_text())
+        print(f"reusing {d} ({info['images']:,} images)", flush=True)
+        return d, info
+    if d.exists():  # an interrupted write: start again
+        import shutil
+
+        shutil.rmtree(d)
+    t0 = time.perf_counter()
+    info = write_split(d, captions, fmt)
+    info["write_s"] = round(time.perf_counter() - t0, 1)
+    info_file.write_text(json.dumps(info))
+    print(f"wrote {captions:,} captions / {info['images']:,} images ({info['bytes'] / 1e6:.0f} MB, "
+          f"{info['shards']} image shards) in {info['write_s']:.0f} s", flush=True)
+    return d, info
+
+
+def write_split(data_dir: Path, captions: int, fmt: str = "jpeg", seed: int = 0) -> dict:
     """A prepared pairs split ``data_dir/train`` of ``captions`` rows (the layout and manifest of `data prepare`)."""
     import numpy as np
 
@@ -74,22 +107,27 @@ def write_split(data_dir: Path, captions: int, seed: int = 0) -> dict:
     out.mkdir(parents=True)
     rng = np.random.default_rng(seed)
     images = captions // CAPTIONS
+    suffix = FORMATS[fmt][2]
     with ShardWriter(str(out), "images", IMAGE_SCHEMA_PAIRS, 2048) as imgs, \
             ShardWriter(str(out), "captions", CAPTION_SCHEMA, 2048) as caps:
         for i in range(images):
-            imgs.add({"image_index": i, "image": f"{i}.png", "image_id": str(i), "row": i, "png": _png(rng)})
+            imgs.add({"image_index": i, "image": f"{i}.{suffix}", "image_id": str(i), "row": i,
+                      "png": _image(rng, fmt)})  # the shards' image column (named for what `data prepare` stores)
             for c in range(CAPTIONS):
                 caps.add({"row": i * CAPTIONS + c, "image_index": i, "caption": f"image {i} caption {c}"})
+            if (i + 1) % 5000 == 0:
+                print(f"  {i + 1:,} / {images:,} images written", flush=True)
     manifest = {"kind": "data_split", "split": "train", "split_kind": "pairs", "rows": caps.rows,
                 "images": imgs.rows, "captions": caps.rows, "image_size": IMAGE_SIZE,
                 "files": {**imgs.files, **caps.files}, "skipped": []}
     storage.write_manifest(str(out), manifest)
     return {"images": imgs.rows, "bytes": sum(p.stat().st_size for p in out.glob("*.parquet")),
-            "shards": len(imgs.files)}
+            "shards": len(imgs.files), "format": fmt}
 
 
-def child(data_dir: str, path: str) -> None:
-    """One epoch of the data path ``path`` over ``data_dir/train``; prints a JSON line of figures."""
+def child(data_dir: str, path: str, workers: int = 1) -> None:
+    """One epoch of the data path ``path`` over ``data_dir/train`` (streaming paths: ``workers`` decoding threads);
+    prints a JSON line of figures."""
     import torch
 
     from ptmst_ray.data import dataset
@@ -105,6 +143,8 @@ def child(data_dir: str, path: str) -> None:
     dataset.decode_png = counting
     dataset.normalize_images(torch.zeros(1, 3, 2, 2, dtype=torch.uint8))  # imports open_clip (~280 MiB) up front
     after_imports = status_kb("VmRSS")
+    start_usage = resource.getrusage(resource.RUSAGE_SELF)
+    cpu_at_start = start_usage.ru_utime + start_usage.ru_stime
     started = time.perf_counter()
     caps = read_captions(data_dir, "train")
     text = torch.zeros(len(caps.captions), 8)  # stands in for the caption embeddings (768-d at paper scale)
@@ -115,19 +155,22 @@ def child(data_dir: str, path: str) -> None:
             x, t = images[idx], text[idx]
             total += float(x.mean()) + float(t.sum())
             rows += len(idx)
-    elif path in ("stream", "stream+"):
+    elif path in ("stream", "stream+", "decode"):
         from ptmst_ray.data.stream import CaptionStream
 
-        fast = {"prefetch": PREFETCH, "cache_mb": CACHE_MB} if path == "stream+" else {}
-        for idx, x, t in CaptionStream(data_dir, "train", text, BATCH, seed=0, buffer=BUFFER, **fast).epoch(1):
+        fast = {"stream+": {"prefetch": PREFETCH, "cache_mb": CACHE_MB}, "decode": {"prefetch": PREFETCH}}.get(path, {})
+        for idx, x, t in CaptionStream(data_dir, "train", text, BATCH, seed=0, buffer=BUFFER, decode_workers=workers,
+                                       **fast).epoch(1):
             total += float(x.mean()) + float(t.sum())
             rows += len(idx)
     elif path == "full":
-        rows = full_data_epoch(data_dir, text, caps.image_index)
+        rows = full_data_epoch(data_dir, text, caps.image_index, workers)
     else:
         return ray_data_epoch(data_dir, after_imports)
     seconds = time.perf_counter() - started
-    print(json.dumps({"path": path, "rows": rows, "seconds": seconds, "decodes": decodes["n"],
+    usage = resource.getrusage(resource.RUSAGE_SELF)  # every thread's CPU time, imports included (subtracted)
+    print(json.dumps({"path": path, "workers": workers, "rows": rows, "seconds": seconds, "decodes": decodes["n"],
+                      "cpu_s": usage.ru_utime + usage.ru_stime - cpu_at_start,
                       "rss_after_imports_kb": after_imports, "peak_kb": status_kb("VmHWM")}), flush=True)
 
 
@@ -151,13 +194,13 @@ def stand_in_student(text_dim: int):
     return Student()
 
 
-def full_data_epoch(data_dir: str, text, image_index) -> int:
+def full_data_epoch(data_dir: str, text, image_index, workers: int = 1) -> int:
     """One epoch of the full-data baseline's training loop over the streamed split; returns the rows trained."""
     from ptmst_ray.data.stream import CaptionStream
     from ptmst_ray.evaluate.student import train_student
 
     stream = CaptionStream(data_dir, "train", text, BATCH, seed=0, buffer=BUFFER, min_batch=1, prefetch=PREFETCH,
-                           cache_mb=CACHE_MB, image_index=image_index)
+                           cache_mb=CACHE_MB, image_index=image_index, decode_workers=workers)
     seen = {"rows": 0}
 
     def batches(epoch: int):
@@ -211,7 +254,7 @@ def ray_data_epoch(data_dir: str, after_imports: int) -> None:
         seconds = time.perf_counter() - started
     finally:
         ray.shutdown()
-    print(json.dumps({"path": "raydata", "rows": images, "seconds": seconds, "decodes": images,
+    print(json.dumps({"path": "raydata", "workers": 1, "rows": images, "seconds": seconds, "decodes": images,
                       "rss_after_imports_kb": after_imports, "peak_kb": status_kb("VmHWM")}), flush=True)
 
 
@@ -234,11 +277,9 @@ def model_rate(steps: int = 5) -> dict:
             "threads": torch.get_num_threads()}
 
 
-def spawn(data_dir: Path, path: str) -> dict:
-    import os
-
+def spawn(data_dir: Path, path: str, workers: int = 1) -> dict:
     env = {**os.environ, **THREADS}
-    out = subprocess.run([sys.executable, __file__, "--child", str(data_dir), path], env=env,
+    out = subprocess.run([sys.executable, __file__, "--child", str(data_dir), path, str(workers)], env=env,
                          capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -252,44 +293,45 @@ def main() -> None:
     p.add_argument("--sizes", type=int, nargs="+", default=list(SIZES), help="caption rows per split")
     p.add_argument("--paths", nargs="+", default=list(PATHS), choices=list(PATHS))
     p.add_argument("--model-rate", action="store_true", help="also time the toy student's training steps")
-    p.add_argument("--workdir", default=None, help="where the splits are written (default: a temporary folder)")
+    p.add_argument("--decode-workers", type=int, nargs="+", default=[1],
+                   help="decoding threads of the streaming paths (each value one run of each)")
+    p.add_argument("--format", choices=list(FORMATS), default="jpeg", help="the generated images' encoding")
+    p.add_argument("--cache", default=os.path.expanduser("~/.cache/ptmst-ray/bench_data_memory"),
+                   help="where the generated splits are kept and reused (default: %(default)s)")
     p.add_argument("--no-write", action="store_true", help="print only; leave bench/RESULTS.md alone")
-    p.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    p.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         if args.child[1] == "model":
             print(json.dumps(model_rate()), flush=True)
         else:
-            child(*args.child)
+            child(args.child[0], args.child[1], int(args.child[2]))
         return
     rate = spawn(Path("."), "model") if args.model_rate else None
     if rate:
         print(json.dumps(rate), flush=True)
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_data_memory_"))
-    lines = ["| captions | images | split MB | path | peak RSS MiB | RSS after imports MiB | peak over imports MiB "
-             "| PNG decodes | wall s | caption rows/s |", "|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
-    try:
-        for n in args.sizes:
-            d = work / f"c{n}"
-            t0 = time.perf_counter()
-            info = write_split(d, n)
-            print(f"wrote {n:,} captions / {info['images']:,} images ({info['bytes'] / 1e6:.0f} MB, "
-                  f"{info['shards']} image shards) in {time.perf_counter() - t0:.0f} s", flush=True)
-            for path in args.paths:
-                r = spawn(d, path)
-                print(json.dumps({"captions": n, **r}), flush=True)
-                lines.append(f"| {n:,} | {info['images']:,} | {info['bytes'] / 1e6:,.0f} | {path} | {mib(r['peak_kb'])} "
-                             f"| {mib(r['rss_after_imports_kb'])} | {mib(r['peak_kb'] - r['rss_after_imports_kb'])} "
-                             f"| {r['decodes']:,} | {r['seconds']:.1f} | {r['rows'] / r['seconds']:,.0f} |")
-            shutil.rmtree(d)
-    finally:
-        if not args.workdir:
-            shutil.rmtree(work, ignore_errors=True)
+    cache = Path(args.cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    lines = ["| captions | images | split MB | path | decode workers | peak RSS MiB | RSS after imports MiB "
+             "| peak over imports MiB | decodes | wall s | caption rows/s | load |",
+             "|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for n in args.sizes:
+        d, info = cached_split(cache, n, args.format)
+        for path in args.paths:
+            for workers in (args.decode_workers if path in ("stream", "stream+", "decode", "full") else [1]):
+                r = spawn(d, path, workers)
+                load = os.getloadavg()[0]
+                print(json.dumps({"captions": n, "load": load, **r}), flush=True)
+                lines.append(f"| {n:,} | {info['images']:,} | {info['bytes'] / 1e6:,.0f} | {path} | {workers} "
+                             f"| {mib(r['peak_kb'])} | {mib(r['rss_after_imports_kb'])} "
+                             f"| {mib(r['peak_kb'] - r['rss_after_imports_kb'])} | {r['decodes']:,} "
+                             f"| {r['seconds']:.1f} | {r['rows'] / r['seconds']:,.0f} | {load:.1f} |")
     table = "\n".join(lines)
     print(table)
     if not args.no_write:
         body = (f"Command: `{command_line()}`\n\nMachine: {machine(load=True)}\n\n"
-                f"One epoch, minibatch {BATCH}, {CAPTIONS} captions per image, {IMAGE_SIZE} px PNGs, shards of 2,048 "
+                f"One epoch, minibatch {BATCH}, {CAPTIONS} captions per image, {IMAGE_SIZE} px {args.format.upper()}s, "
+                f"shards of 2,048 "
                 f"rows, one thread per child; batches consumed by a reduction (no model). `rows`: every image "
                 f"decoded once and held as uint8 (the loader experts use); `stream`: CaptionStream, buffer "
                 f"{BUFFER} rows; `stream+`: with prefetch {PREFETCH} and a {CACHE_MB:.0f} MiB image cache; `full`: a "

@@ -137,7 +137,7 @@ ADDED_BUILTIN_DEFAULTS: dict[str, Any] = {"val_images": 0, "kind": "shapes", "ob
 """``data.builtin`` fields added after data was first prepared, with the default that leaves their hash out."""
 
 
-READ_SETTINGS = ("stream", "hold_images_mb", "stream_buffer", "prefetch", "image_cache_mb")
+READ_SETTINGS = ("stream", "hold_images_mb", "stream_buffer", "prefetch", "decode_workers", "image_cache_mb")
 """``data`` settings of how training reads the prepared data, not of what preparation writes."""
 
 
@@ -176,6 +176,12 @@ class DataConfig:
     """Caption rows (encoded images) in the streaming shuffle buffer: more mixes shards more, costs memory."""
     prefetch: int = 2
     """Batches a background thread decodes ahead of training when streaming (0 = decode in the training thread)."""
+    decode_workers: int = 0
+    """Threads that decode a streamed split's batches at once (PIL and torch release the GIL); batches and their
+    order are the same for any value. 0 = auto: 1 on a worker that trains on its CPUs (they run the model), the
+    worker's torch threads on a GPU worker (the Ray layer sets them from the CPUs Ray gave it, at least 2:
+    ``runtime.worker_threads``). A GPU training NFNet-L0 at 224 px consumes what several threads decode
+    (bench/RESULTS.md "Train data path"): give such a worker the CPUs to match."""
     image_cache_mb: float = 256.0
     """Decoded uint8 images a stream keeps (LRU, per worker) so an image's other captions are not decoded
     again; 0 = none. Changes speed and memory only, never the batches."""
@@ -199,6 +205,7 @@ class DataConfig:
         _check(self.hold_images_mb >= 0, "hold_images_mb", "must be >= 0 (MiB of decoded pixels a worker may hold)")
         _check(self.stream_buffer >= 1, "stream_buffer", "must be >= 1 (caption rows in the shuffle buffer)")
         _check(self.prefetch >= 0, "prefetch", "must be >= 0 (0 decodes in the training thread)")
+        _check(self.decode_workers >= 0, "decode_workers", "must be >= 0 (0 = auto, N = N decoding threads)")
         _check(self.image_cache_mb >= 0, "image_cache_mb", "must be >= 0 (0 = no decoded-image cache)")
         if self.dataset != "builtin":
             _check(

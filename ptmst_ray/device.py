@@ -37,3 +37,12 @@ def set_threads(n: int) -> None:
     if n > 0:
         torch.set_num_threads(n)
         os.environ.setdefault("OMP_NUM_THREADS", str(n))
+
+
+def decode_threads(decode_workers: int) -> int:
+    """Threads that decode a streamed split's batches (``data.decode_workers``): the setting when above 0, else the
+    worker's torch threads when it trains on a GPU (its CPUs have no model to run; the Ray layer set the threads
+    from the CPUs Ray gave it, ``runtime.worker_threads``), else 1 (the CPUs train the model)."""
+    if decode_workers > 0:
+        return decode_workers
+    return max(1, torch.get_num_threads()) if pick_device().type == "cuda" else 1

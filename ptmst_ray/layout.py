@@ -90,6 +90,11 @@ class Layout:
         return storage.join(self.features_root, key)
 
     @property
+    def features_current(self) -> str:
+        """A text file naming the key of the features the last feature pass computed or found complete."""
+        return storage.join(self.features_root, "CURRENT")
+
+    @property
     def pretrain(self) -> str:
         return storage.join(self.shared, "pretrain")
 

@@ -318,6 +318,87 @@ def test_prefetch_thread_stops_when_the_consumer_leaves_early():
     assert got == [1]
 
 
+@pytest.mark.parametrize("prefetch", [0, 2])
+def test_decode_workers_keep_every_batch_bit_for_bit(data_dir, prefetch, monkeypatch):
+    """Several decoding threads (which really overlap: a decode is slowed so they must) give the batches of one,
+    bit for bit, in the same order, for two epochs; without the cache (every caption decodes) and with it (threads
+    race for the same images)."""
+    import threading
+    import time
+
+    real = dataset.decode_png
+    threads: set[str] = set()
+
+    def slow(data: bytes):
+        threads.add(threading.current_thread().name)
+        time.sleep(0.002)
+        return real(data)
+
+    monkeypatch.setattr(dataset, "decode_png", slow)
+    for cache_mb in (0.0, 1.0):
+        one = _stream(data_dir, cache_mb=cache_mb, buffer=10, decode_workers=1, prefetch=prefetch)
+        three = _stream(data_dir, cache_mb=cache_mb, buffer=10, decode_workers=3, prefetch=prefetch)
+        for epoch in (1, 2):
+            threads.clear()
+            a, b = list(one.epoch(epoch)), list(three.epoch(epoch))
+            if epoch == 1 or not cache_mb:  # (a second epoch with the cache finds every image decoded)
+                assert len({n for n in threads if n.startswith("ptmst-decode")}) > 1  # decoded by several threads
+            assert len(a) == len(b) == 9 and all(torch.equal(x, y) for p, q in zip(a, b) for x, y in zip(p, q))
+        assert three.decoded >= 30 and (cache_mb or three.decoded == 120)  # no cache: 60 rows x 2 epochs
+    assert not any(t.name.startswith(("ptmst-decode", "ptmst-prefetch")) and t.is_alive() for t in threading.enumerate())
+
+
+def test_decode_workers_stop_when_the_consumer_leaves_early(data_dir):
+    import threading
+
+    stream = _stream(data_dir, decode_workers=3, prefetch=1, batch_size=2)
+    it = stream.epoch(1)
+    first = [next(it) for _ in range(3)]
+    it.close()
+    assert len(first) == 3 and not any(t.name.startswith(("ptmst-decode", "ptmst-prefetch")) and t.is_alive()
+                                       for t in threading.enumerate())
+    assert stream.decoded <= 2 * (3 + 3 + 2)  # bounded: the batches asked for and those in flight, no more
+
+
+def test_an_image_that_does_not_decode_names_its_shard(data_dir, monkeypatch):
+    """A shard whose bytes match its manifest but hold an image that does not decode (written so by a faulty
+    writer): the error names the shard and the fix, after the batches before it, with several decoding threads."""
+    from ptmst_ray.data.dataset import read_image_shard
+
+    m = storage.read_manifest(storage.join(data_dir, "train"))
+    _, pngs = read_image_shard(storage.join(data_dir, "train"), "images-00001.parquet", m["files"]["images-00001.parquet"])
+    bad = set(pngs[:4])  # the first 4 images of shard 1 (16-31)
+    real = dataset.decode_png
+
+    def broken(data: bytes):
+        if data in bad:
+            return real(data[: len(data) // 3])  # PIL's own error for a truncated image
+        return real(data)
+
+    for seed in range(20):  # an order whose first batches hold none of the bad images
+        rows = [r for r, _, _ in _stream(data_dir, seed=seed, buffer=1).epoch(1)]  # the order, all images fine
+        first_bad = next(k for k, r in enumerate(rows) if ((r >= 32) & (r < 40)).any())  # images 16-19: rows 32-39
+        if first_bad:
+            break
+    got = []
+    with monkeypatch.context() as m, pytest.raises(
+            storage.StorageError, match=r"images-00001\.parquet: image (1[6-9]) cannot be decoded") as e:
+        m.setattr(dataset, "decode_png", broken)
+        for batch in _stream(data_dir, seed=seed, buffer=1, decode_workers=3, prefetch=2).epoch(1):
+            got.append(batch)
+    assert len(got) == first_bad and all(torch.equal(a[0], b) for a, b in zip(got, rows))  # every batch before it
+    assert "ptmst-ray data prepare" in str(e.value)
+
+
+def test_decode_workers_setting_is_checked():
+    from ptmst_ray.config import ConfigError
+    from ptmst_ray.device import decode_threads
+
+    assert DataConfig().decode_workers == 0 and decode_threads(0) == 1 and decode_threads(3) == 3  # a CPU-only worker
+    with pytest.raises(ConfigError, match="decode_workers"):
+        DataConfig(decode_workers=-1)
+
+
 # ---------------------------------------------------------------- the stream in use (data.stream)
 
 

@@ -230,10 +230,11 @@ def test_key_follows_the_towers_weights_and_the_split(prepared, tmp_path):
     cfg2 = _other_tower(prepared, tmp_path)
     second = features.compute(cfg2)
     assert second["ran"] and second["key"] != first
-    assert {p.rstrip("/").rsplit("/", 1)[-1] for p in storage.listdir(Layout.of(cfg).features_root)} == \
-        {first, second["key"]}
+    root = Layout.of(cfg).features_root
+    assert {p.rstrip("/").rsplit("/", 1)[-1] for p in storage.listdir(root) if storage.isdir(storage.join(root, p))} \
+        == {first, second["key"]}
     with pytest.raises(StageError, match="another image tower"):
-        features.find(cfg).check_tower(features.frozen_tower_of(cfg2))
+        features.find(cfg2).check_tower(features.frozen_tower_of(cfg))
 
 
 def test_trainable_tower_caches_nothing(tmp_path, caplog):
@@ -258,8 +259,76 @@ def test_missing_features_fall_back_to_the_tower(prepared, tmp_path, caplog):
     assert "not computed" in caplog.text
 
 
+class Builds:
+    """Counts model builds (open_clip.create_model: each student, each tower), feature-file reads and weights-file
+    hashes."""
+
+    def __init__(self, monkeypatch, features_root: str):
+        import open_clip
+
+        self.students, self.reads, self.hashed = 0, [], []
+        build, read_bytes, hash_file = open_clip.create_model, storage.read_bytes, storage.hash_file
+
+        def counted(*args, **kwargs):
+            self.students += 1
+            return build(*args, **kwargs)
+
+        def read(url, *args, **kwargs):
+            if str(url).startswith(features_root) and str(url).endswith(".safetensors"):
+                self.reads.append(url)
+            return read_bytes(url, *args, **kwargs)
+
+        def hashed(url, *args, **kwargs):
+            self.hashed.append(url)
+            return hash_file(url, *args, **kwargs)
+
+        monkeypatch.setattr(open_clip, "create_model", counted)
+        monkeypatch.setattr(storage, "read_bytes", read)
+        monkeypatch.setattr(storage, "hash_file", hashed)
+
+
+def test_finding_features_builds_no_tower(prepared, monkeypatch):
+    """A consumer finds its features from the manifest CURRENT names: no tower built, no weights file hashed, no
+    features file read; the driver's pass on finished features hashes the weights file (its source) and builds
+    nothing; the one tower a consumer builds is its own student's, checked against the features' digest."""
+    cfg = frozen_config(prepared)
+    key = features.compute(cfg)["key"]
+    spy = Builds(monkeypatch, Layout.of(cfg).features_root)
+    cached = features.find(cfg)
+    assert cached is not None and cached.dir == Layout.of(cfg).features(key)
+    assert spy.students == 0 and spy.hashed == [] and spy.reads == []
+    assert features.compute(cfg) == {"key": key, "ran": False, "skipped": None}
+    assert spy.students == 0 and spy.reads == [] and spy.hashed == [cfg.model.pretrained]
+    train_and_store_expert(cfg, 1)
+    assert spy.students == 1  # the expert's own student
+
+
+def test_weights_changed_in_place_are_caught(prepared, tmp_path):
+    """The same weights path with other content: the driver's pass sees another source, builds the tower and
+    computes another folder; before it has, a consumer's own tower does not match the current features and is
+    refused (never trained on another tower's features)."""
+    from ptmst_ray.models import towers
+
+    weights = tmp_path / "clip.safetensors"
+    ckpt = load_file(frozen_config(prepared).model.pretrained)
+    save_file(ckpt, str(weights))
+    cfg = frozen_config(prepared, **{"model.pretrained": str(weights), "pretrain.enabled": False})
+    first = features.compute(cfg)["key"]
+    name = next(k for k in ckpt if k.startswith("visual."))
+    ckpt[name] = ckpt[name] + 3e-3
+    save_file(ckpt, str(weights))
+    towers._load_state_dict_cached.cache_clear()  # a process caches checkpoints by URL; a new run starts without
+    assert features.done_key(cfg) is None
+    with pytest.raises(StageError, match="another image tower"):
+        features.find(cfg).check_tower(features.frozen_tower_of(cfg))
+    second = features.compute(cfg)
+    assert second["ran"] and second["key"] != first
+    features.find(cfg).check_tower(features.frozen_tower_of(cfg))
+
+
 def test_damaged_features_are_named_with_the_rebuild(prepared, tmp_path):
-    """A features file changed after it was written: the pass and a consumer stop naming it, and the run's error
+    """A features file changed after it was written: its consumers stop naming it (each checks the bytes it reads;
+    the driver's pass, which found the features complete from their manifest, reads none), and the run's error
     says which stage redoes it (`--rebuild embed`)."""
     from conftest import copy_root
 
@@ -272,8 +341,8 @@ def test_damaged_features_are_named_with_the_rebuild(prepared, tmp_path):
     blob = bytearray(storage.read_bytes(url))
     blob[-1] ^= 0xFF
     storage.write_bytes(url, bytes(blob))
-    for attempt in (lambda: features.compute(cfg), lambda: cached.split("train"),
-                    lambda: train_and_store_expert(cfg, 0)):
+    assert features.compute(cfg) == {"key": key, "ran": False, "skipped": None}
+    for attempt in (lambda: cached.split("train"), lambda: train_and_store_expert(cfg, 0)):
         with pytest.raises(storage.StorageError) as e:
             attempt()
         assert rel in str(e.value)

@@ -10,29 +10,35 @@ order fixed by (seed, epoch): the image shards in a seeded random order, each sh
 then mixed through the buffer. It is a plain ``torch.utils.data.IterableDataset`` (no Ray), so it runs
 wherever a worker runs; the shards may be local or any fsspec URL.
 
-Two things keep training from waiting on it without changing a single batch: ``prefetch`` batches are read
-and decoded ahead in one background thread (a thread, not DataLoader worker processes: it works the same
-inside a Ray actor, PNG decoding and torch release the GIL, and the order stays that of one iterator), and
-a bounded LRU of decoded uint8 images (``cache_mb``) serves an image's other captions without decoding it
-again. Why not Ray Data: docs/design.md "Streaming the train split".
+Three things keep training from waiting on it without changing a single batch: ``prefetch`` batches are read
+and decoded ahead in a background thread (a thread, not DataLoader worker processes: it works the same
+inside a Ray actor, PNG/JPEG decoding and torch release the GIL, and the order stays that of one iterator);
+``decode_workers`` > 1 threads decode several batches at once, while that thread alone decides which rows
+form each batch (:func:`decoded_ahead`: results in plan order); and a bounded LRU of decoded uint8 images
+(``cache_mb``) serves an image's other captions without decoding it again. Why not Ray Data:
+docs/design.md "Streaming the train split".
 """
 
 from __future__ import annotations
 
+import bisect
 import collections
 import queue
 import threading
-from typing import Iterable, Iterator, TypeVar
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Iterable, Iterator, TypeVar
 
 import numpy as np
 import torch
 
+from ptmst_ray import storage
 from ptmst_ray.data import dataset
 from ptmst_ray.data.dataset import (
     image_shards, normalize_images, read_captions, read_image_shard, split_dir, split_manifest,
 )
 
 T = TypeVar("T")
+R = TypeVar("R")
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 """(caption rows (LongTensor), their images (float, CLIP-normalised, b x 3 x H x W), their text rows)."""
@@ -45,16 +51,18 @@ class CaptionStream(torch.utils.data.IterableDataset):
     indexed by the yielded rows. ``rows`` (default all) streams only caption rows below it (the
     loaders' ``data.max_train_rows``). A last batch smaller than ``min_batch`` is dropped (a contrastive
     loss needs two pairs). Call :meth:`set_epoch` (or :meth:`epoch`) so each epoch gets its own order.
-    :meth:`epoch` decodes ``prefetch`` batches ahead in a background thread; ``cache_mb`` bounds the decoded
-    images kept for reuse. Neither changes the batches.
+    :meth:`epoch` decodes ``prefetch`` batches ahead in a background thread, with ``decode_workers`` threads
+    decoding batches at once when above 1; ``cache_mb`` bounds the decoded images kept for reuse. None of them
+    changes the batches.
     """
 
     def __init__(self, data_dir: str, split: str, text: torch.Tensor, batch_size: int, seed: int,
                  buffer: int = 4096, rows: int | None = None, min_batch: int = 2, prefetch: int = 0,
-                 cache_mb: float = 0.0, image_index: torch.Tensor | None = None):
+                 cache_mb: float = 0.0, image_index: torch.Tensor | None = None, decode_workers: int = 1):
         super().__init__()
-        if batch_size < 1 or buffer < 1:
-            raise ValueError(f"batch_size and buffer must be >= 1, got {batch_size} and {buffer}")
+        if batch_size < 1 or buffer < 1 or decode_workers < 1:
+            raise ValueError(f"batch_size, buffer and decode_workers must be >= 1, got {batch_size}, {buffer} and "
+                             f"{decode_workers}")
         if prefetch < 0 or cache_mb < 0:
             raise ValueError(f"prefetch and cache_mb must be >= 0, got {prefetch} and {cache_mb}")
         self.dir = split_dir(data_dir, split)
@@ -75,8 +83,10 @@ class CaptionStream(torch.utils.data.IterableDataset):
         self._rows_by_image = order
         self._start = torch.searchsorted(index[order], torch.arange(int(self.manifest["images"]) + 1))
         self._epoch = 0
-        self.prefetch = prefetch
+        self.prefetch, self.decode_workers = prefetch, decode_workers
         self.cache = ImageCache(int(cache_mb * 2**20))
+        self._lock = threading.Lock()  # the cache and the counter, shared by the decoding threads
+        self._shard_firsts: list[tuple[int, str]] = []  # (first image, name) of each shard met: names a bad image
         self.decoded = 0
         """Images decoded so far (cache misses)."""
 
@@ -93,9 +103,14 @@ class CaptionStream(torch.utils.data.IterableDataset):
         if seed is not None:
             self.seed = seed
         self.set_epoch(epoch)
-        return prefetched(iter(self), self.prefetch)
+        return decoded_ahead(self._plans(), self._batch, self.decode_workers, self.prefetch)
 
     def __iter__(self) -> Iterator[Batch]:
+        for rows in self._plans():
+            yield self._batch(rows)
+
+    def _plans(self) -> Iterator[list[Row]]:
+        """The rows of each batch of the current epoch, in order (reads and checks the shards; decodes nothing)."""
         rng = np.random.default_rng(np.random.SeedSequence([self.seed, self._epoch]))
         buffer: list[Row] = []
         batch: list[Row] = []
@@ -108,15 +123,15 @@ class CaptionStream(torch.utils.data.IterableDataset):
                 buffer[j], row = row, buffer[j]
                 batch.append(row)
                 if len(batch) == self.batch_size:
-                    yield self._batch(batch)
+                    yield batch
                     batch = []
         for j in rng.permutation(len(buffer)):
             batch.append(buffer[int(j)])
             if len(batch) == self.batch_size:
-                yield self._batch(batch)
+                yield batch
                 batch = []
         if len(batch) >= self.min_batch:
-            yield self._batch(batch)
+            yield batch
 
     def shard_images(self, name: str) -> tuple[int, list]:
         """(index of its first image, one entry per image) of the image shard ``name``: its encoded images. A
@@ -131,6 +146,8 @@ class CaptionStream(torch.utils.data.IterableDataset):
     def _shard_rows(self, name: str, rng: np.random.Generator) -> list[Row]:
         """(caption row, image, encoded image) of every streamed caption of one image shard, shuffled."""
         first, pngs = self.shard_images(name)
+        if (first, name) not in self._shard_firsts:
+            bisect.insort(self._shard_firsts, (first, name))
         out = []
         for k, png in enumerate(pngs):
             i = first + k
@@ -143,13 +160,27 @@ class CaptionStream(torch.utils.data.IterableDataset):
         return idx, self.batch_images(rows), self.text[idx]
 
     def _pixels(self, image: int, png: bytes) -> torch.Tensor:
-        """Image ``image``'s uint8 pixels (3 x H x W): from the cache, or decoded (and cached)."""
-        pixels = self.cache.get(image)
-        if pixels is None:
+        """Image ``image``'s uint8 pixels (3 x H x W): from the cache, or decoded (and cached). Thread-safe: two
+        threads may decode the same image at once (the same pixels), never corrupt the cache."""
+        with self._lock:
+            pixels = self.cache.get(image)
+        if pixels is not None:
+            return pixels
+        try:
             pixels = torch.from_numpy(dataset.decode_png(png)).permute(2, 0, 1).contiguous()
+        except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for bytes that are no image
+            url = storage.join(self.dir, self._shard_of(image))
+            raise storage.StorageError(f"{url}: image {image} cannot be decoded ({type(e).__name__}: {e}); rebuild "
+                                       "the split with `ptmst-ray data prepare`", url) from e
+        with self._lock:
             self.decoded += 1
             self.cache.put(image, pixels)
         return pixels
+
+    def _shard_of(self, image: int) -> str:
+        """The name of the image shard holding ``image`` (among the shards read so far: its own was)."""
+        k = bisect.bisect_right(self._shard_firsts, (image, chr(0x10FFFF))) - 1
+        return self._shard_firsts[max(k, 0)][1]
 
 
 Row = tuple[int, int, bytes]
@@ -189,6 +220,29 @@ class ImageCache:
 
 
 _DONE = object()
+
+
+def decoded_ahead(plans: Iterable[T], decode: Callable[[T], R], workers: int, depth: int) -> Iterator[R]:
+    """``decode(plan)`` for every plan, in the plans' order, whatever thread computed it.
+
+    ``workers`` <= 1: one background thread plans and decodes up to ``depth`` ahead (:func:`prefetched`; 0:
+    inline). ``workers`` > 1: one background thread walks ``plans`` (reading shards, shuffling: the only code that
+    decides what a batch holds) and hands each to a pool of ``workers`` decoding threads; about ``max(depth,
+    workers) + 2`` batches are decoding or decoded ahead. An error (a damaged shard met while planning, an image
+    that does not decode) is raised at its place in the order, after the batches before it; leaving early stops
+    the planning thread and the pool (queued decodes cancelled, running ones finished) before returning.
+    """
+    if workers <= 1:
+        yield from prefetched((decode(p) for p in plans), depth)
+        return
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="ptmst-decode")
+    futures = prefetched((pool.submit(decode, p) for p in plans), max(depth, workers))
+    try:
+        for future in futures:
+            yield future.result()
+    finally:
+        futures.close()
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def prefetched(items: Iterable[T], depth: int) -> Iterator[T]:

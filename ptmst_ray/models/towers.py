@@ -402,6 +402,49 @@ def image_size_of(model: torch.nn.Module) -> int:
     return int(size[0] if isinstance(size, (tuple, list)) else size)
 
 
+SOURCE_VERSION = 1
+"""Bumped when how a tower is built from its inputs changes in this package (part of :func:`tower_source`)."""
+_BUILDERS = ("torch", "open_clip_torch", "timm", "transformers")
+"""The packages whose code turns a model config and weights files into a tower."""
+
+
+def tower_source(cfg: ModelConfig, part: str) -> str:
+    """A digest of everything :func:`build_clip` makes the ``part`` ("image" or "text") tower from, computed
+    without building it: the open_clip model config (the architecture), the versions of the packages that build
+    it, and the CONTENT (sha256, read in 1 MiB chunks) of every weights file or HF folder it loads; an open_clip
+    tag by name. Equal sources give equal towers, so a stage records it beside the key it computed from the built
+    tower (``TextEncoder.key``, ``tower_digest``) and a later run whose source matches skips the build; another
+    file content (not only another path, size or mtime) gives another source."""
+    from importlib import metadata
+
+    if part not in ("image", "text"):
+        raise ValueError(f"part must be image or text, not {part!r}")
+
+    def version(dist: str) -> str | None:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            return None
+
+    weights: dict[str, str | None] = {}
+    if cfg.pretrained:
+        weights["pretrained"] = storage.hash_file(cfg.pretrained) if is_checkpoint_path(cfg.pretrained) \
+            else f"tag:{cfg.pretrained}"
+    if part == "image" and cfg.image_pretrained:
+        weights["image_pretrained"] = storage.hash_file(cfg.image_pretrained)
+    if part == "text":
+        if cfg.text_pretrained and text_weights_kind(cfg.text_pretrained) == "checkpoint":
+            weights["text_pretrained"] = storage.hash_file(cfg.text_pretrained)
+        folder = hf_text_dir(cfg)  # model.text_pretrained's folder, or the HF cache's copy of the tower
+        if folder is not None:
+            names = {p.name for p in Path(folder).iterdir() if p.is_file()}
+            weights["hf_folder"] = storage.stable_hash({n: storage.hash_file(str(Path(folder) / n))
+                                                        for n in sorted(names) if _needed_from_hf_dir(n, names)})
+    return storage.stable_hash({"version": SOURCE_VERSION, "part": part, "name": cfg.name,
+                                "arch": open_clip.get_model_config(cfg.name), "weights": weights,
+                                "packages": {d: version(d) for d in _BUILDERS}})
+
+
 class TextEncoder:
     """The frozen text tower: captions -> embeddings (d_t floats), computed in batches."""
 

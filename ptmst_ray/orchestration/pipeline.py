@@ -105,6 +105,9 @@ def embed_captions(cfg: Config, board=None, poll: Poll | None = None) -> dict:
     options = task_resources(cfg)
     if not options.get("num_gpus"):
         return {"key": embed_stage.embed(cfg), "node_id": None, "gpu_ids": []}
+    key = embed_stage.done_key(cfg)
+    if key is not None:  # finished: no GPU to ask for, no task to start
+        return {"key": key, "node_id": None, "gpu_ids": [], "ran": False}
     request_gpus(cfg, 1, options["num_gpus"], "embed", keep_larger=True)  # the experts' request covers it
     return wait_all([_embed_task.options(name="embed captions", **options).remote(cfg.to_dict(), board)], poll)[0]
 
@@ -135,6 +138,9 @@ def image_features(cfg: Config, board=None, poll: Poll | None = None) -> dict:
     options = {**task_resources(cfg), **memory_option(stream_nbytes(cfg))}  # one shard and a batch at a time
     if not options.get("num_gpus"):
         return {**features_stage.compute(cfg, progress=_features_progress(board)), "node_id": None, "gpu_ids": []}
+    key = features_stage.done_key(cfg)
+    if key is not None:  # finished: no GPU to ask for, no task to start
+        return {"key": key, "ran": False, "skipped": None, "node_id": None, "gpu_ids": []}
     request_gpus(cfg, 1, options["num_gpus"], "features", keep_larger=True)  # the experts' request covers it
     return wait_all([_features_task.options(name="image features", **options).remote(cfg.to_dict(), board)], poll)[0]
 

@@ -38,27 +38,27 @@ def embed(cfg: Config, progress: Progress | None = None) -> str:
     data/embedded/<key>.
 
     Uses the per-caption cache (reused across runs and configs). Returns the key. The key does not cover the
-    val split: embeddings made before val existed are kept, and only val's are added to them.
+    val split: embeddings made before val existed are kept, and only val's are added to them. Finished
+    embeddings of this tower and data (:func:`done_key`) cost no tower build and no read of their files.
     """
     from ptmst_ray.data.dataset import read_captions
     from ptmst_ray.data.text_cache import embed_captions
-    from ptmst_ray.models.towers import build_text_encoder
+    from ptmst_ray.models.towers import build_text_encoder, tower_source
     from ptmst_ray.stages.data import eval_splits
 
     layout = Layout.of(cfg)
-    encoder = build_text_encoder(cfg.model)
-    key = section_hash(encoder.key, data_hash(cfg))
-    out = layout.embedded(key)
     splits = ("train", *eval_splits(layout.data))
+    source, dhash = tower_source(cfg.model, "text"), data_hash(cfg)
+    key = _recorded_key(layout, source, dhash, splits)
+    if key is not None:
+        return key
+    encoder = build_text_encoder(cfg.model)
+    key = section_hash(encoder.key, dhash)
+    out = layout.embedded(key)
     done = storage.read_manifest(out)
-    files: dict[str, str] = {}
-    if done is not None and done.get("config_hash") == key:
-        # checked here once per run, so a damaged file is named before any stage uses it; workers check the
-        # bytes they read (load_real) in the same pass, without fetching the file a second time
-        storage.verify_files(out, done["files"])
-        if all(f"{s}.safetensors" in done["files"] for s in splits):
-            return key
-        files = dict(done["files"])  # complete but for a split prepared since (val): embed only that one
+    # complete but for a split prepared since (val), or made before sources were recorded: kept as they are; the
+    # workers check each file's bytes as they read them (load_real), so they are not hashed here
+    files = dict(done["files"]) if done is not None and done.get("config_hash") == key else {}
     for split in splits:
         if f"{split}.safetensors" in files:
             continue
@@ -67,9 +67,32 @@ def embed(cfg: Config, progress: Progress | None = None) -> str:
         blob = st_save({"text": emb.float().contiguous()})
         storage.write_bytes(storage.join(out, f"{split}.safetensors"), blob)
         files[f"{split}.safetensors"] = storage.hash_bytes(blob)
-    storage.write_manifest(out, {"config_hash": key, "files": files, "dim": encoder.dim})
+    storage.write_manifest(out, {"config_hash": key, "files": files, "dim": encoder.dim, "source": source,
+                                 "data": dhash})
     storage.write_text(layout.embedded_current, key)
     return key
+
+
+def done_key(cfg: Config) -> str | None:
+    """The key of this run's finished caption embeddings (the current ones, made by a text tower of the same
+    source from the same data, with every split's file listed), else None; builds no tower and reads no
+    embedding file."""
+    from ptmst_ray.models.towers import tower_source
+    from ptmst_ray.stages.data import eval_splits
+
+    layout = Layout.of(cfg)
+    return _recorded_key(layout, tower_source(cfg.model, "text"), data_hash(cfg),
+                         ("train", *eval_splits(layout.data)))
+
+
+def _recorded_key(layout: Layout, source: str, dhash: str, splits: tuple[str, ...]) -> str | None:
+    if not storage.exists(layout.embedded_current):
+        return None
+    key = storage.read_text(layout.embedded_current).strip()
+    done = storage.read_manifest(layout.embedded(key))
+    if done is None or done.get("config_hash") != key or done.get("source") != source or done.get("data") != dhash:
+        return None
+    return key if all(f"{s}.safetensors" in done["files"] for s in splits) else None
 
 
 @dataclass
@@ -211,8 +234,9 @@ def train_stream(cfg: Config, split: str, text: torch.Tensor, batch_size: int, s
     caption shards are not read again). The train split is cut to ``data.max_train_rows`` like
     :func:`load_real`'s rows."""
     from ptmst_ray.data.stream import CaptionStream
+    from ptmst_ray.device import decode_threads
 
     rows = cfg.data.max_train_rows if split == "train" else None
     return CaptionStream(Layout.of(cfg).data, split, text, batch_size, seed, buffer=cfg.data.stream_buffer,
                          rows=rows, min_batch=min_batch, prefetch=cfg.data.prefetch, cache_mb=cfg.data.image_cache_mb,
-                         image_index=image_index)
+                         image_index=image_index, decode_workers=decode_threads(cfg.data.decode_workers))

@@ -113,6 +113,7 @@ def compute(cfg: Config, progress: Progress | None = None, device: torch.device 
     :func:`skip_reason` gives a reason.
     """
     from ptmst_ray.device import pick_device
+    from ptmst_ray.models.towers import tower_source
 
     reason = skip_reason(cfg)
     if reason:
@@ -120,6 +121,13 @@ def compute(cfg: Config, progress: Progress | None = None, device: torch.device 
         return {"key": None, "ran": False, "skipped": reason}
     layout = Layout.of(cfg)
     manifests = {s: split_manifest(layout.data, s, verify=False) for s in splits(cfg)}
+    source = tower_source(cfg.model, "image")
+    key = _recorded_key(cfg, manifests, source)
+    if key is not None:  # finished for a tower of this source: no tower built, no file read (consumers check theirs)
+        done = storage.read_manifest(layout.features(key))
+        if done.get("weights") != weights_config(cfg):  # the same weights under another name: consumers compare names
+            storage.write_manifest(layout.features(key), {**done, "weights": weights_config(cfg)})
+        return {"key": key, "ran": False, "skipped": None}
     device = device or pick_device()
     tower = frozen_tower_of(cfg).to(device)
     from ptmst_ray.models.student import tower_digest
@@ -128,8 +136,9 @@ def compute(cfg: Config, progress: Progress | None = None, device: torch.device 
     key = features_key(cfg, digest, manifests)
     out = layout.features(key)
     done = storage.read_manifest(out)
-    if done is not None and done.get("config_hash") == key:
-        storage.verify_files(out, done["files"])  # named here, before any consumer reads them
+    if done is not None and done.get("config_hash") == key:  # complete, made before CURRENT named another tower's
+        storage.write_manifest(out, {**done, "source": source, "weights": weights_config(cfg)})
+        storage.write_text(layout.features_current, key)
         return {"key": key, "ran": False, "skipped": None}
     total = sum(int(m["images"]) for m in manifests.values())
     files, shards, dim, seen = {}, {}, None, 0
@@ -159,8 +168,10 @@ def compute(cfg: Config, progress: Progress | None = None, device: torch.device 
             raise StageError(f"{split_dir(layout.data, split)}: {counted} images in the shards but {m['images']} in "
                              "the manifest; rebuild with `ptmst-ray data prepare`")
     storage.write_manifest(out, {"config_hash": key, "files": files, "dim": dim, "tower": digest,
-                                 "model": cfg.model.name, "splits": shards,
+                                 "model": cfg.model.name, "splits": shards, "source": source,
+                                 "weights": weights_config(cfg),
                                  "images": {s: int(manifests[s]["images"]) for s in manifests}})
+    storage.write_text(layout.features_current, key)
     log.info("frozen-tower features: %d images (%d-d) under %s", total, dim or 0, out)
     return {"key": key, "ran": True, "skipped": None}
 
@@ -234,25 +245,64 @@ class CachedFeatures:
 
         if tower_digest(tower) != self.digest:
             raise StageError(f"{self.dir}: computed with another image tower than this student's (its weights "
-                             "differ); rebuild them with `ptmst-ray run --rebuild embed`")
+                             "differ: a weights file changed since); `ptmst-ray run` computes this tower's features "
+                             "(or `ptmst-ray run --rebuild embed` redoes them all)")
+
+
+def weights_config(cfg: Config) -> dict:
+    """The config fields that name the frozen tower's weights (compared by a consumer, which hashes no file)."""
+    return {"name": cfg.model.name, "pretrained": cfg.model.pretrained, "image_pretrained": cfg.model.image_pretrained}
+
+
+def _current(cfg: Config, manifests: dict[str, dict]) -> tuple[str, dict] | None:
+    """(key, manifest) of the features ``features/CURRENT`` names, when complete and made from the splits of
+    ``manifests`` by a tower of this model config (its recorded digest put into this config's key), else None."""
+    layout = Layout.of(cfg)
+    if not storage.exists(layout.features_current):
+        return None
+    key = storage.read_text(layout.features_current).strip()
+    manifest = storage.read_manifest(layout.features(key))
+    if manifest is None or manifest.get("config_hash") != key or "tower" not in manifest:
+        return None
+    return (key, manifest) if features_key(cfg, manifest["tower"], manifests) == key else None
+
+
+def done_key(cfg: Config) -> str | None:
+    """The key of this run's finished features (the current ones, of a tower with this run's source, over its
+    splits), else None; builds no tower and reads no features file."""
+    from ptmst_ray.models.towers import tower_source
+
+    if skip_reason(cfg):
+        return None
+    manifests = {s: split_manifest(Layout.of(cfg).data, s, verify=False) for s in splits(cfg)}
+    return _recorded_key(cfg, manifests, tower_source(cfg.model, "image"))
+
+
+def _recorded_key(cfg: Config, manifests: dict[str, dict], source: str) -> str | None:
+    """The key of the current features when their tower had ``source`` (models.towers.tower_source), else None."""
+    found = _current(cfg, manifests)
+    return found[0] if found is not None and found[1].get("source") == source else None
 
 
 def find(cfg: Config) -> CachedFeatures | None:
     """This run's complete features folder, or None: the tower trains, the cache is off, or it has not been
-    computed (then the consumer runs the tower, as without the cache, and says so)."""
+    computed (then the consumer runs the tower, as without the cache, and says so).
+
+    Builds no tower and hashes no weights file: the folder is the one the driver's feature pass (:func:`compute`,
+    which checks the tower's source) named in ``features/CURRENT``, when it was made from this run's splits and
+    weight fields. The consumer's own student checks its tower against the folder's digest
+    (:meth:`CachedFeatures.check_tower`), so a weights file changed since is refused, not used.
+    """
     if skip_reason(cfg):
         return None
     layout = Layout.of(cfg)
-    from ptmst_ray.models.student import tower_digest
-
     manifests = {s: split_manifest(layout.data, s, verify=False) for s in splits(cfg)}
-    key = features_key(cfg, tower_digest(frozen_tower_of(cfg)), manifests)
-    manifest = storage.read_manifest(layout.features(key))
-    if manifest is None or manifest.get("config_hash") != key:
-        log.warning("frozen-tower features %s are not computed: running the frozen tower on every real image "
-                    "instead (`ptmst-ray run` computes them first)", layout.features(key))
+    found = _current(cfg, manifests)
+    if found is None or found[1].get("weights") != weights_config(cfg):
+        log.warning("frozen-tower features of this tower and data are not computed under %s: running the frozen "
+                    "tower on every real image instead (`ptmst-ray run` computes them first)", layout.features_root)
         return None
-    return CachedFeatures(layout.features(key), manifest)
+    return CachedFeatures(layout.features(found[0]), found[1])
 
 
 class FeatureRows:
@@ -316,4 +366,4 @@ def feature_stream(cfg: Config, cached: CachedFeatures, text: torch.Tensor, batc
     """:func:`ptmst_ray.stages.embed.train_stream` of the train split with features for pixels."""
     return FeatureStream(cached, Layout.of(cfg).data, "train", text, batch_size, seed, buffer=cfg.data.stream_buffer,
                          rows=cfg.data.max_train_rows, min_batch=min_batch, prefetch=cfg.data.prefetch,
-                         image_index=image_index)
+                         image_index=image_index)  # nothing to decode: one thread stacks the feature rows
