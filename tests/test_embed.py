@@ -4,6 +4,8 @@ a changed weights file gives another key; the workers' read is the check that na
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -155,6 +157,7 @@ def test_finished_embeddings_start_no_gpu_task(prepared, tmp_path, ray_session):
     root = copy_root(prepared, tmp_path / "root", parts=("data",))
     save_file(load_file(str(prepared / "clip.safetensors")), str(root / "clip.safetensors"))
     cfg = _config(root, **{"run.accelerator": "gpu"})
+    shutil.rmtree(Layout.of(cfg).embedded_root, ignore_errors=True)  # the session's root may hold this tower's already
     first = embed_captions(cfg)
     assert first["ran"] and first["gpu_ids"] and first["node_id"], first
     assert embed_captions(cfg) == {"key": first["key"], "node_id": None, "gpu_ids": [], "ran": False}
