@@ -10,7 +10,7 @@ figures are the pipeline's figures. Stages already complete under the run root a
     .venv/bin/python bench/bench_quality_probe.py --root /tmp/q/a [--config configs/toy.yaml]
         [--set key=value ...] [--methods ptm_st random single_phase full] [--threads 2]
 
-Prints per-stage wall times, each phase's final matching loss and step sizes, and a markdown
+Prints per-stage wall and CPU times, each phase's final matching loss and step sizes, and a markdown
 table (best-of-points and final-epoch r_mean, mean +- std over eval.seeds, six recalls), and
 writes everything to <root>/eval/probe.json.
 """
@@ -44,19 +44,23 @@ def main(argv: list[str] | None = None) -> dict:
     from ptmst_ray.stages import score as scoring
 
     cfg = load_config(args.config, [f"run.root={args.root}", *args.overrides])
+    # the baselines scored are --methods' (a single_phase method needs its distillation run, which follows them)
+    cfg = cfg.replace(**{"eval.baselines": [m for m in args.methods if m != "ptm_st"]})
     storage.write_text(storage.join(cfg.run.root, "config.yaml"), cfg.to_yaml())
     times: dict[str, float] = {}
+    cpu: dict[str, float] = {}  # this process's CPU seconds per stage: comparable across variants on a loaded machine
 
     def timed(name, fn, *a, **k):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         out = fn(*a, **k)
         times[name] = times.get(name, 0.0) + time.perf_counter() - t
+        cpu[name] = cpu.get(name, 0.0) + time.process_time() - c
         return out
 
     t_all = time.perf_counter()
     pre, phases, runs = run_in_process(cfg, args.methods, timed)
     results = scoring.summarise(runs, cfg)
-    results.update(runs=runs, phases=phases, times=times, wall_seconds=time.perf_counter() - t_all,
+    results.update(runs=runs, phases=phases, times=times, cpu_seconds=cpu, wall_seconds=time.perf_counter() - t_all,
                    zero_shot=(pre or {}).get("zero_shot"), overrides=args.overrides, threads=args.threads,
                    final_ratios=_final_ratios(results))
     storage.write_json(storage.join(layout.Layout(cfg.run.root).eval, "probe.json"), results)
@@ -125,7 +129,8 @@ def report(results: dict) -> str:
                     f"{m['final']['r_mean']['mean']:.1f} ± {m['final']['r_mean']['std']:.1f} | " + " | ".join(cells) + " |")
     ratios = ", ".join(f"{k} {v:.2f}" for k, v in results["ratios"].items())
     final = ", ".join(f"{k} {v:.2f}" for k, v in results.get("final_ratios", {}).items())
-    times = ", ".join(f"{k} {v:.0f}s" for k, v in results["times"].items())
+    cpu = results.get("cpu_seconds", {})
+    times = ", ".join(f"{k} {v:.0f}s" + (f" ({cpu[k]:.0f} CPU-s)" if k in cpu else "") for k, v in results["times"].items())
     return "\n".join(rows + [f"ratios (best): {ratios}", f"ratios (final): {final}", f"zero-shot: {results.get('zero_shot')}",
                              f"times: {times}; total {results['wall_seconds']:.0f}s"])
 
