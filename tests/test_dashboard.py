@@ -129,6 +129,11 @@ class Scraper:
         return self.seen
 
 
+RAN = {"experts.epochs": 2, "phases.1.range_end": 2, "phases.1.start_max": 1, "phases.0.iterations": 4,
+       "phases.1.iterations": 4, "distill.recall_every": 4}
+"""The tiny config of the `ran` fixture's run (2-epoch experts, two 4-iteration phases)."""
+
+
 @pytest.fixture(scope="module")
 def ran(tmp_path_factory, prepared_root, ray_session):
     """The tiny config's experts (actor pool + shortcut actor) and its two phases as concurrent Train runs, on
@@ -138,13 +143,14 @@ def ran(tmp_path_factory, prepared_root, ray_session):
     from ptmst_ray.orchestration.runtime import metrics_export_port
 
     root = copy_root(prepared_root, tmp_path_factory.mktemp("dash"), parts=("data", "pretrain"))
-    cfg = tiny_config(root, **{"experts.epochs": 2, "phases.1.range_end": 2, "phases.1.start_max": 1,
-                               "phases.0.iterations": 4, "phases.1.iterations": 4, "distill.recall_every": 4})
+    cfg = tiny_config(root, **RAN)
     scraper = Scraper(metrics_export_port())
     try:
         experts = run_experts(cfg)
         status = run_phases(cfg, with_baseline=False)
-        time.sleep(5)  # the agent's last export of the ended workers
+        deadline = time.monotonic() + 60  # a bound, not a timing: the agent's last export of the ended workers
+        while missing_metrics(scraper.seen) and time.monotonic() < deadline:
+            time.sleep(0.5)
     finally:
         seen = scraper.close()
     assert experts["trained"] == 2
@@ -201,8 +207,9 @@ def test_train_runs_are_listed_by_phase_name_without_a_failed_state_actor(ran, t
     assert not failed, failed
 
 
-@pytest.mark.slow
-def test_pipeline_metrics_reach_prometheus_with_their_tags(ran):
+def missing_metrics(scraped: dict[str, list[dict[str, str]]]) -> dict:
+    """The pipeline metrics the `ran` fixture's run must export (per phase, per expert) that are not among the
+    ``scraped`` samples: {metric: (expected tag values, seen tag values)}."""
     from ptmst_ray.orchestration import metrics
 
     expected = {
@@ -211,12 +218,18 @@ def test_pipeline_metrics_reach_prometheus_with_their_tags(ran):
         metrics.PHASE_RECALL: {"phase0", "phase1"},
         metrics.EXPERT_LOSS: {"expert-0000", "expert-0001"}, metrics.EXPERT_EPOCH: {"expert-0000", "expert-0001"},
     }
-    cfg, scraped = ran
     missing = {}
     for metric, values in expected.items():
-        seen = {s.get(metric.tags[0]) for s in scraped.get(metrics.PROMETHEUS_PREFIX + metric.name, [])}
+        seen = {s.get(metric.tags[0]) for s in list(scraped.get(metrics.PROMETHEUS_PREFIX + metric.name, []))}
         if not values <= seen:
             missing[metric.name] = (values, seen)
+    return missing
+
+
+@pytest.mark.slow
+def test_pipeline_metrics_reach_prometheus_with_their_tags(ran):
+    cfg, scraped = ran
+    missing = missing_metrics(scraped)
     assert not missing, missing
     assert all(s.get("trial") == "" for s in scraped["ray_ptmst_matching_loss"])  # not a sweep trial
 
@@ -285,19 +298,20 @@ def processes_naming(text: str) -> list[str]:
 
 
 @pytest.mark.slow
-def test_run_as_job_beside_the_sessions_ray_is_a_ray_job_with_the_runs_log(ray_session, prepared_root, tmp_path):
+def test_run_as_job_beside_the_sessions_ray_is_a_ray_job_with_the_runs_log(ray_session, ran, tmp_path):
     """`ptmst-ray run --as-job` while the session's Ray runs on this machine (which holds Ray's default ports,
     the job agent's 52365 among them): it starts a Ray of its own on free loopback ports, submits the run there
     as a Ray Job, follows the job's log (the results table) in the terminal, writes results.json, then stops
     that Ray: none of its processes is left, and the session's Ray still works. The run root is a copy of the
-    session's prepared one (data, towers, experts, shortcuts) with tiny phases and one evaluation seed."""
+    `ran` fixture's (data, towers, experts, shortcuts, both phases done) with one evaluation seed: the job
+    resumes at the aggregate (Train runs inside a Ray Job: tests/test_launch.py)."""
     import os
 
     import ray
 
-    root = copy_root(prepared_root, tmp_path / "run")
-    cfg = tiny_config(root, **{"phases.0.iterations": 2, "phases.1.iterations": 2, "eval.seeds": 1,
-                               "eval.baselines": [], "eval.epochs": 1, "eval.eval_points": 1})
+    root = copy_root(ran[0].run.root, tmp_path / "run", parts=("data", "pretrain", "experts", "shortcuts", "phases"))
+    cfg = tiny_config(root, **{**RAN, "eval.seeds": 1, "eval.baselines": [], "eval.epochs": 1,
+                               "eval.eval_points": 1})
     path = tmp_path / "cfg.yaml"
     path.write_text(cfg.to_yaml())
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
@@ -309,7 +323,8 @@ def test_run_as_job_beside_the_sessions_ray_is_a_ray_job_with_the_runs_log(ray_s
     assert f"job {job_id}: SUCCEEDED" in text
     assert "retrieval recall" in text and "ptm_st" in text  # the results table, printed by the job's driver
     assert "dashboard: http://" in text and "CLUSTER_YAML" not in text  # a local cluster: no port-forward hint
-    assert (root / "eval" / "results.json").is_file()
+    results = json.loads((root / "eval" / "results.json").read_text())
+    assert [r["stage"] for r in results["stages"] if r["ran"]] == ["aggregate", "eval"], results["stages"]
     url = re.search(r"dashboard: (http://127\.0\.0\.1:\d+);", text).group(1)
     assert url != ray_session.dashboard_url  # that cluster's own dashboard, not the session's
     temp = re.search(r"local Ray: 127\.0\.0\.1:\d+, logs in (\S+)", text).group(1)

@@ -116,7 +116,7 @@ def test_phase_resume_takes_the_furthest_intact_stored_state(tmp_path, monkeypat
 
 
 @pytest.mark.ray
-def test_killed_expert_actor_redoes_its_expert_exactly_once(prepared, tmp_path):
+def test_killed_expert_actor_redoes_its_expert_exactly_once(prepared, tmp_path, ray_session):
     import ray
     from ray.util.state import list_actors
 
@@ -136,7 +136,8 @@ def test_killed_expert_actor_redoes_its_expert_exactly_once(prepared, tmp_path):
         tasks = ray.get(board.snapshot.remote())
         running = [t for n, t in tasks.items() if n.startswith("expert ") and 1 <= t["done"] < t["total"]]
         if running:  # an expert is mid-training: kill an actor that is training one
-            alive = list_actors(filters=[("class_name", "=", "ExpertActor"), ("state", "=", "ALIVE")])
+            alive = list_actors(address=ray_session.dashboard_url,  # this session's Ray, of any on the machine
+                                filters=[("class_name", "=", "ExpertActor"), ("state", "=", "ALIVE")])
             if alive:
                 victim = alive[0].pid
                 os.kill(victim, signal.SIGKILL)

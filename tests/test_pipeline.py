@@ -25,16 +25,31 @@ def ready_root(tmp_path_factory, prepared_root):
     return copy_root(prepared_root, tmp_path_factory.mktemp("pipeline"))
 
 
-def test_experts_exist_once_and_rerun_does_nothing(ready_root):
-    from ptmst_ray.orchestration.experts import run_experts
-    from ptmst_ray.trajectories.store import ShortcutStore, TrajectoryStore
+def test_experts_exist_once_and_rerun_does_nothing(ready_root, monkeypatch):
+    from ptmst_ray.orchestration import experts
+    from ptmst_ray.trajectories.store import ShortcutStore, TrajectoryStore, sidecar_url
 
     cfg = tiny_config(ready_root)
     assert TrajectoryStore(layout.Layout(cfg.run.root).experts).complete_ids(layout.experts_hash(cfg)) == [0, 1]
     for a, b in layout.needed_ranges(cfg):
         assert ShortcutStore(layout.Layout(cfg.run.root).shortcuts).complete_ids(a, b, layout.experts_hash(cfg)) == [0, 1]
-    again = run_experts(cfg)
+    def refuse(what: str):  # a rerun starts no worker: no expert actor (nothing to train), no shortcut actor
+        def start(*args, **kwargs):
+            raise AssertionError(f"a rerun with every expert and shortcut stored started {what}")
+        return start
+
+    monkeypatch.setattr(experts.ExpertActor, "options", refuse("an expert actor"))
+    monkeypatch.setattr(experts, "_shortcut_actor", refuse("a shortcut actor"))
+    again = experts.run_experts(cfg)
     assert again["trained"] == 0 and again["shortcuts_written"] == 0
+    monkeypatch.undo()
+    shortcuts = ShortcutStore(layout.Layout(cfg.run.root).shortcuts)
+    a, b = layout.needed_ranges(cfg)[-1]
+    for url in (sidecar_url(shortcuts.url(a, b, 1)), shortcuts.url(a, b, 1)):  # one shortcut never written
+        Path(url).unlink()
+    again = experts.run_experts(cfg)
+    assert again["trained"] == 0 and again["shortcuts_written"] == 1
+    assert shortcuts.complete_ids(a, b, layout.experts_hash(cfg)) == [0, 1]
 
 
 def test_recall_during_distillation_matches_the_saved_subset_and_changes_nothing(ready_root):

@@ -310,7 +310,8 @@ def test_driver_trains_the_two_runs_at_once_with_the_same_result(tmp_path, ray_s
         assert pretrain_stage.pretrain(ref)["sha256"] == manifest["sha256"]
     finally:
         torch.set_num_threads(threads)
-    finished = [t for t in list_tasks(filters=[("func_or_class_name", "=", "_pretrain_run_task")], detail=True)
+    finished = [t for t in list_tasks(address=ray_session.dashboard_url, detail=True,  # this session's Ray, of any
+                                      filters=[("func_or_class_name", "=", "_pretrain_run_task")])  # on the machine
                 if t.state == "FINISHED"]
     runs = sorted(finished, key=lambda t: t.start_time_ms)[-2:]  # this test's (others may share the session)
     assert len(runs) == 2

@@ -26,7 +26,7 @@ from ptmst_ray.orchestration.runtime import (
     uses_gpus, wait_all, worker_threads,
 )
 from ptmst_ray.stages.embed import stream_split
-from ptmst_ray.stages.experts import compress_expert, expert_store, train_and_store_expert
+from ptmst_ray.stages.experts import compress_expert, expert_store, missing_shortcuts, train_and_store_expert
 
 log = logging.getLogger(__name__)
 
@@ -185,7 +185,8 @@ def run_experts(cfg: Config, board=None, poll: Poll | None = None) -> dict:
             shortcut.append(_shortcut_actor(cfg_dict))
         return _compress(shortcut[0], expert_id)
 
-    compress = [compress_one(i) for i in complete]
+    # an expert whose shortcuts all exist costs no actor start (a rerun or a resume starts none)
+    compress = [compress_one(i) for i in complete if missing_shortcuts(cfg, i)]
     retries = 0
     if missing:
         n_actors = min(cluster_info().slots(cfg.experts.gpus_per_expert, uses_gpus(cfg)), len(missing))

@@ -24,7 +24,6 @@ from ptmst_ray.orchestration.experts import (
     memory_option, pairs_split_nbytes, run_experts, split_nbytes, stream_nbytes,
 )
 from ptmst_ray.orchestration.metrics import stage_started
-from ptmst_ray.orchestration.phases import run_phases
 from ptmst_ray.orchestration.runtime import (
     UI, NullUI, Poll, cluster_info, make_poll, progress_board, release_gpus, report_progress, request_gpus,
     resolve_accelerator, uses_gpus, wait_all, worker_threads,
@@ -278,6 +277,9 @@ def _run_stages(cfg: Config, ui: UI) -> dict[str, Any]:
     baseline = SINGLE_PHASE in cfg.eval.baselines
     ui.stage(f"phases ({len(cfg.phases)}" + (" + single-phase baseline)" if baseline else ")"))
     with times.stage("phases") as out:
+        # imported here: Ray Train (with Ray Data and pandas) is not worth importing in this module's task workers
+        from ptmst_ray.orchestration.phases import run_phases
+
         status = run_phases(cfg, board, poll)
         out["ran"] = any(not s.get("skipped") for s in status.values())
     bad = {n: s for n, s in status.items() if s.get("status") != "done"}

@@ -44,7 +44,7 @@ from ptmst_ray.orchestration.runtime import (
     TRAIN_DRIVER, ClusterInfo, NullUI, cluster_info, ensure_train_state_actor, make_poll, progress_board, release_gpus,
     report_progress, request_gpus, resolve_accelerator, wait_all,
 )
-from ptmst_ray.stages.experts import compress_expert
+from ptmst_ray.stages.experts import compress_expert, missing_shortcuts
 from ptmst_ray.stages.score import score_one_seed, subset_from_dir
 from ptmst_ray.vocab import METRICS, PTM_ST
 
@@ -351,7 +351,7 @@ def _precompute_shortcuts(cfg: Config, poll) -> list[tuple[int, int]]:
         cfg_dict = cfg.to_dict()
         memory = memory_option(expert_nbytes(cfg) + shortcut_nbytes(cfg) * len(ranges))  # one whole expert each
         wait_all([_compress_task.options(name=f"shortcut expert-{i:04d}", **memory).remote(cfg_dict, i, ranges)
-                  for i in range(cfg.experts.num_experts)], poll)
+                  for i in range(cfg.experts.num_experts) if missing_shortcuts(cfg, i, ranges)], poll)
     return ranges
 
 

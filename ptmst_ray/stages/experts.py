@@ -69,11 +69,19 @@ def compress_expert(cfg: Config, expert_id: int,
     """Shortcut trajectories of one finished expert for ``ranges`` (default: every range the phases need)."""
     from ptmst_ray.trajectories.shortcut import shortcut_trajectory
 
-    chash, shortcuts = experts_hash(cfg), shortcut_store(cfg)
-    todo = [r for r in (ranges or needed_ranges(cfg)) if not shortcuts.is_complete(r[0], r[1], expert_id, chash)]
+    todo = missing_shortcuts(cfg, expert_id, ranges)
     if not todo:
         return []
+    chash, shortcuts = experts_hash(cfg), shortcut_store(cfg)
     snapshots = expert_store(cfg).load_expert(expert_id, chash)
     for a, b in todo:
         shortcuts.write(a, b, expert_id, shortcut_trajectory(snapshots, a, b), config_hash=chash)
     return todo
+
+
+def missing_shortcuts(cfg: Config, expert_id: int,
+                      ranges: list[tuple[int, int]] | None = None) -> list[tuple[int, int]]:
+    """The ``ranges`` (default: every range the phases need) whose shortcut of expert ``expert_id`` is not
+    complete; a cheap check (sidecars and file headers), so a driver can skip starting a worker for nothing."""
+    chash, shortcuts = experts_hash(cfg), shortcut_store(cfg)
+    return [r for r in (ranges or needed_ranges(cfg)) if not shortcuts.is_complete(r[0], r[1], expert_id, chash)]
