@@ -15,7 +15,7 @@ decode that fast (``--decode-rate`` caption rows/s per decoding CPU x ``--cpus-p
 hold pre-processed tensors and never wait on decoding); a matching iteration (N = 8, minibatch 40,
 first_order) takes ``--iter-ratio`` expert steps (measured on this CPU at the paper's architecture: RESULTS
 "Paper scale"); an evaluation student on 500 pairs for 100 epochs sees 50,000 images; ptmst-ray adds per-wave
-overheads (``--wave-overhead``, from part 1) and its start-up.
+overheads (the mean excess per wave that part 1 measured) and its start-up (``--start-up``).
 
     .venv/bin/python bench/model_scaling.py --runs /tmp/ptmst-bench-scaling/runs.json --gpu-rate R
         [--iter-ratio 13.7] [--decode-rate 150] [--cpus-per-gpu 8] [--sweep 1 4] [--gpus 1 2 4 8 20 40]
