@@ -86,7 +86,6 @@ def test_changed_weights_content_gives_another_key(prepared, tmp_path, monkeypat
     save_file(sd, str(weights))
     assert weights.stat().st_size == size
     assert embed_stage.done_key(cfg) is None
-    towers._load_state_dict_cached.cache_clear()  # a process caches checkpoints by URL; a new run starts without
     spy = Spy(monkeypatch, Layout.of(cfg).embedded_root)
     second = embed_stage.embed(cfg)
     assert spy.builds == 1 and second != first
@@ -94,7 +93,6 @@ def test_changed_weights_content_gives_another_key(prepared, tmp_path, monkeypat
     # the first tower's embeddings stay: going back to its weights finds them (one build to know its key)
     sd[name] = sd[name] - 1e-3
     save_file(sd, str(weights))
-    towers._load_state_dict_cached.cache_clear()
     assert embed_stage.embed(cfg) == first
 
 

@@ -306,9 +306,8 @@ def test_finding_features_builds_no_tower(prepared, monkeypatch):
 def test_weights_changed_in_place_are_caught(prepared, tmp_path):
     """The same weights path with other content: the driver's pass sees another source, builds the tower and
     computes another folder; before it has, a consumer's own tower does not match the current features and is
-    refused (never trained on another tower's features)."""
-    from ptmst_ray.models import towers
-
+    refused (never trained on another tower's features). The process re-reads the rewritten file (its checkpoint
+    cache follows the file's version, not only its path)."""
     weights = tmp_path / "clip.safetensors"
     ckpt = load_file(frozen_config(prepared).model.pretrained)
     save_file(ckpt, str(weights))
@@ -317,7 +316,6 @@ def test_weights_changed_in_place_are_caught(prepared, tmp_path):
     name = next(k for k in ckpt if k.startswith("visual."))
     ckpt[name] = ckpt[name] + 3e-3
     save_file(ckpt, str(weights))
-    towers._load_state_dict_cached.cache_clear()  # a process caches checkpoints by URL; a new run starts without
     assert features.done_key(cfg) is None
     with pytest.raises(StageError, match="another image tower"):
         features.find(cfg).check_tower(features.frozen_tower_of(cfg))

@@ -61,7 +61,7 @@ def image_transform_stats() -> tuple[tuple[float, ...], tuple[float, ...]]:
 
 
 @functools.lru_cache(maxsize=8)
-def _load_state_dict_cached(url: str) -> dict[str, torch.Tensor]:
+def _load_state_dict_cached(url: str, version: str) -> dict[str, torch.Tensor]:
     data = storage.read_bytes(url)
     if url.endswith(".safetensors"):
         from safetensors.torch import load as load_safetensors
@@ -85,8 +85,22 @@ def _load_state_dict_cached(url: str) -> dict[str, torch.Tensor]:
 
 
 def load_state_dict(url: str) -> dict[str, torch.Tensor]:
-    """A checkpoint's tensors from a local path or fsspec URL (safetensors, or torch weights-only)."""
-    return dict(_load_state_dict_cached(url))
+    """A checkpoint's tensors from a local path or fsspec URL (safetensors, or torch weights-only). A process
+    reads a file once while it stays the same: the cache is keyed by the URL and :func:`_file_version`, so a file
+    rewritten in place is read again."""
+    return dict(_load_state_dict_cached(url, _file_version(url)))
+
+
+def _file_version(url: str) -> str:
+    """What the file system says changes when the file at ``url`` is rewritten (size, modification time, inode,
+    ETag: whichever it reports), from one metadata call; "" when it cannot say (the read then names the error)."""
+    fs, path = storage.filesystem(url)
+    try:
+        info = fs.info(path)
+    except (OSError, ValueError):
+        return ""
+    return json.dumps({k: str(info[k]) for k in ("size", "mtime", "ino", "LastModified", "ETag", "last_modified")
+                       if k in info}, sort_keys=True)
 
 
 def _load_into(module: torch.nn.Module, sd: dict[str, torch.Tensor], url: str, what: str,
