@@ -78,9 +78,9 @@ def check(runs: dict, slots: int) -> tuple[str, float]:
              + " |", "|---|---:|" + "---:|" * sum(not n.startswith("plain") for n in runs)]
     predicted = {n: predict(units, slots, 1 if n == "serial" else slots, experts) for n in runs
                  if not n.startswith("plain")}
+    base = predict(units, slots, slots, experts)
     excess, waves = 0.0, 0
-    for stage in ("data", "pretrain", "embed", "experts", "phases", "aggregate", "eval"):
-        base = predict(units, slots, slots, experts)[stage]
+    for stage in base:
         cells = []
         for n in predicted:
             measured = runs[n]["stages"].get(stage, 0.0)
@@ -89,10 +89,10 @@ def check(runs: dict, slots: int) -> tuple[str, float]:
                 n_waves = math.ceil(len(units[stage]) / slots)
                 excess += measured - predicted[n][stage]
                 waves += n_waves
-        lines.append(f"| {stage} | {base:.1f} | " + " | ".join(cells) + " |")
+        lines.append(f"| {stage} | {base[stage]:.1f} | " + " | ".join(cells) + " |")
     start = {n: runs[n]["stages"].get("start-up", 0.0) for n in predicted}
     lines.append("| start-up (not modelled) | 0 | " + " | ".join(f"{start[n]:.1f}" for n in predicted) + " |")
-    total_model = sum(predict(units, slots, slots, experts).values())
+    total_model = sum(base.values())
     lines.append(f"| **total** | **{total_model:.1f}** | " + " | ".join(f"**{runs[n]['wall']:.1f}**" for n in predicted)
                  + " |")
     return "\n".join(lines), (excess / waves if waves else 0.0)

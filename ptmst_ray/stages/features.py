@@ -122,9 +122,9 @@ def compute(cfg: Config, progress: Progress | None = None, device: torch.device 
     layout = Layout.of(cfg)
     manifests = {s: split_manifest(layout.data, s, verify=False) for s in splits(cfg)}
     source = tower_source(cfg.model, "image")
-    key = _recorded_key(cfg, manifests, source)
-    if key is not None:  # finished for a tower of this source: no tower built, no file read (consumers check theirs)
-        done = storage.read_manifest(layout.features(key))
+    found = _current(cfg, manifests)
+    if found is not None and found[1].get("source") == source:  # finished for a tower of this source: no tower
+        key, done = found                                         # built, no file read (consumers check theirs)
         if done.get("weights") != weights_config(cfg):  # the same weights under another name: consumers compare names
             storage.write_manifest(layout.features(key), {**done, "weights": weights_config(cfg)})
         return {"key": key, "ran": False, "skipped": None}
@@ -275,13 +275,8 @@ def done_key(cfg: Config) -> str | None:
     if skip_reason(cfg):
         return None
     manifests = {s: split_manifest(Layout.of(cfg).data, s, verify=False) for s in splits(cfg)}
-    return _recorded_key(cfg, manifests, tower_source(cfg.model, "image"))
-
-
-def _recorded_key(cfg: Config, manifests: dict[str, dict], source: str) -> str | None:
-    """The key of the current features when their tower had ``source`` (models.towers.tower_source), else None."""
     found = _current(cfg, manifests)
-    return found[0] if found is not None and found[1].get("source") == source else None
+    return found[0] if found is not None and found[1].get("source") == tower_source(cfg.model, "image") else None
 
 
 def find(cfg: Config) -> CachedFeatures | None:
