@@ -15,8 +15,9 @@ $(BIN)/.installed: pyproject.toml
 demo: $(BIN)/.installed
 	$(BIN)/ptmst-ray run
 
+# two pytest-xdist workers, each with its own session Ray, take whole test modules (tests/conftest.py: FIRST)
 test: $(BIN)/.installed
-	$(BIN)/python -m pytest -q -x --durations=15 tests
+	$(BIN)/python -m pytest -q -x -n 2 --dist loadfile --durations=15 tests
 
 test-faults: $(BIN)/.installed
 	$(BIN)/python -m pytest -q -m faults tests
