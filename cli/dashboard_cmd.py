@@ -115,19 +115,12 @@ def submit_and_follow(cluster, cfg, args: list[str]) -> str:
     return status
 
 
-def submit_when_ready(client, entrypoint: str, runtime_env: dict, attempts: int = 60) -> str:
-    """Submit the job, retrying while the fresh cluster's job agent has not registered yet (some seconds
-    after its dashboard answers); the submission id."""
-    import time
-
-    for attempt in range(attempts):
-        try:
-            return client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env)
-        except RuntimeError as e:
-            if "No available agent" not in str(e) or attempt == attempts - 1:
-                raise
-            time.sleep(2)
-    raise AssertionError("unreachable")
+def submit_when_ready(client, entrypoint: str, runtime_env: dict, wait_s: float = 120.0) -> str:
+    """Submit the job once (:func:`ptmst_ray.cluster.jobs.submit_once`), retrying while the fresh cluster's job
+    agent has not registered yet (some seconds after its dashboard answers) or a connection drops; the
+    submission id."""
+    return jobs.submit_once(client, entrypoint, runtime_env, retry_s=wait_s,
+                            also=lambda e: isinstance(e, RuntimeError) and "No available agent" in str(e))
 
 
 def stop_cluster(cluster, keep_logs: bool) -> None:

@@ -332,3 +332,115 @@ def test_run_as_job_beside_the_sessions_ray_is_a_ray_job_with_the_runs_log(ray_s
     assert processes_naming(temp) == []  # the nodes, workers and the job's driver all ended
     assert not Path(temp).exists()  # Ray's logs removed after a successful run
     assert ray.get(ray.remote(num_cpus=0)(lambda: 1).remote(), timeout=120) == 1
+
+
+# ---------------------------------------------------------------- the Jobs API through a connection that drops
+
+
+class DroppingProxy:
+    """A TCP proxy on 127.0.0.1 in front of the dashboard whose connections each follow the next entry of
+    ``plan`` ("pass" when it runs out): "pass" forwards both ways; "lost-answer" forwards the request and
+    closes the client's connection once the server has answered, without passing the answer on (the server
+    did the work, the client sees RemoteDisconnected); "refuse" closes at once. ``served`` counts the
+    connections by what was done with them."""
+
+    def __init__(self, upstream: str, plan: list[str]):
+        import collections
+        import socket
+        import threading
+        from urllib.parse import urlparse
+
+        up = urlparse(upstream)
+        self.upstream, self.plan = (up.hostname, up.port), list(plan)
+        self.served: collections.Counter = collections.Counter()
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import threading
+
+        while True:
+            try:
+                client, _ = self.sock.accept()
+            except OSError:
+                return
+            mode = self.plan.pop(0) if self.plan else "pass"
+            self.served[mode] += 1
+            threading.Thread(target=self._serve, args=(client, mode), daemon=True).start()
+
+    def _serve(self, client, mode: str) -> None:
+        import socket
+        import threading
+
+        if mode == "refuse":
+            client.close()
+            return
+        server = socket.create_connection(self.upstream)
+
+        def pipe(src, dst, first_only: bool = False) -> None:
+            try:
+                while data := src.recv(65536):
+                    if first_only:
+                        return  # the server's answer arrived: drop it and the connection
+                    dst.sendall(data)
+            except OSError:
+                pass
+            finally:
+                for s in (src, dst):
+                    try:
+                        s.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+
+        threading.Thread(target=pipe, args=(client, server), daemon=True).start()
+        pipe(server, client, first_only=mode == "lost-answer")
+        client.close()
+        server.close()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_a_submission_whose_answer_is_lost_runs_one_job_and_a_dropped_log_poll_is_retried(ray_session, token):
+    """Through connections that drop: the first submission reaches the server but its answer is lost, the
+    retry finds its own submission id and returns it (one job, not two); log polls that drop are retried and
+    the job's log arrives whole."""
+    from ptmst_ray.cluster import jobs
+    from ptmst_ray.orchestration.runtime import dashboard_url
+
+    direct = jobs.job_client(dashboard_url(), token=token)
+    proxy = DroppingProxy(dashboard_url(), [])
+    try:
+        client = jobs.job_client(proxy.url, token=token)  # its version check passes
+        proxy.plan.append("lost-answer")  # the submission's
+        before = {j.submission_id for j in direct.list_jobs()}
+        marker = f"hello-{time.time_ns()}"
+        job_id = jobs.submit_once(client, f"{sys.executable} -c \"print('{marker}')\"", {}, retry_s=30, pause_s=0.2)
+        assert proxy.served["lost-answer"] == 1
+        new = [j for j in direct.list_jobs() if j.submission_id not in before]
+        assert [j.submission_id for j in new] == [job_id]  # one job: the retry did not submit a second
+        proxy.plan += ["refuse", "lost-answer", "refuse"]  # the next polls drop
+        seen: list[str] = []
+        status = jobs.follow_logs(client, job_id, seen.append, poll_s=0.2, retry_s=30)
+        assert status == "SUCCEEDED" and marker in "".join(seen), (status, seen)
+        assert proxy.served["refuse"] == 2
+    finally:
+        proxy.close()
+
+
+def test_follow_logs_gives_up_on_a_dashboard_gone_quiet_and_says_how_to_follow_again(ray_session, token):
+    from ptmst_ray.cluster import jobs
+    from ptmst_ray.cluster.spec import LaunchError
+    from ptmst_ray.orchestration.runtime import dashboard_url
+
+    proxy = DroppingProxy(dashboard_url(), [])
+    try:
+        client = jobs.job_client(proxy.url, token=token)  # its version check passes; then every poll is refused
+        proxy.plan += ["refuse"] * 1000
+        with pytest.raises(LaunchError, match=r"job raysubmit_x: the dashboard stopped answering .*"
+                                              r"`ptmst-ray logs raysubmit_x --follow`"):
+            jobs.follow_logs(client, "raysubmit_x", lambda text: None, poll_s=0.1, retry_s=1)
+        assert proxy.served["refuse"] >= 2  # retried before giving up
+    finally:
+        proxy.close()

@@ -127,12 +127,66 @@ def submit_job(address: Optional[str], entrypoint: str, working_dir: str | os.Pa
     client = client or job_client(address)
     runtime_env = job_runtime_env(working_dir, runtime_env_extra)
     try:
-        job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env, submission_id=submission_id,
-                                   **resources)
+        job_id = submit_once(client, entrypoint, runtime_env, submission_id, **resources)
     except Exception as e:  # noqa: BLE001 - re-raised with the address and entrypoint
         raise LaunchError(f"{normalize_address(address)}: job submission of {entrypoint!r} failed: {e}") from None
     log.info("submitted job %s: %s", job_id, entrypoint)
     return job_id
+
+
+TRANSIENT_RETRY_S = 60.0
+"""How long a dropped connection to the dashboard is retried before a call gives up (a port-forward or a busy
+head that drops a request recovers within seconds)."""
+
+
+def _transient(e: Exception) -> bool:
+    """A dropped or refused connection (requests' ConnectionError and Timeout, http.client's
+    RemoteDisconnected, an OSError): the request may be retried; an HTTP error answer may not."""
+    import http.client
+
+    import requests
+
+    return isinstance(e, (requests.ConnectionError, requests.Timeout, http.client.HTTPException, ConnectionError))
+
+
+def retried(call: Callable[[], Any], what: str, retry_s: float = TRANSIENT_RETRY_S,
+            also: Callable[[Exception], bool] = lambda e: False, pause_s: float = 2.0) -> Any:
+    """``call()``, retried every ``pause_s`` while it fails with a transient connection error (or one ``also``
+    accepts) for up to ``retry_s``; then the last error is raised."""
+    deadline = time.monotonic() + retry_s
+    while True:
+        try:
+            return call()
+        except Exception as e:  # noqa: BLE001 - only transient errors are retried; the rest re-raised at once
+            if not (_transient(e) or also(e)) or time.monotonic() >= deadline:
+                raise
+            log.warning("%s: %s: %s; retrying", what, type(e).__name__, e)
+            time.sleep(pause_s)
+
+
+def submit_once(client, entrypoint: str, runtime_env: dict, submission_id: Optional[str] = None,
+                retry_s: float = TRANSIENT_RETRY_S, also: Callable[[Exception], bool] = lambda e: False,
+                pause_s: float = 2.0, **resources: Any) -> str:
+    """Submit a job exactly once, retrying a submission whose connection dropped: the submission id is fixed
+    before the first attempt, so when a dropped attempt had reached the server, the retry's "already exists"
+    answer means the job is ours and running, not a second job. ``also``: further errors to retry (a fresh
+    cluster's "No available agent")."""
+    import uuid
+
+    submission_id = submission_id or f"raysubmit_{uuid.uuid4().hex[:16]}"
+    attempts = [0]
+
+    def submit() -> str:
+        attempts[0] += 1
+        try:
+            return client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env, submission_id=submission_id,
+                                     **resources)
+        except RuntimeError as e:
+            if attempts[0] > 1 and f"{submission_id} already exists" in str(e):
+                return submission_id  # an earlier attempt reached the server before its connection dropped
+            raise
+
+    return retried(submit, f"submitting job {submission_id}", retry_s, also, pause_s)
 
 
 def job_status(client, job_id: str) -> str:
@@ -140,16 +194,24 @@ def job_status(client, job_id: str) -> str:
 
 
 def follow_logs(client, job_id: str, on_log: Callable[[str], None], poll_s: float = 1.0,
-                timeout_s: Optional[float] = None) -> str:
+                timeout_s: Optional[float] = None, retry_s: float = TRANSIENT_RETRY_S) -> str:
     """Pass new log text to ``on_log`` until the job ends; return its final status.
 
-    Polls get_job_logs (plain HTTP, works through any proxy) rather than the websocket tail.
+    Polls get_job_logs (plain HTTP, works through any proxy) rather than the websocket tail. A poll whose
+    connection drops is retried for up to ``retry_s`` (the job runs on regardless); after that a
+    :class:`LaunchError` says how to follow the job again.
     """
     seen = 0
     start = time.monotonic()
     while True:
-        status = job_status(client, job_id)
-        logs = client.get_job_logs(job_id)
+        try:
+            status = retried(lambda: job_status(client, job_id), f"job {job_id}: status", retry_s, pause_s=poll_s)
+            logs = retried(lambda: client.get_job_logs(job_id), f"job {job_id}: logs", retry_s, pause_s=poll_s)
+        except Exception as e:  # noqa: BLE001 - only transient errors reach here after their retries
+            if not _transient(e):
+                raise
+            raise LaunchError(f"job {job_id}: the dashboard stopped answering for {retry_s:.0f} s ({type(e).__name__}: "
+                              f"{e}); the job itself runs on: follow it again with `ptmst-ray logs {job_id} --follow`") from None
         if len(logs) > seen:
             on_log(logs[seen:])
             seen = len(logs)
