@@ -179,9 +179,9 @@ class DataConfig:
     decode_workers: int = 0
     """Threads that decode a streamed split's batches at once (PIL and torch release the GIL); batches and their
     order are the same for any value. 0 = auto: 1 on a worker that trains on its CPUs (they run the model), the
-    worker's torch threads on a GPU worker (the Ray layer sets them from the CPUs Ray gave it, at least 2:
-    ``runtime.worker_threads``). A GPU training NFNet-L0 at 224 px consumes what several threads decode
-    (bench/RESULTS.md "Train data path"): give such a worker the CPUs to match."""
+    worker's torch threads on a GPU worker (the Ray layer sets them from the CPUs Ray gave it:
+    ``runtime.worker_threads``), at least 3 there (``device.GPU_DECODE_THREADS``: what a GPU training NFNet-L0 at
+    224 px consumes, bench/RESULTS.md "Train data path"): give such a worker the CPUs to match."""
     image_cache_mb: float = 256.0
     """Decoded uint8 images a stream keeps (LRU, per worker) so an image's other captions are not decoded
     again; 0 = none. Changes speed and memory only, never the batches."""

@@ -39,10 +39,16 @@ def set_threads(n: int) -> None:
         os.environ.setdefault("OMP_NUM_THREADS", str(n))
 
 
+GPU_DECODE_THREADS = 3
+"""Decoding threads a GPU worker uses at least (``data.decode_workers: 0``): NFNet-L0 trains ~720 images/s at 224 px
+on an RTX 3090 (timm's published benchmark) and one CPU decodes and normalises ~300 PNG rows/s at that size
+(bench/RESULTS.md "Train data path"), so fewer threads would starve the GPU."""
+
+
 def decode_threads(decode_workers: int) -> int:
-    """Threads that decode a streamed split's batches (``data.decode_workers``): the setting when above 0, else the
-    worker's torch threads when it trains on a GPU (its CPUs have no model to run; the Ray layer set the threads
-    from the CPUs Ray gave it, ``runtime.worker_threads``), else 1 (the CPUs train the model)."""
+    """Threads that decode a streamed split's batches (``data.decode_workers``): the setting when above 0, else on a
+    GPU worker its torch threads (the Ray layer set them from the CPUs Ray gave it, ``runtime.worker_threads``) but
+    at least :data:`GPU_DECODE_THREADS` (its CPUs have no model to run), else 1 (the CPUs train the model)."""
     if decode_workers > 0:
         return decode_workers
-    return max(1, torch.get_num_threads()) if pick_device().type == "cuda" else 1
+    return max(GPU_DECODE_THREADS, torch.get_num_threads()) if pick_device().type == "cuda" else 1
