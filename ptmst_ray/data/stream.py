@@ -34,7 +34,7 @@ import torch
 from ptmst_ray import storage
 from ptmst_ray.data import dataset
 from ptmst_ray.data.dataset import (
-    image_shards, normalize_images, read_captions, read_image_shard, split_dir, split_manifest,
+    image_shards, normalize_images, read_caption_index, read_image_shard, split_dir, split_manifest,
 )
 
 T = TypeVar("T")
@@ -70,7 +70,7 @@ class CaptionStream(torch.utils.data.IterableDataset):
         if self.manifest["split_kind"] != "pairs":
             raise ValueError(f"{self.dir}: CaptionStream streams a pairs split (train/pretrain), not {split!r}")
         if image_index is None:  # the caller may pass it (already read), so the caption shards are read once
-            image_index = read_captions(data_dir, split, self.manifest).image_index
+            image_index = read_caption_index(data_dir, split, self.manifest)[0]
         n = len(image_index) if rows is None else min(rows, len(image_index))
         if len(text) < n:
             raise ValueError(f"{self.dir}: {n} caption rows but only {len(text)} text rows; they must pair up")
