@@ -181,6 +181,25 @@ def _object_write(fs: fsspec.AbstractFileSystem, path: str, url: str, mode: str)
         raise
 
 
+def put_file(local: str, url: str) -> None:
+    """Put the finished local file ``local`` at ``url``, atomically, and remove it: a rename when both are on the
+    same local filesystem, else a copy through :func:`atomic_open` (an upload on an object store)."""
+    dest = local_path(url)
+    if dest is not None:
+        try:
+            os.makedirs(os.path.dirname(dest), exist_ok=True)
+            os.replace(local, dest)
+            _WRITES[0] += 1
+            return
+        except OSError as e:
+            if e.errno != errno.EXDEV:
+                raise write_error(url, e) from e
+    with atomic_open(url, "wb") as out, open(local, "rb") as src:
+        for chunk in iter(lambda: src.read(8 << 20), b""):
+            out.write(chunk)
+    os.remove(local)
+
+
 def write_bytes(url: str, data: bytes) -> None:
     with atomic_open(url, "wb") as f:
         f.write(data)

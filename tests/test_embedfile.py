@@ -173,3 +173,20 @@ def test_captions_are_read_only_for_the_rows_asked(tmp_path, monkeypatch):
     assert len(cut) == 20 and list(cut) == whole.captions[:20]
     with pytest.raises(IndexError):
         cut.take([20])
+
+
+@pytest.mark.parametrize("shape, chunk", [((37, 24), 10), ((120, 64), 120), ((1, 1), 1), ((0, 8), 4), ((5, 3), 2)])
+def test_the_writer_writes_safetensors_bytes_chunk_by_chunk(shape, chunk):
+    """The file written a chunk at a time is byte for byte what safetensors writes for the whole tensor, and its
+    sha256 is that of those bytes."""
+    import io
+
+    emb = _emb(*shape) if shape[0] else torch.empty(shape)
+    buf = io.BytesIO()
+    w = embedfile.EmbeddingWriter(buf, *shape)
+    for start in range(0, shape[0], chunk):
+        w.add(emb[start:start + chunk] if start % 2 else emb[start:start + chunk].numpy())
+    digest = w.finish()
+    assert buf.getvalue() == save({"text": emb}) and digest == storage.hash_bytes(buf.getvalue())
+    with pytest.raises(ValueError):
+        embedfile.EmbeddingWriter(io.BytesIO(), *shape).add(torch.zeros(1, shape[1] + 1))

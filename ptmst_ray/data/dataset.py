@@ -226,6 +226,19 @@ def read_caption_index(data_dir: str, split: str, manifest: dict | None = None,
     return torch.tensor(index, dtype=torch.long), PairCaptions(d, names, starts, n)
 
 
+def iter_captions(data_dir: str, split: str, manifest: dict | None = None) -> Iterator[list[str]]:
+    """The captions of a prepared split in order, one shard's at a time (those of :func:`read_captions`, checked
+    the same way), so that a reader of every caption holds one shard's strings, not the split's."""
+    m = manifest if manifest is not None else split_manifest(data_dir, split, verify=False)
+    d = split_dir(data_dir, split)
+    if m["split_kind"] == "pairs":
+        for name in _shards(m, "captions"):
+            yield _read_shard(d, name, ["caption"], m["files"][name]).column("caption").to_pylist()
+        return
+    for name in _shards(m, "images"):
+        yield [c for cs in _read_shard(d, name, ["captions"], None).column("captions").to_pylist() for c in cs]
+
+
 def read_image_ids(data_dir: str, split: str, manifest: dict | None = None) -> list[str]:
     """Every image's id in order, from the ``image_id`` column alone of the image shards (no pixel read)."""
     m = manifest if manifest is not None else split_manifest(data_dir, split, verify=False)

@@ -11,9 +11,11 @@ file) before anything is mapped.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import struct
+from typing import IO
 
 import numpy as np
 import torch
@@ -21,6 +23,44 @@ import torch
 from ptmst_ray import storage
 
 KEY = "text"
+
+
+def header_bytes(n: int, d: int) -> bytes:
+    """The first bytes of the file ``safetensors.torch.save({"text": t})`` writes for an (n, d) float32 ``t``: the
+    8-byte little-endian length, then the compact JSON header padded with spaces to a multiple of 8 bytes."""
+    text = json.dumps({KEY: {"dtype": "F32", "shape": [n, d], "data_offsets": [0, n * d * 4]}}, separators=(",", ":"))
+    text += " " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text.encode("ascii")
+
+
+class EmbeddingWriter:
+    """Writes a caption-embedding file a chunk of rows at a time into the binary file ``f``: the bytes
+    ``safetensors.torch.save({"text": t})`` writes for the (n, d) float32 ``t`` the chunks make up, with n and d
+    known up front, so no more than a chunk is ever in memory; the sha256 is computed while writing
+    (:meth:`finish`)."""
+
+    def __init__(self, f: IO[bytes], n: int, d: int):
+        self.f, self.n, self.d, self.rows = f, n, d, 0
+        self._hash = hashlib.sha256()
+        self._write(header_bytes(n, d))
+
+    def _write(self, data: bytes) -> None:
+        self.f.write(data)
+        self._hash.update(data)
+
+    def add(self, rows: torch.Tensor | np.ndarray) -> None:
+        """Append ``rows`` (k x d; cast to float32)."""
+        a = rows.detach().cpu().float().numpy() if isinstance(rows, torch.Tensor) else np.asarray(rows)
+        if a.ndim != 2 or a.shape[1] != self.d or self.rows + a.shape[0] > self.n:
+            raise ValueError(f"rows of shape {tuple(a.shape)} after {self.rows} of ({self.n}, {self.d})")
+        self._write(np.ascontiguousarray(a, dtype="<f4").tobytes())
+        self.rows += a.shape[0]
+
+    def finish(self) -> str:
+        """The file's sha256 (hex), once all n rows are written."""
+        if self.rows != self.n:
+            raise ValueError(f"{self.rows} rows written of {self.n}")
+        return self._hash.hexdigest()
 
 
 def _bad(url: str, what: str) -> storage.StorageError:

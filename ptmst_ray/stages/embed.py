@@ -17,7 +17,6 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Callable
 
 import torch
-from safetensors.torch import save as st_save
 
 from ptmst_ray import storage
 from ptmst_ray.config import Config, section_hash
@@ -41,8 +40,8 @@ def embed(cfg: Config, progress: Progress | None = None) -> str:
     val split: embeddings made before val existed are kept, and only val's are added to them. Finished
     embeddings of this tower and data (:func:`done_key`) cost no tower build and no read of their files.
     """
-    from ptmst_ray.data.dataset import read_captions
-    from ptmst_ray.data.text_cache import embed_captions
+    from ptmst_ray.data.dataset import iter_captions
+    from ptmst_ray.data.text_cache import embed_split
     from ptmst_ray.models.towers import build_text_encoder, tower_source
     from ptmst_ray.stages.data import eval_splits
 
@@ -62,11 +61,10 @@ def embed(cfg: Config, progress: Progress | None = None) -> str:
     for split in splits:
         if f"{split}.safetensors" in files:
             continue
-        captions = read_captions(layout.data, split).captions  # the caption shards (or column) only
-        emb = embed_captions(list(captions), encoder, layout.text_cache, progress=progress)
-        blob = st_save({"text": emb.float().contiguous()})
-        storage.write_bytes(storage.join(out, f"{split}.safetensors"), blob)
-        files[f"{split}.safetensors"] = storage.hash_bytes(blob)
+        # the caption shards (or column) only, a shard at a time; the file written a cache part at a time
+        files[f"{split}.safetensors"] = embed_split(storage.join(out, f"{split}.safetensors"),
+                                                    functools.partial(iter_captions, layout.data, split), encoder,
+                                                    layout.text_cache, progress=progress)
     storage.write_manifest(out, {"config_hash": key, "files": files, "dim": encoder.dim, "source": source,
                                  "data": dhash})
     storage.write_text(layout.embedded_current, key)
