@@ -6,7 +6,9 @@ PNGs `data prepare` stores with ``--format png``, in the prepared layout `data p
 caption Parquet shards + manifest; kept in ``--cache`` and reused by later runs) and, in a fresh child process
 per (size, path), runs one epoch of 128-row minibatches through the data path and records the child's
 peak RSS (VmHWM), its RSS after the imports, wall time and caption rows (and distinct PNG decodes) per
-second. The minibatches are consumed by a trivial reduction, not a model: the figures are the data
+second, its peak private (RssAnon) and file-backed (RssFile) memory sampled apart, and glibc's and Arrow's heap
+figures at the end. The caption embeddings are 768-d float32 (``TEXT_DIM``) in a file next to the split, memory-mapped
+as workers map them. The minibatches are consumed by a trivial reduction, not a model: the figures are the data
 path's own (what a worker holds and how fast it feeds), not an expert's compute.
 
 Paths: ``rows`` = the held loader (``data.stream: off``; :class:`ImageRows` over :class:`ShardImages`:
