@@ -6,7 +6,9 @@ PNGs `data prepare` stores with ``--format png``, in the prepared layout `data p
 caption Parquet shards + manifest; kept in ``--cache`` and reused by later runs) and, in a fresh child process
 per (size, path), runs one epoch of 128-row minibatches through the data path and records the child's
 peak RSS (VmHWM), its RSS after the imports, wall time and caption rows (and distinct PNG decodes) per
-second. The minibatches are consumed by a trivial reduction, not a model: the figures are the data
+second, its peak private (RssAnon) and file-backed (RssFile) memory sampled apart, and glibc's and Arrow's heap
+figures at the end. The caption embeddings are 768-d float32 (``TEXT_DIM``) in a file next to the split, memory-mapped
+as workers map them. The minibatches are consumed by a trivial reduction, not a model: the figures are the data
 path's own (what a worker holds and how fast it feeds), not an expert's compute.
 
 Paths: ``rows`` = the held loader (``data.stream: off``; :class:`ImageRows` over :class:`ShardImages`:
@@ -57,6 +59,9 @@ FORMATS = {"jpeg": ("JPEG", {"quality": 90}, "jpg"), "png": ("PNG", {"compress_l
 prepare` stores in the shards; compress level 1, for speed). The loaders decode either (PIL)."""
 SPLIT_VERSION = 1
 """Bumped when what write_split writes changes (part of a cached split's folder name)."""
+TEXT_DIM = 768
+"""Width of the stand-in caption embeddings (BERT's, the paper recipes' text tower): written once per split as
+``embedded/train.safetensors`` and read by every child as production reads them (memory-mapped, data/embedfile.py)."""
 
 
 def _image(rng, fmt: str) -> bytes:
@@ -82,13 +87,16 @@ def cached_split(cache: Path, captions: int, fmt: str) -> tuple[Path, dict]:
     if info_file.exists() and storage.read_manifest(str(d / "train")) is not None:
         info = json.loads(info_file.read_text())
         print(f"reusing {d} ({info['images']:,} images)", flush=True)
+        if info.get("text_dim") != TEXT_DIM:  # a split cached before the stand-in embeddings were added
+            info.update(write_text(d, captions))
+            info_file.write_text(json.dumps(info))
         return d, info
     if d.exists():  # an interrupted write: start again
         import shutil
 
         shutil.rmtree(d)
     t0 = time.perf_counter()
-    info = write_split(d, captions, fmt)
+    info = {**write_split(d, captions, fmt), **write_text(d, captions)}
     info["write_s"] = round(time.perf_counter() - t0, 1)
     info_file.write_text(json.dumps(info))
     print(f"wrote {captions:,} captions / {info['images']:,} images ({info['bytes'] / 1e6:.0f} MB, "
@@ -125,13 +133,66 @@ def write_split(data_dir: Path, captions: int, fmt: str = "jpeg", seed: int = 0)
             "shards": len(imgs.files), "format": fmt}
 
 
+def write_text(data_dir: Path, captions: int, seed: int = 0) -> dict:
+    """Stand-in caption embeddings (``captions`` x TEXT_DIM float32, seeded normal) as ``data_dir/embedded/
+    train.safetensors``, written as the embed stage writes them (a chunk at a time); their sha256."""
+    import torch
+
+    from ptmst_ray import storage
+    from ptmst_ray.data.embedfile import EmbeddingWriter
+
+    g = torch.Generator().manual_seed(seed)
+    with storage.atomic_open(str(data_dir / "embedded" / "train.safetensors"), "wb") as f:
+        w = EmbeddingWriter(f, captions, TEXT_DIM)
+        for start in range(0, captions, 8192):
+            w.add(torch.randn(min(8192, captions - start), TEXT_DIM, generator=g))
+    return {"text_dim": TEXT_DIM, "text_sha256": w.finish()}
+
+
+def open_text(data_dir: str):
+    """The split's stand-in caption embeddings, mapped and checked as a worker reads the real ones."""
+    from ptmst_ray.data.embedfile import open_embeddings
+
+    info = json.loads((Path(data_dir) / "info.json").read_text())
+    return open_embeddings(f"{data_dir}/embedded", "train.safetensors", info["text_sha256"])
+
+
+class PeakSampler:
+    """The peak of this process's private (anonymous) resident memory, sampled every ``every`` s by a thread:
+    VmHWM also counts the pages of mapped files (the caption embeddings' page cache, shared by the node's
+    processes and reclaimable), which /proc reports apart only as current values (RssAnon, RssFile)."""
+
+    def __init__(self, every: float = 0.01):
+        import threading
+
+        self.peak_anon, self.peak_file, self._stop = 0, 0, threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(every,), daemon=True)
+        self._thread.start()
+
+    def _run(self, every: float) -> None:
+        while True:
+            self.sample()
+            if self._stop.wait(every):
+                return
+
+    def sample(self) -> None:
+        self.peak_anon = max(self.peak_anon, status_kb("RssAnon"))
+        self.peak_file = max(self.peak_file, status_kb("RssFile"))
+
+    def stop(self) -> "PeakSampler":
+        self._stop.set()
+        self._thread.join()
+        self.sample()
+        return self
+
+
 def child(data_dir: str, path: str, workers: int = 1) -> None:
     """One epoch of the data path ``path`` over ``data_dir/train`` (streaming paths: ``workers`` decoding threads);
     prints a JSON line of figures."""
     import torch
 
     from ptmst_ray.data import dataset
-    from ptmst_ray.data.dataset import ImageRows, ShardImages, read_captions
+    from ptmst_ray.data.dataset import ImageRows, ShardImages, read_caption_index
 
     decodes = {"n": 0}
     real = dataset.decode_png
@@ -142,15 +203,16 @@ def child(data_dir: str, path: str, workers: int = 1) -> None:
 
     dataset.decode_png = counting
     dataset.normalize_images(torch.zeros(1, 3, 2, 2, dtype=torch.uint8))  # imports open_clip (~280 MiB) up front
-    after_imports = status_kb("VmRSS")
+    after_imports, anon_after_imports = status_kb("VmRSS"), status_kb("RssAnon")
+    sampler = PeakSampler()
     start_usage = resource.getrusage(resource.RUSAGE_SELF)
     cpu_at_start = start_usage.ru_utime + start_usage.ru_stime
     started = time.perf_counter()
-    caps = read_captions(data_dir, "train")
-    text = torch.zeros(len(caps.captions), 8)  # stands in for the caption embeddings (768-d at paper scale)
+    image_index = read_caption_index(data_dir, "train")[0]
+    text = open_text(data_dir)  # mapped, as load_real maps the caption embeddings
     total, rows = 0.0, 0
     if path == "rows":
-        images = ImageRows(ShardImages(data_dir, "train", keep=True), caps.image_index)
+        images = ImageRows(ShardImages(data_dir, "train", keep=True), image_index)
         for idx in torch.randperm(len(images), generator=torch.Generator().manual_seed(0)).split(BATCH):
             x, t = images[idx], text[idx]
             total += float(x.mean()) + float(t.sum())
@@ -164,14 +226,54 @@ def child(data_dir: str, path: str, workers: int = 1) -> None:
             total += float(x.mean()) + float(t.sum())
             rows += len(idx)
     elif path == "full":
-        rows = full_data_epoch(data_dir, text, caps.image_index, workers)
+        rows = full_data_epoch(data_dir, text, image_index, workers)
     else:
         return ray_data_epoch(data_dir, after_imports)
     seconds = time.perf_counter() - started
     usage = resource.getrusage(resource.RUSAGE_SELF)  # every thread's CPU time, imports included (subtracted)
+    sampler.stop()
     print(json.dumps({"path": path, "workers": workers, "rows": rows, "seconds": seconds, "decodes": decodes["n"],
                       "cpu_s": usage.ru_utime + usage.ru_stime - cpu_at_start,
-                      "rss_after_imports_kb": after_imports, "peak_kb": status_kb("VmHWM")}), flush=True)
+                      "rss_after_imports_kb": after_imports, "peak_kb": status_kb("VmHWM"),
+                      "anon_after_imports_kb": anon_after_imports, "peak_anon_kb": sampler.peak_anon, "peak_file_kb": sampler.peak_file, **arrow_stats(), **malloc_stats()}),
+          flush=True)
+
+
+def malloc_stats() -> dict:
+    """glibc's view of the heap (mallinfo2, summed over its arenas, and the arena count): bytes in use, bytes free
+    but kept, bytes in mmap'd chunks; empty off glibc."""
+    import ctypes
+    import re
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        fields = ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                  "keepcost")
+
+        class MallInfo2(ctypes.Structure):
+            _fields_ = [(f, ctypes.c_size_t) for f in fields]
+
+        libc.mallinfo2.restype = MallInfo2
+        info = libc.mallinfo2()
+        buf, size = ctypes.c_char_p(), ctypes.c_size_t()
+        libc.open_memstream.restype = ctypes.c_void_p
+        stream = libc.open_memstream(ctypes.byref(buf), ctypes.byref(size))
+        libc.malloc_info(0, ctypes.c_void_p(stream))
+        libc.fclose(ctypes.c_void_p(stream))
+        arenas = len(re.findall(rb"<heap nr=", ctypes.string_at(buf, size.value)))
+    except (OSError, AttributeError):
+        return {}
+    return {"malloc_heap_kb": info.arena // 1024, "malloc_in_use_kb": info.uordblks // 1024,
+            "malloc_free_kb": info.fordblks // 1024, "malloc_mmap_kb": info.hblkhd // 1024, "malloc_arenas": arenas}
+
+
+def arrow_stats() -> dict:
+    """Arrow's default memory pool: its allocator, the bytes it holds now and its peak."""
+    import pyarrow as pa
+
+    pool = pa.default_memory_pool()
+    return {"arrow_pool": pool.backend_name, "arrow_allocated_kb": pa.total_allocated_bytes() // 1024,
+            "arrow_peak_kb": pool.max_memory() // 1024}
 
 
 def stand_in_student(text_dim: int):
@@ -277,8 +379,8 @@ def model_rate(steps: int = 5) -> dict:
             "threads": torch.get_num_threads()}
 
 
-def spawn(data_dir: Path, path: str, workers: int = 1) -> dict:
-    env = {**os.environ, **THREADS}
+def spawn(data_dir: Path, path: str, workers: int = 1, extra_env: dict | None = None) -> dict:
+    env = {**os.environ, **THREADS, **(extra_env or {})}
     out = subprocess.run([sys.executable, __file__, "--child", str(data_dir), path, str(workers)], env=env,
                          capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -298,6 +400,8 @@ def main() -> None:
     p.add_argument("--format", choices=list(FORMATS), default="jpeg", help="the generated images' encoding")
     p.add_argument("--cache", default=os.path.expanduser("~/.cache/ptmst-ray/bench_data_memory"),
                    help="where the generated splits are kept and reused (default: %(default)s)")
+    p.add_argument("--env", nargs="+", default=[], metavar="NAME=VALUE",
+                   help="extra environment of the children (e.g. MALLOC_ARENA_MAX=2 ARROW_DEFAULT_MEMORY_POOL=system)")
     p.add_argument("--no-write", action="store_true", help="print only; leave bench/RESULTS.md alone")
     p.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -312,19 +416,25 @@ def main() -> None:
         print(json.dumps(rate), flush=True)
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
+    # the node's cache of the children (the embeddings' verification mark): the parent checks each split's file
+    # once, as the first worker on a node does, and every child trusts that check
+    os.environ["PTMST_RAY_CACHE"] = str(cache / "node-cache")
+    extra_env = dict(kv.split("=", 1) for kv in args.env)
     lines = ["| captions | images | split MB | path | decode workers | peak RSS MiB | RSS after imports MiB "
-             "| peak over imports MiB | decodes | wall s | caption rows/s | load |",
-             "|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| peak over imports MiB | peak private MiB | peak file-backed MiB | decodes | wall s | caption rows/s | load |",
+             "|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for n in args.sizes:
         d, info = cached_split(cache, n, args.format)
+        open_text(str(d))
         for path in args.paths:
             for workers in (args.decode_workers if path in ("stream", "stream+", "decode", "full") else [1]):
-                r = spawn(d, path, workers)
+                r = spawn(d, path, workers, extra_env)
                 load = os.getloadavg()[0]
-                print(json.dumps({"captions": n, "load": load, **r}), flush=True)
+                print(json.dumps({"captions": n, "load": load, "env": extra_env, **r}), flush=True)
                 lines.append(f"| {n:,} | {info['images']:,} | {info['bytes'] / 1e6:,.0f} | {path} | {workers} "
                              f"| {mib(r['peak_kb'])} | {mib(r['rss_after_imports_kb'])} "
-                             f"| {mib(r['peak_kb'] - r['rss_after_imports_kb'])} | {r['decodes']:,} "
+                             f"| {mib(r['peak_kb'] - r['rss_after_imports_kb'])} | {mib(r.get('peak_anon_kb', 0))} "
+                             f"| {mib(r.get('peak_file_kb', 0))} | {r['decodes']:,} "
                              f"| {r['seconds']:.1f} | {r['rows'] / r['seconds']:,.0f} | {load:.1f} |")
     table = "\n".join(lines)
     print(table)

@@ -181,6 +181,25 @@ def _object_write(fs: fsspec.AbstractFileSystem, path: str, url: str, mode: str)
         raise
 
 
+def put_file(local: str, url: str) -> None:
+    """Put the finished local file ``local`` at ``url``, atomically, and remove it: a rename when both are on the
+    same local filesystem, else a copy through :func:`atomic_open` (an upload on an object store)."""
+    dest = local_path(url)
+    if dest is not None:
+        try:
+            os.makedirs(os.path.dirname(dest), exist_ok=True)
+            os.replace(local, dest)
+            _WRITES[0] += 1
+            return
+        except OSError as e:
+            if e.errno != errno.EXDEV:
+                raise write_error(url, e) from e
+    with atomic_open(url, "wb") as out, open(local, "rb") as src:
+        for chunk in iter(lambda: src.read(8 << 20), b""):
+            out.write(chunk)
+    os.remove(local)
+
+
 def write_bytes(url: str, data: bytes) -> None:
     with atomic_open(url, "wb") as f:
         f.write(data)
@@ -274,6 +293,111 @@ def read_verified(directory: str, name: str, digest: str) -> bytes:
     if hash_bytes(blob) != digest:
         raise _hash_mismatch(directory, url)
     return blob
+
+
+# --------------------------------------------------------------------------- this node's verified local files
+
+
+def cache_root() -> str:
+    """This node's cache of the project (copies of remote files, verification marks): ``$PTMST_RAY_CACHE``, default
+    ``~/.cache/ptmst-ray``. Shared by every process on the node; nothing in it is an artefact of a run."""
+    return os.path.expanduser(os.environ.get("PTMST_RAY_CACHE") or "~/.cache/ptmst-ray")
+
+
+def verified_local_file(directory: str, name: str, digest: str) -> str:
+    """A local path holding the bytes of ``directory/name``, checked against the manifest's sha256 ``digest``, for a
+    reader that maps the file instead of reading it whole (the caption embeddings: ``data/embedfile.py``).
+
+    A local run root: the file itself, hashed once per node and file version (a mark under
+    :func:`cache_root` records its path, size, times and inode once it matched; another process, or a later
+    run, that finds the same version trusts the mark; a file rewritten since has another version and is
+    hashed again). A URL: a node-local copy named by ``digest``, hashed while it is copied and renamed into
+    place only when it matched, so a killed or damaged copy never counts; one process copies while the others
+    on the node wait for it (a file lock), then all map the same copy. Errors as :func:`read_verified`,
+    naming ``directory/name``.
+    """
+    url = join(directory, name)
+    path = local_path(url)
+    if path is not None:
+        return _verified_in_place(directory, url, path, digest)
+    return _node_copy(directory, url, digest, os.path.splitext(name)[1])
+
+
+def _file_version(path: str) -> dict:
+    st = os.stat(path)
+    return {"path": path, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns,
+            "inode": st.st_ino, "device": st.st_dev}
+
+
+def _verified_in_place(directory: str, url: str, path: str, digest: str) -> str:
+    if not os.path.isfile(path):
+        raise _listed_but_missing(directory, url)
+    version = _file_version(path)
+    mark = os.path.join(cache_root(), "verified", f"{digest}-{stable_hash(path)}.json")
+    with contextlib.suppress(OSError, ValueError):
+        with open(mark, encoding="utf-8") as f:
+            if json.load(f) == version:
+                return path
+    if hash_file(url) != digest:
+        raise _hash_mismatch(directory, url)
+    with contextlib.suppress(OSError):  # an unwritable cache costs the next process one more hash, nothing else
+        _local_atomic_write(mark, json.dumps(version, sort_keys=True).encode("utf-8"))
+    return path
+
+
+def _local_atomic_write(path: str, data: bytes) -> None:
+    """A node-local cache file written under a temporary name, then renamed (not an artefact: not counted by
+    :func:`writes`)."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}{TMP_MARK}{uuid.uuid4().hex[:12]}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+
+
+def _node_copy(directory: str, url: str, digest: str, suffix: str) -> str:
+    import fcntl
+
+    folder = os.path.join(cache_root(), "files")
+    dest = os.path.join(folder, f"{digest}{suffix}")
+    if os.path.isfile(dest):
+        return dest
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with open(f"{dest}.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when closed, or when a killed holder's process ends
+            if not os.path.isfile(dest):  # another process may have copied it while this one waited
+                _copy_checked(directory, url, digest, dest)
+    except OSError as e:
+        reason = "no space left on device" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+        raise StorageError(f"{url}: cannot copy it into this node's cache {folder} ({reason}); free space there or "
+                           "set PTMST_RAY_CACHE to a writable folder with room", url) from e
+    return dest
+
+
+def _copy_checked(directory: str, url: str, digest: str, dest: str) -> None:
+    fs, path = filesystem(url)
+    tmp = f"{dest}{TMP_MARK}{uuid.uuid4().hex[:12]}"
+    h = hashlib.sha256()
+    try:
+        try:
+            src = fs.open(path, "rb")
+        except FileNotFoundError:
+            raise _listed_but_missing(directory, url) from None
+        with src, open(tmp, "wb") as out:
+            for chunk in iter(lambda: src.read(1 << 20), b""):
+                h.update(chunk)
+                out.write(chunk)
+        if h.hexdigest() != digest:
+            raise _hash_mismatch(directory, url)
+        os.replace(tmp, dest)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
 
 
 def local_path(url: str) -> str | None:

@@ -1,11 +1,19 @@
 """Shared fixtures: a tiny pipeline config, one Ray instance per test session, the data-layer fixtures."""
 
 # ---------------------------------------------------------------- pipeline + Ray fixtures
+import atexit as _atexit
 import os as _os
+import shutil as _shutil
+import tempfile as _tempfile
 
 import pytest
 
 from ptmst_ray.config import Config, from_dict
+
+# this node's cache (storage.cache_root: verified embedding files, copies of remote ones) is the session's own, for
+# this process and the Ray workers it starts, never the user's
+_os.environ["PTMST_RAY_CACHE"] = _tempfile.mkdtemp(prefix="ptmst-test-cache-")
+_atexit.register(_shutil.rmtree, _os.environ["PTMST_RAY_CACHE"], True)
 
 TINY = {
     "data": {"builtin": {"train_images": 60, "test_images": 20, "pretrain_images": 60, "captions_per_image": 2}},

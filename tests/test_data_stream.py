@@ -289,6 +289,29 @@ def test_image_cache_evicts_the_least_recently_used():
     assert cache.get(9) is None and len(cache) == 3
 
 
+def test_image_cache_keeps_images_in_its_slabs_within_the_budget(monkeypatch):
+    """The cached images are copies in a few preallocated slabs (no allocation kept per image), never more slots
+    than the budget holds; a slot reused after an eviction holds the new image; what get returns is a copy."""
+    from ptmst_ray.data.stream import ImageCache
+
+    monkeypatch.setattr(ImageCache, "SLAB_BYTES", 4 * 12)  # 4 images of 12 bytes a slab
+    cache = ImageCache(max_bytes=10 * 12)  # 10 images: slabs of 4, 4 and 2
+    images = {k: torch.full((3, 2, 2), k, dtype=torch.uint8) for k in range(25)}
+    for k, img in images.items():
+        cache.put(k, img)
+        img.fill_(255)  # the cache kept a copy
+        assert len(cache) == min(k + 1, 10) and cache.bytes == 12 * len(cache)
+    assert [len(s) for s in cache._slabs] == [4, 4, 2]
+    for k in range(25):
+        got = cache.get(k)
+        assert (got is None) == (k < 15) and (got is None or torch.equal(got, torch.full((3, 2, 2), k, dtype=torch.uint8)))
+    got = cache.get(20)
+    got.zero_()
+    assert torch.equal(cache.get(20), torch.full((3, 2, 2), 20, dtype=torch.uint8))
+    cache.put(99, torch.zeros(3, 2, 3, dtype=torch.uint8))  # another shape: not kept
+    assert cache.get(99) is None and len(cache) == 10
+
+
 def test_prefetch_thread_stops_when_the_consumer_leaves_early():
     import threading
 

@@ -90,3 +90,56 @@ def test_real_captions_batched_parts(tmp_path, monkeypatch, flickr30k):
 
 def test_empty_list(tmp_path):
     assert embed_captions([], FakeEncoder(), str(tmp_path)).shape == (0, 8)
+
+
+def _split_file(tmp_path, name, captions, enc, cache_dir, chunk=7, **kw) -> tuple[bytes, str]:
+    url = str(tmp_path / "embedded" / f"{name}.safetensors")
+    digest = text_cache.embed_split(url, lambda: iter([captions[i:i + chunk] for i in range(0, len(captions), chunk)]),
+                                    enc, cache_dir, **kw)
+    return Path(url).read_bytes(), digest
+
+
+def test_split_file_has_the_bytes_of_the_whole_tensor_path(tmp_path, monkeypatch):
+    """embed_split (a shard of captions, a cache part and a batch at a time) writes byte for byte the file that
+    safetensors writes for embed_captions' tensor, encodes the same captions in the same batches and leaves the
+    same cache entries: from an empty cache, from a partial one, with captions repeated in the split, over
+    several parts; its digest is the file's sha256; no scratch file is left."""
+    from safetensors.torch import save
+
+    monkeypatch.setattr(text_cache, "PART_CAPTIONS", 5)
+    caps = [f"caption {i % 23}" if i % 4 else f"a photo of {i % 9}" for i in range(61)]
+    for cached in (0, 17):  # nothing cached; the first 17 captions' embeddings cached beforehand
+        old, new = FakeEncoder(), FakeEncoder()
+        old_root, new_root = str(tmp_path / f"old{cached}"), str(tmp_path / f"new{cached}")
+        for enc, root in ((old, old_root), (new, new_root)):
+            embed_captions(caps[:cached], enc, root, batch_size=3)
+        want = save({"text": embed_captions(caps, old, old_root, batch_size=3)})
+        progress: list = []
+        got, digest = _split_file(tmp_path, f"train{cached}", caps, new, new_root, batch_size=3,
+                                  progress=lambda d, t: progress.append((d, t)))
+        assert got == want and digest == storage.hash_bytes(want)
+        assert new.encoded == old.encoded and new.calls == old.calls and progress[-1][0] == progress[-1][1]
+        key = text_cache.cache_key(old)
+        assert {c: v.tolist() for c, v in text_cache.load_cache(f"{new_root}/{key}", 8).items()} == \
+               {c: v.tolist() for c, v in text_cache.load_cache(f"{old_root}/{key}", 8).items()}
+    assert sorted(p.name for p in (tmp_path / "embedded").iterdir()) == ["train0.safetensors", "train17.safetensors"]
+    empty, _ = _split_file(tmp_path, "val", [], FakeEncoder(), str(tmp_path / "old0"))
+    assert empty == save({"text": torch.empty(0, 8)})
+
+
+def test_split_file_takes_a_captions_first_cached_embedding(tmp_path):
+    """Two parts holding one caption with different embeddings: the first part (listing order) wins in both paths."""
+    enc = FakeEncoder()
+    root = str(tmp_path / "cache")
+    key_dir = f"{root}/{text_cache.cache_key(enc)}"
+    storage.makedirs(key_dir)
+    import numpy as np
+
+    for k in range(3):
+        text_cache._write_part(key_dir, ["same", f"other {k}"], np.full((2, 8), float(k), dtype=np.float32))
+    caps = ["other 2", "same", "other 0", "same", "other 1"]
+    want = embed_captions(caps, enc, root)
+    got, _ = _split_file(tmp_path, "train", caps, enc, root, chunk=2)
+    from safetensors.torch import save
+
+    assert enc.calls == 0 and got == save({"text": want})

@@ -70,6 +70,12 @@ def test_finished_embeddings_cost_no_tower_and_no_file_read(prepared, monkeypatc
     # the workers' read checks each file's bytes against the manifest (the one check)
     real = embed_stage.load_real(cfg, whole_train=False)
     assert len(spy.reads) == 2 and real.train_text.shape[0] == 120
+    # mapped, not read: the rows are the file's; another process on the node (here: the per-process cache
+    # cleared) trusts the first reader's check of the same file version and hashes nothing
+    assert torch.equal(real.train_text, load_file(f"{lay.embedded(key)}/train.safetensors")["text"])
+    embed_stage._load_real_cached.cache_clear()
+    assert torch.equal(embed_stage.load_real(cfg, whole_train=False).test_text, real.test_text)
+    assert len(spy.reads) == 2
 
 
 def test_changed_weights_content_gives_another_key(prepared, tmp_path, monkeypatch):

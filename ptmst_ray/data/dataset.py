@@ -14,6 +14,7 @@ import bisect
 import contextlib
 import io
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -164,6 +165,78 @@ def read_captions(data_dir: str, split: str, manifest: dict | None = None) -> Sp
     per_image = _read_table(d, _shards(m, "images"), ["captions"], None)["captions"]
     return SplitCaptions([c for cs in per_image for c in cs],
                          torch.tensor([i for i, cs in enumerate(per_image) for _ in cs], dtype=torch.long))
+
+
+class PairCaptions(Sequence[str]):
+    """The first ``n`` captions of a pairs split, read from its caption shards only when asked for.
+
+    Why: a worker needs a split's caption strings only for a few rows (a diverged phase's nearest real
+    captions); holding all of them (COCO: 566k Python strings) in every worker would grow with the split.
+    ``captions[i]`` and :meth:`take` read the caption column of just the shards holding the rows asked for.
+    """
+
+    def __init__(self, d: str, names: list[str], starts: list[int], n: int):
+        self.dir, self.names, self.starts, self.n = d, names, starts, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            return self.take(range(*i.indices(self.n)))
+        return self.take([i])[0]
+
+    def __iter__(self) -> Iterator[str]:
+        for s, name in enumerate(self.names):
+            if self.starts[s] >= self.n:
+                return
+            column = _read_shard(self.dir, name, ["caption"], None).column("caption").to_pylist()
+            yield from column[: self.n - self.starts[s]]
+
+    def take(self, rows) -> list[str]:
+        """The captions of ``rows`` (in their order), each shard holding some read once."""
+        rows = [int(r) for r in rows]
+        by_shard: dict[int, list[tuple[int, int]]] = {}
+        for k, r in enumerate(rows):
+            r = r + self.n if r < 0 else r
+            if not 0 <= r < self.n:
+                raise IndexError(f"caption row {rows[k]} out of range for {self.n} captions of {self.dir}")
+            s = bisect.bisect_right(self.starts, r) - 1
+            by_shard.setdefault(s, []).append((k, r - self.starts[s]))
+        out: list[str] = [""] * len(rows)
+        for s, wanted in by_shard.items():
+            column = _read_shard(self.dir, self.names[s], ["caption"], None).column("caption")
+            for k, j in wanted:
+                out[k] = column[j].as_py()
+        return out
+
+
+def read_caption_index(data_dir: str, split: str, manifest: dict | None = None,
+                       rows: int | None = None) -> tuple[torch.Tensor, PairCaptions]:
+    """(image index of every caption row, the first ``rows`` (default all) captions read on demand) of a pairs
+    split: each caption shard read once and checked against the manifest, its caption strings left unbuilt."""
+    m = manifest if manifest is not None else split_manifest(data_dir, split, verify=False)
+    d = split_dir(data_dir, split)
+    names = _shards(m, "captions")
+    index, starts = [], []
+    for name in names:
+        starts.append(len(index))
+        index.extend(_read_shard(d, name, ["image_index"], m["files"][name]).column("image_index").to_pylist())
+    n = len(index) if rows is None else min(rows, len(index))
+    return torch.tensor(index, dtype=torch.long), PairCaptions(d, names, starts, n)
+
+
+def iter_captions(data_dir: str, split: str, manifest: dict | None = None) -> Iterator[list[str]]:
+    """The captions of a prepared split in order, one shard's at a time (those of :func:`read_captions`, checked
+    the same way), so that a reader of every caption holds one shard's strings, not the split's."""
+    m = manifest if manifest is not None else split_manifest(data_dir, split, verify=False)
+    d = split_dir(data_dir, split)
+    if m["split_kind"] == "pairs":
+        for name in _shards(m, "captions"):
+            yield _read_shard(d, name, ["caption"], m["files"][name]).column("caption").to_pylist()
+        return
+    for name in _shards(m, "images"):
+        yield [c for cs in _read_shard(d, name, ["captions"], None).column("captions").to_pylist() for c in cs]
 
 
 def read_image_ids(data_dir: str, split: str, manifest: dict | None = None) -> list[str]:

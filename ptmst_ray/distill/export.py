@@ -111,7 +111,8 @@ def nearest_captions(syn_text: Tensor, real_text_emb: Tensor, real_captions: Seq
         better = score.cpu() > best_score
         best_score = torch.where(better, score.cpu(), best_score)
         best_index = torch.where(better, index.cpu() + start, best_index)
-    return [real_captions[i] for i in best_index.tolist()]
+    take = getattr(real_captions, "take", None)  # captions read on demand (dataset.PairCaptions): one read a shard
+    return take(best_index.tolist()) if take is not None else [real_captions[i] for i in best_index.tolist()]
 
 
 def _denormalise(images: Tensor, mean: Sequence[float] | None, std: Sequence[float] | None) -> Tensor:

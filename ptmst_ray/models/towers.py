@@ -289,7 +289,7 @@ def hf_text_dir(cfg: ModelConfig) -> str | None:
 
 def model_cache_dir() -> Path:
     """Where folders from fsspec URLs are copied: $PTMST_RAY_CACHE/hf-models (default ~/.cache/ptmst-ray)."""
-    return Path(os.environ.get("PTMST_RAY_CACHE") or "~/.cache/ptmst-ray").expanduser() / "hf-models"
+    return Path(storage.cache_root()) / "hf-models"
 
 
 _VERSION_FIELDS = ("ETag", "etag", "md5Hash", "crc32c", "generation", "LastModified", "last_modified", "mtime",

@@ -13,11 +13,10 @@ from __future__ import annotations
 import functools
 import logging
 from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Callable
 
 import torch
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 
 from ptmst_ray import storage
 from ptmst_ray.config import Config, section_hash
@@ -41,8 +40,8 @@ def embed(cfg: Config, progress: Progress | None = None) -> str:
     val split: embeddings made before val existed are kept, and only val's are added to them. Finished
     embeddings of this tower and data (:func:`done_key`) cost no tower build and no read of their files.
     """
-    from ptmst_ray.data.dataset import read_captions
-    from ptmst_ray.data.text_cache import embed_captions
+    from ptmst_ray.data.dataset import iter_captions
+    from ptmst_ray.data.text_cache import embed_split
     from ptmst_ray.models.towers import build_text_encoder, tower_source
     from ptmst_ray.stages.data import eval_splits
 
@@ -62,11 +61,10 @@ def embed(cfg: Config, progress: Progress | None = None) -> str:
     for split in splits:
         if f"{split}.safetensors" in files:
             continue
-        captions = read_captions(layout.data, split).captions  # the caption shards (or column) only
-        emb = embed_captions(list(captions), encoder, layout.text_cache, progress=progress)
-        blob = st_save({"text": emb.float().contiguous()})
-        storage.write_bytes(storage.join(out, f"{split}.safetensors"), blob)
-        files[f"{split}.safetensors"] = storage.hash_bytes(blob)
+        # the caption shards (or column) only, a shard at a time; the file written a cache part at a time
+        files[f"{split}.safetensors"] = embed_split(storage.join(out, f"{split}.safetensors"),
+                                                    functools.partial(iter_captions, layout.data, split), encoder,
+                                                    layout.text_cache, progress=progress)
     storage.write_manifest(out, {"config_hash": key, "files": files, "dim": encoder.dim, "source": source,
                                  "data": dhash})
     storage.write_text(layout.embedded_current, key)
@@ -105,8 +103,8 @@ class RealData:
     """
 
     train_images: "ImageRows"  # rows = captions -> float, CLIP-normalised batches
-    train_text: torch.Tensor  # caption embeddings, one row per caption
-    train_captions: list[str]
+    train_text: torch.Tensor  # caption embeddings, one row per caption (memory-mapped: rows read when indexed)
+    train_captions: Sequence[str]  # read from the caption shards only for the rows asked for
     train_image_index: torch.Tensor  # row -> distinct train image
     test_images: "ImageRows"  # rows = test images
     test_text: torch.Tensor
@@ -121,8 +119,11 @@ class RealData:
 
 
 def _read_embeddings(embedded_dir: str, files: dict[str, str], split: str) -> torch.Tensor:
+    """The split's caption embeddings, memory-mapped from a file checked once per node (data/embedfile.py)."""
+    from ptmst_ray.data.embedfile import open_embeddings
+
     name = f"{split}.safetensors"
-    return st_load(storage.read_verified(embedded_dir, name, files[name]))["text"]
+    return open_embeddings(embedded_dir, name, files[name])
 
 
 @functools.lru_cache(maxsize=4)
@@ -152,23 +153,21 @@ def _val_split(data_dir: str, embedded_dir: str, files: tuple) -> "RetrievalSet 
 @functools.lru_cache(maxsize=4)
 def _load_real_cached(data_dir: str, embedded_dir: str, files: tuple, max_train_rows: int | None,
                       whole_train: bool) -> RealData:
-    from ptmst_ray.data.dataset import ImageRows, ShardImages, read_captions, split_manifest
+    from ptmst_ray.data.dataset import ImageRows, ShardImages, read_caption_index, read_captions, split_manifest
 
     emb = {s: _read_embeddings(embedded_dir, dict(files), s) for s in ("train", "test")}
     manifests = {s: split_manifest(data_dir, s, verify=False) for s in ("train", "test")}
-    train, test = (read_captions(data_dir, s, manifests[s]) for s in ("train", "test"))
-    for s, caps in (("train", train), ("test", test)):
-        if len(caps.captions) != len(emb[s]):
+    train_index, train_captions = read_caption_index(data_dir, "train", manifests["train"], max_train_rows)
+    test = read_captions(data_dir, "test", manifests["test"])
+    for s, n in (("train", len(train_index)), ("test", len(test.captions))):
+        if n != len(emb[s]):
             raise StageError(f"{embedded_dir}/{s}.safetensors: {len(emb[s])} caption embeddings but the {s} split "
-                             f"has {len(caps.captions)} captions; run `ptmst-ray data prepare` to rebuild them")
-    rows = torch.arange(len(train.captions))
-    if max_train_rows is not None:
-        rows = rows[:max_train_rows]
-    index = train.image_index[rows]
+                             f"has {n} captions; run `ptmst-ray data prepare` to rebuild them")
+    index = train_index[:len(train_captions)]
     return RealData(
         train_images=ImageRows(ShardImages(data_dir, "train", manifests["train"], keep=whole_train), index),
-        train_text=emb["train"][rows],
-        train_captions=[train.captions[i] for i in rows.tolist()],
+        train_text=emb["train"][:len(index)],  # a view of the mapped file: rows are gathered when indexed
+        train_captions=train_captions,
         train_image_index=index,
         test_images=_test_images(data_dir, embedded_dir, files),
         test_text=emb["test"],
