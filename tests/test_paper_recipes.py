@@ -27,7 +27,7 @@ from ptmst_ray.config import Config, load_config
 from ptmst_ray.data.annotations import annotation_name
 from ptmst_ray.layout import Layout, phase_jobs
 
-pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.paper, pytest.mark.heavy]
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.paper]
 
 ROOT = Path(__file__).resolve().parents[1]
 METRICS = ("IR@1", "IR@5", "IR@10", "TR@1", "TR@5", "TR@10", "r_mean")
