@@ -66,6 +66,22 @@ def ray_session(s3_server):
 
 
 @pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory):
+    """A tiny BERT saved in Hugging Face's layout (tests/_tiny_models.py), made once per session; read only."""
+    from _tiny_models import make_tiny_bert
+
+    return make_tiny_bert(tmp_path_factory.mktemp("bert") / "tiny-bert", seed=0)
+
+
+@pytest.fixture(scope="session")
+def nfnet(tmp_path_factory):
+    """A timm NFNet-L0 state dict (safetensors, ~130 MB; ~3 CPU-s to make), made once per session; read only."""
+    from _tiny_models import save_nfnet_l0
+
+    return save_nfnet_l0(tmp_path_factory.mktemp("nfnet") / "nfnet_l0.safetensors")
+
+
+@pytest.fixture(scope="session")
 def prepared_root(tmp_path_factory, ray_session):
     """The tiny config's data, pretrained towers, caption embeddings, 2 experts and their shortcuts, built
     once per session (each build costs ~40 s of Ray actors and tasks). Never written to: tests take a copy

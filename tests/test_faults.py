@@ -703,6 +703,28 @@ def test_a_local_ray_listens_on_loopback_only(ray_session):
         pid: (Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ")[:80], a) for pid, a in exposed.items() if a}
 
 
+@pytest.mark.ray
+def test_a_second_driver_joins_the_loopback_only_ray_by_its_loopback_address(ray_session):
+    """`ptmst-ray run --address 127.0.0.1:PORT` of a local Ray (here the session's, loopback only): Ray 2.60 would
+    swap 127.0.0.1 for this machine's address, where nothing listens, and retry for minutes; ``connect`` joins in
+    Ray's single-machine mode instead. Only a machine with an address besides loopback can tell the two apart."""
+    import ray
+
+    from ray._common.network_utils import is_localhost, node_ip_address_from_perspective
+
+    from ptmst_ray.orchestration.runtime import listens_on_loopback_only
+
+    address = ray.get_runtime_context().gcs_address
+    assert is_localhost(address.rsplit(":", 1)[0])
+    assert listens_on_loopback_only(address) == (not is_localhost(node_ip_address_from_perspective()))
+    assert not listens_on_loopback_only("10.0.0.5:6379")  # not loopback: joined as Ray does it, nothing probed
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    code = ("import ray; from ptmst_ray.orchestration.runtime import connect; "
+            f"print('cpus', int(connect({address!r}).cpus)); ray.shutdown()")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0 and "cpus 2" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
+
+
 def test_cluster_yaml_binds_the_dashboard_to_loopback(tmp_path):
     import yaml
 

@@ -20,14 +20,14 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from _tiny_models import WORDS, make_tiny_bert, save_nfnet_l0
+from _tiny_models import WORDS, make_tiny_bert
 from conftest import require_flickr30k
 from ptmst_ray import storage
 from ptmst_ray.config import Config, load_config
 from ptmst_ray.data.annotations import annotation_name
 from ptmst_ray.layout import Layout, phase_jobs
 
-pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.paper, pytest.mark.heavy]
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.paper]
 
 ROOT = Path(__file__).resolve().parents[1]
 METRICS = ("IR@1", "IR@5", "IR@10", "TR@1", "TR@5", "TR@10", "r_mean")
@@ -39,7 +39,7 @@ SCALE = [  # scale only: the recipe's model, losses, learning rates, protocol an
     "experts.num_experts=2", "experts.epochs=2", "experts.batch_size=16",
     *(f"phases.{i}.{k}" for i in (0, 1) for k in ("pairs=4", "iterations=2", "minibatch=4", "range_end=2")),
     "phases.1.start_min=1", "phases.1.start_max=1",
-    "distill.syn_steps=2", "distill.checkpoint_every=1", "distill.report_every=1",
+    "distill.syn_steps=2", "distill.report_every=1",  # a checkpoint at the end only: one Train report a phase
     "distill.min_alpha=1e-4",  # why: see MIN_ALPHA_WHY
     "eval.epochs=2", "eval.seeds=1", "eval.eval_points=1", "eval.full_data_epochs=1", "eval.full_data_patience=0",
     "eval.batch_size=16",
@@ -130,9 +130,9 @@ def synthetic_dataset(folder: Path, dataset: str) -> Path:
 
 
 @pytest.fixture(scope="module")
-def towers(tmp_path_factory) -> tuple[Path, Path]:
-    tmp = tmp_path_factory.mktemp("towers")
-    return make_tiny_bert(tmp / "tiny-bert", seed=0), save_nfnet_l0(tmp / "nfnet_l0.safetensors")
+def towers(tiny_bert, nfnet) -> tuple[Path, Path]:
+    """The session's tiny BERT and NFNet-L0 state dict (conftest; test_paper_towers reads the same files)."""
+    return tiny_bert, nfnet
 
 
 def recipe(name: str, root: Path, data: Path, towers: tuple[Path, Path]) -> tuple[Path, list[str]]:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from _tiny_models import VOCAB, copy_without, fake_hf_cache, make_tiny_bert, save_nfnet_l0, upload
+from _tiny_models import VOCAB, copy_without, fake_hf_cache, make_tiny_bert, upload
 from ptmst_ray.config import ConfigError, ModelConfig, load_config
 from ptmst_ray.models.requirements import check_model_requirements
 from ptmst_ray.models.towers import ModelError, build_clip, build_text_encoder
@@ -23,16 +23,6 @@ from ptmst_ray.models.towers import ModelError, build_clip, build_text_encoder
 ROOT = Path(__file__).resolve().parents[1]
 PAPER = "ptmst-nfnet_l0-bert"
 CAPTIONS = ["a red circle on the left", "two dogs play in the park", "a small blue square"]
-
-
-@pytest.fixture(scope="module")
-def tiny_bert(tmp_path_factory) -> Path:
-    return make_tiny_bert(tmp_path_factory.mktemp("bert") / "tiny-bert", seed=0)
-
-
-@pytest.fixture(scope="module")
-def nfnet(tmp_path_factory) -> Path:
-    return save_nfnet_l0(tmp_path_factory.mktemp("nfnet") / "nfnet_l0.safetensors")
 
 
 @pytest.fixture

@@ -74,7 +74,8 @@ def connect(address: str | None = None, num_cpus: int | None = None, num_gpus: i
     if not ray.is_initialized():
         if address:
             log.info("joining the Ray cluster at %s", address)
-            ray.init(address=address, namespace=NAMESPACE, log_to_driver=True)
+            with loopback_only() if listens_on_loopback_only(address) else contextlib.nullcontext():
+                ray.init(address=address, namespace=NAMESPACE, log_to_driver=True)
         else:
             # the token Ray's dashboard asks for: created now (owner-only) so the CLI can say where it is
             if (os.environ.get("RAY_AUTH_MODE", "token").lower() == "token"
@@ -112,6 +113,35 @@ def loopback_only():
         ray_constants.ENABLE_RAY_CLUSTER = saved_flag
         if saved_env is None:
             os.environ.pop(SINGLE_MACHINE_VAR, None)
+
+
+def listens_on_loopback_only(address: str, timeout: float = 2.0) -> bool:
+    """Whether ``address`` (host:port of a GCS) names a loopback host whose port answers on loopback but not on this
+    machine's own address: a local Ray started in single-machine mode (:func:`loopback_only`: laptop mode, a test
+    session's Ray). Ray 2.60 replaces a loopback GCS host by this machine's address before it connects (so that
+    the driver's node address matches a raylet's), except in its single-machine mode; without that mode, joining
+    such a Ray waits on an address nothing listens on (minutes of retries, then a timeout), so
+    :func:`connect` joins it in that mode. False for any other address (a cluster that listens on every
+    interface is joined as Ray does it)."""
+    import socket
+
+    from ray._common.network_utils import is_localhost, node_ip_address_from_perspective, parse_address
+    from ray._private import ray_constants
+
+    parsed = parse_address(address) if "://" not in address else None
+    if not parsed or not is_localhost(parsed[0]) or not ray_constants.ENABLE_RAY_CLUSTER:
+        return False
+    port = int(parsed[1])
+
+    def answers(host: str) -> bool:
+        try:
+            with socket.create_connection((host, port), timeout=timeout):
+                return True
+        except OSError:
+            return False
+
+    own = node_ip_address_from_perspective()
+    return not is_localhost(own) and answers(LOOPBACK) and not answers(own)
 
 
 def cluster_info() -> ClusterInfo:
