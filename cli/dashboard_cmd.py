@@ -116,11 +116,9 @@ def submit_and_follow(cluster, cfg, args: list[str]) -> str:
 
 
 def submit_when_ready(client, entrypoint: str, runtime_env: dict, wait_s: float = 120.0) -> str:
-    """Submit the job once (:func:`ptmst_ray.cluster.jobs.submit_once`), retrying while the fresh cluster's job
-    agent has not registered yet (some seconds after its dashboard answers) or a connection drops; the
-    submission id."""
-    return jobs.submit_once(client, entrypoint, runtime_env, retry_s=wait_s,
-                            also=lambda e: isinstance(e, RuntimeError) and "No available agent" in str(e))
+    """Submit the job once (:func:`ptmst_ray.cluster.jobs.submit_once`), retrying for up to ``wait_s`` while the
+    fresh cluster's job agent has not registered yet or a connection drops; the submission id."""
+    return jobs.submit_once(client, entrypoint, runtime_env, retry_s=wait_s)
 
 
 def stop_cluster(cluster, keep_logs: bool) -> None:

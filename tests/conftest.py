@@ -250,8 +250,8 @@ def s3(s3_server, monkeypatch) -> S3Bucket:
 
 # ---------------------------------------------------------------- order for `make test` (pytest-xdist)
 
-FIRST = ("test_launch.py", "test_faults.py", "test_sweep.py", "test_dashboard.py", "test_autoscale.py",
-         "test_pipeline.py", "test_gpu_check.py", "test_pretrain_protocol.py")
+FIRST = ("test_paper_recipes.py", "test_launch.py", "test_faults.py", "test_sweep.py", "test_dashboard.py",
+         "test_autoscale.py", "test_pipeline.py", "test_gpu_check.py", "test_pretrain_protocol.py")
 """The modules holding the suite's multi-minute end-to-end runs, longest first (bench/RESULTS.md "Test suite").
 `make test` runs the suite on two pytest-xdist workers that take whole modules (``--dist loadfile``: a module's
 fixtures, e.g. the dashboard's run, are built once), each the next module in collection order when it is free:

@@ -442,17 +442,26 @@ def test_bad_config_or_path_exits_2_before_ray(tmp_path, no_ray, args, field):
 
 
 class FullDisk:
-    """storage.filesystem wrapper: writing a file whose name ends with ``victim`` fails half way with ENOSPC."""
+    """Writing a file whose name ends with ``victim`` fails half way with ENOSPC: through storage.filesystem (every
+    artefact), and through os.pwrite on a file descriptor (the caption-embedding file, written in place by rows)."""
 
     def __init__(self, monkeypatch, victim: str):
         self.victim, self.hits = victim, 0
-        real = storage.filesystem
+        real, real_pwrite = storage.filesystem, os.pwrite
 
         def filesystem(url):
             fs, path = real(url)
             return (self._wrap(fs), path)
 
+        def pwrite(fd, data, offset):
+            if os.readlink(f"/proc/self/fd/{fd}").split(storage.TMP_MARK)[0].endswith(self.victim):
+                self.hits += 1
+                real_pwrite(fd, bytes(data)[: len(data) // 2], offset)
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real_pwrite(fd, data, offset)
+
         monkeypatch.setattr(storage, "filesystem", filesystem)
+        monkeypatch.setattr(os, "pwrite", pwrite)
 
     def _wrap(self, fs):
         outer = self

@@ -167,10 +167,10 @@ def retried(call: Callable[[], Any], what: str, retry_s: float = TRANSIENT_RETRY
 def submit_once(client, entrypoint: str, runtime_env: dict, submission_id: Optional[str] = None,
                 retry_s: float = TRANSIENT_RETRY_S, also: Callable[[Exception], bool] = lambda e: False,
                 pause_s: float = 2.0, **resources: Any) -> str:
-    """Submit a job exactly once, retrying a submission whose connection dropped: the submission id is fixed
-    before the first attempt, so when a dropped attempt had reached the server, the retry's "already exists"
-    answer means the job is ours and running, not a second job. ``also``: further errors to retry (a fresh
-    cluster's "No available agent")."""
+    """Submit a job exactly once, retrying a submission whose connection dropped or that a fresh cluster refused
+    with "No available agent" (its job agent registers some seconds after the dashboard answers): the submission
+    id is fixed before the first attempt, so when a dropped attempt had reached the server, the retry's "already
+    exists" answer means the job is ours and running, not a second job. ``also``: further errors to retry."""
     import uuid
 
     submission_id = submission_id or f"raysubmit_{uuid.uuid4().hex[:16]}"
@@ -186,7 +186,10 @@ def submit_once(client, entrypoint: str, runtime_env: dict, submission_id: Optio
                 return submission_id  # an earlier attempt reached the server before its connection dropped
             raise
 
-    return retried(submit, f"submitting job {submission_id}", retry_s, also, pause_s)
+    def retry(e: Exception) -> bool:
+        return (isinstance(e, RuntimeError) and "No available agent" in str(e)) or also(e)
+
+    return retried(submit, f"submitting job {submission_id}", retry_s, retry, pause_s)
 
 
 def job_status(client, job_id: str) -> str:
@@ -211,7 +214,8 @@ def follow_logs(client, job_id: str, on_log: Callable[[str], None], poll_s: floa
             if not _transient(e):
                 raise
             raise LaunchError(f"job {job_id}: the dashboard stopped answering for {retry_s:.0f} s ({type(e).__name__}: "
-                              f"{e}); the job itself runs on: follow it again with `ptmst-ray logs {job_id} --follow`") from None
+                              f"{e}); the job itself runs on: follow it again with "
+                              f"`ptmst-ray logs {job_id} --follow`") from None
         if len(logs) > seen:
             on_log(logs[seen:])
             seen = len(logs)

@@ -184,6 +184,21 @@ def embed_split(
     os.makedirs(os.path.dirname(scratch), exist_ok=True)
     header = header_bytes(n, dim)
     try:
+        _write_scratch(scratch, url, header, n, dim, key_dir, split, digests, captions, encoder, batch_size, progress)
+        digest = storage.hash_file(scratch)
+        storage.put_file(scratch, url)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(scratch)
+    return digest
+
+
+def _write_scratch(scratch: str, url: str, header: bytes, n: int, dim: int, key_dir: str, split: "_SplitRows",
+                   digests: np.ndarray, captions: Callable[[], Iterable[list[str]]], encoder: CaptionEncoder,
+                   batch_size: int, progress: Callable[[int, int], None] | None) -> None:
+    """Fill the scratch file of :func:`embed_split`: the header, the cached rows, then the encoded ones. A failed
+    write (a full disk) is the StorageError of ``url``, the file it was to become."""
+    try:
         with open(scratch, "wb") as f:
             f.write(header)
             f.truncate(len(header) + n * dim * 4)
@@ -197,12 +212,8 @@ def embed_split(
             if missing:
                 _encode_missing(captions(), split, missing, encoder, key_dir, batch_size, f.fileno(), len(header),
                                 progress)
-        digest = storage.hash_file(scratch)
-        storage.put_file(scratch, url)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(scratch)
-    return digest
+    except OSError as e:
+        raise storage.write_error(url, e) from e
 
 
 def _encode_missing(captions: Iterable[list[str]], split: _SplitRows, missing: int, encoder: CaptionEncoder,
