@@ -165,3 +165,23 @@ def test_finished_embeddings_start_no_gpu_task(prepared, tmp_path, ray_session):
     first = embed_captions(cfg)
     assert first["ran"] and first["gpu_ids"] and first["node_id"], first
     assert embed_captions(cfg) == {"key": first["key"], "node_id": None, "gpu_ids": [], "ran": False}
+
+
+def test_workers_read_the_files_rows_cut_to_max_train_rows(prepared):
+    """load_real's train rows are the embedding file's first rows (mapped, not copied), paired with the caption
+    shards' image index and captions (read on demand), cut to data.max_train_rows as before."""
+    from ptmst_ray.data.dataset import read_captions
+
+    cfg = _config(prepared)
+    lay = Layout.of(cfg)
+    out = lay.embedded(embed_stage.embed(cfg))
+    files = tuple(sorted(storage.read_manifest(out)["files"].items()))
+    whole = load_file(f"{out}/train.safetensors")["text"]
+    caps = read_captions(lay.data, "train")
+    for rows in (None, 50):
+        real = embed_stage._load_real_cached(lay.data, out, files, rows, False)
+        n = len(whole) if rows is None else rows
+        assert torch.equal(real.train_text, whole[:n]) and torch.equal(real.train_image_index, caps.image_index[:n])
+        assert list(real.train_captions) == caps.captions[:n] and len(real.train_images) == n
+        assert real.train_captions.take([n - 1, 3]) == [caps.captions[n - 1], caps.captions[3]]
+        assert torch.equal(real.test_text, load_file(f"{out}/test.safetensors")["text"])

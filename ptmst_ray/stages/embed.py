@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import functools
 import logging
-from dataclasses import dataclass
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 import torch
