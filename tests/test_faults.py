@@ -734,6 +734,21 @@ def test_a_second_driver_joins_the_loopback_only_ray_by_its_loopback_address(ray
     assert proc.returncode == 0 and "cpus 2" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
 
 
+@pytest.mark.ray
+def test_a_local_ray_starts_train_runs_without_a_preemption_watcher(ray_session):
+    """A local start (the session's Ray, by ``runtime.connect``) gives its processes RAY_TRAIN_ENABLE_PREEMPTION_WATCHER=0,
+    so a Train run's controller starts no node-drain watcher actor (a one-machine Ray has no node to drain)."""
+    import ray
+
+    from ptmst_ray.orchestration.runtime import PREEMPTION_WATCHER_VAR
+
+    @ray.remote(num_cpus=0)
+    def env() -> str | None:
+        return os.environ.get(PREEMPTION_WATCHER_VAR)
+
+    assert ray.get(env.remote()) == "0"
+
+
 def test_cluster_yaml_binds_the_dashboard_to_loopback(tmp_path):
     import yaml
 

@@ -83,11 +83,30 @@ def connect(address: str | None = None, num_cpus: int | None = None, num_gpus: i
                 ensure_auth_token()
             log.info("starting a local Ray instance (dashboard on %s, or the next free port)", LOOPBACK)
             _STARTED_LOCAL[0] = True
-            with loopback_only():
+            with loopback_only(), _env_default(PREEMPTION_WATCHER_VAR, "0"):
                 ray.init(num_cpus=num_cpus, num_gpus=num_gpus, namespace=NAMESPACE, include_dashboard=True,
                          dashboard_host=LOOPBACK, resources={TRAIN_DRIVER: train_drivers}, log_to_driver=False,
                          configure_logging=True, logging_level=logging.WARNING)
     return cluster_info()
+
+
+PREEMPTION_WATCHER_VAR = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
+"""Ray Train 2.60 starts one more actor process per Train run (a ``PreemptionWatcher``, ~1.5 CPU-s to start) that
+polls for node drains (spot preemption) unless this is "0"; a local Ray of one machine has no node to drain, so
+:func:`connect` starts it with "0" (a value the user set is kept). Read by each run's TrainController, which
+inherits the environment of the Ray started here; a cluster joined by address keeps its own setting."""
+
+
+@contextlib.contextmanager
+def _env_default(name: str, value: str) -> Iterator[None]:
+    """``os.environ[name]`` defaults to ``value`` inside the block (for the processes started there), then is restored."""
+    saved = os.environ.get(name)
+    os.environ.setdefault(name, value)
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(name, None)
 
 
 @contextlib.contextmanager
