@@ -72,6 +72,72 @@ def test_mapped_tensor_memory_is_the_files_mapping(tmp_path):
     assert open(path, "rb").read() == before and float(embedfile.map_embeddings(path)[0, 0]) != 12345.0
 
 
+def _resident_kb(path: str) -> int:
+    """Resident kB of this process's mappings of the file ``path`` (/proc/self/smaps)."""
+    real, total, inside = os.path.realpath(path), 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            fields = line.split()
+            if "-" in fields[0] and ":" not in fields[0]:  # a mapping's header line
+                inside = len(fields) >= 6 and fields[5] == real
+            elif inside and fields[0] == "Rss:":
+                total += int(fields[1])
+    return total
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="needs /proc/self/smaps (Linux)")
+def test_released_pages_leave_the_process_and_read_back_the_same(tmp_path):
+    """release_pages drops the mapped rows this process read (RSS of the mapping back near 0), for the tensor or
+    any view of it; the rows read again are the file's."""
+    path = str(tmp_path / "train.safetensors")
+    want = _emb(8192, 256)  # 8 MiB
+    save_file({"text": want}, path)
+    t = embedfile.map_embeddings(path)
+    assert torch.equal(t, want) and _resident_kb(path) > 7000  # every row read: every page resident
+    embedfile.release_pages(t[100:200])  # a view is enough
+    assert _resident_kb(path) < 200
+    rows = torch.tensor([8191, 3, 4000])
+    assert torch.equal(t[rows], want[rows]) and torch.equal(t, want)
+    embedfile.release_pages(torch.zeros(3))  # not a mapping: nothing happens
+
+
+def test_gather_reads_a_mapped_files_rows_as_indexing_would(tmp_path):
+    path = str(tmp_path / "train.safetensors")
+    want = _emb(300, 40)
+    save_file({"text": want}, path)
+    t = embedfile.map_embeddings(path)
+    rows = torch.tensor([299, 0, 7, 7, 150])
+    assert torch.equal(embedfile.gather(t, rows), want[rows])
+    assert torch.equal(embedfile.gather(t[100:250], torch.tensor([0, 149, 3])), want[100:250][[0, 149, 3]])  # a view
+    assert torch.equal(embedfile.gather(want, rows), want[rows])  # not a mapping: indexed
+    with pytest.raises(IndexError, match="row 150 of 150"):
+        embedfile.gather(t[:150], torch.tensor([150]))
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="needs /proc/self/smaps (Linux)")
+def test_a_streamed_epoch_leaves_no_text_resident(tmp_path):
+    """CaptionStream gathers a mapped text's rows by reading them (embedfile.gather): after an epoch over every
+    row, none of the file is resident in the process (through the mapping, every touched page-cache folio would
+    be: up to the whole file); the batches' text rows are the file's."""
+    from ptmst_ray.data import stream
+
+    data_dir = str(tmp_path / "data")
+    prepare.prepare_dataset(DataConfig(builtin=BuiltinDataConfig(train_images=400, test_images=4, pretrain_images=4,
+                                                                 captions_per_image=2), shard_rows=128), data_dir)
+    n = len(read_caption_index(data_dir, "train")[0])
+    path = str(tmp_path / "train.safetensors")
+    want = _emb(n, 4096)  # 16 KiB a row, 12.5 MiB in all
+    save_file({"text": want}, path)
+    text = embedfile.map_embeddings(path)
+    seen = 0
+    for idx, _, t in stream.CaptionStream(data_dir, "train", text, batch_size=16, seed=0, buffer=64):
+        assert torch.equal(t, want[idx])
+        seen += len(idx)
+    assert seen == n and _resident_kb(path) < 64
+    _ = text[torch.arange(0, n, 7)]  # indexing through the mapping, as other consumers do ...
+    assert _resident_kb(path) > 1000  # ... does make the file's pages resident: what the test above would see
+
+
 @pytest.mark.parametrize("damage, says", [
     (lambda b: b[:5], "shorter than"),
     (lambda b: b[:8], "header of 64 bytes in a file of 8"),  # header cut away

@@ -11,10 +11,13 @@ file) before anything is mapped.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import mmap
 import os
 import struct
+import weakref
 from typing import IO
 
 import numpy as np
@@ -100,13 +103,72 @@ def read_header(path: str, url: str | None = None) -> tuple[int, tuple[int, int]
 
 def map_embeddings(path: str, url: str | None = None) -> torch.Tensor:
     """The caption embeddings of the local file ``path`` (n x d float32) as a tensor backed by a memory map of
-    the file: no copy is made; indexing gathers the rows asked for. Copy-on-write, so a write to the tensor
-    stays in this process and never reaches the file. ``url`` names the file in errors (the artefact a local
+    the file: no copy is made; indexing gathers the rows asked for (:func:`release_pages` drops them from the
+    process again). Copy-on-write, so a write to the tensor never reaches the file (nothing writes to it). ``url`` names the file in errors (the artefact a local
     copy was made of)."""
     start, shape = read_header(path, url)
     if shape[0] * shape[1] == 0:
         return torch.empty(shape, dtype=torch.float32)
-    return torch.from_numpy(np.memmap(path, dtype="<f4", mode="c", offset=start, shape=shape))
+    mapped = np.memmap(path, dtype="<f4", mode="c", offset=start, shape=shape)
+    text = torch.from_numpy(mapped)
+    _MAPS[:] = [m for m in _MAPS if m.array() is not None]
+    _MAPS.append(_Map(text.data_ptr(), text.data_ptr() + text.numel() * 4, weakref.ref(mapped), path, start,
+                      shape[1] * 4))
+    return text
+
+
+@dataclasses.dataclass(frozen=True)
+class _Map:
+    lo: int  # first address of the data
+    hi: int  # end address
+    array: weakref.ref  # the np.memmap
+    path: str
+    offset: int  # of the data in the file
+    row_bytes: int
+
+
+_MAPS: list[_Map] = []
+"""Every live mapping :func:`map_embeddings` made in this process."""
+
+
+def _map_of(text: torch.Tensor) -> _Map | None:
+    """The mapping ``text`` (a :func:`map_embeddings` tensor or a row view of one) lies in, else None."""
+    ptr = text.data_ptr() if text.numel() else -1
+    return next((m for m in _MAPS if m.lo <= ptr < m.hi and m.array() is not None), None)
+
+
+def release_pages(text: torch.Tensor) -> None:
+    """Drop the pages of the file mapping ``text`` lies in (a :func:`map_embeddings` tensor or a view of one) from
+    this process: they stay in the node's page cache, shared by its processes, and the next access reads them back.
+    A scan of every row (the nearest captions) calls this after each chunk, so its resident memory holds a chunk,
+    not the file. Anything else: nothing."""
+    m = _map_of(text)
+    if m is not None:
+        m.array()._mmap.madvise(mmap.MADV_DONTNEED)  # a private mapping never written: the file's pages again
+
+
+def gather(text: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``text[rows]``, for a mapped ``text`` (a :func:`map_embeddings` tensor or a contiguous row view of one) read
+    from its file row by row instead of through the mapping: the process's memory then holds the rows asked for
+    and nothing else (a faulted mapping keeps whole page-cache folios resident, up to 2 MiB each on a recent
+    Linux, so a streamed epoch of random rows would end with the whole file in its RSS). Other tensors: indexed."""
+    m = _map_of(text)
+    if m is None or not text.is_contiguous() or text.dim() != 2:
+        return text[rows]
+    first = (text.data_ptr() - m.lo) // m.row_bytes
+    out = np.empty((len(rows), text.shape[1]), dtype="<f4")
+    view = out.view(np.uint8).reshape(len(rows), m.row_bytes)
+    fd = os.open(m.path, os.O_RDONLY)
+    try:
+        for k, r in enumerate(rows.tolist()):
+            if not 0 <= r < text.shape[0]:
+                raise IndexError(f"row {r} of {text.shape[0]}")
+            got = os.preadv(fd, [view[k]], m.offset + (first + r) * m.row_bytes)
+            if got != m.row_bytes:
+                raise OSError(f"{m.path}: short read of row {first + r}")
+    finally:
+        os.close(fd)
+    return torch.from_numpy(out)
 
 
 def open_embeddings(directory: str, name: str, digest: str) -> torch.Tensor:

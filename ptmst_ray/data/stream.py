@@ -33,6 +33,7 @@ import torch
 
 from ptmst_ray import storage
 from ptmst_ray.data import dataset
+from ptmst_ray.data.embedfile import gather
 from ptmst_ray.data.dataset import (
     image_shards, normalize_images, read_caption_index, read_image_shard, split_dir, split_manifest,
 )
@@ -157,7 +158,7 @@ class CaptionStream(torch.utils.data.IterableDataset):
 
     def _batch(self, rows: list[Row]) -> Batch:
         idx = torch.tensor([r for r, _, _ in rows], dtype=torch.long)
-        return idx, self.batch_images(rows), self.text[idx]
+        return idx, self.batch_images(rows), gather(self.text, idx)  # a mapped file's rows: read, never mapped
 
     def _pixels(self, image: int, png: bytes) -> torch.Tensor:
         """Image ``image``'s uint8 pixels (3 x H x W): from the cache, or decoded (and cached). Thread-safe: two

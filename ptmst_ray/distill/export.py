@@ -24,6 +24,7 @@ from torch import Tensor
 
 from ptmst_ray import storage
 from ptmst_ray.config import PhaseConfig, SimilarityConfig
+from ptmst_ray.data.embedfile import release_pages
 from ptmst_ray.distill.similarity import similarity_from_state
 
 log = logging.getLogger(__name__)
@@ -111,6 +112,7 @@ def nearest_captions(syn_text: Tensor, real_text_emb: Tensor, real_captions: Seq
         better = score.cpu() > best_score
         best_score = torch.where(better, score.cpu(), best_score)
         best_index = torch.where(better, index.cpu() + start, best_index)
+        release_pages(real_text_emb)  # a mapped file's chunk, read once: not kept resident
     take = getattr(real_captions, "take", None)  # captions read on demand (dataset.PairCaptions): one read a shard
     return take(best_index.tolist()) if take is not None else [real_captions[i] for i in best_index.tolist()]
 
