@@ -113,10 +113,14 @@ TMP_MARK = ".tmp-"
 """Temporary names are ``<target>.tmp-<random>``; readers never look at them."""
 
 
+def _reason(e: OSError) -> str:
+    """Why a write failed, in a user's words ("no space left on device", "Permission denied", ...)."""
+    return "no space left on device" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+
+
 def write_error(url: str, e: OSError) -> StorageError:
     """The StorageError for a failed write of ``url`` (disk full, read-only, permissions...)."""
-    reason = "no space left on device" if e.errno == errno.ENOSPC else (e.strerror or str(e))
-    return StorageError(f"{url}: cannot write ({reason}); nothing was marked complete: free space or make the "
+    return StorageError(f"{url}: cannot write ({_reason(e)}); nothing was marked complete: free space or make the "
                         "run root writable, then run the same command again", url)
 
 
@@ -373,7 +377,7 @@ def _node_copy(directory: str, url: str, digest: str, suffix: str) -> str:
             if not os.path.isfile(dest):  # another process may have copied it while this one waited
                 _copy_checked(directory, url, digest, dest)
     except OSError as e:
-        reason = "no space left on device" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+        reason = _reason(e)
         raise StorageError(f"{url}: cannot copy it into this node's cache {folder} ({reason}); free space there or "
                            "set PTMST_RAY_CACHE to a writable folder with room", url) from e
     return dest
