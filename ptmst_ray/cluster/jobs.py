@@ -239,9 +239,11 @@ def list_jobs(client) -> list[dict]:
     return sorted(rows, key=lambda r: r["start_time"] or 0, reverse=True)
 
 
-def cluster_status(client) -> str:
-    """The `ray status` text (nodes, resources, demands) as the dashboard reports it."""
-    r = client._do_request("GET", "/api/cluster_status?format=1")  # no public SDK call for this in 2.60
+def cluster_status(client, retry_s: float = TRANSIENT_RETRY_S, pause_s: float = 2.0) -> str:
+    """The `ray status` text (nodes, resources, demands) as the dashboard reports it; a dropped connection is
+    retried for up to ``retry_s`` (a head that is still starting, or busy, drops some requests)."""
+    r = retried(lambda: client._do_request("GET", "/api/cluster_status?format=1"),  # no public SDK call in 2.60
+                "cluster status", retry_s, pause_s=pause_s)
     if r.status_code != 200:
         raise LaunchError(f"cluster status: HTTP {r.status_code}: {r.text[:200]}")
     data = r.json().get("data", {})
