@@ -84,22 +84,33 @@ def nfnet(tmp_path_factory):
 @pytest.fixture(scope="session")
 def prepared_root(tmp_path_factory, ray_session):
     """The tiny config's data, pretrained towers, caption embeddings, 2 experts and their shortcuts, built
-    once per session (each build costs ~40 s of Ray actors and tasks). Never written to: tests take a copy
-    of the parts they need with :func:`copy_root`."""
+    once per test run (a build costs ~40 s of Ray actors and tasks): under pytest-xdist the first worker that
+    asks builds it in the run's shared temp dir while the others wait on a file lock, then all read it. Never
+    written to: tests take a copy of the parts they need with :func:`copy_root`."""
+    import fcntl
+
     from ptmst_ray import layout
     from ptmst_ray.orchestration.experts import run_experts
     from ptmst_ray.stages import data as data_stage
     from ptmst_ray.stages import embed as embed_stage
     from ptmst_ray.stages import pretrain as pretrain_stage
 
-    root = tmp_path_factory.mktemp("prepared")
-    cfg = tiny_config(root)
-    data_stage.prepare(cfg)
-    pretrain_stage.pretrain(cfg)
-    embed_stage.embed(cfg)
-    out = run_experts(cfg)
-    assert out["trained"] == cfg.experts.num_experts
-    assert out["shortcuts_written"] == cfg.experts.num_experts * len(layout.needed_ranges(cfg))
+    base = tmp_path_factory.getbasetemp()
+    if _os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # the run's temp dir; each worker's own is a folder in it
+    root, built = base / "prepared", base / "prepared.built"
+    with open(base / "prepared.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not built.exists():
+            _shutil.rmtree(root, ignore_errors=True)  # a worker that failed half-way left it
+            cfg = tiny_config(root)
+            data_stage.prepare(cfg)
+            pretrain_stage.pretrain(cfg)
+            embed_stage.embed(cfg)
+            out = run_experts(cfg)
+            assert out["trained"] == cfg.experts.num_experts
+            assert out["shortcuts_written"] == cfg.experts.num_experts * len(layout.needed_ranges(cfg))
+            built.write_text("")
     return root
 
 
