@@ -218,6 +218,13 @@ class Driver:
             assert time.time() < deadline, f"{path} did not appear in {timeout}s:\n{self.output()[-3000:]}"
             time.sleep(0.2)
 
+    def wait_for_any(self, folder: Path, pattern: str, timeout: float = 240) -> None:
+        deadline = time.time() + timeout
+        while not list(folder.glob(pattern)):
+            assert self.proc.poll() is None, f"the run ended before {folder / pattern} appeared:\n{self.output()[-3000:]}"
+            assert time.time() < deadline, f"no {folder / pattern} in {timeout}s:\n{self.output()[-3000:]}"
+            time.sleep(0.1)
+
     def wait_for_text(self, text: str, timeout: float = 60) -> None:
         deadline = time.time() + timeout
         while text not in self.output():
@@ -236,15 +243,17 @@ class Driver:
 def test_interrupted_driver_resumes_without_redoing_work(prepared, tmp_path):
     """SIGINT during experts, SIGKILL during phases, SIGINT during evaluation; then the same command finishes."""
     root = copy_root(prepared, tmp_path / "run", parts=("data", "pretrain"))
-    cfg = tiny_config(root, **{"experts.num_experts": 4, "experts.epochs": 8, "phases.1.iterations": 16,
-                               "distill.checkpoint_every": 4, **CHEAP_EVAL, "eval.epochs": 80})
+    # experts of 15 steps an epoch (batch 8): seconds each, so that the interruption lands before the 4th is stored
+    cfg = tiny_config(root, **{"experts.num_experts": 4, "experts.epochs": 8, "experts.batch_size": 8,
+                               "phases.1.iterations": 16, "distill.checkpoint_every": 4, **CHEAP_EVAL,
+                               "eval.epochs": 80})
     config = write_config(tmp_path, cfg)
     tag = uuid.uuid4().hex
     experts, phases = root / "experts", root / "phases"
     try:
         # A: Ctrl-C once the first expert is stored -> exit 130, a message, no traceback, no Ray left behind
         a = Driver(config, tag, tmp_path / "a.log")
-        a.wait_for(experts / "expert_0000.json")
+        a.wait_for_any(experts, "expert_*.json")
         a.proc.send_signal(signal.SIGINT)
         assert a.finish(timeout=90) == 130, a.output()[-3000:]
         assert "interrupted" in a.output() and "Traceback" not in a.output(), a.output()[-3000:]
