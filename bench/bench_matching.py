@@ -62,7 +62,8 @@ def _reset_hwm() -> None:
         f.write("5")
 
 
-def _setup(method: str, steps: int, checkpoints: int | None = None, minibatch: int = MINIBATCH):
+def _setup(method: str, steps: int, checkpoints: int | None = None, minibatch: int = MINIBATCH,
+           keep_graphs: bool = False):
     """Toy student, noise synthetic set, theta_s = the student's params, theta_t a perturbed copy."""
     import torch
 
@@ -86,7 +87,7 @@ def _setup(method: str, steps: int, checkpoints: int | None = None, minibatch: i
     def iteration() -> dict:
         syn.zero_grad(set_to_none=True)
         return matching_step(student.logits, "WBCE", syn, theta_s, theta_t, steps, sampler, method=method,
-                             checkpoints=checkpoints)
+                             checkpoints=checkpoints, keep_graphs=keep_graphs)
 
     return iteration, sum(v.numel() for v in theta_s), checkpoints
 
@@ -135,9 +136,12 @@ def profile_one(method: str, steps: int) -> None:
 
 
 def interleaved(steps: int, ks: list[int], rounds: int, minibatch: int = MINIBATCH) -> str:
-    """first_order and exact at each k (0 = the default schedule) in ONE process, one iteration of each in
-    turn for ``rounds`` rounds: load drift on a shared machine hits every method alike. Median CPU time."""
-    cases = {"first_order": _setup("first_order", steps, minibatch=minibatch)[0]}
+    """first_order (replaying its steps, the constant-memory default of `matching_step`, and keeping its N
+    graphs, `distill.keep_graphs`) and exact at each k (0 = the default schedule) in ONE process, one iteration
+    of each in turn for ``rounds`` rounds: load drift on a shared machine hits every method alike. Median CPU
+    time."""
+    cases = {"first_order": _setup("first_order", steps, minibatch=minibatch)[0],
+             "first_order, keep_graphs": _setup("first_order", steps, minibatch=minibatch, keep_graphs=True)[0]}
     for k in ks:
         iteration, _, held = _setup("exact", steps, k or None, minibatch)
         cases[f"exact, exact_checkpoints={k or f'default ({held})'}"] = iteration

@@ -231,7 +231,7 @@ def experts_hash(cfg: Config) -> str:
 
 
 PHASE_VOLATILE = ("checkpoint_every", "report_every", "recall_every", "gpus_per_phase", "exact_checkpoints",
-                  "max_concurrent")
+                  "keep_graphs", "max_concurrent")
 """``distill`` settings that do not change a phase's result (how often it reports, where and when it runs)."""
 
 

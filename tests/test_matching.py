@@ -165,6 +165,41 @@ def test_first_order_equals_surrogate(kind):
     assert rel_err(g_f["images"], g_e["images"]) > 1e-3  # first-order is not the exact gradient
 
 
+@pytest.mark.parametrize("kind", ["full", "lowrank"])
+def test_first_order_keeping_its_graphs_gives_the_same_bits_without_the_replay(kind):
+    """keep_graphs: the first pass's N step graphs are kept and differentiated, so each step is taken once (N
+    student calls instead of 2N) and all N w_i live at once; every gradient and statistic is bit for bit the
+    replaying rule's (which test_first_order_equals_surrogate checks against an independent reference)."""
+    n_steps, probe = 6, VectorProbe()
+    out, g = run("first_order", n_steps, kind, dropout=0.2)
+    out_k, g_k = run("first_order", n_steps, kind, dropout=0.2, wrap=probe.wrap, keep_graphs=True)
+    assert probe.calls == n_steps and probe.most == n_steps
+    assert out_k == out
+    assert set(g_k) == set(g) and all(torch.equal(g_k[name], g[name]) for name in g), \
+        {name: rel_err(g_k[name], g[name]) for name in g}
+
+
+def test_first_order_keeping_its_graphs_on_the_open_clip_student():
+    """The same on the real functional student (open_clip toy ViT + projection head with dropout), float32."""
+    from ptmst_ray.config import ModelConfig
+    from ptmst_ray.models.functional import FunctionalStudent
+    from ptmst_ray.models.student import build_student
+
+    text_dim, n = 16, 6
+    fs = FunctionalStudent(build_student(ModelConfig(head_dropout=0.1), text_dim=text_dim, seed=0).train())
+    theta_s = fs.params()
+    theta_t = tuple(t + 0.01 * torch.randn(t.shape, generator=torch.Generator().manual_seed(0)) for t in theta_s)
+    outs, grads = {}, {}
+    for keep in (False, True):
+        syn = SyntheticSet.from_noise(n, (3, 32, 32), text_dim, SimilarityConfig(), 0.1,
+                                      torch.Generator().manual_seed(1))
+        outs[keep] = matching_step(fs.logits, "WBCE", syn, theta_s, theta_t, 3,
+                                   MinibatchSampler(n, 3, torch.Generator().manual_seed(2)), keep_graphs=keep)
+        grads[keep] = grads_of(syn)
+    assert outs[True] == outs[False]
+    assert all(torch.equal(grads[True][k], grads[False][k]) for k in grads[False]) and grads[False]["images"].norm() > 0
+
+
 def test_loss_and_grad_accumulate_and_report():
     out, _ = run("exact", 2)
     for key in ("loss", "loss_img", "loss_txt", "grad_norm_images", "grad_norm_text", "grad_norm_similarity",

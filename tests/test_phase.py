@@ -174,6 +174,32 @@ def test_exact_checkpoints_reach_the_matching_step_and_never_change_the_result(k
         assert torch.equal(p, q), name
 
 
+@pytest.mark.parametrize("keep, budget", [(None, matching.KEEP_GRAPHS_BYTES), (None, 1), (True, 1), (False, None)])
+def test_keep_graphs_reaches_the_matching_step_and_never_changes_the_result(keep, budget, monkeypatch):
+    """first_order's distill.keep_graphs: null keeps the N step graphs when N x (one step's graph + a vector)
+    fits the budget (measured once per phase), true/false force it; each step is then taken once or twice,
+    and the state is bit for bit the same."""
+    n_steps, iterations = 4, 2
+    reference = make_trainer(iterations, syn_steps=n_steps, grad_method="first_order", keep_graphs=False)
+    reference.run()
+    if budget is not None:
+        monkeypatch.setattr(matching, "KEEP_GRAPHS_BYTES", budget)
+    trainer = make_trainer(iterations, syn_steps=n_steps, grad_method="first_order", keep_graphs=keep)
+    trainer.logits_fn = counter = CountingLogits(trainer.logits_fn)
+    ema = trainer.run()
+    if keep is None:
+        theta = trainer.trajectories.snapshot(0, 0)
+        vector = sum(v.numel() for v in theta) * DT.itemsize
+        graph = matching.graph_bytes(reference.logits_fn, "WBCE", trainer.synthetic, theta, 4)
+        assert trainer._keep == (n_steps * (graph + vector) <= budget) == (budget > 1)
+    kept = trainer._keep
+    assert counter.calls == iterations * n_steps * (1 if kept else 2) + (keep is None)
+    for name, value in reference.ema.state().items():
+        assert torch.equal(ema[name], value), name
+    for (name, p), q in zip(reference.synthetic.named_parameters(), trainer.synthetic.parameters()):
+        assert torch.equal(p, q), name
+
+
 def test_export_round_trip_and_grid(tmp_path):
     trainer = make_trainer(iterations=2)
     ema = trainer.run()

@@ -42,7 +42,8 @@ from ptmst_ray.vocab import GRAD_METHODS
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Checkpointed", "LogitsFn", "LossFn", "MinibatchSampler", "exact_checkpoints", "matching_step", "METHODS"]
+__all__ = ["Checkpointed", "LogitsFn", "LossFn", "MinibatchSampler", "default_keep_graphs", "exact_checkpoints",
+           "matching_step", "METHODS"]
 
 LogitsFn = Callable[[Tensor, Tensor, Tensor, Tensor, int], Tensor]
 """(w_img, w_txt, images, text_emb, seed) -> b x b logits; twice differentiable; same seed, same masks."""
@@ -321,6 +322,23 @@ def default_exact_checkpoints(logits_fn: LogitsFn, loss: str | LossFn, synthetic
     return held
 
 
+KEEP_GRAPHS_BYTES = 2**30
+"""The phase default of ``first_order``'s ``keep_graphs``: keep the N step graphs when they take at most this."""
+
+
+def default_keep_graphs(logits_fn: LogitsFn, loss: str | LossFn, synthetic: SyntheticSet, theta: Params,
+                        minibatch: int, n: int) -> bool:
+    """The phase default of ``distill.keep_graphs``: whether N step graphs (each with its w_i) fit in
+    :data:`KEEP_GRAPHS_BYTES`."""
+    vector = sum(v.numel() for v in theta) * synthetic.images.element_size()
+    graph = graph_bytes(logits_fn, loss, synthetic, theta, minibatch)
+    keep = n * (graph + vector) <= KEEP_GRAPHS_BYTES
+    log.info("first_order %s its %d step graphs (one %.1f MiB, a vector %.2f MiB; budget %.0f MiB)",
+             "keeps" if keep else "replays instead of keeping", n, graph / 2**20, vector / 2**20,
+             KEEP_GRAPHS_BYTES / 2**20)
+    return keep
+
+
 State = Any
 
 
@@ -389,21 +407,38 @@ class Checkpointed:
 
 
 def _first_order(ctx: _Context, theta_s: Params, steps: list[Step], theta_t: Params,
-                 denoms: list[Tensor | None], acc: _Accumulator) -> list[Tensor]:
+                 denoms: list[Tensor | None], acc: _Accumulator, keep_graphs: bool = False) -> list[Tensor]:
     """TESLA-style: c = alpha (theta_t - theta_s) + alpha^2 G; data grad = sum_i d/dData (2/D) c . g_i.
 
     Pass 1 finds w_N and G; pass 2 replays the steps from w_0 = theta_s, each g_i with a graph
     (its detached value is pass 1's g_i, bit for bit on CPU), so only w_0 and the current w_i
-    live. Returns the per-modality matching losses.
+    live. ``keep_graphs``: pass 1 takes each g_i with its graph and keeps all N graphs, so pass 2
+    only differentiates them (no replayed forward and backward: the same result in fewer
+    operations, for N graphs' memory). Returns the per-modality matching losses.
     """
     alphas = [a.detach() for a in ctx.syn.alphas]
-    w_n, big_g = _sweep(ctx, theta_s, steps)
+    graphs: list[tuple[Step, list[Tensor], list[Tensor]]] = []
+    if keep_graphs:
+        w, big_g = theta_s, [torch.zeros_like(v) for v in theta_s]
+        for step in steps:
+            _, data, g = _recompute(ctx, w, step)
+            graphs.append((step, data, g))
+            g = [gm.detach() for gm in g]
+            big_g = [acc_m + gm for acc_m, gm in zip(big_g, g)]
+            w = _sgd(w, alphas, g)
+        w_n, big_g = w, tuple(big_g)
+    else:
+        w_n, big_g = _sweep(ctx, theta_s, steps)
     losses = _matching_losses(w_n, theta_t, denoms)
     coef = [None if d is None else 2.0 * a * (t - w) / d for a, t, w, d in zip(alphas, theta_t, w_n, denoms)]
     for m, d in enumerate(denoms):
         if d is not None:
             acc.alphas[m] += 2.0 * _dot(w_n[m] - theta_t[m], -big_g[m]) / d
     del w_n, big_g
+    if keep_graphs:
+        for step, data, g in graphs:
+            _add_data_grads(step, data, g, coef, acc)
+        return losses
     w = theta_s
     for step in steps:
         w = _first_order_step(ctx, w, step, coef, alphas, acc)
@@ -414,10 +449,16 @@ def _first_order_step(ctx: _Context, w: Params, step: Step, coef: list[Tensor | 
                       acc: _Accumulator) -> Params:
     """Add d/dData c . g_i at w_i; return w_{i+1} (the spent graph, which holds w_i, dies here)."""
     _, data, g = _recompute(ctx, w, step)
+    _add_data_grads(step, data, g, coef, acc)
+    return _sgd(w, alphas, [gm.detach() for gm in g])
+
+
+def _add_data_grads(step: Step, data: list[Tensor], g: list[Tensor], coef: list[Tensor | None],
+                    acc: _Accumulator) -> None:
+    """Add d/dData c . g_i, through g_i's graph (spent here)."""
     q = sum(_dot(c, gm) for c, gm in zip(coef, g) if c is not None)
     gx, gt, *gsim = _grads(q, data)
     acc.add_batch(step.indices, gx, gt, gsim)
-    return _sgd(w, alphas, [gm.detach() for gm in g])
 
 
 def _exact(ctx: _Context, theta_s: Params, steps: list[Step], theta_t: Params,
@@ -516,6 +557,7 @@ def matching_step(
     method: str = "first_order",
     minibatch: int | None = None,
     checkpoints: int | None = None,
+    keep_graphs: bool = False,
 ) -> dict[str, float]:
     """One distillation iteration: unroll ``syn_steps`` student steps from ``theta_s``, match ``theta_t``.
 
@@ -525,7 +567,9 @@ def matching_step(
     the synthetic images, texts, similarity parameters and both step sizes (zero them first).
     ``checkpoints``: parameter vectors ``exact`` may hold at once besides ``theta_s``, the w_i
     being differentiated included (default ``exact_checkpoints(syn_steps)``); fewer cost more
-    replayed steps, never a different result.
+    replayed steps, never a different result. ``keep_graphs`` (first_order): keep the N step graphs
+    of the first pass instead of replaying the steps: fewer operations, N graphs' memory, the same
+    result.
     Returns floats: ``loss`` (total M), ``loss_img``, ``loss_txt``, grad norms, alphas.
     """
     if method not in METHODS:
@@ -547,9 +591,10 @@ def matching_step(
         if method == "exact":
             held = exact_checkpoints(syn_steps) if checkpoints is None else checkpoints
             losses = _exact(ctx, theta_s, steps, theta_t, denoms, acc, held)
+        elif method == "first_order":
+            losses = _first_order(ctx, theta_s, steps, theta_t, denoms, acc, keep_graphs)
         else:
-            rule = _first_order if method == "first_order" else _unrolled
-            losses = rule(ctx, theta_s, steps, theta_t, denoms, acc)
+            losses = _unrolled(ctx, theta_s, steps, theta_t, denoms, acc)
     out = {"loss": float(sum(losses)), "loss_img": float(losses[0]), "loss_txt": float(losses[1])}
     out.update(acc.write())
     out.update(alpha_img=float(synthetic.alpha_img.detach()), alpha_txt=float(synthetic.alpha_txt.detach()))

@@ -26,7 +26,7 @@ from torch import Tensor
 from ptmst_ray.config import DistillConfig, PhaseConfig
 from ptmst_ray.distill.ema import EMA
 from ptmst_ray.distill.matching import (
-    LogitsFn, LossFn, MinibatchSampler, default_exact_checkpoints, matching_step,
+    LogitsFn, LossFn, MinibatchSampler, default_exact_checkpoints, default_keep_graphs, matching_step,
 )
 from ptmst_ray.distill.synthetic import SyntheticSet
 
@@ -93,6 +93,7 @@ class PhaseTrainer:
         self._expert_order: list[int] = []
         self._timer = (time.perf_counter(), 0)
         self._checkpoints: int | None = distill_cfg.exact_checkpoints or None  # 0 = the default
+        self._keep: bool | None = distill_cfg.keep_graphs
 
     def _build_optimizer(self) -> torch.optim.Optimizer:
         syn, d = self.synthetic, self.dcfg
@@ -131,7 +132,7 @@ class PhaseTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         stats = matching_step(self.logits_fn, self.loss, self.synthetic, theta_s, theta_t,
                               self.dcfg.syn_steps, self.sampler, method=self.dcfg.grad_method,
-                              checkpoints=self._exact_checkpoints(theta_s))
+                              checkpoints=self._exact_checkpoints(theta_s), keep_graphs=self._keep_graphs(theta_s))
         self._check_finite(stats)
         self.optimizer.step()
         self._clamp_alphas()
@@ -148,6 +149,14 @@ class PhaseTrainer:
         self._checkpoints = default_exact_checkpoints(self.logits_fn, self.loss, self.synthetic, theta,
                                                       self.cfg.minibatch, self.dcfg.syn_steps)
         return self._checkpoints
+
+    def _keep_graphs(self, theta: tuple[Tensor, Tensor]) -> bool:
+        """``first_order``'s keep_graphs: the config's, else whether the N graphs fit (measured once per phase)."""
+        if self.dcfg.grad_method != "first_order" or self._keep is not None:
+            return bool(self._keep)
+        self._keep = default_keep_graphs(self.logits_fn, self.loss, self.synthetic, theta, self.cfg.minibatch,
+                                         self.dcfg.syn_steps)
+        return self._keep
 
     def _next_expert(self) -> int:
         """Cycle through a shuffled order of the experts (a new shuffle when it runs out)."""
