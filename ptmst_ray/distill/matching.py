@@ -322,8 +322,10 @@ def default_exact_checkpoints(logits_fn: LogitsFn, loss: str | LossFn, synthetic
     return held
 
 
-KEEP_GRAPHS_BYTES = 2**30
-"""The phase default of ``first_order``'s ``keep_graphs``: keep the N step graphs when they take at most this."""
+KEEP_GRAPHS_BYTES = 256 * 2**20
+"""The phase default of ``first_order``'s ``keep_graphs``: keep the N step graphs when they take at most this
+(the toy's 8 graphs of 11 MiB: kept; NFNet-L0's 2 of 193 MiB with their 146 MiB vectors: replayed, as a worker
+of the paper recipe test took 3.2 GB with them kept and the machine ran out of memory)."""
 
 
 def default_keep_graphs(logits_fn: LogitsFn, loss: str | LossFn, synthetic: SyntheticSet, theta: Params,
