@@ -545,13 +545,16 @@ def _method_rank(method: str) -> int:
     return order.index(method) if method in order else len(order)
 
 
+def md_table(head: list[str], align: str, rows: list[list]) -> str:
+    """A markdown table: ``head`` cells, ``align`` one letter a column (l: left, r: right), ``rows`` of cells."""
+    bar = "|" + "".join("---|" if a == "l" else "---:|" for a in align)
+    return "\n".join(["| " + " | ".join(head) + " |", bar, *("| " + " | ".join(map(str, r)) + " |" for r in rows)])
+
+
 def ratio_table(rows: list[dict]) -> str:
-    lines = ["| budget | method | / random (best) | / random (final) | / full (best) | / full (final) |",
-             "|---:|---|---:|---:|---:|---:|"]
-    for r in rows:
-        lines.append(f"| {r['budget']} | {r['method']} | {_num(r['random_best'])} | {_num(r['random_final'])} | "
-                     f"{_num(r['full_best'])} | {_num(r['full_final'])} |")
-    return "\n".join(lines)
+    return md_table(["budget", "method", "/ random (best)", "/ random (final)", "/ full (best)", "/ full (final)"],
+                    "rlrrrr", [[r["budget"], r["method"], _num(r["random_best"]), _num(r["random_final"]),
+                                _num(r["full_best"]), _num(r["full_final"])] for r in rows])
 
 
 def timing_table(cells: dict[str, dict]) -> str:
@@ -579,12 +582,9 @@ def _pct(x: float | None) -> str:
 
 def gap_table(rows: list[dict], on_test: bool) -> str:
     """Gap closed per (budget, method); with ``on_test`` also from the best-on-test figures."""
-    head = "| budget | method | gap closed |" + (" gap closed (best on test) |" if on_test else "")
-    lines = [head, "|---:|---|---:|" + ("---:|" if on_test else "")]
-    for r in rows:
-        lines.append(f"| {r['budget']} | {r['method']} | {_pct(r['best'])} |"
-                     + (f" {_pct(r['best_on_test'])} |" if on_test else ""))
-    return "\n".join(lines)
+    head = ["budget", "method", "gap closed"] + (["gap closed (best on test)"] if on_test else [])
+    return md_table(head, "rlr" + "r" * on_test, [[r["budget"], r["method"], _pct(r["best"])]
+                                                  + ([_pct(r["best_on_test"])] if on_test else []) for r in rows])
 
 
 def _vs(cmp: dict | None, na: str = "n/a") -> str:
@@ -599,40 +599,33 @@ def _met(flag: bool | None) -> str:
 
 def targets_table(rows: list[dict], one_phase_upto: int, headline: int | None) -> str:
     """Issue #25's targets per budget (the headline budget in bold)."""
-    lines = [f"| budget | PTM-ST gap closed (>= {GAP_TARGET:.0%}) | | PTM-ST - single_phase | beats by > std sum | "
-             "exact - first_order | exact >= first_order |", "|---:|---:|---|---:|---|---:|---|"]
+    out = []
     for r in rows:
-        b = f"**{r['budget']}**" if r["budget"] == headline else str(r["budget"])
         one = r["budget"] <= one_phase_upto
-        single = _vs(r["vs_single"], "one phase: ptm_st is the single-phase set" if one else "n/a")
-        beats = "n/a" if r["vs_single"] is None else _met(r["vs_single"]["beats"])
-        lines.append(f"| {b} | {_pct(r['gap'])} | {_met(r['gap_met'])} | {single} | {beats} | "
-                     f"{_vs(r['exact_vs_first_order'])} | {_met(r['exact_met'])} |")
-    return "\n".join(lines)
+        out.append([f"**{r['budget']}**" if r["budget"] == headline else r["budget"], _pct(r["gap"]),
+                    _met(r["gap_met"]), _vs(r["vs_single"], "one phase: ptm_st is the single-phase set" if one else "n/a"),
+                    "n/a" if r["vs_single"] is None else _met(r["vs_single"]["beats"]),
+                    _vs(r["exact_vs_first_order"]), _met(r["exact_met"])])
+    return md_table(["budget", f"PTM-ST gap closed (>= {GAP_TARGET:.0%})", "", "PTM-ST - single_phase",
+                     "beats by > std sum", "exact - first_order", "exact >= first_order"], "rrlrlrl", out)
 
 
 def parts_table(rows: list[dict]) -> str:
-    lines = ["| budget | part | cell without it | ptm_st - that cell (r_mean) | std sum | > std sum |",
-             "|---:|---|---|---:|---:|---|"]
-    for r in rows:
-        lines.append(f"| {r['budget']} | {r['part']} | {r['without']} | {r['margin']:+.1f} | {r['std_sum']:.1f} | "
-                     f"{'yes' if r['beats'] else 'no'} |")
-    return "\n".join(lines)
+    return md_table(["budget", "part", "cell without it", "ptm_st - that cell (r_mean)", "std sum", "> std sum"],
+                    "rllrrl", [[r["budget"], r["part"], r["without"], f"{r['margin']:+.1f}", f"{r['std_sum']:.1f}",
+                                "yes" if r["beats"] else "no"] for r in rows])
 
 
 def matching_table(cells: dict[str, dict]) -> str:
     """Per distilled cell and phase: the matching loss (first report, lowest, last), the learned step sizes
     (EMA) and the learned similarity's shape."""
-    lines = ["| budget | method | phase | M first | M min | M last | alpha_img | alpha_txt | S diag | S off-diag | "
-             "max abs(S - I) |", "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for c in sorted(cells.values(), key=lambda c: (c["budget"], _method_rank(c["method"]))):
-        for name, r in sorted((c.get("phases") or {}).items()):
-            def f(k, fmt="{:.3f}"):
-                return "" if r.get(k) is None else fmt.format(r[k])
-            lines.append(f"| {c['budget']} | {c['method']} | {name} | {f('loss_first')} | {f('loss_min')} | "
-                         f"{f('loss_last')} | {f('alpha_img', '{:.4g}')} | {f('alpha_txt', '{:.4g}')} | "
-                         f"{f('sim_diag')} | {f('sim_offdiag', '{:+.4f}')} | {f('sim_max_dev')} |")
-    return "\n".join(lines)
+    fmts = (("loss_first", "{:.3f}"), ("loss_min", "{:.3f}"), ("loss_last", "{:.3f}"), ("alpha_img", "{:.4g}"),
+            ("alpha_txt", "{:.4g}"), ("sim_diag", "{:.3f}"), ("sim_offdiag", "{:+.4f}"), ("sim_max_dev", "{:.3f}"))
+    rows = [[c["budget"], c["method"], name, *("" if r.get(k) is None else f.format(r[k]) for k, f in fmts)]
+            for c in sorted(cells.values(), key=lambda c: (c["budget"], _method_rank(c["method"])))
+            for name, r in sorted((c.get("phases") or {}).items())]
+    return md_table(["budget", "method", "phase", "M first", "M min", "M last", "alpha_img", "alpha_txt", "S diag",
+                     "S off-diag", "max abs(S - I)"], "rll" + "r" * 8, rows)
 
 
 def format_report(res: dict) -> str:
