@@ -808,6 +808,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--write-results", action="store_true",
                     help="replace the data's own section of bench/RESULTS.md (" +
                          "; ".join(f"{k}: {v[0]!r}" for k, v in SECTIONS.items()) + ")")
+    ap.add_argument("--from-json", default=None, metavar="JSON",
+                    help="run nothing: rewrite the outputs (and with --write-results the RESULTS.md section) from the "
+                         ".json of an earlier run, e.g. after a change to the report's format")
     ap.add_argument("--quick", action="store_true", help="development: the smallest budget of each kind (one "
                                                          "phase, all phases), 10 iterations per phase, 2 seeds, 5 "
                                                          "eval epochs, full data at most 5 (cells under "
@@ -836,6 +839,13 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     if args.quick and args.write_results:
         raise SystemExit("--quick runs are for development; they do not go into bench/RESULTS.md")
+    if args.from_json:
+        res = json.loads(Path(args.from_json).read_text())
+        if res.get("quick") and args.write_results:
+            raise SystemExit(f"{args.from_json} is a --quick run's; it does not go into bench/RESULTS.md")
+        write_outputs(res, Path(args.out) if args.out else REPO / "bench" / f"{section_and_stem(res['data'])[1]}.md",
+                      args.write_results)
+        return res
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
     t0 = time.time()
