@@ -616,16 +616,24 @@ def parts_table(rows: list[dict]) -> str:
                                 "yes" if r["beats"] else "no"] for r in rows])
 
 
+def curve_points(curve: list, most: int = 6) -> list:
+    """At most ``most`` evenly spaced [iteration, loss] entries of a matching-loss curve, first and last kept."""
+    if len(curve) <= most:
+        return list(curve)
+    return [curve[round(i * (len(curve) - 1) / (most - 1))] for i in range(most)]
+
+
 def matching_table(cells: dict[str, dict]) -> str:
-    """Per distilled cell and phase: the matching loss (first report, lowest, last), the learned step sizes
-    (EMA) and the learned similarity's shape."""
+    """Per distilled cell and phase: the matching loss (first report, lowest, last, and a few points of its
+    curve as iteration:loss), the learned step sizes (EMA) and the learned similarity's shape."""
     fmts = (("loss_first", "{:.3f}"), ("loss_min", "{:.3f}"), ("loss_last", "{:.3f}"), ("alpha_img", "{:.4g}"),
             ("alpha_txt", "{:.4g}"), ("sim_diag", "{:.3f}"), ("sim_offdiag", "{:+.4f}"), ("sim_max_dev", "{:.3f}"))
-    rows = [[c["budget"], c["method"], name, *("" if r.get(k) is None else f.format(r[k]) for k, f in fmts)]
+    rows = [[c["budget"], c["method"], name, *("" if r.get(k) is None else f.format(r[k]) for k, f in fmts),
+             " ".join(f"{i}:{v:.2f}" for i, v in curve_points(r.get("curve") or []))]
             for c in sorted(cells.values(), key=lambda c: (c["budget"], _method_rank(c["method"])))
             for name, r in sorted((c.get("phases") or {}).items())]
     return md_table(["budget", "method", "phase", "M first", "M min", "M last", "alpha_img", "alpha_txt", "S diag",
-                     "S off-diag", "max abs(S - I)"], "rll" + "r" * 8, rows)
+                     "S off-diag", "max abs(S - I)", "M over iterations"], "rll" + "r" * 8 + "l", rows)
 
 
 def format_report(res: dict) -> str:

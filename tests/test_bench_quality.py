@@ -247,7 +247,16 @@ def test_similarity_stats_and_the_matching_table():
     assert stats["sim_max_dev"] == pytest.approx(0.2)
     cell = {"method": "ptm_st", "budget": 50, "phases": {"phase0": {"loss_first": 1.2, "loss_min": 0.9,
                                                                     "loss_last": 1.0, "alpha_img": 0.0123,
-                                                                    "alpha_txt": 0.001, **stats}}}
+                                                                    "alpha_txt": 0.001, **stats,
+                                                                    "curve": [[10, 1.2], [20, 0.9], [30, 1.0]]}}}
     table = bq.matching_table({"ptm_st@50": cell, "random@50": {"method": "random", "budget": 50}})
     assert table.splitlines()[2:] == [
-        "| 50 | ptm_st | phase0 | 1.200 | 0.900 | 1.000 | 0.0123 | 0.001 | 0.950 | +0.0500 | 0.200 |"]
+        "| 50 | ptm_st | phase0 | 1.200 | 0.900 | 1.000 | 0.0123 | 0.001 | 0.950 | +0.0500 | 0.200 | "
+        "10:1.20 20:0.90 30:1.00 |"]
+
+
+def test_curve_points_evenly_spaced_with_both_ends():
+    curve = [[10 * (i + 1), float(i)] for i in range(15)]  # 150 iterations reported every 10
+    assert bq.curve_points(curve, 6) == [curve[0], curve[3], curve[6], curve[8], curve[11], curve[14]]
+    assert bq.curve_points(curve[:4], 6) == curve[:4]
+    assert bq.curve_points([], 6) == []
