@@ -283,7 +283,9 @@ def finish_cell(cell: Cell, status: dict[str, dict], t: float) -> dict:
 def phase_record(cfg, name: str) -> dict:
     """What one phase of a cell did, from its files: the matching loss at every report (metrics.json), the raw
     step sizes at the last report, and from its saved subset (complete or diverged) the EMA step sizes and the
-    learned similarity S (mean diagonal, mean off-diagonal, largest |S - I|)."""
+    learned similarity S (mean diagonal, mean off-diagonal, largest |S - I|). The loss M is the sum of the image
+    and text towers' normalised distances (docs/method.md: each is 1 where the student got no closer to the target
+    than its start), so M = 2 is no progress; the last report's two parts are kept too."""
     from ptmst_ray import storage
     from ptmst_ray.distill.export import load_subset
     from ptmst_ray.layout import Layout, phase_jobs, phase_outcome
@@ -294,6 +296,7 @@ def phase_record(cfg, name: str) -> dict:
     if hist:
         losses = [float(h["loss"]) for h in hist]
         rec.update(loss_first=round(losses[0], 4), loss_last=round(losses[-1], 4), loss_min=round(min(losses), 4),
+                   loss_img_last=float(hist[-1]["loss_img"]), loss_txt_last=float(hist[-1]["loss_txt"]),
                    alpha_img_raw=float(hist[-1]["alpha_img"]), alpha_txt_raw=float(hist[-1]["alpha_txt"]))
     job = next(j for j in phase_jobs(cfg, with_baseline=False) if j.name == name)
     outcome = phase_outcome(cfg, job)
@@ -301,6 +304,20 @@ def phase_record(cfg, name: str) -> dict:
         sub = load_subset(outcome.dir)
         rec.update(alpha_img=sub.alpha_img, alpha_txt=sub.alpha_txt, **similarity_stats(sub.similarity.double()))
     return rec
+
+
+def refresh_phase_records(res: dict) -> None:
+    """Re-read every distilled cell's `phase_record` from its root (when the root and its config.yaml are still
+    there), so a report rewritten from an earlier run's json shows what the files hold now."""
+    from ptmst_ray import storage
+    from ptmst_ray.config import from_dict
+    import yaml
+
+    for c in res["cells"].values():
+        url = storage.join(c["root"], "config.yaml") if c.get("phases") is not None else None
+        if url and storage.exists(url):
+            cfg = from_dict(yaml.safe_load(storage.read_text(url)))
+            c["phases"] = {name: phase_record(cfg, name) for name in c["phases"]}
 
 
 def similarity_stats(sim) -> dict:
@@ -624,16 +641,19 @@ def curve_points(curve: list, most: int = 6) -> list:
 
 
 def matching_table(cells: dict[str, dict]) -> str:
-    """Per distilled cell and phase: the matching loss (first report, lowest, last, and a few points of its
-    curve as iteration:loss), the learned step sizes (EMA) and the learned similarity's shape."""
-    fmts = (("loss_first", "{:.3f}"), ("loss_min", "{:.3f}"), ("loss_last", "{:.3f}"), ("alpha_img", "{:.4g}"),
+    """Per distilled cell and phase: the matching loss M = M_img + M_txt (first report, lowest, last, the last
+    report's two parts, and a few points of its curve as iteration:loss; 2 = no progress), the learned step sizes
+    (EMA) and the learned similarity's shape."""
+    fmts = (("loss_first", "{:.3f}"), ("loss_min", "{:.3f}"), ("loss_last", "{:.3f}"), ("loss_img_last", "{:.3f}"),
+            ("loss_txt_last", "{:.3f}"), ("alpha_img", "{:.4g}"),
             ("alpha_txt", "{:.4g}"), ("sim_diag", "{:.3f}"), ("sim_offdiag", "{:+.4f}"), ("sim_max_dev", "{:.3f}"))
     rows = [[c["budget"], c["method"], name, *("" if r.get(k) is None else f.format(r[k]) for k, f in fmts),
              " ".join(f"{i}:{v:.2f}" for i, v in curve_points(r.get("curve") or []))]
             for c in sorted(cells.values(), key=lambda c: (c["budget"], _method_rank(c["method"])))
             for name, r in sorted((c.get("phases") or {}).items())]
-    return md_table(["budget", "method", "phase", "M first", "M min", "M last", "alpha_img", "alpha_txt", "S diag",
-                     "S off-diag", "max abs(S - I)", "M over iterations"], "rll" + "r" * 8 + "l", rows)
+    return md_table(["budget", "method", "phase", "M first", "M min", "M last", "M_img last", "M_txt last",
+                     "alpha_img", "alpha_txt", "S diag", "S off-diag", "max abs(S - I)", "M over iterations"],
+                    "rll" + "r" * 10 + "l", rows)
 
 
 def format_report(res: dict) -> str:
@@ -849,6 +869,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit("--quick runs are for development; they do not go into bench/RESULTS.md")
     if args.from_json:
         res = json.loads(Path(args.from_json).read_text())
+        refresh_phase_records(res)
         if res.get("quick") and args.write_results:
             raise SystemExit(f"{args.from_json} is a --quick run's; it does not go into bench/RESULTS.md")
         write_outputs(res, Path(args.out) if args.out else REPO / "bench" / f"{section_and_stem(res['data'])[1]}.md",

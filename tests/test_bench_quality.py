@@ -246,12 +246,13 @@ def test_similarity_stats_and_the_matching_table():
     assert stats["sim_diag"] == pytest.approx(0.95) and stats["sim_offdiag"] == pytest.approx(0.05)
     assert stats["sim_max_dev"] == pytest.approx(0.2)
     cell = {"method": "ptm_st", "budget": 50, "phases": {"phase0": {"loss_first": 1.2, "loss_min": 0.9,
-                                                                    "loss_last": 1.0, "alpha_img": 0.0123,
+                                                                    "loss_last": 1.0, "loss_img_last": 0.55,
+                                                                    "loss_txt_last": 0.45, "alpha_img": 0.0123,
                                                                     "alpha_txt": 0.001, **stats,
                                                                     "curve": [[10, 1.2], [20, 0.9], [30, 1.0]]}}}
     table = bq.matching_table({"ptm_st@50": cell, "random@50": {"method": "random", "budget": 50}})
     assert table.splitlines()[2:] == [
-        "| 50 | ptm_st | phase0 | 1.200 | 0.900 | 1.000 | 0.0123 | 0.001 | 0.950 | +0.0500 | 0.200 | "
+        "| 50 | ptm_st | phase0 | 1.200 | 0.900 | 1.000 | 0.550 | 0.450 | 0.0123 | 0.001 | 0.950 | +0.0500 | 0.200 | "
         "10:1.20 20:0.90 30:1.00 |"]
 
 
