@@ -656,8 +656,10 @@ def matching_table(cells: dict[str, dict]) -> str:
                     "rll" + "r" * 10 + "l", rows)
 
 
-def format_report(res: dict) -> str:
-    """The markdown body (under the section heading): setup, tables, gap closed, targets, parts, timings."""
+def format_report(res: dict, details: str | None = None) -> str:
+    """The markdown body (under the section heading): setup, tables, gap closed, targets, parts, then the per-phase
+    matching table, final-epoch figures, ratios and timings; with ``details`` (the file that holds them) those
+    last four are left out and a line points there (the RESULTS.md section)."""
     mach, ev = res["machine"], res["eval"]
     one = res.get("one_phase_upto", 0)
     splits = ", ".join(f"{b} = {' + '.join(map(str, p))}" + (" (one phase)" if int(b) <= one else "")
@@ -714,6 +716,13 @@ def format_report(res: dict) -> str:
         "### What each part carries: ptm_st minus the cell without it",
         "",
         parts_table(parts(res["cells"], res["budgets"])),
+        *cell_notes(res["cells"]),
+    ]
+    if details:
+        out += ["", f"Per-phase matching losses, step sizes and similarity, final-epoch figures, ratios and per-cell "
+                    f"times: `{details}` (its `.json`: every figure, per-seed run and matching-loss curve)."]
+        return "\n".join(out) + "\n"
+    out += [
         "",
         "### Matching loss and learned parameters per phase (from each cell's metrics.json and saved subset)",
         "",
@@ -730,7 +739,6 @@ def format_report(res: dict) -> str:
         "### Time per cell",
         "",
         timing_table(res["cells"]),
-        *cell_notes(res["cells"]),
     ]
     return "\n".join(out) + "\n"
 
@@ -979,7 +987,8 @@ def write_outputs(res: dict, out: Path, write_results: bool) -> None:
     print(f"wrote {out}, {out.with_suffix('.png')}, {out.with_suffix('.json')}", flush=True)
     if write_results:
         text = RESULTS_MD.read_text()  # re-read right before writing: other sections change meanwhile
-        RESULTS_MD.write_text(replace_section(text, section, body))
+        rel = os.path.relpath(out.resolve(), REPO) if out.resolve().is_relative_to(REPO) else out.name
+        RESULTS_MD.write_text(replace_section(text, section, format_report(res, details=rel)))
         print(f"replaced the section {section!r} of {RESULTS_MD}", flush=True)
 
 

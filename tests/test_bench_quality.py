@@ -261,3 +261,29 @@ def test_curve_points_evenly_spaced_with_both_ends():
     assert bq.curve_points(curve, 6) == [curve[0], curve[3], curve[6], curve[8], curve[11], curve[14]]
     assert bq.curve_points(curve[:4], 6) == curve[:4]
     assert bq.curve_points([], 6) == []
+
+
+def _res():
+    cells, full = _scenes_like()
+    for c in cells.values():
+        c["final"]["r_mean"] = c["best"]["r_mean"]
+    return {"command": "bench/bench_quality.py --config configs/scenes.yaml", "config": "configs/scenes.yaml",
+            "overrides": [], "quick": False, "data": "scenes", "selection": "val", "one_phase_upto": 20,
+            "headline": 50, "budgets": [20, 50], "splits": {"20": [20], "50": [20, 30]}, "notes": [],
+            "machine": {"nproc": 2, "cpu": "x", "ram_gib": 23.5, "torch": "t", "python": "p", "date": "d",
+                        "load_start": "1", "load_end": "2"},
+            "eval": {"epochs": 30, "seeds": 5, "eval_points": 5, "full_data_epochs": 30, "full_data_patience": 5,
+                     "full_data_max_epochs": 100, "loss": "InfoNCE"},
+            "cells": cells, "full": {**full, "epochs_run": [21, 19]}, "ratios": bq.ratios(cells, full),
+            "wall_seconds": 600.0, "prereq_seconds": 60.0, "distill_seconds": 300.0, "eval_seconds": 240.0}
+
+
+def test_format_report_full_and_for_results():
+    res = _res()
+    body = bq.format_report(res)
+    assert "20 = 20 (one phase), 50 = 20 + 30" in body and "selection of the reported point: val" in body
+    assert "epochs run per seed [21, 19]" in body and "| **50** | 70% | MET |" in body
+    assert "### Matching loss" in body and "### Time per cell" in body
+    short = bq.format_report(res, details="bench/quality_scenes.md")
+    assert "### Matching loss" not in short and "### Time per cell" not in short
+    assert "| **50** | 70% | MET |" in short and "`bench/quality_scenes.md`" in short
