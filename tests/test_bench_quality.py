@@ -170,7 +170,8 @@ def test_targets_and_parts_per_budget():
     assert r20["gap"] == pytest.approx(1 / 3) and r20["gap_met"] is False
     assert r20["vs_single"] is None and r20["exact_met"] is None
     table = bq.targets_table(list(rows.values()), one_phase_upto=20, headline=50)
-    assert "| **50** | 70% | MET | +3.0 vs std sum 2.0 | MET | -0.5 vs std sum 1.8 | NOT MET |" in table
+    assert "| **50** | 70% | MET | +3.0 vs std sum 2.0 | MET | -0.5 vs std sum 1.8 | NOT MET (within the std sum) |" \
+        in table
     assert "| 20 | 33% | NOT MET | one phase: ptm_st is the single-phase set | n/a | n/a | n/a |" in table
     prt = bq.parts(cells, [20, 50])
     assert [(p["budget"], p["part"], p["without"]) for p in prt] == [(50, "phases", "single_phase"),
@@ -287,3 +288,10 @@ def test_format_report_full_and_for_results():
     short = bq.format_report(res, details="bench/quality_scenes.md")
     assert "### Matching loss" not in short and "### Time per cell" not in short
     assert "| **50** | 70% | MET |" in short and "`bench/quality_scenes.md`" in short
+
+
+def test_a_miss_beyond_the_std_sum_is_a_plain_not_met():
+    assert bq._met_within(False, {"margin": -2.0, "std_sum": 1.5}) == "NOT MET"
+    assert bq._met_within(False, {"margin": -1.5, "std_sum": 1.5}) == "NOT MET (within the std sum)"
+    assert bq._met_within(True, {"margin": 0.1, "std_sum": 1.5}) == "MET"
+    assert bq._met_within(None, None) == "n/a"
