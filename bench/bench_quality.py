@@ -1,29 +1,41 @@
-"""Quality benchmark (issue #11): retrieval of each method at several pair budgets, on the Ray pipeline.
+"""Quality benchmark (issues #11 and #25): retrieval of each method at several pair budgets, on the Ray pipeline.
 
 Why this file exists: one command answers "does PTM-ST beat a random coreset and single-phase
-distillation, at which budget, and what do the shortcut and the EMA contribute?". It runs the
-pipeline's own pieces on a local Ray: the prerequisite stages once (data, pretraining, caption
-embeddings, experts + shortcuts under ONE shared root, as sweep trials do), then every
-(method, budget) cell's distillation in its own sub-root (its phases as concurrent Ray Train runs
-through `run_phases`, cells packed so the Train runs of a wave fill the cluster's slots), then
-every (cell, evaluation seed) as one Ray task through `scoring.score_one_seed`. Finished
-distillations are skipped on a re-run (config hashes); scoring is always redone.
+distillation, at which budget, how much of the random-to-full gap does it close, and what do its
+parts contribute?". It runs the pipeline's own pieces on a local Ray: the prerequisite stages once
+(data, pretraining, caption embeddings, experts + shortcuts under ONE shared root, as sweep trials
+do), then every (method, budget) cell's distillation in its own sub-root (its phases as concurrent
+Ray Train runs through `run_phases`, cells packed so the Train runs of a wave fill the cluster's
+slots), then every (cell, evaluation seed) as one Ray task through `scoring.score_one_seed`.
+Finished distillations are skipped on a re-run (config hashes); scoring is always redone.
 
     .venv/bin/python bench/bench_quality.py [--config configs/toy.yaml] [--set KEY=VALUE ...]
-        [--budgets 20 50 100] [--seeds 3] [--methods random single_phase ptm_st ptm_st_exact]
-        [--ablations] [--eval-epochs N] [--root ~/.cache/ptmst-ray/bench-quality]
-        [--out bench/quality_matrix.md] [--write-results] [--quick]
+        [--budgets 20 50 100] [--one-phase-upto N] [--headline B] [--seeds 3]
+        [--methods random single_phase ptm_st ptm_st_exact] [--ablations] [--eval-epochs N]
+        [--root ~/.cache/ptmst-ray/bench-quality] [--name NAME] [--out bench/<stem>.md] [--write-results] [--quick]
 
 Methods: random (coreset of real pairs, a different subset per seed), single_phase (one subset
 over the first phase's range, `layout.single_phase_config`), ptm_st (phases + shortcut, the
 first_order), ptm_st_exact (distill.grad_method=exact); with --ablations no_shortcut
-(shortcut.enabled=false: raw trajectories) and no_ema (distill.ema_decay=0: the raw final state).
-The full train split is scored once (eval.full_data_epochs epochs). A budget is split between the
-config's phases in the config's proportions; a phase's minibatch is capped at its pairs.
+(shortcut.enabled=false: raw trajectories), no_ema (distill.ema_decay=0: the raw final state) and
+fixed_similarity (distill.lr_sim=0: S stays at its initialisation, the identity). A budget is split
+between the config's phases in the config's proportions, except budgets of at most --one-phase-upto
+pairs, which distil ONE phase (the paper's choice at small budgets; there ptm_st is the single-phase
+distillation, so no single_phase cell runs); a phase's minibatch is capped at its pairs. The full
+train split is scored once, on the config's schedule (with a val split: until val stops improving).
 
-Writes <out>.md (tables, ratios, command, machine, wall time), <out>.png (r_mean vs budget) and
-<out>.json (every figure and per-seed run); --write-results also replaces the section
-"## Quality matrix (issue #11)" of bench/RESULTS.md.
+Figures: "best" is the test recall at the evaluation point chosen on the val split when the data has
+one (the honest figure), else on test; "best_on_test" (the paper's protocol) is reported beside it.
+Per budget: the gap closed, (method - random) / (full - random), and issue #25's targets (gap
+closed >= 60%, PTM-ST ahead of single-phase by more than the sum of the stds, exact >= first_order);
+what each part carries (ptm_st minus the cell without it); per phase, the matching loss, the learned
+step sizes and similarity.
+
+Writes <out>.md (tables, command, machine, wall time), <out>.png (r_mean vs budget) and <out>.json
+(every figure, per-seed run and per-phase matching loss curve); the default <out> and the RESULTS.md
+section depend on the data (`section_and_stem`): the shapes toy "## Quality matrix (issue #11)" and
+bench/quality_matrix.*, scenes "## Quality matrix on `scenes` (issue #25)" and bench/quality_scenes.*;
+--write-results replaces that section of bench/RESULTS.md only.
 """
 
 from __future__ import annotations
@@ -49,20 +61,38 @@ if str(REPO) not in sys.path:
 
 RECALLS = ("TR@1", "TR@5", "TR@10", "IR@1", "IR@5", "IR@10")
 BASE_METHODS = ("random", "single_phase", "ptm_st", "ptm_st_exact")
-ABLATIONS = ("no_shortcut", "no_ema")
-DISTILLED = ("single_phase", "ptm_st", "ptm_st_exact", "no_shortcut", "no_ema")
+ABLATIONS = ("no_shortcut", "no_ema", "fixed_similarity")
+DISTILLED = ("single_phase", "ptm_st", "ptm_st_exact", *ABLATIONS)
 METHOD_OVERRIDES: dict[str, dict[str, Any]] = {
     "ptm_st": {"distill.grad_method": "first_order"},  # the issue's matrix: first_order vs exact, whatever the config says
     "ptm_st_exact": {"distill.grad_method": "exact"},
     "single_phase": {"distill.grad_method": "first_order"},  # the LoRS-style baseline uses the paper's rule
     "no_shortcut": {"shortcut.enabled": False},
     "no_ema": {"distill.ema_decay": 0.0},
+    "fixed_similarity": {"distill.lr_sim": 0.0},  # S stays at its initialisation (the identity for kind full)
     "random": {},
 }
-SECTION = "## Quality matrix (issue #11)"
+GAP_TARGET = 0.60  # issue #25: PTM-ST closes at least 60% of the random-to-full gap at the headline budget
+# The RESULTS.md section and output stem of each data set's matrix (others: "Quality matrix on `<name>`").
+SECTIONS = {"shapes": ("## Quality matrix (issue #11)", "quality_matrix"),
+            "scenes": ("## Quality matrix on `scenes` (issue #25)", "quality_scenes")}
+SECTION = SECTIONS["shapes"][0]
 DEFAULT_ROOT = "~/.cache/ptmst-ray/bench-quality"
-DEFAULT_OUT = REPO / "bench" / "quality_matrix.md"
 RESULTS_MD = REPO / "bench" / "RESULTS.md"
+
+
+def data_name(cfg) -> str:
+    """The data a config scores on: the built-in generator's kind (shapes, scenes, scenes-alt) or the data set."""
+    return cfg.data.builtin.kind if cfg.data.dataset == "builtin" else cfg.data.dataset
+
+
+def section_and_stem(name: str) -> tuple[str, str]:
+    """The RESULTS.md heading and the output file stem (bench/<stem>.md/.json/.png) of the matrix on ``name``:
+    each data set has its own, so the matrix on one never overwrites another's."""
+    if name in SECTIONS:
+        return SECTIONS[name]
+    safe = "".join(ch if ch.isalnum() else "_" for ch in name)
+    return f"## Quality matrix on `{name}`", f"quality_{safe}"
 
 
 # --------------------------------------------------------------------------- budgets and cells
@@ -109,25 +139,31 @@ class Cell:
         return "ptm_st" if self.distilled else self.method
 
 
-def budget_phases(base, budget: int, method: str) -> list:
-    """The phase configs of ``method`` at ``budget`` (single_phase: one phase of the whole budget)."""
+def budget_phases(base, budget: int, method: str, one_phase_upto: int = 0) -> list:
+    """The phase configs of ``method`` at ``budget``.
+
+    single_phase, and every method at a budget of at most ``one_phase_upto`` pairs (the paper distils ONE
+    phase at small budgets): one phase of the whole budget over the first phase's range and start window
+    (`layout.single_phase_config`); otherwise the budget split between the config's phases in its proportions.
+    A phase's minibatch is capped at its pairs.
+    """
     from ptmst_ray import layout
 
+    if method == "single_phase" or budget <= one_phase_upto:
+        if budget < 2:
+            raise ValueError(f"a budget of {budget} pairs cannot be distilled (a minibatch needs 2 pairs)")
+        single = layout.single_phase_config(base)
+        return [dataclasses.replace(single, pairs=budget, minibatch=min(single.minibatch, budget))]
     parts = split_budget(budget, [p.pairs for p in base.phases])
-    phases = [dataclasses.replace(p, pairs=n, minibatch=min(p.minibatch, n)) for p, n in zip(base.phases, parts)]
-    if method == "single_phase":
-        first = base.phases[0]
-        single = layout.single_phase_config(dataclasses.replace(base, phases=phases))
-        return [dataclasses.replace(single, minibatch=min(first.minibatch, budget))]
-    return phases
+    return [dataclasses.replace(p, pairs=n, minibatch=min(p.minibatch, n)) for p, n in zip(base.phases, parts)]
 
 
-def cell_config(base, method: str, budget: int, cells_dir: str):
+def cell_config(base, method: str, budget: int, cells_dir: str, one_phase_upto: int = 0):
     """The base config at ``budget`` with ``method``'s overrides, phases under its own root, prerequisites shared."""
     from ptmst_ray import layout, storage
 
     overrides = {
-        "phases": [dataclasses.asdict(p) for p in budget_phases(base, budget, method)],
+        "phases": [dataclasses.asdict(p) for p in budget_phases(base, budget, method, one_phase_upto)],
         "run.root": storage.join(cells_dir, f"b{budget}", method),
         "run.shared_root": layout.Layout.of(base).shared,
         "eval.baselines": [],
@@ -136,8 +172,18 @@ def cell_config(base, method: str, budget: int, cells_dir: str):
     return base.replace(**overrides)
 
 
-def make_cells(base, methods: list[str], budgets: list[int], cells_dir: str) -> list[Cell]:
-    return [Cell(m, b, cell_config(base, m, b, cells_dir)) for b in budgets for m in methods]
+def make_cells(base, methods: list[str], budgets: list[int], cells_dir: str, one_phase_upto: int = 0) -> list[Cell]:
+    """Every (method, budget) cell; single_phase is left out at one-phase budgets (there ptm_st IS the
+    single-phase distillation: the same config)."""
+    return [Cell(m, b, cell_config(base, m, b, cells_dir, one_phase_upto)) for b in budgets for m in methods
+            if not (m == "single_phase" and b <= one_phase_upto)]
+
+
+def quick_budgets(budgets: list[int], one_phase_upto: int = 0) -> list[int]:
+    """--quick's budgets: the smallest one-phase budget and the smallest budget that uses every phase."""
+    one = [b for b in sorted(budgets) if b <= one_phase_upto][:1]
+    multi = [b for b in sorted(budgets) if b > one_phase_upto][:1]
+    return one + multi
 
 
 def pack_waves(jobs: list[tuple[str, int]], slots: int) -> list[list[str]]:
@@ -184,7 +230,9 @@ def _import_ray_parts():
 
     from ptmst_ray.device import set_threads
     from ptmst_ray.orchestration.runtime import report_progress
-    from ptmst_ray.stages.score import score_one_seed
+    from ptmst_ray.layout import Layout
+    from ptmst_ray.stages.data import has_val
+    from ptmst_ray.stages.score import schedule, score_one_seed
 
     @ray.remote(num_cpus=1)
     def score_task(cfg_dict: dict, method: str, seed: int, label: str, board=None) -> dict:
@@ -193,7 +241,7 @@ def _import_ray_parts():
 
         set_threads(1)
         cfg = from_dict(cfg_dict)
-        epochs = cfg.eval.full_data_epochs if method == "full" else cfg.eval.epochs
+        epochs = schedule(cfg.eval, method, has_val(Layout.of(cfg).data))["epochs"]  # full by val: the most
         t = time.time()
         out = score_one_seed(cfg, method, seed, progress=lambda r: report_progress(board, label, r.get("epoch", 0),
                                                                                   epochs))
@@ -212,10 +260,10 @@ def pending_runs(cfg) -> int:
 
 def finish_cell(cell: Cell, status: dict[str, dict], t: float) -> dict:
     """Aggregate a cell whose phases all ran (a diverged phase contributes its last finite EMA state, as in
-    `ptmst-ray run`); the result records its final matching losses and any diverged phase."""
-    from ptmst_ray import storage
+    `ptmst-ray run`); the result records each phase's matching loss over iterations, final step sizes and
+    learned similarity (`phase_record`), its final losses and any diverged phase."""
     from ptmst_ray.stages.aggregate import aggregate
-    from ptmst_ray.layout import Layout, StageError
+    from ptmst_ray.layout import StageError
 
     failed = {n: s for n, s in status.items() if s.get("status") not in ("done", "diverged")}
     diverged = sorted(n for n, s in status.items() if s.get("status") == "diverged")
@@ -226,13 +274,61 @@ def finish_cell(cell: Cell, status: dict[str, dict], t: float) -> dict:
         aggregate(cell.cfg)
     except StageError as e:
         return {"status": "failed", "seconds": time.time() - t, "detail": str(e), "diverged": diverged}
-    losses = {}
-    for name in sorted(status):
-        url = Layout.of(cell.cfg).metrics(name)
-        hist = storage.read_json(url) if storage.exists(url) else []
-        if hist:
-            losses[name] = round(float(hist[-1]["loss"]), 4)
-    return {"status": "done", "seconds": time.time() - t, "final_loss": losses, "diverged": diverged}
+    phases = {name: phase_record(cell.cfg, name) for name in sorted(status)}
+    losses = {n: r["loss_last"] for n, r in phases.items() if r.get("loss_last") is not None}
+    return {"status": "done", "seconds": time.time() - t, "final_loss": losses, "diverged": diverged,
+            "phases": phases}
+
+
+def phase_record(cfg, name: str) -> dict:
+    """What one phase of a cell did, from its files: the matching loss at every report (metrics.json), the raw
+    step sizes at the last report, and from its saved subset (complete or diverged) the EMA step sizes and the
+    learned similarity S (mean diagonal, mean off-diagonal, largest |S - I|). The loss M is the sum of the image
+    and text towers' normalised distances (docs/method.md: each is 1 where the student got no closer to the target
+    than its start), so M = 2 is no progress; the last report's two parts are kept too."""
+    from ptmst_ray import storage
+    from ptmst_ray.distill.export import load_subset
+    from ptmst_ray.layout import Layout, phase_jobs, phase_outcome
+
+    url = Layout.of(cfg).metrics(name)
+    hist = storage.read_json(url) if storage.exists(url) else []
+    rec: dict[str, Any] = {"curve": [[int(h["iteration"]), round(float(h["loss"]), 4)] for h in hist]}
+    if hist:
+        losses = [float(h["loss"]) for h in hist]
+        rec.update(loss_first=round(losses[0], 4), loss_last=round(losses[-1], 4), loss_min=round(min(losses), 4),
+                   loss_img_last=float(hist[-1]["loss_img"]), loss_txt_last=float(hist[-1]["loss_txt"]),
+                   alpha_img_raw=float(hist[-1]["alpha_img"]), alpha_txt_raw=float(hist[-1]["alpha_txt"]))
+    job = next(j for j in phase_jobs(cfg, with_baseline=False) if j.name == name)
+    outcome = phase_outcome(cfg, job)
+    if outcome.dir is not None:
+        sub = load_subset(outcome.dir)
+        rec.update(alpha_img=sub.alpha_img, alpha_txt=sub.alpha_txt, **similarity_stats(sub.similarity.double()))
+    return rec
+
+
+def refresh_phase_records(res: dict) -> None:
+    """Re-read every distilled cell's `phase_record` from its root (when the root and its config.yaml are still
+    there), so a report rewritten from an earlier run's json shows what the files hold now."""
+    from ptmst_ray import storage
+    from ptmst_ray.config import from_dict
+    import yaml
+
+    for c in res["cells"].values():
+        url = storage.join(c["root"], "config.yaml") if c.get("phases") is not None else None
+        if url and storage.exists(url):
+            cfg = from_dict(yaml.safe_load(storage.read_text(url)))
+            c["phases"] = {name: phase_record(cfg, name) for name in c["phases"]}
+
+
+def similarity_stats(sim) -> dict:
+    """Mean diagonal, mean off-diagonal and largest |S - I| entry of a square similarity matrix S (a tensor)."""
+    import torch
+
+    n = sim.shape[0]
+    eye = torch.eye(n, dtype=sim.dtype)
+    off = (sim * (1 - eye)).sum() / (n * n - n) if n > 1 else torch.tensor(0.0)
+    return {"sim_diag": float(sim.diagonal().mean()), "sim_offdiag": float(off),
+            "sim_max_dev": float((sim - eye).abs().max())}
 
 
 def distil_cell(cell: Cell, board) -> dict:
@@ -327,13 +423,16 @@ def score_all(cells: list[Cell], full_cfg, seeds: int, board, poll, t0: float, d
 
 
 def cell_figures(runs: list[dict], cfg, method: str) -> dict:
-    """Mean/std of the best-of-points and final metrics of a cell's seeds (the pipeline's `summarise`)."""
+    """Mean/std of a cell's seeds (the pipeline's `summarise`): "best" (the point chosen on val when the data has
+    a val split, else on test: "selection"), "best_on_test" (the paper's figure) and "final" metrics."""
     from ptmst_ray.evaluate.metrics import METRIC_NAMES
     from ptmst_ray.stages.score import summarise
 
-    m = summarise(runs, cfg)["methods"][runs[0]["method"]]
+    summary = summarise(runs, cfg)
+    m = summary["methods"][runs[0]["method"]]
     return {"method": method, "pairs": m["pairs"], "seeds": m["seeds"], "epochs": m["epochs"],
-            "best": {k: m[k] for k in METRIC_NAMES}, "final": m["final"],
+            "selection": summary["selection"], "best": {k: m[k] for k in METRIC_NAMES}, "final": m["final"],
+            "best_on_test": m["best_on_test"], "epochs_run": m["epochs_run"],
             "best_epochs": [r["best_epoch"] for r in runs],
             "diverged": [r["diverged_at"] for r in runs if r["diverged_at"]],
             "eval_task_seconds": sum(r.get("seconds", 0.0) for r in runs)}
@@ -359,6 +458,73 @@ def _ratio(a: float, b: float) -> float | None:
     return a / b if b > 0 else None
 
 
+def gap_closed(value: float, random: float, full: float) -> float | None:
+    """The share of the random-to-full gap a method closes at one budget: (value - random) / (full - random);
+    None when full data does not score above the random coreset (no gap to close)."""
+    return (value - random) / (full - random) if full > random else None
+
+
+def gaps(cells: dict[str, dict], full: dict | None) -> list[dict]:
+    """Per (budget, distilled method): the gap closed, from the "best" (val-selected when the data has a val
+    split) and the "best_on_test" means of the method, the random coreset at its budget and full data."""
+    rows = []
+    if full is None:
+        return rows
+    for c in cells.values():
+        rnd = cells.get(f"random@{c['budget']}")
+        if c["method"] not in DISTILLED or "best" not in c or not rnd or "best" not in rnd:
+            continue
+        row = {"budget": c["budget"], "method": c["method"]}
+        for which in ("best", "best_on_test"):
+            row[which] = gap_closed(c[which]["r_mean"]["mean"], rnd[which]["r_mean"]["mean"],
+                                    full[which]["r_mean"]["mean"])
+        rows.append(row)
+    return sorted(rows, key=lambda r: (r["budget"], DISTILLED.index(r["method"])))
+
+
+def compare(a: dict | None, b: dict | None, which: str = "best") -> dict | None:
+    """Cell ``a`` against cell ``b`` on r_mean: margin (a - b, means), std_sum (a's std + b's) and whether a
+    beats b by more than the sum of the stds; None when either was not scored."""
+    if not a or not b or which not in a or which not in b:
+        return None
+    sa, sb = a[which]["r_mean"], b[which]["r_mean"]
+    margin, std_sum = sa["mean"] - sb["mean"], sa["std"] + sb["std"]
+    return {"margin": margin, "std_sum": std_sum, "beats": margin > std_sum}
+
+
+def targets(cells: dict[str, dict], full: dict | None, budgets: list[int]) -> list[dict]:
+    """Issue #25's targets per budget, on the "best" (val-selected) figures: PTM-ST's gap closed (target >=
+    GAP_TARGET), PTM-ST against single-phase (target: ahead by more than the sum of the stds; None at a
+    one-phase budget, where ptm_st is the single-phase distillation) and exact against first_order (target:
+    exact's mean >= first_order's)."""
+    rows = []
+    for b in budgets:
+        ptm, rnd = cells.get(f"ptm_st@{b}"), cells.get(f"random@{b}")
+        gap = None
+        if ptm and rnd and full and "best" in ptm and "best" in rnd:
+            gap = gap_closed(ptm["best"]["r_mean"]["mean"], rnd["best"]["r_mean"]["mean"], full["best"]["r_mean"]["mean"])
+        vs_single = compare(ptm, cells.get(f"single_phase@{b}"))
+        exact = compare(cells.get(f"ptm_st_exact@{b}"), ptm)
+        rows.append({"budget": b, "gap": gap, "gap_met": None if gap is None else gap >= GAP_TARGET,
+                     "vs_single": vs_single, "exact_vs_first_order": exact,
+                     "exact_met": None if exact is None else exact["margin"] >= 0})
+    return rows
+
+
+def parts(cells: dict[str, dict], budgets: list[int]) -> list[dict]:
+    """What each part of PTM-ST carries, per budget: ptm_st minus the cell without it (phases: single_phase;
+    shortcut: no_shortcut; EMA: no_ema; learned similarity: fixed_similarity), with the sum of the stds."""
+    removed = (("phases", "single_phase"), ("shortcut", "no_shortcut"), ("EMA", "no_ema"),
+               ("learned similarity", "fixed_similarity"))
+    rows = []
+    for b in budgets:
+        for part, method in removed:
+            cmp = compare(cells.get(f"ptm_st@{b}"), cells.get(f"{method}@{b}"))
+            if cmp is not None:
+                rows.append({"budget": b, "part": part, "without": method, **cmp})
+    return rows
+
+
 def _pm(stat: dict) -> str:
     return f"{stat['mean']:.1f} ± {stat['std']:.1f}"
 
@@ -367,22 +533,27 @@ def _num(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.2f}"
 
 
-def metric_table(cells: dict[str, dict], full: dict | None, which: str) -> str:
-    """Markdown rows: budget, method, pairs, r_mean mean ± std, the six recalls (means) for ``which``."""
-    lines = ["| budget | method | pairs | r_mean | " + " | ".join(RECALLS) + " |",
-             "|---:|---|---:|---:|" + "---:|" * len(RECALLS)]
-    order = sorted(cells.values(), key=lambda c: (c["budget"], _method_rank(c["method"])))
-    for c in order:
-        if which not in c:
-            lines.append(f"| {c['budget']} | {c['method']} | | {c.get('status', 'missing')} |" + " |" * len(RECALLS))
-            continue
+def metric_table(cells: dict[str, dict], full: dict | None, which: str, on_test: bool = False) -> str:
+    """Markdown rows: budget, method, pairs, r_mean mean ± std (with ``on_test``: then the best-on-test r_mean
+    beside it), the six recalls (means) for ``which``."""
+    extra = "r_mean best on test | " if on_test else ""
+    lines = [f"| budget | method | pairs | r_mean | {extra}" + " | ".join(RECALLS) + " |",
+             "|---:|---|---:|---:|" + "---:|" * (len(RECALLS) + on_test)]
+
+    def row(budget, method, pairs, c):
         m = c[which]
-        lines.append(f"| {c['budget']} | {c['method']} | {c['pairs']} | {_pm(m['r_mean'])} | "
-                     + " | ".join(f"{m[r]['mean']:.1f}" for r in RECALLS) + " |")
+        test = f"{_pm(c['best_on_test']['r_mean'])} | " if on_test else ""
+        return (f"| {budget} | {method} | {pairs} | {_pm(m['r_mean'])} | {test}"
+                + " | ".join(f"{m[r]['mean']:.1f}" for r in RECALLS) + " |")
+
+    for c in sorted(cells.values(), key=lambda c: (c["budget"], _method_rank(c["method"]))):
+        if which not in c:
+            lines.append(f"| {c['budget']} | {c['method']} | | {c.get('status', 'missing')} |"
+                         + " |" * (len(RECALLS) + on_test))
+        else:
+            lines.append(row(c["budget"], c["method"], c["pairs"], c))
     if full is not None:
-        m = full[which]
-        lines.append(f"| all | full | {full['pairs']} | {_pm(m['r_mean'])} | "
-                     + " | ".join(f"{m[r]['mean']:.1f}" for r in RECALLS) + " |")
+        lines.append(row("all", "full", full["pairs"], full))
     return "\n".join(lines)
 
 
@@ -391,13 +562,16 @@ def _method_rank(method: str) -> int:
     return order.index(method) if method in order else len(order)
 
 
+def md_table(head: list[str], align: str, rows: list[list]) -> str:
+    """A markdown table: ``head`` cells, ``align`` one letter a column (l: left, r: right), ``rows`` of cells."""
+    bar = "|" + "".join("---|" if a == "l" else "---:|" for a in align)
+    return "\n".join(["| " + " | ".join(head) + " |", bar, *("| " + " | ".join(map(str, r)) + " |" for r in rows)])
+
+
 def ratio_table(rows: list[dict]) -> str:
-    lines = ["| budget | method | / random (best) | / random (final) | / full (best) | / full (final) |",
-             "|---:|---|---:|---:|---:|---:|"]
-    for r in rows:
-        lines.append(f"| {r['budget']} | {r['method']} | {_num(r['random_best'])} | {_num(r['random_final'])} | "
-                     f"{_num(r['full_best'])} | {_num(r['full_final'])} |")
-    return "\n".join(lines)
+    return md_table(["budget", "method", "/ random (best)", "/ random (final)", "/ full (best)", "/ full (final)"],
+                    "rlrrrr", [[r["budget"], r["method"], _num(r["random_best"]), _num(r["random_final"]),
+                                _num(r["full_best"]), _num(r["full_final"])] for r in rows])
 
 
 def timing_table(cells: dict[str, dict]) -> str:
@@ -419,15 +593,102 @@ def cell_notes(cells: dict[str, dict]) -> list[str]:
     return ["", "Notes:", "", *notes] if notes else []
 
 
-def format_report(res: dict) -> str:
-    """The markdown body (under the section heading): setup, tables, ratios, timings."""
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.0f}%"
+
+
+def gap_table(rows: list[dict], on_test: bool) -> str:
+    """Gap closed per (budget, method); with ``on_test`` also from the best-on-test figures."""
+    head = ["budget", "method", "gap closed"] + (["gap closed (best on test)"] if on_test else [])
+    return md_table(head, "rlr" + "r" * on_test, [[r["budget"], r["method"], _pct(r["best"])]
+                                                  + ([_pct(r["best_on_test"])] if on_test else []) for r in rows])
+
+
+def _vs(cmp: dict | None, na: str = "n/a") -> str:
+    if cmp is None:
+        return na
+    return f"{cmp['margin']:+.1f} vs std sum {cmp['std_sum']:.1f}"
+
+
+def _met(flag: bool | None) -> str:
+    return "n/a" if flag is None else ("MET" if flag else "NOT MET")
+
+
+def _met_within(flag: bool | None, cmp: dict | None) -> str:
+    """MET / NOT MET, and a miss by less than the sum of the stds said so (the means alone decided it)."""
+    if flag is False and cmp is not None and abs(cmp["margin"]) <= cmp["std_sum"]:
+        return "NOT MET (within the std sum)"
+    return _met(flag)
+
+
+def targets_table(rows: list[dict], one_phase_upto: int, headline: int | None) -> str:
+    """Issue #25's targets per budget (the headline budget in bold)."""
+    out = []
+    for r in rows:
+        one = r["budget"] <= one_phase_upto
+        out.append([f"**{r['budget']}**" if r["budget"] == headline else r["budget"], _pct(r["gap"]),
+                    _met(r["gap_met"]), _vs(r["vs_single"], "one phase: ptm_st is the single-phase set" if one else "n/a"),
+                    "n/a" if r["vs_single"] is None else _met(r["vs_single"]["beats"]),
+                    _vs(r["exact_vs_first_order"]), _met_within(r["exact_met"], r["exact_vs_first_order"])])
+    return md_table(["budget", f"PTM-ST gap closed (>= {GAP_TARGET:.0%})", "", "PTM-ST - single_phase",
+                     "beats by > std sum", "exact - first_order", "exact >= first_order"], "rrlrlrl", out)
+
+
+def parts_table(rows: list[dict]) -> str:
+    return md_table(["budget", "part", "cell without it", "ptm_st - that cell (r_mean)", "std sum", "> std sum"],
+                    "rllrrl", [[r["budget"], r["part"], r["without"], f"{r['margin']:+.1f}", f"{r['std_sum']:.1f}",
+                                "yes" if r["beats"] else "no"] for r in rows])
+
+
+def curve_points(curve: list, most: int = 6) -> list:
+    """At most ``most`` evenly spaced [iteration, loss] entries of a matching-loss curve, first and last kept."""
+    if len(curve) <= most:
+        return list(curve)
+    return [curve[round(i * (len(curve) - 1) / (most - 1))] for i in range(most)]
+
+
+def matching_table(cells: dict[str, dict]) -> str:
+    """Per distilled cell and phase: the matching loss M = M_img + M_txt (first report, lowest, last, the last
+    report's two parts, and a few points of its curve as iteration:loss; 2 = no progress), the learned step sizes
+    (EMA) and the learned similarity's shape."""
+    fmts = (("loss_first", "{:.3f}"), ("loss_min", "{:.3f}"), ("loss_last", "{:.3f}"), ("loss_img_last", "{:.3f}"),
+            ("loss_txt_last", "{:.3f}"), ("alpha_img", "{:.4g}"),
+            ("alpha_txt", "{:.4g}"), ("sim_diag", "{:.3f}"), ("sim_offdiag", "{:+.4f}"), ("sim_max_dev", "{:.3f}"))
+    rows = [[c["budget"], c["method"], name, *("" if r.get(k) is None else f.format(r[k]) for k, f in fmts),
+             " ".join(f"{i}:{v:.2f}" for i, v in curve_points(r.get("curve") or []))]
+            for c in sorted(cells.values(), key=lambda c: (c["budget"], _method_rank(c["method"])))
+            for name, r in sorted((c.get("phases") or {}).items())]
+    return md_table(["budget", "method", "phase", "M first", "M min", "M last", "M_img last", "M_txt last",
+                     "alpha_img", "alpha_txt", "S diag", "S off-diag", "max abs(S - I)", "M over iterations"],
+                    "rll" + "r" * 10 + "l", rows)
+
+
+def format_report(res: dict, details: str | None = None) -> str:
+    """The markdown body (under the section heading): setup, tables, gap closed, targets, parts, then the per-phase
+    matching table, final-epoch figures, ratios and timings; with ``details`` (the file that holds them) those
+    last four are left out and a line points there (the RESULTS.md section)."""
     mach, ev = res["machine"], res["eval"]
-    splits = ", ".join(f"{b} = {' + '.join(map(str, p))}" for b, p in res["splits"].items())
+    one = res.get("one_phase_upto", 0)
+    splits = ", ".join(f"{b} = {' + '.join(map(str, p))}" + (" (one phase)" if int(b) <= one else "")
+                       for b, p in res["splits"].items())
     capped = f" ({'; '.join(res['notes'])})" if res.get("notes") else ""
     sets = " with " + ", ".join(f"`{s}`" for s in res["overrides"]) if res["overrides"] else ""
-    best_txt = (f"best of {ev['eval_points']} evaluation points per seed (the paper's protocol, chosen on the test "
-                f"split)")
-    parts = [
+    on_val = res.get("selection") == "val"
+    if on_val:
+        best_txt = (f"test recall at the evaluation point chosen on the val split (the honest figure; "
+                    f"{ev['eval_points']} points per seed), the best-on-test r_mean (the paper's protocol) beside it")
+        full_txt = (f"full data: trained until val r_mean stops improving (patience {ev['full_data_patience']} "
+                    f"evaluations, at most {ev['full_data_max_epochs']} epochs; epochs run per seed "
+                    f"{(res.get('full') or {}).get('epochs_run')})")
+    else:
+        best_txt = (f"best of {ev['eval_points']} evaluation points per seed (the paper's protocol, chosen on the "
+                    f"test split: the data has no val split)")
+        full_txt = f"full data: {ev['full_data_epochs']} epochs"
+    one_txt = (f" Budgets of at most {one} pairs distil ONE phase (the first phase's range and start window, as "
+               f"the paper does at small budgets), so there ptm_st is the single-phase distillation and no "
+               f"single_phase cell is run." if one else "")
+    gap_rows = gaps(res["cells"], res.get("full"))
+    out = [
         f"Command: `{res['command']}`",
         "",
         f"Machine: nproc {mach['nproc']}, CPU \"{mach['cpu']}\", RAM {mach['ram_gib']:.1f} GiB, torch {mach['torch']}, "
@@ -435,18 +696,44 @@ def format_report(res: dict) -> str:
         f"{mach['load_end']} at the end.",
         "",
         f"Wall time: {res['wall_seconds'] / 60:.1f} min (prerequisites {res['prereq_seconds'] / 60:.1f} min, "
-        f"distillation {res['distill_seconds'] / 60:.1f} min, evaluation {res['eval_seconds'] / 60:.1f} min). "
-        f"Target (recorded, not asserted): the default matrix in under 40 min on 2 CPU cores.",
+        f"distillation {res['distill_seconds'] / 60:.1f} min, evaluation {res['eval_seconds'] / 60:.1f} min)."
+        + (" Target (recorded, not asserted): the default matrix in under 40 min on 2 CPU cores."
+           if res.get("data") == "shapes" else ""),
         "",
-        f"Setup: config `{res['config']}`{sets}; "
+        f"Setup: config `{res['config']}`{sets} (data `{res.get('data', '?')}`); "
         f"budgets {res['budgets']} split between the phases as {splits}{capped}; {ev['seeds']} evaluation seeds per "
         f"cell (a fresh student initialisation each, and a different subset for the random coreset); "
-        f"{ev['epochs']} evaluation epochs per subset (full data: {ev['full_data_epochs']}); eval loss {ev['loss']}."
+        f"{ev['epochs']} evaluation epochs per subset ({full_txt}); eval loss {ev['loss']}; selection of the "
+        f"reported point: {'val' if on_val else 'test'}.{one_txt}"
         + (" QUICK development run: not the benchmark." if res.get("quick") else ""),
         "",
-        f"### r_mean and recalls, {best_txt} (mean ± std over seeds; recalls are means)",
+        f"### r_mean and recalls: {best_txt} (mean ± std over seeds; recalls are means)",
         "",
-        metric_table(res["cells"], res.get("full"), "best"),
+        metric_table(res["cells"], res.get("full"), "best", on_test=on_val),
+        "",
+        "### Gap closed: (method - random) / (full - random), r_mean means at the same budget"
+        + (" (val-selected; best on test beside it)" if on_val else ""),
+        "",
+        gap_table(gap_rows, on_test=on_val),
+        "",
+        "### Targets (issue #25; " + ("val-selected" if on_val else "best-on-test") + " figures)",
+        "",
+        targets_table(targets(res["cells"], res.get("full"), res["budgets"]), one, res.get("headline")),
+        "",
+        "### What each part carries: ptm_st minus the cell without it",
+        "",
+        parts_table(parts(res["cells"], res["budgets"])),
+        *cell_notes(res["cells"]),
+    ]
+    if details:
+        out += ["", f"Per-phase matching losses, step sizes and similarity, final-epoch figures, ratios and per-cell "
+                    f"times: `{details}` (its `.json`: every figure, per-seed run and matching-loss curve)."]
+        return "\n".join(out) + "\n"
+    out += [
+        "",
+        "### Matching loss and learned parameters per phase (from each cell's metrics.json and saved subset)",
+        "",
+        matching_table(res["cells"]),
         "",
         f"### r_mean and recalls at the final epoch ({ev['epochs']} epochs per subset)",
         "",
@@ -459,9 +746,8 @@ def format_report(res: dict) -> str:
         "### Time per cell",
         "",
         timing_table(res["cells"]),
-        *cell_notes(res["cells"]),
     ]
-    return "\n".join(parts) + "\n"
+    return "\n".join(out) + "\n"
 
 
 def replace_section(text: str, heading: str, body: str) -> str:
@@ -503,7 +789,8 @@ def plot_matrix(res: dict, path: Path) -> None:
         ax.set_xlabel("total pairs (budget, log scale)")
         ax.set_xticks(res["budgets"], [str(b) for b in res["budgets"]])
         ax.minorticks_off()
-        ax.set_title("best of evaluation points" if which == "best" else f"final epoch ({res['eval']['epochs']})")
+        chosen = "val-selected point" if res.get("selection") == "val" else "best of evaluation points (on test)"
+        ax.set_title(chosen if which == "best" else f"final epoch ({res['eval']['epochs']})")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel(f"r_mean (%), mean ± std over {res['eval']['seeds']} seeds")
     axes[1].legend(fontsize=8)
@@ -548,14 +835,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--budgets", type=int, nargs="+", default=[20, 50, 100], help="total pairs per cell")
     ap.add_argument("--seeds", type=int, default=None, help="evaluation seeds per cell (default: eval.seeds)")
     ap.add_argument("--methods", nargs="+", default=list(BASE_METHODS), choices=BASE_METHODS + ABLATIONS)
-    ap.add_argument("--ablations", action="store_true", help="add no_shortcut and no_ema")
+    ap.add_argument("--ablations", action="store_true", help=f"add {', '.join(ABLATIONS)}")
+    ap.add_argument("--one-phase-upto", type=int, default=0, metavar="N",
+                    help="budgets of at most N pairs distil ONE phase of the whole budget (the first phase's range "
+                         "and window), as the paper does at small budgets (default 0: every budget uses all phases)")
+    ap.add_argument("--headline", type=int, default=None, metavar="BUDGET",
+                    help="the budget the issue's targets are judged at (marked in the targets table)")
+    ap.add_argument("--name", default=None, help="the data's name for the RESULTS.md section and output files "
+                                                 "(default: the built-in kind or the data set of the config)")
     ap.add_argument("--eval-epochs", type=int, default=None, help="evaluation epochs per subset (default: eval.epochs)")
     ap.add_argument("--root", default=DEFAULT_ROOT, help="run root shared by every cell")
     ap.add_argument("--out", default=None, help="markdown output; .png and .json beside it (default "
-                                                "bench/quality_matrix.md; --quick: <root>/quick/quality_matrix.md)")
-    ap.add_argument("--write-results", action="store_true", help=f"replace the section {SECTION!r} of bench/RESULTS.md")
-    ap.add_argument("--quick", action="store_true", help="development: first budget only, 10 iterations per phase, "
-                                                         "2 seeds, 5 eval epochs (cells under <root>/cells-quick)")
+                                                "bench/<stem>.md, e.g. quality_matrix.md for the shapes, "
+                                                "quality_scenes.md for scenes; --quick: <root>/quick/<stem>.md)")
+    ap.add_argument("--write-results", action="store_true",
+                    help="replace the data's own section of bench/RESULTS.md (" +
+                         "; ".join(f"{k}: {v[0]!r}" for k, v in SECTIONS.items()) + ")")
+    ap.add_argument("--from-json", default=None, metavar="JSON",
+                    help="run nothing: rewrite the outputs (and with --write-results the RESULTS.md section) from the "
+                         ".json of an earlier run, e.g. after a change to the report's format")
+    ap.add_argument("--quick", action="store_true", help="development: the smallest budget of each kind (one "
+                                                         "phase, all phases), 10 iterations per phase, 2 seeds, 5 "
+                                                         "eval epochs, full data at most 5 (cells under "
+                                                         "<root>/cells-quick)")
     return ap.parse_args(argv)
 
 
@@ -567,6 +869,9 @@ def build_base(args: argparse.Namespace):
     extra: dict[str, Any] = {}
     if args.quick:
         extra.update({f"phases.{i}.iterations": min(p.iterations, 10) for i, p in enumerate(base.phases)})
+        extra.update({"eval.full_data_epochs": min(base.eval.full_data_epochs, 5),
+                      "eval.full_data_max_epochs": min(base.eval.full_data_max_epochs, 5),
+                      "eval.full_data_val_every": 1})
     epochs = args.eval_epochs or (min(base.eval.epochs, 5) if args.quick else base.eval.epochs)
     seeds = args.seeds or (min(base.eval.seeds, 2) if args.quick else base.eval.seeds)
     extra.update({"eval.epochs": epochs, "eval.seeds": seeds, "eval.eval_points": min(base.eval.eval_points, epochs)})
@@ -577,19 +882,31 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     if args.quick and args.write_results:
         raise SystemExit("--quick runs are for development; they do not go into bench/RESULTS.md")
+    if args.from_json:
+        res = json.loads(Path(args.from_json).read_text())
+        refresh_phase_records(res)
+        if res.get("quick") and args.write_results:
+            raise SystemExit(f"{args.from_json} is a --quick run's; it does not go into bench/RESULTS.md")
+        write_outputs(res, Path(args.out) if args.out else REPO / "bench" / f"{section_and_stem(res['data'])[1]}.md",
+                      args.write_results)
+        return res
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
     t0 = time.time()
     machine = machine_info()
     base = build_base(args)
     methods = list(dict.fromkeys(args.methods + (list(ABLATIONS) if args.ablations else [])))
-    budgets = sorted(set(args.budgets))[:1] if args.quick else sorted(set(args.budgets))
+    budgets = sorted(set(args.budgets))
+    if args.quick:
+        budgets = quick_budgets(budgets, args.one_phase_upto)
     from ptmst_ray import storage
 
     cells_dir = storage.join(base.run.root, "cells-quick" if args.quick else "cells")
-    cells = make_cells(base, methods, budgets, cells_dir)  # validates every cell's config before Ray starts
-    out = Path(args.out) if args.out else (Path(os.path.expanduser(args.root)) / "quick" / "quality_matrix.md"
-                                           if args.quick else DEFAULT_OUT)
+    # validates every cell's config before Ray starts
+    cells = make_cells(base, methods, budgets, cells_dir, args.one_phase_upto)
+    section, stem = section_and_stem(args.name or data_name(base))
+    out = Path(args.out) if args.out else (Path(os.path.expanduser(args.root)) / "quick" / f"{stem}.md"
+                                           if args.quick else REPO / "bench" / f"{stem}.md")
     command = ".venv/bin/python bench/bench_quality.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     say(t0, f"{len(cells)} cells ({', '.join(methods)} x budgets {budgets}), {base.eval.seeds} seeds, "
             f"{base.eval.epochs} eval epochs; root {base.run.root}")
@@ -619,6 +936,7 @@ def main(argv: list[str] | None = None) -> dict:
     runs = score_all(cells, base, base.eval.seeds, board, poll, t0, distill)
     t_eval = time.time()
     res = assemble(args, base, cells, distill, runs, machine, command)
+    res.update(section=section, data=data_name(base), one_phase_upto=args.one_phase_upto, headline=args.headline)
     res.update(wall_seconds=t_eval - t0, prereq_seconds=t_prereq - t0, distill_seconds=t_distill - t_prereq,
                eval_seconds=t_eval - t_distill)
     res["machine"]["load_end"] = _load()
@@ -635,43 +953,50 @@ def assemble(args, base, cells: list[Cell], distill: dict, runs: dict, machine: 
             d = distill.get(c.key, {})
             entry.update(status=d.get("status", "missing"), distill_seconds=d.get("seconds"),
                          distill_skipped=bool(d.get("skipped")), distill_detail=d.get("detail"),
-                         final_loss=d.get("final_loss"), diverged_phases=d.get("diverged") or [])
+                         final_loss=d.get("final_loss"), diverged_phases=d.get("diverged") or [],
+                         phases=d.get("phases"))
         if c.key in runs:
             entry.update(cell_figures(runs[c.key], c.cfg, c.method), status="done", runs=_lean(runs[c.key]))
         table[c.key] = entry
     full = None
     if "full" in runs:
         full = {**cell_figures(runs["full"], base, "full"), "runs": _lean(runs["full"])}
-    splits = {b: split_budget(b, [p.pairs for p in base.phases]) for b in sorted({c.budget for c in cells})}
+    splits = {b: [p.pairs for p in budget_phases(base, b, "ptm_st", args.one_phase_upto)]
+              for b in sorted({c.budget for c in cells})}
     notes = [f"{c.key}: phase {i} minibatch {p.minibatch} (the config's {q.minibatch} capped at its pairs)"
              for c in cells if c.method == "ptm_st" or c.method == "single_phase"
              for i, (p, q) in enumerate(zip(c.cfg.phases, base.phases)) if p.minibatch < q.minibatch]
+    selection = {c["selection"] for c in [*table.values(), full or {}] if "selection" in c}
     return {"command": command, "config": os.path.relpath(args.config, REPO) if Path(args.config).is_absolute()
             else args.config, "overrides": args.overrides, "quick": args.quick, "root": base.run.root,
             "budgets": sorted(splits), "splits": {str(b): s for b, s in splits.items()}, "notes": notes,
             "methods": list(dict.fromkeys(c.method for c in cells)), "machine": machine,
+            "selection": "/".join(sorted(selection)) or None,
             "eval": {"epochs": base.eval.epochs, "seeds": base.eval.seeds, "eval_points": base.eval.eval_points,
-                     "full_data_epochs": base.eval.full_data_epochs, "loss": base.eval_loss},
+                     "full_data_epochs": base.eval.full_data_epochs, "full_data_patience": base.eval.full_data_patience,
+                     "full_data_max_epochs": base.eval.full_data_max_epochs, "loss": base.eval_loss},
             "cells": table, "full": full, "ratios": ratios(table, full)}
 
 
 def _lean(runs: list[dict]) -> list[dict]:
-    keep = ("seed", "pairs", "final", "best", "best_epoch", "diverged_at", "seconds")
+    keep = ("seed", "pairs", "final", "best", "best_epoch", "best_on_test", "best_on_test_epoch", "selection",
+            "best_val", "epochs_run", "diverged_at", "seconds")
     return [{k: r.get(k) for k in keep} for r in runs]
 
 
 def write_outputs(res: dict, out: Path, write_results: bool) -> None:
-    body = format_report(res)
+    body, section = format_report(res), res["section"]
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(f"# {SECTION[3:]}\n\n{body}")
+    out.write_text(f"# {section[3:]}\n\n{body}")
     out.with_suffix(".json").write_text(json.dumps(res, indent=1, default=str))
     plot_matrix(res, out.with_suffix(".png"))
     print(body, flush=True)
     print(f"wrote {out}, {out.with_suffix('.png')}, {out.with_suffix('.json')}", flush=True)
     if write_results:
         text = RESULTS_MD.read_text()  # re-read right before writing: other sections change meanwhile
-        RESULTS_MD.write_text(replace_section(text, SECTION, body))
-        print(f"replaced the section {SECTION!r} of {RESULTS_MD}", flush=True)
+        rel = os.path.relpath(out.resolve(), REPO) if out.resolve().is_relative_to(REPO) else out.name
+        RESULTS_MD.write_text(replace_section(text, section, format_report(res, details=rel)))
+        print(f"replaced the section {section!r} of {RESULTS_MD}", flush=True)
 
 
 if __name__ == "__main__":

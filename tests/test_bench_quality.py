@@ -108,3 +108,190 @@ def test_cell_notes_name_failed_and_diverged_cells():
     assert "* no_ema@20: failed: phase0: failed (x)" in notes
     assert len([n for n in notes if n.startswith("* ")]) == 2
     assert bq.cell_notes({"random@20": {**_cell("random", 20, 40.0, 32.0), "status": "done"}}) == []
+
+
+def test_gap_closed_is_the_share_of_the_random_to_full_gap():
+    # random 4.1, full 15.6 (scenes, 50 pairs): a method at 11.0 closes (11.0 - 4.1) / (15.6 - 4.1) = 6.9 / 11.5
+    assert bq.gap_closed(11.0, 4.1, 15.6) == pytest.approx(0.6)
+    assert bq.gap_closed(4.1, 4.1, 15.6) == 0.0
+    assert bq.gap_closed(2.95, 4.1, 15.6) == pytest.approx(-0.1)  # below random: negative
+    assert bq.gap_closed(20.0, 4.1, 15.6) == pytest.approx(15.9 / 11.5)  # above full: over 100%
+    assert bq.gap_closed(5.0, 6.0, 6.0) is None and bq.gap_closed(5.0, 7.0, 6.0) is None  # no gap to close
+
+
+def _sel_cell(method, budget, best, best_std, on_test):
+    c = _cell(method, budget, best, best)
+    c["best"]["r_mean"] = _stat(best, best_std)
+    return {**c, "best_on_test": {"r_mean": _stat(on_test, best_std)}, "selection": "val"}
+
+
+def _scenes_like():
+    cells = {"random@50": _sel_cell("random", 50, 4.0, 0.5, 4.5),
+             "single_phase@50": _sel_cell("single_phase", 50, 8.0, 1.0, 8.5),
+             "ptm_st@50": _sel_cell("ptm_st", 50, 11.0, 1.0, 12.5),
+             "ptm_st_exact@50": _sel_cell("ptm_st_exact", 50, 10.5, 0.8, 12.0),
+             "no_ema@50": _sel_cell("no_ema", 50, 10.0, 0.6, 10.0),
+             "random@20": _sel_cell("random", 20, 2.0, 0.3, 2.2),
+             "ptm_st@20": _sel_cell("ptm_st", 20, 6.0, 0.5, 6.2)}
+    full = _sel_cell("full", 0, 14.0, 0.4, 14.5)
+    return cells, full
+
+
+def test_gaps_per_cell_from_the_selected_and_the_best_on_test_means():
+    cells, full = _scenes_like()
+    rows = {(r["budget"], r["method"]): r for r in bq.gaps(cells, full)}
+    assert set(rows) == {(50, "single_phase"), (50, "ptm_st"), (50, "ptm_st_exact"), (50, "no_ema"), (20, "ptm_st")}
+    assert rows[(50, "ptm_st")]["best"] == pytest.approx((11 - 4) / (14 - 4))
+    assert rows[(50, "ptm_st")]["best_on_test"] == pytest.approx((12.5 - 4.5) / (14.5 - 4.5))
+    assert rows[(20, "ptm_st")]["best"] == pytest.approx(4 / 12)
+    assert bq.gaps(cells, None) == []
+    table = bq.gap_table(bq.gaps(cells, full), on_test=True)
+    assert "| 50 | ptm_st | 70% | 80% |" in table and "| 20 | ptm_st | 33% | 33% |" in table  # 4 / 12.3 = 32.5%
+
+
+def test_compare_margin_against_the_sum_of_the_stds():
+    cells, _ = _scenes_like()
+    cmp = bq.compare(cells["ptm_st@50"], cells["single_phase@50"])
+    assert cmp["margin"] == pytest.approx(3.0) and cmp["std_sum"] == pytest.approx(2.0) and cmp["beats"]
+    close = bq.compare(cells["ptm_st@50"], cells["no_ema@50"])  # 1.0 ahead, stds 1.0 + 0.6
+    assert close["margin"] == pytest.approx(1.0) and close["std_sum"] == pytest.approx(1.6) and not close["beats"]
+    assert bq.compare(cells["ptm_st@50"], None) is None
+    assert bq.compare(cells["ptm_st@50"], {"method": "x", "status": "failed"}) is None
+
+
+def test_targets_and_parts_per_budget():
+    cells, full = _scenes_like()
+    rows = {r["budget"]: r for r in bq.targets(cells, full, [20, 50])}
+    r50 = rows[50]
+    assert r50["gap"] == pytest.approx(0.7) and r50["gap_met"] is True
+    assert r50["vs_single"]["beats"] is True
+    assert r50["exact_vs_first_order"]["margin"] == pytest.approx(-0.5) and r50["exact_met"] is False
+    r20 = rows[20]  # one phase: no single_phase cell, no exact cell
+    assert r20["gap"] == pytest.approx(1 / 3) and r20["gap_met"] is False
+    assert r20["vs_single"] is None and r20["exact_met"] is None
+    table = bq.targets_table(list(rows.values()), one_phase_upto=20, headline=50)
+    assert "| **50** | 70% | MET | +3.0 vs std sum 2.0 | MET | -0.5 vs std sum 1.8 | NOT MET (within the std sum) |" \
+        in table
+    assert "| 20 | 33% | NOT MET | one phase: ptm_st is the single-phase set | n/a | n/a | n/a |" in table
+    prt = bq.parts(cells, [20, 50])
+    assert [(p["budget"], p["part"], p["without"]) for p in prt] == [(50, "phases", "single_phase"),
+                                                                      (50, "EMA", "no_ema")]
+    assert prt[1]["margin"] == pytest.approx(1.0) and not prt[1]["beats"]
+    assert "| 50 | EMA | no_ema | +1.0 | 1.6 | no |" in bq.parts_table(prt)
+
+
+def test_metric_table_puts_best_on_test_beside_the_selected_figure():
+    cells, full = _scenes_like()
+    lines = bq.metric_table({"ptm_st@50": cells["ptm_st@50"]}, full, "best", on_test=True).splitlines()
+    assert lines[0].startswith("| budget | method | pairs | r_mean | r_mean best on test | TR@1 |")
+    assert lines[1].count("|") == lines[0].count("|")
+    assert lines[2].startswith("| 50 | ptm_st | 50 | 11.0 ± 1.0 | 12.5 ± 1.0 | 10.0 |")
+    assert lines[3].startswith("| all | full | 0 | 14.0 ± 0.4 | 14.5 ± 0.4 |")
+
+
+def test_each_data_set_has_its_own_section_and_files():
+    assert bq.section_and_stem("shapes") == ("## Quality matrix (issue #11)", "quality_matrix")
+    assert bq.section_and_stem("scenes") == ("## Quality matrix on `scenes` (issue #25)", "quality_scenes")
+    assert bq.section_and_stem("scenes-alt") == ("## Quality matrix on `scenes-alt`", "quality_scenes_alt")
+    assert bq.SECTION == bq.section_and_stem("shapes")[0]
+    # writing the scenes section leaves the toy's alone
+    text = "# R\n\n## Quality matrix (issue #11)\n\ntoy\n\n## B\n\nb\n"
+    out = bq.replace_section(text, bq.section_and_stem("scenes")[0], "scenes body\n")
+    assert out == text + "\n## Quality matrix on `scenes` (issue #25)\n\nscenes body\n"
+
+
+def test_data_name_of_the_configs():
+    from ptmst_ray.config import load_config
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    assert bq.data_name(load_config(configs / "toy.yaml", [])) == "shapes"
+    assert bq.data_name(load_config(configs / "scenes.yaml", [])) == "scenes"
+    assert bq.data_name(load_config(configs / "scenes.yaml", ["data.builtin.kind=scenes-alt"])) == "scenes-alt"
+    assert bq.data_name(load_config(configs / "flickr30k_500.yaml", [])) == "flickr30k"
+
+
+def test_one_phase_budgets_distil_the_first_phase_window_with_the_whole_budget():
+    from ptmst_ray.config import load_config
+
+    base = load_config(Path(__file__).resolve().parents[1] / "configs" / "scenes.yaml", [])
+    p0, p1 = base.phases
+    one = bq.budget_phases(base, 20, "ptm_st", one_phase_upto=20)
+    assert len(one) == 1
+    assert (one[0].pairs, one[0].range_start, one[0].range_end, one[0].start_min, one[0].start_max) == \
+        (20, p0.range_start, p0.range_end, p0.start_min, p0.start_max)
+    assert one[0].iterations == max(p0.iterations, p1.iterations) and one[0].minibatch == min(p0.minibatch, 20)
+    # the same phase as single_phase's at that budget: one distillation, so make_cells runs no single_phase there
+    assert one == bq.budget_phases(base, 20, "single_phase", one_phase_upto=20)
+    two = bq.budget_phases(base, 50, "ptm_st", one_phase_upto=20)
+    assert [p.pairs for p in two] == [20, 30] and (two[1].start_min, two[1].start_max) == (p1.start_min, p1.start_max)
+    assert [p.pairs for p in bq.budget_phases(base, 20, "ptm_st")] == [8, 12]  # default: every budget in phases
+    with pytest.raises(ValueError, match="minibatch needs 2"):
+        bq.budget_phases(base, 1, "ptm_st", one_phase_upto=20)
+    cells = bq.make_cells(base, ["random", "single_phase", "ptm_st", "fixed_similarity"], [20, 50], "/tmp/x", 20)
+    assert [c.key for c in cells] == ["random@20", "ptm_st@20", "fixed_similarity@20", "random@50",
+                                      "single_phase@50", "ptm_st@50", "fixed_similarity@50"]
+    fixed = next(c for c in cells if c.key == "fixed_similarity@50")
+    assert fixed.cfg.distill.lr_sim == 0 and fixed.distilled and [p.pairs for p in fixed.cfg.phases] == [20, 30]
+
+
+def test_quick_budgets_one_of_each_kind():
+    assert bq.quick_budgets([100, 20, 50], one_phase_upto=20) == [20, 50]
+    assert bq.quick_budgets([20, 50, 100]) == [20]
+    assert bq.quick_budgets([10, 20], one_phase_upto=50) == [10]
+
+
+def test_similarity_stats_and_the_matching_table():
+    import torch
+
+    stats = bq.similarity_stats(torch.tensor([[1.0, -0.1], [0.2, 0.9]], dtype=torch.float64))
+    assert stats["sim_diag"] == pytest.approx(0.95) and stats["sim_offdiag"] == pytest.approx(0.05)
+    assert stats["sim_max_dev"] == pytest.approx(0.2)
+    cell = {"method": "ptm_st", "budget": 50, "phases": {"phase0": {"loss_first": 1.2, "loss_min": 0.9,
+                                                                    "loss_last": 1.0, "loss_img_last": 0.55,
+                                                                    "loss_txt_last": 0.45, "alpha_img": 0.0123,
+                                                                    "alpha_txt": 0.001, **stats,
+                                                                    "curve": [[10, 1.2], [20, 0.9], [30, 1.0]]}}}
+    table = bq.matching_table({"ptm_st@50": cell, "random@50": {"method": "random", "budget": 50}})
+    assert table.splitlines()[2:] == [
+        "| 50 | ptm_st | phase0 | 1.200 | 0.900 | 1.000 | 0.550 | 0.450 | 0.0123 | 0.001 | 0.950 | +0.0500 | 0.200 | "
+        "10:1.20 20:0.90 30:1.00 |"]
+
+
+def test_curve_points_evenly_spaced_with_both_ends():
+    curve = [[10 * (i + 1), float(i)] for i in range(15)]  # 150 iterations reported every 10
+    assert bq.curve_points(curve, 6) == [curve[0], curve[3], curve[6], curve[8], curve[11], curve[14]]
+    assert bq.curve_points(curve[:4], 6) == curve[:4]
+    assert bq.curve_points([], 6) == []
+
+
+def _res():
+    cells, full = _scenes_like()
+    for c in cells.values():
+        c["final"]["r_mean"] = c["best"]["r_mean"]
+    return {"command": "bench/bench_quality.py --config configs/scenes.yaml", "config": "configs/scenes.yaml",
+            "overrides": [], "quick": False, "data": "scenes", "selection": "val", "one_phase_upto": 20,
+            "headline": 50, "budgets": [20, 50], "splits": {"20": [20], "50": [20, 30]}, "notes": [],
+            "machine": {"nproc": 2, "cpu": "x", "ram_gib": 23.5, "torch": "t", "python": "p", "date": "d",
+                        "load_start": "1", "load_end": "2"},
+            "eval": {"epochs": 30, "seeds": 5, "eval_points": 5, "full_data_epochs": 30, "full_data_patience": 5,
+                     "full_data_max_epochs": 100, "loss": "InfoNCE"},
+            "cells": cells, "full": {**full, "epochs_run": [21, 19]}, "ratios": bq.ratios(cells, full),
+            "wall_seconds": 600.0, "prereq_seconds": 60.0, "distill_seconds": 300.0, "eval_seconds": 240.0}
+
+
+def test_format_report_full_and_for_results():
+    res = _res()
+    body = bq.format_report(res)
+    assert "20 = 20 (one phase), 50 = 20 + 30" in body and "selection of the reported point: val" in body
+    assert "epochs run per seed [21, 19]" in body and "| **50** | 70% | MET |" in body
+    assert "### Matching loss" in body and "### Time per cell" in body
+    short = bq.format_report(res, details="bench/quality_scenes.md")
+    assert "### Matching loss" not in short and "### Time per cell" not in short
+    assert "| **50** | 70% | MET |" in short and "`bench/quality_scenes.md`" in short
+
+
+def test_a_miss_beyond_the_std_sum_is_a_plain_not_met():
+    assert bq._met_within(False, {"margin": -2.0, "std_sum": 1.5}) == "NOT MET"
+    assert bq._met_within(False, {"margin": -1.5, "std_sum": 1.5}) == "NOT MET (within the std sum)"
+    assert bq._met_within(True, {"margin": 0.1, "std_sum": 1.5}) == "MET"
+    assert bq._met_within(None, None) == "n/a"

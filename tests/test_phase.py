@@ -39,18 +39,20 @@ class FakeTrajectories:
         return self.snaps[expert][k]
 
 
-def configs(iterations: int = 6, **distill) -> tuple[PhaseConfig, DistillConfig]:
+def configs(iterations: int = 6, similarity: SimilarityConfig | None = None,
+            **distill) -> tuple[PhaseConfig, DistillConfig]:
     phase = PhaseConfig(range_start=0, range_end=3, start_min=0, start_max=2, pairs=N_PAIRS, iterations=iterations,
-                        minibatch=4, similarity=SimilarityConfig(kind="lowrank", rank=2))
+                        minibatch=4, similarity=similarity or SimilarityConfig(kind="lowrank", rank=2))
     base = dict(syn_steps=2, grad_method="exact", lr_img=1.0, lr_txt=1.0, lr_lr=1e-3, lr_sim=0.1, ema_decay=0.9,
                 checkpoint_every=3, report_every=2, min_alpha=1e-4)
     base.update(distill)
     return phase, DistillConfig(**base)
 
 
-def make_trainer(iterations: int = 6, saves=None, reports=None, **distill) -> PhaseTrainer:
+def make_trainer(iterations: int = 6, saves=None, reports=None, similarity: SimilarityConfig | None = None,
+                 **distill) -> PhaseTrainer:
     student = TinyStudent(dropout=0.2)
-    phase_cfg, distill_cfg = configs(iterations, **distill)
+    phase_cfg, distill_cfg = configs(iterations, similarity, **distill)
     syn = SyntheticSet.from_noise(N_PAIRS, IMG_SHAPE, D_T, phase_cfg.similarity, distill_cfg.alpha_init,
                                   torch.Generator().manual_seed(5), dtype=DT)
     return PhaseTrainer(phase_cfg, distill_cfg, syn, student.logits, FakeTrajectories(student), phase=1, seed=3,
@@ -259,6 +261,30 @@ def test_optimiser_groups_momentum_and_ema_follow_their_recurrences(monkeypatch)
         torch.testing.assert_close(syn.tensors()[n].detach(), p2, msg=n)
         e2 = 0.9 * (0.9 * p0[n] + 0.1 * p1) + 0.1 * p2
         torch.testing.assert_close(trainer.ema.state()[n], e2, msg=n)
+
+
+@pytest.mark.parametrize("kind", ["full", "lowrank"])
+def test_lr_sim_zero_keeps_the_similarity_at_its_init_while_the_rest_learns(kind):
+    """distill.lr_sim = 0 (the fixed-similarity ablation) freezes S at its initialisation, the identity, in the raw
+    state, the EMA and the exported matrix, although S receives non-zero gradients; the images still learn. The
+    same run at lr_sim > 0 moves S (the check can fail)."""
+    from ptmst_ray.distill.export import similarity_matrix
+
+    sim_cfg = SimilarityConfig(kind=kind, rank=2)
+    frozen, learned = (make_trainer(similarity=sim_cfg, lr_sim=lr) for lr in (0.0, 0.1))
+    start = {n: p.detach().clone() for n, p in frozen.synthetic.tensors().items()}
+    ema_frozen, ema_learned = frozen.run(), learned.run()
+    sim_names = [n for n in start if n.startswith("similarity.")]
+    assert sim_names
+    assert any(frozen.synthetic.tensors()[n].grad is not None and frozen.synthetic.tensors()[n].grad.abs().max() > 0
+               for n in sim_names), "S got no gradient: the freeze would be vacuous"
+    for n in sim_names:
+        assert torch.equal(frozen.synthetic.tensors()[n].detach(), start[n]), n
+        assert torch.equal(ema_frozen[n], start[n]), n
+    eye = torch.eye(N_PAIRS, dtype=DT)
+    assert torch.equal(similarity_matrix(sim_cfg, ema_frozen), eye)
+    assert not torch.equal(frozen.synthetic.images.detach(), start["images"])
+    assert not torch.equal(similarity_matrix(sim_cfg, ema_learned), eye)
 
 
 def test_aggregate_refuses_a_subset_whose_learned_step_size_is_not_positive(tmp_path):
