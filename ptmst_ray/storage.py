@@ -377,8 +377,7 @@ def _node_copy(directory: str, url: str, digest: str, suffix: str) -> str:
             if not os.path.isfile(dest):  # another process may have copied it while this one waited
                 _copy_checked(directory, url, digest, dest)
     except OSError as e:
-        reason = _reason(e)
-        raise StorageError(f"{url}: cannot copy it into this node's cache {folder} ({reason}); free space there or "
+        raise StorageError(f"{url}: cannot copy it into this node's cache {folder} ({_reason(e)}); free space there or "
                            "set PTMST_RAY_CACHE to a writable folder with room", url) from e
     return dest
 

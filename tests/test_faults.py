@@ -212,16 +212,14 @@ class Driver:
                                      start_new_session=True)
 
     def wait_for(self, path: Path, timeout: float = 240) -> None:
-        deadline = time.time() + timeout
-        while not path.exists():
-            assert self.proc.poll() is None, f"the run ended before {path} appeared:\n{self.output()[-3000:]}"
-            assert time.time() < deadline, f"{path} did not appear in {timeout}s:\n{self.output()[-3000:]}"
-            time.sleep(0.2)
+        self.wait_for_any(path.parent, path.name, timeout)
 
     def wait_for_any(self, folder: Path, pattern: str, timeout: float = 240) -> None:
+        """Until a file matching the glob ``pattern`` is in ``folder``."""
         deadline = time.time() + timeout
         while not list(folder.glob(pattern)):
-            assert self.proc.poll() is None, f"the run ended before {folder / pattern} appeared:\n{self.output()[-3000:]}"
+            assert self.proc.poll() is None, \
+                f"the run ended before {folder / pattern} appeared:\n{self.output()[-3000:]}"
             assert time.time() < deadline, f"no {folder / pattern} in {timeout}s:\n{self.output()[-3000:]}"
             time.sleep(0.1)
 

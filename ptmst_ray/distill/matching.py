@@ -206,11 +206,19 @@ def _advance(ctx: _Context, w: Params, step: Step) -> tuple[Params, list[Tensor]
     return _sgd(w, [a.detach() for a in ctx.syn.alphas], g), g
 
 
-def _sweep(ctx: _Context, theta_s: Params, steps: list[Step]) -> tuple[Params, Params]:
-    """w_N and G = sum_i g_i, keeping no intermediate w_i."""
+def _sweep(ctx: _Context, theta_s: Params, steps: list[Step],
+           graphs: list[tuple[Step, list[Tensor], list[Tensor]]] | None = None) -> tuple[Params, Params]:
+    """w_N and G = sum_i g_i, keeping no intermediate w_i; with ``graphs``, each g_i is taken with its graph
+    and (step, data leaves, g_i) appended there instead (the same values)."""
     w, big_g = theta_s, [torch.zeros_like(v) for v in theta_s]
     for step in steps:
-        w, g = _advance(ctx, w, step)
+        if graphs is None:
+            w, g = _advance(ctx, w, step)
+        else:
+            _, data, g_graph = _recompute(ctx, w, step)
+            graphs.append((step, data, g_graph))
+            g = [gm.detach() for gm in g_graph]
+            w = _sgd(w, [a.detach() for a in ctx.syn.alphas], g)
         big_g = [acc_m + gm for acc_m, gm in zip(big_g, g)]
     return w, tuple(big_g)  # type: ignore[return-value]
 
@@ -419,25 +427,15 @@ def _first_order(ctx: _Context, theta_s: Params, steps: list[Step], theta_t: Par
     operations, for N graphs' memory). Returns the per-modality matching losses.
     """
     alphas = [a.detach() for a in ctx.syn.alphas]
-    graphs: list[tuple[Step, list[Tensor], list[Tensor]]] = []
-    if keep_graphs:
-        w, big_g = theta_s, [torch.zeros_like(v) for v in theta_s]
-        for step in steps:
-            _, data, g = _recompute(ctx, w, step)
-            graphs.append((step, data, g))
-            g = [gm.detach() for gm in g]
-            big_g = [acc_m + gm for acc_m, gm in zip(big_g, g)]
-            w = _sgd(w, alphas, g)
-        w_n, big_g = w, tuple(big_g)
-    else:
-        w_n, big_g = _sweep(ctx, theta_s, steps)
+    graphs: list[tuple[Step, list[Tensor], list[Tensor]]] | None = [] if keep_graphs else None
+    w_n, big_g = _sweep(ctx, theta_s, steps, graphs)
     losses = _matching_losses(w_n, theta_t, denoms)
     coef = [None if d is None else 2.0 * a * (t - w) / d for a, t, w, d in zip(alphas, theta_t, w_n, denoms)]
     for m, d in enumerate(denoms):
         if d is not None:
             acc.alphas[m] += 2.0 * _dot(w_n[m] - theta_t[m], -big_g[m]) / d
     del w_n, big_g
-    if keep_graphs:
+    if graphs is not None:
         for step, data, g in graphs:
             _add_data_grads(step, data, g, coef, acc)
         return losses
