@@ -32,7 +32,6 @@ def main(argv: list[str] | None = None) -> None:
     if ema_cfg.phases != raw_cfg.phases or raw_cfg.distill.ema_decay != 0.0:
         raise SystemExit(f"{args.raw} must have the phases of {args.ema} and distill.ema_decay 0")
     real = load_real(ema_cfg, whole_train=False)
-    d = ema_cfg.distill.ema_decay
     print("| phase | iterations T | tensor | EMA move / raw move (projection) | straight-line drift |")
     print("|---|---:|---|---:|---:|")
     for i, phase in enumerate(ema_cfg.phases):
@@ -40,7 +39,7 @@ def main(argv: list[str] | None = None) -> None:
         ema, raw = (load_subset(Layout.of(c).subset(name)) for c in (ema_cfg, raw_cfg))
         idx = torch.as_tensor(ema.meta["init_indices"])
         init = {"images": torch.as_tensor(real.train_images[idx]).float(), "text": torch.as_tensor(real.train_text[idx]).float()}
-        t = phase.iterations
+        t, d = phase.iterations, ema_cfg.distill.ema_decay_for(phase.iterations)
         drift = 1 - d * (1 - d ** t) / (t * (1 - d))
         for key in ("images", "text"):
             e, r = getattr(ema, key).float() - init[key], getattr(raw, key).float() - init[key]

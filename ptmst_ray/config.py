@@ -372,6 +372,10 @@ class PhaseConfig:
         )
 
 
+AUTO_EMA_ITERATIONS = 20
+"""``distill.ema_decay: auto`` = 1 - this / iterations: the paper's 0.99 at its 2000 iterations."""
+
+
 @dataclass(frozen=True)
 class DistillConfig:
     """Settings shared by every phase's distillation (docs/method.md#gradient-rules)."""
@@ -393,6 +397,12 @@ class DistillConfig:
     """SGD learning rate of the synthetic images (CLIP-normalised pixels); lower it if matching diverges."""
     lr_txt: float = 1000.0
     """SGD learning rate of the synthetic text embeddings; lower it if matching diverges."""
+    rel_lr_img: Optional[float] = None
+    """Set instead of lr_img to derive it from the data: at a phase's first iteration lr_img becomes
+    rel_lr_img x RMS(images) / RMS(dM/d images), so that the first update moves the images by this fraction of
+    their RMS whatever the pixel statistics and the matching gradient's scale; null = the fixed lr_img."""
+    rel_lr_txt: Optional[float] = None
+    """The same for the synthetic texts and lr_txt (RMS of the text embeddings and of their gradient)."""
     lr_lr: float = 0.01
     """SGD learning rate of the learned student step sizes alpha_img and alpha_txt."""
     lr_sim: float = 10.0
@@ -403,8 +413,11 @@ class DistillConfig:
     """Initial student step size (alpha_img and alpha_txt) of the unroll; lower it if matching diverges."""
     min_alpha: Optional[float] = None
     """Clamp the learned step sizes from below (None = no clamp)."""
-    ema_decay: float = 0.99
-    """Decay of the EMA of the synthetic state that is saved; 0 disables the EMA (ablation): the raw state."""
+    ema_decay: float | Literal["auto"] = 0.99
+    """Decay of the EMA of the synthetic state that is saved; 0 disables the EMA (ablation): the raw state.
+    auto = 1 - 20 / the phase's iterations (the paper's 0.99 at its 2000), so the saved state averages about the
+    last 5% of any phase's iterations instead of lagging a short phase (0.99 over 150 iterations keeps 22% of
+    the initial set)."""
     init: Literal["real", "noise"] = "real"
     """Synthetic set initialisation: real = random real train pairs (their rows recorded), noise = Gaussian."""
     checkpoint_every: int = 100
@@ -419,6 +432,12 @@ class DistillConfig:
     """Distillation runs (phases, the single-phase baseline) at once; 0 = as many as the cluster has room for.
     1 runs them in turn (e.g. to leave the rest of a shared cluster free); never changes a result."""
 
+    def ema_decay_for(self, iterations: int) -> float:
+        """The EMA decay of a phase of ``iterations`` (``ema_decay``, or its auto rule)."""
+        if self.ema_decay == "auto":
+            return max(0.0, 1.0 - AUTO_EMA_ITERATIONS / iterations)
+        return float(self.ema_decay)
+
     def __post_init__(self):
         _check(self.syn_steps >= 1, "syn_steps", "must be >= 1")
         _check(self.expert_epochs >= 1, "expert_epochs", "must be >= 1")
@@ -428,7 +447,10 @@ class DistillConfig:
         for name in ("lr_img", "lr_txt", "lr_lr", "lr_sim", "alpha_init"):
             _check(getattr(self, name) >= 0, name, "must be >= 0")
         _check(0.0 <= self.momentum < 1.0, "momentum", "must be in [0, 1)")
-        _check(0.0 <= self.ema_decay < 1.0, "ema_decay", "must be in [0, 1)")
+        _check(self.ema_decay == "auto" or 0.0 <= self.ema_decay < 1.0, "ema_decay", "must be in [0, 1) or auto")
+        for name in ("rel_lr_img", "rel_lr_txt"):
+            _check(getattr(self, name) is None or getattr(self, name) > 0, name,
+                   "must be > 0 (a fraction of the RMS, e.g. 0.01) or null for the fixed learning rate")
         _check(self.checkpoint_every >= 1, "checkpoint_every", "must be >= 1")
         _check(self.max_concurrent >= 0, "max_concurrent", "must be >= 0 (0 = as many as fit)")
         _check(self.report_every >= 1, "report_every", "must be >= 1")
@@ -622,7 +644,14 @@ class Config:
 
 
 def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+    """What a value of annotation ``tp`` looks like, for error messages: `a number or 'auto'`."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in args)
+    if origin is Literal:
+        return " or ".join(repr(a) for a in args)
+    names = {float: "a number", int: "an integer", bool: "true or false", str: "a string", type(None): "null"}
+    return names.get(tp) or getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
 _FLOAT_TEXT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")

@@ -81,6 +81,9 @@ def test_every_paper_recipe_matches_its_table_row(dataset, pairs):
         ({"eval": {"baselines": ["random", "oracle"]}}, "eval.baselines[1]"),
         ({"model": {"image_trainable": False}}, "model.image_trainable"),      # frozen tower, no weights
         ({"model": {"image_proj_dim": 0}}, "model.image_proj_dim"),
+        ({"distill": {"ema_decay": "often"}}, "distill.ema_decay"),         # neither a number nor auto
+        ({"distill": {"ema_decay": 1.0}}, "distill.ema_decay"),
+        ({"distill": {"rel_lr_img": 0}}, "distill.rel_lr_img"),
     ],
 )
 def test_config_errors_name_file_and_field(tmp_path, raw, field_path):
@@ -89,6 +92,12 @@ def test_config_errors_name_file_and_field(tmp_path, raw, field_path):
         load_config(path)
     assert err.value.path == field_path
     assert str(path) in str(err.value) and field_path in str(err.value)
+
+
+def test_a_number_or_auto_field_says_both():
+    with pytest.raises(ConfigError, match=r"distill\.ema_decay: expected a number or 'auto', got 'often'"):
+        from_dict({"distill": {"ema_decay": "often"}})
+    assert from_dict({"distill": {"ema_decay": "auto"}}).distill.ema_decay == "auto"
 
 
 def test_window_error_says_what_to_do():

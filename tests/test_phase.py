@@ -67,14 +67,17 @@ def roundtrip(state: dict) -> dict:
     return torch.load(buf, weights_only=True)
 
 
-def test_resume_reproduces_uninterrupted_run_bit_for_bit():
-    straight = make_trainer()
+@pytest.mark.parametrize("derived", [{}, {"rel_lr_img": 0.02, "rel_lr_txt": 0.05, "ema_decay": "auto"}])
+def test_resume_reproduces_uninterrupted_run_bit_for_bit(derived):
+    """Also with the settings derived at the start (relative learning rates, the auto EMA decay): a resume keeps
+    the learning rates the first iteration set."""
+    straight = make_trainer(**derived)
     ema_straight = straight.run()
     saves: list[dict] = []
-    first = make_trainer(saves=saves)
+    first = make_trainer(saves=saves, **derived)
     first.run(until=3)
     assert [s["iteration"] for s in saves] == [3]
-    second = make_trainer()
+    second = make_trainer(**derived)
     second.resume(roundtrip(saves[-1]))
     ema_resumed = second.run()
     assert second.iteration == straight.iteration == 6
@@ -83,6 +86,7 @@ def test_resume_reproduces_uninterrupted_run_bit_for_bit():
     for (name, p), q in zip(straight.synthetic.named_parameters(), second.synthetic.parameters()):
         assert torch.equal(p, q), name
     assert not torch.equal(ema_straight["images"], make_trainer().ema.shadow["images"])  # it did learn
+    assert second.learning_rates() == straight.learning_rates()
 
 
 def test_loop_picks_teachers_reports_and_checkpoints():
@@ -315,3 +319,65 @@ def test_aggregate_refuses_a_subset_whose_learned_step_size_is_not_positive(tmp_
     assert "distill.lr_lr" in str(err.value) and layout.subset(phase_jobs(cfg)[0].name) in str(err.value)
     write(0.002)
     assert aggregate(cfg)["pairs"] == cfg.total_pairs
+
+
+def test_auto_ema_decay_is_the_papers_at_2000_iterations_and_averages_the_last_5_percent_of_any_phase():
+    """ema_decay: auto = 1 - 20 / iterations: 0.99 at the paper's 2000; the EMA's mean weight age (brute force
+    over its weights (1 - d) d^k) is then about 5% of the phase at every length; a phase of at most 20
+    iterations saves its raw state."""
+    cfg = DistillConfig(ema_decay="auto")
+    assert cfg.ema_decay_for(2000) == pytest.approx(0.99)
+    for iterations in (150, 600, 2000, 5000):
+        d = cfg.ema_decay_for(iterations)
+        k = torch.arange(200_000, dtype=torch.float64)
+        mean_age = float(((1 - d) * d ** k * k).sum())
+        assert mean_age == pytest.approx(0.05 * iterations - 1, rel=1e-6)  # 5% of the phase, less one iteration
+    assert cfg.ema_decay_for(20) == cfg.ema_decay_for(10) == 0.0
+    assert DistillConfig(ema_decay=0.9).ema_decay_for(150) == 0.9
+    reports: list = []
+    trainer = make_trainer(iterations=40, reports=reports, ema_decay="auto")
+    assert trainer.ema.decay == pytest.approx(0.5)
+    trainer.run(until=2)
+    assert reports[-1][0]["ema_decay"] == pytest.approx(0.5)
+
+
+def test_relative_learning_rates_move_the_set_by_that_fraction_of_its_rms_at_the_first_update():
+    """distill.rel_lr_img / rel_lr_txt: the first optimiser update (plain SGD: lr x gradient) moves the images
+    and the texts by exactly that fraction of their RMS, whatever the gradient's scale; the learning rates then
+    stay; the reports carry them."""
+    def rms(t):
+        return float(t.double().pow(2).mean().sqrt())
+
+    reports: list = []
+    for scale in (1.0, 0.1):  # the same relative move whatever the images' (and so their gradients') scale
+        trainer = make_trainer(reports=reports, rel_lr_img=0.02, rel_lr_txt=0.05, lr_img=1.0, lr_txt=1.0,
+                               report_every=1)
+        syn = trainer.synthetic
+        with torch.no_grad():
+            syn.images.mul_(scale)
+        x0, t0 = syn.images.detach().clone(), syn.text.detach().clone()
+        trainer.run(until=1)
+        assert rms(syn.images.detach() - x0) / rms(x0) == pytest.approx(0.02, rel=1e-6)
+        assert rms(syn.text.detach() - t0) / rms(t0) == pytest.approx(0.05, rel=1e-6)
+        lrs = trainer.learning_rates()
+        assert lrs["lr_img"] != 1.0 and lrs["lr_txt"] != 1.0
+        trainer.run(until=3)
+        assert trainer.learning_rates() == lrs
+        assert reports[-1][0]["lr_img"] == lrs["lr_img"] and reports[-1][0]["lr_txt"] == lrs["lr_txt"]
+    fixed = make_trainer(lr_img=1.5, lr_txt=2.5)
+    fixed.run(until=1)
+    assert fixed.learning_rates() == {"lr_img": 1.5, "lr_txt": 2.5}
+
+
+def test_a_relative_learning_rate_with_a_zero_gradient_is_a_clear_error(monkeypatch):
+    trainer = make_trainer(rel_lr_img=0.02)
+    syn = trainer.synthetic
+
+    def zero_gradients(*_args, **_kw):
+        for p in syn.parameters():
+            p.grad = torch.zeros_like(p)
+        return {"loss": 0.5}
+
+    monkeypatch.setattr("ptmst_ray.distill.phase.matching_step", zero_gradients)
+    with pytest.raises(ValueError, match=r"distill.rel_lr_img cannot set lr_img.*zero.*set distill.lr_img"):
+        trainer.run(until=1)

@@ -85,7 +85,7 @@ class PhaseTrainer:
         self.loss = loss if loss is not None else distill_cfg.loss
         self.save_checkpoint, self.report = save_checkpoint, report
         self.optimizer = self._build_optimizer()
-        self.ema = EMA(synthetic.tensors(), distill_cfg.ema_decay)
+        self.ema = EMA(synthetic.tensors(), distill_cfg.ema_decay_for(phase_cfg.iterations))
         self.traj_gen = torch.Generator().manual_seed(seed)
         self.sampler = MinibatchSampler(synthetic.n, phase_cfg.minibatch,
                                         torch.Generator().manual_seed(seed + BATCH_SEED_OFFSET))
@@ -134,6 +134,8 @@ class PhaseTrainer:
                               self.dcfg.syn_steps, self.sampler, method=self.dcfg.grad_method,
                               checkpoints=self._exact_checkpoints(theta_s), keep_graphs=self._keep_graphs(theta_s))
         self._check_finite(stats)
+        if self.iteration == 0:
+            self._derive_learning_rates()
         self.optimizer.step()
         self._clamp_alphas()
         self._check_state()
@@ -167,6 +169,30 @@ class PhaseTrainer:
     def _draw_start(self) -> int:
         span = self.cfg.start_max - self.cfg.start_min + 1
         return self.cfg.start_min + int(torch.randint(span, (1,), generator=self.traj_gen).item())
+
+    @torch.no_grad()
+    def _derive_learning_rates(self) -> None:
+        """distill.rel_lr_img / rel_lr_txt: set the group's lr so that this first update moves the images
+        (texts) by that fraction of their RMS: lr = rel x RMS(x) / RMS(dM/dx). Later iterations and resumes keep
+        it (it is in the optimiser's state)."""
+        syn = self.synthetic
+        for group, (name, rel, x) in zip(self.optimizer.param_groups,
+                                         (("lr_img", self.dcfg.rel_lr_img, syn.images),
+                                          ("lr_txt", self.dcfg.rel_lr_txt, syn.text))):
+            if rel is None:
+                continue
+            grad_rms = float(x.grad.pow(2).mean().sqrt()) if x.grad is not None else 0.0
+            if grad_rms == 0.0:
+                raise ValueError(f"phase {self.phase}: distill.rel_{name} cannot set {name}: the matching gradient "
+                                 f"of the synthetic {'images' if name == 'lr_img' else 'texts'} is zero at the first "
+                                 f"iteration; set distill.{name} instead")
+            group["lr"] = rel * float(x.pow(2).mean().sqrt()) / grad_rms
+            log.info("phase %s: %s = %.4g (distill.rel_%s %.4g x RMS / gradient RMS)", self.phase, name, group["lr"],
+                     name, rel)
+
+    def learning_rates(self) -> dict[str, float]:
+        """The synthetic images' and texts' current learning rates (derived ones after the first iteration)."""
+        return {"lr_img": self.optimizer.param_groups[0]["lr"], "lr_txt": self.optimizer.param_groups[1]["lr"]}
 
     @torch.no_grad()
     def _clamp_alphas(self) -> None:
@@ -207,7 +233,8 @@ class PhaseTrainer:
     def _report(self, stats: dict[str, Any], is_checkpoint: bool) -> None:
         start, done = self._timer
         now = time.perf_counter()
-        metrics = {"phase": self.phase, "iteration": self.iteration, **stats,
+        metrics = {"phase": self.phase, "iteration": self.iteration, **stats, **self.learning_rates(),
+                   "ema_decay": self.ema.decay,
                    "sec_per_iter": (now - start) / max(1, self.iteration - done),
                    **_peak_memory_mb(self.synthetic.images)}
         self._timer = (now, self.iteration)
