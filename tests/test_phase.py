@@ -11,7 +11,7 @@ import torch
 from ptmst_ray.config import DistillConfig, PhaseConfig, SimilarityConfig
 from ptmst_ray.distill import matching
 from ptmst_ray.distill.export import image_grid_png, load_subset, nearest_captions, save_subset
-from ptmst_ray.distill.phase import DivergenceError, PhaseTrainer
+from ptmst_ray.distill.phase import LR_PROBE_DRAWS, DivergenceError, PhaseTrainer
 from ptmst_ray.distill.synthetic import SyntheticSet
 from test_matching import D_T, DT, IMG_SHAPE, TinyStudent
 
@@ -341,12 +341,15 @@ def test_auto_ema_decay_is_the_papers_at_2000_iterations_and_averages_the_last_5
     assert reports[-1][0]["ema_decay"] == pytest.approx(0.5)
 
 
-def test_relative_learning_rates_move_the_set_by_that_fraction_of_its_rms_at_the_first_update():
-    """distill.rel_lr_img / rel_lr_txt: the first optimiser update (plain SGD: lr x gradient) moves the images
-    and the texts by exactly that fraction of their RMS, whatever the gradient's scale; the learning rates then
-    stay; the reports carry them."""
-    def rms(t):
-        return float(t.double().pow(2).mean().sqrt())
+def rms(t: torch.Tensor) -> float:
+    return float(t.detach().double().pow(2).mean().sqrt())
+
+
+def test_relative_learning_rates_move_the_set_by_that_fraction_of_its_rms_at_the_first_update(monkeypatch):
+    """distill.rel_lr_img / rel_lr_txt with the gradient RMS of one draw: the first optimiser update (plain SGD:
+    lr x gradient) moves the images and the texts by exactly that fraction of their RMS, whatever the gradient's
+    scale; the learning rates then stay; the reports carry them."""
+    monkeypatch.setattr("ptmst_ray.distill.phase.LR_PROBE_DRAWS", 1)
 
     reports: list = []
     for scale in (1.0, 0.1):  # the same relative move whatever the images' (and so their gradients') scale
@@ -379,5 +382,48 @@ def test_a_relative_learning_rate_with_a_zero_gradient_is_a_clear_error(monkeypa
         return {"loss": 0.5}
 
     monkeypatch.setattr("ptmst_ray.distill.phase.matching_step", zero_gradients)
-    with pytest.raises(ValueError, match=r"distill.rel_lr_img cannot set lr_img.*zero.*set distill.lr_img"):
+    with pytest.raises(ValueError, match=r"distill.rel_lr_img cannot set lr_img.*is 0.0 over.*set distill.lr_img"):
         trainer.run(until=1)
+
+
+def test_relative_learning_rates_average_the_gradient_over_probe_draws_and_step_with_the_first(monkeypatch):
+    """The gradient RMS is the root mean square over LR_PROBE_DRAWS draws (injected gradients of known scale:
+    draw k has every entry k + 1); the first update uses the first draw's gradient."""
+    draws = 4
+    monkeypatch.setattr("ptmst_ray.distill.phase.LR_PROBE_DRAWS", draws)
+    trainer = make_trainer(rel_lr_img=0.02, rel_lr_txt=0.05, momentum=0.0, min_alpha=None)
+    syn = trainer.synthetic
+    calls: list[int] = []
+
+    def scaled_gradients(*_args, **_kw):
+        for p in syn.parameters():
+            p.grad = torch.full_like(p, float(len(calls) + 1))
+        calls.append(1)
+        return {"loss": 0.5, "alpha_img": 0.1, "alpha_txt": 0.1}
+
+    monkeypatch.setattr("ptmst_ray.distill.phase.matching_step", scaled_gradients)
+    x0, t0 = syn.images.detach().clone(), syn.text.detach().clone()
+    trainer.run(until=1)
+    assert len(calls) == draws
+    grad_rms = math.sqrt(sum((k + 1) ** 2 for k in range(draws)) / draws)
+    lrs = trainer.learning_rates()
+    assert lrs["lr_img"] == pytest.approx(0.02 * rms(x0) / grad_rms, rel=1e-9)
+    assert lrs["lr_txt"] == pytest.approx(0.05 * rms(t0) / grad_rms, rel=1e-9)
+    torch.testing.assert_close(syn.images.detach(), x0 - lrs["lr_img"] * 1.0)  # the first draw's gradient: 1
+    torch.testing.assert_close(syn.text.detach(), t0 - lrs["lr_txt"] * 1.0)
+
+
+def test_the_probe_draws_leave_the_run_as_a_run_with_those_fixed_learning_rates():
+    """The extra draws use their own generator and the first iteration's own gradients: a run that derives its
+    learning rates is bit for bit the run with those learning rates fixed."""
+    derived = make_trainer(rel_lr_img=0.02, rel_lr_txt=0.05)
+    ema_derived = derived.run()
+    lrs = derived.learning_rates()
+    fixed = make_trainer(**lrs)
+    ema_fixed = fixed.run()
+    for name, value in ema_derived.items():
+        assert torch.equal(value, ema_fixed[name]), name
+    probes = 2 * (LR_PROBE_DRAWS - 1)  # (start, target) snapshots of the extra draws, after the first iteration's
+    calls = derived.trajectories.calls
+    assert len(calls) == len(fixed.trajectories.calls) + probes
+    assert calls[:2] + calls[2 + probes:] == fixed.trajectories.calls

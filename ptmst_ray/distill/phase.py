@@ -35,6 +35,10 @@ log = logging.getLogger(__name__)
 __all__ = ["DivergenceError", "PhaseTrainer", "TrajectorySource", "run_phase"]
 
 BATCH_SEED_OFFSET = 7919
+LR_PROBE_SEED_OFFSET = 104729
+LR_PROBE_DRAWS = 8
+"""distill.rel_lr_*: the gradient RMS is the root mean square over the first iteration's draw and this many
+less one extra (expert, start, minibatches) draws from their own generator (a single draw varies ~3x)."""
 SaveFn = Callable[[dict], None]
 ReportFn = Callable[[dict, bool], None]
 
@@ -89,6 +93,7 @@ class PhaseTrainer:
         self.traj_gen = torch.Generator().manual_seed(seed)
         self.sampler = MinibatchSampler(synthetic.n, phase_cfg.minibatch,
                                         torch.Generator().manual_seed(seed + BATCH_SEED_OFFSET))
+        self.seed = seed
         self.iteration = 0
         self._expert_order: list[int] = []
         self._timer = (time.perf_counter(), 0)
@@ -125,14 +130,8 @@ class PhaseTrainer:
 
     def step(self) -> dict[str, Any]:
         """One iteration: pick teacher, match, optimiser step, clamp, EMA."""
-        expert, start = self._next_expert(), self._draw_start()
-        offset = start - self.cfg.range_start
-        theta_s = self.trajectories.snapshot(expert, offset)
-        theta_t = self.trajectories.snapshot(expert, offset + self.dcfg.expert_epochs)
-        self.optimizer.zero_grad(set_to_none=True)
-        stats = matching_step(self.logits_fn, self.loss, self.synthetic, theta_s, theta_t,
-                              self.dcfg.syn_steps, self.sampler, method=self.dcfg.grad_method,
-                              checkpoints=self._exact_checkpoints(theta_s), keep_graphs=self._keep_graphs(theta_s))
+        expert, start = self._next_expert(), self._draw_start(self.traj_gen)
+        stats = self._match(expert, start, self.sampler)
         self._check_finite(stats)
         if self.iteration == 0:
             self._derive_learning_rates()
@@ -143,6 +142,16 @@ class PhaseTrainer:
         return {**stats, "expert": expert, "start_epoch": start}
 
     # ------------------------------------------------------------------ pieces
+
+    def _match(self, expert: int, start: int, sampler: MinibatchSampler) -> dict[str, Any]:
+        """The matching step against ``expert``'s segment from ``start``; fresh gradients on the synthetic set."""
+        offset = start - self.cfg.range_start
+        theta_s = self.trajectories.snapshot(expert, offset)
+        theta_t = self.trajectories.snapshot(expert, offset + self.dcfg.expert_epochs)
+        self.optimizer.zero_grad(set_to_none=True)
+        return matching_step(self.logits_fn, self.loss, self.synthetic, theta_s, theta_t,
+                             self.dcfg.syn_steps, sampler, method=self.dcfg.grad_method,
+                             checkpoints=self._exact_checkpoints(theta_s), keep_graphs=self._keep_graphs(theta_s))
 
     def _exact_checkpoints(self, theta: tuple[Tensor, Tensor]) -> int | None:
         """``exact``'s held vectors: the config's, else the memory-budget default (measured once per phase)."""
@@ -166,29 +175,46 @@ class PhaseTrainer:
             self._expert_order = torch.randperm(self.trajectories.num_experts, generator=self.traj_gen).tolist()
         return self._expert_order.pop(0)
 
-    def _draw_start(self) -> int:
+    def _draw_start(self, gen: torch.Generator) -> int:
         span = self.cfg.start_max - self.cfg.start_min + 1
-        return self.cfg.start_min + int(torch.randint(span, (1,), generator=self.traj_gen).item())
+        return self.cfg.start_min + int(torch.randint(span, (1,), generator=gen).item())
 
-    @torch.no_grad()
     def _derive_learning_rates(self) -> None:
-        """distill.rel_lr_img / rel_lr_txt: set the group's lr so that this first update moves the images
-        (texts) by that fraction of their RMS: lr = rel x RMS(x) / RMS(dM/dx). Later iterations and resumes keep
-        it (it is in the optimiser's state)."""
+        """distill.rel_lr_img / rel_lr_txt: set the group's lr to rel x RMS(x) / RMS(dM/dx), the gradient's RMS
+        taken over this first iteration's draw and LR_PROBE_DRAWS - 1 more (their own generator: the run's draws
+        are unchanged), so that a typical update moves the images (texts) by that fraction of their RMS. The first
+        iteration's own gradients are restored for its update. Later iterations and resumes keep the learning
+        rates (they are in the optimiser's state)."""
         syn = self.synthetic
-        for group, (name, rel, x) in zip(self.optimizer.param_groups,
-                                         (("lr_img", self.dcfg.rel_lr_img, syn.images),
-                                          ("lr_txt", self.dcfg.rel_lr_txt, syn.text))):
-            if rel is None:
-                continue
-            grad_rms = float(x.grad.pow(2).mean().sqrt()) if x.grad is not None else 0.0
-            if grad_rms == 0.0:
+        wanted = [(group, name, rel, x) for group, (name, rel, x) in zip(
+            self.optimizer.param_groups, (("lr_img", self.dcfg.rel_lr_img, syn.images),
+                                          ("lr_txt", self.dcfg.rel_lr_txt, syn.text))) if rel is not None]
+        if not wanted:
+            return
+
+        def mean_square(x: Tensor) -> float:
+            return float(x.grad.detach().double().pow(2).mean()) if x.grad is not None else 0.0
+
+        squares = [[mean_square(x)] for *_, x in wanted]
+        first = {n: p.grad for n, p in syn.named_parameters()}
+        gen = torch.Generator().manual_seed(self.seed + LR_PROBE_SEED_OFFSET)
+        sampler = MinibatchSampler(syn.n, self.cfg.minibatch, gen)
+        for _ in range(LR_PROBE_DRAWS - 1):
+            expert = int(torch.randint(self.trajectories.num_experts, (1,), generator=gen).item())
+            self._match(expert, self._draw_start(gen), sampler)
+            for sq, (*_, x) in zip(squares, wanted):
+                sq.append(mean_square(x))
+        for n, p in syn.named_parameters():
+            p.grad = first[n]
+        for sq, (group, name, rel, x) in zip(squares, wanted):
+            grad_rms = math.sqrt(sum(sq) / len(sq))
+            if grad_rms == 0.0 or not math.isfinite(grad_rms):
                 raise ValueError(f"phase {self.phase}: distill.rel_{name} cannot set {name}: the matching gradient "
-                                 f"of the synthetic {'images' if name == 'lr_img' else 'texts'} is zero at the first "
-                                 f"iteration; set distill.{name} instead")
-            group["lr"] = rel * float(x.pow(2).mean().sqrt()) / grad_rms
-            log.info("phase %s: %s = %.4g (distill.rel_%s %.4g x RMS / gradient RMS)", self.phase, name, group["lr"],
-                     name, rel)
+                                 f"of the synthetic {'images' if name == 'lr_img' else 'texts'} is {grad_rms} over the "
+                                 f"first iteration's draws; set distill.{name} instead")
+            group["lr"] = rel * float(x.detach().double().pow(2).mean().sqrt()) / grad_rms
+            log.info("phase %s: %s = %.4g (distill.rel_%s %.4g x RMS / gradient RMS over %d draws)", self.phase, name,
+                     group["lr"], name, rel, len(sq))
 
     def learning_rates(self) -> dict[str, float]:
         """The synthetic images' and texts' current learning rates (derived ones after the first iteration)."""
