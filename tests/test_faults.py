@@ -756,6 +756,64 @@ def test_a_local_ray_starts_train_runs_without_a_preemption_watcher(ray_session)
     assert ray.get(env.remote()) == "0"
 
 
+def test_a_killed_train_controller_frees_its_placement_group_beside_another_ray(ray_session, tmp_path):
+    """Ray's OOM killer (or any SIGKILL) ends a Train run's controller: Ray Train's cleaner actor must then remove
+    the run's placement group, or a retried run waits forever for the CPUs it holds. The cleaner asks the State
+    API with no address; with a second Ray on the machine (here: a local cluster) that fails unless the Ray that
+    ``runtime.connect`` started told its processes where its dashboard is (RAY_API_SERVER_ADDRESS)."""
+    import ray
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from ray.util.state import list_actors
+
+    from ptmst_ray.cluster.local import start_local_cluster
+    from ptmst_ray.orchestration.runtime import API_SERVER_VAR
+
+    @ray.remote(num_cpus=0)
+    def env() -> str | None:
+        return os.environ.get(API_SERVER_VAR)
+
+    assert ray.get(env.remote()) == ray_session.dashboard_url
+    assert API_SERVER_VAR not in os.environ  # this process's own environment is left as it was
+
+    def sleep_forever(config):
+        Path(config["marker"]).touch()
+        time.sleep(3600)
+
+    @ray.remote(num_cpus=0)
+    def fit(marker: str) -> None:
+        TorchTrainer(sleep_forever, train_loop_config={"marker": marker},
+                     scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1})).fit()
+
+    def live_groups() -> set[str]:
+        return {pg_id for pg_id, pg in ray.util.placement_group_table().items() if pg["state"] != "REMOVED"}
+
+    other = start_local_cluster(num_cpus=1)
+    run = None
+    try:
+        before, marker = live_groups(), tmp_path / "training"
+        run = fit.remote(str(marker))
+        deadline = time.monotonic() + 180
+        while not marker.exists() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert marker.exists(), "the Train run never started training"
+        time.sleep(5)  # the controller hands its placement group to the cleaner once the worker group is up
+        held = live_groups() - before
+        assert held, "the Train run holds no placement group"
+        controllers = [a for a in list_actors(address=ray_session.dashboard_url, filters=[("state", "=", "ALIVE")])
+                       if a.class_name == "TrainController"]
+        assert len(controllers) == 1, controllers
+        os.kill(controllers[0].pid, signal.SIGKILL)
+        deadline = time.monotonic() + 90
+        while held & live_groups() and time.monotonic() < deadline:
+            time.sleep(1)
+        assert not held & live_groups(), "the dead controller's placement group was never removed"
+    finally:
+        if run is not None:
+            ray.cancel(run, force=True)
+        other.stop()
+
+
 def test_cluster_yaml_binds_the_dashboard_to_loopback(tmp_path):
     import yaml
 

@@ -81,13 +81,27 @@ def connect(address: str | None = None, num_cpus: int | None = None, num_gpus: i
             if (os.environ.get("RAY_AUTH_MODE", "token").lower() == "token"
                     and not os.environ.get("RAY_AUTH_TOKEN") and not os.environ.get("RAY_AUTH_TOKEN_PATH")):
                 ensure_auth_token()
-            log.info("starting a local Ray instance (dashboard on %s, or the next free port)", LOOPBACK)
+            from ptmst_ray.cluster.local import free_ports
+
+            (port,) = free_ports(1)
+            log.info("starting a local Ray instance (dashboard on %s:%d)", LOOPBACK, port)
             _STARTED_LOCAL[0] = True
-            with loopback_only(), _env_default(PREEMPTION_WATCHER_VAR, "0"):
+            with (loopback_only(), _env_default(PREEMPTION_WATCHER_VAR, "0"),
+                  _env_set(API_SERVER_VAR, f"http://{LOOPBACK}:{port}")):
                 ray.init(num_cpus=num_cpus, num_gpus=num_gpus, namespace=NAMESPACE, include_dashboard=True,
-                         dashboard_host=LOOPBACK, resources={TRAIN_DRIVER: train_drivers}, log_to_driver=False,
-                         configure_logging=True, logging_level=logging.WARNING)
+                         dashboard_host=LOOPBACK, dashboard_port=port, resources={TRAIN_DRIVER: train_drivers},
+                         log_to_driver=False, configure_logging=True, logging_level=logging.WARNING)
     return cluster_info()
+
+
+API_SERVER_VAR = "RAY_API_SERVER_ADDRESS"
+"""Where Ray's State API clients in this Ray's processes find its dashboard. Ray Train's placement-group cleaner
+(one actor per Train run, which removes the run's placement group when its controller dies, e.g. killed by
+Ray's OOM killer) asks the State API with no address: without this it looks for "the" local Ray, and with a
+second Ray on the machine fails ("Found multiple active Ray instances") and stops watching, so the dead
+run's placement group holds its CPUs or GPUs and a retried run waits for them forever. :func:`connect` sets it
+for the processes of the Ray it starts (they inherit the environment of ``ray.init()``); the clusters of
+`ptmst_ray.cluster.local` set RAY_ADDRESS instead."""
 
 
 PREEMPTION_WATCHER_VAR = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
@@ -107,6 +121,20 @@ def _env_default(name: str, value: str) -> Iterator[None]:
     finally:
         if saved is None:
             os.environ.pop(name, None)
+
+
+@contextlib.contextmanager
+def _env_set(name: str, value: str) -> Iterator[None]:
+    """``os.environ[name]`` is ``value`` inside the block (for the processes started there), then is restored."""
+    saved = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = saved
 
 
 @contextlib.contextmanager
