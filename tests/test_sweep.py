@@ -4,6 +4,8 @@ the finished experiment without rerunning any trial, best.yaml valid and cheap t
 
 from __future__ import annotations
 
+import dataclasses
+
 import math
 import threading
 from pathlib import Path
@@ -61,6 +63,24 @@ def test_shortcut_ranges_cover_every_trial(tmp_path):
                                                    "phases.0.range_start": {"randint": [0, 1]}}})
     # base ranges (0,2) (0,3); phase 0 starts 0..1 -> (1,2); phase 1 ends 3, 4 (9 is past the experts' epochs)
     assert sw.shortcut_ranges(cfg) == [(0, 2), (0, 3), (0, 4), (1, 2)]
+
+
+def test_whole_phases_and_phase_lists_can_be_swept(tmp_path):
+    """`phases` (one phase against two, another split of the budget) and `phases.N` (one whole phase) take whole
+    values; the shortcut stage prepares every range they use; a bad layout is named before any trial."""
+    cfg = fast_config(tmp_path)
+    p0, p1 = (dataclasses.asdict(p) for p in cfg.phases)
+    one = [{**p0, "pairs": p0["pairs"] + p1["pairs"]}]
+    later = {**p1, "range_end": 4, "start_min": 1, "start_max": 2}
+    space = {"phases": {"grid": [[p0, p1], one]}, "phases.1": {"grid": [p1, later]}}
+    cfg = cfg.replace(**{"sweep.space": space, "sweep.searcher": "grid"})
+    sw.check_space(cfg)
+    assert (0, 4) in sw.shortcut_ranges(cfg) and (0, 4) not in layout.needed_ranges(cfg)
+    trial = sw.trial_config(cfg, {"phases": one}, sw.trial_root(cfg, "s", "abc_00002"))
+    assert len(trial.phases) == 1 and trial.phases[0].pairs == cfg.total_pairs
+    assert layout.experts_hash(trial) == layout.experts_hash(cfg)
+    with pytest.raises(sw.SweepError, match="phases"):
+        sw.check_space(cfg.replace(**{"sweep.space": {"phases": {"grid": [[{**p0, "range_end": 99}]]}}}))
 
 
 def test_trial_config_shares_inputs_and_rounds(tmp_path):

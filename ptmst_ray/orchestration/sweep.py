@@ -24,6 +24,7 @@ import itertools
 import json
 import logging
 import math
+import re
 import shutil
 import tempfile
 import time
@@ -51,7 +52,9 @@ from ptmst_ray.vocab import METRICS, PTM_ST
 log = logging.getLogger(__name__)
 
 SWEEPABLE = ("phases.", "distill.", "shortcut.", "eval.")
-"""Sections a trial may change: trials reuse the base run's data, pretraining and experts."""
+"""Sections a trial may change: trials reuse the base run's data, pretraining and experts. ``phases`` itself may
+be swept too (whole phase lists: one phase against two, other splits of the budget), and so may ``phases.N``
+(one whole phase)."""
 ROUND_FILE = "round.json"
 TABLE, TABLE_PARQUET, BEST_YAML, PLOT = "results.csv", "results.parquet", "best.yaml", "r_mean.png"
 
@@ -75,7 +78,7 @@ def check_space(cfg: Config) -> None:
     if not cfg.sweep.space:
         raise SweepError("sweep.space is empty; add e.g. `phases.0.range_end: {choice: [3, 4, 5]}` to the config")
     for key, spec in cfg.sweep.space.items():
-        if not key.startswith(SWEEPABLE):
+        if not (key.startswith(SWEEPABLE) or key == "phases"):
             raise SweepError(f"sweep.space.{key}: only {', '.join(s.rstrip('.') for s in SWEEPABLE)} settings can be "
                              "swept (trials reuse the base run's data, pretraining and experts)")
         kind, values = next(iter(spec.items()))
@@ -90,13 +93,15 @@ def check_space(cfg: Config) -> None:
             if kind == "loguniform" and values[0] <= 0:
                 raise SweepError(f"sweep.space.{key}.loguniform: the bounds must be > 0")
             probe = int(values[0]) if kind == "randint" else float(values[0])
+        whole = key == "phases" or re.fullmatch(r"phases\.\d+", key)
         try:
             _get_path(cfg.to_dict(), key)
-            cfg.replace(**{key: probe})
+            for value in values if whole else [probe]:  # whole phases: every layout is checked before any trial
+                cfg.replace(**{key: value})
         except (KeyError, IndexError, TypeError) as e:
             raise SweepError(f"sweep.space.{key}: the config has no such field ({e})") from None
         except ValueError as e:  # ConfigError: a wrong type, or a value the config rejects
-            if "unknown key" in str(e) or "not in a list" in str(e) or "is not a section" in str(e):
+            if whole or "unknown key" in str(e) or "not in a list" in str(e) or "is not a section" in str(e):
                 raise SweepError(f"sweep.space.{key}: {e}") from None
 
 
@@ -147,6 +152,12 @@ def _candidates(spec: dict) -> list | None:
 def shortcut_ranges(cfg: Config) -> list[tuple[int, int]]:
     """Every teacher range any trial can need (enumerable dimensions only), within the experts' epochs."""
     ranges = set(needed_ranges(cfg))
+    whole = [(c, f"phases{'' if key == 'phases' else '.' + key.split('.')[1]}") for key, spec in cfg.sweep.space.items()
+             if key == "phases" or re.fullmatch(r"phases\.\d+", key) for c in (_candidates(spec) or [])]
+    for candidate, key in whole:  # whole phases (or phase lists) as values: their ranges as the trial builds them
+        for phase in (cfg.replace(**{key: candidate}).phases if key == "phases" else
+                      [cfg.replace(**{key: candidate}).phases[int(key.split(".")[1])]]):
+            ranges.add((phase.range_start, phase.range_end))
     for i, phase in enumerate(cfg.phases):
         starts = _candidates(cfg.sweep.space.get(f"phases.{i}.range_start", {"choice": [phase.range_start]}))
         ends = _candidates(cfg.sweep.space.get(f"phases.{i}.range_end", {"choice": [phase.range_end]}))
