@@ -37,9 +37,8 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-from _common import RESULTS, command_line, machine, replace_section, status_kb  # noqa: E402
+from _common import command_line, machine, replace_section, status_kb  # noqa: E402
 SECTION = "## Matching step: memory and time vs N"
 from ptmst_ray.vocab import GRAD_METHODS as METHODS  # noqa: E402
 STEPS = (2, 4, 8, 16, 32)
