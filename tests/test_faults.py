@@ -788,10 +788,15 @@ def test_a_killed_train_controller_frees_its_placement_group_beside_another_ray(
     def live_groups() -> set[str]:
         return {pg_id for pg_id, pg in ray.util.placement_group_table().items() if pg["state"] != "REMOVED"}
 
+    def controllers() -> dict[str, int]:
+        return {a.actor_id: a.pid for a in list_actors(address=ray_session.dashboard_url,
+                                                        filters=[("state", "=", "ALIVE")])
+                if a.class_name == "TrainController"}
+
     other = start_local_cluster(num_cpus=1)
     run = None
     try:
-        before, marker = live_groups(), tmp_path / "training"
+        before, earlier, marker = live_groups(), controllers(), tmp_path / "training"
         run = fit.remote(str(marker))
         deadline = time.monotonic() + 180
         while not marker.exists() and time.monotonic() < deadline:
@@ -800,10 +805,9 @@ def test_a_killed_train_controller_frees_its_placement_group_beside_another_ray(
         time.sleep(5)  # the controller hands its placement group to the cleaner once the worker group is up
         held = live_groups() - before
         assert held, "the Train run holds no placement group"
-        controllers = [a for a in list_actors(address=ray_session.dashboard_url, filters=[("state", "=", "ALIVE")])
-                       if a.class_name == "TrainController"]
-        assert len(controllers) == 1, controllers
-        os.kill(controllers[0].pid, signal.SIGKILL)
+        ours = [pid for actor_id, pid in controllers().items() if actor_id not in earlier]
+        assert len(ours) == 1, ours
+        os.kill(ours[0], signal.SIGKILL)
         deadline = time.monotonic() + 90
         while held & live_groups() and time.monotonic() < deadline:
             time.sleep(1)
