@@ -14,7 +14,9 @@ import dataclasses
 import logging
 import os
 import shutil
+import signal
 import tempfile
+import threading
 import time
 from typing import Any
 
@@ -219,8 +221,19 @@ def prune_unregistered(run_dir: str, registered: list[str]) -> list[str]:
 
 def fit_and_prune(trainer: TorchTrainer, run_dir: str):
     """``trainer.fit()``, then :func:`prune_unregistered` on its run folder; returns the Result.
-    The clean-up only frees space: if it fails, a warning says so and the run still counts."""
-    result = trainer.fit()
+    The clean-up only frees space: if it fails, a warning says so and the run still counts.
+
+    Called on a process's main thread (the launcher task), Train 2.60's ``fit()`` installs a SIGINT handler that
+    holds the run's controller actor and never removes it: the finished controller (~700 MB) then lives as long as
+    the launcher's worker process. The handler that was there before is put back when ``fit()`` returns or raises,
+    which releases the controller."""
+    on_main = threading.current_thread() is threading.main_thread()
+    handler = signal.getsignal(signal.SIGINT) if on_main else None
+    try:
+        result = trainer.fit()
+    finally:
+        if on_main:
+            signal.signal(signal.SIGINT, handler)
     names = [os.path.basename(str(c.path).rstrip("/")) for c, _ in (result.best_checkpoints or [])]
     try:
         prune_unregistered(run_dir, names)
