@@ -112,18 +112,6 @@ inherits the environment of the Ray started here; a cluster joined by address ke
 
 
 @contextlib.contextmanager
-def _env_default(name: str, value: str) -> Iterator[None]:
-    """``os.environ[name]`` defaults to ``value`` inside the block (for the processes started there), then is restored."""
-    saved = os.environ.get(name)
-    os.environ.setdefault(name, value)
-    try:
-        yield
-    finally:
-        if saved is None:
-            os.environ.pop(name, None)
-
-
-@contextlib.contextmanager
 def _env_set(name: str, value: str) -> Iterator[None]:
     """``os.environ[name]`` is ``value`` inside the block (for the processes started there), then is restored."""
     saved = os.environ.get(name)
@@ -135,6 +123,11 @@ def _env_set(name: str, value: str) -> Iterator[None]:
             os.environ.pop(name, None)
         else:
             os.environ[name] = saved
+
+
+def _env_default(name: str, value: str) -> contextlib.AbstractContextManager:
+    """``os.environ[name]`` defaults to ``value`` inside the block (for the processes started there), then is restored."""
+    return contextlib.nullcontext() if name in os.environ else _env_set(name, value)
 
 
 @contextlib.contextmanager

@@ -93,7 +93,7 @@ def check_space(cfg: Config) -> None:
             if kind == "loguniform" and values[0] <= 0:
                 raise SweepError(f"sweep.space.{key}.loguniform: the bounds must be > 0")
             probe = int(values[0]) if kind == "randint" else float(values[0])
-        whole = key == "phases" or re.fullmatch(r"phases\.\d+", key)
+        whole = _whole_phases(key)
         try:
             _get_path(cfg.to_dict(), key)
             for value in values if whole else [probe]:  # whole phases: every layout is checked before any trial
@@ -103,6 +103,11 @@ def check_space(cfg: Config) -> None:
         except ValueError as e:  # ConfigError: a wrong type, or a value the config rejects
             if whole or "unknown key" in str(e) or "not in a list" in str(e) or "is not a section" in str(e):
                 raise SweepError(f"sweep.space.{key}: {e}") from None
+
+
+def _whole_phases(key: str) -> bool:
+    """``phases`` (a whole phase list) or ``phases.N`` (one whole phase): values that are whole phases."""
+    return re.fullmatch(r"phases(\.\d+)?", key) is not None
 
 
 def _get_path(raw: dict, key: str) -> Any:
@@ -152,12 +157,10 @@ def _candidates(spec: dict) -> list | None:
 def shortcut_ranges(cfg: Config) -> list[tuple[int, int]]:
     """Every teacher range any trial can need (enumerable dimensions only), within the experts' epochs."""
     ranges = set(needed_ranges(cfg))
-    whole = [(c, f"phases{'' if key == 'phases' else '.' + key.split('.')[1]}") for key, spec in cfg.sweep.space.items()
-             if key == "phases" or re.fullmatch(r"phases\.\d+", key) for c in (_candidates(spec) or [])]
-    for candidate, key in whole:  # whole phases (or phase lists) as values: their ranges as the trial builds them
-        for phase in (cfg.replace(**{key: candidate}).phases if key == "phases" else
-                      [cfg.replace(**{key: candidate}).phases[int(key.split(".")[1])]]):
-            ranges.add((phase.range_start, phase.range_end))
+    for key, spec in cfg.sweep.space.items():  # whole phases (or phase lists) as values: the ranges they bring
+        if _whole_phases(key):
+            for candidate in _candidates(spec) or []:
+                ranges.update((p.range_start, p.range_end) for p in cfg.replace(**{key: candidate}).phases)
     for i, phase in enumerate(cfg.phases):
         starts = _candidates(cfg.sweep.space.get(f"phases.{i}.range_start", {"choice": [phase.range_start]}))
         ends = _candidates(cfg.sweep.space.get(f"phases.{i}.range_end", {"choice": [phase.range_end]}))
