@@ -7,12 +7,15 @@ parts contribute?". It runs the pipeline's own pieces on a local Ray: the prereq
 do), then every (method, budget) cell's distillation in its own sub-root (its phases as concurrent
 Ray Train runs through `run_phases`, cells packed so the Train runs of a wave fill the cluster's
 slots), then every (cell, evaluation seed) as one Ray task through `scoring.score_one_seed`.
-Finished distillations are skipped on a re-run (config hashes); scoring is always redone.
+Finished distillations are skipped on a re-run (config hashes); the cells' scoring is always redone, the
+full-data baseline's seeds are reused from <root>/cells/full/ when the data, model, pretraining and evaluation
+settings are the same (--rescore-full redoes them; the report says which were reused and from which commit).
 
     .venv/bin/python bench/bench_quality.py [--config configs/toy.yaml] [--set KEY=VALUE ...]
         [--budgets 20 50 100] [--one-phase-upto N] [--headline B] [--seeds 3]
         [--methods random single_phase ptm_st ptm_st_exact] [--ablations] [--eval-epochs N]
         [--root ~/.cache/ptmst-ray/bench-quality] [--name NAME] [--out bench/<stem>.md] [--write-results] [--quick]
+        [--rescore-full]
 
 Methods: random (coreset of real pairs, a different subset per seed), single_phase (one subset
 over the first phase's range, `layout.single_phase_config`), ptm_st (phases + shortcut, the
@@ -392,8 +395,63 @@ def _diverged_note(r: dict) -> str:
     return f" (DIVERGED: {', '.join(r['diverged'])}; their last finite EMA state is used)" if r.get("diverged") else ""
 
 
-def score_all(cells: list[Cell], full_cfg, seeds: int, board, poll, t0: float, distill: dict) -> dict[str, list]:
-    """Every (cell, seed) and the full-data seeds as parallel Ray tasks; returns the runs per cell key."""
+FULL_KEY_SECTIONS = ("data", "model", "pretrain", "eval")
+"""What a full-data score depends on besides its seed and the code: the data, the towers and their pretraining,
+the evaluation schedule (run.seed too; eval.seeds and eval.baselines only say how many and which runs)."""
+
+
+def full_score_key(cfg, seed: int) -> str:
+    """The cache key of one full-data seed's scores: a hash of the config parts it depends on and the seed."""
+    import hashlib
+
+    d = cfg.to_dict()
+    parts = {k: d[k] for k in FULL_KEY_SECTIONS}
+    parts["eval"] = {k: v for k, v in parts["eval"].items() if k not in ("seeds", "baselines")}
+    blob = json.dumps({"parts": parts, "run_seed": d["run"]["seed"], "seed": seed}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def full_score_path(cells_dir: str, cfg, seed: int) -> str:
+    from ptmst_ray import storage
+
+    return storage.join(cells_dir, "full", f"seed{seed}-{full_score_key(cfg, seed)}.json")
+
+
+def load_full_score(cells_dir: str, cfg, seed: int) -> dict | None:
+    """A full-data seed scored before with the same settings (``store_full_score``), else None."""
+    from ptmst_ray import storage
+
+    path = full_score_path(cells_dir, cfg, seed)
+    if not storage.exists(path):
+        return None
+    entry = json.loads(storage.read_text(path))
+    return {**entry["run"], "reused": {"path": path, "commit": entry.get("commit"), "date": entry.get("date")}}
+
+
+def store_full_score(cells_dir: str, cfg, seed: int, run: dict) -> None:
+    from ptmst_ray import storage
+
+    entry = {"key": full_score_key(cfg, seed), "commit": _commit(), "date": datetime.date.today().isoformat(),
+             "run": run}
+    storage.write_text(full_score_path(cells_dir, cfg, seed), json.dumps(entry, default=str))
+
+
+def _commit() -> str | None:
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip() or None
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def score_all(cells: list[Cell], full_cfg, seeds: int, board, poll, t0: float, distill: dict,
+              cells_dir: str | None = None, rescore_full: bool = False) -> dict[str, list]:
+    """Every (cell, seed) and the full-data seeds as parallel Ray tasks; returns the runs per cell key. With
+    ``cells_dir``, full-data seeds scored before with the same settings are reused (unless ``rescore_full``)
+    and new ones are stored there: the full-data baseline is the evaluation's longest task and does not
+    depend on the cells."""
     ray, score_task = _import_ray_parts()
     refs: dict = {}
     for c in cells:
@@ -401,10 +459,16 @@ def score_all(cells: list[Cell], full_cfg, seeds: int, board, poll, t0: float, d
             continue
         for s in range(seeds):
             refs[score_task.remote(c.cfg.to_dict(), c.score_method, s, f"eval {c.key} s{s}", board)] = c.key
-    for s in range(seeds):
-        refs[score_task.remote(full_cfg.to_dict(), "full", s, f"eval full s{s}", board)] = "full"
     runs: dict[str, list] = {}
-    expected = {k: sum(1 for v in refs.values() if v == k) for k in set(refs.values())}
+    for s in range(seeds):
+        cached = None if rescore_full or cells_dir is None else load_full_score(cells_dir, full_cfg, s)
+        if cached is not None:
+            runs.setdefault("full", []).append(cached)
+        else:
+            refs[score_task.remote(full_cfg.to_dict(), "full", s, f"eval full s{s}", board)] = "full"
+    if runs.get("full"):
+        say(t0, f"full data: {len(runs['full'])} seed(s) reused from {cells_dir}/full (--rescore-full redoes them)")
+    expected = {k: sum(1 for v in refs.values() if v == k) + len(runs.get(k, [])) for k in set(refs.values())}
     pending = list(refs)
     while pending:
         ready, pending = ray.wait(pending, num_returns=1, timeout=0.5)
@@ -412,6 +476,8 @@ def score_all(cells: list[Cell], full_cfg, seeds: int, board, poll, t0: float, d
         for ref in ready:
             key = refs[ref]
             runs.setdefault(key, []).append(ray.get(ref))
+            if key == "full" and cells_dir is not None:
+                store_full_score(cells_dir, full_cfg, runs[key][-1]["seed"], runs[key][-1])
             if len(runs[key]) == expected[key]:
                 best = [r["best"]["r_mean"] for r in runs[key]]
                 say(t0, f"scored {key}: r_mean best {sum(best) / len(best):.1f} over {len(best)} seeds "
@@ -684,6 +750,11 @@ def format_report(res: dict, details: str | None = None) -> str:
         best_txt = (f"best of {ev['eval_points']} evaluation points per seed (the paper's protocol, chosen on the "
                     f"test split: the data has no val split)")
         full_txt = f"full data: {ev['full_data_epochs']} epochs"
+    reused = (res.get("full") or {}).get("reused") or []
+    if reused:
+        full_txt += (f"; its {len(reused)} seed(s) reused from an earlier run with the same data, model, "
+                     f"pretraining and evaluation settings (computed at "
+                     f"{', '.join(sorted({str(r.get('commit')) + ' on ' + str(r.get('date')) for r in reused}))})")
     one_txt = (f" Budgets of at most {one} pairs distil ONE phase (the first phase's range and start window, as "
                f"the paper does at small budgets), so there ptm_st is the single-phase distillation and no "
                f"single_phase cell is run." if one else "")
@@ -854,6 +925,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--from-json", default=None, metavar="JSON",
                     help="run nothing: rewrite the outputs (and with --write-results the RESULTS.md section) from the "
                          ".json of an earlier run, e.g. after a change to the report's format")
+    ap.add_argument("--rescore-full", action="store_true",
+                    help="score the full-data baseline again instead of reusing its stored scores (cells/full/: "
+                         "kept per data, model, pretraining and evaluation settings and seed)")
     ap.add_argument("--quick", action="store_true", help="development: the smallest budget of each kind (one "
                                                          "phase, all phases), 10 iterations per phase, 2 seeds, 5 "
                                                          "eval epochs, full data at most 5 (cells under "
@@ -933,7 +1007,7 @@ def main(argv: list[str] | None = None) -> dict:
     t_distill = time.time()
     ui.stage(f"evaluation ({len(cells)} cells + full data, {base.eval.seeds} seeds each, Ray tasks)")
     ray.get(board.clear.remote())
-    runs = score_all(cells, base, base.eval.seeds, board, poll, t0, distill)
+    runs = score_all(cells, base, base.eval.seeds, board, poll, t0, distill, cells_dir, args.rescore_full)
     t_eval = time.time()
     res = assemble(args, base, cells, distill, runs, machine, command)
     res.update(section=section, data=data_name(base), one_phase_upto=args.one_phase_upto, headline=args.headline)
@@ -960,7 +1034,8 @@ def assemble(args, base, cells: list[Cell], distill: dict, runs: dict, machine: 
         table[c.key] = entry
     full = None
     if "full" in runs:
-        full = {**cell_figures(runs["full"], base, "full"), "runs": _lean(runs["full"])}
+        full = {**cell_figures(runs["full"], base, "full"), "runs": _lean(runs["full"]),
+                "reused": [r["reused"] for r in runs["full"] if r.get("reused")]}
     splits = {b: [p.pairs for p in budget_phases(base, b, "ptm_st", args.one_phase_upto)]
               for b in sorted({c.budget for c in cells})}
     notes = [f"{c.key}: phase {i} minibatch {p.minibatch} (the config's {q.minibatch} capped at its pairs)"

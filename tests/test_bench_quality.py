@@ -295,3 +295,24 @@ def test_a_miss_beyond_the_std_sum_is_a_plain_not_met():
     assert bq._met_within(False, {"margin": -1.5, "std_sum": 1.5}) == "NOT MET (within the std sum)"
     assert bq._met_within(True, {"margin": 0.1, "std_sum": 1.5}) == "MET"
     assert bq._met_within(None, None) == "n/a"
+
+
+def test_full_data_scores_are_reused_only_for_the_same_data_model_and_evaluation(tmp_path):
+    from conftest import tiny_config
+
+    cfg = tiny_config(tmp_path / "root")
+    cells = str(tmp_path / "root" / "cells")
+    run = {"method": "full", "seed": 1, "best": {"r_mean": 12.5}, "seconds": 300.0}
+    assert bq.load_full_score(cells, cfg, 1) is None
+    bq.store_full_score(cells, cfg, 1, run)
+    got = bq.load_full_score(cells, cfg, 1)
+    assert {k: got[k] for k in run} == run and got["reused"]["path"].startswith(cells)
+    assert bq.load_full_score(cells, cfg, 0) is None  # another seed
+    # what the full-data baseline does not depend on: how many seeds, which baselines, the distillation
+    same = cfg.replace(**{"eval.seeds": 5, "eval.baselines": ["random"], "distill.rel_lr_img": 0.5,
+                          "phases.0.pairs": 3, "experts.num_experts": 7})
+    assert bq.load_full_score(cells, same, 1) is not None
+    # what it does: the data, the towers and their pretraining, the evaluation schedule
+    for key, value in [("data.builtin.train_images", 61), ("model.temperature", 0.05), ("pretrain.epochs", 3),
+                       ("eval.epochs", 9), ("eval.lr", 0.5)]:
+        assert bq.load_full_score(cells, cfg.replace(**{key: value}), 1) is None, key
