@@ -72,7 +72,8 @@ METHOD_OVERRIDES: dict[str, dict[str, Any]] = {
     "single_phase": {"distill.grad_method": "first_order"},  # the LoRS-style baseline uses the paper's rule
     "no_shortcut": {"shortcut.enabled": False},
     "no_ema": {"distill.ema_decay": 0.0},
-    "fixed_similarity": {"distill.lr_sim": 0.0},  # S stays at its initialisation (the identity for kind full)
+    # S stays at its initialisation (the identity for kind full), whether the config fixes or derives lr_sim
+    "fixed_similarity": {"distill.lr_sim": 0.0, "distill.rel_lr_sim": None},
     "random": {},
 }
 GAP_TARGET = 0.60  # issue #25: PTM-ST closes at least 60% of the random-to-full gap at the headline budget

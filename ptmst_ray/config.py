@@ -405,8 +405,12 @@ class DistillConfig:
     """The same for the synthetic texts and lr_txt (RMS of the text embeddings and of their gradient)."""
     lr_lr: float = 0.01
     """SGD learning rate of the learned student step sizes alpha_img and alpha_txt."""
+    rel_lr_lr: Optional[float] = None
+    """Set instead of lr_lr to derive it likewise: rel_lr_lr x RMS(alpha_img, alpha_txt) / RMS(dM/d alpha)."""
     lr_sim: float = 10.0
     """SGD learning rate of the learned similarity S; 0 keeps S at its initialisation."""
+    rel_lr_sim: Optional[float] = None
+    """Set instead of lr_sim to derive it likewise from the similarity's parameters and their gradient."""
     momentum: float = 0.5
     """Momentum of the one SGD optimiser over the images, texts, step sizes and similarity."""
     alpha_init: float = 0.1
@@ -448,9 +452,13 @@ class DistillConfig:
             _check(getattr(self, name) >= 0, name, "must be >= 0")
         _check(0.0 <= self.momentum < 1.0, "momentum", "must be in [0, 1)")
         _check(self.ema_decay == "auto" or 0.0 <= self.ema_decay < 1.0, "ema_decay", "must be in [0, 1) or auto")
-        for name in ("rel_lr_img", "rel_lr_txt"):
-            _check(getattr(self, name) is None or getattr(self, name) > 0, name,
+        for name in ("lr_img", "lr_txt", "lr_lr", "lr_sim"):
+            rel = getattr(self, f"rel_{name}")
+            _check(rel is None or rel > 0, f"rel_{name}",
                    "must be > 0 (a fraction of the RMS, e.g. 0.01) or null for the fixed learning rate")
+            _check(rel is None or getattr(self, name) != 0, f"rel_{name}",
+                   f"derives {name}, but {name} is 0 (which keeps those parameters fixed): set rel_{name}: null "
+                   f"to keep them fixed, or remove {name}: 0")
         _check(self.checkpoint_every >= 1, "checkpoint_every", "must be >= 1")
         _check(self.max_concurrent >= 0, "max_concurrent", "must be >= 0 (0 = as many as fit)")
         _check(self.report_every >= 1, "report_every", "must be >= 1")

@@ -84,6 +84,7 @@ def test_every_paper_recipe_matches_its_table_row(dataset, pairs):
         ({"distill": {"ema_decay": "often"}}, "distill.ema_decay"),         # neither a number nor auto
         ({"distill": {"ema_decay": 1.0}}, "distill.ema_decay"),
         ({"distill": {"rel_lr_img": 0}}, "distill.rel_lr_img"),
+        ({"distill": {"rel_lr_sim": 0.01, "lr_sim": 0}}, "distill.rel_lr_sim"),  # derives what 0 keeps fixed
     ],
 )
 def test_config_errors_name_file_and_field(tmp_path, raw, field_path):

@@ -67,7 +67,8 @@ def roundtrip(state: dict) -> dict:
     return torch.load(buf, weights_only=True)
 
 
-@pytest.mark.parametrize("derived", [{}, {"rel_lr_img": 0.02, "rel_lr_txt": 0.05, "ema_decay": "auto"}])
+@pytest.mark.parametrize("derived", [{}, {"rel_lr_img": 0.02, "rel_lr_txt": 0.05, "rel_lr_lr": 0.03,
+                                           "rel_lr_sim": 0.01, "ema_decay": "auto"}])
 def test_resume_reproduces_uninterrupted_run_bit_for_bit(derived):
     """Also with the settings derived at the start (relative learning rates, the auto EMA decay): a resume keeps
     the learning rates the first iteration set."""
@@ -345,31 +346,41 @@ def rms(t: torch.Tensor) -> float:
     return float(t.detach().double().pow(2).mean().sqrt())
 
 
+RELATIVE = {"rel_lr_img": 0.02, "rel_lr_txt": 0.05, "rel_lr_lr": 0.03, "rel_lr_sim": 0.01}
+
+
+def flat(tensors) -> torch.Tensor:
+    return torch.cat([t.detach().reshape(-1) for t in tensors])
+
+
 def test_relative_learning_rates_move_the_set_by_that_fraction_of_its_rms_at_the_first_update(monkeypatch):
-    """distill.rel_lr_img / rel_lr_txt with the gradient RMS of one draw: the first optimiser update (plain SGD:
-    lr x gradient) moves the images and the texts by exactly that fraction of their RMS, whatever the gradient's
-    scale; the learning rates then stay; the reports carry them."""
+    """distill.rel_lr_img / rel_lr_txt / rel_lr_lr / rel_lr_sim with the gradient RMS of one draw: the first
+    optimiser update (plain SGD: lr x gradient) moves the images, the texts, the two step sizes and the similarity's
+    parameters by exactly that fraction of their RMS, whatever the gradient's scale; the learning rates then stay;
+    the reports carry them."""
     monkeypatch.setattr("ptmst_ray.distill.phase.LR_PROBE_DRAWS", 1)
 
     reports: list = []
     for scale in (1.0, 0.1):  # the same relative move whatever the images' (and so their gradients') scale
-        trainer = make_trainer(reports=reports, rel_lr_img=0.02, rel_lr_txt=0.05, lr_img=1.0, lr_txt=1.0,
-                               report_every=1)
+        trainer = make_trainer(reports=reports, **RELATIVE, lr_img=1.0, lr_txt=1.0, report_every=1, min_alpha=None)
         syn = trainer.synthetic
         with torch.no_grad():
             syn.images.mul_(scale)
-        x0, t0 = syn.images.detach().clone(), syn.text.detach().clone()
+        before = {"images": [syn.images], "text": [syn.text], "alphas": list(syn.alphas),
+                  "similarity": list(syn.similarity.parameters())}
+        start = {k: flat(v).clone() for k, v in before.items()}
         trainer.run(until=1)
-        assert rms(syn.images.detach() - x0) / rms(x0) == pytest.approx(0.02, rel=1e-6)
-        assert rms(syn.text.detach() - t0) / rms(t0) == pytest.approx(0.05, rel=1e-6)
+        for key, rel in zip(before, RELATIVE.values()):
+            assert rms(flat(before[key]) - start[key]) / rms(start[key]) == pytest.approx(rel, rel=1e-6), key
         lrs = trainer.learning_rates()
-        assert lrs["lr_img"] != 1.0 and lrs["lr_txt"] != 1.0
+        assert set(lrs) == {"lr_img", "lr_txt", "lr_lr", "lr_sim"}
+        assert all(lrs[k] != v for k, v in configs()[1].__dict__.items() if k in lrs)
         trainer.run(until=3)
         assert trainer.learning_rates() == lrs
-        assert reports[-1][0]["lr_img"] == lrs["lr_img"] and reports[-1][0]["lr_txt"] == lrs["lr_txt"]
-    fixed = make_trainer(lr_img=1.5, lr_txt=2.5)
+        assert {k: reports[-1][0][k] for k in lrs} == lrs
+    fixed = make_trainer(lr_img=1.5, lr_txt=2.5, lr_lr=0.25, lr_sim=0.75)
     fixed.run(until=1)
-    assert fixed.learning_rates() == {"lr_img": 1.5, "lr_txt": 2.5}
+    assert fixed.learning_rates() == {"lr_img": 1.5, "lr_txt": 2.5, "lr_lr": 0.25, "lr_sim": 0.75}
 
 
 def test_a_relative_learning_rate_with_a_zero_gradient_is_a_clear_error(monkeypatch):
@@ -391,7 +402,7 @@ def test_relative_learning_rates_average_the_gradient_over_probe_draws_and_step_
     draw k has every entry k + 1); the first update uses the first draw's gradient."""
     draws = 4
     monkeypatch.setattr("ptmst_ray.distill.phase.LR_PROBE_DRAWS", draws)
-    trainer = make_trainer(rel_lr_img=0.02, rel_lr_txt=0.05, momentum=0.0, min_alpha=None)
+    trainer = make_trainer(**RELATIVE, momentum=0.0, min_alpha=None)
     syn = trainer.synthetic
     calls: list[int] = []
 
@@ -403,20 +414,23 @@ def test_relative_learning_rates_average_the_gradient_over_probe_draws_and_step_
 
     monkeypatch.setattr("ptmst_ray.distill.phase.matching_step", scaled_gradients)
     x0, t0 = syn.images.detach().clone(), syn.text.detach().clone()
+    a0, s0 = flat(syn.alphas).clone(), flat(syn.similarity.parameters()).clone()
     trainer.run(until=1)
     assert len(calls) == draws
     grad_rms = math.sqrt(sum((k + 1) ** 2 for k in range(draws)) / draws)
     lrs = trainer.learning_rates()
-    assert lrs["lr_img"] == pytest.approx(0.02 * rms(x0) / grad_rms, rel=1e-9)
-    assert lrs["lr_txt"] == pytest.approx(0.05 * rms(t0) / grad_rms, rel=1e-9)
+    for name, x in (("lr_img", x0), ("lr_txt", t0), ("lr_lr", a0), ("lr_sim", s0)):
+        assert lrs[name] == pytest.approx(RELATIVE[f"rel_{name}"] * rms(x) / grad_rms, rel=1e-9), name
     torch.testing.assert_close(syn.images.detach(), x0 - lrs["lr_img"] * 1.0)  # the first draw's gradient: 1
     torch.testing.assert_close(syn.text.detach(), t0 - lrs["lr_txt"] * 1.0)
+    torch.testing.assert_close(flat(syn.alphas), a0 - lrs["lr_lr"] * 1.0)
+    torch.testing.assert_close(flat(syn.similarity.parameters()), s0 - lrs["lr_sim"] * 1.0)
 
 
 def test_the_probe_draws_leave_the_run_as_a_run_with_those_fixed_learning_rates():
     """The extra draws use their own generator and the first iteration's own gradients: a run that derives its
     learning rates is bit for bit the run with those learning rates fixed."""
-    derived = make_trainer(rel_lr_img=0.02, rel_lr_txt=0.05)
+    derived = make_trainer(**RELATIVE)
     ema_derived = derived.run()
     lrs = derived.learning_rates()
     fixed = make_trainer(**lrs)

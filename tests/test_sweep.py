@@ -58,6 +58,17 @@ def test_check_space_rejects_unsweepable_and_unknown_paths(tmp_path):
             sw.check_space(cfg.replace(**{"sweep.space": {key: {"choice": [1, 2]}}}))
 
 
+def test_a_learning_rate_the_config_derives_is_not_swept_silently(tmp_path):
+    cfg = fast_config(tmp_path, **{"distill.rel_lr_sim": 0.001})
+    space = {"distill.lr_sim": {"choice": [0.01, 0.1]}}
+    with pytest.raises(sw.SweepError, match=r"sweep.space.distill.lr_sim: .*derives it.*rel_lr_sim = 0.001.*"
+                                            r"sweep distill.rel_lr_sim instead"):
+        sw.check_space(cfg.replace(**{"sweep.space": space}))
+    sw.check_space(cfg.replace(**{"sweep.space": {**space, "distill.rel_lr_sim": {"grid": [None, 0.001]}}}))
+    sw.check_space(cfg.replace(**{"distill.rel_lr_sim": None, "sweep.space": space}))
+    sw.check_space(cfg.replace(**{"sweep.space": {"distill.lr_img": {"choice": [1, 2]}}}))  # not derived
+
+
 def test_shortcut_ranges_cover_every_trial(tmp_path):
     cfg = fast_config(tmp_path, **{"sweep.space": {"phases.1.range_end": {"choice": [3, 4, 9]},
                                                    "phases.0.range_start": {"randint": [0, 1]}}})

@@ -179,46 +179,54 @@ class PhaseTrainer:
         span = self.cfg.start_max - self.cfg.start_min + 1
         return self.cfg.start_min + int(torch.randint(span, (1,), generator=gen).item())
 
+    GROUPS = (("lr_img", "images"), ("lr_txt", "texts"), ("lr_lr", "step sizes"), ("lr_sim", "similarity"))
+    """The optimiser's parameter groups, in order: their learning rate's name and what they hold."""
+
     def _derive_learning_rates(self) -> None:
-        """distill.rel_lr_img / rel_lr_txt: set the group's lr to rel x RMS(x) / RMS(dM/dx), the gradient's RMS
-        taken over this first iteration's draw and LR_PROBE_DRAWS - 1 more (their own generator: the run's draws
-        are unchanged), so that a typical update moves the images (texts) by that fraction of their RMS. The first
-        iteration's own gradients are restored for its update. Later iterations and resumes keep the learning
-        rates (they are in the optimiser's state)."""
-        syn = self.synthetic
-        wanted = [(group, name, rel, x) for group, (name, rel, x) in zip(
-            self.optimizer.param_groups, (("lr_img", self.dcfg.rel_lr_img, syn.images),
-                                          ("lr_txt", self.dcfg.rel_lr_txt, syn.text))) if rel is not None]
+        """distill.rel_lr_img / rel_lr_txt / rel_lr_lr / rel_lr_sim: set the group's lr to rel x RMS(x) / RMS(dM/dx)
+        over the group's tensors, the gradient's RMS taken over this first iteration's draw and LR_PROBE_DRAWS - 1
+        more (their own generator: the run's draws are unchanged), so that a typical update moves the images
+        (texts, step sizes, similarity) by that fraction of their RMS. The first iteration's own gradients are
+        restored for its update. Later iterations and resumes keep the learning rates (they are in the
+        optimiser's state). A group without parameters (a similarity with none) is left as it is."""
+        rels = (self.dcfg.rel_lr_img, self.dcfg.rel_lr_txt, self.dcfg.rel_lr_lr, self.dcfg.rel_lr_sim)
+        wanted = [(group, name, what, rel) for group, (name, what), rel in zip(
+            self.optimizer.param_groups, self.GROUPS, rels) if rel is not None and group["params"]]
         if not wanted:
             return
+        syn = self.synthetic
 
-        def mean_square(x: Tensor) -> float:
-            return float(x.grad.detach().double().pow(2).mean()) if x.grad is not None else 0.0
+        def mean_square(xs: list[Tensor]) -> float:
+            total = sum(float(x.grad.detach().double().pow(2).sum()) for x in xs if x.grad is not None)
+            return total / sum(x.numel() for x in xs)
 
-        squares = [[mean_square(x)] for *_, x in wanted]
+        squares = [[mean_square(group["params"])] for group, *_ in wanted]
         first = {n: p.grad for n, p in syn.named_parameters()}
         gen = torch.Generator().manual_seed(self.seed + LR_PROBE_SEED_OFFSET)
         sampler = MinibatchSampler(syn.n, self.cfg.minibatch, gen)
         for _ in range(LR_PROBE_DRAWS - 1):
             expert = int(torch.randint(self.trajectories.num_experts, (1,), generator=gen).item())
             self._match(expert, self._draw_start(gen), sampler)
-            for sq, (*_, x) in zip(squares, wanted):
-                sq.append(mean_square(x))
+            for sq, (group, *_) in zip(squares, wanted):
+                sq.append(mean_square(group["params"]))
         for n, p in syn.named_parameters():
             p.grad = first[n]
-        for sq, (group, name, rel, x) in zip(squares, wanted):
+        for sq, (group, name, what, rel) in zip(squares, wanted):
             grad_rms = math.sqrt(sum(sq) / len(sq))
             if grad_rms == 0.0 or not math.isfinite(grad_rms):
                 raise ValueError(f"phase {self.phase}: distill.rel_{name} cannot set {name}: the matching gradient "
-                                 f"of the synthetic {'images' if name == 'lr_img' else 'texts'} is {grad_rms} over the "
-                                 f"first iteration's draws; set distill.{name} instead")
-            group["lr"] = rel * float(x.detach().double().pow(2).mean().sqrt()) / grad_rms
+                                 f"of the synthetic {what} is {grad_rms} over the first iteration's draws; set "
+                                 f"distill.{name} instead")
+            xs = group["params"]
+            rms = math.sqrt(sum(float(x.detach().double().pow(2).sum()) for x in xs) / sum(x.numel() for x in xs))
+            group["lr"] = rel * rms / grad_rms
             log.info("phase %s: %s = %.4g (distill.rel_%s %.4g x RMS / gradient RMS over %d draws)", self.phase, name,
                      group["lr"], name, rel, len(sq))
 
     def learning_rates(self) -> dict[str, float]:
-        """The synthetic images' and texts' current learning rates (derived ones after the first iteration)."""
-        return {"lr_img": self.optimizer.param_groups[0]["lr"], "lr_txt": self.optimizer.param_groups[1]["lr"]}
+        """The current learning rates of the images, texts, step sizes and similarity (derived ones after the
+        first iteration)."""
+        return {name: group["lr"] for group, (name, _) in zip(self.optimizer.param_groups, self.GROUPS)}
 
     @torch.no_grad()
     def _clamp_alphas(self) -> None:

@@ -73,6 +73,10 @@ def sweep_name(cfg: Config) -> str:
     return f"{cfg.sweep.searcher}-{section_hash(raw)[:10]}"
 
 
+RELATIVE_LRS = ("distill.lr_img", "distill.lr_txt", "distill.lr_lr", "distill.lr_sim")
+"""Learning rates a config can derive from the data instead (distill.rel_lr_*): then the fixed value is unused."""
+
+
 def check_space(cfg: Config) -> None:
     """Reject paths outside the sweepable sections and paths the config does not have."""
     if not cfg.sweep.space:
@@ -93,6 +97,8 @@ def check_space(cfg: Config) -> None:
             if kind == "loguniform" and values[0] <= 0:
                 raise SweepError(f"sweep.space.{key}.loguniform: the bounds must be > 0")
             probe = int(values[0]) if kind == "randint" else float(values[0])
+        if key in RELATIVE_LRS:
+            _check_not_derived(cfg, key)
         whole = _whole_phases(key)
         try:
             _get_path(cfg.to_dict(), key)
@@ -103,6 +109,16 @@ def check_space(cfg: Config) -> None:
         except ValueError as e:  # ConfigError: a wrong type, or a value the config rejects
             if whole or "unknown key" in str(e) or "not in a list" in str(e) or "is not a section" in str(e):
                 raise SweepError(f"sweep.space.{key}: {e}") from None
+
+
+def _check_not_derived(cfg: Config, key: str) -> None:
+    """A fixed learning rate is unused when the config derives it (distill.rel_lr_*): sweeping it would change
+    nothing, unless the space sweeps the rule too (a null among its values)."""
+    rel = "rel_" + key.split(".", 1)[1]
+    if getattr(cfg.distill, rel) is not None and f"distill.{rel}" not in cfg.sweep.space:
+        raise SweepError(f"sweep.space.{key}: the config derives it from the data (distill.{rel} = "
+                         f"{getattr(cfg.distill, rel)}), so these values would not be used; sweep distill.{rel} "
+                         f"instead, or set distill.{rel}: null to sweep {key}")
 
 
 def _whole_phases(key: str) -> bool:
