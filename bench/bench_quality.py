@@ -399,7 +399,8 @@ def _diverged_note(r: dict) -> str:
 FULL_KEY_SECTIONS = ("data", "model", "pretrain", "eval")
 """What a full-data score depends on besides its seed and the code: the data, the towers and their pretraining,
 the evaluation schedule (run.seed too; eval.seeds and eval.baselines only say how many and which runs, and
-eval.epochs is the other methods' schedule: `stages.score.schedule`)."""
+eval.epochs and eval.phase_training are the other methods' schedule and use of their subsets:
+`stages.score.schedule`)."""
 
 
 def full_score_key(cfg, seed: int) -> str:
@@ -408,7 +409,7 @@ def full_score_key(cfg, seed: int) -> str:
 
     d = cfg.to_dict()
     parts = {k: d[k] for k in FULL_KEY_SECTIONS}
-    parts["eval"] = {k: v for k, v in parts["eval"].items() if k not in ("seeds", "baselines", "epochs")}
+    parts["eval"] = {k: v for k, v in parts["eval"].items() if k not in ("seeds", "baselines", "epochs", "phase_training")}
     blob = json.dumps({"parts": parts, "run_seed": d["run"]["seed"], "seed": seed}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

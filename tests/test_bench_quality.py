@@ -309,7 +309,8 @@ def test_full_data_scores_are_reused_only_for_the_same_data_model_and_evaluation
     assert {k: got[k] for k in run} == run and got["reused"]["path"].startswith(cells)
     assert bq.load_full_score(cells, cfg, 0) is None  # another seed
     # what the full-data baseline does not depend on: how many seeds, which baselines, the distillation
-    same = cfg.replace(**{"eval.seeds": 5, "eval.baselines": ["random"], "eval.epochs": 9, "distill.rel_lr_img": 0.5,
+    same = cfg.replace(**{"eval.seeds": 5, "eval.baselines": ["random"], "eval.epochs": 9,
+                          "eval.phase_training": "cumulative", "distill.rel_lr_img": 0.5,
                           "phases.0.pairs": 3, "experts.num_experts": 7})
     assert bq.load_full_score(cells, same, 1) is not None
     # what it does: the data, the towers and their pretraining, the evaluation schedule
