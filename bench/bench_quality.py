@@ -405,13 +405,12 @@ eval.epochs and eval.phase_training are the other methods' schedule and use of t
 
 def full_score_key(cfg, seed: int) -> str:
     """The cache key of one full-data seed's scores: a hash of the config parts it depends on and the seed."""
-    import hashlib
+    from ptmst_ray.config import section_hash
 
     d = cfg.to_dict()
     parts = {k: d[k] for k in FULL_KEY_SECTIONS}
     parts["eval"] = {k: v for k, v in parts["eval"].items() if k not in ("seeds", "baselines", "epochs", "phase_training")}
-    blob = json.dumps({"parts": parts, "run_seed": d["run"]["seed"], "seed": seed}, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return section_hash(parts, d["run"]["seed"], seed)[:16]
 
 
 def full_score_path(cells_dir: str, cfg, seed: int) -> str:

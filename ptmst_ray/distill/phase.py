@@ -65,6 +65,11 @@ class DivergenceError(RuntimeError):
         )
 
 
+def _mean_square(tensors: list[Tensor], over: list[Tensor]) -> float:
+    """The sum of the squares of ``tensors`` over the number of entries of ``over`` (float64)."""
+    return sum(float(t.detach().double().pow(2).sum()) for t in tensors) / sum(t.numel() for t in over)
+
+
 def _peak_memory_mb(device_tensor: Tensor) -> dict[str, float]:
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     out = {"peak_rss_mb": rss / 2**20 if sys.platform == "darwin" else rss / 2**10}
@@ -196,9 +201,8 @@ class PhaseTrainer:
             return
         syn = self.synthetic
 
-        def mean_square(xs: list[Tensor]) -> float:
-            total = sum(float(x.grad.detach().double().pow(2).sum()) for x in xs if x.grad is not None)
-            return total / sum(x.numel() for x in xs)
+        def mean_square(xs: list[Tensor]) -> float:  # of the gradients; a missing one counts as zeros
+            return _mean_square([x.grad for x in xs if x.grad is not None], xs)
 
         squares = [[mean_square(group["params"])] for group, *_ in wanted]
         first = {n: p.grad for n, p in syn.named_parameters()}
@@ -217,9 +221,7 @@ class PhaseTrainer:
                 raise ValueError(f"phase {self.phase}: distill.rel_{name} cannot set {name}: the matching gradient "
                                  f"of the synthetic {what} is {grad_rms} over the first iteration's draws; set "
                                  f"distill.{name} instead")
-            xs = group["params"]
-            rms = math.sqrt(sum(float(x.detach().double().pow(2).sum()) for x in xs) / sum(x.numel() for x in xs))
-            group["lr"] = rel * rms / grad_rms
+            group["lr"] = rel * math.sqrt(_mean_square(group["params"], group["params"])) / grad_rms
             log.info("phase %s: %s = %.4g (distill.rel_%s %.4g x RMS / gradient RMS over %d draws)", self.phase, name,
                      group["lr"], name, rel, len(sq))
 
