@@ -190,10 +190,18 @@ def _reap(tag: str) -> list[int]:
     return alive
 
 
+def _running(pid: int) -> bool:
+    """Whether ``pid`` is a live process: not a zombie, and not one that exited since it was listed."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False
+
+
 def _gone(tag: str, timeout: float) -> list[int]:
     deadline = time.time() + timeout
     while time.time() < deadline:
-        left = [p for p in _tagged_pids(tag) if Path(f"/proc/{p}/stat").read_text().split()[2] != "Z"]
+        left = [p for p in _tagged_pids(tag) if _running(p)]
         if not left:
             return []
         time.sleep(0.5)
