@@ -298,7 +298,7 @@ def test_a_miss_beyond_the_std_sum_is_a_plain_not_met():
 
 
 def test_full_data_scores_are_reused_only_for_the_same_data_model_and_evaluation(tmp_path):
-    from conftest import tiny_config
+    from conftest import TINY, tiny_config
 
     cfg = tiny_config(tmp_path / "root")
     cells = str(tmp_path / "root" / "cells")
@@ -313,7 +313,16 @@ def test_full_data_scores_are_reused_only_for_the_same_data_model_and_evaluation
                           "eval.phase_training": "cumulative", "distill.rel_lr_img": 0.5,
                           "phases.0.pairs": 3, "experts.num_experts": 7})
     assert bq.load_full_score(cells, same, 1) is not None
+    # nor where the root lies: a copy of it (its own pretraining's checkpoint under another path) reuses the scores
+    assert "${run.root}" in TINY["model"]["pretrained"] and cfg.pretrain.enabled
+    assert bq.load_full_score(cells, tiny_config(tmp_path / "copy"), 1) is not None
     # what it does: the data, the towers and their pretraining, the evaluation schedule
     for key, value in [("data.builtin.train_images", 61), ("model.temperature", 0.05), ("pretrain.epochs", 3),
-                       ("eval.full_data_max_epochs", 9), ("eval.lr", 0.5)]:
+                       ("eval.full_data_max_epochs", 9), ("eval.lr", 0.5), ("run.seed", 4)]:
         assert bq.load_full_score(cells, cfg.replace(**{key: value}), 1) is None, key
+    # without pretraining the checkpoint named is what the towers are: another path is another model
+    ckpt = {"pretrain.enabled": False, "model.pretrained": str(tmp_path / "a.safetensors")}
+    bq.store_full_score(cells, cfg.replace(**ckpt), 1, run)
+    assert bq.load_full_score(cells, cfg.replace(**ckpt), 1) is not None
+    other = cfg.replace(**{**ckpt, "model.pretrained": str(tmp_path / "b.safetensors")})
+    assert bq.load_full_score(cells, other, 1) is None
