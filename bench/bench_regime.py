@@ -16,6 +16,13 @@ bench/bench_quality_probe.py:
     .venv/bin/python bench/bench_regime.py --root /tmp/regime/scenes [--config configs/scenes.yaml]
         [--set KEY=VALUE ...] [--budgets 50 100] [--expert 0] [--threads 2] [--quick] [--write-results]
 
+With ``--expert-lrs LR ...`` it applies the recipe's rule for the experts' learning rate instead
+(docs/method.md#a-recipe-for-new-data): one expert per candidate lr (``--expert``'s id, stored under
+<root>/eval/expert_lr/, never in place of the run's experts), the cosines of its consecutive epoch displacements,
+and the largest lr whose first four epochs keep them >= 0.5, with the settings that follow from it:
+
+    .venv/bin/python bench/bench_regime.py --root R [--config C] --expert-lrs 0.3 0.1 0.03 0.01
+
 Stages already complete under the root are skipped (config hashes). Prints a summary and writes every
 figure to <root>/eval/regime.json. --quick shrinks the data, pretraining, experts and evaluation to prove
 the script works in a couple of minutes (its figures mean nothing); --write-results puts the summary into
@@ -42,9 +49,9 @@ QUICK = [
     "data.builtin.train_images=200", "data.builtin.test_images=100", "data.builtin.pretrain_images=200",
     "pretrain.epochs=1", "experts.num_experts=1", "eval.epochs=3", "eval.seeds=1", "eval.full_data_epochs=2",
 ]
-"""--quick's overrides; besides, 3 expert epochs (the phase windows clipped to them), at most 3 full-data epochs
-and, when the config has a val split, 100 val images."""
-QUICK_EXPERT_EPOCHS = 3
+"""--quick's overrides; besides, 4 expert epochs (what the experts' lr rule looks at; the phase windows clipped to
+them), at most 3 full-data epochs and, when the config has a val split, 100 val images."""
+QUICK_EXPERT_EPOCHS = 4
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -54,6 +61,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--budgets", type=int, nargs="+", default=[50, 100], help="random coreset sizes (pairs)")
     ap.add_argument("--expert", type=int, default=0, help="the expert whose trajectory is measured")
+    ap.add_argument("--expert-lrs", type=float, nargs="+", metavar="LR",
+                    help="apply the experts' learning-rate rule over these candidates (no coreset scoring)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="tiny sizes: proves the script runs, measures nothing")
     ap.add_argument("--write-results", action="store_true", help="put the summary into bench/RESULTS.md")
@@ -83,16 +92,18 @@ def load(args: argparse.Namespace):
     return base.replace(**quick)
 
 
-def prerequisites(cfg, expert_id: int, times: dict[str, float]) -> None:
-    """Data, pretraining, caption embeddings and the one expert, as `ptmst-ray run` makes them."""
+def prerequisites(cfg, expert_id: int | None, times: dict[str, float]) -> None:
+    """Data, pretraining, caption embeddings and the one expert (None: no expert), as `ptmst-ray run` makes them."""
     from ptmst_ray import storage
     from ptmst_ray.stages import data as data_stage, embed as embed_stage, experts as experts_stage
     from ptmst_ray.stages import pretrain as pretrain_stage
 
     storage.write_text(storage.join(cfg.run.root, "config.yaml"), cfg.to_yaml())
-    for name, fn, a in (("data", data_stage.prepare, ()), ("pretrain", pretrain_stage.pretrain, ()),
-                        ("embed", embed_stage.embed, ()),
-                        ("expert", experts_stage.train_and_store_expert, (expert_id,))):
+    steps = [("data", data_stage.prepare, ()), ("pretrain", pretrain_stage.pretrain, ()),
+             ("embed", embed_stage.embed, ())]
+    if expert_id is not None:
+        steps.append(("expert", experts_stage.train_and_store_expert, (expert_id,)))
+    for name, fn, a in steps:
         t = time.perf_counter()
         fn(cfg, *a)
         times[name] = time.perf_counter() - t
@@ -120,18 +131,17 @@ def r_mean(entry: dict) -> float:
     return float(entry["summary"]["r_mean"]["mean"])
 
 
-def expert_trajectory(cfg, expert_id: int) -> dict[str, list[float]]:
-    """Test recall after each epoch of expert ``expert_id``, and the geometry of its epoch displacements."""
-    import torch
-
+def expert_trajectory(cfg, expert_id: int, store=None) -> dict[str, list[float]]:
+    """Test recall after each epoch of expert ``expert_id`` (from ``store``, default the run's), and the geometry
+    of its epoch displacements."""
     from ptmst_ray.evaluate.student import RetrievalSet, evaluate_student
     from ptmst_ray.layout import experts_hash
     from ptmst_ray.models.student import build_student
     from ptmst_ray.stages.embed import load_real
     from ptmst_ray.stages.experts import expert_store
-    from ptmst_ray.trajectories.expert import expert_seed
+    from ptmst_ray.trajectories.expert import displacement_cosines, expert_seed
 
-    snapshots = expert_store(cfg).load_expert(expert_id, experts_hash(cfg))
+    snapshots = (store or expert_store(cfg)).load_expert(expert_id, experts_hash(cfg))
     real = load_real(cfg, whole_train=False)
     test = RetrievalSet(real.test_images, real.test_text, real.txt2img)
     student = build_student(cfg.model, real.text_dim, seed=expert_seed(cfg.experts, expert_id))
@@ -142,10 +152,52 @@ def expert_trajectory(cfg, expert_id: int) -> dict[str, list[float]]:
             raise SystemExit(f"expert {expert_id}'s snapshot names {sorted(missing)[:3]} are not the student's")
         student.load_state_dict(snap, strict=False)
         recall.append(evaluate_student(student, test)["r_mean"])
-    flat = [torch.cat([t.flatten().double() for t in s.values()]) for s in snapshots]
-    steps = [b - a for a, b in zip(flat, flat[1:])]
-    cosines = [float(torch.nn.functional.cosine_similarity(a, b, dim=0)) for a, b in zip(steps, steps[1:])]
-    return {"test_r_mean": recall, "step_norm": [float(s.norm()) for s in steps], "consecutive_cosine": cosines}
+    norms = [float(sum(((b[k].double() - a[k].double()) ** 2).sum() for k in a) ** 0.5)
+             for a, b in zip(snapshots, snapshots[1:])]
+    return {"test_r_mean": recall, "step_norm": norms, "consecutive_cosine": displacement_cosines(snapshots)}
+
+
+def expert_lr_rule(cfg, expert_id: int, lrs: list[float], times: dict[str, float]) -> dict[str, Any]:
+    """One expert per candidate lr (both modalities), stored apart from the run's; the rule's pick."""
+    from ptmst_ray import storage
+    from ptmst_ray.layout import Layout
+    from ptmst_ray.stages.experts import train_and_store_expert
+    from ptmst_ray.trajectories.expert import ALIGNED_COSINE, ALIGNED_EPOCHS, aligned_lr
+    from ptmst_ray.trajectories.store import TrajectoryStore
+
+    per_lr: dict[float, dict] = {}
+    candidates = sorted(set(lrs), reverse=True)
+    for i, lr in enumerate(candidates, 1):
+        t = time.perf_counter()
+        trial = cfg.replace(**{"experts.lr_img": lr, "experts.lr_txt": lr})
+        store = TrajectoryStore(storage.join(Layout.of(cfg).eval, "expert_lr", f"lr{lr:g}"))
+        train_and_store_expert(trial, expert_id, store=store)
+        per_lr[lr] = expert_trajectory(trial, expert_id, store)
+        times[f"expert lr {lr:g}"] = time.perf_counter() - t
+        cosines = ", ".join(f"{c:+.2f}" for c in per_lr[lr]["consecutive_cosine"])
+        print(f"[{i}/{len(candidates)}] lr {lr:g}: cos {cosines} ({times[f'expert lr {lr:g}']:.0f}s)", flush=True)
+    pick = aligned_lr({lr: r["consecutive_cosine"] for lr, r in per_lr.items()})
+    return {"candidates": per_lr, "pick": pick, "min_cosine": ALIGNED_COSINE, "epochs": ALIGNED_EPOCHS}
+
+
+def lr_report(res: dict) -> str:
+    rule = res["expert_lr"]
+    lines = [f"config {res['config']} (kind {res['kind']}), overrides {res['overrides']}",
+             f"the experts' learning rate: the largest candidate whose first {rule['epochs']} epochs keep "
+             f"cos(consecutive displacements) >= {rule['min_cosine']}"]
+    for lr, r in sorted(rule["candidates"].items(), reverse=True):
+        ok = all(c >= rule["min_cosine"] for c in r["consecutive_cosine"][:rule["epochs"] - 1])
+        lines.append(f"lr {lr:g}: {'passes' if ok else 'fails '}; cos " + ", ".join(
+            f"{c:+.2f}" for c in r["consecutive_cosine"]) + "; test r_mean by epoch " + ", ".join(
+            f"{x:.1f}" for x in r["test_r_mean"]) + " (not used by the rule)")
+    pick = rule["pick"]
+    if pick is None:
+        lines.append("no candidate passes: try smaller learning rates")
+    else:
+        lines.append(f"pick: lr {pick:g}; set experts.lr_img={pick:g} experts.lr_txt={pick:g} "
+                     f"distill.alpha_init={pick / 10:g} distill.min_alpha={pick / 100:g}")
+    lines.append("times: " + ", ".join(f"{k} {v:.0f}s" for k, v in res["times"].items()))
+    return "\n".join(lines)
 
 
 def _extra(entry: dict) -> str:
@@ -181,18 +233,27 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
 
     torch.set_num_threads(args.threads)
-    from ptmst_ray import storage
-    from ptmst_ray.layout import Layout
-
     cfg = load(args)
     times: dict[str, float] = {}
     t0 = time.perf_counter()
+    kind = cfg.data.builtin.kind if cfg.data.dataset == "builtin" else cfg.data.dataset
+    if args.expert_lrs:
+        from ptmst_ray.trajectories.expert import ALIGNED_EPOCHS
+
+        if cfg.experts.epochs < ALIGNED_EPOCHS:  # before any stage runs
+            raise SystemExit(f"experts.epochs={cfg.experts.epochs}: the rule looks at the first {ALIGNED_EPOCHS} "
+                             f"epochs; set experts.epochs to at least {ALIGNED_EPOCHS}")
+        prerequisites(cfg, None, times)
+        res = {"config": args.config, "kind": kind, "overrides": args.overrides, "quick": args.quick,
+               "expert_lr": expert_lr_rule(cfg, args.expert, args.expert_lrs, times), "times": times}
+        res["wall_seconds"] = time.perf_counter() - t0
+        return publish(res, cfg, "expert_lr.json", lr_report(res), args,
+                       f"## The experts' learning rate: {args.config} ({kind})")
     prerequisites(cfg, args.expert, times)
     t = time.perf_counter()
     full = score(cfg, "full", cfg.eval.seeds)
     times["full"] = time.perf_counter() - t
-    res: dict[str, Any] = {"config": args.config, "kind": cfg.data.builtin.kind if cfg.data.dataset == "builtin"
-                           else cfg.data.dataset, "overrides": args.overrides, "quick": args.quick,
+    res: dict[str, Any] = {"config": args.config, "kind": kind, "overrides": args.overrides, "quick": args.quick,
                            "full": {"pairs": full["runs"][0]["pairs"], **full}, "random": {}, "ratios": {},
                            "selection": full["runs"][0].get("selection", "test")}
     for b in sorted(set(args.budgets)):
@@ -205,16 +266,22 @@ def main(argv: list[str] | None = None) -> dict:
     res["expert"] = expert_trajectory(cfg, args.expert)
     times["expert recall"] = time.perf_counter() - t
     res["times"], res["wall_seconds"] = times, time.perf_counter() - t0
-    out = storage.join(Layout.of(cfg).eval, "regime.json")
+    return publish(res, cfg, "regime.json", report(res), args, f"## Regime: {args.config} ({kind})")
+
+
+def publish(res: dict, cfg, name: str, text: str, args: argparse.Namespace, section: str) -> dict:
+    """Write ``res`` to <root>/eval/``name``, print ``text``, and with --write-results put it into RESULTS.md."""
+    from ptmst_ray import storage
+    from ptmst_ray.layout import Layout
+
+    out = storage.join(Layout.of(cfg).eval, name)
     storage.write_text(out, json.dumps(res, indent=1, default=str))
-    text = report(res)
     print(text + f"\nwritten to {out}; total {res['wall_seconds']:.0f}s")
     if args.write_results:
         from _common import command_line, machine, replace_section
 
-        replace_section(f"## Regime: {args.config} ({res['kind']})",
-                        f"Command: `{command_line()}`. Machine: {machine(load=True)}. Wall time "
-                        f"{res['wall_seconds'] / 60:.1f} min.\n\n```\n{text}\n```")
+        replace_section(section, f"Command: `{command_line()}`. Machine: {machine(load=True)}. Wall time "
+                                 f"{res['wall_seconds'] / 60:.1f} min.\n\n```\n{text}\n```")
     return res
 
 

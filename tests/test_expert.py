@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
 
 from ptmst_ray.config import ExpertsConfig, ModelConfig
 from ptmst_ray.models.student import build_student
-from ptmst_ray.trajectories.expert import expert_seed, train_expert
+from ptmst_ray.trajectories.expert import aligned_lr, displacement_cosines, expert_seed, train_expert
 
 CPU = torch.device("cpu")
 TEXT_DIM = 64
@@ -107,3 +108,33 @@ def test_mismatched_inputs_rejected():
     images, text = data()
     with pytest.raises(ValueError, match="pair up"):
         train_expert(cfg(), ModelConfig(), images, text[:-1], 0, device=CPU)
+
+
+def test_displacement_cosines_known_geometry():
+    """Moves +e1, +e1, +e2, -e2, spread over two named tensors: cosines 1, 0, -1."""
+    pts = [(0, 0, 0), (1, 0, 0), (2, 0, 0), (2, 1, 0), (2, 0, 0)]
+    traj = [{"image.w": torch.tensor([float(a)]), "head.w": torch.tensor([float(b), float(c)])} for a, b, c in pts]
+    assert displacement_cosines(traj) == pytest.approx([1.0, 0.0, -1.0], abs=1e-12)
+
+
+def test_displacement_cosines_match_numpy():
+    """Random snapshots of two tensors: the cosines of the flat displacements, computed by numpy."""
+    g = torch.Generator().manual_seed(1)
+    traj = [{"image.a": torch.randn(3, 4, generator=g), "head.b": torch.randn(5, generator=g)} for _ in range(5)]
+    flat = [np.concatenate([s["image.a"].numpy().ravel(), s["head.b"].numpy().ravel()]).astype(np.float64)
+            for s in traj]
+    steps = np.diff(np.stack(flat), axis=0)
+    want = [a @ b / np.linalg.norm(a) / np.linalg.norm(b) for a, b in zip(steps, steps[1:])]
+    assert displacement_cosines(traj) == pytest.approx(want, abs=1e-9)
+
+
+def test_aligned_lr_rule():
+    """The largest lr whose first 4 epochs (3 cosines) stay >= 0.5; later epochs do not count; 0.5 passes."""
+    cosines = {0.1: [0.37, 0.26, 0.18, 0.1], 0.03: [0.6, 0.5, 0.7, -0.2], 0.01: [0.9, 0.9, 0.9, 0.9]}
+    assert aligned_lr(cosines) == 0.03
+    assert aligned_lr({0.1: [0.6, 0.49, 0.9], 0.01: [0.9, 0.8, 0.7]}) == 0.01
+    assert aligned_lr({0.1: [0.6, 0.4, 0.9]}) is None
+    assert aligned_lr({0.1: [0.6, 0.4, 0.9]}, min_cosine=0.3) == 0.1
+    assert aligned_lr({0.1: [0.6, 0.4]}, epochs=2) == 0.1
+    with pytest.raises(ValueError, match="lr 0.1 has 3 epochs"):
+        aligned_lr({0.1: [0.6, 0.7]})

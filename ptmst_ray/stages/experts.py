@@ -27,11 +27,13 @@ def shortcut_store(cfg: Config) -> ShortcutStore:
     return ShortcutStore(Layout.of(cfg).shortcuts)
 
 
-def train_and_store_expert(cfg: Config, expert_id: int, on_epoch: Callable[[int, dict], None] | None = None) -> int:
-    """Train expert ``expert_id`` (unless complete) and write it to the trajectory store."""
+def train_and_store_expert(cfg: Config, expert_id: int, on_epoch: Callable[[int, dict], None] | None = None,
+                           store: TrajectoryStore | None = None) -> int:
+    """Train expert ``expert_id`` (unless complete) and write it to the trajectory store (``store``: another one,
+    e.g. for experts under trial settings that must not replace the run's)."""
     from ptmst_ray.trajectories.expert import expert_seed, train_expert
 
-    store, chash = expert_store(cfg), experts_hash(cfg)
+    store, chash = store or expert_store(cfg), experts_hash(cfg)
     if store.is_complete(expert_id, chash):
         return expert_id
     streamed = stream_split(cfg, "train")

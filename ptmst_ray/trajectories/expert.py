@@ -162,3 +162,41 @@ def train_expert(
         if on_epoch is not None:
             on_epoch(epoch, stats)
     return trajectory
+
+
+ALIGNED_COSINE = 0.5
+"""The experts' learning-rate rule's bar: consecutive epoch displacements at least this aligned."""
+ALIGNED_EPOCHS = 4
+"""... over this many first epochs (their ALIGNED_EPOCHS - 1 consecutive pairs)."""
+
+
+def displacement_cosines(trajectory: list[Snapshot]) -> list[float]:
+    """Cosines of consecutive epoch displacements: entry i compares theta_(i+1) - theta_i with
+    theta_(i+2) - theta_(i+1).
+
+    All recorded parameters count as one flat vector (float64). Near 0, the expert moves by SGD noise; clearly
+    positive, its epochs point one way and a trajectory segment carries a direction to match.
+    """
+    flat = [torch.cat([t.detach().flatten().double() for t in s.values()]) for s in trajectory]
+    steps = [b - a for a, b in zip(flat, flat[1:])]
+    return [float(torch.nn.functional.cosine_similarity(a, b, dim=0)) for a, b in zip(steps, steps[1:])]
+
+
+def aligned_lr(cosines_by_lr: dict[float, list[float]], min_cosine: float = ALIGNED_COSINE,
+               epochs: int = ALIGNED_EPOCHS) -> float | None:
+    """The experts' learning rate by the recipe's rule (docs/method.md#a-recipe-for-new-data).
+
+    ``cosines_by_lr`` maps each candidate lr to its expert's :func:`displacement_cosines`. The rule: the largest lr
+    whose first ``epochs`` epochs keep every consecutive cosine >= ``min_cosine``; None when no candidate does
+    (then try smaller ones).
+    """
+    if epochs < 2:
+        raise ValueError(f"epochs={epochs}: the rule compares consecutive epochs, so it needs at least 2")
+    passing = []
+    for lr, cosines in cosines_by_lr.items():
+        if len(cosines) < epochs - 1:
+            raise ValueError(f"the expert at lr {lr:g} has {len(cosines) + 1} epochs; the rule looks at its first "
+                             f"{epochs}: train experts of at least {epochs} epochs")
+        if all(c >= min_cosine for c in cosines[:epochs - 1]):
+            passing.append(lr)
+    return max(passing) if passing else None
