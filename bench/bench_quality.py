@@ -665,6 +665,13 @@ def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.0f}%"
 
 
+def _gap_pct(x: float | None) -> str:
+    """The gap closed against its target: one decimal where whole percent would round a miss up to the target."""
+    if x is not None and x < GAP_TARGET and round(100 * x) >= round(100 * GAP_TARGET):
+        return f"{100 * x:.1f}%"
+    return _pct(x)
+
+
 def gap_table(rows: list[dict], on_test: bool) -> str:
     """Gap closed per (budget, method); with ``on_test`` also from the best-on-test figures."""
     head = ["budget", "method", "gap closed"] + (["gap closed (best on test)"] if on_test else [])
@@ -694,7 +701,7 @@ def targets_table(rows: list[dict], one_phase_upto: int, headline: int | None) -
     out = []
     for r in rows:
         one = r["budget"] <= one_phase_upto
-        out.append([f"**{r['budget']}**" if r["budget"] == headline else r["budget"], _pct(r["gap"]),
+        out.append([f"**{r['budget']}**" if r["budget"] == headline else r["budget"], _gap_pct(r["gap"]),
                     _met(r["gap_met"]), _vs(r["vs_single"], "one phase: ptm_st is the single-phase set" if one else "n/a"),
                     "n/a" if r["vs_single"] is None else _met(r["vs_single"]["beats"]),
                     _vs(r["exact_vs_first_order"]), _met_within(r["exact_met"], r["exact_vs_first_order"])])

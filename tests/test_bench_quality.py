@@ -180,6 +180,12 @@ def test_targets_and_parts_per_budget():
     assert "| 50 | EMA | no_ema | +1.0 | 1.6 | no |" in bq.parts_table(prt)
 
 
+def test_gap_against_its_target_never_rounds_a_miss_up():
+    assert bq.GAP_TARGET == 0.60
+    assert [bq._gap_pct(x) for x in (0.597, 0.5949, 0.6, 0.604, 0.7, 0.3333, None)] == \
+        ["59.7%", "59%", "60%", "60%", "70%", "33%", "n/a"]
+
+
 def test_metric_table_puts_best_on_test_beside_the_selected_figure():
     cells, full = _scenes_like()
     lines = bq.metric_table({"ptm_st@50": cells["ptm_st@50"]}, full, "best", on_test=True).splitlines()
