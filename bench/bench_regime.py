@@ -181,12 +181,14 @@ def expert_lr_rule(cfg, expert_id: int, lrs: list[float], times: dict[str, float
 
 
 def lr_report(res: dict) -> str:
+    from ptmst_ray.trajectories.expert import keeps_aligned
+
     rule = res["expert_lr"]
     lines = [f"config {res['config']} (kind {res['kind']}), overrides {res['overrides']}",
              f"the experts' learning rate: the largest candidate whose first {rule['epochs']} epochs keep "
              f"cos(consecutive displacements) >= {rule['min_cosine']}"]
     for lr, r in sorted(rule["candidates"].items(), reverse=True):
-        ok = all(c >= rule["min_cosine"] for c in r["consecutive_cosine"][:rule["epochs"] - 1])
+        ok = keeps_aligned(r["consecutive_cosine"], rule["min_cosine"], rule["epochs"])
         lines.append(f"lr {lr:g}: {'passes' if ok else 'fails '}; cos " + ", ".join(
             f"{c:+.2f}" for c in r["consecutive_cosine"]) + "; test r_mean by epoch " + ", ".join(
             f"{x:.1f}" for x in r["test_r_mean"]) + " (not used by the rule)")

@@ -197,6 +197,11 @@ def aligned_lr(cosines_by_lr: dict[float, list[float]], min_cosine: float = ALIG
         if len(cosines) < epochs - 1:
             raise ValueError(f"the expert at lr {lr:g} has {len(cosines) + 1} epochs; the rule looks at its first "
                              f"{epochs}: train experts of at least {epochs} epochs")
-        if all(c >= min_cosine for c in cosines[:epochs - 1]):
+        if keeps_aligned(cosines, min_cosine, epochs):
             passing.append(lr)
     return max(passing) if passing else None
+
+
+def keeps_aligned(cosines: list[float], min_cosine: float = ALIGNED_COSINE, epochs: int = ALIGNED_EPOCHS) -> bool:
+    """Whether an expert's first ``epochs`` epochs keep every consecutive displacement cosine >= ``min_cosine``."""
+    return all(c >= min_cosine for c in cosines[:epochs - 1])
