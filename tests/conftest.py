@@ -266,7 +266,9 @@ FIRST = ("test_paper_recipes.py", "test_launch.py", "test_faults.py", "test_swee
 """The modules holding the suite's multi-minute end-to-end runs, longest first (bench/RESULTS.md "Test suite").
 `make test` runs the suite on two pytest-xdist workers that take whole modules (``--dist loadfile``: a module's
 fixtures, e.g. the dashboard's run, are built once), each the next module in collection order when it is free:
-starting the long modules first keeps one worker from ending with a long module while the other idles."""
+starting the long modules first keeps one worker from ending with a long module while the other idles. xdist
+keeps this order only with ``--no-loadscope-reorder`` (3.8+): by default (since 3.5) it hands out the modules with
+the most tests first, i.e. these last, and the suite ended with one worker idle for ~2 minutes."""
 
 
 def pytest_collection_modifyitems(config, items):
