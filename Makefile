@@ -15,10 +15,10 @@ $(BIN)/.installed: pyproject.toml
 demo: $(BIN)/.installed
 	$(BIN)/ptmst-ray run
 
-# two pytest-xdist workers, each with its own session Ray, take whole test modules (xdist hands out the modules
-# with most tests first; the long end-to-end runs first was slower: bench/RESULTS.md "Test suite")
+# two pytest-xdist workers, each with its own session Ray, take whole test modules in collection order
+# (tests/conftest.py: FIRST; --no-loadscope-reorder: xdist would otherwise start the modules with most tests first)
 test: $(BIN)/.installed
-	$(BIN)/python -m pytest -q -x -n 2 --dist loadfile --durations=15 tests
+	$(BIN)/python -m pytest -q -x -n 2 --dist loadfile --no-loadscope-reorder --durations=15 tests
 
 test-faults: $(BIN)/.installed
 	$(BIN)/python -m pytest -q -m faults tests

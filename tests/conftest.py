@@ -257,3 +257,20 @@ def s3(s3_server, monkeypatch) -> S3Bucket:
     yield b
     s3fs.S3FileSystem.clear_instance_cache()
 # ---------------------------------------------------------------- end of S3 fixtures
+
+
+# ---------------------------------------------------------------- order for `make test` (pytest-xdist)
+
+FIRST = ("test_paper_recipes.py", "test_launch.py", "test_faults.py", "test_sweep.py", "test_dashboard.py",
+         "test_autoscale.py", "test_pipeline.py", "test_gpu_check.py", "test_pretrain_protocol.py")
+"""The modules holding the suite's multi-minute end-to-end runs, longest first (bench/RESULTS.md "Test suite").
+`make test` runs the suite on two pytest-xdist workers that take whole modules (``--dist loadfile``: a module's
+fixtures, e.g. the dashboard's run, are built once), each the next module in collection order when it is free:
+starting the long modules first keeps one worker from ending with a long module while the other idles. xdist
+keeps this order only with ``--no-loadscope-reorder`` (3.8+): by default (since 3.5) it hands out the modules with
+the most tests first, i.e. these last, and the suite ended with one worker idle for ~2 minutes."""
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(FIRST)))  # stable: the rest keep pytest's order
