@@ -286,8 +286,7 @@ def test_job_on_two_node_cluster_with_run_root_in_a_bucket(s3, local_cluster, tm
 
     # the tiny pipeline as a Ray Job through launch's own submission path (plan_launch + execute_plan):
     # 3 experts and the 2 phase runs each need 1 CPU + 1 GPU, and the cluster has 3 of each over two nodes,
-    # so the experts must spread; one phase worker is SIGKILLed
-    # once a checkpoint of it is intact in the bucket
+    # so the experts must spread; one phase worker is SIGKILLed once a checkpoint of it is intact in the bucket
     cfg = tiny_config(s3.url("run"), **{"experts.num_experts": 3, **SMALL})
     (tmp_path / "tiny.yaml").write_text(cfg.to_yaml())
     steps = launch.plan_launch(None, config_path=tmp_path / "tiny.yaml", address=address, root=tmp_path)
