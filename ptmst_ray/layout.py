@@ -158,6 +158,10 @@ class Layout:
     def results(self) -> str:
         return storage.join(self.eval, RESULTS_FILE)
 
+    def score(self, method: str, seed: int) -> str:
+        """One (method, seed) evaluation's stored scores, reused while what they were computed from holds."""
+        return storage.join(self.eval, "scores", f"{method}-seed{seed}.json")
+
     @property
     def plot(self) -> str:
         return storage.join(self.eval, "plot.png")

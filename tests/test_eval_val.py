@@ -387,3 +387,58 @@ def test_frozen_tower_features_cover_val(val_root):
     assert with_cache["best_epoch"] == without["best_epoch"]
     for key in ("best", "best_on_test", "best_val"):
         assert with_cache[key] == pytest.approx(without[key], abs=1e-6)
+
+
+# ---------------------------------------------------------------- stored scores: what a rerun reuses
+
+
+def test_score_key_follows_each_scores_inputs(tmp_path):
+    """A stored (method, seed) score is reused only while what it was computed from holds: its seed, the
+    evaluation settings its student uses, the data, the towers, and the method's own input (the distilled set's
+    content, the single-phase subset's, the random coreset's budget); not how many seeds or which baselines run."""
+    from ptmst_ray.stages.score import score_key
+
+    cfg = tiny_config(tmp_path)
+    layout = Layout.of(cfg)
+    assert score_key(cfg, "ptm_st", 0) is None and score_key(cfg, "single_phase", 0) is None  # nothing distilled
+    storage.write_manifest(layout.distilled, {"config_hash": "x", "files": {"distilled.safetensors": "aa"}})
+    storage.write_manifest(layout.subset("single_phase"), {"config_hash": "y", "files": {"subset.safetensors": "bb"}})
+    methods = ("ptm_st", "random", "single_phase", "full")
+    keys = {m: score_key(cfg, m, 0) for m in methods}
+    assert None not in keys.values() and len(set(keys.values())) == 4
+    assert score_key(cfg, "random", 1) != keys["random"]
+
+    assert {m: score_key(cfg.replace(**{"eval.seeds": 7, "eval.baselines": ["random"]}), m, 0) for m in methods} == keys
+    longer = cfg.replace(**{"eval.epochs": cfg.eval.epochs + 1})  # the subsets' students; full has its own schedule
+    assert [score_key(longer, m, 0) == keys[m] for m in methods] == [False, False, False, True]
+    assert [score_key(cfg.replace(**{"eval.full_data_epochs": 3}), m, 0) == keys[m] for m in methods] == \
+        [True, True, True, False]
+    assert all(score_key(cfg.replace(**{"eval.lr": 0.05}), m, 0) != keys[m] for m in methods)
+
+    storage.write_manifest(layout.distilled, {"config_hash": "x", "files": {"distilled.safetensors": "cc"}})
+    assert score_key(cfg, "ptm_st", 0) != keys["ptm_st"] and score_key(cfg, "single_phase", 0) == keys["single_phase"]
+    smaller = cfg.replace(**{"phases.0.pairs": 5})  # the coreset's budget; the full data does not change
+    assert (score_key(smaller, "random", 0) != keys["random"], score_key(smaller, "full", 0) == keys["full"]) == \
+        (True, True)
+    assert score_key(cfg.replace(**{"data.builtin.train_images": 61}), "full", 0) != keys["full"]
+    assert score_key(cfg.replace(**{"pretrain.epochs": 2}), "random", 0) != keys["random"]  # other towers
+
+
+def test_stored_score_is_reused_only_under_its_key(tmp_path, caplog):
+    from ptmst_ray.stages.score import score_key, store_score, stored_score
+
+    cfg = tiny_config(tmp_path)
+    run = {"method": "random", "seed": 0, "pairs": 14, "best": {"r_mean": 12.5}}
+    assert stored_score(cfg, "random", 0) is None
+    store_score(cfg, "random", 0, run, score_key(cfg, "random", 0))
+    assert stored_score(cfg, "random", 0) == {**run, "reused": True}
+    assert stored_score(cfg, "random", 1) is None
+    assert stored_score(cfg.replace(**{"eval.epochs": 3}), "random", 0) is None  # computed with other settings
+    store_score(cfg, "ptm_st", 0, run, score_key(cfg, "ptm_st", 0))  # no distilled set: no key, nothing kept
+    assert not storage.exists(Layout.of(cfg).score("ptm_st", 0))
+    url = Layout.of(cfg).score("random", 0)
+    with open(url, "w") as f:
+        f.write('{"key": ')  # cut short
+    with caplog.at_level("WARNING"):
+        assert stored_score(cfg, "random", 0) is None
+    assert "random-seed0.json" in caplog.text and "computed again" in caplog.text

@@ -318,20 +318,24 @@ def test_job_on_two_node_cluster_with_run_root_in_a_bucket(s3, local_cluster, tm
     _assert_run_in_bucket(s3, cfg, keys, first_log)
     assert not (tmp_path / "run").exists() and not list(tmp_path.glob("**/*.safetensors"))
 
-    # the same job again redoes nothing before evaluation
-    stamps = _etags(s3, "run/")
+    # the same job again redoes nothing: every stage is complete, every evaluation score stored in the bucket
+    stamps, results = _etags(s3, "run/"), read("run/eval/results.json")
+    assert len([k for k in stamps if k.startswith("run/eval/scores/")]) == len(results["runs"]) == 3
     out = []
     ctx = launch.execute_plan(steps, address=address, on_log=out.append)
     assert ctx.status == "SUCCEEDED", "".join(out)[-5000:]
-    results = read("run/eval/results.json")
-    assert [(r["stage"], r["ran"]) for r in results["stages"]] == [(st, st == "eval") for st in STAGES]
-    assert "skipped (complete)" in "".join(out)
-    assert results["experts"]["trained"] == 0 and results["experts"]["skipped"] == 3
-    assert {n: s.get("skipped") for n, s in results["phases"].items()} == {"phase0": True, "phase1": True}
+    again_results = read("run/eval/results.json")
+    assert [(r["stage"], r["ran"]) for r in again_results["stages"]] == [(st, False) for st in STAGES]
+    words = " ".join("".join(out).split())  # the driver's log lines as words (its handler wraps long lines)
+    assert "skipped (complete)" in words and "3 of 3 (method, seed) scores reused" in words
+    assert again_results["experts"]["trained"] == 0 and again_results["experts"]["skipped"] == 3
+    assert {n: s.get("skipped") for n, s in again_results["phases"].items()} == {"phase0": True, "phase1": True}
+    assert again_results["methods"] == results["methods"]
     again = _etags(s3, "run/")
-    redone = [k for k in stamps if not k.startswith(("run/eval/", "run/config.yaml")) and again.get(k) != stamps[k]]
+    rewritten = ("run/eval/results.json", "run/eval/plot.png", "run/config.yaml")
+    redone = [k for k in stamps if k not in rewritten and again.get(k) != stamps[k]]
     assert redone == [], redone
-    assert [k for k in again if k not in stamps and not k.startswith("run/eval/")] == []  # no worker started
+    assert [k for k in again if k not in stamps] == []  # no worker started
 
     # `data show` and `eval` (laptop mode: its own local Ray, whose workers inherit AWS_*) read the bucket
     cwd = tmp_path / "cwd"

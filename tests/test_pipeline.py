@@ -146,3 +146,31 @@ def test_finished_run_keeps_only_the_checkpoints_train_holds(tmp_path, ray_sessi
     left = sorted(p.name for p in run_dir.glob("checkpoint_*") if p.is_dir())
     assert sorted(tensorio.load_state(str(run_dir / n))[0]["iteration"] for n in held) == [30, 40]
     assert left == sorted(held + [further.name]), (held, left)
+
+
+def test_evaluation_keeps_each_score_and_reuses_it_for_the_same_inputs(ready_root, tmp_path, monkeypatch):
+    """`evaluate` stores every (method, seed) score as its task ends; an evaluation of the same inputs reuses them
+    and starts no task, one with a seed more computes only that seed, one with other settings computes afresh."""
+    from ptmst_ray import storage
+    from ptmst_ray.orchestration import pipeline
+
+    root = copy_root(ready_root, tmp_path / "run", parts=("data", "pretrain"))
+    cfg = tiny_config(root, **{"eval.seeds": 2, "eval.epochs": 1, "eval.eval_points": 1})
+    first = pipeline.evaluate(cfg, ["random"], None, None)
+    assert [r.get("reused") for r in first["runs"]] == [None, None]
+    assert [storage.exists(layout.Layout.of(cfg).score("random", s)) for s in (0, 1)] == [True, True]
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("an evaluation of stored scores started a task")
+
+    monkeypatch.setattr(pipeline._score_task, "options", refuse)
+    again = pipeline.evaluate(cfg, ["random"], None, None)
+    monkeypatch.undo()
+    assert [r["reused"] for r in again["runs"]] == [True, True]
+    assert again["methods"] == first["methods"]
+    assert [r["best"] for r in again["runs"]] == [r["best"] for r in first["runs"]]
+
+    more = pipeline.evaluate(cfg.replace(**{"eval.seeds": 3}), ["random"], None, None)
+    assert [bool(r.get("reused")) for r in more["runs"]] == [True, True, False]
+    other = pipeline.evaluate(cfg.replace(**{"eval.epochs": 2}), ["random"], None, None)
+    assert [bool(r.get("reused")) for r in other["runs"]] == [False, False]

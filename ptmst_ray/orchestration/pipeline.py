@@ -34,7 +34,7 @@ from ptmst_ray.stages import embed as embed_stage
 from ptmst_ray.stages import features as features_stage
 from ptmst_ray.stages import pretrain as pretrain_stage
 from ptmst_ray.stages.plots import plot_run
-from ptmst_ray.stages.score import schedule, score_one_seed, summarise
+from ptmst_ray.stages.score import schedule, score_key, score_one_seed, store_score, stored_score, summarise
 from ptmst_ray.vocab import PTM_ST, SINGLE_PHASE
 
 log = logging.getLogger(__name__)
@@ -156,10 +156,13 @@ def _score_task(cfg_dict: dict, method: str, seed: int, board=None) -> dict:
     def progress(r: dict) -> None:
         report_progress(board, name, r.get("epoch", 0), epochs)
 
+    key = score_key(cfg, method, seed)  # before scoring: the inputs the score comes from
     out = score_one_seed(cfg, method, seed, progress=progress)
     report_progress(board, name, 1, 1, f"r_mean {out['best']['r_mean']:.1f} (of {points} points)")
     # results.json's runs: where each seed ran
-    return {**out, "gpu_ids": [str(g) for g in ray.get_gpu_ids()], "node_id": ray.get_runtime_context().get_node_id()}
+    out = {**out, "gpu_ids": [str(g) for g in ray.get_gpu_ids()], "node_id": ray.get_runtime_context().get_node_id()}
+    store_score(cfg, method, seed, out, key)  # kept as soon as it is finished, whatever happens to the rest
+    return out
 
 
 def evaluation_methods(cfg: Config) -> list[str]:
@@ -167,12 +170,23 @@ def evaluation_methods(cfg: Config) -> list[str]:
 
 
 def evaluate(cfg: Config, methods: list[str], board, poll: Poll | None) -> dict:
-    """Every (method, seed) as one Ray task; results.json's scores."""
+    """Every (method, seed) as one Ray task, but those whose scores an earlier evaluation stored from the same
+    inputs (``stages.score.score_key``: those are reused, marked ``reused``); results.json's scores."""
+    pairs = [(m, s) for m in methods for s in range(cfg.eval.seeds)]
+    stored = {(m, s): run for m, s in pairs if (run := stored_score(cfg, m, s)) is not None}
+    for (m, s), run in stored.items():
+        report_progress(board, f"eval {m} seed {s}", 1, 1, f"r_mean {run['best']['r_mean']:.1f} (stored)")
+    todo = [p for p in pairs if p not in stored]
+    if stored:
+        log.info("evaluation: %d of %d (method, seed) scores reused, stored by an earlier evaluation of the same "
+                 "inputs under %s; %d to compute", len(stored), len(pairs), Layout.of(cfg).eval, len(todo))
     options = score_resources(cfg)
-    request_gpus(cfg, len(methods) * cfg.eval.seeds, options.get("num_gpus", 0), "evaluation")
+    if todo:
+        request_gpus(cfg, len(todo), options.get("num_gpus", 0), "evaluation")
     refs = [_score_task.options(name=f"eval {m} seed {s}", **options).remote(cfg.to_dict(), m, s, board)
-            for m in methods for s in range(cfg.eval.seeds)]
-    runs = wait_all(refs, poll)
+            for m, s in todo]
+    computed = dict(zip(todo, wait_all(refs, poll)))
+    runs = [stored[p] if p in stored else computed[p] for p in pairs]
     results = summarise(runs, cfg)
     results["runs"] = runs
     return results
@@ -302,8 +316,8 @@ def _run_stages(cfg: Config, ui: UI) -> dict[str, Any]:
         methods.remove(SINGLE_PHASE)
     ui.stage(f"evaluation ({', '.join(methods)} x {cfg.eval.seeds} seeds)")
     with times.stage("eval") as out:
-        out["ran"] = True  # scores are recomputed on every run (seeds x methods, cheap against the rest)
         results = evaluate(cfg, methods, board, poll)
+        out["ran"] = any(not r.get("reused") for r in results["runs"])
     results.update({"experts": experts, "phases": status, "distilled": distilled["pairs"],
                     "diverged_phases": distilled.get("diverged", []), "warnings": warnings,
                     "wall_seconds": time.time() - t0, "stages": times.rows, "run_root": cfg.run.root,

@@ -14,13 +14,14 @@ from typing import Any, Callable
 
 import torch
 
-from ptmst_ray.config import Config, EvalConfig, PhaseConfig
+from ptmst_ray import storage
+from ptmst_ray.config import Config, EvalConfig, PhaseConfig, section_hash
 from ptmst_ray.evaluate.protocol import (
     SELECTION_TEST, SELECTION_VAL, Subset, aggregate, arrange_subsets, coreset_subset, evaluate_one_seed,
     random_coreset,
 )
 from ptmst_ray.evaluate.student import RetrievalSet
-from ptmst_ray.layout import Layout, StageError
+from ptmst_ray.layout import Layout, StageError, data_hash, data_order, model_hash
 from ptmst_ray.stages import features
 from ptmst_ray.stages.embed import RealData, load_real, stream_split, train_stream
 from ptmst_ray.vocab import BASELINES, METHODS, PTM_ST, SINGLE_PHASE
@@ -121,6 +122,59 @@ def score_one_seed(cfg: Config, method: str, seed: int, distilled_dir: str | Non
             "best_on_test": out["best_on_test"], "best_on_test_epoch": out["best_on_test_epoch"],
             "selection": out["selection"], "best_val": out["best_val"], "epochs_run": out["epochs_run"],
             "diverged_at": out["diverged_at"], "device": str(device)}
+
+
+SCORE_IGNORED = ("seeds", "baselines")
+"""``eval`` settings that no single (method, seed) score depends on: how many seeds and which methods run."""
+FULL_SCORE_IGNORED = SCORE_IGNORED + ("epochs", "phase_training")
+"""... for the full-data baseline also the other methods' schedule and use of their subsets (:func:`schedule`),"""
+SUBSET_SCORE_IGNORED = SCORE_IGNORED + ("full_data_epochs", "full_data_patience", "full_data_max_epochs",
+                                        "full_data_val_every")
+"""... and for the other methods the full-data baseline's schedule."""
+
+
+def score_key(cfg: Config, method: str, seed: int) -> str | None:
+    """What one (method, seed) score is computed from, as a hash: the method and seed, the evaluation settings,
+    the data, the student's starting point (model and pretraining), and the method's own input: the content
+    hashes of the distilled set (ptm_st) or of the single-phase subset, the budget of the random coreset.
+    None while that input is not complete: such a score is neither stored nor reused."""
+    layout = Layout.of(cfg)
+    ignored = FULL_SCORE_IGNORED if method == "full" else SUBSET_SCORE_IGNORED
+    settings = {k: v for k, v in cfg.to_dict()["eval"].items() if k not in ignored}
+    source: Any = None
+    if method in (PTM_ST, SINGLE_PHASE):
+        manifest = storage.read_manifest(layout.distilled if method == PTM_ST else layout.subset(SINGLE_PHASE))
+        if manifest is None:
+            return None
+        source = manifest.get("files")
+    elif method == "random":
+        source = cfg.total_pairs
+    return section_hash(method, seed, settings, cfg.eval_loss, data_hash(cfg), model_hash(cfg), data_order(cfg),
+                        cfg.run.seed, source)[:16]
+
+
+def stored_score(cfg: Config, method: str, seed: int) -> dict[str, Any] | None:
+    """The scores of (method, seed) stored by an earlier evaluation with the same :func:`score_key`, marked
+    ``reused``; None when there are none (or they were computed from anything else, or cannot be read)."""
+    key, url = score_key(cfg, method, seed), Layout.of(cfg).score(method, seed)
+    if key is None or not storage.exists(url):
+        return None
+    try:
+        entry = storage.read_json(url)
+    except storage.StorageError as e:  # a damaged score file is only a score to compute again
+        log.warning("%s; this score is computed again", e)
+        return None
+    if not isinstance(entry, dict) or entry.get("key") != key or not isinstance(entry.get("run"), dict):
+        return None
+    return {**entry["run"], "reused": True}
+
+
+def store_score(cfg: Config, method: str, seed: int, run: dict[str, Any], key: str | None) -> None:
+    """Keep one finished (method, seed) score under the :func:`score_key` it was computed with (taken before
+    scoring began): a later run or ``ptmst-ray eval`` with the same inputs reuses it instead of training the
+    student again."""
+    if key is not None:
+        storage.write_json(Layout.of(cfg).score(method, seed), {"key": key, "run": run})
 
 
 def schedule(cfg: EvalConfig, method: str, has_val: bool) -> dict[str, Any]:
