@@ -396,21 +396,14 @@ def _diverged_note(r: dict) -> str:
     return f" (DIVERGED: {', '.join(r['diverged'])}; their last finite EMA state is used)" if r.get("diverged") else ""
 
 
-FULL_KEY_EVAL_IGNORED = ("seeds", "baselines", "epochs", "phase_training")
-"""What a full-data score depends on besides its seed and the code: the data, the towers and their pretraining
-(the layout's data and model hashes: a run's own pretrained checkpoint counts by its pretraining settings, not by
-the path of the root it lies in, so a copied root reuses the scores), the evaluation schedule and run.seed; not
-these eval settings: eval.seeds and eval.baselines only say how many and which runs, and eval.epochs and
-eval.phase_training are the other methods' schedule and use of their subsets (`stages.score.schedule`)."""
-
-
 def full_score_key(cfg, seed: int) -> str:
-    """The cache key of one full-data seed's scores: a hash of the config parts it depends on and the seed."""
-    from ptmst_ray.config import section_hash
-    from ptmst_ray.layout import data_hash, data_order, model_hash
+    """The cache key of one full-data seed's scores: the pipeline's own (`stages.score.score_key`): the data, the
+    towers and their pretraining (a run's own pretrained checkpoint counts by its pretraining settings, not by the
+    path of the root it lies in, so a copied root reuses the scores), the full-data student's evaluation settings
+    and run.seed."""
+    from ptmst_ray.stages.score import score_key
 
-    schedule = {k: v for k, v in cfg.to_dict()["eval"].items() if k not in FULL_KEY_EVAL_IGNORED}
-    return section_hash(data_hash(cfg), model_hash(cfg), data_order(cfg), schedule, cfg.run.seed, seed)[:16]
+    return score_key(cfg, "full", seed)
 
 
 def full_score_path(cells_dir: str, cfg, seed: int) -> str:
