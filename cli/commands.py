@@ -11,7 +11,7 @@ from rich.table import Table
 
 from ptmst_ray_cli.common import (
     ConfigOpt, RichUI, SetOpt, connect_ray, console, explain, fail, get_config, get_run_config, interrupted,
-    library_errors, progress_bars,
+    library_errors, progress_bars, root_lease,
 )
 from ptmst_ray_cli.main import app
 
@@ -87,18 +87,19 @@ def run(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt, 
                                           *[a for s in set_ or [] for a in ("--set", s)],
                                           *(["--rebuild", rebuild] if rebuild else []),
                                           *(["--json"] if json_out else [])]))
-    try:
-        if rebuild is not None:
-            removed = layout.rebuild(cfg, rebuild)
-            console.print(f"rebuild {rebuild}: removed {', '.join(removed) or 'nothing (not built yet)'}")
-        connect_ray(cfg, address)
-        install_interrupt_handler()  # after ray.init: Ctrl-C lands at the next poll even if Ray swallows it
-        with progress_bars() as progress:
-            results = run_pipeline(cfg, RichUI(progress))
-    except library_errors() as e:
-        fail(explain(cfg, e), code=1)
-    except KeyboardInterrupt:
-        interrupted()
+    with root_lease(cfg, "run"):
+        try:
+            if rebuild is not None:
+                removed = layout.rebuild(cfg, rebuild)
+                console.print(f"rebuild {rebuild}: removed {', '.join(removed) or 'nothing (not built yet)'}")
+            connect_ray(cfg, address)
+            install_interrupt_handler()  # after ray.init: Ctrl-C lands at the next poll even if Ray swallows it
+            with progress_bars() as progress:
+                results = run_pipeline(cfg, RichUI(progress))
+        except library_errors() as e:
+            fail(explain(cfg, e), code=1)
+        except KeyboardInterrupt:
+            interrupted()
     for w in results.get("warnings", []):
         console.print(f"[bold yellow]warning:[/] {w}")
     console.print(results_table(results))
@@ -122,20 +123,21 @@ def data_prepare(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] =
     from ptmst_ray.stages.data import prepare
 
     cfg = get_run_config(config, [*(set_ or []), *([f"data.workers={workers}"] if workers is not None else [])])
-    try:
-        if cfg.data.workers > 1:
-            connect_ray(cfg, None)
-        with progress_bars() as progress:
-            ids: dict = {}
+    with root_lease(cfg, "data prepare"):
+        try:
+            if cfg.data.workers > 1:
+                connect_ray(cfg, None)
+            with progress_bars() as progress:
+                ids: dict = {}
 
-            def cb(split: str, done: int, total: int) -> None:
-                if split not in ids:
-                    ids[split] = progress.add_task(f"data {split}", total=total, info="")
-                progress.update(ids[split], completed=done, total=total)
+                def cb(split: str, done: int, total: int) -> None:
+                    if split not in ids:
+                        ids[split] = progress.add_task(f"data {split}", total=total, info="")
+                    progress.update(ids[split], completed=done, total=total)
 
-            prepare(cfg, progress=cb)
-    except library_errors() as e:
-        fail(explain(cfg, e), code=1)
+                prepare(cfg, progress=cb)
+        except library_errors() as e:
+            fail(explain(cfg, e), code=1)
     console.print(f"prepared: {Layout.of(cfg).data}")
 
 
@@ -173,13 +175,14 @@ def pretrain(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = Set
     cfg = get_run_config(config, set_)
     if not cfg.pretrain.enabled:
         fail("pretrain.enabled is false in this config; nothing to do", code=2)
-    try:
-        prepare(cfg)
-        with progress_bars() as progress:
-            task = progress.add_task("pretrain", total=cfg.pretrain.epochs, info="")
-            manifest = pretrain_stage(cfg, progress=lambda d, t: progress.update(task, completed=d, total=t))
-    except library_errors() as e:
-        fail(explain(cfg, e), code=1)
+    with root_lease(cfg, "pretrain"):
+        try:
+            prepare(cfg)
+            with progress_bars() as progress:
+                task = progress.add_task("pretrain", total=cfg.pretrain.epochs, info="")
+                manifest = pretrain_stage(cfg, progress=lambda d, t: progress.update(task, completed=d, total=t))
+        except library_errors() as e:
+            fail(explain(cfg, e), code=1)
     console.print(f"checkpoint: {manifest['checkpoint']}; zero-shot r_mean {manifest['zero_shot']['r_mean']:.1f}")
 
 
@@ -204,17 +207,18 @@ def experts(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetO
     from ptmst_ray.orchestration.runtime import make_poll, progress_board
 
     cfg = get_run_config(config, set_, address)
-    try:
-        _ready_for_experts(cfg)
-        if rebuild:  # the same as `run --rebuild experts`: later stages were computed from these experts
-            rebuild_stage(cfg, "experts")
-        connect_ray(cfg, address)
-        with progress_bars() as progress:
-            ui = RichUI(progress)
-            board = progress_board()
-            out = run_experts(cfg, board, make_poll(board, ui))
-    except library_errors() as e:
-        fail(explain(cfg, e), code=1)
+    with root_lease(cfg, "experts"):
+        try:
+            _ready_for_experts(cfg)
+            if rebuild:  # the same as `run --rebuild experts`: later stages were computed from these experts
+                rebuild_stage(cfg, "experts")
+            connect_ray(cfg, address)
+            with progress_bars() as progress:
+                ui = RichUI(progress)
+                board = progress_board()
+                out = run_experts(cfg, board, make_poll(board, ui))
+        except library_errors() as e:
+            fail(explain(cfg, e), code=1)
     console.print(f"experts: {out['trained']} trained, {out['skipped']} already complete, "
                   f"{out['actor_restarts']} actor restart(s)")
 
@@ -226,11 +230,12 @@ def shortcut(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = Set
     from ptmst_ray.orchestration.experts import run_shortcuts
 
     cfg = get_run_config(config, set_, address)
-    connect_ray(cfg, address)
-    try:
-        out = run_shortcuts(cfg)
-    except library_errors() as e:
-        fail(explain(cfg, e), code=1)
+    with root_lease(cfg, "shortcut"):
+        connect_ray(cfg, address)
+        try:
+            out = run_shortcuts(cfg)
+        except library_errors() as e:
+            fail(explain(cfg, e), code=1)
     console.print(f"shortcuts for {out['experts']} experts, ranges {out['ranges']}: {out['written']} written")
 
 
@@ -249,14 +254,15 @@ def eval_(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt
     bad = [m for m in method if m not in METHODS]
     if bad:
         fail(f"--method {bad[0]!r} is not one of {', '.join(METHODS)}")
-    try:
-        _ready_for_experts(cfg)
-        connect_ray(cfg, address)
-        with progress_bars() as progress:
-            board = progress_board()
-            results = evaluate(cfg, list(method), board, make_poll(board, RichUI(progress)))
-    except library_errors() as e:
-        fail(explain(cfg, e), code=1)
+    with root_lease(cfg, "eval"):
+        try:
+            _ready_for_experts(cfg)
+            connect_ray(cfg, address)
+            with progress_bars() as progress:
+                board = progress_board()
+                results = evaluate(cfg, list(method), board, make_poll(board, RichUI(progress)))
+        except library_errors() as e:
+            fail(explain(cfg, e), code=1)
     console.print(results_table(results))
     if json_path is not None:
         json_path.write_text(json.dumps(results, indent=2))

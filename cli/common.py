@@ -74,6 +74,26 @@ def preflight(cfg: Config, config: Optional[Path], address: Optional[str] = None
         fail(f"{config or DEFAULT_CONFIG}: {e}")
 
 
+@contextlib.contextmanager
+def root_lease(cfg: Config, command: str) -> Iterator[None]:
+    """Hold the run root's lease (:mod:`ptmst_ray.lease`) for the block, or exit 2 naming the command that holds
+    it: one command at a time writes under a run root."""
+    from ptmst_ray.lease import RootInUse, RootLease
+    from ptmst_ray.storage import StorageError
+
+    lease = RootLease(cfg.run.root, f"ptmst-ray {command}")
+    try:
+        lease.acquire()
+    except RootInUse as e:
+        fail(str(e))
+    except (OSError, StorageError) as e:
+        fail(f"run.root: cannot write the lease {lease.url}: {e}", code=1)
+    try:
+        yield
+    finally:
+        lease.release()
+
+
 INTERRUPTED = 130
 """Exit code after Ctrl-C (128 + SIGINT), as shells report it."""
 

@@ -39,7 +39,7 @@ def sweep_cmd(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = Se
               ) -> None:
     """Search sweep.space with Ray Tune (ASHA stops poor trials); the same command resumes; writes best.yaml."""
     from ptmst_ray.orchestration.sweep import SweepError, run_sweep, validate_sweep
-    from ptmst_ray_cli.common import RichUI, connect_ray, library_errors
+    from ptmst_ray_cli.common import RichUI, connect_ray, library_errors, root_lease
 
     overrides = list(set_ or []) + ([f"sweep.num_samples={samples}"] if samples is not None else [])
     cfg = get_run_config(config, overrides, address)
@@ -47,12 +47,13 @@ def sweep_cmd(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = Se
         validate_sweep(cfg)
     except SweepError as e:
         fail(str(e), code=2)
-    connect_ray(cfg, address)
-    try:
-        with progress_bars() as progress:
-            summary = run_sweep(cfg, RichUI(progress))
-    except (SweepError, *library_errors()) as e:
-        fail(str(e), code=1)
+    with root_lease(cfg, "sweep"):
+        connect_ray(cfg, address)
+        try:
+            with progress_bars() as progress:
+                summary = run_sweep(cfg, RichUI(progress))
+        except (SweepError, *library_errors()) as e:
+            fail(str(e), code=1)
     console.print(sweep_table(summary, list(cfg.sweep.space)))
     for err in summary["errors"]:
         console.print(f"[red]trial error:[/] {err.splitlines()[0][:300]}")

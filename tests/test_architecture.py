@@ -14,7 +14,7 @@ import pytest
 LIB = Path(__file__).resolve().parents[1] / "ptmst_ray"
 
 LAYERS = [
-    {"vocab", "storage", "device", "tensorio"},
+    {"vocab", "storage", "device", "tensorio", "lease"},
     {"config"},
     {"layout"},
     {"models"},
