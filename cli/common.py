@@ -166,9 +166,10 @@ def library_errors():
     from ptmst_ray.models.towers import ModelError
     from ptmst_ray.layout import StageError
     from ptmst_ray.orchestration.pipeline import PipelineError
+    from ptmst_ray.orchestration.runtime import LocalRayError
     from ptmst_ray.storage import StorageError
 
-    return (ConfigError, DataError, ModelError, PipelineError, StageError, StorageError, OSError)
+    return (ConfigError, DataError, LocalRayError, ModelError, PipelineError, StageError, StorageError, OSError)
 
 
 def explain(cfg, error: BaseException) -> str:

@@ -760,6 +760,76 @@ def test_a_second_driver_joins_the_loopback_only_ray_by_its_loopback_address(ray
     assert proc.returncode == 0 and "cpus 2" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
 
 
+STARTUP_TIMEOUT = """
+import json, logging, os, subprocess
+import ray
+from ray._private import node as ray_node
+from ptmst_ray.orchestration import runtime
+
+
+def living():  # pid -> parent of every process that is not a zombie, as ps sees them
+    rows = [r.split() for r in subprocess.run(["ps", "-e", "-o", "pid=,ppid=,stat="], capture_output=True,
+                                              text=True).stdout.splitlines()]
+    return {int(pid): int(ppid) for pid, ppid, stat in rows if not stat.startswith("Z")}
+
+
+def below_me():
+    procs, found, todo = living(), set(), [os.getpid()]
+    while todo:
+        parent = todo.pop()
+        for pid, ppid in procs.items():
+            if ppid == parent and pid not in found:
+                found.add(pid)
+                todo.append(pid)
+    return sorted(found)
+
+
+real_init, started, fail = ray_node.Node.__init__, [], [2]
+
+
+def timed_out(self, *args, **kwargs):  # a local start: Ray's processes come up, then Ray's own error
+    real_init(self, *args, **kwargs)
+    started.append(below_me())
+    if kwargs.get("head") and fail[0] > 0:
+        fail[0] -= 1
+        raise Exception("The current node timed out during startup. This could happen because some of the "
+                        "raylet failed to startup or the GCS has become overloaded.")
+
+
+ray_node.Node.__init__ = timed_out
+logging.basicConfig(level=logging.WARNING)
+try:  # twice in a row: the error that says what to do, nothing left running
+    runtime.connect(num_cpus=1)
+except runtime.LocalRayError as e:
+    error = str(e)
+gave_up = [sorted(set(pids) & set(living())) for pids in started]
+fail[0], started[:] = 1, []  # once: started again
+cpus = runtime.connect(num_cpus=1).cpus
+print(json.dumps({"error": error, "gave_up": gave_up, "cpus": cpus, "first": started[0],
+                  "alive": sorted(set(started[0]) & set(living())), "second": started[1]}))
+ray.shutdown()
+"""
+
+
+@pytest.mark.ray
+def test_a_local_ray_that_times_out_at_startup_is_ended_and_started_again(ray_session):
+    """Ray 2.60 gives a local node's raylet a fixed 30 s to register (on 2 cores with other Rays starting beside
+    it, not always enough) and then raises, leaving the processes it started. ``connect`` ends every one of them
+    and starts Ray once more; a second timeout ends those too and says what to do. The fault is injected into
+    real starts: Ray's processes come up, then Ray's error."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run([sys.executable, "-c", STARTUP_TIMEOUT], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert "did not come up in 2 attempts" in out["error"] and "ray stop" in out["error"], out
+    assert out["gave_up"] == [[], []], out  # both attempts' processes ended
+    assert len(out["first"]) >= 3, out  # GCS, raylet, dashboard, ... of the first start
+    assert out["alive"] == [], out  # every one ended
+    assert out["cpus"] == 1 and out["second"] and not set(out["second"]) & set(out["first"]), out
+    assert "did not come up" in proc.stderr and "starting it again" in proc.stderr, proc.stderr[-2000:]
+
+
 @pytest.mark.ray
 def test_a_local_ray_starts_train_runs_without_a_preemption_watcher(ray_session):
     """A local start (the session's Ray, by ``runtime.connect``) gives its processes RAY_TRAIN_ENABLE_PREEMPTION_WATCHER=0,

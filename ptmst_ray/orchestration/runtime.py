@@ -81,17 +81,98 @@ def connect(address: str | None = None, num_cpus: int | None = None, num_gpus: i
             if (os.environ.get("RAY_AUTH_MODE", "token").lower() == "token"
                     and not os.environ.get("RAY_AUTH_TOKEN") and not os.environ.get("RAY_AUTH_TOKEN_PATH")):
                 ensure_auth_token()
-            from ptmst_ray.cluster.local import free_ports
-
-            (port,) = free_ports(1)
-            log.info("starting a local Ray instance (dashboard on %s:%d)", LOOPBACK, port)
             _STARTED_LOCAL[0] = True
-            with (loopback_only(), _env_default(PREEMPTION_WATCHER_VAR, "0"),
-                  _env_set(API_SERVER_VAR, f"http://{LOOPBACK}:{port}")):
-                ray.init(num_cpus=num_cpus, num_gpus=num_gpus, namespace=NAMESPACE, include_dashboard=True,
-                         dashboard_host=LOOPBACK, dashboard_port=port, resources={TRAIN_DRIVER: train_drivers},
-                         log_to_driver=False, configure_logging=True, logging_level=logging.WARNING)
+            _start_local(num_cpus, num_gpus, train_drivers)
     return cluster_info()
+
+
+class LocalRayError(RuntimeError):
+    """A local Ray could not be started; the message says what to do (nothing of the run had started)."""
+
+
+STARTUP_TIMEOUT = "timed out during startup"
+"""Ray 2.60's error when a local node's raylet has not registered with the GCS 30 s after it started (a fixed wait,
+``ray/_private/node.py``): seen on 2 cores with other Rays starting beside it. Nothing of the project has run then;
+the processes that attempt started are ended and Ray is started once more."""
+STARTUP_ATTEMPTS = 2
+
+
+def _start_local(num_cpus: int | None, num_gpus: int | None, train_drivers: int) -> None:
+    """Start the local Ray; after Ray's startup timeout, end the processes that attempt left and start again."""
+    for attempt in range(1, STARTUP_ATTEMPTS + 1):
+        before = _descendants()
+        try:
+            _init_local(num_cpus, num_gpus, train_drivers)
+            return
+        except Exception as e:
+            if STARTUP_TIMEOUT not in str(e):
+                raise
+            left = _descendants() - before
+            if attempt < STARTUP_ATTEMPTS:
+                log.warning("the local Ray did not come up (%s: Ray waits a fixed 30 s for its node to register, "
+                            "too short on a loaded machine); ending its %d processes and starting it again",
+                            e, len(left))
+            _end_processes(left)
+            if attempt == STARTUP_ATTEMPTS:
+                raise LocalRayError(
+                    f"the local Ray did not come up in {STARTUP_ATTEMPTS} attempts ({e}); the machine is too busy: "
+                    "stop other work (`ray stop` ends the Rays you started), then run the same command again"
+                ) from None
+
+
+def _init_local(num_cpus: int | None, num_gpus: int | None, train_drivers: int) -> None:
+    from ptmst_ray.cluster.local import free_ports
+
+    (port,) = free_ports(1)
+    log.info("starting a local Ray instance (dashboard on %s:%d)", LOOPBACK, port)
+    with (loopback_only(), _env_default(PREEMPTION_WATCHER_VAR, "0"),
+          _env_set(API_SERVER_VAR, f"http://{LOOPBACK}:{port}")):
+        ray.init(num_cpus=num_cpus, num_gpus=num_gpus, namespace=NAMESPACE, include_dashboard=True,
+                 dashboard_host=LOOPBACK, dashboard_port=port, resources={TRAIN_DRIVER: train_drivers},
+                 log_to_driver=False, configure_logging=True, logging_level=logging.WARNING)
+
+
+def _processes() -> dict[int, int]:
+    """Every living (not zombie) process and its parent, from /proc (empty where there is none)."""
+    parents = {}
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            if fields[0] != "Z":
+                parents[int(entry)] = int(fields[1])
+    return parents
+
+
+def _descendants(root: int | None = None) -> set[int]:
+    """Every living process below ``root`` (this process)."""
+    children: dict[int, list[int]] = collections.defaultdict(list)
+    for pid, parent in _processes().items():
+        children[parent].append(pid)
+    found, todo = set(), [os.getpid() if root is None else root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def _end_processes(pids: set[int], grace_s: float = 1.0) -> None:
+    """SIGTERM, then SIGKILL after ``grace_s`` for those still there (processes this process started; those of a
+    failed Ray start hold nothing: its GCS, raylet and agents outlast a SIGTERM by 10 s or more)."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + grace_s
+        while (pids := pids & _processes().keys()) and time.monotonic() < deadline:  # orphans count too
+            time.sleep(0.2)
+        if not pids:
+            return
 
 
 API_SERVER_VAR = "RAY_API_SERVER_ADDRESS"
