@@ -103,6 +103,12 @@ def describe(holder: dict[str, Any], now: float | None = None) -> str:
             f"started {holder.get('started', '?')}, last heartbeat {max(age, 0):.0f} s ago)")
 
 
+def live_holder(root: str) -> dict[str, Any] | None:
+    """The command that holds ``root``'s lease now, or None (no lease, or its holder is gone)."""
+    holder = _read(lease_url(root))
+    return holder if holder and holder_gone(holder) is None else None
+
+
 class RootLease:
     """The lease of one run root, held from :meth:`acquire` to :meth:`release` (or ``with``)."""
 

@@ -157,3 +157,23 @@ def test_lease_on_a_bucket(s3, holder):
         assert json.loads(storage.read_text(lease.lease_url(url)))["token"] == mine.record["token"]
         assert s3.keys() == [f"runs/r1/{lease.LEASE_FILE}"]
     assert s3.keys() == []
+
+
+def test_launch_refuses_a_held_run_root_before_any_cluster_step(s3, monkeypatch):
+    """`ptmst-ray launch` reads the run root's lease while it plans, before `ray up`: a root another live command
+    holds (here a driver on another machine, its heartbeat fresh) is refused before any step is even shown."""
+    from ptmst_ray_cli.main import app
+
+    monkeypatch.setattr("ptmst_ray_cli.common.console.width", 400)
+    root = s3.url("runs", "held")
+    record = {"command": "ptmst-ray run", "host": "head-node", "pid": 4242, "started": "then",
+              "heartbeat": time.time() - 5, "token": "theirs"}
+    storage.write_json(lease.lease_url(root), record)
+    cluster_yaml = str(Path(__file__).resolve().parents[1] / "cluster" / "gpu.yaml")
+    result = runner.invoke(app, ["launch", cluster_yaml, "--set", f"run.root={root}", "--dry-run"])
+    assert result.exit_code == 2, result.output
+    assert f"run.root: {root} is in use by `ptmst-ray run` (pid 4242 on host head-node" in result.output
+    assert "dry run" not in result.output  # refused before the steps
+    storage.write_json(lease.lease_url(root), {**record, "heartbeat": time.time() - lease.STALE_S - 5})
+    result = runner.invoke(app, ["launch", cluster_yaml, "--set", f"run.root={root}", "--dry-run"])
+    assert result.exit_code == 0 and "dry run" in result.output, result.output  # a silent holder: the job takes over
