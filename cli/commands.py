@@ -11,7 +11,7 @@ from rich.table import Table
 
 from ptmst_ray_cli.common import (
     ConfigOpt, RichUI, SetOpt, connect_ray, console, explain, fail, get_config, get_run_config, interrupted,
-    library_errors, progress_bars, root_lease,
+    library_errors, progress_bars, refuse_held_root, root_lease,
 )
 from ptmst_ray_cli.main import app
 
@@ -82,6 +82,7 @@ def run(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt, 
 
         if address or cfg.run.address:
             fail("--as-job starts its own local Ray; on a running cluster use `ptmst-ray launch --address URL`")
+        refuse_held_root(cfg)  # before a Ray is started for a job whose driver would be refused
         raise typer.Exit(run_as_job(cfg, [*(["--config", str(config) if "://" in str(config) else str(Path(config).resolve())]
                                             if config else []),
                                           *[a for s in set_ or [] for a in ("--set", s)],

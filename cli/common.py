@@ -74,6 +74,16 @@ def preflight(cfg: Config, config: Optional[Path], address: Optional[str] = None
         fail(f"{config or DEFAULT_CONFIG}: {e}")
 
 
+def refuse_held_root(cfg: Config) -> None:
+    """Exit 2 naming the command that holds the run root's lease, if one does (for commands that leave the lease to
+    a driver they start: `run --as-job`)."""
+    from ptmst_ray.lease import RootLease, live_holder
+
+    holder = live_holder(cfg.run.root)
+    if holder:
+        fail(str(RootLease(cfg.run.root, "").refusal(holder)))
+
+
 @contextlib.contextmanager
 def root_lease(cfg: Config, command: str) -> Iterator[None]:
     """Hold the run root's lease (:mod:`ptmst_ray.lease`) for the block, or exit 2 naming the command that holds

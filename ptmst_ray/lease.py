@@ -123,7 +123,7 @@ class RootLease:
     def _mine(self, holder: dict[str, Any] | None) -> bool:
         return holder is not None and holder.get("token") == self.record["token"]
 
-    def _refuse(self, holder: dict[str, Any]) -> RootInUse:
+    def refusal(self, holder: dict[str, Any]) -> RootInUse:
         return RootInUse(
             f"run root {self.root} is in use by {describe(holder)}. Wait for it to end (or stop it), or use "
             f"another run root (--set run.root=...). If that command is no longer running, delete {self.url}")
@@ -155,15 +155,15 @@ class RootLease:
         if holder:
             gone = holder_gone(holder)
             if gone is None:
-                raise self._refuse(holder)
+                raise self.refusal(holder)
             log.warning("%s: taking over the lease of %s: %s", self.url, describe(holder), gone)
         try:
             self._write(exclusive=holder is None)
         except FileExistsError:  # another command created it between the read and the write
-            raise self._refuse(_read(self.url) or {}) from None
+            raise self.refusal(_read(self.url) or {}) from None
         back = _read(self.url)  # on an object store the last writer wins: the one that reads itself back holds it
         if not self._mine(back):
-            raise self._refuse(back or {})
+            raise self.refusal(back or {})
         self._thread = threading.Thread(target=self._beat, name="ptmst-lease", daemon=True)
         self._thread.start()
         return self

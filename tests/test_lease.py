@@ -120,8 +120,8 @@ def test_heartbeat_renews_without_counting_as_an_artefact_write_and_release_keep
 
 runner = CliRunner()
 
-COMMANDS = [["run"], ["run", "--rebuild", "experts"], ["eval", "-m", "random"], ["experts"], ["shortcut"],
-            ["pretrain"], ["data", "prepare"], ["sweep"]]
+COMMANDS = [["run"], ["run", "--rebuild", "experts"], ["run", "--as-job"], ["eval", "-m", "random"], ["experts"],
+            ["shortcut"], ["pretrain"], ["data", "prepare"], ["sweep"]]
 
 
 @pytest.mark.parametrize("args", COMMANDS, ids=lambda a: " ".join(a))
