@@ -9,7 +9,7 @@ import typer
 
 from ptmst_ray.cluster import jobs, launch
 from ptmst_ray.cluster.spec import LaunchError
-from ptmst_ray_cli.common import ConfigOpt, SetOpt, console, fail
+from ptmst_ray_cli.common import ConfigOpt, SetOpt, console, fail, get_config, refuse_held_root
 
 JobAddressOpt = typer.Option(
     None, "--address",
@@ -49,6 +49,8 @@ def launch_cmd(
         for i, step in enumerate(steps, 1):
             typer.echo(f"{i}. {step.description}\n   $ {step.render()}")
         return
+    if config is None or "://" not in str(config):  # a root another command holds: refused before `ray up`
+        refuse_held_root(get_config(config, set_))
     try:
         ctx = launch.execute_plan(
             steps, address=address,

@@ -76,10 +76,15 @@ def preflight(cfg: Config, config: Optional[Path], address: Optional[str] = None
 
 def refuse_held_root(cfg: Config) -> None:
     """Exit 2 naming the command that holds the run root's lease, if one does (for commands that leave the lease to
-    a driver they start: `run --as-job`)."""
+    a driver they start: `run --as-job`, `launch`). A lease this machine cannot read is left to that driver."""
     from ptmst_ray.lease import RootLease, live_holder
+    from ptmst_ray.storage import StorageError
 
-    holder = live_holder(cfg.run.root)
+    try:
+        holder = live_holder(cfg.run.root)
+    except (OSError, StorageError) as e:
+        logging.getLogger(__name__).debug("run root's lease not read (%s); the job's driver checks it", e)
+        return
     if holder:
         fail(str(RootLease(cfg.run.root, "").refusal(holder)))
 

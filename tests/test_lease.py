@@ -160,20 +160,24 @@ def test_lease_on_a_bucket(s3, holder):
 
 
 def test_launch_refuses_a_held_run_root_before_any_cluster_step(s3, monkeypatch):
-    """`ptmst-ray launch` reads the run root's lease while it plans, before `ray up`: a root another live command
-    holds (here a driver on another machine, its heartbeat fresh) is refused before any step is even shown."""
+    """`ptmst-ray launch` reads the run root's lease before its first step (`ray up`): a root another live command
+    holds (here a driver on another machine, its heartbeat fresh) is refused and no step runs."""
+    import ptmst_ray.cluster.launch as launch_mod
     from ptmst_ray_cli.main import app
 
+    ran = []
+    monkeypatch.setattr(launch_mod, "execute_plan", lambda steps, **k: ran.append(steps) or pytest.fail("ran"))
     monkeypatch.setattr("ptmst_ray_cli.common.console.width", 400)
     root = s3.url("runs", "held")
     record = {"command": "ptmst-ray run", "host": "head-node", "pid": 4242, "started": "then",
               "heartbeat": time.time() - 5, "token": "theirs"}
     storage.write_json(lease.lease_url(root), record)
     cluster_yaml = str(Path(__file__).resolve().parents[1] / "cluster" / "gpu.yaml")
-    result = runner.invoke(app, ["launch", cluster_yaml, "--set", f"run.root={root}", "--dry-run"])
+    result = runner.invoke(app, ["launch", cluster_yaml, "--set", f"run.root={root}"])
     assert result.exit_code == 2, result.output
-    assert f"run.root: {root} is in use by `ptmst-ray run` (pid 4242 on host head-node" in result.output
-    assert "dry run" not in result.output  # refused before the steps
+    assert f"run root {root} is in use by `ptmst-ray run` (pid 4242 on host head-node" in result.output
+    assert ran == []
     storage.write_json(lease.lease_url(root), {**record, "heartbeat": time.time() - lease.STALE_S - 5})
-    result = runner.invoke(app, ["launch", cluster_yaml, "--set", f"run.root={root}", "--dry-run"])
-    assert result.exit_code == 0 and "dry run" in result.output, result.output  # a silent holder: the job takes over
+    monkeypatch.setattr(launch_mod, "execute_plan", lambda steps, **k: ran.append(steps) or launch_mod.LaunchContext("x"))
+    result = runner.invoke(app, ["launch", cluster_yaml, "--set", f"run.root={root}"])
+    assert ran and result.exit_code == 0, result.output  # a silent holder: the launch goes on, its job takes over

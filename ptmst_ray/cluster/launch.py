@@ -147,24 +147,6 @@ def _check_pipeline_config(config_path, overrides, cluster_mode: bool) -> None:
             check_inputs_shared(cfg)
     except ConfigError as e:
         raise LaunchError(str(e) if str(e).startswith((source, "--set")) else f"{source}: {e}") from None
-    _check_root_free(cfg.run.root)
-
-
-def _check_root_free(root: str) -> None:
-    """Refuse a run root that another command holds (its lease, ptmst_ray/lease.py) before a cluster is paid for:
-    the job's driver would be refused there. A lease this machine cannot read is left to that driver."""
-    from ptmst_ray.lease import describe, lease_url, live_holder
-    from ptmst_ray.storage import StorageError
-
-    try:
-        holder = live_holder(root)
-    except (OSError, StorageError) as e:
-        log.debug("%s: not read (%s); the job's driver checks it", lease_url(root), e)
-        return
-    if holder:
-        raise LaunchError(f"run.root: {root} is in use by {describe(holder)}; wait for it to end (or stop it), or "
-                          f"use another run root (--set run.root=...); nothing was started. If that command is no "
-                          f"longer running, delete {lease_url(root)}")
 
 
 def _submit_step(ctx: LaunchContext, entrypoint: str, root: Path, runtime_env_extra: Optional[dict]) -> str:
