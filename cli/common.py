@@ -77,7 +77,7 @@ def preflight(cfg: Config, config: Optional[Path], address: Optional[str] = None
 def refuse_held_root(cfg: Config) -> None:
     """Exit 2 naming the command that holds the run root's lease, if one does (for commands that leave the lease to
     a driver they start: `run --as-job`, `launch`). A lease this machine cannot read is left to that driver."""
-    from ptmst_ray.lease import RootLease, live_holder
+    from ptmst_ray.lease import live_holder, refusal
     from ptmst_ray.storage import StorageError
 
     try:
@@ -86,7 +86,7 @@ def refuse_held_root(cfg: Config) -> None:
         logging.getLogger(__name__).debug("run root's lease not read (%s); the job's driver checks it", e)
         return
     if holder:
-        fail(str(RootLease(cfg.run.root, "").refusal(holder)))
+        fail(str(refusal(cfg.run.root, holder)))
 
 
 @contextlib.contextmanager

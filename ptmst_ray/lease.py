@@ -78,9 +78,9 @@ def _alive(pid: Any) -> bool:
         return True
 
 
-def holder_gone(holder: dict[str, Any], now: float | None = None) -> str | None:
+def holder_gone(holder: dict[str, Any]) -> str | None:
     """Why ``holder``'s lease is free (its process ended, its heartbeat is old), or None while it holds it."""
-    age = _age(holder, now)
+    age = _age(holder)
     if holder.get("host") == socket.gethostname() and not _alive(holder.get("pid")):
         return f"process {holder.get('pid')} on this host has ended"
     if age > STALE_S:
@@ -88,19 +88,26 @@ def holder_gone(holder: dict[str, Any], now: float | None = None) -> str | None:
     return None
 
 
-def _age(holder: dict[str, Any], now: float | None = None) -> float:
+def _age(holder: dict[str, Any]) -> float:
     """Seconds since ``holder``'s last heartbeat (a lease without a readable one is as old as can be)."""
     try:
         beat = float(holder.get("heartbeat", 0))
     except (TypeError, ValueError):
         beat = 0.0
-    return (time.time() if now is None else now) - beat
+    return time.time() - beat
 
 
-def describe(holder: dict[str, Any], now: float | None = None) -> str:
-    age = _age(holder, now)
+def describe(holder: dict[str, Any]) -> str:
+    age = _age(holder)
     return (f"`{holder.get('command', '?')}` (pid {holder.get('pid', '?')} on host {holder.get('host', '?')}, "
             f"started {holder.get('started', '?')}, last heartbeat {max(age, 0):.0f} s ago)")
+
+
+def refusal(root: str, holder: dict[str, Any]) -> RootInUse:
+    """The error for a command refused on ``root``: who holds it and what to do."""
+    return RootInUse(
+        f"run root {root} is in use by {describe(holder)}. Wait for it to end (or stop it), or use another run "
+        f"root (--set run.root=...). If that command is no longer running, delete {lease_url(root)}")
 
 
 def live_holder(root: str) -> dict[str, Any] | None:
@@ -122,11 +129,6 @@ class RootLease:
 
     def _mine(self, holder: dict[str, Any] | None) -> bool:
         return holder is not None and holder.get("token") == self.record["token"]
-
-    def refusal(self, holder: dict[str, Any]) -> RootInUse:
-        return RootInUse(
-            f"run root {self.root} is in use by {describe(holder)}. Wait for it to end (or stop it), or use "
-            f"another run root (--set run.root=...). If that command is no longer running, delete {self.url}")
 
     def _write(self, exclusive: bool) -> None:
         self.record["heartbeat"] = time.time()
@@ -155,15 +157,15 @@ class RootLease:
         if holder:
             gone = holder_gone(holder)
             if gone is None:
-                raise self.refusal(holder)
+                raise refusal(self.root, holder)
             log.warning("%s: taking over the lease of %s: %s", self.url, describe(holder), gone)
         try:
             self._write(exclusive=holder is None)
         except FileExistsError:  # another command created it between the read and the write
-            raise self.refusal(_read(self.url) or {}) from None
+            raise refusal(self.root, _read(self.url) or {}) from None
         back = _read(self.url)  # on an object store the last writer wins: the one that reads itself back holds it
         if not self._mine(back):
-            raise self.refusal(back or {})
+            raise refusal(self.root, back or {})
         self._thread = threading.Thread(target=self._beat, name="ptmst-lease", daemon=True)
         self._thread.start()
         return self
