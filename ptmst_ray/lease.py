@@ -62,26 +62,10 @@ def _read(url: str) -> dict[str, Any] | None:
     return holder
 
 
-def _alive(pid: Any) -> bool:
-    if not isinstance(pid, int) or pid <= 0:  # names no process (os.kill(-1, 0) would ask about every one)
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process: it exists
-        return True
-    try:  # a killed process that its parent has not reaped yet is a zombie: ended all the same
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
-
-
 def holder_gone(holder: dict[str, Any]) -> str | None:
     """Why ``holder``'s lease is free (its process ended, its heartbeat is old), or None while it holds it."""
     age = _age(holder)
-    if holder.get("host") == socket.gethostname() and not _alive(holder.get("pid")):
+    if holder.get("host") == socket.gethostname() and not storage.process_alive(holder.get("pid")):
         return f"process {holder.get('pid')} on this host has ended"
     if age > STALE_S:
         return f"its last heartbeat was {age:.0f} s ago (more than {STALE_S:.0f} s)"

@@ -14,6 +14,9 @@ import hashlib
 import json
 import logging
 import os
+import shutil
+import socket
+import tempfile
 import uuid
 from typing import Any, Iterator
 
@@ -297,6 +300,58 @@ def read_verified(directory: str, name: str, digest: str) -> bytes:
     if hash_bytes(blob) != digest:
         raise _hash_mismatch(directory, url)
     return blob
+
+
+# --------------------------------------------------------------------------- local scratch of one process
+
+SCRATCH_PREFIX = "ptmst-scratch"
+
+
+def process_alive(pid: Any) -> bool:
+    """Whether process ``pid`` of this host still runs (a zombie, killed but not reaped yet, has ended)."""
+    if not isinstance(pid, int) or pid <= 0:  # names no process (os.kill(-1, 0) would ask about every one)
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: it exists
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def scratch_dir(what: str) -> str:
+    """A new local directory for files on their way to storage (a checkpoint before Train uploads it), in the
+    system's temp dir and named after this host and process: ``ptmst-scratch.<what>.<host>.<pid>.<random>``.
+
+    Its caller removes it once the files are stored; a process killed before that (Train's retry of a worker
+    that Ray's OOM killer ended, a Ctrl-C during an upload) cannot, so every call first removes the scratch
+    directories of this host's ended processes: what one kill leaves (a phase checkpoint is the whole
+    synthetic set, 300 MB at 500 pairs of 224 px) does not pile up on a node that keeps running."""
+    if "." in what:
+        raise ValueError(f"scratch_dir: {what!r} must not contain '.'")
+    remove_orphaned_scratch()
+    return tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}.{what}.{socket.gethostname()}.{os.getpid()}.")
+
+
+def remove_orphaned_scratch() -> list[str]:
+    """Remove the :func:`scratch_dir` directories of this host whose process has ended; returns their paths."""
+    tmp, host, removed = tempfile.gettempdir(), socket.gethostname(), []
+    with contextlib.suppress(OSError):
+        for name in os.listdir(tmp):
+            if not name.startswith(SCRATCH_PREFIX + "."):
+                continue
+            parts = name[len(SCRATCH_PREFIX) + 1:].rsplit(".", 2)  # <what>.<host>, <pid>, <random>
+            if len(parts) != 3 or "." not in parts[0] or not parts[1].isdigit():
+                continue
+            if parts[0].split(".", 1)[1] == host and not process_alive(int(parts[1])):
+                shutil.rmtree(os.path.join(tmp, name), ignore_errors=True)
+                removed.append(os.path.join(tmp, name))
+    return removed
 
 
 # --------------------------------------------------------------------------- this node's verified local files

@@ -80,3 +80,51 @@ def test_access_denied_recognises_refusals_in_any_wrapping():
     assert not storage.access_denied(client_error("NoSuchKey"))
     assert not storage.access_denied(EndpointConnectionError(endpoint_url="http://127.0.0.1:1"))
     assert not storage.access_denied(OSError(5, "I/O error"))
+
+
+def test_scratch_of_ended_processes_is_removed_by_the_next_scratch_dir(tmp_path, monkeypatch):
+    """A process killed between writing a checkpoint to its scratch dir and removing it (after Train's upload)
+    leaves the dir; the next scratch_dir on the host removes it, and only it: not a running process's, not
+    another host's, not a file that is not scratch."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    make = ("import os, sys, time; from ptmst_ray import storage; d = storage.scratch_dir('phase0'); "
+            "open(os.path.join(d, 'state.safetensors'), 'wb').write(b'x' * 1000); print(d, flush=True); "
+            "time.sleep(float(sys.argv[1]))")
+    running = subprocess.Popen([sys.executable, "-c", make, "600"], env=env, stdout=subprocess.PIPE, text=True)
+    killed = subprocess.Popen([sys.executable, "-c", make, "600"], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        running_dir, killed_dir = running.stdout.readline().strip(), killed.stdout.readline().strip()
+        ended = subprocess.run([sys.executable, "-c", make, "0"], env=env, capture_output=True, text=True,
+                               check=True)  # the last to make one: nothing has removed its dir yet
+        killed.kill()
+        killed.wait()
+        ended_dir = ended.stdout.strip()
+        ended_pid = int(os.path.basename(ended_dir).rsplit(".", 2)[1])  # ended: on another host, kept
+        other_host = tmp_path / f"{storage.SCRATCH_PREFIX}.phase0.not-{socket.gethostname()}.{ended_pid}.ab"
+        other_host.mkdir()
+        unrelated = tmp_path / "ptmst-phase0-x1"  # not a scratch dir's name
+        unrelated.mkdir()
+        for d in (ended_dir, killed_dir, running_dir):
+            assert os.path.isfile(os.path.join(d, "state.safetensors")) and os.path.dirname(d) == str(tmp_path)
+
+        mine = storage.scratch_dir("round")
+
+        assert not os.path.exists(ended_dir) and not os.path.exists(killed_dir)
+        assert os.path.isfile(os.path.join(running_dir, "state.safetensors"))
+        assert other_host.is_dir() and unrelated.is_dir() and os.path.isdir(mine)
+        assert f".{os.getpid()}." in os.path.basename(mine)
+        assert storage.remove_orphaned_scratch() == []  # this process's own dir is kept too
+        assert os.path.isdir(mine)
+    finally:
+        running.kill()
+        running.wait()
+    assert storage.remove_orphaned_scratch() == [running_dir]
+    with pytest.raises(ValueError, match="must not contain"):
+        storage.scratch_dir("a.b")

@@ -15,7 +15,6 @@ import logging
 import os
 import shutil
 import signal
-import tempfile
 import threading
 import time
 from typing import Any
@@ -94,7 +93,7 @@ def phase_train_func(config: dict) -> None:
     trial = config.get("trial") or ""
 
     def save_checkpoint(state: dict) -> None:
-        tmp = tempfile.mkdtemp(prefix=f"ptmst-{name}-")
+        tmp = storage.scratch_dir(name)
         tensorio.save_state(tmp, state, meta={"phase": name})
         pending["dir"] = tmp
 

@@ -26,7 +26,6 @@ import logging
 import math
 import re
 import shutil
-import tempfile
 import time
 from typing import Any
 
@@ -279,7 +278,7 @@ def _distil_round(cfg: Config, trial_id: str, k: int, board) -> None:
 
 
 def _save_round(k: int) -> tune.Checkpoint:
-    d = tempfile.mkdtemp(prefix="ptmst-round-")
+    d = storage.scratch_dir("round")
     with open(f"{d}/{ROUND_FILE}", "w") as f:
         json.dump({"round": k}, f)
     return tune.Checkpoint.from_directory(d)
