@@ -217,7 +217,9 @@ def experts(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetO
             with progress_bars() as progress:
                 ui = RichUI(progress)
                 board = progress_board()
-                out = run_experts(cfg, board, make_poll(board, ui))
+                poll = make_poll(board, ui)
+                out = run_experts(cfg, board, poll)
+                poll(force=True)  # the last lines before the summary
         except library_errors() as e:
             fail(explain(cfg, e), code=1)
     console.print(f"experts: {out['trained']} trained, {out['skipped']} already complete, "
@@ -261,7 +263,9 @@ def eval_(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt
             connect_ray(cfg, address)
             with progress_bars() as progress:
                 board = progress_board()
-                results = evaluate(cfg, list(method), board, make_poll(board, RichUI(progress)))
+                poll = make_poll(board, RichUI(progress))
+                results = evaluate(cfg, list(method), board, poll)
+                poll(force=True)  # the last lines before the table
         except library_errors() as e:
             fail(explain(cfg, e), code=1)
     console.print(results_table(results))

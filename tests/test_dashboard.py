@@ -100,6 +100,38 @@ def test_progress_board_shows_its_state(ray_session, token):
     assert "progress" in (alive[0].get("repr_name") or "")
 
 
+def test_a_stage_ends_with_its_last_progress_drawn_before_the_next_stage(ray_session):
+    """A stage's last progress (an expert's final epoch) reaches the display before the next stage's header: in a
+    log (a Ray Job's, CI's) each drawn change is a line, and the poll twice a second used to draw it after."""
+    import ray
+
+    from ptmst_ray.orchestration.pipeline import StageTimes
+    from ptmst_ray.orchestration.runtime import ProgressBoard, make_poll, report_progress
+
+    class Recorder:  # the UI protocol, keeping what it was asked to show, in order
+        def __init__(self):
+            self.shown: list = []
+
+        def stage(self, name: str) -> None:
+            self.shown.append(("stage", name))
+
+        def update(self, tasks: dict) -> None:
+            self.shown.append(("update", {n: t["done"] for n, t in tasks.items()}))
+
+    ui, board = Recorder(), ProgressBoard.remote()  # a board of its own: the session's holds other tests' tasks
+    try:
+        times = StageTimes("", make_poll(board, ui))
+        ui.stage("experts")
+        with times.stage("experts") as out:
+            report_progress(board, "expert 0", 6, 6, "loss 0.70")  # the last report; no poll after it
+            out["ran"] = True
+        ui.stage("phases")
+    finally:
+        ray.kill(board)
+    assert ui.shown == [("stage", "experts"), ("update", {"expert 0": 6}), ("stage", "phases")]
+    assert [(r["stage"], r["ran"]) for r in times.rows] == [("experts", True)]
+
+
 class Scraper:
     """Reads the node's Prometheus endpoint every second in a thread, keeping every label set seen per
     metric: Ray's agent drops a process's metrics some seconds after the process ends (expert actors and

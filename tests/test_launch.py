@@ -349,6 +349,8 @@ def test_job_on_two_node_cluster_with_run_root_in_a_bucket(s3, local_cluster, tm
               cwd, env)
     assert ev.returncode == 0, (ev.stdout + ev.stderr)[-4000:]
     assert json.loads((tmp_path / "ev.json").read_text())["methods"]["ptm_st"]["pairs"] == cfg.total_pairs
+    # its log (no terminal: one line per change) ends the seed's progress before the table, not after or never
+    assert -1 < ev.stderr.find("eval ptm_st seed 0: 1/1 r_mean") < ev.stderr.find("retrieval recall"), ev.stderr
     assert list(cwd.iterdir()) == [], "a command wrote to the local working directory"
     assert S3_SECRET not in show.stdout + show.stderr + ev.stdout + ev.stderr
 

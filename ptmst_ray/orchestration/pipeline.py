@@ -198,9 +198,11 @@ class StageTimes:
     A stage run in the driver that wrote no file did no work; the Ray stages say what they did.
     """
 
-    def __init__(self, run: str = ""):
+    def __init__(self, run: str = "", poll: Poll | None = None):
         self.run = run
         """The run root: the ``stage`` metric's tag (the dashboard shows the stage in progress)."""
+        self.poll = poll
+        """Called with ``force=True`` as a stage ends: the display shows the stage's last state before the next."""
         self.rows: list[dict] = []
         """One row per stage in pipeline order: {"stage", "seconds", "ran"} (a list: JSON keeps its order)."""
 
@@ -212,6 +214,8 @@ class StageTimes:
         yield out
         self.rows.append({"stage": name, "seconds": round(time.monotonic() - t0, 2),
                           "ran": bool(out["ran"]) if "ran" in out else storage.writes() > writes})
+        if self.poll is not None:
+            self.poll(force=True)
 
 
 def run_prerequisites(cfg: Config, ui: UI, board, poll: Poll, times: StageTimes | None = None,
@@ -221,7 +225,7 @@ def run_prerequisites(cfg: Config, ui: UI, board, poll: Poll, times: StageTimes 
     Shared by `run` and `sweep`; returns run_experts' counts. ``times`` records each stage's time, ``where``
     (if given) receives ``embed``: the node and GPU ids the caption embeddings were computed on.
     """
-    times = times or StageTimes(cfg.run.root)
+    times = times or StageTimes(cfg.run.root, poll)
     ui.stage("data: prepare")
     with times.stage("data") as out:
         out["ran"] = False
@@ -284,7 +288,7 @@ def _run_stages(cfg: Config, ui: UI) -> dict[str, Any]:
     board = progress_board()
     ray.get(board.clear.remote())
     poll = make_poll(board, ui)
-    t0, times = time.time(), StageTimes(cfg.run.root)
+    t0, times = time.time(), StageTimes(cfg.run.root, poll)
     where: dict = {}
     experts = run_prerequisites(cfg, ui, board, poll, times, where)
 

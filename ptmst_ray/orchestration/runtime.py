@@ -440,17 +440,20 @@ class NullUI:
         pass
 
 
-Poll = Callable[[], None]
+Poll = Callable[..., None]
+"""``poll()`` in the driver's wait loops; :func:`make_poll`'s also takes ``force=True``."""
 
 
 def make_poll(board, ui: UI) -> Poll:
-    """A poll for the driver's wait loops: Ctrl-C check, and the board's state to ``ui`` twice a second."""
+    """A poll for the driver's wait loops: Ctrl-C check, and the board's state to ``ui`` twice a second;
+    ``poll(force=True)`` draws it now (at a stage's end, so that its last lines come before the next stage's
+    header: in a log, where each change is a line, they came after it)."""
     last = [0.0]
 
-    def poll() -> None:
+    def poll(force: bool = False) -> None:
         check_interrupted()
         now = time.monotonic()
-        if now - last[0] >= 0.5:
+        if force or now - last[0] >= 0.5:
             last[0] = now
             try:
                 ui.update(ray.get(board.snapshot.remote(), timeout=5))
