@@ -25,11 +25,17 @@ ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config (default: con
 SetOpt = typer.Option(None, "--set", "-s", help="Override a field: section.field=value (repeatable), e.g. distill.syn_steps=4.")
 
 
+OWN_LOGGERS = ("ptmst_ray", "ptmst_ray_cli")
+
+
 def setup_logging(verbose: bool = False) -> None:
-    """Configure logging once, at the CLI entry point."""
-    level = logging.DEBUG if verbose else logging.INFO
-    logging.basicConfig(level=level, format="%(message)s", handlers=[RichHandler(console=console, show_path=False)],
-                        force=True)
+    """Configure logging once, at the CLI entry point: this project's INFO lines, other libraries' warnings only
+    (open_clip logs its tokenizer lookups at INFO on the root logger); ``--verbose``: everything at DEBUG but
+    the chattiest libraries."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(message)s",
+                        handlers=[RichHandler(console=console, show_path=False)], force=True)
+    for ours in OWN_LOGGERS:
+        logging.getLogger(ours).setLevel(logging.DEBUG if verbose else logging.INFO)
     for noisy in ("urllib3", "filelock", "fsspec", "matplotlib", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 

@@ -52,3 +52,29 @@ def test_run_on_another_machines_cluster_refuses_local_inputs(tmp_path):
     result = runner.invoke(app, ["run", "--address", "10.0.0.5:6379", "--set", f"run.root={tmp_path}"])
     out = " ".join(result.output.split())
     assert result.exit_code == 2 and "run.root" in out and "every node reads it" in out, out
+
+
+def test_logging_shows_this_projects_info_and_other_libraries_warnings(capsys):
+    """open_clip logs each tokenizer lookup at INFO on the root logger: the CLI shows its own INFO lines, not
+    those; ``--verbose`` shows everything."""
+    import logging
+
+    from ptmst_ray_cli.common import OWN_LOGGERS, setup_logging
+
+    root, touched = logging.getLogger(), [logging.getLogger(n) for n in OWN_LOGGERS]
+    saved = (root.level, list(root.handlers), [lg.level for lg in touched])
+    try:
+        for verbose in (False, True):
+            setup_logging(verbose)
+            logging.info("third-party info %s", verbose)  # what open_clip does
+            logging.warning("third-party warning %s", verbose)
+            logging.getLogger("ptmst_ray.stages.experts").info("our info %s", verbose)
+            logging.getLogger("ptmst_ray_cli.commands").debug("our debug %s", verbose)
+            shown = capsys.readouterr().err
+            assert "our info" in shown and "third-party warning" in shown
+            assert ("third-party info" in shown) is verbose and ("our debug" in shown) is verbose
+    finally:
+        root.setLevel(saved[0])
+        root.handlers[:] = saved[1]
+        for lg, level in zip(touched, saved[2]):
+            lg.setLevel(level)
