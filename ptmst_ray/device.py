@@ -20,7 +20,9 @@ def pick_device() -> torch.device:
 def worker_device(device: "torch.device | str | None" = None) -> torch.device:
     """The device a stage computes on: ``device`` if given (a caller's explicit choice, e.g. a test's), else
     :func:`pick_device`. In a Ray worker that was given a GPU, Ray sets CUDA_VISIBLE_DEVICES to that GPU
-    alone, so ``cuda:0`` is the GPU Ray gave it (never another task's)."""
+    alone, so ``cuda:0`` is the GPU Ray gave it (never another task's): such a worker is a process of its own
+    (an actor, a Train worker, or a task submitted through ``orchestration.runtime.Task``), since CUDA keeps
+    the device a process first bound."""
     return torch.device(device) if device is not None else pick_device()
 
 

@@ -200,6 +200,50 @@ def test_heavy_tasks_ask_for_a_gpu_where_the_cluster_has_them(ray_session, tmp_p
     assert len(ray.get(given.options(**task_resources(cfg)).remote())) == 1
 
 
+@pytest.mark.ray
+def test_a_task_given_a_gpu_runs_in_a_process_of_its_own(ray_session, tmp_path):
+    """A call that asks for a GPU runs in a worker that ends with it (a reused one would keep an earlier task's
+    GPU memory and CUDA device); calls on CPUs share Ray's pooled workers. Ray's own remote function given GPUs
+    per call reuses its worker (what ``runtime.Task`` is for); the pipeline's GPU-capable tasks are Tasks."""
+    import os
+    import time
+
+    import ray
+
+    from ptmst_ray.orchestration import pipeline
+    from ptmst_ray.orchestration.runtime import Task
+
+    def pid_and_gpus() -> tuple[int, list[str]]:
+        return os.getpid(), [str(g) for g in ray.get_gpu_ids()]
+
+    gpu = pipeline.task_resources(tiny_config(tmp_path))
+    probe = Task(pid_and_gpus, num_cpus=1)
+    on_gpus = [ray.get(probe.options(**gpu).remote()) for _ in range(3)]
+    assert all(len(ids) == 1 for _, ids in on_gpus), on_gpus
+    pids = [pid for pid, _ in on_gpus]
+    assert len(set(pids)) == 3, pids
+
+    def ended(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        return False
+
+    deadline = time.time() + 60
+    while not all(ended(p) for p in pids) and time.time() < deadline:
+        time.sleep(0.2)
+    assert all(ended(p) for p in pids), [p for p in pids if not ended(p)]
+
+    on_cpus = [ray.get(probe.options(num_cpus=1).remote())[0] for _ in range(3)]
+    assert len(set(on_cpus)) < 3, on_cpus
+    plain = ray.remote(num_cpus=1)(pid_and_gpus)
+    reused = [ray.get(plain.options(**gpu).remote())[0] for _ in range(3)]
+    assert len(set(reused)) < 3, reused
+    for name in ("_pretrain_run_task", "_embed_task", "_features_task", "_score_task"):
+        assert isinstance(getattr(pipeline, name), Task), name
+
+
 # --------------------------------------------------------------------------- the phase worker's teachers
 
 

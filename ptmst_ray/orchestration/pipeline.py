@@ -26,7 +26,7 @@ from ptmst_ray.orchestration.experts import (
 from ptmst_ray.orchestration.metrics import stage_started
 from ptmst_ray.orchestration.runtime import (
     UI, NullUI, Poll, cluster_info, make_poll, progress_board, release_gpus, report_progress, request_gpus,
-    resolve_accelerator, uses_gpus, wait_all, worker_threads,
+    resolve_accelerator, task, uses_gpus, wait_all, worker_threads,
 )
 from ptmst_ray.stages import aggregate as aggregate_stage
 from ptmst_ray.stages import data as data_stage
@@ -63,7 +63,7 @@ def score_resources(cfg: Config) -> dict:
     return {**task_resources(cfg), **memory_option(split_nbytes(cfg))}
 
 
-@ray.remote(num_cpus=1)
+@task(num_cpus=1)
 def _pretrain_run_task(cfg_dict: dict, run: dict, label: str, board=None) -> dict:
     """One CLIP run of the pretraining stage on the GPU Ray gave it (``task_resources``), else its own CPU."""
     set_threads(worker_threads(from_dict(cfg_dict).run.threads_per_worker))
@@ -86,7 +86,7 @@ def pretrain_task(cfg_dict: dict, board=None) -> dict | None:
     return pretrain_stage.pretrain(from_dict(cfg_dict), train=train)
 
 
-@ray.remote(num_cpus=1)
+@task(num_cpus=1)
 def _embed_task(cfg_dict: dict, board=None) -> dict:
     """The caption-embedding stage on the GPU Ray gave it (the text tower picks CUDA where there is one):
     BERT-base over 145k-566k captions is hours on a head's CPUs, minutes on a GPU."""
@@ -116,7 +116,7 @@ def _features_progress(board):
     return (lambda done, total: report_progress(board, "image features", done, total)) if board else None
 
 
-@ray.remote(num_cpus=1)
+@task(num_cpus=1)
 def _features_task(cfg_dict: dict, board=None) -> dict:
     """The frozen-tower feature pass on the GPU Ray gave it (the tower picks CUDA where there is one)."""
     cfg = from_dict(cfg_dict)
@@ -144,7 +144,7 @@ def image_features(cfg: Config, board=None, poll: Poll | None = None) -> dict:
     return wait_all([_features_task.options(name="image features", **options).remote(cfg.to_dict(), board)], poll)[0]
 
 
-@ray.remote(num_cpus=1)
+@task(num_cpus=1)
 def _score_task(cfg_dict: dict, method: str, seed: int, board=None) -> dict:
     """One (method, seed) student, on the GPU Ray gave it (``task_resources``), else one CPU thread."""
     cfg = from_dict(cfg_dict)

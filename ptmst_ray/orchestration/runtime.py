@@ -463,6 +463,35 @@ def make_poll(board, ui: UI) -> Poll:
     return poll
 
 
+class Task:
+    """A function as a Ray task whose resources each call gives (``.options(num_gpus=...)``): a call that asks for
+    GPUs runs in a worker process of its own, which ends with the task; other calls run in Ray's pooled workers.
+
+    Ray ends a worker after one task only for functions declared with GPUs (``@ray.remote(num_gpus=...)`` sets
+    ``max_calls=1``: CUDA libraries keep a process's GPU memory after the task, ray-project/ray#29624, and CUDA keeps
+    the device a process first bound whatever CUDA_VISIBLE_DEVICES Ray sets for its next task); GPUs given per call
+    in ``.options`` bypass that, and a reused worker would hold memory on, and compute on, the GPU of an earlier
+    task. On CPUs, reusing a worker saves its start-up (torch and open_clip imported again: seconds a task)."""
+
+    def __init__(self, fn: Callable, **options):
+        self._pooled = ray.remote(**options)(fn)
+        self._own_process = ray.remote(max_calls=1, **options)(fn)
+        self.__name__ = fn.__name__
+        self.__doc__ = fn.__doc__
+
+    def options(self, **call_options):
+        task = self._own_process if call_options.get("num_gpus") else self._pooled
+        return task.options(**call_options)
+
+    def remote(self, *args, **kwargs):
+        return self._pooled.remote(*args, **kwargs)
+
+
+def task(**options) -> Callable[[Callable], Task]:
+    """Decorator: ``@task(num_cpus=1)`` makes a :class:`Task` (``@ray.remote``'s options)."""
+    return lambda fn: Task(fn, **options)
+
+
 def wait_all(refs: list, poll: Poll | None = None) -> list:
     """``ray.get(refs)``, polling every half second while they run."""
     pending = list(refs)
