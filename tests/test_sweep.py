@@ -197,6 +197,13 @@ def test_sweep_on_a_bucket_asha_stops_a_diverged_trial_and_rerun_restores(ray_se
     assert bad["diverged"] and bad["r_mean"] == 0.0 and bad["stopped_early"] and bad["rounds"] == 1
     assert bad["iterations"] == 1  # diverged at its first iteration
     assert [r["r_mean"] for r in summary["rows"]] == [good["r_mean"], 0.0]  # best first
+    # the good trial's two rounds were scored as evaluation students are: on a GPU where the cluster has them
+    # (the session's 2 logical ones), not on one CPU thread
+    from ray.util.state import list_tasks
+
+    scored = [t for t in list_tasks(address=ray_session.dashboard_url, detail=True,
+                                    filters=[("func_or_class_name", "=", "_score_round")]) if t.state == "FINISHED"]
+    assert len(scored) == 2 and all(t.required_resources.get("GPU") == 1.0 for t in scored), scored
 
     out = summary["dir"]
     assert out.startswith(f"s3://{s3.bucket}/base/sweeps/"), out

@@ -39,10 +39,10 @@ from ptmst_ray.device import set_threads
 from ptmst_ray.layout import Layout, StageError, needed_ranges, phase_jobs, phase_outcome
 from ptmst_ray.orchestration.experts import expert_nbytes, memory_option, shortcut_nbytes
 from ptmst_ray.orchestration.phases import fit_and_prune, make_trainer, storage_args
-from ptmst_ray.orchestration.pipeline import run_prerequisites
+from ptmst_ray.orchestration.pipeline import run_prerequisites, score_resources
 from ptmst_ray.orchestration.runtime import (
     TRAIN_DRIVER, ClusterInfo, NullUI, cluster_info, ensure_train_state_actor, make_poll, progress_board, release_gpus,
-    report_progress, request_gpus, resolve_accelerator, wait_all,
+    report_progress, request_gpus, resolve_accelerator, task, wait_all, worker_threads,
 )
 from ptmst_ray.stages.experts import compress_expert, missing_shortcuts
 from ptmst_ray.stages.score import score_one_seed, subset_from_dir
@@ -246,10 +246,13 @@ _OUTSIDE_TRIAL = PlacementGroupSchedulingStrategy(placement_group=None)
 """Tasks of a trial leave its placement group (one train_driver bundle, no CPU for them)."""
 
 
-@ray.remote(num_cpus=1)
+@task(num_cpus=1)
 def _score_round(cfg_dict: dict) -> dict:
-    set_threads(1)
+    """A round's quick evaluation, on a GPU where the run targets GPUs (``pipeline.score_resources``, as an
+    evaluation student: at paper scale a student on one CPU thread takes hours), else on one CPU thread."""
     cfg = from_dict(cfg_dict)
+    gpu = ray.get_runtime_context().get_assigned_resources().get("GPU")
+    set_threads(worker_threads(cfg.run.threads_per_worker) if gpu else 1)
     return score_one_seed(cfg, PTM_ST, 0, subsets=round_subsets(cfg))
 
 
@@ -324,8 +327,9 @@ def run_trial(values: dict[str, Any], base: dict, name: str, board=None) -> None
             info = f"round {k}: {name_diverged} diverged (r_mean 0)"
         else:
             report_progress(board, label, k - 1, rounds, "evaluating")
-            out = ray.get(_score_round.options(scheduling_strategy=_OUTSIDE_TRIAL, name=f"eval {trial_id} round {k}")
-                          .remote(eval_config(cfg).to_dict()))
+            quick = eval_config(cfg)
+            out = ray.get(_score_round.options(scheduling_strategy=_OUTSIDE_TRIAL, name=f"eval {trial_id} round {k}",
+                                               **score_resources(quick)).remote(quick.to_dict()))
             metrics = trial_metrics(out)
             info = f"round {k}: r_mean {metrics['r_mean']:.1f}"
         report_progress(board, label, k, rounds, info)
