@@ -480,8 +480,8 @@ class Task:
         self.__doc__ = fn.__doc__
 
     def options(self, **call_options):
-        task = self._own_process if call_options.get("num_gpus") else self._pooled
-        return task.options(**call_options)
+        chosen = self._own_process if call_options.get("num_gpus") else self._pooled
+        return chosen.options(**call_options)
 
     def remote(self, *args, **kwargs):
         return self._pooled.remote(*args, **kwargs)
