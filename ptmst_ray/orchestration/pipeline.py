@@ -26,7 +26,7 @@ from ptmst_ray.orchestration.experts import (
 from ptmst_ray.orchestration.metrics import stage_started
 from ptmst_ray.orchestration.runtime import (
     UI, NullUI, Poll, cluster_info, make_poll, progress_board, release_gpus, report_progress, request_gpus,
-    resolve_accelerator, task, uses_gpus, wait_all, worker_threads,
+    resolve_accelerator, student_threads, task, uses_gpus, wait_all, worker_threads,
 )
 from ptmst_ray.stages import aggregate as aggregate_stage
 from ptmst_ray.stages import data as data_stage
@@ -148,7 +148,7 @@ def image_features(cfg: Config, board=None, poll: Poll | None = None) -> dict:
 def _score_task(cfg_dict: dict, method: str, seed: int, board=None) -> dict:
     """One (method, seed) student, on the GPU Ray gave it (``task_resources``), else one CPU thread."""
     cfg = from_dict(cfg_dict)
-    set_threads(worker_threads(cfg.run.threads_per_worker) if ray.get_runtime_context().get_assigned_resources().get("GPU") else 1)
+    set_threads(student_threads(cfg.run.threads_per_worker))
     name = f"eval {method} seed {seed}"
     points = cfg.eval.eval_points
     epochs = schedule(cfg.eval, method, data_stage.has_val(Layout.of(cfg).data))["epochs"]  # the most it trains

@@ -734,3 +734,10 @@ def worker_threads(threads_per_worker: int) -> int:
 
     resources = ray.get_runtime_context().get_assigned_resources()
     return 2 if resources.get("GPU") and torch.cuda.is_available() else max(1, int(resources.get("CPU", 1)))
+
+
+def student_threads(threads_per_worker: int) -> int:
+    """torch threads of an evaluation student's task: :func:`worker_threads` when Ray gave it a GPU, else 1 (its
+    one CPU)."""
+    gpu = ray.get_runtime_context().get_assigned_resources().get("GPU")
+    return worker_threads(threads_per_worker) if gpu else 1

@@ -42,7 +42,7 @@ from ptmst_ray.orchestration.phases import fit_and_prune, make_trainer, storage_
 from ptmst_ray.orchestration.pipeline import run_prerequisites, score_resources
 from ptmst_ray.orchestration.runtime import (
     TRAIN_DRIVER, ClusterInfo, NullUI, cluster_info, ensure_train_state_actor, make_poll, progress_board, release_gpus,
-    report_progress, request_gpus, resolve_accelerator, task, wait_all, worker_threads,
+    report_progress, request_gpus, resolve_accelerator, student_threads, task, wait_all,
 )
 from ptmst_ray.stages.experts import compress_expert, missing_shortcuts
 from ptmst_ray.stages.score import score_one_seed, subset_from_dir
@@ -251,8 +251,7 @@ def _score_round(cfg_dict: dict) -> dict:
     """A round's quick evaluation, on a GPU where the run targets GPUs (``pipeline.score_resources``, as an
     evaluation student: at paper scale a student on one CPU thread takes hours), else on one CPU thread."""
     cfg = from_dict(cfg_dict)
-    gpu = ray.get_runtime_context().get_assigned_resources().get("GPU")
-    set_threads(worker_threads(cfg.run.threads_per_worker) if gpu else 1)
+    set_threads(student_threads(cfg.run.threads_per_worker))
     return score_one_seed(cfg, PTM_ST, 0, subsets=round_subsets(cfg))
 
 
@@ -314,6 +313,8 @@ def run_trial(values: dict[str, Any], base: dict, name: str, board=None) -> None
     for i in range(cfg.experts.num_experts):  # a range the driver could not foresee: computed once, shared
         compress_expert(cfg, i)
     label = f"trial {trial_id}"
+    quick = eval_config(cfg)
+    score_options = score_resources(quick)
     for k in range(_restored_round() + 1, rounds + 1):
         report_progress(board, label, k - 1, rounds, "distilling")
         diverged = diverged_phase(cfg)
@@ -327,9 +328,8 @@ def run_trial(values: dict[str, Any], base: dict, name: str, board=None) -> None
             info = f"round {k}: {name_diverged} diverged (r_mean 0)"
         else:
             report_progress(board, label, k - 1, rounds, "evaluating")
-            quick = eval_config(cfg)
             out = ray.get(_score_round.options(scheduling_strategy=_OUTSIDE_TRIAL, name=f"eval {trial_id} round {k}",
-                                               **score_resources(quick)).remote(quick.to_dict()))
+                                               **score_options).remote(quick.to_dict()))
             metrics = trial_metrics(out)
             info = f"round {k}: r_mean {metrics['r_mean']:.1f}"
         report_progress(board, label, k, rounds, info)
