@@ -49,7 +49,7 @@ on an RTX 3090 (timm's published benchmark) and one CPU decodes and normalises ~
 
 def decode_threads(decode_workers: int) -> int:
     """Threads that decode a streamed split's batches (``data.decode_workers``): the setting when above 0, else on a
-    GPU worker its torch threads (the Ray layer set them from the CPUs Ray gave it, ``runtime.worker_threads``) but
+    GPU worker its torch threads (the Ray layer sets them: ``runtime.worker_threads``, 2 on a real GPU by default) but
     at least :data:`GPU_DECODE_THREADS` (its CPUs have no model to run), else 1 (the CPUs train the model)."""
     if decode_workers > 0:
         return decode_workers

@@ -1,6 +1,6 @@
 """The import graph of the library points down and has no cycles; the maths never imports Ray.
 
-Layers, lowest first (docs/design.md#layers): a module may import its own layer or a lower one.
+Layers, lowest first (docs/design.md#import-direction): a module may import its own layer or a lower one.
 The check parses every module's imports (module level and inside functions) with ``ast``.
 """
 
