@@ -990,8 +990,9 @@ def main(argv: list[str] | None = None) -> dict:
     import ray
 
     from ptmst_ray.orchestration.pipeline import run_prerequisites
-    from ptmst_ray.orchestration.runtime import connect, make_poll, progress_board
+    from ptmst_ray.orchestration.runtime import connect, install_interrupt_handler, make_poll, progress_board
 
+    install_interrupt_handler()  # Ctrl-C lands at the next poll (inside Ray's blocking calls it can be lost)
     info = connect(base.run.address)
     say(t0, f"Ray: {info.cpus:.0f} CPUs, {info.gpus:.0f} GPUs")
     ui = PlainUI(t0)
@@ -1077,4 +1078,9 @@ def write_outputs(res: dict, out: Path, write_results: bool) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:
+        print("interrupted: finished distillations and full-data scores are kept; the same command resumes",
+              file=sys.stderr, flush=True)
+        sys.exit(130)
