@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 from pathlib import Path
 
 import open_clip
@@ -301,6 +302,7 @@ def test_driver_trains_the_two_runs_at_once_with_the_same_result(tmp_path, ray_s
 
     cfg = tiny_config(tmp_path / "ray", **{"pretrain.towers": "separate", "pretrain.epochs": 2})
     data_stage.prepare(cfg)
+    submitted_ms = time.time() * 1000
     manifest = ray.get(_pretrain_task.remote(cfg.to_dict()))
     ref = tiny_config(tmp_path / "local", **{"pretrain.towers": "separate", "pretrain.epochs": 2})
     data_stage.prepare(ref)
@@ -310,10 +312,15 @@ def test_driver_trains_the_two_runs_at_once_with_the_same_result(tmp_path, ray_s
         assert pretrain_stage.pretrain(ref)["sha256"] == manifest["sha256"]
     finally:
         torch.set_num_threads(threads)
-    finished = [t for t in list_tasks(address=ray_session.dashboard_url, detail=True,  # this session's Ray, of any
+    def finished_runs() -> list:  # this test's runs (other tests may share the session)
+        return [t for t in list_tasks(address=ray_session.dashboard_url, detail=True,  # this session's Ray, of any
                                       filters=[("func_or_class_name", "=", "_pretrain_run_task")])  # on the machine
-                if t.state == "FINISHED"]
-    runs = sorted(finished, key=lambda t: t.start_time_ms)[-2:]  # this test's (others may share the session)
-    assert len(runs) == 2
+                if t.state == "FINISHED" and t.start_time_ms >= submitted_ms]
+
+    deadline = time.monotonic() + 30  # workers report task events to the GCS in batches: the State API can lag
+    while len(runs := finished_runs()) < 2 and time.monotonic() < deadline:
+        time.sleep(1)
+    runs.sort(key=lambda t: t.start_time_ms)
+    assert len(runs) == 2, runs
     (s0, e0), (s1, e1) = ((t.start_time_ms, t.end_time_ms) for t in runs)
     assert s0 < e1 and s1 < e0, "the two pretraining runs did not overlap"
