@@ -8,6 +8,7 @@ import dataclasses
 
 import math
 import threading
+import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -201,8 +202,13 @@ def test_sweep_on_a_bucket_asha_stops_a_diverged_trial_and_rerun_restores(ray_se
     # (the session's 2 logical ones), not on one CPU thread
     from ray.util.state import list_tasks
 
-    scored = [t for t in list_tasks(address=ray_session.dashboard_url, detail=True,
-                                    filters=[("func_or_class_name", "=", "_score_round")]) if t.state == "FINISHED"]
+    def scored_rounds() -> list:
+        return [t for t in list_tasks(address=ray_session.dashboard_url, detail=True,
+                                      filters=[("func_or_class_name", "=", "_score_round")]) if t.state == "FINISHED"]
+
+    deadline = time.monotonic() + 30  # workers report task events to the GCS in batches: the State API can lag
+    while len(scored := scored_rounds()) < 2 and time.monotonic() < deadline:
+        time.sleep(1)
     assert len(scored) == 2 and all(t.required_resources.get("GPU") == 1.0 for t in scored), scored
 
     out = summary["dir"]
