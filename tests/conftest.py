@@ -123,6 +123,23 @@ def copy_root(src, dst, parts=("data", "pretrain", "experts", "shortcuts")):
     return dst
 
 
+def finished_tasks(address: str, func_name: str, count: int, since_ms: float = 0.0, timeout: float = 30.0) -> list:
+    """The FINISHED tasks of ``func_name`` that started at or after ``since_ms`` (epoch ms), by Ray's State API at
+    ``address``, waiting up to ``timeout`` s for ``count`` of them: workers report task events to the GCS in
+    batches, so the State API lags the tasks. Sorted by start time."""
+    import time
+
+    from ray.util.state import list_tasks
+
+    deadline = time.monotonic() + timeout
+    while True:
+        tasks = [t for t in list_tasks(address=address, detail=True, filters=[("func_or_class_name", "=", func_name)])
+                 if t.state == "FINISHED" and t.start_time_ms >= since_ms]
+        if len(tasks) >= count or time.monotonic() >= deadline:
+            return sorted(tasks, key=lambda t: t.start_time_ms)
+        time.sleep(1)
+
+
 
 # ---------------------------------------------------------------- data layer fixtures (tests/test_data*.py)
 import io as _data_io

@@ -295,9 +295,8 @@ def test_driver_trains_the_two_runs_at_once_with_the_same_result(tmp_path, ray_s
     """Through Ray the separate-towers stage runs its two CLIP runs as concurrent 1-CPU tasks and writes the
     checkpoint the in-process stage writes, byte for byte."""
     import ray
-    from ray.util.state import list_tasks
 
-    from conftest import tiny_config
+    from conftest import finished_tasks, tiny_config
     from ptmst_ray.orchestration.pipeline import pretrain_task as _pretrain_task
 
     cfg = tiny_config(tmp_path / "ray", **{"pretrain.towers": "separate", "pretrain.epochs": 2})
@@ -312,15 +311,8 @@ def test_driver_trains_the_two_runs_at_once_with_the_same_result(tmp_path, ray_s
         assert pretrain_stage.pretrain(ref)["sha256"] == manifest["sha256"]
     finally:
         torch.set_num_threads(threads)
-    def finished_runs() -> list:  # this test's runs (other tests may share the session)
-        return [t for t in list_tasks(address=ray_session.dashboard_url, detail=True,  # this session's Ray, of any
-                                      filters=[("func_or_class_name", "=", "_pretrain_run_task")])  # on the machine
-                if t.state == "FINISHED" and t.start_time_ms >= submitted_ms]
-
-    deadline = time.monotonic() + 30  # workers report task events to the GCS in batches: the State API can lag
-    while len(runs := finished_runs()) < 2 and time.monotonic() < deadline:
-        time.sleep(1)
-    runs.sort(key=lambda t: t.start_time_ms)
+    # this session's Ray, of any on the machine; this test's runs (other tests may share the session)
+    runs = finished_tasks(ray_session.dashboard_url, "_pretrain_run_task", 2, since_ms=submitted_ms)
     assert len(runs) == 2, runs
     (s0, e0), (s1, e1) = ((t.start_time_ms, t.end_time_ms) for t in runs)
     assert s0 < e1 and s1 < e0, "the two pretraining runs did not overlap"

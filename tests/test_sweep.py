@@ -8,14 +8,13 @@ import dataclasses
 
 import math
 import threading
-import time
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import tiny_config, upload_root
+from conftest import finished_tasks, tiny_config, upload_root
 from ptmst_ray import storage
 from ptmst_ray.config import load_config
 from ptmst_ray import layout
@@ -200,15 +199,7 @@ def test_sweep_on_a_bucket_asha_stops_a_diverged_trial_and_rerun_restores(ray_se
     assert [r["r_mean"] for r in summary["rows"]] == [good["r_mean"], 0.0]  # best first
     # the good trial's two rounds were scored as evaluation students are: on a GPU where the cluster has them
     # (the session's 2 logical ones), not on one CPU thread
-    from ray.util.state import list_tasks
-
-    def scored_rounds() -> list:
-        return [t for t in list_tasks(address=ray_session.dashboard_url, detail=True,
-                                      filters=[("func_or_class_name", "=", "_score_round")]) if t.state == "FINISHED"]
-
-    deadline = time.monotonic() + 30  # workers report task events to the GCS in batches: the State API can lag
-    while len(scored := scored_rounds()) < 2 and time.monotonic() < deadline:
-        time.sleep(1)
+    scored = finished_tasks(ray_session.dashboard_url, "_score_round", 2)
     assert len(scored) == 2 and all(t.required_resources.get("GPU") == 1.0 for t in scored), scored
 
     out = summary["dir"]
