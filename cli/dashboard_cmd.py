@@ -12,7 +12,9 @@ from ptmst_ray_cli.common import console, fail
 
 
 def login_hint() -> str:
-    """One line: where the dashboard's token is and the command that prints it."""
+    """One line: where the dashboard's token is and the command that prints it (or that there is none)."""
+    if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
+        return "token authentication is off (RAY_AUTH_MODE=disabled): the dashboard asks for no token"
     return (f"log in with the token in {jobs.auth_token_path()} (`ptmst-ray token` prints it; "
             "the dashboard asks once per browser)")
 

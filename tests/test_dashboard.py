@@ -307,6 +307,57 @@ def test_token_and_dashboard_commands(token):
     assert out.returncode == 0 and f"dashboard: {dashboard_url()}" in out.stderr + out.stdout
 
 
+def test_login_hint_names_the_token_file_or_says_there_is_none(monkeypatch, tmp_path):
+    from ptmst_ray_cli.dashboard_cmd import login_hint
+
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "tok"))
+    assert str(tmp_path / "tok") in login_hint() and "`ptmst-ray token`" in login_hint()
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    assert "RAY_AUTH_MODE=disabled" in login_hint() and str(tmp_path / "tok") not in login_hint()
+
+
+def test_rays_token_enabled_warning_is_dropped_and_its_disabled_warning_kept():
+    """Every local start printed Ray 2.60's warning that token authentication is enabled (the CLI says where the
+    token is instead); the filter drops that warning only: Ray's warning that authentication is disabled stays.
+    Ray's own warning functions are called, before and after the filter."""
+    import logging
+
+    from ray._private.authentication import authentication_token_setup as ray_auth
+
+    from ptmst_ray.orchestration import runtime
+
+    logger = logging.getLogger(runtime.RAY_AUTH_LOGGER)
+    assert ray_auth.logger is logger
+    seen: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: seen.append(record.getMessage())  # type: ignore[method-assign]
+    kept_filters, kept_level = list(logger.filters), logger.level
+    for f in kept_filters:
+        logger.removeFilter(f)
+    logger.addHandler(handler)
+    logger.setLevel(logging.WARNING)
+    try:
+        ray_auth._warn_token_auth_enabled()
+        ray_auth._warn_token_auth_disabled()
+        assert [m.split(".")[0] for m in seen] == ["Token authentication is enabled for this Ray cluster",
+                                                   "Token authentication is disabled for this Ray cluster"]
+        seen.clear()
+        runtime.quiet_token_auth_warning()
+        runtime.quiet_token_auth_warning()
+        assert len(logger.filters) == 1
+        ray_auth._warn_token_auth_enabled()
+        ray_auth._warn_token_auth_disabled()
+        assert [m.split(".")[0] for m in seen] == ["Token authentication is disabled for this Ray cluster"]
+    finally:
+        logger.removeHandler(handler)
+        for f in list(logger.filters):
+            logger.removeFilter(f)
+        for f in kept_filters:
+            logger.addFilter(f)
+        logger.setLevel(kept_level)
+
+
 def test_run_as_job_refuses_an_address(tmp_path):
     out = subprocess.run([sys.executable, "-m", "ptmst_ray_cli", "run", "--as-job", "--address", "127.0.0.1:6379",
                           "--set", f"run.root={tmp_path}"], capture_output=True, text=True, timeout=300, cwd=ROOT)

@@ -66,6 +66,24 @@ class ClusterInfo:
         return max(1, int(self.cpus))
 
 
+RAY_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
+
+
+class _DropTokenAuthEnabled(logging.Filter):
+    """Drops Ray 2.60's warning that token authentication is enabled, which every local start prints: the CLI says
+    where the token is instead (README: how to turn it off). Ray's warning that it is *disabled* is kept."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Token authentication is enabled")
+
+
+def quiet_token_auth_warning() -> None:
+    """Install :class:`_DropTokenAuthEnabled` on Ray's authentication logger (once)."""
+    logger = logging.getLogger(RAY_AUTH_LOGGER)
+    if not any(isinstance(f, _DropTokenAuthEnabled) for f in logger.filters):
+        logger.addFilter(_DropTokenAuthEnabled())
+
+
 def connect(address: str | None = None, num_cpus: int | None = None, num_gpus: int | None = None,
             train_drivers: int = 16) -> ClusterInfo:
     """Start or join Ray. A local start binds the dashboard to loopback only."""
@@ -81,6 +99,7 @@ def connect(address: str | None = None, num_cpus: int | None = None, num_gpus: i
             if (os.environ.get("RAY_AUTH_MODE", "token").lower() == "token"
                     and not os.environ.get("RAY_AUTH_TOKEN") and not os.environ.get("RAY_AUTH_TOKEN_PATH")):
                 ensure_auth_token()
+                quiet_token_auth_warning()
             _STARTED_LOCAL[0] = True
             _start_local(num_cpus, num_gpus, train_drivers)
     return cluster_info()
