@@ -247,8 +247,9 @@ def eval_(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt
           method: list[str] = typer.Option(["ptm_st"], "--method", "-m",
                                            help="ptm_st (the saved distilled set), random, single_phase, full."),
           json_path: Optional[Path] = typer.Option(None, "--json", help="Write the results JSON here.")) -> None:
-    """Score a saved distilled set and/or baselines by retrieval recall (mean ± std over seeds); the seeds an
-    earlier evaluation scored from the same inputs (eval/scores/) are reused, the rest trained."""
+    """Score a saved distilled set and/or baselines by retrieval recall (mean ± std over seeds).
+
+    The seeds an earlier evaluation scored from the same inputs (eval/scores/) are reused, the rest trained."""
     from ptmst_ray.orchestration.pipeline import evaluate
     from ptmst_ray.orchestration.runtime import make_poll, progress_board
     from ptmst_ray.vocab import METHODS

@@ -36,8 +36,10 @@ def config_show(config: Optional[Path] = typer.Argument(None, help="YAML config 
 @config_app.command("validate")
 def config_validate(config: Path = typer.Argument(..., help="YAML config to check."),
                     set_: Optional[list[str]] = SetOpt) -> None:
-    """Exit 0 if the config is valid and everything it needs is there (input paths, weights of the right
-    shapes, packages, a writable run root); otherwise print the file and field and exit 2."""
+    """Exit 0 if the config is valid and everything it needs is there; otherwise name the file and field, exit 2.
+
+    What is checked: the fields, the input paths, the weights (of the right shapes), the packages, a writable run
+    root."""
     get_run_config(config, set_)
     console.print(f"{config}: ok")
 

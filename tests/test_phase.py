@@ -142,7 +142,7 @@ def test_a_step_size_turned_non_positive_is_a_divergence_unless_min_alpha_clamps
     original_step = clamped.optimizer.step
     monkeypatch.setattr(clamped.optimizer, "step", lambda: push_alpha_txt_below_zero(clamped))
     clamped.run()
-    assert clamped.iteration == clamped.cfg.iterations and float(clamped.synthetic.alpha_txt) >= 1e-4
+    assert clamped.iteration == clamped.cfg.iterations and float(clamped.synthetic.alpha_txt.detach()) >= 1e-4
 
 
 class CountingLogits:
