@@ -473,9 +473,6 @@ OBJECT_STORE_SCHEMES = ("s3", "s3a")
 """Schemes reached through s3fs (and, for Ray Train's checkpoints, pyarrow's S3FileSystem)."""
 PROBE_TIMEOUT_S = 5.0
 """Connect/read timeout of the run root's pre-run probe: an unreachable endpoint fails in seconds."""
-S3_ENV_VARS = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-               "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE")
-"""The standard variables s3fs (botocore) and pyarrow both read; values are never logged."""
 
 
 def scheme(url: str) -> str:

@@ -411,11 +411,6 @@ def load_image_tower(visual: torch.nn.Module, url: str) -> None:
     _load_into(visual, sd, url, "image tower")
 
 
-def image_size_of(model: torch.nn.Module) -> int:
-    size = getattr(model.visual, "image_size", 224)
-    return int(size[0] if isinstance(size, (tuple, list)) else size)
-
-
 SOURCE_VERSION = 1
 """Bumped when how a tower is built from its inputs changes in this package (part of :func:`tower_source`)."""
 _BUILDERS = ("torch", "open_clip_torch", "timm", "transformers")
