@@ -1,11 +1,15 @@
-"""The README's commands stay true: every `ptmst-ray` command line in its code blocks names a command and options
-the CLI has, its config files exist and its `--set` overrides load; the two commands are the Makefile's targets and
-CI calls the test command."""
+"""The documented commands stay true: every `ptmst-ray` command line in the README's code blocks names a command
+and options the CLI has, its config files exist and its `--set` overrides load; every benchmark command in
+docs/benchmarks.md parses with its script's own arguments; the two commands are the Makefile's targets and CI calls
+the test command."""
 
 from __future__ import annotations
 
+import argparse
 import re
+import runpy
 import shlex
+import sys
 from pathlib import Path
 
 import pytest
@@ -36,6 +40,8 @@ def command_lines(block: str, program: str) -> list[str]:
 
 
 COMMANDS = [c for b in code_blocks(README) for c in command_lines(b, ".venv/bin/ptmst-ray")]
+BENCH = [c for b in code_blocks((ROOT / "docs" / "benchmarks.md").read_text())
+         for c in command_lines(b, ".venv/bin/python bench/")]
 
 
 def options(args: list[str], name: str) -> list[str]:
@@ -45,6 +51,7 @@ def options(args: list[str], name: str) -> list[str]:
 def test_the_readme_has_commands_to_check():
     # the parser above finds the command blocks (a README rewritten so that it finds none would pass the others)
     assert len(COMMANDS) >= 15 and any(c.split()[1:2] == ["launch"] for c in COMMANDS), COMMANDS
+    assert len(BENCH) >= 20 and any("bench_quality.py" in c for c in BENCH), BENCH
     assert command_lines("x \\\n  --y; .venv/bin/ptmst-ray a \\\n --b c  # d\n", ".venv/bin/ptmst-ray") == \
         [".venv/bin/ptmst-ray a --b c"]
 
@@ -62,6 +69,30 @@ def test_a_readme_command_is_one_the_cli_accepts(line):
     sets = options(args, "--set")
     if sets or configs:
         load_config(ROOT / configs[0] if configs else CONFIG_DIR / "toy.yaml", sets)
+
+
+class Parsed(Exception):
+    """Raised instead of running a benchmark once its command line has parsed."""
+
+
+@pytest.mark.parametrize("line", BENCH)
+def test_a_documented_benchmark_command_parses(line, monkeypatch):
+    """The script exists and its own argparse parser takes the documented arguments (an unknown option or a bad
+    value exits 2); the script stops right after parsing, nothing is run."""
+    def parse_only(parser, args=None, namespace=None):
+        ns, extra = parser.parse_known_args(args, namespace)
+        if extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        raise Parsed(ns)
+
+    args = shlex.split(line)[1:]
+    assert (ROOT / args[0]).is_file(), args[0]
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_only)
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    monkeypatch.setattr(sys, "argv", args)
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(Parsed):
+        runpy.run_path(str(ROOT / args[0]), run_name="__main__")
 
 
 def test_the_two_commands_are_make_targets_and_ci_runs_the_test_command():
