@@ -12,7 +12,7 @@ from ptmst_ray.cluster.spec import LaunchError
 from ptmst_ray_cli.common import ConfigOpt, SetOpt, console, fail, get_config, refuse_held_root
 
 JobAddressOpt = typer.Option(
-    None, "--address",
+    None, "--address", metavar="ADDRESS",
     help=f"Dashboard (Jobs API) address of a running cluster, e.g. {jobs.DEFAULT_ADDRESS} "
          f"(default: RAY_API_SERVER_ADDRESS, else {jobs.DEFAULT_ADDRESS}, where `ray dashboard CLUSTER_YAML` forwards).",
 )
@@ -30,13 +30,13 @@ def _echo_log(text: str) -> None:
 
 
 def launch_cmd(
-    cluster_yaml: Optional[Path] = typer.Argument(None, help="Cluster-launcher YAML, e.g. cluster/gpu.yaml (optional with --address)."),
+    cluster_yaml: Optional[Path] = typer.Argument(None, metavar="CLUSTER_YAML", help="Cluster-launcher YAML, e.g. cluster/gpu.yaml (optional with --address)."),
     config: Optional[Path] = ConfigOpt,
     sweep: bool = typer.Option(False, "--sweep", help="Submit `ptmst-ray sweep` instead of `ptmst-ray run`."),
     set_: Optional[list[str]] = SetOpt,
     dry_run: bool = typer.Option(False, "--dry-run", help="Print every step without doing it."),
     no_follow: bool = typer.Option(False, "--no-follow", help="Return after submitting; see `ptmst-ray logs JOB`."),
-    address: Optional[str] = typer.Option(None, "--address", help=f"Skip `ray up`: submit to this running cluster's dashboard, e.g. {jobs.DEFAULT_ADDRESS}."),
+    address: Optional[str] = typer.Option(None, "--address", metavar="ADDRESS", help=f"Skip `ray up`: submit to this running cluster's dashboard, e.g. {jobs.DEFAULT_ADDRESS}."),
 ) -> None:
     """Bring the cluster up (`ray up`), port-forward its dashboard, submit the pipeline as a Ray Job, follow it."""
     try:
@@ -84,7 +84,7 @@ def status_cmd(address: Optional[str] = JobAddressOpt) -> None:
     console.print(table)
 
 
-def logs_cmd(job: str = typer.Argument(..., help="Job (submission) id."), address: Optional[str] = JobAddressOpt,
+def logs_cmd(job: str = typer.Argument(..., metavar="JOB", help="Job (submission) id."), address: Optional[str] = JobAddressOpt,
              follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing until the job ends.")) -> None:
     """Print a job's logs."""
     client = _client(address)
@@ -100,7 +100,7 @@ def logs_cmd(job: str = typer.Argument(..., help="Job (submission) id."), addres
         fail(f"job {job}: {e}")
 
 
-def stop_cmd(job: str = typer.Argument(..., help="Job (submission) id."), address: Optional[str] = JobAddressOpt) -> None:
+def stop_cmd(job: str = typer.Argument(..., metavar="JOB", help="Job (submission) id."), address: Optional[str] = JobAddressOpt) -> None:
     """Stop a running job."""
     client = _client(address)
     try:
@@ -110,7 +110,7 @@ def stop_cmd(job: str = typer.Argument(..., help="Job (submission) id."), addres
     console.print(f"job {job}: {'stop requested' if stopped else 'already finished'}")
 
 
-def down_cmd(cluster_yaml: Path = typer.Argument(..., help="Cluster-launcher YAML, e.g. cluster/gpu.yaml."),
+def down_cmd(cluster_yaml: Path = typer.Argument(..., metavar="CLUSTER_YAML", help="Cluster-launcher YAML, e.g. cluster/gpu.yaml."),
              dry_run: bool = typer.Option(False, "--dry-run", help="Print the step without doing it.")) -> None:
     """Tear the cluster down (`ray down -y`): every node is terminated."""
     try:

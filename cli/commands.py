@@ -18,7 +18,7 @@ from ptmst_ray_cli.main import app
 data_app = typer.Typer(help="Prepare and inspect datasets.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 
-AddressOpt = typer.Option(None, "--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray).")
+AddressOpt = typer.Option(None, "--address", metavar="ADDRESS", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray).")
 
 
 def results_table(results: dict) -> Table:
@@ -117,7 +117,7 @@ def run(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt, 
 @data_app.command("prepare")
 def data_prepare(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt,
                  workers: Optional[int] = typer.Option(
-                     None, "--workers", help="Decode images in up to N Ray tasks at once (same output; "
+                     None, "--workers", metavar="N", help="Decode images in up to N Ray tasks at once (same output; "
                                              "default: data.workers, 1 = in this process).")) -> None:
     """Read annotations + images (any fsspec URL) into Parquet shards with manifests under the run root."""
     from ptmst_ray.layout import Layout
@@ -144,9 +144,9 @@ def data_prepare(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] =
 
 @data_app.command("show")
 def data_show(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt,
-              split: str = typer.Option("train", help="Split to sample."),
-              sheet: Optional[Path] = typer.Option(None, help="Write a PNG contact sheet of images with captions."),
-              n: int = typer.Option(16, help="Images on the contact sheet.")) -> None:
+              split: str = typer.Option("train", metavar="SPLIT", help="Split to sample."),
+              sheet: Optional[Path] = typer.Option(None, metavar="PNG", help="Write a PNG contact sheet of images with captions."),
+              n: int = typer.Option(16, metavar="N", help="Images on the contact sheet.")) -> None:
     """Counts and sample rows of the prepared data; optionally a PNG contact sheet."""
     from ptmst_ray import storage
     from ptmst_ray.data.show import contact_sheet, summarize
@@ -244,9 +244,9 @@ def shortcut(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = Set
 
 @app.command("eval")
 def eval_(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt, address: Optional[str] = AddressOpt,
-          method: list[str] = typer.Option(["ptm_st"], "--method", "-m",
+          method: list[str] = typer.Option(["ptm_st"], "--method", "-m", metavar="METHOD",
                                            help="ptm_st (the saved distilled set), random, single_phase, full."),
-          json_path: Optional[Path] = typer.Option(None, "--json", help="Write the results JSON here.")) -> None:
+          json_path: Optional[Path] = typer.Option(None, "--json", metavar="FILE", help="Write the results JSON here.")) -> None:
     """Score a saved distilled set and/or baselines by retrieval recall (mean ± std over seeds).
 
     The seeds an earlier evaluation scored from the same inputs (eval/scores/) are reused, the rest trained."""

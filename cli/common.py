@@ -21,8 +21,8 @@ LOG_WIDTH = 160
 squeezed into rich's default 80 columns (which cut method names to "ptm_…"). COLUMNS overrides it."""
 console = Console(stderr=True, width=None if sys.stderr.isatty() or os.environ.get("COLUMNS") else LOG_WIDTH)
 
-ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config (default: configs/toy.yaml, the laptop default).")
-SetOpt = typer.Option(None, "--set", "-s", help="Override a field: section.field=value (repeatable), e.g. distill.syn_steps=4.")
+ConfigOpt = typer.Option(None, "--config", "-c", metavar="FILE", help="YAML config (default: configs/toy.yaml, the laptop default).")
+SetOpt = typer.Option(None, "--set", "-s", metavar="KEY=VALUE", help="Override a field: section.field=value (repeatable), e.g. distill.syn_steps=4.")
 
 
 OWN_LOGGERS = ("ptmst_ray", "ptmst_ray_cli")

@@ -26,7 +26,7 @@ def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logg
 
 
 @config_app.command("show")
-def config_show(config: Optional[Path] = typer.Argument(None, help="YAML config (default: configs/toy.yaml)."),
+def config_show(config: Optional[Path] = typer.Argument(None, metavar="FILE", help="YAML config (default: configs/toy.yaml)."),
                 set_: Optional[list[str]] = SetOpt) -> None:
     """Print the resolved config (defaults filled in, overrides applied)."""
     cfg = get_config(config, set_)
@@ -34,7 +34,7 @@ def config_show(config: Optional[Path] = typer.Argument(None, help="YAML config 
 
 
 @config_app.command("validate")
-def config_validate(config: Path = typer.Argument(..., help="YAML config to check."),
+def config_validate(config: Path = typer.Argument(..., metavar="FILE", help="YAML config to check."),
                     set_: Optional[list[str]] = SetOpt) -> None:
     """Exit 0 if the config is valid and everything it needs is there; otherwise name the file and field, exit 2.
 

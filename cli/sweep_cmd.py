@@ -33,8 +33,8 @@ def sweep_table(summary: dict, params: list[str]) -> Table:
 
 
 def sweep_cmd(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt,
-              samples: Optional[int] = typer.Option(None, "--samples", "-n", help="Trials to sample (sweep.num_samples)."),
-              address: Optional[str] = typer.Option(None, "--address",
+              samples: Optional[int] = typer.Option(None, "--samples", "-n", metavar="N", help="Trials to sample (sweep.num_samples)."),
+              address: Optional[str] = typer.Option(None, "--address", metavar="ADDRESS",
                                                     help="Ray cluster address (default: RAY_ADDRESS, else a local Ray).")
               ) -> None:
     """Search sweep.space with Ray Tune (ASHA stops poor trials); the same command resumes; writes best.yaml."""

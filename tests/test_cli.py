@@ -17,6 +17,28 @@ def test_help_lists_commands():
     assert "config" in result.output
 
 
+def _commands(group, path=()):
+    import click
+
+    for name, cmd in group.commands.items():
+        if isinstance(cmd, click.Group):
+            yield from _commands(cmd, (*path, name))
+        else:
+            yield " ".join((*path, name)), cmd
+
+
+def test_every_value_in_help_is_named_for_what_it_takes():
+    """Options that take a value and arguments show a name (FILE, KEY=VALUE, ADDRESS, N ...) in --help, not the
+    Python type typer prints otherwise (`<list[str]>` for --set)."""
+    import typer.main
+
+    unnamed = [f"{name} {p.name}" for name, cmd in _commands(typer.main.get_command(app)) for p in cmd.params
+               if not getattr(p, "is_flag", False) and not p.metavar]
+    assert unnamed == []
+    run = runner.invoke(app, ["run", "--help"], terminal_width=120)
+    assert "KEY=VALUE" in run.output and "list[str]" not in run.output, run.output
+
+
 def test_validate_ok_and_broken(tmp_path):
     ok = runner.invoke(app, ["config", "validate", str(CONFIG_DIR / "toy.yaml"), "--set", f"run.root={tmp_path}"])
     assert ok.exit_code == 0, ok.output
