@@ -6,10 +6,11 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.text import Text
 
 from ptmst_ray.cluster import jobs, launch
 from ptmst_ray.cluster.spec import LaunchError
-from ptmst_ray_cli.common import ConfigOpt, SetOpt, console, fail, get_config, refuse_held_root
+from ptmst_ray_cli.common import ConfigOpt, SetOpt, bold, console, fail, get_config, refuse_held_root, say
 
 JobAddressOpt = typer.Option(
     None, "--address", metavar="ADDRESS",
@@ -45,7 +46,7 @@ def launch_cmd(
     except LaunchError as e:
         fail(str(e))
     if dry_run:
-        console.print("[bold]dry run[/]: nothing is executed; the steps would be:")
+        say("dry run", "bold", "nothing is executed; the steps would be:")
         for i, step in enumerate(steps, 1):
             typer.echo(f"{i}. {step.description}\n   $ {step.render()}")
         return
@@ -54,14 +55,14 @@ def launch_cmd(
     try:
         ctx = launch.execute_plan(
             steps, address=address,
-            on_step=lambda s: console.rule(f"[bold]{s.description}"),
+            on_step=lambda s: console.rule(bold(s.description)),
             on_log=_echo_log,
         )
     except LaunchError as e:
         fail(str(e))
     hint = f" --address {address}" if address else ""
     if ctx.job_id and ctx.status is None:
-        console.print(f"submitted job [bold]{ctx.job_id}[/]; follow it with `ptmst-ray logs {ctx.job_id}{hint} --follow`")
+        console.print(Text.assemble("submitted job ", bold(ctx.job_id), f"; follow it with `ptmst-ray logs {ctx.job_id}{hint} --follow`"))
     if ctx.status is not None:
         console.print(f"job {ctx.job_id}: {ctx.status}")
         if ctx.status != "SUCCEEDED":
@@ -122,7 +123,7 @@ def down_cmd(cluster_yaml: Path = typer.Argument(..., metavar="CLUSTER_YAML", he
             typer.echo(f"{i}. {step.description}\n   $ {step.render()}")
         return
     try:
-        launch.execute_plan(steps, on_step=lambda s: console.rule(f"[bold]{s.description}"))
+        launch.execute_plan(steps, on_step=lambda s: console.rule(bold(s.description)))
     except LaunchError as e:
         fail(str(e))
 

@@ -11,7 +11,7 @@ from rich.table import Table
 
 from ptmst_ray_cli.common import (
     ConfigOpt, RichUI, SetOpt, connect_ray, console, explain, fail, get_config, get_run_config, interrupted,
-    library_errors, progress_bars, refuse_held_root, root_lease,
+    library_errors, progress_bars, refuse_held_root, root_lease, say,
 )
 from ptmst_ray_cli.main import app
 
@@ -102,7 +102,7 @@ def run(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt, 
         except KeyboardInterrupt:
             interrupted()
     for w in results.get("warnings", []):
-        console.print(f"[bold yellow]warning:[/] {w}")
+        say("warning", "bold yellow", w)
     console.print(results_table(results))
     console.print(stage_table(results))
     on_test = results.get("ratios_best_on_test", {})  # with a val split: the paper's best-on-test ratios beside

@@ -13,13 +13,18 @@ import typer
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.text import Text
 
 from ptmst_ray.config import DEFAULT_CONFIG, Config, ConfigError, load_config
 
 LOG_WIDTH = 160
 """Console width when stderr is not a terminal (a log file, CI): tables stay whole instead of being
 squeezed into rich's default 80 columns (which cut method names to "ptm_…"). COLUMNS overrides it."""
-console = Console(stderr=True, width=None if sys.stderr.isatty() or os.environ.get("COLUMNS") else LOG_WIDTH)
+console = Console(stderr=True, markup=False,
+                  width=None if sys.stderr.isatty() or os.environ.get("COLUMNS") else LOG_WIDTH)
+"""Rich markup is off: messages carry paths, `--set` values, commands and captions whose ``[brackets]`` rich would
+take for tags and drop (``eval.baselines=[rnd]`` printed as ``eval.baselines=``). Styled words go through
+:func:`say` and :func:`bold`."""
 
 ConfigOpt = typer.Option(None, "--config", "-c", metavar="FILE", help="YAML config (default: configs/toy.yaml, the laptop default).")
 SetOpt = typer.Option(None, "--set", "-s", metavar="KEY=VALUE", help="Override a field: section.field=value (repeatable), e.g. distill.syn_steps=4.")
@@ -40,8 +45,17 @@ def setup_logging(verbose: bool = False) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def say(label: str, style: str, message: str) -> None:
+    """``label: message`` with the label styled and the message printed as it is."""
+    console.print(Text.assemble((f"{label}:", style), " ", message))
+
+
+def bold(text: str) -> Text:
+    return Text(text, style="bold")
+
+
 def fail(message: str, code: int = 2) -> None:
-    console.print(f"[bold red]error:[/] {message}")
+    say("error", "bold red", message)
     raise typer.Exit(code)
 
 
@@ -74,7 +88,7 @@ def preflight(cfg: Config, config: Optional[Path], address: Optional[str] = None
     from ptmst_ray.stages.preflight import check
 
     try:
-        check(cfg, warn=lambda message: console.print(f"[bold yellow]warning:[/] {message}"),
+        check(cfg, warn=lambda message: say("warning", "bold yellow", message),
               shared_inputs=is_cluster_address(address or cfg.run.address or os.environ.get("RAY_ADDRESS")))
     except ConfigError as e:
         fail(f"{config or DEFAULT_CONFIG}: {e}")
@@ -123,8 +137,8 @@ def interrupted() -> None:
     """Ctrl-C: stop the local Ray this process started, say what is kept, exit 130."""
     import ray
 
-    console.print("[bold yellow]interrupted:[/] finished work is kept (data, experts, phase checkpoints and "
-                  "subsets); run the same command again to resume")
+    say("interrupted", "bold yellow", "finished work is kept (data, experts, phase checkpoints and subsets); run the "
+        "same command again to resume")
     if ray.is_initialized():
         ray.shutdown()
     raise typer.Exit(INTERRUPTED)
@@ -134,7 +148,8 @@ def interrupted() -> None:
 def progress_bars() -> Iterator[Progress]:
     """A rich progress display on stderr (disabled when stderr is not a terminal: plain log lines instead)."""
     progress = Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+        TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}", markup=False),
         TimeElapsedColumn(), console=console, disable=not sys.stderr.isatty(), transient=False,
     )
     with progress:
@@ -149,7 +164,7 @@ class RichUI:
         self._last: dict[str, tuple] = {}
 
     def stage(self, name: str) -> None:
-        console.rule(f"[bold]{name}")
+        console.rule(bold(name))
 
     def update(self, tasks: dict[str, dict]) -> None:
         for name, t in sorted(tasks.items()):

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from ptmst_ray_cli.common import ConfigOpt, SetOpt, console, fail, get_run_config, progress_bars
+from ptmst_ray_cli.common import ConfigOpt, SetOpt, console, fail, get_run_config, progress_bars, say
 
 from ptmst_ray.vocab import RECALLS
 
@@ -56,7 +56,7 @@ def sweep_cmd(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = Se
             fail(str(e), code=1)
     console.print(sweep_table(summary, list(cfg.sweep.space)))
     for err in summary["errors"]:
-        console.print(f"[red]trial error:[/] {err.splitlines()[0][:300]}")
+        say("trial error", "red", err.splitlines()[0][:300])
     if "best" in summary:
         console.print(f"best: {summary['best']['values']} (r_mean {summary['best']['r_mean']:.1f}); "
                       f"run it: ptmst-ray run --config {summary['best']['yaml']}")

@@ -58,6 +58,14 @@ def test_validate_ok_and_broken(tmp_path):
     assert "phases[1].start_max" in bad.output.replace("\n", "")
 
 
+
+def test_an_error_prints_the_users_value_whole(tmp_path):
+    """Brackets in a value reach the terminal (rich would read ``[rnd]`` as a style tag and drop it)."""
+    bad = runner.invoke(app, ["config", "validate", str(CONFIG_DIR / "toy.yaml"), "--set", "eval.baselines=[rnd]"])
+    assert bad.exit_code == 2 and "--set eval.baselines=[rnd] (over" in bad.output, bad.output
+    missing = runner.invoke(app, ["config", "validate", str(tmp_path / "[draft] run.yaml")])
+    assert missing.exit_code == 2 and "[draft] run.yaml" in missing.output, missing.output
+
 def test_missing_file_exit_2(tmp_path):
     result = runner.invoke(app, ["config", "validate", str(tmp_path / "nope.yaml")])
     assert result.exit_code == 2 and "not found" in result.output
