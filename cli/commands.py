@@ -252,6 +252,7 @@ def eval_(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt
     The seeds an earlier evaluation scored from the same inputs (eval/scores/) are reused, the rest trained."""
     from ptmst_ray.orchestration.pipeline import evaluate
     from ptmst_ray.orchestration.runtime import make_poll, progress_board
+    from ptmst_ray.stages.score import check_stored_sets
     from ptmst_ray.vocab import METHODS
 
     cfg = get_run_config(config, set_, address)
@@ -260,6 +261,7 @@ def eval_(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt
         fail(f"--method {bad[0]!r} is not one of {', '.join(METHODS)}")
     with root_lease(cfg, "eval"):
         try:
+            check_stored_sets(cfg, list(method))  # before data, pretraining and a Ray: nothing to score without them
             _ready_for_experts(cfg)
             connect_ray(cfg, address)
             with progress_bars() as progress:

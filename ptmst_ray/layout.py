@@ -382,7 +382,8 @@ def explain(cfg: Config, error: BaseException) -> str:
         where = error.filename or cfg.run.root
         return (f"{where}: {error.strerror or error}; nothing half-written is marked complete: free space or "
                 "make the run root writable, then run the same command again")
-    if isinstance(error, storage.StorageError) and "run --rebuild" not in message:
+    if isinstance(error, storage.StorageError) and "run `ptmst-ray" not in message and "run --rebuild" not in message:
+        # a broken artefact: name the rebuild (a missing one's message already says which command makes it)
         stage = owning_stage(cfg, error.url)
         if stage is not None:
             message += f" (to redo it: `ptmst-ray run --rebuild {stage}`)"

@@ -465,6 +465,21 @@ def test_bad_config_or_path_exits_2_before_ray(tmp_path, no_ray, args, field):
     assert no_ray == []
 
 
+
+@pytest.mark.parametrize("method, missing", [("ptm_st", "distilled"), ("single_phase", "phases/single_phase/subset")])
+def test_eval_of_a_set_no_run_made_says_so_before_any_work(tmp_path, no_ray, method, missing):
+    """`eval -m ptm_st` (or single_phase) on a root without that set: exit 1 naming the folder and the command
+    that makes it, before data, pretraining or a Ray (it prepared the data and pretrained the towers first, a
+    minute of work, and then failed in the scoring task)."""
+    root = tmp_path / "root"
+    config = write_config(tmp_path, tiny_config(root))
+    result = invoke(["eval", "--config", str(config), "-m", "random", "-m", method])
+    assert result.exit_code == 1, result.output
+    text = " ".join(result.output.split())
+    assert f"{root / missing}: no" in text and "run `ptmst-ray run" in text and "--rebuild" not in text, text
+    assert no_ray == [] and [p.name for p in root.iterdir()] == [], list(root.iterdir())
+
+
 # ---------------------------------------------------------------- 7. a full disk
 
 

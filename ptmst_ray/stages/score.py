@@ -50,6 +50,18 @@ def subset_from_state(phase: PhaseConfig, ema: dict) -> Subset:
                   lr_img=float(state["alpha_img"]), lr_txt=float(state["alpha_txt"]))
 
 
+def check_stored_sets(cfg: Config, methods: list[str]) -> None:
+    """Before any work: the sets of ``methods`` that only an earlier run makes (ptm_st's distilled set, the
+    single-phase subset) are stored, else a StageError naming the folder and the command that makes them."""
+    layout = Layout.of(cfg)
+    if PTM_ST in methods and storage.read_manifest(layout.distilled) is None:
+        raise StageError(f"{layout.distilled}: no distilled set here (no manifest); run `ptmst-ray run` first, or "
+                         "score the baselines alone (-m random -m full)")
+    if SINGLE_PHASE in methods and storage.read_manifest(layout.subset(SINGLE_PHASE)) is None:
+        raise StageError(f"{layout.subset(SINGLE_PHASE)}: no single-phase subset here (no manifest); run `ptmst-ray "
+                         "run --set 'eval.baselines=[random, single_phase, full]'` first")
+
+
 def method_subsets(cfg: Config, method: str, seed: int, distilled_dir: str | None = None,
                    cached: features.CachedFeatures | None = None) -> list[Subset]:
     """The method's training subsets; with ``cached`` (a frozen tower's features) real pairs come as their
