@@ -34,6 +34,9 @@ class ConfigError(ValueError):
         where = f"{source}: " if source else ""
         super().__init__(f"{where}{path or '<root>'}: {message}")
 
+    def __reduce__(self):  # pickled by its fields: Ray carries a task's error to the driver so (args is the text)
+        return type(self), (self.path, self.message, self.source)
+
     def at(self, prefix: str, source: str | None = None) -> "ConfigError":
         path = _join_path(prefix, self.path)
         return ConfigError(path, self.message, source or self.source)

@@ -57,12 +57,15 @@ class DivergenceError(RuntimeError):
     """The matching loss or the synthetic state stopped being finite; the last finite EMA is kept."""
 
     def __init__(self, phase: int | str, iteration: int, detail: str):
-        self.phase, self.iteration = phase, iteration
+        self.phase, self.iteration, self.detail = phase, iteration, detail
         super().__init__(
             f"phase {phase} diverged at iteration {iteration}: {detail}. The last finite EMA state was kept "
             "(and checkpointed). Lower distill.lr_img / lr_txt / lr_sim / lr_lr or distill.alpha_init, "
             "or set distill.min_alpha, then resume or rerun the phase."
         )
+
+    def __reduce__(self):  # pickled by its fields, as ConfigError
+        return type(self), (self.phase, self.iteration, self.detail)
 
 
 def _mean_square(tensors: list[Tensor], over: list[Tensor]) -> float:
