@@ -56,7 +56,7 @@ def sweep_cmd(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = Se
             fail(str(e), code=1)
     console.print(sweep_table(summary, list(cfg.sweep.space)))
     for err in summary["errors"]:
-        say("trial error", "red", err.splitlines()[0][:300])
+        say("trial error", "red", err)
     if "best" in summary:
         console.print(f"best: {summary['best']['values']} (r_mean {summary['best']['r_mean']:.1f}); "
                       f"run it: ptmst-ray run --config {summary['best']['yaml']}")

@@ -646,8 +646,8 @@ class Config:
     def replace(self, **overrides: Any) -> "Config":
         """A copy with dotted-path overrides applied and validated, e.g. replace(**{"distill.syn_steps": 4})."""
         raw = self.to_dict()
-        for key, value in overrides.items():
-            _set_path(raw, key, value, "<replace>")
+        for key, value in overrides.items():  # a copy: a later key below this one must not edit the caller's value
+            _set_path(raw, key, copy.deepcopy(value), "<replace>")
         return from_dict(raw)
 
 

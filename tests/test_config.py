@@ -223,3 +223,14 @@ def test_every_config_field_has_a_docstring():
                         isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)):
                     undocumented.append(f"{node.name}.{st.target.id}")
     assert len(sections) >= 10 and not undocumented, undocumented
+
+
+def test_replace_leaves_the_callers_values_alone():
+    """A later dotted key below an earlier one edits the config's copy of the earlier value, not the caller's (a
+    sweep's whole-phase values are applied so, once per trial and once per check)."""
+    cfg = load_config(CONFIG_DIR / "toy.yaml")
+    phases = [dataclasses.asdict(p) for p in cfg.phases]
+    given = [dict(p) for p in phases]
+    out = cfg.replace(**{"phases": given, "phases.0.pairs": 17, "phases.1": {**phases[1], "iterations": 3}})
+    assert (out.phases[0].pairs, out.phases[1].iterations) == (17, 3)
+    assert given == phases

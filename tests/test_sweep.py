@@ -83,8 +83,14 @@ def test_whole_phases_and_phase_lists_can_be_swept(tmp_path):
     p0, p1 = (dataclasses.asdict(p) for p in cfg.phases)
     one = [{**p0, "pairs": p0["pairs"] + p1["pairs"]}]
     later = {**p1, "range_end": 4, "start_min": 1, "start_max": 2}
-    space = {"phases": {"grid": [[p0, p1], one]}, "phases.1": {"grid": [p1, later]}}
-    cfg = cfg.replace(**{"sweep.space": space, "sweep.searcher": "grid"})
+    lists, phase1 = {"phases": {"grid": [[p0, p1], one]}}, {"phases.1": {"grid": [p1, later]}}
+    for space in (lists, phase1):
+        sw.check_space(cfg.replace(**{"sweep.space": space, "sweep.searcher": "grid"}))
+    # both at once: the trial of the one-phase list and a phase 1 would fail at its start (there is no phase 1)
+    with pytest.raises(sw.SweepError, match=r"2 of the grid's 4 trials would fail at once.*index '1' is not in a list"):
+        sw.check_space(cfg.replace(**{"sweep.space": {**lists, **phase1}, "sweep.searcher": "grid"}))
+    cfg = cfg.replace(**{"sweep.space": {**lists, "phases.0": {"grid": [p0, {**p0, "range_end": 4}]}},
+                         "sweep.searcher": "grid"})
     sw.check_space(cfg)
     assert (0, 4) in sw.shortcut_ranges(cfg) and (0, 4) not in layout.needed_ranges(cfg)
     trial = sw.trial_config(cfg, {"phases": one}, sw.trial_root(cfg, "s", "abc_00002"))
@@ -93,6 +99,51 @@ def test_whole_phases_and_phase_lists_can_be_swept(tmp_path):
     with pytest.raises(sw.SweepError, match="phases"):
         sw.check_space(cfg.replace(**{"sweep.space": {"phases": {"grid": [[{**p0, "range_end": 99}]]}}}))
 
+
+
+def test_a_trial_the_config_rejects_is_named_before_the_sweep_starts(tmp_path, caplog):
+    """Each combination of the listed values (a range: its bounds) is checked as a trial config: the grid runs them
+    all, so one rejected is an error; a sampling searcher gets an error for a value no combination accepts and a
+    warning for combinations that fail (a syn_steps of 0 was found by a failed trial after the base run's
+    data, pretraining and experts, and reported as Ray's first traceback line)."""
+    cfg = fast_config(tmp_path)
+
+    def check(space, searcher="grid"):
+        sw.check_space(cfg.replace(**{"sweep.space": space, "sweep.searcher": searcher}))
+
+    with pytest.raises(sw.SweepError, match=r"1 of the grid's 2 trials would fail at once, e.g. "
+                                            r"distill.syn_steps=0: distill.syn_steps: must be >= 1"):
+        check({"distill.syn_steps": {"grid": [0, 2]}})
+    with pytest.raises(sw.SweepError, match=r"sweep.space.distill.syn_steps: the value 0 makes no valid config"):
+        check({"distill.syn_steps": {"choice": [0, 2]}, "distill.lr_img": {"choice": [1.0, 2.0]}}, "random")
+    with pytest.raises(sw.SweepError, match=r"sweep.space.distill.lr_img: the value -1.0 makes no valid config"):
+        check({"distill.lr_img": {"uniform": [-1.0, 100.0]}}, "random")  # a range: its bounds
+    window = {"phases.0.range_end": {"grid": [1, 2]}, "phases.0.start_max": {"grid": [0, 1]}}
+    with pytest.raises(sw.SweepError, match=r"1 of the grid's 4 trials.*range_end=1, phases.0.start_max=1"):
+        check(window)
+    caplog.set_level("WARNING", logger=sw.__name__)
+    check({k: {"choice": v["grid"]} for k, v in window.items()}, "random")  # each value has a valid combination
+    assert "1 of 4 combinations of the listed values make no valid config" in caplog.text
+    check({"distill.syn_steps": {"randint": [1, 1000]}, "distill.lr_img": {"loguniform": [1.0, 100.0]}}, "random")
+
+
+@pytest.mark.ray
+def test_a_trials_error_is_reported_by_its_exception_and_message(ray_session):
+    """Ray's text of a task's error starts with the worker (``ray::f() (pid=...)``, in terminal colours) and ends
+    with the exception: the table and the CLI show the end."""
+    import ray
+
+    from ptmst_ray.config import ConfigError
+
+    @ray.remote(num_cpus=0)
+    def trial():
+        raise ConfigError("distill.syn_steps", "must be >= 1")
+
+    with pytest.raises(ray.exceptions.RayTaskError) as caught:
+        ray.get(trial.remote())
+    assert str(caught.value).lstrip().split("\n", 1)[0] != str(ConfigError("distill.syn_steps", "must be >= 1"))
+    assert sw.error_line(caught.value) == "ptmst_ray.config.ConfigError: distill.syn_steps: must be >= 1"
+    assert len(sw.error_line("y" * 400)) == 300
 
 def test_trial_config_shares_inputs_and_rounds(tmp_path):
     base = fast_config(tmp_path)

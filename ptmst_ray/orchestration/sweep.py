@@ -108,6 +108,50 @@ def check_space(cfg: Config) -> None:
         except ValueError as e:  # ConfigError: a wrong type, or a value the config rejects
             if whole or "unknown key" in str(e) or "not in a list" in str(e) or "is not a section" in str(e):
                 raise SweepError(f"sweep.space.{key}: {e}") from None
+    _check_trials(cfg)
+
+
+MAX_CHECKED_TRIALS = 20_000
+"""Combinations of the space's listable values checked before a sweep starts (a config is checked in ~0.1 ms)."""
+
+
+def _check_trials(cfg: Config) -> None:
+    """Every trial config the space can make from its listable values (choice, grid and randint values; a range's
+    two bounds) is a valid config. The grid searcher runs every combination, so one that the config rejects is an
+    error here, before the base run's prerequisites, instead of a failed trial after them; the other searchers
+    sample, so a value no combination accepts is an error and a combination the config rejects a warning."""
+    keys = list(cfg.sweep.space)
+    options = []
+    for spec in cfg.sweep.space.values():
+        kind, values = next(iter(spec.items()))
+        listed = _candidates(spec)
+        if listed is None or len(listed) > 100:  # a range: its bounds
+            listed = [int(v) for v in values] if kind == "randint" else [float(v) for v in values]
+        options.append(listed)
+    combos = math.prod(len(o) for o in options)
+    if combos > MAX_CHECKED_TRIALS:
+        log.info("sweep.space: %d combinations of listed values; their configs are checked by the trials", combos)
+        return
+    rejected: dict[tuple[int, ...], str] = {}  # by the values' indices (whole phases are dicts and lists)
+    for picks in itertools.product(*(range(len(o)) for o in options)):
+        try:
+            cfg.replace(**{k: options[i][j] for i, (k, j) in enumerate(zip(keys, picks))})
+        except ValueError as e:  # ConfigError
+            rejected[picks] = str(e)
+    if not rejected:
+        return
+    picks, why = next(iter(rejected.items()))
+    first = ", ".join(f"{k}={options[i][j]!r}" for i, (k, j) in enumerate(zip(keys, picks)))
+    if cfg.sweep.searcher == "grid":
+        raise SweepError(f"sweep.space: {len(rejected)} of the grid's {combos} trials would fail at once, e.g. {first}: "
+                         f"{why}; remove that value or change the base config")
+    for i, key in enumerate(keys):
+        for j, value in enumerate(options[i]):
+            failing = [why for picks, why in rejected.items() if picks[i] == j]
+            if len(failing) == combos // len(options[i]):  # every combination with this value
+                raise SweepError(f"sweep.space.{key}: the value {value!r} makes no valid config: {failing[0]}")
+    log.warning("sweep.space: %d of %d combinations of the listed values make no valid config (e.g. %s: %s); the "
+                "trials sampled there will fail", len(rejected), combos, first, why)
 
 
 def _check_not_derived(cfg: Config, key: str) -> None:
@@ -451,7 +495,9 @@ def _sweep(cfg: Config, ui, name: str, verbose: int) -> dict[str, Any]:
     rows = result_rows(grid, cfg)
     out_dir = Layout.of(cfg).sweep(name)
     summary = {"name": name, "dir": out_dir, "rows": rows, "resumed": resumed, "ranges": ranges,
-               "wall_seconds": time.time() - t0, "errors": [str(e) for e in grid.errors]}
+               "wall_seconds": time.time() - t0,
+               "errors": [f"trial {r['trial_id']} ({', '.join(f'{k}={r[k]!r}' for k in cfg.sweep.space)}): {r['error']}"
+                          for r in rows if r["error"] is not None]}
     write_outputs(cfg, name, rows, summary)
     return summary
 
@@ -477,7 +523,7 @@ def result_rows(grid, cfg: Config) -> list[dict[str, Any]]:
         m = result.metrics or {}
         values = {k: result.config.get(k) for k in cfg.sweep.space}
         rounds_run = int(m.get("round", 0))
-        error = str(result.error).splitlines()[0][:200] if result.error is not None else None
+        error = error_line(result.error) if result.error is not None else None
         rows.append({
             "trial_id": m.get("trial_id") or _trial_id_of(result.path),
             **values,
@@ -492,6 +538,16 @@ def result_rows(grid, cfg: Config) -> list[dict[str, Any]]:
         })
     rows.sort(key=lambda r: -1.0 if r["r_mean"] is None else r["r_mean"], reverse=True)
     return rows
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def error_line(error: BaseException | str, limit: int = 300) -> str:
+    """A trial's error in one line: the exception and its message (the last line of Ray's text, whose first line
+    is only the worker, ``ray::ImplicitFunc.train() (pid=...)``, in terminal colours)."""
+    lines = [line.strip() for line in _ANSI.sub("", str(error)).splitlines() if line.strip()]
+    return (lines[-1] if lines else type(error).__name__)[:limit]
 
 
 def _trial_id_of(path: str) -> str:
