@@ -148,8 +148,10 @@ READ_SETTINGS = ("stream", "hold_images_mb", "stream_buffer", "prefetch", "decod
 class DataConfig:
     """Which image-text dataset, and how it is prepared."""
 
-    dataset: Literal["builtin", "flickr30k", "coco", "cc3m"] = "builtin"
-    """builtin (generated), or a benchmark in the Karpathy/BLIP annotation format."""
+    dataset: Literal["builtin", "flickr30k", "coco", "cc3m", "karpathy"] = "builtin"
+    """builtin (generated); a benchmark in the Karpathy/BLIP annotation format, under its own file names
+    (flickr30k_test.json, coco_karpathy_test.json, cc3m_captions_test.json); or karpathy: data of your own in that
+    format as train.json, test.json and, optionally, val.json."""
     annotations: Optional[str] = None
     """Folder (path or fsspec URL) holding the annotation JSON files; unused for builtin."""
     images: Optional[str] = None

@@ -54,6 +54,24 @@ def test_flickr_round_trip_memory(tiny_flickr_dir, mem_root):
     assert len([f for f in man["files"] if f.startswith("captions-")]) == 12
 
 
+
+def test_data_of_your_own_reads_train_val_test_json(tiny_flickr_dir, tmp_path):
+    """`data.dataset: karpathy`: the same annotation format under the names train.json, val.json (optional) and
+    test.json prepares the same splits as the benchmark's own file names."""
+    own = tmp_path / "own"
+    own.mkdir()
+    for split in ("train", "test"):  # no val.json: evaluation then selects on test, as for data without val
+        (own / f"{split}.json").write_bytes((tiny_flickr_dir / f"flickr30k_{split}.json").read_bytes())
+    bench = prepare.prepare_dataset(_flickr_cfg(tiny_flickr_dir), str(tmp_path / "bench"))
+    mine = prepare.prepare_dataset(DataConfig(dataset="karpathy", annotations=str(own), images=str(tiny_flickr_dir),
+                                              image_size=16, shard_rows=5), str(tmp_path / "mine"))
+    assert set(mine["splits"]) == {"train", "test"}
+    for split in ("train", "test"):
+        assert ({k: v for k, v in mine["splits"][split].items() if k not in ("dataset", "config_hash")}
+                == {k: v for k, v in bench["splits"][split].items() if k not in ("dataset", "config_hash")}), split
+        a, b = load_split(str(tmp_path / "bench"), split), load_split(str(tmp_path / "mine"), split)
+        assert torch.equal(a.images, b.images) and a.captions == b.captions
+
 def test_rerun_skips_and_settings_change_redoes(tiny_flickr_dir, tmp_path, monkeypatch):
     cfg = _flickr_cfg(tiny_flickr_dir)
     out = str(tmp_path / "test")

@@ -30,8 +30,10 @@ ANNOTATION_FILES = {
     "coco": "coco_karpathy_{split}.json",
     "cc3m": "cc3m_captions_{split}.json",
     "builtin": "builtin_{split}.json",
+    "karpathy": "{split}.json",
 }
-"""Benchmark file names per dataset; ``{split}`` is train, val, test (or pretrain for builtin)."""
+"""Annotation file names per dataset; ``{split}`` is train, val, test (or pretrain for builtin). ``karpathy`` is
+data of the user's own in the same format: train.json, test.json and, optionally, val.json."""
 
 PAIR_SPLITS = ("train", "pretrain")
 """Splits in the train shape (one row per caption); every other split is an evaluation split."""
