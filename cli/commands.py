@@ -230,10 +230,14 @@ def experts(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetO
 def shortcut(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt,
              address: Optional[str] = AddressOpt) -> None:
     """Compress the stored expert trajectories into the shortcut ranges the phases need."""
-    from ptmst_ray.orchestration.experts import run_shortcuts
+    from ptmst_ray.orchestration.experts import complete_experts, run_shortcuts
 
     cfg = get_run_config(config, set_, address)
     with root_lease(cfg, "shortcut"):
+        try:
+            complete_experts(cfg)  # before a Ray starts: nothing to compress without them
+        except library_errors() as e:
+            fail(explain(cfg, e), code=1)
         connect_ray(cfg, address)
         try:
             out = run_shortcuts(cfg)

@@ -480,6 +480,14 @@ def test_eval_of_a_set_no_run_made_says_so_before_any_work(tmp_path, no_ray, met
     assert no_ray == [] and [p.name for p in root.iterdir()] == [], list(root.iterdir())
 
 
+
+def test_shortcut_without_experts_says_so_before_ray(tmp_path, no_ray):
+    config = write_config(tmp_path, tiny_config(tmp_path / "root"))
+    result = invoke(["shortcut", "--config", str(config)])
+    assert result.exit_code == 1 and "no complete experts" in result.output and "ptmst-ray experts" in result.output
+    assert no_ray == [], result.output
+
+
 # ---------------------------------------------------------------- 7. a full disk
 
 

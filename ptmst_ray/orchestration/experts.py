@@ -227,11 +227,17 @@ def run_experts(cfg: Config, board=None, poll: Poll | None = None) -> dict:
     return {"trained": len(missing), "skipped": len(complete), "actor_restarts": retries, "shortcuts_written": written}
 
 
-def run_shortcuts(cfg: Config) -> dict:
-    """`ptmst-ray shortcut`: compress every complete expert for the configured ranges."""
+def complete_experts(cfg: Config) -> list[int]:
+    """The stored experts of this config (no Ray needed); a StageError naming the command when there are none."""
     ids = expert_store(cfg).complete_ids(experts_hash(cfg))
     if not ids:
         raise StageError(f"{cfg.run.root}: no complete experts for this config; run `ptmst-ray experts` first")
+    return ids
+
+
+def run_shortcuts(cfg: Config) -> dict:
+    """`ptmst-ray shortcut`: compress every complete expert for the configured ranges."""
+    ids = complete_experts(cfg)
     shortcut = _shortcut_actor(cfg.to_dict())
     written = ray.get([_compress(shortcut, i) for i in ids])
     ray.kill(shortcut)
