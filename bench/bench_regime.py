@@ -196,8 +196,9 @@ def lr_report(res: dict) -> str:
     if pick is None:
         lines.append("no candidate passes: try smaller learning rates")
     else:
-        lines.append(f"pick: lr {pick:g}; set experts.lr_img={pick:g} experts.lr_txt={pick:g} "
-                     f"distill.alpha_init={pick / 10:g} distill.min_alpha={pick / 100:g}")
+        lines.append(f"pick: lr {pick:g}; set experts.lr_img={pick:g} experts.lr_txt={pick:g} (a recipe with "
+                     f"distill.rel_alpha 0.1 and rel_min_alpha 0.1, as configs/scenes.yaml, then starts the step "
+                     f"sizes at {pick / 10:g} and floors them at {pick / 100:g})")
     lines.append("times: " + ", ".join(f"{k} {v:.0f}s" for k, v in res["times"].items()))
     return "\n".join(lines)
 

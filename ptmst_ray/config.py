@@ -420,8 +420,14 @@ class DistillConfig:
     """Momentum of the one SGD optimiser over the images, texts, step sizes and similarity."""
     alpha_init: float = 0.1
     """Initial student step size (alpha_img and alpha_txt) of the unroll; lower it if matching diverges."""
+    rel_alpha: Optional[float] = None
+    """Set instead of alpha_init to start each step size in units of its tower's expert learning rate: alpha_img
+    at rel_alpha x experts.lr_img, alpha_txt at rel_alpha x experts.lr_txt (the paper's recipes: 1, the expert's
+    own step); null = both at alpha_init."""
     min_alpha: Optional[float] = None
     """Clamp the learned step sizes from below (None = no clamp)."""
+    rel_min_alpha: Optional[float] = None
+    """Set instead of min_alpha to floor each step size at this fraction of its start (e.g. 0.1); null = min_alpha."""
     ema_decay: float | Literal["auto"] = 0.99
     """Decay of the EMA of the synthetic state that is saved; 0 disables the EMA (ablation): the raw state.
     auto = 1 - 20 / the phase's iterations (the paper's 0.99 at its 2000), so the saved state averages about the
@@ -457,6 +463,10 @@ class DistillConfig:
             _check(getattr(self, name) >= 0, name, "must be >= 0")
         _check(0.0 <= self.momentum < 1.0, "momentum", "must be in [0, 1)")
         _check(self.ema_decay == "auto" or 0.0 <= self.ema_decay < 1.0, "ema_decay", "must be in [0, 1) or auto")
+        for name in ("rel_alpha", "rel_min_alpha"):
+            _check(getattr(self, name) is None or getattr(self, name) > 0, name, "must be > 0 or null")
+        _check(self.min_alpha is None or self.rel_min_alpha is None, "rel_min_alpha",
+               "and min_alpha are two floors for the same step sizes: set one of them (the other null)")
         for name in ("lr_img", "lr_txt", "lr_lr", "lr_sim"):
             rel = getattr(self, f"rel_{name}")
             _check(rel is None or rel > 0, f"rel_{name}",
@@ -634,6 +644,19 @@ class Config:
     @property
     def total_pairs(self) -> int:
         return sum(p.pairs for p in self.phases)
+
+    def alpha_starts(self) -> tuple[float, float]:
+        """The learned step sizes' start (alpha_img, alpha_txt): distill.alpha_init, or its rel_alpha rule."""
+        rel = self.distill.rel_alpha
+        if rel is None:
+            return self.distill.alpha_init, self.distill.alpha_init
+        return rel * self.experts.lr_img, rel * self.experts.lr_txt
+
+    def alpha_floors(self) -> tuple[float, float] | None:
+        """The step sizes' floors (img, txt): distill.min_alpha, or its rel_min_alpha rule; None = no floor."""
+        if self.distill.rel_min_alpha is not None:
+            return tuple(self.distill.rel_min_alpha * a for a in self.alpha_starts())  # type: ignore[return-value]
+        return None if self.distill.min_alpha is None else (self.distill.min_alpha, self.distill.min_alpha)
 
     @property
     def eval_loss(self) -> str:

@@ -234,3 +234,18 @@ def test_replace_leaves_the_callers_values_alone():
     out = cfg.replace(**{"phases": given, "phases.0.pairs": 17, "phases.1": {**phases[1], "iterations": 3}})
     assert (out.phases[0].pairs, out.phases[1].iterations) == (17, 3)
     assert given == phases
+
+
+
+def test_step_sizes_in_units_of_the_experts_learning_rates():
+    """distill.rel_alpha starts each step size at that multiple of its tower's expert lr, rel_min_alpha floors it
+    at that fraction of its start; without them alpha_init and min_alpha hold for both."""
+    cfg = load_config(CONFIG_DIR / "toy.yaml", ["experts.lr_img=0.02", "experts.lr_txt=0.05", "distill.min_alpha=null"])
+    assert cfg.alpha_starts() == (cfg.distill.alpha_init, cfg.distill.alpha_init) and cfg.alpha_floors() is None
+    ruled = cfg.replace(**{"distill.rel_alpha": 0.5, "distill.rel_min_alpha": 0.1})
+    assert ruled.alpha_starts() == pytest.approx((0.01, 0.025)) and ruled.alpha_floors() == pytest.approx((1e-3, 2.5e-3))
+    assert cfg.replace(**{"distill.min_alpha": 1e-4}).alpha_floors() == (1e-4, 1e-4)
+    with pytest.raises(ConfigError, match="rel_min_alpha.*set one of them"):
+        cfg.replace(**{"distill.min_alpha": 1e-4, "distill.rel_min_alpha": 0.1})
+    with pytest.raises(ConfigError, match="rel_alpha.*must be > 0"):
+        cfg.replace(**{"distill.rel_alpha": 0})

@@ -132,7 +132,8 @@ def test_a_step_size_turned_non_positive_is_a_divergence_unless_min_alpha_clamps
     original_step = trainer.optimizer.step
     monkeypatch.setattr(trainer.optimizer, "step", lambda: push_alpha_txt_below_zero(trainer))
     with pytest.raises(DivergenceError, match=r"iteration 3: the learned step size alpha_txt = -0.5 is not positive"
-                                              r" \(distill.min_alpha is unset\).*distill.min_alpha"):
+                                              r" \(no floor: distill.min_alpha and rel_min_alpha are unset\)"
+                                              r".*distill.min_alpha"):
         trainer.run()
     assert saves[-1]["diverged"]["iteration"] == 3 and saves[-1]["iteration"] == 2
     shadow = saves[-1]["ema"]["shadow"]
@@ -143,6 +144,15 @@ def test_a_step_size_turned_non_positive_is_a_divergence_unless_min_alpha_clamps
     monkeypatch.setattr(clamped.optimizer, "step", lambda: push_alpha_txt_below_zero(clamped))
     clamped.run()
     assert clamped.iteration == clamped.cfg.iterations and float(clamped.synthetic.alpha_txt.detach()) >= 1e-4
+
+    # each step size has its own floor (Config.alpha_floors: rel_min_alpha x its own start)
+    floors = make_trainer(min_alpha=None)
+    floors.alpha_floors = (1e-4, 0.3)
+    original_step = floors.optimizer.step
+    monkeypatch.setattr(floors.optimizer, "step", lambda: push_alpha_txt_below_zero(floors))
+    floors.run()
+    assert float(floors.synthetic.alpha_txt.detach()) == pytest.approx(0.3)
+    assert 1e-4 <= float(floors.synthetic.alpha_img.detach()) < 0.3
 
 
 class CountingLogits:

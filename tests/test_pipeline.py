@@ -80,6 +80,28 @@ def test_recall_during_distillation_matches_the_saved_subset_and_changes_nothing
     assert reports["on"][-1]["recall/r_mean"] == pytest.approx(ref, abs=1e-6)
 
 
+
+def test_step_sizes_set_by_the_experts_learning_rate_are_the_run_with_those_values_fixed(ready_root):
+    """distill.rel_alpha / rel_min_alpha (configs/scenes.yaml's rule) distil bit for bit the phase whose
+    alpha_init and min_alpha are the products written out."""
+    import torch
+
+    from ptmst_ray.distill.export import load_subset
+
+    cfg = tiny_config(ready_root, **{"phases.0.iterations": 4, "distill.lr_lr": 1e-3})
+    lr = cfg.experts.lr_img
+    assert cfg.experts.lr_txt == lr  # one fixed alpha_init can then express the rule's two starts
+    ruled = cfg.replace(**{"distill.rel_alpha": 0.5, "distill.rel_min_alpha": 0.2, "distill.min_alpha": None})
+    fixed = cfg.replace(**{"distill.alpha_init": 0.5 * lr, "distill.min_alpha": 0.2 * 0.5 * lr})
+    subsets = {}
+    for name, run_cfg in (("alpha_ruled", ruled), ("alpha_fixed", fixed)):
+        assert phase_stage.distill_phase(run_cfg, name, run_cfg.phases[0], device=torch.device("cpu"),
+                                         seed=3)["status"] == "done"
+        subsets[name] = load_subset(layout.Layout(cfg.run.root).subset(name))
+    a, b = subsets.values()
+    assert torch.equal(a.images, b.images) and torch.equal(a.text, b.text)
+    assert (a.alpha_img, a.alpha_txt) == (b.alpha_img, b.alpha_txt) and a.alpha_img != 0.5 * lr  # they were learned
+
 def test_phase_worker_reports_to_train_only_with_its_checkpoints(ready_root, monkeypatch):
     """Ray Train 2.60 takes one report per worker per controller poll (2 s) and blocks the next one until
     then (bench/RESULTS.md "Ray Train's report"), so a report per iteration paced a phase at 2 s an

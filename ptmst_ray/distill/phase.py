@@ -61,7 +61,7 @@ class DivergenceError(RuntimeError):
         super().__init__(
             f"phase {phase} diverged at iteration {iteration}: {detail}. The last finite EMA state was kept "
             "(and checkpointed). Lower distill.lr_img / lr_txt / lr_sim / lr_lr or distill.alpha_init, "
-            "or set distill.min_alpha, then resume or rerun the phase."
+            "or set distill.min_alpha (or rel_min_alpha), then resume or rerun the phase."
         )
 
     def __reduce__(self):  # pickled by its fields, as ConfigError
@@ -87,7 +87,7 @@ class PhaseTrainer:
     def __init__(self, phase_cfg: PhaseConfig, distill_cfg: DistillConfig, synthetic: SyntheticSet,
                  logits_fn: LogitsFn, trajectories: TrajectorySource, *, phase: int | str = 0, seed: int = 0,
                  save_checkpoint: SaveFn | None = None, report: ReportFn | None = None,
-                 loss: str | LossFn | None = None):
+                 loss: str | LossFn | None = None, alpha_floors: tuple[float, float] | None = None):
         if synthetic.n != phase_cfg.pairs:
             raise ValueError(f"phase {phase}: synthetic set has {synthetic.n} pairs, the phase config {phase_cfg.pairs}")
         if trajectories.num_experts < 1:
@@ -96,6 +96,9 @@ class PhaseTrainer:
         self.logits_fn, self.trajectories, self.phase = logits_fn, trajectories, phase
         self.loss = loss if loss is not None else distill_cfg.loss
         self.save_checkpoint, self.report = save_checkpoint, report
+        self.alpha_floors = alpha_floors if alpha_floors is not None else \
+            (None if distill_cfg.min_alpha is None else (distill_cfg.min_alpha, distill_cfg.min_alpha))
+        """(img, txt) floors of the learned step sizes (``Config.alpha_floors``; default: distill.min_alpha)."""
         self.optimizer = self._build_optimizer()
         self.ema = EMA(synthetic.tensors(), distill_cfg.ema_decay_for(phase_cfg.iterations))
         self.traj_gen = torch.Generator().manual_seed(seed)
@@ -235,9 +238,9 @@ class PhaseTrainer:
 
     @torch.no_grad()
     def _clamp_alphas(self) -> None:
-        if self.dcfg.min_alpha is not None:
-            for a in self.synthetic.alphas:
-                a.clamp_(min=self.dcfg.min_alpha)
+        if self.alpha_floors is not None:
+            for a, floor in zip(self.synthetic.alphas, self.alpha_floors):
+                a.clamp_(min=floor)
 
     def _check_finite(self, stats: dict[str, Any]) -> None:
         if not math.isfinite(stats["loss"]):
@@ -253,11 +256,11 @@ class PhaseTrainer:
         bad = [n for n, p in self.synthetic.named_parameters() if not torch.isfinite(p).all()]
         if bad:
             self._diverge(f"the optimiser step made {', '.join(bad)} non-finite")
-        if self.dcfg.min_alpha is None:
+        if self.alpha_floors is None:
             low = [f"{n} = {float(a.detach()):.4g}" for n, a in zip(("alpha_img", "alpha_txt"), self.synthetic.alphas)
                    if float(a.detach()) <= 0]
             if low:
-                self._diverge(f"the learned step size {', '.join(low)} is not positive (distill.min_alpha is unset)")
+                self._diverge(f"the learned step size {', '.join(low)} is not positive (no floor: distill.min_alpha and rel_min_alpha are unset)")
 
     def _diverge(self, detail: str) -> None:
         """Checkpoint the (finite) EMA and raise; the raw state of this iteration is not averaged in."""

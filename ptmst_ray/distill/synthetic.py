@@ -41,8 +41,8 @@ def choose_init_indices(num_rows: int, n: int, generator: torch.Generator) -> to
 class SyntheticSet(nn.Module):
     """Images X (n x 3 x H x W), text embeddings T (n x d_t), similarity S, step sizes alpha_img/alpha_txt."""
 
-    def __init__(self, images: torch.Tensor, text: torch.Tensor, similarity: Similarity, alpha_init: float,
-                 init_indices: torch.Tensor | None = None):
+    def __init__(self, images: torch.Tensor, text: torch.Tensor, similarity: Similarity,
+                 alpha_init: float | tuple[float, float], init_indices: torch.Tensor | None = None):
         super().__init__()
         if images.shape[0] != text.shape[0]:
             raise ValueError(f"{images.shape[0]} synthetic images but {text.shape[0]} synthetic texts")
@@ -51,8 +51,9 @@ class SyntheticSet(nn.Module):
         self.images = nn.Parameter(images.detach().clone())
         self.text = nn.Parameter(text.detach().clone())
         self.similarity = similarity
-        self.alpha_img = nn.Parameter(torch.tensor(float(alpha_init), dtype=images.dtype, device=images.device))
-        self.alpha_txt = nn.Parameter(torch.tensor(float(alpha_init), dtype=images.dtype, device=images.device))
+        a_img, a_txt = alpha_init if isinstance(alpha_init, tuple) else (alpha_init, alpha_init)  # (img, txt)
+        self.alpha_img = nn.Parameter(torch.tensor(float(a_img), dtype=images.dtype, device=images.device))
+        self.alpha_txt = nn.Parameter(torch.tensor(float(a_txt), dtype=images.dtype, device=images.device))
         indices = init_indices if init_indices is not None else torch.zeros(0, dtype=torch.long)
         self.register_buffer("init_indices", indices.detach().clone().long().cpu())
 
@@ -73,7 +74,7 @@ class SyntheticSet(nn.Module):
 
     @classmethod
     def from_real(cls, real_images: RealRows, real_text: RealRows, n: int, similarity: SimilarityConfig,
-                  alpha_init: float, generator: torch.Generator, dtype: torch.dtype | None = None,
+                  alpha_init: float | tuple[float, float], generator: torch.Generator, dtype: torch.dtype | None = None,
                   device: torch.device | None = None) -> "SyntheticSet":
         """n random real train pairs (image tensor, frozen caption embedding); the row indices are recorded."""
         if len(real_images) != len(real_text):
@@ -87,8 +88,8 @@ class SyntheticSet(nn.Module):
 
     @classmethod
     def from_noise(cls, n: int, image_shape: tuple[int, int, int], text_dim: int, similarity: SimilarityConfig,
-                   alpha_init: float, generator: torch.Generator, dtype: torch.dtype | None = None,
-                   device: torch.device | None = None) -> "SyntheticSet":
+                   alpha_init: float | tuple[float, float], generator: torch.Generator,
+                   dtype: torch.dtype | None = None, device: torch.device | None = None) -> "SyntheticSet":
         """n Gaussian pairs (standard normal in CLIP-normalised pixel space and in embedding space)."""
         dtype = dtype or torch.get_default_dtype()
         images = torch.randn(n, *image_shape, generator=generator, dtype=dtype)

@@ -74,6 +74,9 @@ def sweep_name(cfg: Config) -> str:
 
 RELATIVE_LRS = ("distill.lr_img", "distill.lr_txt", "distill.lr_lr", "distill.lr_sim")
 """Learning rates a config can derive from the data instead (distill.rel_lr_*): then the fixed value is unused."""
+RULED = {**{key: "rel_" + key.split(".", 1)[1] for key in RELATIVE_LRS},
+         "distill.alpha_init": "rel_alpha", "distill.min_alpha": "rel_min_alpha"}
+"""Settings a config can set by a rule instead (the rule's distill field): then the fixed value is unused."""
 
 
 def check_space(cfg: Config) -> None:
@@ -96,7 +99,7 @@ def check_space(cfg: Config) -> None:
             if kind == "loguniform" and values[0] <= 0:
                 raise SweepError(f"sweep.space.{key}.loguniform: the bounds must be > 0")
             probe = int(values[0]) if kind == "randint" else float(values[0])
-        if key in RELATIVE_LRS:
+        if key in RULED:
             _check_not_derived(cfg, key)
         whole = _whole_phases(key)
         try:
@@ -155,11 +158,11 @@ def _check_trials(cfg: Config) -> None:
 
 
 def _check_not_derived(cfg: Config, key: str) -> None:
-    """A fixed learning rate is unused when the config derives it (distill.rel_lr_*): sweeping it would change
+    """A fixed value is unused when the config sets it by a rule (distill.rel_*): sweeping it would change
     nothing, unless the space sweeps the rule too (a null among its values)."""
-    rel = "rel_" + key.split(".", 1)[1]
+    rel = RULED[key]
     if getattr(cfg.distill, rel) is not None and f"distill.{rel}" not in cfg.sweep.space:
-        raise SweepError(f"sweep.space.{key}: the config derives it from the data (distill.{rel} = "
+        raise SweepError(f"sweep.space.{key}: the config derives it by a rule (distill.{rel} = "
                          f"{getattr(cfg.distill, rel)}), so these values would not be used; sweep distill.{rel} "
                          f"instead, or set distill.{rel}: null to sweep {key}")
 

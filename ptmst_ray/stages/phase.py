@@ -112,15 +112,15 @@ def distill_phase(cfg: Config, name: str, phase: PhaseConfig, *, device: torch.d
     gen = torch.Generator().manual_seed(seed)
     if cfg.distill.init == "real":
         syn = SyntheticSet.from_real(real.train_images, real.train_text, phase.pairs, phase.similarity,
-                                     cfg.distill.alpha_init, gen, device=device)
+                                     cfg.alpha_starts(), gen, device=device)
     else:
         syn = SyntheticSet.from_noise(phase.pairs, tuple(real.train_images.shape[1:]), real.text_dim,
-                                      phase.similarity, cfg.distill.alpha_init, gen, device=device)
+                                      phase.similarity, cfg.alpha_starts(), gen, device=device)
     source = StoredTrajectories(cfg, phase, fs.split_snapshot, device)
     if report is not None and cfg.distill.recall_every:
         report = _with_recall(cfg, phase, real, lambda: trainer.ema.state(), report)
     trainer = PhaseTrainer(phase, cfg.distill, syn, fs.logits, source, phase=name, seed=seed,
-                           save_checkpoint=save_checkpoint, report=report)
+                           save_checkpoint=save_checkpoint, report=report, alpha_floors=cfg.alpha_floors())
     if resume_state is not None:
         if "diverged" in resume_state:
             return _keep_diverged(cfg, name, phase, resume_state["ema"]["shadow"], resume_state["diverged"])
