@@ -74,7 +74,7 @@ def run(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt, 
     from ptmst_ray.orchestration.runtime import install_interrupt_handler
     from ptmst_ray.vocab import STAGES
 
-    cfg = get_run_config(config, set_, address)
+    cfg = get_run_config(config, set_, address, joins_ray=not as_job)  # --as-job starts a Ray of its own
     if rebuild is not None and rebuild not in STAGES:
         fail(f"--rebuild {rebuild!r}: not a stage; choose one of {', '.join(STAGES)}")
     if as_job:
@@ -207,7 +207,7 @@ def experts(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetO
     from ptmst_ray.orchestration.experts import run_experts
     from ptmst_ray.orchestration.runtime import make_poll, progress_board
 
-    cfg = get_run_config(config, set_, address)
+    cfg = get_run_config(config, set_, address, joins_ray=True)
     with root_lease(cfg, "experts"):
         try:
             _ready_for_experts(cfg)
@@ -232,7 +232,7 @@ def shortcut(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = Set
     """Compress the stored expert trajectories into the shortcut ranges the phases need."""
     from ptmst_ray.orchestration.experts import complete_experts, run_shortcuts
 
-    cfg = get_run_config(config, set_, address)
+    cfg = get_run_config(config, set_, address, joins_ray=True)
     with root_lease(cfg, "shortcut"):
         try:
             complete_experts(cfg)  # before a Ray starts: nothing to compress without them
@@ -259,7 +259,7 @@ def eval_(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt
     from ptmst_ray.stages.score import check_stored_sets
     from ptmst_ray.vocab import METHODS
 
-    cfg = get_run_config(config, set_, address)
+    cfg = get_run_config(config, set_, address, joins_ray=True)
     bad = [m for m in method if m not in METHODS]
     if bad:
         fail(f"--method {bad[0]!r} is not one of {', '.join(METHODS)}")

@@ -71,20 +71,22 @@ def get_config(config: Optional[Path], overrides: Optional[list[str]]) -> Config
     raise AssertionError("unreachable")
 
 
-def get_run_config(config: Optional[Path], overrides: Optional[list[str]], address: Optional[str] = None) -> Config:
+def get_run_config(config: Optional[Path], overrides: Optional[list[str]], address: Optional[str] = None,
+                   joins_ray: bool = False) -> Config:
     """:func:`get_config`, then everything the recipe needs (inputs exist, the model can be built as
-    configured, the run root is writable), or exit 2 naming the field.
+    configured, the run root is writable; for a command that ``joins_ray``, a Ray address given by --address,
+    run.address or RAY_ADDRESS answers), or exit 2 naming the field.
 
     Called before Ray starts, so a bad recipe launches nothing.
     """
     cfg = get_config(config, overrides)
-    preflight(cfg, config, address)
+    preflight(cfg, config, address, joins_ray)
     return cfg
 
 
-def preflight(cfg: Config, config: Optional[Path], address: Optional[str] = None) -> None:
+def preflight(cfg: Config, config: Optional[Path], address: Optional[str] = None, joins_ray: bool = False) -> None:
     """:func:`ptmst_ray.stages.preflight.check`, warnings printed, a problem exits 2 naming the field."""
-    from ptmst_ray.orchestration.runtime import is_cluster_address
+    from ptmst_ray.orchestration.runtime import address_problem, is_cluster_address
     from ptmst_ray.stages.preflight import check
 
     try:
@@ -92,6 +94,13 @@ def preflight(cfg: Config, config: Optional[Path], address: Optional[str] = None
               shared_inputs=is_cluster_address(address or cfg.run.address or os.environ.get("RAY_ADDRESS")))
     except ConfigError as e:
         fail(f"{config or DEFAULT_CONFIG}: {e}")
+    given = [(name, value) for name, value in (("--address", address), ("run.address", cfg.run.address),
+                                               ("RAY_ADDRESS", os.environ.get("RAY_ADDRESS"))) if value]
+    if joins_ray and given:  # the one connect() will use: before any work (eval and experts prepare data first)
+        name, value = given[0]
+        problem = address_problem(value)
+        if problem:
+            fail(f"{name} {value}: cannot join a Ray cluster there: {problem}")
 
 
 def refuse_held_root(cfg: Config) -> None:

@@ -42,7 +42,7 @@ def sweep_cmd(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = Se
     from ptmst_ray_cli.common import RichUI, connect_ray, library_errors, root_lease
 
     overrides = list(set_ or []) + ([f"sweep.num_samples={samples}"] if samples is not None else [])
-    cfg = get_run_config(config, overrides, address)
+    cfg = get_run_config(config, overrides, address, joins_ray=True)
     try:
         validate_sweep(cfg)
     except SweepError as e:

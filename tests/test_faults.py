@@ -488,6 +488,55 @@ def test_shortcut_without_experts_says_so_before_ray(tmp_path, no_ray):
     assert no_ray == [], result.output
 
 
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_ray_address_is_checked_in_seconds(monkeypatch):
+    """An address whose port nothing answers, a dashboard's http address or a malformed one is named at once;
+    Ray 2.60 itself waited minutes on such an address. A port that answers (a socket this test listens on) is
+    left to Ray, as are "auto" and "local"."""
+    import socket
+
+    import ray
+
+    from ptmst_ray.orchestration import runtime
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        assert runtime.address_problem(f"127.0.0.1:{server.getsockname()[1]}") is None
+    closed = _closed_port()
+    problem = runtime.address_problem(f"127.0.0.1:{closed}")
+    assert f"127.0.0.1:{closed}: Connection refused" in problem and "ray status" in problem, problem
+    assert "dashboard (Jobs API) address" in runtime.address_problem("http://127.0.0.1:8265")
+    assert "expected host:port" in runtime.address_problem("head-node")
+    assert runtime.address_problem("auto") is None and runtime.address_problem("local") is None
+    monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("ray.init was called"))
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    with pytest.raises(runtime.LocalRayError, match=f"cannot join the Ray cluster at 127.0.0.1:{closed}"):
+        runtime.connect(f"127.0.0.1:{closed}")
+
+
+@pytest.mark.parametrize("how", ["--address", "RAY_ADDRESS"])
+def test_a_command_given_a_dead_ray_address_exits_2_before_any_work(tmp_path, no_ray, monkeypatch, how):
+    root = tmp_path / "root"
+    config = write_config(tmp_path, tiny_config(root))
+    address = f"127.0.0.1:{_closed_port()}"
+    if how == "RAY_ADDRESS":
+        monkeypatch.setenv("RAY_ADDRESS", address)
+    result = invoke(["eval", "--config", str(config), "-m", "random", *(["--address", address] if how == "--address"
+                                                                        else [])])
+    text = " ".join(result.output.split())
+    assert result.exit_code == 2 and f"{how} {address}: cannot join a Ray cluster there: nothing answers" in text, text
+    assert no_ray == [] and not (root / "data").exists()  # eval prepared data before it connected
+
+
 # ---------------------------------------------------------------- 7. a full disk
 
 

@@ -91,6 +91,9 @@ def connect(address: str | None = None, num_cpus: int | None = None, num_gpus: i
     address = address or os.environ.get("RAY_ADDRESS")
     if not ray.is_initialized():
         if address:
+            problem = address_problem(address)
+            if problem:
+                raise LocalRayError(f"cannot join the Ray cluster at {address}: {problem}")
             log.info("joining the Ray cluster at %s", address)
             with loopback_only() if listens_on_loopback_only(address) else contextlib.nullcontext():
                 ray.init(address=address, namespace=NAMESPACE, log_to_driver=True)
@@ -282,6 +285,35 @@ def listens_on_loopback_only(address: str, timeout: float = 2.0) -> bool:
 
     own = node_ip_address_from_perspective()
     return not is_localhost(own) and answers(LOOPBACK) and not answers(own)
+
+
+def address_problem(address: str, timeout: float = 5.0) -> str | None:
+    """Why Ray cannot be joined at ``address``, found in seconds before anything starts: Ray 2.60 waits minutes on a
+    port nothing answers before it gives up. None when the port answers (on loopback or this machine's own address
+    for a local host: Ray joins either) or for "auto" / "local", which Ray resolves itself."""
+    import socket
+
+    from ray._common.network_utils import is_localhost, node_ip_address_from_perspective, parse_address
+
+    if address in ("auto", "local"):
+        return None
+    if address.startswith(("http://", "https://")):
+        return ("that is a dashboard (Jobs API) address, for `ptmst-ray status`, `logs` and `launch --address`; "
+                "a run joins Ray at its GCS address, host:6379, or through Ray Client at ray://host:10001")
+    parsed = parse_address(address.split("://", 1)[-1])
+    if not parsed or not parsed[1].isdigit():
+        return "expected host:port (the head's GCS address, e.g. 10.0.0.5:6379) or ray://host:10001"
+    host, port = parsed[0], int(parsed[1])
+    hosts = [host] + ([node_ip_address_from_perspective()] if is_localhost(host) else [])
+    errors = []
+    for h in hosts:
+        try:
+            with socket.create_connection((h, port), timeout=timeout):
+                return None
+        except OSError as e:
+            errors.append(f"{h}:{port}: {e.strerror or e}")
+    return (f"nothing answers ({'; '.join(errors)}); is the cluster up (`ray status --address {address}`)? "
+            "Without an address (no --address, run.address or RAY_ADDRESS) a local Ray is started instead")
 
 
 def cluster_info() -> ClusterInfo:
