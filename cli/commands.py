@@ -254,6 +254,7 @@ def eval_(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt
     """Score a saved distilled set and/or baselines by retrieval recall (mean ± std over seeds).
 
     The seeds an earlier evaluation scored from the same inputs (eval/scores/) are reused, the rest trained."""
+    from ptmst_ray.layout import Layout
     from ptmst_ray.orchestration.pipeline import evaluate
     from ptmst_ray.orchestration.runtime import make_poll, progress_board
     from ptmst_ray.stages.score import check_stored_sets
@@ -263,6 +264,11 @@ def eval_(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt
     bad = [m for m in method if m not in METHODS]
     if bad:
         fail(f"--method {bad[0]!r} is not one of {', '.join(METHODS)}")
+    if json_path is not None:  # its folder made now (as `data show --sheet` does), not found missing after the work
+        try:
+            json_path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            fail(f"--json {json_path}: cannot create its folder ({e.strerror or e})")
     with root_lease(cfg, "eval"):
         try:
             check_stored_sets(cfg, list(method))  # before data, pretraining and a Ray: nothing to score without them
@@ -277,5 +283,9 @@ def eval_(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt
             fail(explain(cfg, e), code=1)
     console.print(results_table(results))
     if json_path is not None:
-        json_path.write_text(json.dumps(results, indent=2))
+        try:
+            json_path.write_text(json.dumps(results, indent=2))
+        except OSError as e:
+            fail(f"--json {json_path}: cannot write it ({e.strerror or e}); the scores are stored under "
+                 f"{Layout.of(cfg).eval}: the same command with another --json writes them without training", code=1)
         console.print(f"wrote {json_path}")

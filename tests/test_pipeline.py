@@ -196,3 +196,23 @@ def test_evaluation_keeps_each_score_and_reuses_it_for_the_same_inputs(ready_roo
     assert [bool(r.get("reused")) for r in more["runs"]] == [True, True, False]
     other = pipeline.evaluate(cfg.replace(**{"eval.epochs": 2}), ["random"], None, None)
     assert [bool(r.get("reused")) for r in other["runs"]] == [False, False]
+
+    # `ptmst-ray eval --json` (the scores stored above): its folder is made; a path it cannot write is named after the
+    # table, with where the scores are kept
+    from typer.testing import CliRunner
+
+    from ptmst_ray_cli.main import app
+
+    config = tmp_path / "eval.yaml"
+    config.write_text(cfg.to_yaml())
+    out = tmp_path / "new" / "folder" / "scores.json"
+    runner = CliRunner()
+    ok = runner.invoke(app, ["eval", "--config", str(config), "-m", "random", "--json", str(out)])
+    assert ok.exit_code == 0 and json.loads(out.read_text())["methods"]["random"]["seeds"] == 2, ok.output
+    out.unlink()
+    out.mkdir()  # a folder where the file should go
+    monkeypatch.setattr(pipeline._score_task, "options", refuse)
+    bad = runner.invoke(app, ["eval", "--config", str(config), "-m", "random", "--json", str(out)])
+    text = " ".join(bad.output.split())
+    assert bad.exit_code == 1 and f"--json {out}: cannot write it" in text, text
+    assert f"stored under {layout.Layout.of(cfg).eval}" in text and "Traceback" not in text, text
