@@ -59,8 +59,9 @@ def test_validate_ok_and_broken(tmp_path):
 
 
 
-def test_an_error_prints_the_users_value_whole(tmp_path):
+def test_an_error_prints_the_users_value_whole(tmp_path, monkeypatch):
     """Brackets in a value reach the terminal (rich would read ``[rnd]`` as a style tag and drop it)."""
+    monkeypatch.setattr("ptmst_ray_cli.common.console.width", 4000)  # each message on one line
     bad = runner.invoke(app, ["config", "validate", str(CONFIG_DIR / "toy.yaml"), "--set", "eval.baselines=[rnd]"])
     assert bad.exit_code == 2 and "--set eval.baselines=[rnd] (over" in bad.output, bad.output
     missing = runner.invoke(app, ["config", "validate", str(tmp_path / "[draft] run.yaml")])

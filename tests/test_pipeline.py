@@ -203,6 +203,7 @@ def test_evaluation_keeps_each_score_and_reuses_it_for_the_same_inputs(ready_roo
 
     from ptmst_ray_cli.main import app
 
+    monkeypatch.setattr("ptmst_ray_cli.common.console.width", 4000)  # each message on one line
     config = tmp_path / "eval.yaml"
     config.write_text(cfg.to_yaml())
     out = tmp_path / "new" / "folder" / "scores.json"
