@@ -266,8 +266,6 @@ def listens_on_loopback_only(address: str, timeout: float = 2.0) -> bool:
     such a Ray waits on an address nothing listens on (minutes of retries, then a timeout), so
     :func:`connect` joins it in that mode. False for any other address (a cluster that listens on every
     interface is joined as Ray does it)."""
-    import socket
-
     from ray._common.network_utils import is_localhost, node_ip_address_from_perspective, parse_address
     from ray._private import ray_constants
 
@@ -275,24 +273,26 @@ def listens_on_loopback_only(address: str, timeout: float = 2.0) -> bool:
     if not parsed or not is_localhost(parsed[0]) or not ray_constants.ENABLE_RAY_CLUSTER:
         return False
     port = int(parsed[1])
-
-    def answers(host: str) -> bool:
-        try:
-            with socket.create_connection((host, port), timeout=timeout):
-                return True
-        except OSError:
-            return False
-
     own = node_ip_address_from_perspective()
-    return not is_localhost(own) and answers(LOOPBACK) and not answers(own)
+    return (not is_localhost(own) and _refused(LOOPBACK, port, timeout) is None
+            and _refused(own, port, timeout) is not None)
+
+
+def _refused(host: str, port: int, timeout: float) -> OSError | None:
+    """Why a TCP connection to ``host:port`` failed within ``timeout``; None when something answers."""
+    import socket
+
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return None
+    except OSError as e:
+        return e
 
 
 def address_problem(address: str, timeout: float = 5.0) -> str | None:
     """Why Ray cannot be joined at ``address``, found in seconds before anything starts: Ray 2.60 waits minutes on a
     port nothing answers before it gives up. None when the port answers (on loopback or this machine's own address
     for a local host: Ray joins either) or for "auto" / "local", which Ray resolves itself."""
-    import socket
-
     from ray._common.network_utils import is_localhost, node_ip_address_from_perspective, parse_address
 
     if address in ("auto", "local"):
@@ -307,11 +307,9 @@ def address_problem(address: str, timeout: float = 5.0) -> str | None:
     hosts = [host] + ([node_ip_address_from_perspective()] if is_localhost(host) else [])
     errors = []
     for h in hosts:
-        try:
-            with socket.create_connection((h, port), timeout=timeout):
-                return None
-        except OSError as e:
-            errors.append(f"{h}:{port}: {e.strerror or e}")
+        if (e := _refused(h, port, timeout)) is None:
+            return None
+        errors.append(f"{h}:{port}: {e.strerror or e}")
     return (f"nothing answers ({'; '.join(errors)}); is the cluster up (`ray status --address {address}`)? "
             "Without an address (no --address, run.address or RAY_ADDRESS) a local Ray is started instead")
 

@@ -72,10 +72,8 @@ def sweep_name(cfg: Config) -> str:
     return f"{cfg.sweep.searcher}-{section_hash(raw)[:10]}"
 
 
-RELATIVE_LRS = ("distill.lr_img", "distill.lr_txt", "distill.lr_lr", "distill.lr_sim")
-"""Learning rates a config can derive from the data instead (distill.rel_lr_*): then the fixed value is unused."""
-RULED = {**{key: "rel_" + key.split(".", 1)[1] for key in RELATIVE_LRS},
-         "distill.alpha_init": "rel_alpha", "distill.min_alpha": "rel_min_alpha"}
+RULED = {"distill.lr_img": "rel_lr_img", "distill.lr_txt": "rel_lr_txt", "distill.lr_lr": "rel_lr_lr",
+         "distill.lr_sim": "rel_lr_sim", "distill.alpha_init": "rel_alpha", "distill.min_alpha": "rel_min_alpha"}
 """Settings a config can set by a rule instead (the rule's distill field): then the fixed value is unused."""
 
 
@@ -128,10 +126,12 @@ def _check_trials(cfg: Config) -> None:
     options = []
     for spec in cfg.sweep.space.values():
         kind, values = next(iter(spec.items()))
-        listed = _candidates(spec)
-        if listed is None or len(listed) > 100:  # a range: its bounds
-            listed = [int(v) for v in values] if kind == "randint" else [float(v) for v in values]
-        options.append(listed)
+        if kind in ("choice", "grid"):
+            options.append(list(values))
+        elif kind == "randint" and values[1] - values[0] < 100:
+            options.append(list(range(int(values[0]), int(values[1]) + 1)))
+        else:  # a range (a wide randint too, never listed): its bounds
+            options.append([int(v) for v in values] if kind == "randint" else [float(v) for v in values])
     combos = math.prod(len(o) for o in options)
     if combos > MAX_CHECKED_TRIALS:
         log.info("sweep.space: %d combinations of listed values; their configs are checked by the trials", combos)
