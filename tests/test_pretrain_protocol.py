@@ -93,6 +93,42 @@ def test_shipped_builtin_config_scenes_disjoint(path):
     assert not plan["train"] & plan["test"]
 
 
+def test_pretraining_the_used_token_rows_gives_the_weights_of_training_all_rows(monkeypatch):
+    """Pretraining trains only the token-embedding rows its captions use (AdamW sees 2 of 3.2M rows' values);
+    the reference trains the whole embedding as plain AdamW does. Every weight agrees: the used rows trained,
+    the rest only decayed (AdamW's decoupled weight decay; their gradients are zero)."""
+    from ptmst_ray.models import pretrain as pretrain_mod
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(len(CAPTIONS), 3, 32, 32, generator=g)
+    cfg = PretrainConfig(enabled=True, epochs=2, batch_size=4, seed=3, weight_decay=0.5, lr=0.01)
+    sizes = []
+    real_adamw = torch.optim.AdamW
+
+    def recording(params, **kw):
+        params = list(params)
+        sizes.append(sum(p.numel() for p in params))
+        return real_adamw(params, **kw)
+
+    monkeypatch.setattr(torch.optim, "AdamW", recording)
+    fast = pretrain_clip(TOY, cfg, images, CAPTIONS, device=CPU)
+    monkeypatch.setattr(pretrain_mod, "_train_used_rows_only", lambda model, tokens: None)  # every row trained
+    dense = pretrain_clip(TOY, cfg, images, CAPTIONS, device=CPU)
+    init = build_clip(TOY, seed=3).state_dict()["token_embedding.weight"]
+    vocab, width = init.shape
+    used = torch.unique(open_clip.get_tokenizer(TOY.name)(CAPTIONS))
+    assert sizes[1] - sizes[0] == (vocab - len(used)) * width  # the fast run's optimiser never held the other rows
+    assert fast.keys() == dense.keys()
+    for k in dense:
+        torch.testing.assert_close(fast[k], dense[k], rtol=1e-5, atol=1e-6, msg=k)
+    emb = dense["token_embedding.weight"]
+    other = torch.ones(vocab, dtype=torch.bool)
+    other[used] = False
+    assert not torch.allclose(emb[used], init[used], atol=1e-3)  # the used rows trained ...
+    ratio = emb[other] / init[other]  # ... the others decayed by the same factor, as their gradient is zero
+    assert 0.9 < ratio.mean() < 0.99 and torch.allclose(ratio, ratio.mean().expand_as(ratio), rtol=1e-4)
+
+
 # --------------------------------------------------------------------------- checkpoint round trip
 
 

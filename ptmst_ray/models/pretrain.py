@@ -53,6 +53,7 @@ def pretrain_clip(model_cfg: ModelConfig, cfg: PretrainConfig, images: Optional[
     bare = dataclasses.replace(model_cfg, pretrained=None, image_pretrained=None, text_pretrained=None)
     model = build_clip(bare, seed=cfg.seed).to(device).train()
     tokens = open_clip.get_tokenizer(model_cfg.name)(captions)
+    full_embedding = _train_used_rows_only(model, tokens)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     n = len(captions)
     if images is not None and images.shape[0] != n:
@@ -61,6 +62,7 @@ def pretrain_clip(model_cfg: ModelConfig, cfg: PretrainConfig, images: Optional[
     total = cfg.epochs * steps_per_epoch
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
     gen = torch.Generator().manual_seed(cfg.seed)
+    unused_rows_kept = 1.0  # what AdamW's decoupled weight decay leaves of a row no caption uses
     for epoch in range(cfg.epochs):
         batches = epoch_batches(epoch + 1) if epoch_batches is not None else _permuted(images, n, steps_per_epoch,
                                                                                          cfg.batch_size, gen)
@@ -70,6 +72,7 @@ def pretrain_clip(model_cfg: ModelConfig, cfg: PretrainConfig, images: Optional[
             loss = clip_loss(img_f, txt_f, scale)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            unused_rows_kept *= 1 - opt.param_groups[0]["lr"] * cfg.weight_decay
             opt.step()
             sched.step()
             with torch.no_grad():
@@ -78,7 +81,48 @@ def pretrain_clip(model_cfg: ModelConfig, cfg: PretrainConfig, images: Optional[
         if on_epoch:
             on_epoch(epoch + 1, {"loss": sum(losses) / len(losses)})
         log.info("pretrain epoch %d/%d: loss %.4f", epoch + 1, cfg.epochs, sum(losses) / len(losses))
+    if full_embedding is not None:
+        _put_back(model, full_embedding, unused_rows_kept)
     return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+
+
+class _UsedRows(torch.nn.Module):
+    """The rows of a token embedding that the captions use, trained in its place; token ids stay as they are.
+
+    Why: the tiny text tower has open_clip's 49,408-token vocabulary and the built-in captions use a few dozen
+    tokens. Trained whole, AdamW updates all 3.2M embedding values every step (13% of a pretraining step on the
+    toy: bench/RESULTS.md); every other row's gradient is zero, so AdamW only decays it. Training the used rows
+    and decaying the others once at the end (:func:`_put_back`) gives the same weights."""
+
+    def __init__(self, full: torch.nn.Embedding, rows: torch.Tensor):
+        super().__init__()
+        self.rows = rows  # a plain attribute: the full embedding is neither a parameter nor a submodule here
+        self.weight = torch.nn.Parameter(full.weight.detach()[rows].clone())
+        lookup = torch.full((full.num_embeddings,), -1, dtype=torch.long, device=rows.device)
+        lookup[rows] = torch.arange(len(rows), device=rows.device)
+        self.register_buffer("lookup", lookup, persistent=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(self.lookup[ids], self.weight)
+
+
+def _train_used_rows_only(model: torch.nn.Module, tokens: torch.Tensor) -> torch.nn.Embedding | None:
+    """Swap an open_clip text tower's token embedding for :class:`_UsedRows` of ``tokens``; returns the full
+    embedding (None: the model has no such tower)."""
+    full = getattr(model, "token_embedding", None)
+    if not isinstance(full, torch.nn.Embedding):
+        return None
+    model.token_embedding = _UsedRows(full, torch.unique(tokens).to(full.weight.device))
+    return full
+
+
+def _put_back(model: torch.nn.Module, full: torch.nn.Embedding, unused_kept: float) -> None:
+    """The full embedding back in ``model``: the trained rows, every other row times ``unused_kept``."""
+    used: _UsedRows = model.token_embedding
+    with torch.no_grad():
+        full.weight.mul_(unused_kept)
+        full.weight[used.rows] = used.weight
+    model.token_embedding = full
 
 
 def _permuted(images, n: int, steps: int, batch_size: int, gen: torch.Generator):
