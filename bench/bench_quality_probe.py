@@ -71,12 +71,14 @@ def main(argv: list[str] | None = None) -> dict:
 def run_in_process(cfg, methods: list[str], timed) -> tuple[dict | None, dict, list[dict]]:
     """The pipeline's stages for ``methods`` in this process, one after another, each call wrapped by
     ``timed(name, fn, *args)``: (pretraining manifest, each phase's last metrics, one score per method and seed).
-    Stage names: prepare, pretrain, embed, experts, phases, aggregate, ``eval <method>``."""
+    Stage names: prepare, pretrain, embed, expert_lr (``experts.lr_img: auto``), experts, phases, aggregate,
+    ``eval <method>``."""
     from ptmst_ray import layout
     from ptmst_ray import vocab
     from ptmst_ray.stages import aggregate as distilled_mod
     from ptmst_ray.stages import data as data_stage
     from ptmst_ray.stages import embed as embed_stage
+    from ptmst_ray.stages import expert_lr
     from ptmst_ray.stages import experts as experts_stage
     from ptmst_ray.stages import phase as phase_stage
     from ptmst_ray.stages import pretrain as pretrain_stage
@@ -86,6 +88,8 @@ def run_in_process(cfg, methods: list[str], timed) -> tuple[dict | None, dict, l
     pre = timed("pretrain", pretrain_stage.pretrain, cfg)
     timed("embed", embed_stage.embed, cfg)
     distilled = bool({"ptm_st", "single_phase"} & set(methods))  # random/full alone need no experts
+    if distilled:
+        cfg = timed("expert_lr", expert_lr.run_in_turn, cfg)  # experts.lr_img auto: the rule's pick; else cfg
     for i in range(cfg.experts.num_experts if distilled else 0):
         timed("experts", experts_stage.train_and_store_expert, cfg, i)
         timed("experts", experts_stage.compress_expert, cfg, i)

@@ -92,22 +92,28 @@ def load(args: argparse.Namespace):
     return base.replace(**quick)
 
 
-def prerequisites(cfg, expert_id: int | None, times: dict[str, float]) -> None:
-    """Data, pretraining, caption embeddings and the one expert (None: no expert), as `ptmst-ray run` makes them."""
+def prerequisites(cfg, expert_id: int | None, times: dict[str, float]):
+    """Data, pretraining, caption embeddings and the one expert (None: no expert), as `ptmst-ray run` makes them;
+    returns the config (with ``experts.lr_img: auto`` and an expert: the rule's pick, as the run's stage makes it)."""
     from ptmst_ray import storage
-    from ptmst_ray.stages import data as data_stage, embed as embed_stage, experts as experts_stage
+    from ptmst_ray.stages import data as data_stage, embed as embed_stage, expert_lr, experts as experts_stage
     from ptmst_ray.stages import pretrain as pretrain_stage
 
     storage.write_text(storage.join(cfg.run.root, "config.yaml"), cfg.to_yaml())
     steps = [("data", data_stage.prepare, ()), ("pretrain", pretrain_stage.pretrain, ()),
              ("embed", embed_stage.embed, ())]
-    if expert_id is not None:
-        steps.append(("expert", experts_stage.train_and_store_expert, (expert_id,)))
     for name, fn, a in steps:
         t = time.perf_counter()
         fn(cfg, *a)
         times[name] = time.perf_counter() - t
         print(f"{name}: {times[name]:.0f}s", flush=True)
+    if expert_id is not None:
+        t = time.perf_counter()
+        cfg = expert_lr.run_in_turn(cfg)
+        experts_stage.train_and_store_expert(cfg, expert_id)
+        times["expert"] = time.perf_counter() - t
+        print(f"expert: {times['expert']:.0f}s", flush=True)
+    return cfg
 
 
 def coreset_config(cfg, budget: int):
@@ -252,7 +258,7 @@ def main(argv: list[str] | None = None) -> dict:
         res["wall_seconds"] = time.perf_counter() - t0
         return publish(res, cfg, "expert_lr.json", lr_report(res), args,
                        f"## The experts' learning rate: {args.config} ({kind})")
-    prerequisites(cfg, args.expert, times)
+    cfg = prerequisites(cfg, args.expert, times)
     t = time.perf_counter()
     full = score(cfg, "full", cfg.eval.seeds)
     times["full"] = time.perf_counter() - t

@@ -202,9 +202,11 @@ def _ready_for_experts(cfg) -> None:
 @app.command()
 def experts(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt, address: Optional[str] = AddressOpt,
             rebuild: bool = typer.Option(False, "--rebuild", help="Delete stored experts, shortcuts and later stages first.")) -> None:
-    """Train the expert trajectories on Ray actors (and their shortcut trajectories); skips finished experts."""
+    """Train the expert trajectories on Ray actors (and their shortcut trajectories); skips finished experts.
+
+    With experts.lr_img auto the learning-rate rule's probe experts run first (one per experts.lr_candidates)."""
     from ptmst_ray.layout import rebuild as rebuild_stage
-    from ptmst_ray.orchestration.experts import run_experts
+    from ptmst_ray.orchestration.experts import run_expert_lr, run_experts
     from ptmst_ray.orchestration.runtime import make_poll, progress_board
 
     cfg = get_run_config(config, set_, address, joins_ray=True)
@@ -218,6 +220,7 @@ def experts(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetO
                 ui = RichUI(progress)
                 board = progress_board()
                 poll = make_poll(board, ui)
+                cfg = run_expert_lr(cfg, board, poll)  # experts.lr_img auto: the rule first
                 out = run_experts(cfg, board, poll)
                 poll(force=True)  # the last lines before the summary
         except library_errors() as e:
@@ -231,10 +234,12 @@ def shortcut(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = Set
              address: Optional[str] = AddressOpt) -> None:
     """Compress the stored expert trajectories into the shortcut ranges the phases need."""
     from ptmst_ray.orchestration.experts import complete_experts, run_shortcuts
+    from ptmst_ray.stages import expert_lr
 
     cfg = get_run_config(config, set_, address, joins_ray=True)
     with root_lease(cfg, "shortcut"):
         try:
+            cfg = expert_lr.resolved(cfg)  # experts.lr_img auto: the rate the rule picked under this root
             complete_experts(cfg)  # before a Ray starts: nothing to compress without them
         except library_errors() as e:
             fail(explain(cfg, e), code=1)
@@ -257,6 +262,7 @@ def eval_(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt
     from ptmst_ray.layout import Layout
     from ptmst_ray.orchestration.pipeline import evaluate
     from ptmst_ray.orchestration.runtime import make_poll, progress_board
+    from ptmst_ray.stages import expert_lr
     from ptmst_ray.stages.score import check_stored_sets
     from ptmst_ray.vocab import METHODS
 
@@ -271,6 +277,7 @@ def eval_(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt
             fail(f"--json {json_path}: cannot create its folder ({e.strerror or e})")
     with root_lease(cfg, "eval"):
         try:
+            cfg = expert_lr.resolved(cfg)  # experts.lr_img auto: the rate the rule picked under this root
             check_stored_sets(cfg, list(method))  # before data, pretraining and a Ray: nothing to score without them
             _ready_for_experts(cfg)
             connect_ray(cfg, address)

@@ -292,10 +292,15 @@ class ExpertsConfig:
     """Experts (independent trajectories) to train; distillation draws its teacher from them in turn."""
     epochs: int = 10
     """K_e: snapshots after epochs 0..epochs are saved."""
-    lr_img: float = 0.1
-    """SGD learning rate of the trainable image side (the tower unless frozen, and the image projection)."""
-    lr_txt: float = 0.1
-    """SGD learning rate of the text projection head."""
+    lr_img: float | Literal["auto"] = 0.1
+    """SGD learning rate of the trainable image side (the tower unless frozen, and the image projection); auto =
+    picked before the experts by the experts' learning-rate rule over ``lr_candidates`` (then lr_txt is auto too:
+    docs/method.md#a-recipe-for-new-data)."""
+    lr_txt: float | Literal["auto"] = 0.1
+    """SGD learning rate of the text projection head (auto: the rule's pick, the same as lr_img's)."""
+    lr_candidates: list[float] = field(default_factory=lambda: [0.3, 0.1, 0.03, 0.01])
+    """With lr auto: the learning rates the rule tries, one probe expert each (a factor ~3 apart); the pick is the
+    largest whose expert keeps its first epochs' displacements aligned."""
     momentum: float = 0.0
     """SGD momentum of the experts (the paper: 0, plain SGD)."""
     weight_decay: float = 0.0
@@ -313,7 +318,11 @@ class ExpertsConfig:
         _check(self.num_experts >= 1, "num_experts", "must be >= 1")
         _check(self.epochs >= 1, "epochs", "must be >= 1")
         _check(self.batch_size >= 2, "batch_size", "must be >= 2")
-        _check(self.lr_img > 0 and self.lr_txt > 0, "lr_img", "learning rates must be > 0")
+        _check((self.lr_img == "auto") == (self.lr_txt == "auto"), "lr_txt",
+               "must be auto exactly when lr_img is (the rule picks one learning rate for both)")
+        _check(self.lr_img == "auto" or (self.lr_img > 0 and self.lr_txt > 0), "lr_img", "learning rates must be > 0")
+        _check(len(self.lr_candidates) >= 1 and all(lr > 0 for lr in self.lr_candidates), "lr_candidates",
+               "must list at least one learning rate, each > 0")
         _check(self.loss in LOSS_NAMES, "loss", f"must be one of {', '.join(LOSS_NAMES)}")
 
 
@@ -650,6 +659,9 @@ class Config:
         rel = self.distill.rel_alpha
         if rel is None:
             return self.distill.alpha_init, self.distill.alpha_init
+        if self.experts.lr_img == "auto":
+            raise ConfigError("experts.lr_img", "auto: the step sizes follow the experts' learning rate "
+                              "(distill.rel_alpha), which the experts' learning-rate rule has not picked yet")
         return rel * self.experts.lr_img, rel * self.experts.lr_txt
 
     def alpha_floors(self) -> tuple[float, float] | None:

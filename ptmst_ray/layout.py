@@ -16,7 +16,7 @@ import os
 from dataclasses import dataclass
 
 from ptmst_ray import storage
-from ptmst_ray.config import Config, ConfigError, PhaseConfig, section_hash
+from ptmst_ray.config import Config, ConfigError, ExpertsConfig, PhaseConfig, section_hash
 from ptmst_ray.vocab import SINGLE_PHASE, STAGES
 
 log = logging.getLogger(__name__)
@@ -101,6 +101,11 @@ class Layout:
     @property
     def experts(self) -> str:
         return storage.join(self.shared, "experts")
+
+    @property
+    def expert_lr(self) -> str:
+        """The experts' learning-rate rule (``experts.lr_img: auto``): one file per candidate it tried."""
+        return storage.join(self.experts, "lr_rule")
 
     def expert_attempt(self, expert_id: int, pid: int) -> str:
         """Where one actor's attempt at an expert is recorded (node, GPU ids, start)."""
@@ -225,11 +230,18 @@ def model_hash(cfg: Config) -> str:
     return section_hash(model, pretrain_hash(cfg) if cfg.pretrain.enabled else None)
 
 
-def experts_hash(cfg: Config) -> str:
-    """Experts depend on data, model and expert settings; not on the number of experts (ids are stable)."""
-    experts = dataclasses.asdict(cfg.experts)
-    experts.pop("num_experts")
-    experts.pop("gpus_per_expert")
+def experts_hash(cfg: Config, experts: ExpertsConfig | None = None) -> str:
+    """Experts depend on data, model and expert settings (``experts``: others than the config's, e.g. the
+    learning-rate rule's probe experts); not on the number of experts (ids are stable), nor on the learning rates
+    the rule tried (``lr_candidates``): on the rate it picked."""
+    experts = experts or cfg.experts
+    if experts.lr_img == "auto":
+        raise StageError(f"experts.lr_img is auto and the experts' learning-rate rule has not picked it under "
+                         f"{Layout.of(cfg).expert_lr} for this data, model and expert settings: `ptmst-ray run` "
+                         f"(or `ptmst-ray experts`) runs the rule before the experts")
+    experts = dataclasses.asdict(experts)
+    for volatile in ("num_experts", "gpus_per_expert", "lr_candidates"):
+        experts.pop(volatile)
     order = data_order(cfg)
     return section_hash(data_hash(cfg), model_hash(cfg), experts, *([order] if order else []))
 

@@ -25,6 +25,7 @@ from ptmst_ray.orchestration.runtime import (
     Poll, actor_name, as_completed, cluster_info, record_attempt, report_progress, request_gpus, resolve_accelerator,
     uses_gpus, wait_all, worker_threads,
 )
+from ptmst_ray.stages import expert_lr
 from ptmst_ray.stages.embed import stream_split
 from ptmst_ray.stages.experts import compress_expert, expert_store, missing_shortcuts, train_and_store_expert
 
@@ -225,6 +226,36 @@ def run_experts(cfg: Config, board=None, poll: Poll | None = None) -> dict:
     for actor in shortcut:
         ray.kill(actor)
     return {"trained": len(missing), "skipped": len(complete), "actor_restarts": retries, "shortcuts_written": written}
+
+
+@ray.remote
+def _lr_candidate_task(cfg_dict: dict, lr: float, board=None) -> list[float]:
+    """One candidate of the experts' learning-rate rule: its probe expert, as a task named ``expert lr <lr>``."""
+    from ptmst_ray.trajectories.expert import ALIGNED_EPOCHS
+
+    cfg = from_dict(cfg_dict)
+    set_threads(worker_threads(cfg.run.threads_per_worker))
+    name = f"expert lr {lr:g}"
+    report_progress(board, name, 0, ALIGNED_EPOCHS, "starting")
+
+    def on_epoch(epoch: int, metrics: dict) -> None:
+        report_progress(board, name, epoch, ALIGNED_EPOCHS, f"loss {metrics.get('loss', float('nan')):.3f}")
+
+    return expert_lr.try_candidate(cfg, lr, on_epoch)
+
+
+def run_expert_lr(cfg: Config, board=None, poll: Poll | None = None) -> Config:
+    """``experts.lr_img: auto``: the rule's untried candidates at once, one task each with an expert actor's
+    resources; returns the config with the pick (a StageError when no candidate passes). Other configs: as given."""
+    todo = expert_lr.missing(cfg)
+    if todo:
+        probe = cfg.replace(**{"experts.lr_img": todo[0], "experts.lr_txt": todo[0]})  # sized as an expert
+        log.info("experts' learning-rate rule: %d probe expert(s) (lr %s), %d epochs each", len(todo),
+                 ", ".join(f"{lr:g}" for lr in todo), expert_lr.probe_experts(cfg, todo[0]).epochs)
+        options = _actor_options(probe, len(todo))
+        wait_all([_lr_candidate_task.options(name=f"expert lr {lr:g}", **options).remote(cfg.to_dict(), lr, board)
+                  for lr in todo], poll)
+    return expert_lr.resolved(cfg)
 
 
 def complete_experts(cfg: Config) -> list[int]:

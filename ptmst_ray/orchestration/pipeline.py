@@ -21,7 +21,7 @@ from ptmst_ray.config import Config, PretrainConfig, build_section, from_dict
 from ptmst_ray.device import set_threads
 from ptmst_ray.layout import Layout, phase_jobs
 from ptmst_ray.orchestration.experts import (
-    memory_option, pairs_split_nbytes, run_experts, split_nbytes, stream_nbytes,
+    memory_option, pairs_split_nbytes, run_expert_lr, run_experts, split_nbytes, stream_nbytes,
 )
 from ptmst_ray.orchestration.metrics import stage_started
 from ptmst_ray.orchestration.runtime import (
@@ -31,6 +31,7 @@ from ptmst_ray.orchestration.runtime import (
 from ptmst_ray.stages import aggregate as aggregate_stage
 from ptmst_ray.stages import data as data_stage
 from ptmst_ray.stages import embed as embed_stage
+from ptmst_ray.stages import expert_lr
 from ptmst_ray.stages import features as features_stage
 from ptmst_ray.stages import pretrain as pretrain_stage
 from ptmst_ray.stages.plots import plot_run
@@ -219,11 +220,13 @@ class StageTimes:
 
 
 def run_prerequisites(cfg: Config, ui: UI, board, poll: Poll, times: StageTimes | None = None,
-                      where: dict | None = None) -> dict:
-    """Data, pretraining, caption embeddings, experts + shortcuts (each skipped when complete).
+                      where: dict | None = None) -> tuple[Config, dict]:
+    """Data, pretraining, caption embeddings, the experts' learning rate (``experts.lr_img: auto``), experts +
+    shortcuts (each skipped when complete).
 
-    Shared by `run` and `sweep`; returns run_experts' counts. ``times`` records each stage's time, ``where``
-    (if given) receives ``embed``: the node and GPU ids the caption embeddings were computed on.
+    Shared by `run` and `sweep`; returns the config the later stages take (with the experts' learning rate the
+    rule picked) and run_experts' counts. ``times`` records each stage's time, ``where`` (if given) receives
+    ``embed``: the node and GPU ids the caption embeddings were computed on.
     """
     times = times or StageTimes(cfg.run.root, poll)
     ui.stage("data: prepare")
@@ -256,6 +259,13 @@ def run_prerequisites(cfg: Config, ui: UI, board, poll: Poll, times: StageTimes 
         with times.stage("features") as out:
             feats = image_features(cfg, board, poll)
             out["ran"] = feats["ran"]
+    if expert_lr.is_auto(cfg):
+        ui.stage(f"experts' learning rate (rule over {len(set(cfg.experts.lr_candidates))} candidates)")
+        with times.stage("expert_lr") as out:
+            out["ran"] = bool(expert_lr.missing(cfg))
+            cfg = run_expert_lr(cfg, board, poll)
+        log.info("experts' learning rate: %g, the rule's pick of %s (%s)", cfg.experts.lr_img,
+                 cfg.experts.lr_candidates, Layout.of(cfg).expert_lr)
     ui.stage(f"experts ({cfg.experts.num_experts}) + shortcuts")
     with times.stage("experts") as out:
         experts = run_experts(cfg, board, poll)
@@ -263,7 +273,7 @@ def run_prerequisites(cfg: Config, ui: UI, board, poll: Poll, times: StageTimes 
     if where is not None:
         where["embed"] = embedded
         where["features"] = feats
-    return experts
+    return cfg, experts
 
 
 def run_pipeline(cfg: Config, ui: UI | None = None) -> dict[str, Any]:
@@ -290,7 +300,7 @@ def _run_stages(cfg: Config, ui: UI) -> dict[str, Any]:
     poll = make_poll(board, ui)
     t0, times = time.time(), StageTimes(cfg.run.root, poll)
     where: dict = {}
-    experts = run_prerequisites(cfg, ui, board, poll, times, where)
+    cfg, experts = run_prerequisites(cfg, ui, board, poll, times, where)
 
     baseline = SINGLE_PHASE in cfg.eval.baselines
     ui.stage(f"phases ({len(cfg.phases)}" + (" + single-phase baseline)" if baseline else ")"))
@@ -322,7 +332,7 @@ def _run_stages(cfg: Config, ui: UI) -> dict[str, Any]:
     with times.stage("eval") as out:
         results = evaluate(cfg, methods, board, poll)
         out["ran"] = any(not r.get("reused") for r in results["runs"])
-    results.update({"experts": experts, "phases": status, "distilled": distilled["pairs"],
+    results.update({"experts": experts, "experts_lr": [cfg.experts.lr_img, cfg.experts.lr_txt], "phases": status, "distilled": distilled["pairs"],
                     "diverged_phases": distilled.get("diverged", []), "warnings": warnings,
                     "wall_seconds": time.time() - t0, "stages": times.rows, "run_root": cfg.run.root,
                     "accelerator": cfg.run.accelerator, "embed": where.get("embed"),

@@ -487,7 +487,7 @@ def _sweep(cfg: Config, ui, name: str, verbose: int) -> dict[str, Any]:
     ray.get(board.clear.remote())
     poll = make_poll(board, ui)
     t0 = time.time()
-    run_prerequisites(cfg, ui, board, poll)
+    cfg, _ = run_prerequisites(cfg, ui, board, poll)  # trials take the experts' learning rate the rule picked
     ui.stage("shortcut ranges of the search space")
     ranges = _precompute_shortcuts(cfg, poll)
     tuner, resumed = build_tuner(cfg, name, board, poll, verbose)

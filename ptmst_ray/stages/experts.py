@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Callable, Iterator
 
-from ptmst_ray.config import Config
+from ptmst_ray.config import Config, ExpertsConfig
 from ptmst_ray.layout import Layout, experts_hash, needed_ranges
 from ptmst_ray.stages import features
 from ptmst_ray.stages.embed import RealData, load_real, stream_split, train_stream
@@ -31,11 +31,22 @@ def train_and_store_expert(cfg: Config, expert_id: int, on_epoch: Callable[[int,
                            store: TrajectoryStore | None = None) -> int:
     """Train expert ``expert_id`` (unless complete) and write it to the trajectory store (``store``: another one,
     e.g. for experts under trial settings that must not replace the run's)."""
-    from ptmst_ray.trajectories.expert import expert_seed, train_expert
+    from ptmst_ray.trajectories.expert import expert_seed
 
     store, chash = store or expert_store(cfg), experts_hash(cfg)
     if store.is_complete(expert_id, chash):
         return expert_id
+    snapshots = expert_trajectory(cfg, expert_id, on_epoch)
+    store.write_expert(expert_id, snapshots, seed=expert_seed(cfg.experts, expert_id), config_hash=chash)
+    return expert_id
+
+
+def expert_trajectory(cfg: Config, expert_id: int, on_epoch: Callable[[int, dict], None] | None = None,
+                      experts: ExpertsConfig | None = None) -> list:
+    """Train expert ``expert_id`` on the run's train split (streamed, or on a frozen tower's cached features, as the
+    run does) with ``experts`` (default: the config's); its snapshots after epochs 0..experts.epochs."""
+    from ptmst_ray.trajectories.expert import expert_seed, train_expert
+
     streamed = stream_split(cfg, "train")
     cached = features.find(cfg)  # a frozen tower's features, computed once: the tower never runs here
     # streamed: the train pixels are never held; cached: never read
@@ -43,10 +54,8 @@ def train_and_store_expert(cfg: Config, expert_id: int, on_epoch: Callable[[int,
     seed = expert_seed(cfg.experts, expert_id)
     images = real.train_images if cached is None else features.FeatureRows(cached, real.train_image_index)
     epoch_batches = _streamed_epochs(cfg, real, seed, cached) if streamed else None
-    snapshots = train_expert(cfg.experts, cfg.model, images, real.train_text, expert_id, on_epoch=on_epoch,
-                             epoch_batches=epoch_batches, frozen_features=cached.check_tower if cached else None)
-    store.write_expert(expert_id, snapshots, seed=seed, config_hash=chash)
-    return expert_id
+    return train_expert(experts or cfg.experts, cfg.model, images, real.train_text, expert_id, on_epoch=on_epoch,
+                        epoch_batches=epoch_batches, frozen_features=cached.check_tower if cached else None)
 
 
 def _streamed_epochs(cfg: Config, real: RealData, seed: int, cached: features.CachedFeatures | None = None
