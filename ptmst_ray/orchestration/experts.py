@@ -253,6 +253,8 @@ def run_expert_lr(cfg: Config, board=None, poll: Poll | None = None) -> Config:
         log.info("experts' learning-rate rule: %d probe expert(s) (lr %s), %d epochs each", len(todo),
                  ", ".join(f"{lr:g}" for lr in todo), expert_lr.probe_experts(cfg, todo[0]).epochs)
         options = _actor_options(probe, len(todo))
+        # a short stage ahead of the experts: the experts' larger standing request (run_pipeline) stays
+        request_gpus(cfg, len(todo), cfg.experts.gpus_per_expert, "the experts' learning-rate rule", keep_larger=True)
         wait_all([_lr_candidate_task.options(name=f"expert lr {lr:g}", **options).remote(cfg.to_dict(), lr, board)
                   for lr in todo], poll)
     return expert_lr.resolved(cfg)
