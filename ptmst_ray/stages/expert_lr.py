@@ -42,9 +42,9 @@ def stored(cfg: Config) -> dict[float, list[float]]:
     """The candidates tried so far under this run root: lr -> its probe expert's displacement cosines."""
     out = {}
     for lr in cfg.experts.lr_candidates:
-        entry = storage.read_json(_result_url(cfg, lr)) if storage.exists(_result_url(cfg, lr)) else None
-        if entry is not None:
-            out[lr] = entry["cosines"]
+        url = _result_url(cfg, lr)
+        if storage.exists(url):
+            out[lr] = storage.read_json(url)["cosines"]
     return out
 
 
