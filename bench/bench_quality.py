@@ -1003,7 +1003,8 @@ def main(argv: list[str] | None = None) -> dict:
     prereq_cfg = base.replace(**{"eval.baselines": ["single_phase"]})  # its range gets shortcuts too
     prereq_cfg, _ = run_prerequisites(prereq_cfg, ui, board, poll)
     if prereq_cfg.experts.lr_img != base.experts.lr_img:  # experts.lr_img auto: the cells take the rule's pick
-        base = base.replace(**{"experts.lr_img": prereq_cfg.experts.lr_img, "experts.lr_txt": prereq_cfg.experts.lr_txt})
+        picked = prereq_cfg.experts
+        base = base.replace(**{"experts.lr_img": picked.lr_img, "experts.lr_txt": picked.lr_txt})
         cells = make_cells(base, methods, budgets, cells_dir, args.one_phase_upto)
     t_prereq = time.time()
     ui.stage("distillation (cells in waves of concurrent Train runs)")

@@ -220,7 +220,7 @@ def experts(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetO
                 ui = RichUI(progress)
                 board = progress_board()
                 poll = make_poll(board, ui)
-                cfg = run_expert_lr(cfg, board, poll)  # experts.lr_img auto: the rule first
+                cfg, _ = run_expert_lr(cfg, board, poll)  # experts.lr_img auto: the rule first
                 out = run_experts(cfg, board, poll)
                 poll(force=True)  # the last lines before the summary
         except library_errors() as e:

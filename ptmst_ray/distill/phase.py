@@ -260,7 +260,8 @@ class PhaseTrainer:
             low = [f"{n} = {float(a.detach()):.4g}" for n, a in zip(("alpha_img", "alpha_txt"), self.synthetic.alphas)
                    if float(a.detach()) <= 0]
             if low:
-                self._diverge(f"the learned step size {', '.join(low)} is not positive (no floor: distill.min_alpha and rel_min_alpha are unset)")
+                self._diverge(f"the learned step size {', '.join(low)} is not positive (no floor: distill.min_alpha "
+                              "and rel_min_alpha are unset)")
 
     def _diverge(self, detail: str) -> None:
         """Checkpoint the (finite) EMA and raise; the raw state of this iteration is not averaged in."""

@@ -244,9 +244,10 @@ def _lr_candidate_task(cfg_dict: dict, lr: float, board=None) -> list[float]:
     return expert_lr.try_candidate(cfg, lr, on_epoch)
 
 
-def run_expert_lr(cfg: Config, board=None, poll: Poll | None = None) -> Config:
+def run_expert_lr(cfg: Config, board=None, poll: Poll | None = None) -> tuple[Config, int]:
     """``experts.lr_img: auto``: the rule's untried candidates at once, one task each with an expert actor's
-    resources; returns the config with the pick (a StageError when no candidate passes). Other configs: as given."""
+    resources; returns the config with the pick (a StageError when no candidate passes) and how many candidates
+    were tried now. Other configs: as given, 0."""
     todo = expert_lr.missing(cfg)
     if todo:
         probe = cfg.replace(**{"experts.lr_img": todo[0], "experts.lr_txt": todo[0]})  # sized as an expert
@@ -257,7 +258,7 @@ def run_expert_lr(cfg: Config, board=None, poll: Poll | None = None) -> Config:
         request_gpus(cfg, len(todo), cfg.experts.gpus_per_expert, "the experts' learning-rate rule", keep_larger=True)
         wait_all([_lr_candidate_task.options(name=f"expert lr {lr:g}", **options).remote(cfg.to_dict(), lr, board)
                   for lr in todo], poll)
-    return expert_lr.resolved(cfg)
+    return expert_lr.resolved(cfg), len(todo)
 
 
 def complete_experts(cfg: Config) -> list[int]:

@@ -262,8 +262,8 @@ def run_prerequisites(cfg: Config, ui: UI, board, poll: Poll, times: StageTimes 
     if expert_lr.is_auto(cfg):
         ui.stage(f"experts' learning rate (rule over {len(set(cfg.experts.lr_candidates))} candidates)")
         with times.stage("expert_lr") as out:
-            out["ran"] = bool(expert_lr.missing(cfg))
-            cfg = run_expert_lr(cfg, board, poll)
+            cfg, tried = run_expert_lr(cfg, board, poll)
+            out["ran"] = tried > 0
         log.info("experts' learning rate: %g, the rule's pick of %s (%s)", cfg.experts.lr_img,
                  cfg.experts.lr_candidates, Layout.of(cfg).expert_lr)
     ui.stage(f"experts ({cfg.experts.num_experts}) + shortcuts")
@@ -332,7 +332,8 @@ def _run_stages(cfg: Config, ui: UI) -> dict[str, Any]:
     with times.stage("eval") as out:
         results = evaluate(cfg, methods, board, poll)
         out["ran"] = any(not r.get("reused") for r in results["runs"])
-    results.update({"experts": experts, "experts_lr": [cfg.experts.lr_img, cfg.experts.lr_txt], "phases": status, "distilled": distilled["pairs"],
+    results.update({"experts": experts, "experts_lr": [cfg.experts.lr_img, cfg.experts.lr_txt], "phases": status,
+                    "distilled": distilled["pairs"],
                     "diverged_phases": distilled.get("diverged", []), "warnings": warnings,
                     "wall_seconds": time.time() - t0, "stages": times.rows, "run_root": cfg.run.root,
                     "accelerator": cfg.run.accelerator, "embed": where.get("embed"),
