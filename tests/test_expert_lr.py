@@ -85,9 +85,9 @@ def test_no_candidate_passing_names_the_cosines_and_what_to_do(auto_root):
     ({"experts.lr_img": "auto", "experts.lr_txt": "auto", "experts.lr_candidates": []}, "experts.lr_candidates"),
     ({"experts.lr_candidates": [0.1, -0.01]}, "experts.lr_candidates"),
 ])
-def test_bad_rule_settings_are_refused(overrides, field):
+def test_bad_rule_settings_are_refused(overrides, field, tmp_path):
     with pytest.raises(ConfigError, match=field):
-        tiny_config("/tmp/unused", **overrides)
+        tiny_config(tmp_path, **overrides)
 
 
 def test_a_named_rate_ignores_the_candidates():
