@@ -126,7 +126,8 @@ def copy_root(src, dst, parts=("data", "pretrain", "experts", "shortcuts")):
 def finished_tasks(address: str, func_name: str, count: int, since_ms: float = 0.0, timeout: float = 30.0) -> list:
     """The FINISHED tasks of ``func_name`` that started at or after ``since_ms`` (epoch ms), by Ray's State API at
     ``address``, waiting up to ``timeout`` s for ``count`` of them: workers report task events to the GCS in
-    batches, so the State API lags the tasks. Sorted by start time."""
+    batches, so the State API lags the tasks (one can show FINISHED before its start time: not counted until it
+    has one). Sorted by start time."""
     import time
 
     from ray.util.state import list_tasks
@@ -134,7 +135,7 @@ def finished_tasks(address: str, func_name: str, count: int, since_ms: float = 0
     deadline = time.monotonic() + timeout
     while True:
         tasks = [t for t in list_tasks(address=address, detail=True, filters=[("func_or_class_name", "=", func_name)])
-                 if t.state == "FINISHED" and t.start_time_ms >= since_ms]
+                 if t.state == "FINISHED" and (t.start_time_ms or -1) >= since_ms]
         if len(tasks) >= count or time.monotonic() >= deadline:
             return sorted(tasks, key=lambda t: t.start_time_ms)
         time.sleep(1)

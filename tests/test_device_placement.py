@@ -244,6 +244,49 @@ def test_a_task_given_a_gpu_runs_in_a_process_of_its_own(ray_session, tmp_path):
         assert isinstance(getattr(pipeline, name), Task), name
 
 
+@pytest.mark.ray
+def test_actor_queue_redoes_the_item_of_a_dead_actor_once_and_raises_other_errors(ray_session, tmp_path):
+    """``runtime.ActorQueue`` (the experts' and the GPU evaluation's pools): every item is done exactly once, two
+    at a time on two actors; the item whose actor died mid-call is redone on that actor once Ray has restarted it
+    (a new process); an error the work raises is raised, not retried."""
+    import os
+
+    import ray
+
+    from ptmst_ray.orchestration import pipeline
+    from ptmst_ray.orchestration.runtime import ActorQueue
+
+    @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0)
+    class Worker:
+        def ready(self) -> bool:
+            return True
+
+        def work(self, item: int) -> tuple[int, int]:
+            marker = tmp_path / f"died-{item}"
+            if item == 3 and not marker.exists():  # the first attempt at item 3 dies with its process
+                marker.touch()
+                os._exit(1)
+            if item == 99:
+                raise ValueError("bad item 99")
+            return item * 10, os.getpid()
+
+    actors = [Worker.remote(), Worker.remote()]
+    pids = ray.get([a.work.remote(0) for a in actors])
+    queue = ActorQueue(actors, lambda actor, item: actor.work.remote(item), label=lambda i: f"item {i}")
+    done = list(queue.run(range(6)))
+    assert sorted(item for item, _ in done) == list(range(6)) and queue.restarts == 1, done
+    assert all(value == item * 10 for item, (value, _) in done), done
+    redone_pid = dict(done)[3][1]
+    assert (tmp_path / "died-3").exists() and redone_pid not in {pid for _, pid in pids}, (redone_pid, pids)
+    with pytest.raises(ray.exceptions.RayTaskError, match="bad item 99"):
+        list(ActorQueue(actors, lambda actor, item: actor.work.remote(item)).run([1, 99]))
+    for actor in actors:
+        ray.kill(actor)
+    # the evaluation's actors are restartable and can be waited on while they restart
+    assert pipeline.ScoreActor._default_options.get("max_restarts") == -1
+    assert callable(getattr(pipeline.ScoreActor, "ready", None))
+
+
 # --------------------------------------------------------------------------- the phase worker's teachers
 
 

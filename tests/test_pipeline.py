@@ -8,6 +8,7 @@ a Ray Job on two nodes with its run root in a bucket); four interrupted and resu
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -170,31 +171,46 @@ def test_finished_run_keeps_only_the_checkpoints_train_holds(tmp_path, ray_sessi
     assert left == sorted(held + [further.name]), (held, left)
 
 
-def test_evaluation_keeps_each_score_and_reuses_it_for_the_same_inputs(ready_root, tmp_path, monkeypatch):
-    """`evaluate` stores every (method, seed) score as its task ends; an evaluation of the same inputs reuses them
-    and starts no task, one with a seed more computes only that seed, one with other settings computes afresh."""
+def _refuse(monkeypatch) -> None:
+    """Any evaluation student started from here on fails the test (a task on CPUs, an actor on GPUs)."""
+    from ptmst_ray.orchestration import pipeline
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("an evaluation of stored scores started a student")
+
+    monkeypatch.setattr(pipeline._score_task, "options", refuse)
+    monkeypatch.setattr(pipeline.ScoreActor, "options", refuse)
+
+
+def test_evaluation_keeps_each_score_and_reuses_it_for_the_same_inputs(ready_root, tmp_path, monkeypatch,
+                                                                       ray_session):
+    """`evaluate` stores every (method, seed) score as its student ends; on the session's 2 logical GPUs the 3
+    students run on 2 actors, one process per GPU. An evaluation of the same inputs reuses the scores and starts
+    no student, one with a seed more computes only that seed, one with other settings computes afresh."""
+    from conftest import finished_tasks
     from ptmst_ray import storage
     from ptmst_ray.orchestration import pipeline
 
     root = copy_root(ready_root, tmp_path / "run", parts=("data", "pretrain"))
-    cfg = tiny_config(root, **{"eval.seeds": 2, "eval.epochs": 1, "eval.eval_points": 1})
+    cfg = tiny_config(root, **{"eval.seeds": 3, "eval.epochs": 1, "eval.eval_points": 1})
+    since = time.time() * 1000
     first = pipeline.evaluate(cfg, ["random"], None, None)
-    assert [r.get("reused") for r in first["runs"]] == [None, None]
-    assert [storage.exists(layout.Layout.of(cfg).score("random", s)) for s in (0, 1)] == [True, True]
+    assert [r.get("reused") for r in first["runs"]] == [None, None, None]
+    assert [storage.exists(layout.Layout.of(cfg).score("random", s)) for s in (0, 1, 2)] == [True, True, True]
+    assert all(len(r["gpu_ids"]) == 1 for r in first["runs"]), first["runs"]
+    ran = finished_tasks(ray_session.dashboard_url, "ScoreActor.score", 3, since)
+    assert len(ran) == 3 and len({t.worker_pid for t in ran}) == 2, [(t.name, t.worker_pid) for t in ran]
 
-    def refuse(*args, **kwargs):
-        raise AssertionError("an evaluation of stored scores started a task")
-
-    monkeypatch.setattr(pipeline._score_task, "options", refuse)
+    _refuse(monkeypatch)
     again = pipeline.evaluate(cfg, ["random"], None, None)
     monkeypatch.undo()
-    assert [r["reused"] for r in again["runs"]] == [True, True]
+    assert [r["reused"] for r in again["runs"]] == [True, True, True]
     assert again["methods"] == first["methods"]
     assert [r["best"] for r in again["runs"]] == [r["best"] for r in first["runs"]]
 
-    more = pipeline.evaluate(cfg.replace(**{"eval.seeds": 3}), ["random"], None, None)
-    assert [bool(r.get("reused")) for r in more["runs"]] == [True, True, False]
-    other = pipeline.evaluate(cfg.replace(**{"eval.epochs": 2}), ["random"], None, None)
+    more = pipeline.evaluate(cfg.replace(**{"eval.seeds": 4}), ["random"], None, None)
+    assert [bool(r.get("reused")) for r in more["runs"]] == [True, True, True, False]
+    other = pipeline.evaluate(cfg.replace(**{"eval.epochs": 2, "eval.seeds": 2}), ["random"], None, None)
     assert [bool(r.get("reused")) for r in other["runs"]] == [False, False]
 
     # `ptmst-ray eval --json` (the scores stored above): its folder is made; a path it cannot write is named after the
@@ -209,10 +225,10 @@ def test_evaluation_keeps_each_score_and_reuses_it_for_the_same_inputs(ready_roo
     out = tmp_path / "new" / "folder" / "scores.json"
     runner = CliRunner()
     ok = runner.invoke(app, ["eval", "--config", str(config), "-m", "random", "--json", str(out)])
-    assert ok.exit_code == 0 and json.loads(out.read_text())["methods"]["random"]["seeds"] == 2, ok.output
+    assert ok.exit_code == 0 and json.loads(out.read_text())["methods"]["random"]["seeds"] == 3, ok.output
     out.unlink()
     out.mkdir()  # a folder where the file should go
-    monkeypatch.setattr(pipeline._score_task, "options", refuse)
+    _refuse(monkeypatch)
     bad = runner.invoke(app, ["eval", "--config", str(config), "-m", "random", "--json", str(out)])
     text = " ".join(bad.output.split())
     assert bad.exit_code == 1 and f"--json {out}: cannot write it" in text, text

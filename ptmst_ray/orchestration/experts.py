@@ -9,12 +9,10 @@ experts still training), which writes the compact shortcut trajectories the phas
 
 from __future__ import annotations
 
-import collections
 import logging
 import os
 
 import ray
-from ray.exceptions import RayActorError
 
 from ptmst_ray import storage
 from ptmst_ray.config import Config, from_dict
@@ -22,7 +20,7 @@ from ptmst_ray.device import set_threads
 from ptmst_ray.layout import Layout, StageError, experts_hash, needed_ranges
 from ptmst_ray.orchestration.metrics import expert_metrics, expert_tag
 from ptmst_ray.orchestration.runtime import (
-    Poll, actor_name, as_completed, cluster_info, record_attempt, report_progress, request_gpus, resolve_accelerator,
+    ActorQueue, Poll, actor_name, cluster_info, record_attempt, report_progress, request_gpus, resolve_accelerator,
     uses_gpus, wait_all, worker_threads,
 )
 from ptmst_ray.stages import expert_lr
@@ -110,7 +108,7 @@ class ExpertActor:
         return f"ExpertActor(experts={self.cfg.experts.num_experts}, epochs={self.cfg.experts.epochs})"
 
     def ready(self) -> bool:
-        """A no-op: called with retries, it returns once a restarting actor is up again (:func:`_await_restart`)."""
+        """A no-op: called with retries, it returns once a restarting actor is up again (:func:`~ptmst_ray.orchestration.runtime.await_restart`)."""
         return True
 
     def train(self, expert_id: int, board=None) -> int:
@@ -153,13 +151,6 @@ def _compress(shortcut, expert_id: int):
     return shortcut.compress.options(name=f"shortcut {expert_tag(expert_id)}").remote(expert_id)
 
 
-def _await_restart(actor, poll: Poll | None) -> None:
-    """Wait until a dead expert actor is up again before handing it the expert back. While Ray restarts it, a
-    call to it fails at once (ActorUnavailableError, "The actor is restarting"), so resubmitting straight away
-    spins: one failure a second per actor for as long as the restart takes (minutes on a loaded node)."""
-    wait_all([actor.ready.options(max_task_retries=-1).remote()], poll)
-
-
 def _actor_options(cfg: Config, n_actors: int) -> dict:
     """An expert actor's resources: ``experts.gpus_per_expert`` GPUs and one CPU when the run targets GPUs
     (``run.accelerator``, whether or not GPU nodes are up yet), else an equal share of the CPUs; and the
@@ -197,29 +188,12 @@ def run_experts(cfg: Config, board=None, poll: Poll | None = None) -> dict:
                  len(complete))
         actors = [ExpertActor.options(name=actor_name(f"expert-actor-{k}"), **options).remote(cfg_dict)
                   for k in range(n_actors)]
-        free, actor_of = list(actors), {}
-
-        def submit(expert_id: int):
-            actor = free.pop()
-            ref = actor.train.options(name=expert_tag(expert_id)).remote(expert_id, board)
-            actor_of[ref] = actor
-            return ref
-
-        queue = collections.deque(missing)
-        for eid, ref in as_completed(queue, submit, n_actors, poll):
-            actor = actor_of.pop(ref)
-            try:
-                ray.get(ref)
-                compress.append(compress_one(eid))
-                report_progress(board, "experts", cfg.experts.num_experts - len(queue) - len(actor_of),
-                                cfg.experts.num_experts)
-            except RayActorError as e:
-                retries += 1
-                log.warning("expert %d: its actor died (%s); the actor restarts and the expert is redone",
-                            eid, type(e).__name__)
-                _await_restart(actor, poll)
-                queue.appendleft(eid)
-            free.append(actor)
+        queue = ActorQueue(actors, lambda actor, eid: actor.train.options(name=expert_tag(eid)).remote(eid, board),
+                           poll, label=lambda eid: f"expert {eid}")
+        for done, (eid, _) in enumerate(queue.run(missing), start=len(complete) + 1):
+            compress.append(compress_one(eid))
+            report_progress(board, "experts", done, cfg.experts.num_experts)
+        retries = queue.restarts
         for actor in actors:
             ray.kill(actor)
     written = sum(len(ranges) for ranges in ray.get(compress))

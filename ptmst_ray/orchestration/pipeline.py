@@ -2,7 +2,7 @@
 
 prepare data -> pretrain (built-in default) -> caption embeddings -> experts (actor pool) +
 shortcuts (pipelined actor) -> phases (concurrent Train runs) -> aggregate -> evaluation
-(one Ray task per method and seed) -> results.json, table, plot. The CLI passes a ``ui``
+(one Ray task per method and seed; on GPUs a pool of actors, one per GPU) -> results.json, table, plot. The CLI passes a ``ui``
 object for stage headers and progress; nothing here prints.
 """
 
@@ -25,7 +25,7 @@ from ptmst_ray.orchestration.experts import (
 )
 from ptmst_ray.orchestration.metrics import stage_started
 from ptmst_ray.orchestration.runtime import (
-    UI, NullUI, Poll, cluster_info, make_poll, progress_board, release_gpus, report_progress, request_gpus,
+    UI, ActorQueue, NullUI, Poll, actor_name, cluster_info, make_poll, progress_board, release_gpus, report_progress, request_gpus,
     resolve_accelerator, student_threads, task, uses_gpus, wait_all, worker_threads,
 )
 from ptmst_ray.stages import aggregate as aggregate_stage
@@ -145,11 +145,9 @@ def image_features(cfg: Config, board=None, poll: Poll | None = None) -> dict:
     return wait_all([_features_task.options(name="image features", **options).remote(cfg.to_dict(), board)], poll)[0]
 
 
-@task(num_cpus=1)
-def _score_task(cfg_dict: dict, method: str, seed: int, board=None) -> dict:
-    """One (method, seed) student, on the GPU Ray gave it (``task_resources``), else one CPU thread."""
+def _score(cfg_dict: dict, method: str, seed: int, board=None) -> dict:
+    """One (method, seed) student where this worker runs (its GPU, else its CPU thread), stored as it finishes."""
     cfg = from_dict(cfg_dict)
-    set_threads(student_threads(cfg.run.threads_per_worker))
     name = f"eval {method} seed {seed}"
     points = cfg.eval.eval_points
     epochs = schedule(cfg.eval, method, data_stage.has_val(Layout.of(cfg).data))["epochs"]  # the most it trains
@@ -166,13 +164,56 @@ def _score_task(cfg_dict: dict, method: str, seed: int, board=None) -> dict:
     return out
 
 
+@task(num_cpus=1)
+def _score_task(cfg_dict: dict, method: str, seed: int, board=None) -> dict:
+    """One (method, seed) student on one CPU thread of a pooled worker (a run on CPUs)."""
+    set_threads(student_threads(from_dict(cfg_dict).run.threads_per_worker))
+    return _score(cfg_dict, method, seed, board)
+
+
+@ray.remote(max_restarts=-1, max_task_retries=0)
+class ScoreActor:
+    """Evaluation students one after another on the GPU(s) Ray gave this actor when it was made (a run on GPUs):
+    one process per GPU slot, not one per student (each would import torch and open_clip and start CUDA again,
+    and a pooled task worker must not be reused across GPUs: ``runtime.Task``). A student's memory is freed when
+    it returns; torch keeps the cached blocks for the next one on the same device."""
+
+    def __init__(self, cfg_dict: dict):
+        set_threads(student_threads(from_dict(cfg_dict).run.threads_per_worker))
+
+    def ready(self) -> bool:
+        """A no-op: returns once a restarting actor is up again (``runtime.await_restart``)."""
+        return True
+
+    def score(self, cfg_dict: dict, method: str, seed: int, board=None) -> dict:
+        return _score(cfg_dict, method, seed, board)
+
+
 def evaluation_methods(cfg: Config) -> list[str]:
     return [PTM_ST, *cfg.eval.baselines]
 
 
+def _score_on_gpus(cfg: Config, todo: list[tuple[str, int]], options: dict, board, poll: Poll | None) -> dict:
+    """The students of ``todo`` on one :class:`ScoreActor` per GPU slot the cluster has or can add (at most one
+    per student), the full-data students first (the longest); an actor that dies restarts and its student is
+    redone. Returns {(method, seed): score}."""
+    n = min(cluster_info().slots(options["num_gpus"], True), len(todo))
+    request_gpus(cfg, n, options["num_gpus"], "evaluation")
+    cfg_dict = cfg.to_dict()
+    actors = [ScoreActor.options(name=actor_name(f"eval-actor-{k}"), **options).remote(cfg_dict) for k in range(n)]
+    queue = ActorQueue(actors, lambda actor, p: actor.score.options(name=f"eval {p[0]} seed {p[1]}").remote(
+        cfg_dict, *p, board), poll, label=lambda p: f"eval {p[0]} seed {p[1]}")
+    try:
+        return dict(queue.run(sorted(todo, key=lambda p: p[0] != "full")))
+    finally:
+        for actor in actors:
+            ray.kill(actor)
+
+
 def evaluate(cfg: Config, methods: list[str], board, poll: Poll | None) -> dict:
-    """Every (method, seed) as one Ray task, but those whose scores an earlier evaluation stored from the same
-    inputs (``stages.score.score_key``: those are reused, marked ``reused``); results.json's scores."""
+    """Every (method, seed) student but those whose scores an earlier evaluation stored from the same inputs
+    (``stages.score.score_key``: those are reused, marked ``reused``): one Ray task each on CPUs, a pool of
+    :class:`ScoreActor` on GPUs; results.json's scores."""
     pairs = [(m, s) for m in methods for s in range(cfg.eval.seeds)]
     stored = {(m, s): run for m, s in pairs if (run := stored_score(cfg, m, s)) is not None}
     for (m, s), run in stored.items():
@@ -182,11 +223,12 @@ def evaluate(cfg: Config, methods: list[str], board, poll: Poll | None) -> dict:
         log.info("evaluation: %d of %d (method, seed) scores reused, stored by an earlier evaluation of the same "
                  "inputs under %s; %d to compute", len(stored), len(pairs), Layout.of(cfg).eval, len(todo))
     options = score_resources(cfg)
-    if todo:
-        request_gpus(cfg, len(todo), options.get("num_gpus", 0), "evaluation")
-    refs = [_score_task.options(name=f"eval {m} seed {s}", **options).remote(cfg.to_dict(), m, s, board)
-            for m, s in todo]
-    computed = dict(zip(todo, wait_all(refs, poll)))
+    if todo and options.get("num_gpus"):
+        computed = _score_on_gpus(cfg, todo, options, board, poll)
+    else:
+        refs = [_score_task.options(name=f"eval {m} seed {s}", **options).remote(cfg.to_dict(), m, s, board)
+                for m, s in todo]
+        computed = dict(zip(todo, wait_all(refs, poll)))
     runs = [stored[p] if p in stored else computed[p] for p in pairs]
     results = summarise(runs, cfg)
     results["runs"] = runs

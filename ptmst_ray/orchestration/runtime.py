@@ -569,6 +569,54 @@ def as_completed(queue: collections.deque, submit: Callable[[Any], Any], slots: 
             yield pending.pop(ref), ref
 
 
+def await_restart(actor, poll: Poll | None = None) -> None:
+    """Wait until a dead restartable actor is up again before handing it work again. While Ray restarts it, a
+    call to it fails at once (ActorUnavailableError, "The actor is restarting"), so resubmitting straight away
+    spins: one failure a second per actor for as long as the restart takes (minutes on a loaded node). The actor
+    needs a ``ready()`` method that returns at once."""
+    wait_all([actor.ready.options(max_task_retries=-1).remote()], poll)
+
+
+class ActorQueue:
+    """Items of work handed to a fixed set of restartable actors (``max_restarts=-1``, a ``ready()`` method), one
+    item at a time to each free actor: ``call(actor, item)`` submits it and returns its ObjectRef. :meth:`run`
+    yields (item, value) as each finishes. An item whose actor died (RayActorError: killed, out of memory, its
+    node gone) is redone first, on that actor once Ray has restarted it; ``restarts`` counts those. Any other
+    error raises (the actors stay up: the caller ends them)."""
+
+    def __init__(self, actors: list, call: Callable[[Any, Any], Any], poll: Poll | None = None,
+                 label: Callable[[Any], str] = str):
+        self.actors, self.call, self.poll, self.label = list(actors), call, poll, label
+        self.restarts = 0
+
+    def run(self, items) -> Iterator[tuple[Any, Any]]:
+        from ray.exceptions import RayActorError
+
+        free, actor_of = list(self.actors), {}
+
+        def submit(item):
+            actor = free.pop()
+            ref = self.call(actor, item)
+            actor_of[ref] = actor
+            return ref
+
+        queue = collections.deque(items)
+        for item, ref in as_completed(queue, submit, len(self.actors), self.poll):
+            actor = actor_of.pop(ref)
+            try:
+                value = ray.get(ref)
+            except RayActorError as e:
+                self.restarts += 1
+                log.warning("%s: its actor died (%s); it is redone once the actor has restarted", self.label(item),
+                            type(e).__name__)
+                await_restart(actor, self.poll)
+                queue.appendleft(item)
+                free.append(actor)
+                continue
+            free.append(actor)
+            yield item, value
+
+
 def record_attempt(url: str, info: dict | None = None, **fields) -> dict:
     """Write one worker attempt's record to ``url`` and return it: where it ran (pid, node, GPU ids),
     when it started, plus ``fields``; pass a returned record as ``info`` to update it (e.g. its end)."""
