@@ -918,6 +918,23 @@ def test_a_local_ray_starts_train_runs_without_a_preemption_watcher(ray_session)
     assert ray.get(env.remote()) == "0"
 
 
+def test_a_train_run_polls_its_worker_every_half_second_unless_the_user_chose(tmp_path, monkeypatch):
+    """`make_trainer` (in the process that calls fit()) sets RAY_TRAIN_HEALTH_CHECK_INTERVAL_S to 0.5, among the
+    variables Ray Train hands its controller (Train's own ``get_env_vars_to_propagate``); a value already in the
+    environment is kept."""
+    from ray.train.v2._internal.constants import get_env_vars_to_propagate
+
+    from ptmst_ray.orchestration import phases
+
+    cfg = tiny_config(tmp_path, **{"run.accelerator": "cpu"}).to_dict()  # no cluster to ask about GPUs
+    monkeypatch.delenv(phases.HEALTH_CHECK_VAR, raising=False)
+    phases.make_trainer(cfg, "phase_0", {}, 0, "run")
+    assert get_env_vars_to_propagate()[phases.HEALTH_CHECK_VAR] == "0.5"
+    monkeypatch.setenv(phases.HEALTH_CHECK_VAR, "3")
+    phases.make_trainer(cfg, "phase_0", {}, 0, "run")
+    assert get_env_vars_to_propagate()[phases.HEALTH_CHECK_VAR] == "3"
+
+
 def test_a_killed_train_controller_frees_its_placement_group_beside_another_ray(ray_session, tmp_path):
     """Ray's OOM killer (or any SIGKILL) ends a Train run's controller: Ray Train's cleaner actor must then remove
     the run's placement group, or a retried run waits forever for the CPUs it holds. The cleaner asks the State

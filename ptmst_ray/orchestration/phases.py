@@ -39,6 +39,13 @@ from ptmst_ray.stages.phase import distill_phase
 log = logging.getLogger(__name__)
 
 MAX_FAILURES = 2
+HEALTH_CHECK_VAR = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+HEALTH_CHECK_S = "0.5"
+"""How often a Train run's controller polls its worker (Ray Train 2.60's default: every 2 s). The controller
+notices the worker group up, and the training function returned, only at its next poll, so every run waited up to
+two polls for nothing: ~3.7 s a run on the toy (bench/RESULTS.md "Scaling"). A poll is one small remote call to
+the run's one worker. Train's controller takes the value from the environment of the process that calls fit()
+(Train 2.60 propagates this variable), so :func:`make_trainer` sets it there; a value already set is kept."""
 _PYARROW_SCHEMES = ("s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss", "file")
 
 
@@ -256,6 +263,7 @@ def make_trainer(cfg_dict: dict, name: str, phase: dict, seed: int, run_name: st
     ``trial`` (a sweep trial's id) tags its metrics. The run's name (the dashboard's Train page) is
     ``run_name``; Train 2.60 gives its controller and worker actors no name of their own."""
     cfg = from_dict(cfg_dict)
+    os.environ.setdefault(HEALTH_CHECK_VAR, HEALTH_CHECK_S)  # read by fit() in this process
     gpus = cfg.distill.gpus_per_phase if uses_gpus(cfg) else 0  # the run's target, not the GPUs up right now
     threads = cfg.run.threads_per_worker or 1
     scaling = ScalingConfig(num_workers=1, use_gpu=gpus > 0,
