@@ -42,9 +42,9 @@ from _common import command_line, machine, replace_section  # noqa: E402
 
 VARIANTS = ("plain", "plain-1", "laptop", "serial", "two-node")
 HEADING = "## Scaling: plain functions, laptop Ray, phases in turn, two nodes (issue #23 item 2)"
-PLAIN_STAGES = {"prepare": "data", "eval": "eval"}
-"""bench_quality_probe's stage names that differ from the pipeline's (``eval <method>`` -> eval; the others, e.g.
-``expert_lr``, are the pipeline's own)."""
+PLAIN_STAGES = {"prepare": "data"}
+"""bench_quality_probe's stage names that differ from the pipeline's (and ``eval <method>`` -> eval; the others,
+e.g. ``expert_lr``, are the pipeline's own)."""
 ORDER = ("data", "pretrain", "embed", "features", "expert_lr", "experts", "phases", "aggregate", "eval")
 """The stage table's rows in the pipeline's order; a stage not listed here comes after them."""
 BIN = Path(sys.executable).parent
@@ -70,7 +70,7 @@ def plain_child(config: str, overrides: list[str], root: str, out: str, threads:
     def timed(name, fn, *a, **k):
         t = time.perf_counter()
         result = fn(*a, **k)
-        stage = PLAIN_STAGES.get(name.split(" ")[0], name)
+        stage = "eval" if name.startswith("eval ") else PLAIN_STAGES.get(name, name)
         times[stage] = times.get(stage, 0.0) + time.perf_counter() - t
         calls.append((name, time.perf_counter() - t))
         print(f"  plain: {name} +{calls[-1][1]:.1f}s", flush=True)

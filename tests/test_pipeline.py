@@ -193,6 +193,7 @@ def test_evaluation_keeps_each_score_and_reuses_it_for_the_same_inputs(ready_roo
 
     root = copy_root(ready_root, tmp_path / "run", parts=("data", "pretrain"))
     cfg = tiny_config(root, **{"eval.seeds": 3, "eval.epochs": 1, "eval.eval_points": 1})
+
     def score_actors() -> set[str]:  # the GCS's actor table (task events may be lost when an actor is killed)
         return {a.actor_id for a in list_actors(address=ray_session.dashboard_url, limit=10_000,
                                                 filters=[("class_name", "=", "ScoreActor")])}

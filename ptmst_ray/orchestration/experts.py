@@ -108,7 +108,8 @@ class ExpertActor:
         return f"ExpertActor(experts={self.cfg.experts.num_experts}, epochs={self.cfg.experts.epochs})"
 
     def ready(self) -> bool:
-        """A no-op: called with retries, it returns once a restarting actor is up again (:func:`~ptmst_ray.orchestration.runtime.await_restart`)."""
+        """A no-op: called with retries, it returns once a restarting actor is up again
+        (:func:`~ptmst_ray.orchestration.runtime.await_restart`)."""
         return True
 
     def train(self, expert_id: int, board=None) -> int:

@@ -43,7 +43,7 @@ HEALTH_CHECK_VAR = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 HEALTH_CHECK_S = "0.5"
 """How often a Train run's controller polls its worker (Ray Train 2.60's default: every 2 s). The controller
 notices the worker group up, and the training function returned, only at its next poll, so every run waited up to
-two polls for nothing: ~3.7 s a run on the toy (bench/RESULTS.md "Scaling"). A poll is one small remote call to
+two polls for nothing (bench/RESULTS.md "Scaling", Train's poll interval). A poll is one small remote call to
 the run's one worker. Train's controller takes the value from the environment of the process that calls fit()
 (Train 2.60 propagates this variable), so :func:`make_trainer` sets it there; a value already set is kept."""
 _PYARROW_SCHEMES = ("s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss", "file")

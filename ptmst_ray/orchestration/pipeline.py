@@ -2,8 +2,8 @@
 
 prepare data -> pretrain (built-in default) -> caption embeddings -> experts (actor pool) +
 shortcuts (pipelined actor) -> phases (concurrent Train runs) -> aggregate -> evaluation
-(one Ray task per method and seed; on GPUs a pool of actors, one per GPU) -> results.json, table, plot. The CLI passes a ``ui``
-object for stage headers and progress; nothing here prints.
+(one Ray task per method and seed; on GPUs a pool of actors, one per GPU) -> results.json, table,
+plot. The CLI passes a ``ui`` object for stage headers and progress; nothing here prints.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from ptmst_ray.orchestration.experts import (
 )
 from ptmst_ray.orchestration.metrics import stage_started
 from ptmst_ray.orchestration.runtime import (
-    UI, ActorQueue, NullUI, Poll, actor_name, cluster_info, make_poll, progress_board, release_gpus, report_progress, request_gpus,
-    resolve_accelerator, student_threads, task, uses_gpus, wait_all, worker_threads,
+    UI, ActorQueue, NullUI, Poll, actor_name, cluster_info, make_poll, progress_board, release_gpus, report_progress,
+    request_gpus, resolve_accelerator, student_threads, task, uses_gpus, wait_all, worker_threads,
 )
 from ptmst_ray.stages import aggregate as aggregate_stage
 from ptmst_ray.stages import data as data_stage
