@@ -127,7 +127,7 @@ def data_prepare(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] =
     with root_lease(cfg, "data prepare"):
         try:
             if cfg.data.workers > 1:
-                connect_ray(cfg, None)
+                connect_ray(cfg, None, models=False)  # decoding tasks only
             with progress_bars() as progress:
                 ids: dict = {}
 

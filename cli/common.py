@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 import os
 import sys
+import threading
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -189,13 +191,37 @@ class RichUI:
                 console.print(f"{name}: {t['done']:.0f}/{t['total']:.0f} {t['info']}", highlight=False)
 
 
-def connect_ray(cfg, address: Optional[str]):
-    """Start or join Ray (``--address``, else run.address / RAY_ADDRESS, else a local Ray) and say what it has."""
+MODEL_STACK = "ptmst_ray.models.towers"
+"""torch, open_clip and transformers: what a driver that builds, trains or scores a model imports first."""
+
+
+def import_in_background(module: str) -> threading.Thread:
+    """Import ``module`` on a daemon thread. Started as Ray starts: a local start is mostly this process waiting
+    for the processes it started, so the import takes those seconds instead of its own (bench/RESULTS.md "Driver
+    start-up"). An import that fails here is left to fail again, with its traceback, where the module is used."""
+
+    def work() -> None:
+        try:
+            importlib.import_module(module)
+        except Exception:  # noqa: BLE001 - raised again by the import that needs the module
+            logging.getLogger(__name__).debug("background import of %s failed", module, exc_info=True)
+
+    thread = threading.Thread(target=work, name=f"import {module}", daemon=True)
+    thread.start()
+    return thread
+
+
+def connect_ray(cfg, address: Optional[str], models: bool = True):
+    """Start or join Ray (``--address``, else run.address / RAY_ADDRESS, else a local Ray) and say what it has.
+    ``models``: the command goes on to build models, so their libraries are imported while Ray starts."""
     from ptmst_ray.orchestration.runtime import connect
 
     from ptmst_ray_cli.dashboard_cmd import LOCAL_JOB, login_hint
 
+    preload = import_in_background(MODEL_STACK) if models else None
     info = connect(address or cfg.run.address)
+    if preload is not None:
+        preload.join()  # imported before any work starts, as it was before Ray started
     console.print(f"Ray: {info.cpus:.0f} CPUs, {info.gpus:.0f} GPUs, {info.nodes} node(s); run root {cfg.run.root}")
     if info.dashboard_url:
         joined = (address or cfg.run.address or os.environ.get("RAY_ADDRESS")) and not os.environ.get(LOCAL_JOB)

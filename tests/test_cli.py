@@ -109,3 +109,61 @@ def test_logging_shows_this_projects_info_and_other_libraries_warnings(capsys):
         root.handlers[:] = saved[1]
         for lg, level in zip(touched, saved[2]):
             lg.setLevel(level)
+
+
+def test_a_background_import_is_complete_after_join_and_a_failing_one_fails_again_where_used(tmp_path, monkeypatch):
+    import importlib
+    import sys
+
+    import pytest
+
+    from ptmst_ray_cli.common import import_in_background
+
+    (tmp_path / "bg_import_ok.py").write_text("VALUE = 42\n")
+    (tmp_path / "bg_import_bad.py").write_text("raise RuntimeError('broken on purpose')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in ("bg_import_ok", "bg_import_bad"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    import_in_background("bg_import_ok").join()
+    assert sys.modules["bg_import_ok"].VALUE == 42
+    import_in_background("bg_import_bad").join()  # nothing escapes the thread ...
+    assert "bg_import_bad" not in sys.modules
+    with pytest.raises(RuntimeError, match="broken on purpose"):  # ... and the import that needs it says why
+        importlib.import_module("bg_import_bad")
+
+
+def test_commands_that_build_models_import_them_while_ray_starts(monkeypatch):
+    """connect_ray starts the model stack's import before it starts Ray and waits for it after; `data prepare`
+    (decoding tasks only) does not import it."""
+    import threading
+
+    from ptmst_ray.config import load_config
+    from ptmst_ray.orchestration import runtime
+    from ptmst_ray.orchestration.runtime import ClusterInfo
+    from ptmst_ray_cli import common
+
+    events = []
+
+    class Recorded(threading.Thread):
+        def join(self, timeout=None):
+            events.append("joined")
+            return super().join(timeout)
+
+    def fake_import(module):
+        events.append(f"import {module}")
+        thread = Recorded(target=lambda: None)
+        thread.start()
+        return thread
+
+    def fake_connect(address=None, **kwargs):
+        events.append("connect")
+        return ClusterInfo(cpus=2, gpus=0, nodes=1)
+
+    monkeypatch.setattr(common, "import_in_background", fake_import)
+    monkeypatch.setattr(runtime, "connect", fake_connect)
+    cfg = load_config(None)
+    common.connect_ray(cfg, None)
+    assert events == [f"import {common.MODEL_STACK}", "connect", "joined"]
+    events.clear()
+    common.connect_ray(cfg, None, models=False)
+    assert events == ["connect"]
