@@ -221,7 +221,7 @@ def connect_ray(cfg, address: Optional[str], models: bool = True):
     preload = import_in_background(MODEL_STACK) if models else None
     info = connect(address or cfg.run.address)
     if preload is not None:
-        preload.join()  # imported before any work starts, as it was before Ray started
+        preload.join()  # the models are imported before any work starts
     console.print(f"Ray: {info.cpus:.0f} CPUs, {info.gpus:.0f} GPUs, {info.nodes} node(s); run root {cfg.run.root}")
     if info.dashboard_url:
         joined = (address or cfg.run.address or os.environ.get("RAY_ADDRESS")) and not os.environ.get(LOCAL_JOB)
