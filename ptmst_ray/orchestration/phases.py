@@ -277,7 +277,7 @@ def make_trainer(cfg_dict: dict, name: str, phase: dict, seed: int, run_name: st
                            **storage_args(Layout.of(cfg).phases))
     # Train's generic trainer, not TorchTrainer: a phase is one worker and calls no collectives, so TorchTrainer's
     # gloo process group was start-up for nothing, and its TorchConfig made the run's controller import torch
-    # (bench/RESULTS.md "Ray Train's report": a one-worker run's start-up); phase_train_func sets the CUDA device
+    # (bench/RESULTS.md "Scaling": the Train runs' backend); phase_train_func sets the CUDA device
     return DataParallelTrainer(phase_train_func, scaling_config=scaling, run_config=run_config,
                                train_loop_config={"cfg": cfg_dict, "name": name, "phase": phase, "seed": seed,
                                                   "threads": threads, "board": board, "until": until,
