@@ -16,7 +16,12 @@ is the rest of the driver's wall time: imports, Ray start and stop), the totals,
 variant that computes something else shows.
 
     .venv/bin/python bench/bench_scaling.py [--config configs/toy.yaml] [--set key=value ...]
-        [--variants plain laptop serial two-node] [--work /tmp/ptmst-bench-scaling] [--no-write]
+        [--variants plain laptop serial two-node] [--rounds N] [--work /tmp/ptmst-bench-scaling] [--no-write]
+
+``--rounds N`` runs the variants N times, every other round in reverse order, so that a machine whose speed drifts
+over the run (this project's 2-core VMs: the same work by up to 2x within hours) weighs on every variant alike; the
+table then holds each variant's median per stage, and a line per round gives that round's ratios (the overhead
+against the same round's ``plain``), so one round's luck cannot pass or fail a target alone.
 
 Without ``--no-write`` the section "Scaling: plain functions, laptop Ray, phases in turn, two nodes" of
 bench/RESULTS.md is replaced with this run's figures.
@@ -30,6 +35,7 @@ import os
 import secrets
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -166,11 +172,45 @@ def report(runs: dict[str, dict], load: dict[str, str]) -> str:
     return "\n".join(lines + [""] + notes)
 
 
+def ratios(runs: dict[str, dict]) -> dict[str, float]:
+    """One round's ratios: each Ray variant's wall over ``plain``'s, and the laptop's phases stage over serial's."""
+    out = {}
+    if "plain" in runs:
+        out.update({n: r["wall"] / runs["plain"]["wall"] for n, r in runs.items() if not n.startswith("plain")})
+    if "laptop" in runs and "serial" in runs:
+        out["phases"] = runs["laptop"]["stages"]["phases"] / runs["serial"]["stages"]["phases"]
+    return out
+
+
+def median_runs(rounds: list[dict[str, dict]]) -> dict[str, dict]:
+    """Each variant's median wall and median per stage over the rounds (scores from its first round)."""
+    out = {}
+    for name in rounds[0]:
+        runs = [r[name] for r in rounds]
+        stages = {s for r in runs for s in r["stages"]}
+        out[name] = {**runs[0], "wall": statistics.median(r["wall"] for r in runs),
+                     "stages": {s: statistics.median(r["stages"].get(s, 0.0) for r in runs) for s in stages}}
+        if "cluster_start" in runs[0]:
+            out[name]["cluster_start"] = statistics.median(r["cluster_start"] for r in runs)
+    return out
+
+
+def round_notes(rounds: list[dict[str, dict]]) -> list[str]:
+    """A line per round with its ratios, and their medians."""
+    per = [ratios(r) for r in rounds]
+    fmt = lambda k, v: f"phases {v:.2f}x" if k == "phases" else f"{k} {100 * (v - 1):+.0f}%"  # noqa: E731
+    lines = [f"* round {i + 1}: " + ", ".join(fmt(k, v) for k, v in r.items()) for i, r in enumerate(per)]
+    med = {k: statistics.median(r[k] for r in per) for k in per[0]}
+    lines.append("* median over the rounds: " + ", ".join(fmt(k, v) for k, v in med.items()))
+    return lines
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", default="configs/toy.yaml")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    ap.add_argument("--rounds", type=int, default=1, help="run the variants N times, every other round reversed")
     ap.add_argument("--work", default="/tmp/ptmst-bench-scaling", help="run roots and logs (emptied first)")
     ap.add_argument("--no-write", action="store_true", help="print only; leave bench/RESULTS.md alone")
     ap.add_argument("--plain-child", nargs=3, metavar=("ROOT", "OUT", "THREADS"), help=argparse.SUPPRESS)
@@ -184,25 +224,36 @@ def main(argv: list[str] | None = None) -> None:
     work = Path(args.work)
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    runs: dict[str, dict] = {}
+    rounds: list[dict[str, dict]] = []
     load: dict[str, str] = {}
     t0 = time.perf_counter()
-    for name in args.variants:
-        root, log = work / name, work / f"{name}.log"
-        print(f"[{time.perf_counter() - t0:.0f}s] {name}: running (log {log})", flush=True)
-        if name.startswith("plain"):
-            threads = 1 if name == "plain-1" else os.cpu_count() or 1
-            runs[name] = run_plain(args.config, args.overrides, root, log, threads)
-        elif name == "two-node":
-            runs[name] = run_two_node(args.config, args.overrides, root, log)
-        else:
-            extra = ["distill.max_concurrent=1"] if name == "serial" else []
-            runs[name] = run_cli(args.config, [*args.overrides, *extra], root, log, os.environ)
-        load[name] = f"{os.getloadavg()[0]:.1f}"
-        print(f"[{time.perf_counter() - t0:.0f}s] {name}: {runs[name]['wall']:.1f}s", flush=True)
-    table = report(runs, load)
+    for r in range(args.rounds):
+        runs: dict[str, dict] = {}
+        for name in (args.variants if r % 2 == 0 else args.variants[::-1]):
+            tag = name if args.rounds == 1 else f"{name}-r{r + 1}"
+            root, log = work / tag, work / f"{tag}.log"
+            print(f"[{time.perf_counter() - t0:.0f}s] {tag}: running (log {log})", flush=True)
+            if name.startswith("plain"):
+                threads = 1 if name == "plain-1" else os.cpu_count() or 1
+                runs[name] = run_plain(args.config, args.overrides, root, log, threads)
+            elif name == "two-node":
+                runs[name] = run_two_node(args.config, args.overrides, root, log)
+            else:
+                extra = ["distill.max_concurrent=1"] if name == "serial" else []
+                runs[name] = run_cli(args.config, [*args.overrides, *extra], root, log, os.environ)
+            load[name] = f"{os.getloadavg()[0]:.1f}"
+            print(f"[{time.perf_counter() - t0:.0f}s] {tag}: {runs[name]['wall']:.1f}s", flush=True)
+        rounds.append({n: runs[n] for n in args.variants})
+    if args.rounds == 1:
+        table = report(rounds[0], load)
+    else:
+        table = (f"Medians over {args.rounds} rounds:\n\n" + report(median_runs(rounds), load) + "\n"
+                 + "\n".join(round_notes(rounds)))
     print(table)
-    (work / "runs.json").write_text(json.dumps(runs, indent=1))
+    # runs.json: one run per variant (the medians over rounds), as model_scaling.py reads it; every round's beside
+    (work / "runs.json").write_text(json.dumps(rounds[0] if args.rounds == 1 else median_runs(rounds), indent=1))
+    if args.rounds > 1:
+        (work / "rounds.json").write_text(json.dumps(rounds, indent=1))
     if not args.no_write:
         replace_section(HEADING, f"Command: `{command_line()}`; machine: {machine(load=True)}.\n\n{table}\n")
 
