@@ -69,7 +69,8 @@ class RunConfig:
     address: Optional[str] = None
     """Ray address of an existing cluster; None starts a local one (laptop mode). RAY_ADDRESS also works."""
     threads_per_worker: int = 0
-    """torch threads inside each Ray worker; 0 = the CPUs the worker was given."""
+    """torch threads inside each Ray worker; 0 = the CPUs the worker was given. More than that, where the workers
+    compute on CPUs side by side, oversubscribes the cores (a worker warns: several times slower)."""
     shared_root: Optional[str] = None
     """Root whose data, pretrain, experts and shortcuts this run reuses (sweep trials); None = root."""
     gpus_per_task: float = 1.0

@@ -143,6 +143,23 @@ def test_worker_threads_follow_what_ray_gave_the_worker(ray_session):
     assert ray.get(threads.options(num_cpus=1, num_gpus=1).remote(3)) == 3
 
 
+def test_more_threads_than_a_cpu_workers_share_are_named(ray_session):
+    """run.threads_per_worker above the CPUs a worker computing on its CPUs was given oversubscribes the cores
+    (the toy's phases 5-6x slower side by side): the worker warns, naming the setting; within its share, not."""
+    import ray
+
+    from ptmst_ray.orchestration.runtime import check_threads
+
+    @ray.remote
+    def check(threads: int) -> str | None:
+        return check_threads(threads)
+
+    warned = ray.get(check.options(num_cpus=1, num_gpus=1).remote(2))  # a logical GPU computes on the CPU
+    assert "run.threads_per_worker=2" in warned and "1 CPU" in warned
+    assert ray.get(check.options(num_cpus=2).remote(2)) is None
+    assert ray.get(check.options(num_cpus=1).remote(1)) is None
+
+
 # --------------------------------------------------------------------------- Ray's fake autoscaling cluster
 
 

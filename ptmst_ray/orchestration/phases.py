@@ -32,8 +32,8 @@ from ptmst_ray.layout import TRAIN_SNAPSHOT, Layout, PhaseJob, phase_jobs, phase
 from ptmst_ray.orchestration.experts import memory_option, shortcut_nbytes, split_nbytes
 from ptmst_ray.orchestration.metrics import phase_metrics
 from ptmst_ray.orchestration.runtime import (
-    Poll, as_completed, cluster_info, ensure_train_state_actor, record_attempt, report_progress, request_gpus,
-    resolve_accelerator, uses_gpus,
+    Poll, as_completed, check_threads, cluster_info, ensure_train_state_actor, record_attempt, report_progress,
+    request_gpus, resolve_accelerator, uses_gpus,
 )
 from ptmst_ray.stages.phase import distill_phase
 
@@ -71,6 +71,7 @@ def phase_train_func(config: dict) -> None:
     cfg = from_dict(config["cfg"])
     name, phase = config["name"], build_section(PhaseConfig, config["phase"])
     set_threads(config["threads"])
+    check_threads(config["threads"])
     device = ray.train.torch.get_device() if torch.cuda.is_available() else pick_device()
     if device.type == "cuda":
         torch.cuda.set_device(device)  # the one setting TorchTrainer's context made for a one-worker run

@@ -826,11 +826,32 @@ def worker_threads(threads_per_worker: int) -> int:
     gets its CPU share too: 2 threads each for workers given 1 CPU would oversubscribe the node's cores
     (bench/RESULTS.md, "Test suite")."""
     if threads_per_worker:
+        check_threads(threads_per_worker)
         return threads_per_worker
     import torch
 
     resources = ray.get_runtime_context().get_assigned_resources()
     return 2 if resources.get("GPU") and torch.cuda.is_available() else max(1, int(resources.get("CPU", 1)))
+
+
+def check_threads(threads: int) -> str | None:
+    """Warn (and return the warning) when the Ray worker calling this computes on its CPUs with more torch threads
+    than the CPUs Ray gave it (``run.threads_per_worker``): beside the other workers on the same cores its threads
+    wait on each other; two side-by-side phase workers of 2 threads on 2 cores ran the toy's phases 5-6x slower
+    (bench/RESULTS.md "Scaling")."""
+    if threads <= 1:  # one thread cannot oversubscribe
+        return None
+    import torch
+
+    resources = ray.get_runtime_context().get_assigned_resources()
+    cpus = resources.get("CPU", 0)
+    if threads <= max(1, cpus) or (resources.get("GPU") and torch.cuda.is_available()):
+        return None
+    message = (f"run.threads_per_worker={threads} in a worker given {cpus:g} CPU(s) that computes on its CPUs: "
+               "its torch threads share the cores with other workers' and wait on each other (several times "
+               "slower); leave it at 0 (each worker's CPU share) unless the workers hold the cores to themselves")
+    log.warning(message)
+    return message
 
 
 def student_threads(threads_per_worker: int) -> int:
