@@ -903,6 +903,37 @@ def test_a_local_ray_that_times_out_at_startup_is_ended_and_started_again(ray_se
     assert "did not come up" in proc.stderr and "starting it again" in proc.stderr, proc.stderr[-2000:]
 
 
+def test_a_dashboard_port_taken_at_startup_starts_the_local_ray_again(monkeypatch, caplog):
+    """The port `_init_local` picked free can be taken before Ray's dashboard binds it (several Rays starting on one
+    machine: a fresh-clone suite's interrupted driver exited 1 on "Failed to find a valid port for dashboard"). That
+    error is handled as Ray's startup timeout: the attempt's processes are ended and Ray starts again; any other
+    error is raised as it is."""
+    import logging
+
+    from ptmst_ray.orchestration import runtime
+
+    calls = []
+
+    def init(num_cpus, num_gpus, train_drivers):
+        calls.append(num_cpus)
+        if len(calls) == 1:
+            raise Exception("\nThe last 20 lines of dashboard.log:\nException: Failed to find a valid port for "
+                            "dashboard after 0 retries: [Errno 98] address already in use")
+
+    monkeypatch.setattr(runtime, "_init_local", init)
+    with caplog.at_level(logging.WARNING, logger=runtime.__name__):
+        runtime._start_local(2, 0, 2)
+    assert calls == [2, 2]
+    assert "took the dashboard's port" in caplog.text and "starting it again" in caplog.text
+
+    def other(num_cpus, num_gpus, train_drivers):
+        raise ValueError("something else")
+
+    monkeypatch.setattr(runtime, "_init_local", other)
+    with pytest.raises(ValueError, match="something else"):
+        runtime._start_local(2, 0, 2)
+
+
 @pytest.mark.ray
 def test_a_local_ray_starts_train_runs_without_a_preemption_watcher(ray_session):
     """A local start (the session's Ray, by ``runtime.connect``) gives its processes RAY_TRAIN_ENABLE_PREEMPTION_WATCHER=0,

@@ -116,6 +116,10 @@ STARTUP_TIMEOUT = "timed out during startup"
 """Ray 2.60's error when a local node's raylet has not registered with the GCS 30 s after it started (a fixed wait,
 ``ray/_private/node.py``): seen on 2 cores with other Rays starting beside it. Nothing of the project has run then;
 the processes that attempt started are ended and Ray is started once more."""
+PORT_TAKEN = "Failed to find a valid port for dashboard"
+"""Ray 2.60's error when the dashboard cannot bind the port :func:`_init_local` picked free a moment before (another
+process took it in between: seen with several Rays starting on one machine). Handled as :data:`STARTUP_TIMEOUT`:
+that attempt's processes are ended and Ray is started again, on a new port."""
 STARTUP_ATTEMPTS = 2
 
 
@@ -127,13 +131,14 @@ def _start_local(num_cpus: int | None, num_gpus: int | None, train_drivers: int)
             _init_local(num_cpus, num_gpus, train_drivers)
             return
         except Exception as e:
-            if STARTUP_TIMEOUT not in str(e):
+            if STARTUP_TIMEOUT not in str(e) and PORT_TAKEN not in str(e):
                 raise
             left = _descendants() - before
+            why = ("Ray waits a fixed 30 s for its node to register, too short on a loaded machine"
+                   if STARTUP_TIMEOUT in str(e) else "another process took the dashboard's port first")
             if attempt < STARTUP_ATTEMPTS:
-                log.warning("the local Ray did not come up (%s: Ray waits a fixed 30 s for its node to register, "
-                            "too short on a loaded machine); ending its %d processes and starting it again",
-                            e, len(left))
+                log.warning("the local Ray did not come up (%s: %s); ending its %d processes and starting it again",
+                            str(e).strip().splitlines()[0], why, len(left))
             _end_processes(left)
             if attempt == STARTUP_ATTEMPTS:
                 raise LocalRayError(
