@@ -156,16 +156,13 @@ def report(runs: dict[str, dict], load: dict[str, str]) -> str:
             if m in runs[n]["methods"] else "" for n in names) + " |")
     lines.append("| load average at the end | " + " | ".join(load[n] for n in names) + " |")
     notes = []
-    if "plain" in runs:
-        base = runs["plain"]["wall"]
-        for n in names:
-            if not n.startswith("plain"):
-                notes.append(f"* {n} against plain, total: {runs[n]['wall'] / base:.2f}x "
-                             f"(Ray's overhead {100 * (runs[n]['wall'] / base - 1):+.0f}%; target at most +15% for laptop)")
-    if "laptop" in runs and "serial" in runs:
-        ratio = runs["laptop"]["stages"]["phases"] / runs["serial"]["stages"]["phases"]
-        notes.append(f"* phases side by side against in turn (laptop / serial, phases stage): {ratio:.2f}x "
-                     "(target at most 0.6x)")
+    for n, ratio in ratios(runs).items():
+        if n == "phases":
+            notes.append(f"* phases side by side against in turn (laptop / serial, phases stage): {ratio:.2f}x "
+                         "(target at most 0.6x)")
+        else:
+            notes.append(f"* {n} against plain, total: {ratio:.2f}x "
+                         f"(Ray's overhead {100 * (ratio - 1):+.0f}%; target at most +15% for laptop)")
     if "two-node" in runs:
         notes.append(f"* two-node: the cluster's two nodes took {runs['two-node']['cluster_start']:.1f} s to start "
                      "(not in its column)")
@@ -244,16 +241,14 @@ def main(argv: list[str] | None = None) -> None:
             load[name] = f"{os.getloadavg()[0]:.1f}"
             print(f"[{time.perf_counter() - t0:.0f}s] {tag}: {runs[name]['wall']:.1f}s", flush=True)
         rounds.append({n: runs[n] for n in args.variants})
-    if args.rounds == 1:
-        table = report(rounds[0], load)
-    else:
-        table = (f"Medians over {args.rounds} rounds:\n\n" + report(median_runs(rounds), load) + "\n"
-                 + "\n".join(round_notes(rounds)))
-    print(table)
-    # runs.json: one run per variant (the medians over rounds), as model_scaling.py reads it; every round's beside
-    (work / "runs.json").write_text(json.dumps(rounds[0] if args.rounds == 1 else median_runs(rounds), indent=1))
+    runs = rounds[0] if args.rounds == 1 else median_runs(rounds)
+    table = report(runs, load)
     if args.rounds > 1:
+        table = f"Medians over {args.rounds} rounds:\n\n{table}\n" + "\n".join(round_notes(rounds))
         (work / "rounds.json").write_text(json.dumps(rounds, indent=1))
+    print(table)
+    # runs.json: one run per variant (the medians over rounds), as model_scaling.py reads it
+    (work / "runs.json").write_text(json.dumps(runs, indent=1))
     if not args.no_write:
         replace_section(HEADING, f"Command: `{command_line()}`; machine: {machine(load=True)}.\n\n{table}\n")
 

@@ -833,10 +833,15 @@ def worker_threads(threads_per_worker: int) -> int:
     if threads_per_worker:
         check_threads(threads_per_worker)
         return threads_per_worker
+    resources = ray.get_runtime_context().get_assigned_resources()
+    return 2 if _on_real_gpu(resources) else max(1, int(resources.get("CPU", 1)))
+
+
+def _on_real_gpu(resources: dict) -> bool:
+    """Whether a worker given ``resources`` computes on a GPU (one Ray gave it, with CUDA present)."""
     import torch
 
-    resources = ray.get_runtime_context().get_assigned_resources()
-    return 2 if resources.get("GPU") and torch.cuda.is_available() else max(1, int(resources.get("CPU", 1)))
+    return bool(resources.get("GPU")) and torch.cuda.is_available()
 
 
 def check_threads(threads: int) -> str | None:
@@ -846,11 +851,9 @@ def check_threads(threads: int) -> str | None:
     (bench/RESULTS.md "Scaling")."""
     if threads <= 1:  # one thread cannot oversubscribe
         return None
-    import torch
-
     resources = ray.get_runtime_context().get_assigned_resources()
     cpus = resources.get("CPU", 0)
-    if threads <= max(1, cpus) or (resources.get("GPU") and torch.cuda.is_available()):
+    if threads <= max(1, cpus) or _on_real_gpu(resources):
         return None
     message = (f"run.threads_per_worker={threads} in a worker given {cpus:g} CPU(s) that computes on its CPUs: "
                "its torch threads share the cores with other workers' and wait on each other (several times "
