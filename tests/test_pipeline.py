@@ -123,6 +123,47 @@ def test_phase_worker_reports_to_train_only_with_its_checkpoints(ready_root, mon
     assert [m["iteration"] for m in history] == [1, 2, 3, 4, 5, 6, 7]
 
 
+def test_a_worker_resuming_past_trains_checkpoint_registers_the_stored_one(ready_root, monkeypatch):
+    """A worker killed after uploading checkpoints but before Train registered them is restarted with an older
+    checkpoint; it resumes from the furthest intact folder on storage and registers that folder with Train (no
+    copy), so that Train's retention and the clean-up after fit() hold the real resume point. Seen in a suite: a
+    kill after the phase's last upload left Train holding iterations 4 and 6 while 8 and 10 stayed beside them."""
+    import shutil
+
+    import ray.train
+
+    from ptmst_ray.orchestration import phases
+
+    cfg = tiny_config(ready_root, **{"phases.0.iterations": 6, "distill.checkpoint_every": 2})
+    run_dir = Path(layout.Layout.of(cfg).train_run("probe-run"))
+    folders: dict[int, Path] = {}
+
+    def upload(metrics, checkpoint=None):  # what Train's report does with a checkpoint: a folder in the run
+        if checkpoint is not None:
+            folders[int(metrics["iteration"])] = dst = run_dir / f"checkpoint_2000-01-01_00-00-0{len(folders)}.000000"
+            shutil.copytree(checkpoint.path, dst)
+
+    def work(given: int | None) -> list[tuple[str, float]]:
+        registered: list[tuple[str, float]] = []
+        monkeypatch.setattr(ray.train, "get_checkpoint",
+                            lambda: None if given is None else ray.train.Checkpoint.from_directory(folders[given]))
+        monkeypatch.setattr(phases, "register_stored_checkpoint",
+                            lambda folder, metrics: registered.append((folder, metrics["iteration"])))
+        phases.phase_train_func({"cfg": cfg.to_dict(), "name": "resume_probe", "phase": cfg.to_dict()["phases"][0],
+                                 "seed": 0, "threads": 1, "run_name": "probe-run"})
+        return registered
+
+    run_dir.mkdir(parents=True)
+    monkeypatch.setattr(ray.train, "report", upload)
+    assert work(given=None) == [] and sorted(folders) == [2, 4, 6]
+    subset = layout.Layout.of(cfg).subset("resume_probe")
+    first = {p.name: p.read_bytes() for p in Path(subset).iterdir()}
+    monkeypatch.setattr(ray.train, "report", lambda metrics, checkpoint=None: pytest.fail("reported again"))
+    assert work(given=2) == [(folders[6].name, 6.0)]  # Train handed out 2; 4 and 6 were never registered
+    assert {p.name: p.read_bytes() for p in Path(subset).iterdir()} == first
+    assert work(given=6) == []  # Train's checkpoint is the furthest: nothing to register
+
+
 def test_finished_run_keeps_only_the_checkpoints_train_holds(tmp_path, ray_session):
     """A state Train never registered (a resume point taken from storage) or a cut upload is deleted after
     fit(); a stored state further than every registered one is kept; Train's own checkpoints stay."""
@@ -138,6 +179,10 @@ def test_finished_run_keeps_only_the_checkpoints_train_holds(tmp_path, ray_sessi
 
         import ray.train
 
+        if config.get("register"):
+            from ptmst_ray.orchestration.phases import register_stored_checkpoint
+
+            register_stored_checkpoint(config["register"], {"iteration": 99})
         for it in config["iterations"]:
             d = tempfile.mkdtemp()
             tensorio.save_state(d, {"iteration": it, "x": torch.full((2,), float(it))})
@@ -149,8 +194,8 @@ def test_finished_run_keeps_only_the_checkpoints_train_holds(tmp_path, ray_sessi
     tensorio.save_state(str(further), {"iteration": 99, "x": torch.zeros(2)})
     partial.mkdir()
     (partial / "tensors.safetensors").write_bytes(b"cut")
-    def trainer(iterations):
-        return TorchTrainer(reporting_train_func, train_loop_config={"iterations": iterations},
+    def trainer(iterations, register=None):
+        return TorchTrainer(reporting_train_func, train_loop_config={"iterations": iterations, "register": register},
                             scaling_config=ScalingConfig(num_workers=1), torch_config=TorchConfig(backend="gloo"),
                             run_config=RunConfig(name=run_dir.name, storage_path=str(run_dir.parent),
                                                  checkpoint_config=CheckpointConfig(num_to_keep=2)))
@@ -161,13 +206,14 @@ def test_finished_run_keeps_only_the_checkpoints_train_holds(tmp_path, ray_sessi
     assert len(held) == 2 and left == sorted(held + [further.name]), (held, left)
     assert sorted(tensorio.load_state(str(run_dir / n))[0]["iteration"] for n in held) == [20, 30]
     assert latest_stored_state(str(run_dir))["iteration"] == 99
-    # the same run again (a sweep's next round, a rerun): Train restores from its snapshot, which
-    # requires every checkpoint it tracks to exist; it then keeps its newest two, and so do we
-    again = fit_and_prune(trainer([40]), str(run_dir))
+    # the same run again (a restarted worker, a rerun): Train restores from its snapshot, which requires
+    # every checkpoint it tracks to exist; the worker resumes from the stored 99 and registers that folder
+    # in place (register_stored_checkpoint), reports 100, and Train keeps its newest two: 99 and 100
+    again = fit_and_prune(trainer([100], register=further.name), str(run_dir))
     held = sorted(Path(c.path).name for c, _ in again.best_checkpoints)
     left = sorted(p.name for p in run_dir.glob("checkpoint_*") if p.is_dir())
-    assert sorted(tensorio.load_state(str(run_dir / n))[0]["iteration"] for n in held) == [30, 40]
-    assert left == sorted(held + [further.name]), (held, left)
+    assert further.name in held and left == held, (held, left)
+    assert sorted(tensorio.load_state(str(run_dir / n))[0]["iteration"] for n in held) == [99, 100]
 
 
 def _refuse(monkeypatch) -> None:

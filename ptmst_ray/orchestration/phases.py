@@ -21,7 +21,7 @@ from typing import Any
 
 import ray
 import torch
-from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import Checkpoint, CheckpointConfig, CheckpointUploadMode, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from ptmst_ray import storage, tensorio
@@ -83,15 +83,22 @@ def phase_train_func(config: dict) -> None:
         with ckpt.as_directory() as d:
             resume_state, _ = tensorio.load_state(d)
     given = int(resume_state["iteration"]) if resume_state is not None else None
+    stored = None
     if config.get("run_name"):
         # the controller's checkpoint can be older than one already on storage (a kill between
         # the upload and its registration): take the furthest intact state of the two
-        stored = latest_stored_state(layout.train_run(config["run_name"]), above=given)
-        resume_state = furthest_state(resume_state, stored)
+        stored = latest_stored(layout.train_run(config["run_name"]), above=given)
+        resume_state = furthest_state(resume_state, stored and stored[0])
     if resume_state is not None:
         if storage.exists(metrics_url):
             history = [m for m in storage.read_json(metrics_url) if m["iteration"] <= resume_state["iteration"]]
         log.info("%s: resuming from the checkpoint at iteration %d", name, resume_state["iteration"])
+    if stored is not None:
+        # Train holds an earlier checkpoint than the one resumed from: register that one with it, so that Train's
+        # checkpoints, its retention and the clean-up after fit() follow the run's real resume point
+        at = [m for m in history if m["iteration"] == resume_state["iteration"]]
+        register_stored_checkpoint(os.path.basename(stored[1]),
+                                   at[-1] if at else {"iteration": float(resume_state["iteration"])})
     start = time.time()
     attempt_url = layout.attempt(name, os.getpid(), start)
     attempt = record_attempt(attempt_url, start=start, given_checkpoint=given,
@@ -147,7 +154,14 @@ def furthest_state(*states: dict | None) -> dict | None:
 
 
 def latest_stored_state(run_dir: str, above: int | None = None) -> dict | None:
-    """The furthest intact phase state among the Train run's checkpoint folders (past ``above``), or None.
+    """The state of :func:`latest_stored`, or None."""
+    found = latest_stored(run_dir, above)
+    return found[0] if found else None
+
+
+def latest_stored(run_dir: str, above: int | None = None) -> tuple[dict, str] | None:
+    """(state, folder URL) of the furthest intact phase state among the Train run's checkpoint folders (past
+    ``above``), or None.
 
     Ray Train hands a restarted worker its latest *registered* checkpoint, but when the worker
     process is SIGKILLed, Train 2.60 restarts it with ``get_checkpoint() is None`` or with an
@@ -172,8 +186,21 @@ def latest_stored_state(run_dir: str, above: int | None = None) -> dict | None:
         except Exception as e:  # noqa: BLE001 - partial/corrupt upload: skip it, say so
             log.warning("%s: skipping unreadable checkpoint (%s)", url, e)
             continue
-        return state
+        return state, url
     return None
+
+
+def register_stored_checkpoint(folder: str, metrics: dict) -> None:
+    """Register with Ray Train a checkpoint folder that is already in this run's storage (nothing is copied).
+
+    Called by a worker that resumes from a state Train never registered (:func:`latest_stored`): without it,
+    Train keeps handing out and retaining its older checkpoints, and the resumed state's folder stays outside
+    ``num_to_keep`` (a run killed just after its last upload ended with four checkpoint folders, not two).
+    """
+    store = ray.train.get_context().get_storage()
+    checkpoint = Checkpoint(path=f"{store.experiment_fs_path.rstrip('/')}/{folder}", filesystem=store.storage_filesystem)
+    ray.train.report(_scalar_metrics(metrics), checkpoint=checkpoint,
+                     checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD)
 
 
 def checkpoint_dirs(run_dir: str) -> list[str]:
@@ -198,10 +225,11 @@ def _stored_iterations(run_dir: str) -> list[tuple[str, int | None]]:
 def prune_unregistered(run_dir: str, registered: list[str]) -> list[str]:
     """Delete the ``checkpoint_*`` folders of a finished Train run that Train does not hold.
 
-    A worker that resumed from a state Train never registered (:func:`latest_stored_state`)
-    leaves that folder behind: Train's ``num_to_keep`` counts registered checkpoints only, so
-    it is never deleted (up to ~1 GB per killed worker at paper scale); an upload cut by a
-    kill leaves a partial folder. Call only after ``fit()`` returned, when no worker writes.
+    A worker killed between uploads and their registration leaves folders Train never held:
+    Train's ``num_to_keep`` counts registered checkpoints only, so they are never deleted (up to
+    ~1 GB each at paper scale); the restarted worker registers the furthest of them
+    (:func:`register_stored_checkpoint`), not those before it, and an upload cut by a kill
+    leaves a partial folder. Call only after ``fit()`` returned, when no worker writes.
     ``registered``: the base names of the checkpoints Train keeps (``Result.best_checkpoints``);
     every folder Train's :data:`TRAIN_SNAPSHOT` names is kept as well (a restore asserts that they
     all exist). A folder whose state is further than every registered one is kept: it is the
