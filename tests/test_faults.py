@@ -966,6 +966,29 @@ def test_a_train_run_polls_its_worker_every_half_second_unless_the_user_chose(tm
     assert get_env_vars_to_propagate()[phases.HEALTH_CHECK_VAR] == "3"
 
 
+def test_a_phase_runs_train_controller_loads_no_torch(tmp_path):
+    """A phase's Train run is one worker with no collectives: its backend config (which Train's controller
+    unpickles for its callbacks; the training function reaches it only as an object reference) must not pull torch
+    into the controller, as TorchTrainer's TorchConfig did (~1.3 CPU-s and a gloo group per run). Checked in a
+    fresh interpreter, against the config TorchTrainer would have carried."""
+    from ray import cloudpickle
+    from ray.train.torch import TorchConfig
+
+    from ptmst_ray.orchestration import phases
+
+    cfg = tiny_config(tmp_path, **{"run.accelerator": "cpu"}).to_dict()
+    trainer = phases.make_trainer(cfg, "phase_0", {}, 0, "run")
+    probe = "import pickle, sys; pickle.loads(sys.stdin.buffer.read()); print('torch' in sys.modules)"
+
+    def loads_torch(obj) -> bool:
+        out = subprocess.run([sys.executable, "-c", probe], input=cloudpickle.dumps(obj), capture_output=True,
+                             timeout=120)
+        assert out.returncode == 0, out.stderr.decode()[-2000:]
+        return out.stdout.decode().strip() == "True"
+
+    assert loads_torch(TorchConfig(backend="gloo"))  # the probe sees the import it looks for
+    assert not loads_torch((trainer.backend_config, trainer.scaling_config, trainer.run_config))
+
 
 def test_a_killed_train_controller_frees_its_placement_group_beside_another_ray(ray_session, tmp_path):
     """Ray's OOM killer (or any SIGKILL) ends a Train run's controller: Ray Train's cleaner actor must then remove

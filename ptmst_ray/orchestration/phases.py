@@ -1,4 +1,4 @@
-"""Phases as concurrent Ray Train runs: one TorchTrainer (one worker) per phase, all at once.
+"""Phases as concurrent Ray Train runs: one Train run (one worker) per phase, all at once.
 
 Why this file exists: the phases do not depend on each other, so P phases on P GPUs take the
 time of the slowest. Each phase is a Train run named by its config hash under
@@ -20,9 +20,10 @@ import time
 from typing import Any
 
 import ray
+import ray.train.torch  # noqa: F401 - ray.train.torch.get_device() in a GPU phase worker
 import torch
 from ray.train import Checkpoint, CheckpointConfig, CheckpointUploadMode, FailureConfig, RunConfig, ScalingConfig
-from ray.train.torch import TorchConfig, TorchTrainer
+from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
 from ptmst_ray import storage, tensorio
 from ptmst_ray.config import Config, PhaseConfig, build_section, from_dict
@@ -72,6 +73,8 @@ def phase_train_func(config: dict) -> None:
     set_threads(config["threads"])
     check_threads(config["threads"])
     device = ray.train.torch.get_device() if torch.cuda.is_available() else pick_device()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # the one setting TorchTrainer's context made for a one-worker run
     board = config.get("board")
     label = config.get("label") or name  # progress-board name (sweep trials prefix their id)
     layout = Layout.of(cfg)
@@ -254,7 +257,7 @@ def prune_unregistered(run_dir: str, registered: list[str]) -> list[str]:
     return removed
 
 
-def fit_and_prune(trainer: TorchTrainer, run_dir: str):
+def fit_and_prune(trainer: DataParallelTrainer, run_dir: str):
     """``trainer.fit()``, then :func:`prune_unregistered` on its run folder; returns the Result.
     The clean-up only frees space: if it fails, a warning says so and the run still counts.
 
@@ -287,7 +290,7 @@ def phase_memory(cfg: Config) -> dict:
 
 def make_trainer(cfg_dict: dict, name: str, phase: dict, seed: int, run_name: str, board=None,
                  max_failures: int = MAX_FAILURES, until: int | None = None,
-                 label: str | None = None, trial: str = "") -> TorchTrainer:
+                 label: str | None = None, trial: str = "") -> DataParallelTrainer:
     """One phase's Train run; ``until`` stops it early (checkpointed), ``label`` names its progress bar,
     ``trial`` (a sweep trial's id) tags its metrics. The run's name (the dashboard's Train page) is
     ``run_name``; Train 2.60 gives its controller and worker actors no name of their own."""
@@ -301,19 +304,18 @@ def make_trainer(cfg_dict: dict, name: str, phase: dict, seed: int, run_name: st
     run_config = RunConfig(name=run_name, failure_config=FailureConfig(max_failures=max_failures),
                            checkpoint_config=CheckpointConfig(num_to_keep=2),
                            **storage_args(Layout.of(cfg).phases))
-    # gloo works everywhere (NCCL fails on logical GPUs without CUDA); one worker needs no collectives.
-    # DataParallelTrainer (no process group, no torch in the controller) was tried and reverted: bench/RESULTS.md
-    # "Scaling", the Train runs' backend
-    return TorchTrainer(phase_train_func, scaling_config=scaling, run_config=run_config,
-                        torch_config=TorchConfig(backend="gloo"),
-                        train_loop_config={"cfg": cfg_dict, "name": name, "phase": phase, "seed": seed,
-                                           "threads": threads, "board": board, "until": until,
-                                           "label": label, "run_name": run_name, "trial": trial})
+    # Train's generic trainer, not TorchTrainer: a phase is one worker and calls no collectives, so TorchTrainer's
+    # gloo process group was start-up for nothing, and its TorchConfig made the run's controller import torch
+    # (bench/RESULTS.md "Scaling": the Train runs' backend); phase_train_func sets the CUDA device
+    return DataParallelTrainer(phase_train_func, scaling_config=scaling, run_config=run_config,
+                               train_loop_config={"cfg": cfg_dict, "name": name, "phase": phase, "seed": seed,
+                                                  "threads": threads, "board": board, "until": until,
+                                                  "label": label, "run_name": run_name, "trial": trial})
 
 
 @ray.remote(num_cpus=0)
 def fit_phase(cfg_dict: dict, name: str, phase: dict, seed: int, run_name: str, board=None) -> dict:
-    """Launcher task (holds no CPU): build the phase's TorchTrainer and block on fit()."""
+    """Launcher task (holds no CPU): build the phase's Train run and block on fit()."""
     trainer = make_trainer(cfg_dict, name, phase, seed, run_name, board)
     try:
         fit_and_prune(trainer, Layout.of(from_dict(cfg_dict)).train_run(run_name))
