@@ -69,8 +69,9 @@ class RunConfig:
     address: Optional[str] = None
     """Ray address of an existing cluster; None starts a local one (laptop mode). RAY_ADDRESS also works."""
     threads_per_worker: int = 0
-    """torch threads inside each Ray worker; 0 = the CPUs the worker was given. More than that, where the workers
-    compute on CPUs side by side, oversubscribes the cores (a worker warns: several times slower)."""
+    """torch threads inside each Ray worker; 0 = the CPUs the worker was given (on CPUs, the expert actors,
+    pretraining runs and phase workers of a stage share the cluster's CPUs equally). More than that, where the
+    workers compute on CPUs side by side, oversubscribes the cores (a worker warns: several times slower)."""
     shared_root: Optional[str] = None
     """Root whose data, pretrain, experts and shortcuts this run reuses (sweep trials); None = root."""
     gpus_per_task: float = 1.0

@@ -125,6 +125,50 @@ def test_stages_ask_for_gpus_from_the_config_while_none_are_up(tmp_path, monkeyp
     assert runtime.request_gpus(cpu, 6, 1.0, "phases") == 0 and len(requests) == 3
 
 
+def test_cpu_stages_share_the_cpus_between_the_jobs_they_run_at_once(tmp_path, monkeypatch, ray_session):
+    """On CPUs, expert actors, pretraining runs and phase workers each ask for an equal share of the cluster's
+    CPUs (at most one node's, at least one) and take as many torch threads: two phases on an 8-CPU machine used
+    to compute on 2 of its cores, one phase left to resume on 1. GPU workers keep one CPU."""
+    import ray
+
+    from ptmst_ray.orchestration import experts, phases, pipeline, runtime
+
+    info = runtime.ClusterInfo(cpus=8, gpus=0, nodes=1, node_cpus=8)
+    assert [info.cpu_share(j) for j in (1, 2, 3, 4, 8, 20)] == [8, 4, 2, 2, 1, 1]
+    two_nodes = runtime.ClusterInfo(cpus=8, gpus=0, nodes=2, node_cpus=4)  # a worker lives on one node
+    assert [two_nodes.cpu_share(j) for j in (1, 2, 3)] == [4, 4, 2]
+    assert runtime.ClusterInfo(cpus=2, gpus=0, nodes=1).cpu_share(1) == 2  # node size unknown: no cap
+
+    for module in (experts, pipeline, phases):
+        monkeypatch.setattr(module, "cluster_info", lambda: info)
+    cpu = tiny_config(tmp_path, **{"run.accelerator": "cpu"})
+    assert experts._actor_options(cpu, 3)["num_cpus"] == 2
+    assert [pipeline.pretrain_run_options(cpu, n)["num_cpus"] for n in (1, 2)] == [8, 4]
+    trainer = phases.make_trainer(cpu.to_dict(), "phase_0", {}, 0, "run", cpus=4)
+    assert trainer.scaling_config.resources_per_worker["CPU"] == 4 and trainer.train_loop_config["threads"] == 4
+    fixed = cpu.replace(**{"run.threads_per_worker": 1})  # the setting wins over the share
+    assert phases.make_trainer(fixed.to_dict(), "phase_0", {}, 0, "run", cpus=4).train_loop_config["threads"] == 1
+    gpu = tiny_config(tmp_path, **{"run.accelerator": "gpu"})
+    assert phases.make_trainer(gpu.to_dict(), "phase_0", {}, 0, "run", cpus=4).scaling_config.resources_per_worker["CPU"] == 1
+    assert pipeline.pretrain_run_options(gpu, 1)["num_cpus"] == 1
+
+    submitted: list[int] = []
+
+    class Launcher:  # fit_phase as run_phases calls it, without starting a Train run
+        def options(self, **kw):
+            return self
+
+        def remote(self, cfg_dict, name, *args):
+            submitted.append(args[-1])
+            return ray.put({"name": name, "status": "finished"})
+
+    monkeypatch.setattr(phases, "fit_phase", Launcher())
+    monkeypatch.setattr(phases, "ensure_train_state_actor", lambda: None)
+    phases.run_phases(cpu, with_baseline=False)  # two phases at once: half the CPUs each
+    phases.run_phases(cpu.replace(**{"distill.max_concurrent": 1}), with_baseline=False)  # in turn: all of them
+    assert submitted == [4, 4, 8, 8]
+
+
 def test_worker_threads_follow_what_ray_gave_the_worker(ray_session):
     """A worker on a logical GPU without CUDA computes on its CPU share (1 thread for 1 CPU: two expert actors
     with 2 threads each on 2 cores ran 2.6x slower), a CPU worker gets its CPUs, the setting wins."""

@@ -154,7 +154,8 @@ def _compress(shortcut, expert_id: int):
 
 def _actor_options(cfg: Config, n_actors: int) -> dict:
     """An expert actor's resources: ``experts.gpus_per_expert`` GPUs and one CPU when the run targets GPUs
-    (``run.accelerator``, whether or not GPU nodes are up yet), else an equal share of the CPUs; and the
+    (``run.accelerator``, whether or not GPU nodes are up yet), else an equal share of the CPUs
+    (:meth:`~ptmst_ray.orchestration.runtime.ClusterInfo.cpu_share`); and the
     memory of what it holds (the real data; once an expert's size is known, its snapshots and the vectors
     training holds: :data:`TRAINING_VECTORS`). Its torch threads follow from what it was given
     (:func:`~ptmst_ray.orchestration.runtime.worker_threads`)."""
@@ -162,7 +163,7 @@ def _actor_options(cfg: Config, n_actors: int) -> dict:
     memory = memory_option(split_nbytes(cfg) + expert + TRAINING_VECTORS * expert // (cfg.experts.epochs + 1))
     if uses_gpus(cfg):
         return {"num_gpus": cfg.experts.gpus_per_expert, "num_cpus": 1, **memory}
-    return {"num_cpus": max(1, int(cluster_info().cpus // max(1, n_actors))), **memory}
+    return {"num_cpus": cluster_info().cpu_share(n_actors), **memory}
 
 
 def run_experts(cfg: Config, board=None, poll: Poll | None = None) -> dict:

@@ -104,7 +104,7 @@ def phase_train_func(config: dict) -> None:
                                    at[-1] if at else {"iteration": float(resume_state["iteration"])})
     start = time.time()
     attempt_url = layout.attempt(name, os.getpid(), start)
-    attempt = record_attempt(attempt_url, start=start, given_checkpoint=given,
+    attempt = record_attempt(attempt_url, start=start, given_checkpoint=given, threads=torch.get_num_threads(),
                              resumed_from=int(resume_state["iteration"]) if resume_state else None)
     pending: dict[str, str] = {}
     last_recall: dict[str, float] = {}
@@ -290,16 +290,19 @@ def phase_memory(cfg: Config) -> dict:
 
 def make_trainer(cfg_dict: dict, name: str, phase: dict, seed: int, run_name: str, board=None,
                  max_failures: int = MAX_FAILURES, until: int | None = None,
-                 label: str | None = None, trial: str = "") -> DataParallelTrainer:
+                 label: str | None = None, trial: str = "", cpus: int = 1) -> DataParallelTrainer:
     """One phase's Train run; ``until`` stops it early (checkpointed), ``label`` names its progress bar,
-    ``trial`` (a sweep trial's id) tags its metrics. The run's name (the dashboard's Train page) is
-    ``run_name``; Train 2.60 gives its controller and worker actors no name of their own."""
+    ``trial`` (a sweep trial's id) tags its metrics, ``cpus`` is what its worker asks for when it computes on
+    CPUs (its torch threads unless ``run.threads_per_worker`` is set; a GPU worker asks for one). The run's name
+    (the dashboard's Train page) is ``run_name``; Train 2.60 gives its controller and worker actors no name of
+    their own."""
     cfg = from_dict(cfg_dict)
     os.environ.setdefault(HEALTH_CHECK_VAR, HEALTH_CHECK_S)  # read by fit() in this process
     gpus = cfg.distill.gpus_per_phase if uses_gpus(cfg) else 0  # the run's target, not the GPUs up right now
-    threads = cfg.run.threads_per_worker or 1
+    cpus = 1 if gpus else max(1, cpus)
+    threads = cfg.run.threads_per_worker or cpus
     scaling = ScalingConfig(num_workers=1, use_gpu=gpus > 0,
-                            resources_per_worker={"CPU": 1, **({"GPU": gpus} if gpus else {}),
+                            resources_per_worker={"CPU": cpus, **({"GPU": gpus} if gpus else {}),
                                                   **phase_memory(cfg)})
     run_config = RunConfig(name=run_name, failure_config=FailureConfig(max_failures=max_failures),
                            checkpoint_config=CheckpointConfig(num_to_keep=2),
@@ -314,9 +317,9 @@ def make_trainer(cfg_dict: dict, name: str, phase: dict, seed: int, run_name: st
 
 
 @ray.remote(num_cpus=0)
-def fit_phase(cfg_dict: dict, name: str, phase: dict, seed: int, run_name: str, board=None) -> dict:
+def fit_phase(cfg_dict: dict, name: str, phase: dict, seed: int, run_name: str, board=None, cpus: int = 1) -> dict:
     """Launcher task (holds no CPU): build the phase's Train run and block on fit()."""
-    trainer = make_trainer(cfg_dict, name, phase, seed, run_name, board)
+    trainer = make_trainer(cfg_dict, name, phase, seed, run_name, board, cpus=cpus)
     try:
         fit_and_prune(trainer, Layout.of(from_dict(cfg_dict)).train_run(run_name))
     except Exception as e:  # noqa: BLE001 - Train wraps worker errors; report them per phase
@@ -336,10 +339,13 @@ def run_phases(cfg: Config, board=None, poll: Poll | None = None, with_baseline:
             report_progress(board, job.name, job.phase.iterations, job.phase.iterations, "done (skipped)")
         else:
             todo.append(job)
-    slots = cluster_info().slots(cfg.distill.gpus_per_phase, uses_gpus(cfg))
+    cluster = cluster_info()
+    slots = cluster.slots(cfg.distill.gpus_per_phase, uses_gpus(cfg))
     if cfg.distill.max_concurrent:
         slots = min(slots, cfg.distill.max_concurrent)
-    log.info("%d distillation run(s) to do, up to %d at once", len(todo), slots)
+    cpus = 1 if uses_gpus(cfg) else cluster.cpu_share(min(len(todo), slots))  # fewer runs than CPUs: threads
+    log.info("%d distillation run(s) to do, up to %d at once%s", len(todo), slots,
+             "" if uses_gpus(cfg) else f", {cpus} CPU(s) each")
 
     if todo:
         request_gpus(cfg, min(len(todo), slots), cfg.distill.gpus_per_phase, "phases")
@@ -347,7 +353,7 @@ def run_phases(cfg: Config, board=None, poll: Poll | None = None, with_baseline:
 
     def submit(job: PhaseJob):
         return fit_phase.options(name=f"phase {job.run_name}").remote(
-            cfg_dict, job.name, dataclasses.asdict(job.phase), job.seed, job.run_name, board)
+            cfg_dict, job.name, dataclasses.asdict(job.phase), job.seed, job.run_name, board, cpus)
 
     for job, ref in as_completed(todo, submit, slots, poll):
         status[job.name] = ray.get(ref)

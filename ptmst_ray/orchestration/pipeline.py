@@ -59,6 +59,15 @@ def pretrain_resources(cfg: Config) -> dict:
     return {**task_resources(cfg), **memory_option(pairs_split_nbytes(cfg, "pretrain"))}
 
 
+def pretrain_run_options(cfg: Config, runs: int) -> dict:
+    """What each of the stage's ``runs`` pretraining runs, trained at once, asks Ray for: :func:`pretrain_resources`,
+    on CPUs with the CPUs shared between the runs (one run alone takes them all: its torch threads follow)."""
+    options = pretrain_resources(cfg)
+    if "num_gpus" not in options:
+        options["num_cpus"] = cluster_info().cpu_share(runs)
+    return options
+
+
 def score_resources(cfg: Config) -> dict:
     """An evaluation task's :func:`task_resources` and the memory of the real data it holds."""
     return {**task_resources(cfg), **memory_option(split_nbytes(cfg))}
@@ -66,7 +75,8 @@ def score_resources(cfg: Config) -> dict:
 
 @task(num_cpus=1)
 def _pretrain_run_task(cfg_dict: dict, run: dict, label: str, board=None) -> dict:
-    """One CLIP run of the pretraining stage on the GPU Ray gave it (``task_resources``), else its own CPU."""
+    """One CLIP run of the pretraining stage on the GPU Ray gave it (``task_resources``), else on its share of the
+    CPUs (as many torch threads)."""
     set_threads(worker_threads(from_dict(cfg_dict).run.threads_per_worker))
     run_cfg = build_section(PretrainConfig, run)
     return pretrain_stage.pretrain_run(from_dict(cfg_dict), run_cfg,
@@ -79,7 +89,7 @@ def pretrain_task(cfg_dict: dict, board=None) -> dict | None:
 
     def train(_cfg, runs: list) -> list[dict]:
         labels = ["pretrain"] if len(runs) == 1 else ["pretrain image tower", "pretrain text tower"]
-        options = pretrain_resources(from_dict(cfg_dict))
+        options = pretrain_run_options(from_dict(cfg_dict), len(runs))
         return ray.get([_pretrain_run_task.options(name=label, **options).remote(cfg_dict, dataclasses.asdict(r),
                                                                                 label, board)
                         for r, label in zip(runs, labels)])

@@ -50,6 +50,9 @@ class ClusterInfo:
     """GPUs the cluster's autoscaler can add (GPU node types x their max_workers; :func:`autoscaler_gpus`),
     0 without an autoscaler or when its config cannot be read."""
 
+    node_cpus: float = 0.0
+    """The CPUs of the largest node up now (0: not known): what one worker can be given at most."""
+
     @property
     def has_gpus(self) -> bool:
         return self.gpus >= 1
@@ -57,6 +60,16 @@ class ClusterInfo:
     def parallel_slots(self, gpus_per_job: float = 1.0) -> int:
         """How many one-accelerator jobs can run at once (CPUs when there are no GPUs)."""
         return self.slots(gpus_per_job, self.has_gpus)
+
+    def cpu_share(self, jobs: int) -> int:
+        """CPUs for each of ``jobs`` CPU jobs that run at once (a stage's expert actors, pretraining runs or phase
+        workers): an equal share of the CPUs there now, at most one node's, at least one. A worker's torch
+        threads follow from what it was given (:func:`worker_threads`), so a stage with fewer jobs than CPUs
+        (two phases on an 8-core laptop, one phase left to resume) leaves no core idle."""
+        share = self.cpus // max(1, jobs)
+        if self.node_cpus:
+            share = min(share, self.node_cpus)
+        return max(1, int(share))
 
     def slots(self, gpus_per_job: float, use_gpus: bool) -> int:
         """How many jobs can run at once: on GPUs (those there now or, if more, those the autoscaler can add,
@@ -321,9 +334,10 @@ def address_problem(address: str, timeout: float = 5.0) -> str | None:
 
 def cluster_info() -> ClusterInfo:
     res = ray.cluster_resources()
-    nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
-    return ClusterInfo(cpus=float(res.get("CPU", 0)), gpus=float(res.get("GPU", 0)), nodes=nodes,
-                       dashboard_url=dashboard_url(), autoscaler_gpus=autoscaler_gpus()[0] or 0.0)
+    alive = [n for n in ray.nodes() if n.get("Alive")]
+    return ClusterInfo(cpus=float(res.get("CPU", 0)), gpus=float(res.get("GPU", 0)), nodes=len(alive),
+                       dashboard_url=dashboard_url(), autoscaler_gpus=autoscaler_gpus()[0] or 0.0,
+                       node_cpus=max((float(n.get("Resources", {}).get("CPU", 0)) for n in alive), default=0.0))
 
 
 def _address_info() -> dict:
@@ -623,10 +637,12 @@ class ActorQueue:
 
 
 def record_attempt(url: str, info: dict | None = None, **fields) -> dict:
-    """Write one worker attempt's record to ``url`` and return it: where it ran (pid, node, GPU ids),
-    when it started, plus ``fields``; pass a returned record as ``info`` to update it (e.g. its end)."""
-    info = {**(info or {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(),
-                        "gpu_ids": [str(g) for g in ray.get_gpu_ids()], "start": time.time()}), **fields}
+    """Write one worker attempt's record to ``url`` and return it: where it ran (pid, node, GPU ids, the CPUs Ray
+    gave it), when it started, plus ``fields``; pass a returned record as ``info`` to update it (e.g. its end)."""
+    context = ray.get_runtime_context()
+    info = {**(info or {"pid": os.getpid(), "node_id": context.get_node_id(),
+                        "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
+                        "cpus": context.get_assigned_resources().get("CPU"), "start": time.time()}), **fields}
     storage.write_json(url, info)
     return info
 
