@@ -187,13 +187,10 @@ def test_max_concurrent_caps_the_distillation_runs_at_once(monkeypatch, tmp_path
     """run_phases hands the scheduler min(the cluster's slots, distill.max_concurrent) runs at once."""
     from ptmst_ray.orchestration import phases as orch
 
+    from ptmst_ray.orchestration.runtime import ClusterInfo
+
     seen = []
-
-    class Info:
-        def slots(self, gpus_per_phase, gpus):
-            return 3
-
-    monkeypatch.setattr(orch, "cluster_info", lambda: Info())
+    monkeypatch.setattr(orch, "cluster_info", lambda: ClusterInfo(cpus=3, gpus=0, nodes=1))  # 3 slots on CPUs
     monkeypatch.setattr(orch, "resolve_accelerator", lambda cfg: cfg)
     monkeypatch.setattr(orch, "request_gpus", lambda *a, **k: None)
     monkeypatch.setattr(orch, "ensure_train_state_actor", lambda: None)
