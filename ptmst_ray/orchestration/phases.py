@@ -91,7 +91,7 @@ def phase_train_func(config: dict) -> None:
         # the controller's checkpoint can be older than one already on storage (a kill between
         # the upload and its registration): take the furthest intact state of the two
         stored = latest_stored(layout.train_run(config["run_name"]), above=given)
-        resume_state = furthest_state(resume_state, stored and stored[0])
+        resume_state = furthest_state(resume_state, stored[0] if stored else None)
     if resume_state is not None:
         if storage.exists(metrics_url):
             history = [m for m in storage.read_json(metrics_url) if m["iteration"] <= resume_state["iteration"]]
@@ -339,13 +339,13 @@ def run_phases(cfg: Config, board=None, poll: Poll | None = None, with_baseline:
             report_progress(board, job.name, job.phase.iterations, job.phase.iterations, "done (skipped)")
         else:
             todo.append(job)
-    cluster = cluster_info()
-    slots = cluster.slots(cfg.distill.gpus_per_phase, uses_gpus(cfg))
+    cluster, on_gpus = cluster_info(), uses_gpus(cfg)
+    slots = cluster.slots(cfg.distill.gpus_per_phase, on_gpus)
     if cfg.distill.max_concurrent:
         slots = min(slots, cfg.distill.max_concurrent)
-    cpus = 1 if uses_gpus(cfg) else cluster.cpu_share(min(len(todo), slots))  # fewer runs than CPUs: threads
+    cpus = 1 if on_gpus else cluster.cpu_share(min(len(todo), slots))  # fewer runs than CPUs: threads
     log.info("%d distillation run(s) to do, up to %d at once%s", len(todo), slots,
-             "" if uses_gpus(cfg) else f", {cpus} CPU(s) each")
+             "" if on_gpus else f", {cpus} CPU(s) each")
 
     if todo:
         request_gpus(cfg, min(len(todo), slots), cfg.distill.gpus_per_phase, "phases")

@@ -639,12 +639,12 @@ class ActorQueue:
 def record_attempt(url: str, info: dict | None = None, **fields) -> dict:
     """Write one worker attempt's record to ``url`` and return it: where it ran (pid, node, GPU ids, the CPUs Ray
     gave it), when it started, plus ``fields``; pass a returned record as ``info`` to update it (e.g. its end)."""
-    context = ray.get_runtime_context()
-    in_worker = context.worker.mode == ray.WORKER_MODE  # a driver has no resources of its own
-    info = {**(info or {"pid": os.getpid(), "node_id": context.get_node_id(),
-                        "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
-                        "cpus": context.get_assigned_resources().get("CPU") if in_worker else None,
-                        "start": time.time()}), **fields}
+    if info is None:
+        context = ray.get_runtime_context()
+        in_worker = context.worker.mode == ray.WORKER_MODE  # a driver has no resources of its own
+        info = {"pid": os.getpid(), "node_id": context.get_node_id(), "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
+                "cpus": context.get_assigned_resources().get("CPU") if in_worker else None, "start": time.time()}
+    info = {**info, **fields}
     storage.write_json(url, info)
     return info
 
