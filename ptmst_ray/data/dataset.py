@@ -102,9 +102,8 @@ def _read_shard(d: str, name: str, columns: list[str], digest: str | None) -> pa
         blob = storage.read_verified(d, name, digest)
         with _shard_errors(storage.join(d, name)):
             return pq.read_table(pa.BufferReader(blob), columns=columns)
-    fs, path = storage.filesystem(storage.join(d, name))
-    with _shard_errors(storage.join(d, name)), fs.open(path, "rb") as f:
-        return pq.read_table(f, columns=columns)
+    with _shard_errors(storage.join(d, name)):
+        return storage.read_parquet(storage.join(d, name), columns)
 
 
 def _read_table(d: str, names: list[str], columns: list[str], files: dict | None) -> dict[str, list]:

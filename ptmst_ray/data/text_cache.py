@@ -55,9 +55,7 @@ def _parts(key_dir: str) -> list[str]:
 
 def _read_part(key_dir: str, name: str, dim: int) -> tuple[list[str], np.ndarray]:
     """(captions, embeddings n x ``dim`` float32) of one cache part."""
-    fs, path = storage.filesystem(storage.join(key_dir, name))
-    with fs.open(path, "rb") as f:
-        table = pq.read_table(f)
+    table = storage.read_parquet(storage.join(key_dir, name))
     emb_type = table.schema.field("embedding").type
     if getattr(emb_type, "list_size", None) != dim:
         raise storage.StorageError(
