@@ -197,12 +197,21 @@ def attempts(root: str, name: str) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_phases_ran_at_once_on_different_logical_gpus(ran):
-    """The two phases are independent Train runs started together, each holding one GPU of the session's two."""
+def test_phases_ran_at_once_on_different_logical_gpus(ran, token):
+    """The two phases are independent Train runs started together (the dashboard's Train runs overlap in time),
+    each worker holding one GPU of the session's two, a different one when the workers overlapped. The workers'
+    own spans need not overlap: a 4-iteration phase can end before the other's worker has started under load."""
+    from ptmst_ray.layout import phase_jobs
+
     cfg, _ = ran
+    by_name = {r["name"]: r for r in api("/api/train/v2/runs/v1", token)["train_runs"]}
+    r0, r1 = (by_name[job.run_name] for job in phase_jobs(cfg, with_baseline=False))
+    assert r0["start_time_ns"] < r1["end_time_ns"] and r1["start_time_ns"] < r0["end_time_ns"], \
+        "the two phases' Train runs did not run at the same time"
     (a0,), (a1,) = attempts(cfg.run.root, "phase0"), attempts(cfg.run.root, "phase1")
-    assert a0["start"] < a1["end"] and a1["start"] < a0["end"], "the two phases did not run at the same time"
-    assert len(a0["gpu_ids"]) == 1 and len(a1["gpu_ids"]) == 1 and a0["gpu_ids"] != a1["gpu_ids"]
+    assert len(a0["gpu_ids"]) == 1 and len(a1["gpu_ids"]) == 1
+    if a0["start"] < a1["end"] and a1["start"] < a0["end"]:
+        assert a0["gpu_ids"] != a1["gpu_ids"]
 
 
 @pytest.mark.slow
