@@ -41,14 +41,11 @@ def _seeded_torch():
 
 
 def tiny_config(root, **overrides) -> Config:
-    """The tiny end-to-end config (seconds per stage) under ``root``, with dotted overrides. Its workers take one
-    torch thread (`run.threads_per_worker`): `make test` runs two tests at once on 2 cores, each often with a local
-    Ray of 2 CPUs whose CPU shares (2 threads for a phase left alone) would oversubscribe them. The shares
-    themselves: tests/test_autoscale.py."""
+    """The tiny end-to-end config (seconds per stage) under ``root``, with dotted overrides."""
     import copy
 
     raw = copy.deepcopy(TINY)
-    raw["run"] = {"root": str(root), "threads_per_worker": 1}  # each xdist worker has about one of the 2 cores
+    raw["run"] = {"root": str(root)}
     cfg = from_dict(raw)
     return cfg.replace(**overrides) if overrides else cfg
 

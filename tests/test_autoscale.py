@@ -141,7 +141,7 @@ def test_cpu_stages_share_the_cpus_between_the_jobs_they_run_at_once(tmp_path, m
 
     for module in (experts, pipeline, phases):
         monkeypatch.setattr(module, "cluster_info", lambda: info)
-    cpu = tiny_config(tmp_path, **{"run.accelerator": "cpu", "run.threads_per_worker": 0})  # 0: the shares
+    cpu = tiny_config(tmp_path, **{"run.accelerator": "cpu"})
     assert experts._actor_options(cpu, 3)["num_cpus"] == 2
     assert [pipeline.pretrain_run_options(cpu, n)["num_cpus"] for n in (1, 2)] == [8, 4]
     trainer = phases.make_trainer(cpu.to_dict(), "phase_0", {}, 0, "run", cpus=4)
