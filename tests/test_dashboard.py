@@ -249,6 +249,36 @@ def test_train_runs_are_listed_by_phase_name_without_a_failed_state_actor(ran, t
     assert not failed, failed
 
 
+@pytest.mark.slow
+def test_phase_runs_start_no_dataset_manager(ran, ray_session, token):
+    """A phase passes Train no Ray Dataset, so its Train run starts no ``DatasetManager`` actor (Train 2.60 starts
+    one for every run; ``PhaseTrainer`` leaves it out): one process fewer a run. The synchronisation actors that
+    the same runs' controllers create are seen, so the State API has caught up with them."""
+    from conftest import finished_tasks
+    from ptmst_ray.layout import phase_jobs
+
+    cfg, _ = ran
+    by_name = {r["name"]: r for r in api("/api/train/v2/runs/v1", token)["train_runs"]}
+    since_ms = min(by_name[job.run_name]["start_time_ns"] for job in phase_jobs(cfg, with_baseline=False)) / 1e6
+    sync = finished_tasks(ray_session.dashboard_url, "SynchronizationActor.__init__", 2, since_ms=since_ms)
+    assert len(sync) == 2, sync
+    managers = finished_tasks(ray_session.dashboard_url, "DatasetManager.__init__", 0, since_ms=since_ms, timeout=0)
+    assert managers == [], managers
+
+
+def test_a_phase_trainer_given_a_dataset_keeps_trains_dataset_manager(ray_session):
+    """The other side of the above: a ``PhaseTrainer`` given a Ray Dataset keeps Train's callback that serves it."""
+    import ray.data
+    from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+
+    from ptmst_ray.orchestration.phases import PhaseTrainer
+
+    def has_manager(**kw) -> bool:
+        return any(isinstance(c, DatasetsCallback) for c in PhaseTrainer(lambda: None, **kw)._create_default_callbacks())
+
+    assert has_manager(datasets={"train": ray.data.range(1)}) and not has_manager()
+
+
 def missing_metrics(scraped: dict[str, list[dict[str, str]]]) -> dict:
     """The pipeline metrics the `ran` fixture's run must export (per phase, per expert) that are not among the
     ``scraped`` samples: {metric: (expected tag values, seen tag values)}."""

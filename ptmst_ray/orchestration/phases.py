@@ -23,6 +23,7 @@ import ray
 import ray.train.torch  # noqa: F401 - ray.train.torch.get_device() in a GPU phase worker
 import torch
 from ray.train import Checkpoint, CheckpointConfig, CheckpointUploadMode, FailureConfig, RunConfig, ScalingConfig
+from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
 from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
 from ptmst_ray import storage, tensorio
@@ -288,9 +289,22 @@ def phase_memory(cfg: Config) -> dict:
     return memory_option(split_nbytes(cfg, images=False) + teachers)
 
 
+class PhaseTrainer(DataParallelTrainer):
+    """Train's generic trainer, less the dataset manager of a run given no Ray Dataset. Train 2.60 starts a
+    ``DatasetManager`` actor for every run, datasets or not (its ``DatasetsCallback``), and a phase reads its data
+    itself and passes Train none: one process per run that does nothing but start (bench/RESULTS.md "Scaling",
+    the Train runs' processes). With datasets the trainer is Train's own."""
+
+    def _create_default_callbacks(self) -> list:
+        callbacks = super()._create_default_callbacks()
+        if self.datasets:
+            return callbacks
+        return [c for c in callbacks if not isinstance(c, DatasetsCallback)]
+
+
 def make_trainer(cfg_dict: dict, name: str, phase: dict, seed: int, run_name: str, board=None,
                  max_failures: int = MAX_FAILURES, until: int | None = None,
-                 label: str | None = None, trial: str = "", cpus: int = 1) -> DataParallelTrainer:
+                 label: str | None = None, trial: str = "", cpus: int = 1) -> PhaseTrainer:
     """One phase's Train run; ``until`` stops it early (checkpointed), ``label`` names its progress bar,
     ``trial`` (a sweep trial's id) tags its metrics, ``cpus`` is what its worker asks for when it computes on
     CPUs (its torch threads unless ``run.threads_per_worker`` is set; a GPU worker asks for one). The run's name
@@ -310,10 +324,10 @@ def make_trainer(cfg_dict: dict, name: str, phase: dict, seed: int, run_name: st
     # Train's generic trainer, not TorchTrainer: a phase is one worker and calls no collectives, so TorchTrainer's
     # gloo process group was start-up for nothing, and its TorchConfig made the run's controller import torch
     # (bench/RESULTS.md "Scaling": the Train runs' backend); phase_train_func sets the CUDA device
-    return DataParallelTrainer(phase_train_func, scaling_config=scaling, run_config=run_config,
-                               train_loop_config={"cfg": cfg_dict, "name": name, "phase": phase, "seed": seed,
-                                                  "threads": threads, "board": board, "until": until,
-                                                  "label": label, "run_name": run_name, "trial": trial})
+    return PhaseTrainer(phase_train_func, scaling_config=scaling, run_config=run_config,
+                        train_loop_config={"cfg": cfg_dict, "name": name, "phase": phase, "seed": seed,
+                                           "threads": threads, "board": board, "until": until, "label": label,
+                                           "run_name": run_name, "trial": trial})
 
 
 @ray.remote(num_cpus=0)
