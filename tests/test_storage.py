@@ -144,7 +144,7 @@ def test_parquet_read_through_a_file_object_lets_the_process_exit_cleanly(tmp_pa
     """A process that reads Parquet through fsspec's file object and then exits ends with status 0 and the
     columns asked for. With Arrow's threads decoding, work of its pool can outlive ``read_table`` and the exit
     aborts ("terminate called without an active exception", SIGABRT: CI saw `ptmst-ray data show` print its
-    summary and then fail). 6 to 11 such processes in 100 aborted, so 24 of them all but always catch it."""
+    summary and then fail). 6 to 11 such processes in 100 aborted, so 24 of them catch it about 9 runs in 10."""
     import concurrent.futures
     import subprocess
     import sys
