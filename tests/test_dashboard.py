@@ -196,6 +196,11 @@ def attempts(root: str, name: str) -> list[dict]:
     return sorted((json.loads(p.read_text()) for p in d.glob("*.json")), key=lambda a: a["start"])
 
 
+def train_runs(token: str) -> dict[str, dict]:
+    """The dashboard's Train runs by name (Train V2's listing; plain /runs is Train V1's)."""
+    return {r["name"]: r for r in api("/api/train/v2/runs/v1", token)["train_runs"]}
+
+
 @pytest.mark.slow
 def test_phases_ran_at_once_on_different_logical_gpus(ran, token):
     """The two phases are independent Train runs started together (the dashboard's Train runs overlap in time),
@@ -204,7 +209,7 @@ def test_phases_ran_at_once_on_different_logical_gpus(ran, token):
     from ptmst_ray.layout import phase_jobs
 
     cfg, _ = ran
-    by_name = {r["name"]: r for r in api("/api/train/v2/runs/v1", token)["train_runs"]}
+    by_name = train_runs(token)
     r0, r1 = (by_name[job.run_name] for job in phase_jobs(cfg, with_baseline=False))
     assert r0["start_time_ns"] < r1["end_time_ns"] and r1["start_time_ns"] < r0["end_time_ns"], \
         "the two phases' Train runs did not run at the same time"
@@ -238,8 +243,7 @@ def test_train_runs_are_listed_by_phase_name_without_a_failed_state_actor(ran, t
     from ptmst_ray.layout import phase_jobs
 
     cfg, _ = ran
-    runs = api("/api/train/v2/runs/v1", token)["train_runs"]  # Train V2's listing (plain /runs is Train V1's)
-    by_name = {r["name"]: r for r in runs}
+    by_name = train_runs(token)
     for job in phase_jobs(cfg, with_baseline=False):
         assert job.run_name in by_name, f"{job.run_name} not among {sorted(by_name)}"
         assert by_name[job.run_name]["status"] == "FINISHED"
@@ -258,7 +262,7 @@ def test_phase_runs_start_no_dataset_manager(ran, ray_session, token):
     from ptmst_ray.layout import phase_jobs
 
     cfg, _ = ran
-    by_name = {r["name"]: r for r in api("/api/train/v2/runs/v1", token)["train_runs"]}
+    by_name = train_runs(token)
     since_ms = min(by_name[job.run_name]["start_time_ns"] for job in phase_jobs(cfg, with_baseline=False)) / 1e6
     sync = finished_tasks(ray_session.dashboard_url, "SynchronizationActor.__init__", 2, since_ms=since_ms)
     assert len(sync) == 2, sync
