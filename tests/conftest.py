@@ -15,20 +15,6 @@ from ptmst_ray.config import Config, from_dict
 _os.environ["PTMST_RAY_CACHE"] = _tempfile.mkdtemp(prefix="ptmst-test-cache-")
 _atexit.register(_shutil.rmtree, _os.environ["PTMST_RAY_CACHE"], True)
 
-
-def _share_the_cores() -> None:
-    """Under pytest-xdist, N workers share the machine's cores: each worker's in-process tensor work gets cores // N
-    torch threads, so two workers on two cores do not run four threads (the Ray workers set their own:
-    ``runtime.worker_threads``)."""
-    workers = int(_os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-    if workers > 1:
-        import torch
-
-        torch.set_num_threads(max(1, (_os.cpu_count() or 1) // workers))
-
-
-_share_the_cores()
-
 TINY = {
     "data": {"builtin": {"train_images": 60, "test_images": 20, "pretrain_images": 60, "captions_per_image": 2}},
     "model": {"name": "ptmst-toy-vit", "pretrained": "${run.root}/pretrain/clip.safetensors"},
