@@ -12,8 +12,9 @@ The same pipeline (a recipe, from a fresh run root each time) four ways:
 
 Reports each stage's wall time per variant (the pipeline's own stage table for the Ray variants; "start-up"
 is the rest of the driver's wall time: imports, Ray start and stop), the totals, Ray's overhead over
-``plain``, the phases' concurrency gain (laptop against serial) and each variant's r_mean, so that a faster
-variant that computes something else shows.
+``plain``, the phases' concurrency gain (laptop against serial), each Ray variant's distillation attempts (the
+phase workers' attempt records) and the part of its phases stage outside them (Train's start-up and teardown), and
+each variant's r_mean, so that a faster variant that computes something else shows.
 
     .venv/bin/python bench/bench_scaling.py [--config configs/toy.yaml] [--set key=value ...]
         [--variants plain laptop serial two-node] [--rounds N] [--work /tmp/ptmst-bench-scaling] [--no-write]
@@ -108,7 +109,34 @@ def run_cli(config: str, overrides: list[str], root: Path, log: Path, env: dict)
     results = json.loads((root / "eval" / "results.json").read_text())
     stages = {row["stage"]: row["seconds"] for row in results["stages"]}
     stages["start-up"] = wall - sum(stages.values())
-    return {"wall": wall, "stages": stages, "methods": results["methods"]}
+    spans = attempt_spans(root)
+    return {"wall": wall, "stages": stages, "methods": results["methods"],
+            "attempts": {name: end - start for name, (start, end) in spans.items()},
+            "attempts_union": union_seconds(list(spans.values()))}
+
+
+def attempt_spans(root: Path) -> dict[str, tuple[float, float]]:
+    """Each distillation run's last finished attempt (start, end), from the attempt records its phase worker
+    writes (``phases/<run>/attempts/*.json``): the worker's own time, from after its process and Train's start-up to
+    the end of its distillation."""
+    spans = {}
+    for folder in sorted((root / "phases").glob("*/attempts")):
+        done = [a for a in (json.loads(f.read_text()) for f in folder.glob("*.json")) if "end" in a]
+        if done:
+            last = max(done, key=lambda a: a["start"])
+            spans[folder.parent.name] = (last["start"], last["end"])
+    return spans
+
+
+def union_seconds(spans: list[tuple[float, float]]) -> float:
+    """The seconds covered by at least one of the intervals: the part of the phases stage in which some run
+    computed (the rest is Train's start-up and teardown and the stage's own work)."""
+    total, end = 0.0, float("-inf")
+    for a, b in sorted(spans):
+        if b > end:
+            total += b - max(a, end)
+            end = b
+    return total
 
 
 def run_two_node(config: str, overrides: list[str], root: Path, log: Path) -> dict:
@@ -163,6 +191,10 @@ def report(runs: dict[str, dict], load: dict[str, str]) -> str:
         else:
             notes.append(f"* {n} against plain, total: {ratio:.2f}x "
                          f"(Ray's overhead {100 * (ratio - 1):+.0f}%; target at most +15% for laptop)")
+    for n, r in runs.items():
+        if r.get("attempts"):
+            notes.append(f"* {n}: distillation attempts " + " / ".join(f"{k} {v:.1f}" for k, v in r["attempts"].items())
+                         + f" s; the phases stage outside them {r['stages']['phases'] - r['attempts_union']:.1f} s")
     if "two-node" in runs:
         notes.append(f"* two-node: the cluster's two nodes took {runs['two-node']['cluster_start']:.1f} s to start "
                      "(not in its column)")
@@ -189,6 +221,9 @@ def median_runs(rounds: list[dict[str, dict]]) -> dict[str, dict]:
                      "stages": {s: statistics.median(r["stages"].get(s, 0.0) for r in runs) for s in stages}}
         if "cluster_start" in runs[0]:
             out[name]["cluster_start"] = statistics.median(r["cluster_start"] for r in runs)
+        if runs[0].get("attempts"):
+            out[name]["attempts"] = {k: statistics.median(r["attempts"][k] for r in runs) for k in runs[0]["attempts"]}
+            out[name]["attempts_union"] = statistics.median(r["attempts_union"] for r in runs)
     return out
 
 

@@ -65,3 +65,31 @@ def test_rounds_alternate_the_order_and_keep_each_round(tmp_path, monkeypatch):
     assert order == ["plain-r1", "laptop-r1", "serial-r1", "serial-r2", "laptop-r2", "plain-r2"]
     assert len(json.loads((tmp_path / "w" / "rounds.json").read_text())) == 2
     assert set(json.loads((tmp_path / "w" / "runs.json").read_text())) == {"plain", "laptop", "serial"}  # medians
+
+
+def test_union_seconds_counts_overlapping_attempts_once():
+    # side by side: two attempts overlapping by 8 s; in turn: two apart; one inside another
+    assert bs.union_seconds([(10.0, 30.0), (12.0, 38.0)]) == 28.0
+    assert bs.union_seconds([(50.0, 60.0), (10.0, 30.0)]) == 30.0
+    assert bs.union_seconds([(0.0, 10.0), (2.0, 5.0), (9.0, 12.0)]) == 12.0
+    assert bs.union_seconds([]) == 0.0
+
+
+def test_attempt_spans_take_each_runs_last_finished_attempt(tmp_path):
+    records = {"phase0": [{"start": 5.0}, {"start": 1.0, "end": 4.0}, {"start": 2.0, "end": 9.0}],  # killed one last
+               "phase1": [{"start": 3.0, "end": 7.5}], "single_phase": [{"start": 6.0}]}  # never finished
+    for run, attempts in records.items():
+        folder = tmp_path / "phases" / run / "attempts"
+        folder.mkdir(parents=True)
+        for i, a in enumerate(attempts):
+            (folder / f"{i}.json").write_text(json.dumps(a))
+    assert bs.attempt_spans(tmp_path) == {"phase0": (2.0, 9.0), "phase1": (3.0, 7.5)}
+
+
+def test_report_gives_the_phases_stage_outside_the_attempts():
+    runs = {"laptop": {**run(120.0, 40.0), "attempts": {"phase0": 27.0, "phase1": 26.0}, "attempts_union": 28.5}}
+    text = bs.report(runs, {"laptop": "1.0"})
+    assert "* laptop: distillation attempts phase0 27.0 / phase1 26.0 s; the phases stage outside them 11.5 s" in text
+    med = bs.median_runs([{"laptop": {**run(120.0, 40.0), "attempts": {"phase0": a}, "attempts_union": a}}
+                          for a in (20.0, 30.0, 25.0)])
+    assert med["laptop"]["attempts"] == {"phase0": 25.0} and med["laptop"]["attempts_union"] == 25.0
