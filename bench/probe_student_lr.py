@@ -1,0 +1,60 @@
+"""Diagnostic: a stored set scored with its students' step sizes scaled by a factor.
+
+Why this file exists: the evaluation trains each student on a distilled subset at the step sizes the phase learned
+(alpha_img, alpha_txt; the paper's protocol), and a real-pair coreset at `eval.lr`. Whether those step sizes are
+near the best the subset allows, or leave recall on the table for one method more than another, is a question
+about the protocol, not the set. This scores a cell's method at alpha x f for each factor f, every seed as the
+benchmark's evaluation does, and prints the val mean (each student's best val point) and the val-selected test
+r_mean.
+
+    .venv/bin/python bench/probe_student_lr.py --cell R/cells/b50/ptm_st --factors 0.25 0.5 1 2 [--method random]
+
+A cell is a run root of bench/bench_quality.py (or `ptmst-ray run`) whose distilled set is stored; `--method
+random` scales `eval.lr` of the cell's random coreset instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--cell", required=True, help="run root whose distilled set is scored")
+    ap.add_argument("--method", default="ptm_st", choices=["ptm_st", "random"],
+                    help="ptm_st: the root's distilled set (a single_phase cell's is its one subset)")
+    ap.add_argument("--factors", type=float, nargs="+", default=[0.5, 1.0, 2.0])
+    ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args(argv)
+
+    import torch
+
+    from ptmst_ray.config import load_config
+    from ptmst_ray.evaluate.protocol import DEFAULT_LR
+    from ptmst_ray.stages import score as scoring
+
+    torch.set_num_threads(args.threads)
+    cfg = load_config(f"{args.cell}/config.yaml", [])
+    fixed = cfg.eval.lr if cfg.eval.lr is not None else DEFAULT_LR
+    print(f"{args.cell}: {args.method}, {args.seeds} seeds")
+    print("| factor | step sizes (img / txt, per subset) | val r_mean | test r_mean (val-selected) |\n|---:|---|---:|---:|")
+    for f in args.factors:
+        vals, tests, steps = [], [], ""
+        for seed in range(args.seeds):
+            subsets = scoring.method_subsets(cfg, args.method, seed)
+            lrs = [(s.lr_img if s.lr_img is not None else fixed, s.lr_txt if s.lr_txt is not None else fixed)
+                   for s in subsets]
+            steps = ", ".join(f"{a * f:.2g} / {b * f:.2g}" for a, b in lrs)
+            subsets = [dataclasses.replace(s, lr_img=a * f, lr_txt=b * f) for s, (a, b) in zip(subsets, lrs)]
+            out = scoring.score_one_seed(cfg, args.method, seed, subsets=subsets)
+            vals.append(out["best_val"]["r_mean"])
+            tests.append(out["best"]["r_mean"])
+        print(f"| {f:g} | {steps} | {statistics.mean(vals):.2f} | {statistics.mean(tests):.2f} ± "
+              f"{statistics.pstdev(tests):.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
