@@ -49,6 +49,7 @@ import dataclasses
 import datetime
 import json
 import logging
+import math
 import os
 import platform
 import shlex
@@ -527,7 +528,8 @@ def gap_closed(value: float, random: float, full: float) -> float | None:
 
 def gaps(cells: dict[str, dict], full: dict | None) -> list[dict]:
     """Per (budget, distilled method): the gap closed, from the "best" (val-selected when the data has a val
-    split) and the "best_on_test" means of the method, the random coreset at its budget and full data."""
+    split) and the "best_on_test" means of the method, the random coreset at its budget and full data (None for
+    a figure one of the three lacks: reports written before best-on-test was kept have "best" alone)."""
     rows = []
     if full is None:
         return rows
@@ -537,20 +539,39 @@ def gaps(cells: dict[str, dict], full: dict | None) -> list[dict]:
             continue
         row = {"budget": c["budget"], "method": c["method"]}
         for which in ("best", "best_on_test"):
+            have = all(which in x for x in (c, rnd, full))
             row[which] = gap_closed(c[which]["r_mean"]["mean"], rnd[which]["r_mean"]["mean"],
-                                    full[which]["r_mean"]["mean"])
+                                    full[which]["r_mean"]["mean"]) if have else None
         rows.append(row)
     return sorted(rows, key=lambda r: (r["budget"], DISTILLED.index(r["method"])))
 
 
 def compare(a: dict | None, b: dict | None, which: str = "best") -> dict | None:
-    """Cell ``a`` against cell ``b`` on r_mean: margin (a - b, means), std_sum (a's std + b's) and whether a
-    beats b by more than the sum of the stds; None when either was not scored."""
+    """Cell ``a`` against cell ``b`` on r_mean: margin (a - b, means), std_sum (a's std + b's), whether a
+    beats b by more than the sum of the stds (the issue's test), and the same seed by seed (:func:`paired`, None
+    without both cells' runs); None when either was not scored."""
     if not a or not b or which not in a or which not in b:
         return None
     sa, sb = a[which]["r_mean"], b[which]["r_mean"]
     margin, std_sum = sa["mean"] - sb["mean"], sa["std"] + sb["std"]
-    return {"margin": margin, "std_sum": std_sum, "beats": margin > std_sum}
+    return {"margin": margin, "std_sum": std_sum, "beats": margin > std_sum, "paired": paired(a, b, which)}
+
+
+def paired(a: dict, b: dict, which: str = "best") -> dict | None:
+    """Cell ``a`` against cell ``b`` seed by seed: evaluation seed s trains both cells' students from the same
+    initialisation, so a - b per seed leaves out the share of the spread that the initialisation causes in both.
+    {"n" (seeds scored in both), "ahead" (seeds where a scored higher), "mean" and "std" (population, as the cells'
+    stds) of the per-seed differences}; None when the cells share no scored seed."""
+    def by_seed(cell: dict) -> dict:
+        return {r["seed"]: r[which]["r_mean"] for r in cell.get("runs") or [] if r.get(which)}
+
+    ra, rb = by_seed(a), by_seed(b)
+    diffs = [ra[s] - rb[s] for s in sorted(ra.keys() & rb.keys())]
+    if not diffs:
+        return None
+    mean = sum(diffs) / len(diffs)
+    return {"n": len(diffs), "ahead": sum(d > 0 for d in diffs), "mean": mean,
+            "std": math.sqrt(sum((d - mean) ** 2 for d in diffs) / len(diffs))}
 
 
 def targets(cells: dict[str, dict], full: dict | None, budgets: list[int]) -> list[dict]:
@@ -675,7 +696,10 @@ def gap_table(rows: list[dict], on_test: bool) -> str:
 def _vs(cmp: dict | None, na: str = "n/a") -> str:
     if cmp is None:
         return na
-    return f"{cmp['margin']:+.1f} vs std sum {cmp['std_sum']:.1f}"
+    pair = cmp.get("paired")
+    seeds = (f" (per seed: ahead in {pair['ahead']} of {pair['n']}, {pair['mean']:+.1f} ± {pair['std']:.1f})"
+             if pair else "")
+    return f"{cmp['margin']:+.1f} vs std sum {cmp['std_sum']:.1f}{seeds}"
 
 
 def _met(flag: bool | None) -> str:
@@ -703,9 +727,13 @@ def targets_table(rows: list[dict], one_phase_upto: int, headline: int | None) -
 
 
 def parts_table(rows: list[dict]) -> str:
-    return md_table(["budget", "part", "cell without it", "ptm_st - that cell (r_mean)", "std sum", "> std sum"],
-                    "rllrrl", [[r["budget"], r["part"], r["without"], f"{r['margin']:+.1f}", f"{r['std_sum']:.1f}",
-                                "yes" if r["beats"] else "no"] for r in rows])
+    def seeds(pair: dict | None) -> str:
+        return f"{pair['ahead']} of {pair['n']}" if pair else "n/a"
+
+    return md_table(["budget", "part", "cell without it", "ptm_st - that cell (r_mean)", "std sum", "> std sum",
+                     "seeds where ptm_st is ahead"], "rllrrlr",
+                    [[r["budget"], r["part"], r["without"], f"{r['margin']:+.1f}", f"{r['std_sum']:.1f}",
+                      "yes" if r["beats"] else "no", seeds(r.get("paired"))] for r in rows])
 
 
 def curve_points(curve: list, most: int = 6) -> list:
@@ -960,6 +988,8 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit("--quick runs are for development; they do not go into bench/RESULTS.md")
     if args.from_json:
         res = json.loads(Path(args.from_json).read_text())
+        res.setdefault("data", "shapes")  # reports written before `scenes` existed are the toy's
+        res.setdefault("section", section_and_stem(res["data"])[0])
         refresh_phase_records(res)
         if res.get("quick") and args.write_results:
             raise SystemExit(f"{args.from_json} is a --quick run's; it does not go into bench/RESULTS.md")

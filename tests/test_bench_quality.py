@@ -2,6 +2,8 @@
 table formatting, and the RESULTS.md section replacement (synthetic inputs, no Ray)."""
 
 import importlib.util
+import json
+import math
 import sys
 from pathlib import Path
 
@@ -177,7 +179,28 @@ def test_targets_and_parts_per_budget():
     assert [(p["budget"], p["part"], p["without"]) for p in prt] == [(50, "phases", "single_phase"),
                                                                       (50, "EMA", "no_ema")]
     assert prt[1]["margin"] == pytest.approx(1.0) and not prt[1]["beats"]
-    assert "| 50 | EMA | no_ema | +1.0 | 1.6 | no |" in bq.parts_table(prt)
+    assert "| 50 | EMA | no_ema | +1.0 | 1.6 | no | n/a |" in bq.parts_table(prt)  # no per-seed runs in these cells
+
+
+def _with_runs(cell: dict, scores: dict[int, float]) -> dict:
+    return {**cell, "runs": [{"seed": s, "best": {"r_mean": v}} for s, v in scores.items()]}
+
+
+def test_paired_comparison_takes_the_seeds_both_cells_scored():
+    cells, full = _scenes_like()
+    ptm = _with_runs(cells["ptm_st@50"], {0: 11.0, 1: 10.0, 2: 12.0, 3: 9.5})
+    single = _with_runs(cells["single_phase@50"], {0: 10.0, 1: 10.5, 2: 11.0, 4: 8.0})  # seed 3 / 4 in one cell only
+    pair = bq.paired(ptm, single)
+    # seeds 0, 1, 2: differences +1.0, -0.5, +1.0 -> mean 0.5, population std sqrt(((0.5)^2 * 2 + 1^2) / 3)
+    assert pair == {"n": 3, "ahead": 2, "mean": pytest.approx(0.5), "std": pytest.approx(math.sqrt(0.5))}
+    assert bq.paired(ptm, cells["single_phase@50"]) is None  # the other cell has no runs
+    cmp = bq.compare(ptm, single)
+    assert cmp["paired"] == pair and cmp["margin"] == pytest.approx(3.0)  # the cells' means are the issue's test
+    rows = {r["budget"]: r for r in bq.targets({**cells, "ptm_st@50": ptm, "single_phase@50": single}, full, [50])}
+    table = bq.targets_table(list(rows.values()), one_phase_upto=0, headline=50)
+    assert "| +3.0 vs std sum 2.0 (per seed: ahead in 2 of 3, +0.5 ± 0.7) | MET |" in table
+    prt = bq.parts({"ptm_st@50": ptm, "single_phase@50": single}, [50])
+    assert "| 50 | phases | single_phase | +3.0 | 2.0 | yes | 2 of 3 |" in bq.parts_table(prt)
 
 
 def test_gap_against_its_target_never_rounds_a_miss_up():
@@ -332,3 +355,17 @@ def test_full_data_scores_are_reused_only_for_the_same_data_model_and_evaluation
     assert bq.load_full_score(cells, cfg.replace(**ckpt), 1) is not None
     other = cfg.replace(**{**ckpt, "model.pretrained": str(tmp_path / "b.safetensors")})
     assert bq.load_full_score(cells, other, 1) is None
+
+
+def test_a_report_written_before_the_val_split_renders_again(tmp_path):
+    """bench/quality_matrix.json (the toy's, 2026-11-24) predates the data name, the section and best-on-test:
+    `--from-json` renders it with the figures it has (the toy's section, gaps from its "best" means)."""
+    src = Path(__file__).resolve().parents[1] / "bench" / "quality_matrix.json"
+    old = json.loads(src.read_text())
+    assert "section" not in old and "best_on_test" not in old["cells"]["ptm_st@50"]
+    res = bq.main(["--from-json", str(src), "--out", str(tmp_path / "m.md")])
+    assert res["section"] == bq.SECTION
+    mean = lambda cell: cell["best"]["r_mean"]["mean"]  # noqa: E731
+    gap = (mean(old["cells"]["ptm_st@50"]) - mean(old["cells"]["random@50"])) / \
+        (mean(old["full"]) - mean(old["cells"]["random@50"]))
+    assert f"| 50 | ptm_st | {gap:.0%} |" in (tmp_path / "m.md").read_text()
