@@ -49,7 +49,6 @@ import dataclasses
 import datetime
 import json
 import logging
-import math
 import os
 import platform
 import shlex
@@ -558,20 +557,15 @@ def compare(a: dict | None, b: dict | None, which: str = "best") -> dict | None:
 
 
 def paired(a: dict, b: dict, which: str = "best") -> dict | None:
-    """Cell ``a`` against cell ``b`` seed by seed: evaluation seed s trains both cells' students from the same
-    initialisation, so a - b per seed leaves out the share of the spread that the initialisation causes in both.
-    {"n" (seeds scored in both), "ahead" (seeds where a scored higher), "mean" and "std" (population, as the cells'
-    stds) of the per-seed differences}; None when the cells share no scored seed."""
+    """Cell ``a`` against cell ``b`` seed by seed (the pipeline's ``per_seed_difference``: evaluation seed s trains
+    both cells' students from the same initialisation) on r_mean: {"seeds", "ahead", "mean", "std"}; None when
+    the cells share no scored seed."""
+    from ptmst_ray.evaluate.protocol import per_seed_difference
+
     def by_seed(cell: dict) -> dict:
         return {r["seed"]: r[which]["r_mean"] for r in cell.get("runs") or [] if r.get(which)}
 
-    ra, rb = by_seed(a), by_seed(b)
-    diffs = [ra[s] - rb[s] for s in sorted(ra.keys() & rb.keys())]
-    if not diffs:
-        return None
-    mean = sum(diffs) / len(diffs)
-    return {"n": len(diffs), "ahead": sum(d > 0 for d in diffs), "mean": mean,
-            "std": math.sqrt(sum((d - mean) ** 2 for d in diffs) / len(diffs))}
+    return per_seed_difference(by_seed(a), by_seed(b))
 
 
 def targets(cells: dict[str, dict], full: dict | None, budgets: list[int]) -> list[dict]:
@@ -697,7 +691,7 @@ def _vs(cmp: dict | None, na: str = "n/a") -> str:
     if cmp is None:
         return na
     pair = cmp.get("paired")
-    seeds = (f" (per seed: ahead in {pair['ahead']} of {pair['n']}, {pair['mean']:+.1f} ± {pair['std']:.1f})"
+    seeds = (f" (per seed: ahead in {pair['ahead']} of {pair['seeds']}, {pair['mean']:+.1f} ± {pair['std']:.1f})"
              if pair else "")
     return f"{cmp['margin']:+.1f} vs std sum {cmp['std_sum']:.1f}{seeds}"
 
@@ -728,7 +722,7 @@ def targets_table(rows: list[dict], one_phase_upto: int, headline: int | None) -
 
 def parts_table(rows: list[dict]) -> str:
     def seeds(pair: dict | None) -> str:
-        return f"{pair['ahead']} of {pair['n']}" if pair else "n/a"
+        return f"{pair['ahead']} of {pair['seeds']}" if pair else "n/a"
 
     return md_table(["budget", "part", "cell without it", "ptm_st - that cell (r_mean)", "std sum", "> std sum",
                      "seeds where ptm_st is ahead"], "rllrrlr",

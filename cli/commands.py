@@ -105,13 +105,28 @@ def run(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt, 
         say("warning", "bold yellow", w)
     console.print(results_table(results))
     console.print(stage_table(results))
-    on_test = results.get("ratios_best_on_test", {})  # with a val split: the paper's best-on-test ratios beside
-    for k, v in results.get("ratios", {}).items():
-        console.print(f"{k}: {v:.2f}x" + (f" (best on test: {on_test[k]:.2f}x)" if k in on_test else ""))
+    for line in ratio_lines(results):
+        console.print(line)
     paths = layout.Layout.of(cfg)
     console.print(f"results: {paths.results}, plot: {paths.plot}, distilled set: {paths.distilled}/")
     if json_out:
         typer.echo(json.dumps({k: v for k, v in results.items() if k != "runs"}, indent=2))
+
+
+def ratio_lines(results: dict) -> list[str]:
+    """PTM-ST against each baseline: the ratio of r_means (with a val split, the best-on-test ratio beside) and
+    the same seed by seed (each seed's students start alike for every method)."""
+    on_test = results.get("ratios_best_on_test", {})
+    per_seed = results.get("per_seed", {})
+    lines = []
+    for k, v in results.get("ratios", {}).items():
+        line = f"{k}: {v:.2f}x" + (f" (best on test: {on_test[k]:.2f}x)" if k in on_test else "")
+        if k in per_seed:
+            d = per_seed[k]
+            line += (f"; ahead in {d['ahead']} of {d['seeds']} seed{'s' if d['seeds'] != 1 else ''} "
+                     f"({d['mean']:+.1f} ± {d['std']:.1f} r_mean a seed)")
+        lines.append(line)
+    return lines
 
 
 @data_app.command("prepare")
@@ -289,6 +304,8 @@ def eval_(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt
         except library_errors() as e:
             fail(explain(cfg, e), code=1)
     console.print(results_table(results))
+    for line in ratio_lines(results):
+        console.print(line)
     if json_path is not None:
         try:
             json_path.write_text(json.dumps(results, indent=2))

@@ -192,7 +192,7 @@ def test_paired_comparison_takes_the_seeds_both_cells_scored():
     single = _with_runs(cells["single_phase@50"], {0: 10.0, 1: 10.5, 2: 11.0, 4: 8.0})  # seed 3 / 4 in one cell only
     pair = bq.paired(ptm, single)
     # seeds 0, 1, 2: differences +1.0, -0.5, +1.0 -> mean 0.5, population std sqrt(((0.5)^2 * 2 + 1^2) / 3)
-    assert pair == {"n": 3, "ahead": 2, "mean": pytest.approx(0.5), "std": pytest.approx(math.sqrt(0.5))}
+    assert pair == {"seeds": 3, "ahead": 2, "mean": pytest.approx(0.5), "std": pytest.approx(math.sqrt(0.5))}
     assert bq.paired(ptm, cells["single_phase@50"]) is None  # the other cell has no runs
     cmp = bq.compare(ptm, single)
     assert cmp["paired"] == pair and cmp["margin"] == pytest.approx(3.0)  # the cells' means are the issue's test

@@ -322,3 +322,44 @@ def test_arrange_subsets_modes():
     assert arrange_subsets(subs[:1], "joint") == subs[:1]
     with pytest.raises(ValueError, match="phase training mode"):
         arrange_subsets(subs, "interleaved")
+
+
+def test_per_seed_difference_over_the_seeds_both_methods_scored():
+    a = {0: 30.0, 1: 28.0, 2: 31.0, 5: 40.0}
+    b = {0: 25.0, 1: 29.0, 2: 27.0, 3: 20.0}
+    d = protocol.per_seed_difference(a, b)
+    # seeds 0, 1, 2: +5, -1, +4 -> mean 8 / 3; population variance of the three about it
+    mean = 8 / 3
+    assert d == {"seeds": 3, "ahead": 2, "mean": pytest.approx(mean),
+                 "std": pytest.approx(math.sqrt(((5 - mean) ** 2 + (-1 - mean) ** 2 + (4 - mean) ** 2) / 3))}
+    assert protocol.per_seed_difference(a, {7: 1.0}) is None
+    assert protocol.per_seed_difference({0: 1.0}, {0: 1.0})["ahead"] == 0  # a tie is not ahead
+
+
+def test_results_json_pairs_ptm_st_with_each_baseline_by_seed_and_the_cli_prints_it():
+    from pathlib import Path
+
+    from rich.console import Console
+
+    from ptmst_ray.config import load_config
+    from ptmst_ray.stages.score import summarise
+    from ptmst_ray_cli.commands import ratio_lines
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "toy.yaml", [])
+
+    def run(method, seed, r):
+        m = {"r_mean": r}
+        return {"method": method, "seed": seed, "pairs": 50, "best": m, "final": m, "best_on_test": m,
+                "selection": "test", "epochs_run": 30}
+
+    runs = [run("ptm_st", s, r) for s, r in enumerate([30.0, 31.0, 29.0])] + \
+           [run("random", s, r) for s, r in enumerate([22.0, 32.0, 23.0])] + [run("full", 0, 35.0)]
+    res = summarise(runs, cfg)
+    assert res["per_seed"]["ptm_st/random"] == {"seeds": 3, "ahead": 2, "mean": pytest.approx(13 / 3),
+                                                "std": pytest.approx(np.std([8.0, -1.0, 6.0]))}
+    assert res["per_seed"]["ptm_st/full"] == {"seeds": 1, "ahead": 0, "mean": pytest.approx(-5.0),
+                                              "std": pytest.approx(0.0)}
+    assert "ptm_st/single_phase" not in res["per_seed"]  # not scored
+    lines = ratio_lines(res)
+    assert lines[0] == f"ptm_st/random: {30 / (77 / 3):.2f}x; ahead in 2 of 3 seeds (+4.3 ± 3.9 r_mean a seed)"
+    assert lines[1] == "ptm_st/full: 0.86x; ahead in 0 of 1 seed (-5.0 ± 0.0 r_mean a seed)"

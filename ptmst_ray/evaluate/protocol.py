@@ -221,6 +221,19 @@ def aggregate(runs: Iterable[Metrics]) -> dict[str, dict[str, float]]:
     return out
 
 
+def per_seed_difference(a: dict[int, float], b: dict[int, float]) -> Optional[dict[str, float]]:
+    """Method a against method b seed by seed ({seed: score} each): evaluation seed s trains every method's
+    student from the same initialisation, so a - b per seed leaves out the spread that the initialisation causes
+    in both. {"seeds" (scored by both), "ahead" (seeds where a scored higher), "mean" and "std" (population, as
+    :func:`aggregate`) of the differences}; None when no seed was scored by both."""
+    diffs = [a[s] - b[s] for s in sorted(a.keys() & b.keys())]
+    if not diffs:
+        return None
+    mean = sum(diffs) / len(diffs)
+    return {"seeds": len(diffs), "ahead": sum(d > 0 for d in diffs), "mean": mean,
+            "std": math.sqrt(sum((d - mean) ** 2 for d in diffs) / len(diffs))}
+
+
 def random_coreset(
     n_train_rows: int,
     pairs: int,

@@ -18,7 +18,7 @@ from ptmst_ray import storage
 from ptmst_ray.config import Config, EvalConfig, PhaseConfig, section_hash
 from ptmst_ray.evaluate.protocol import (
     SELECTION_TEST, SELECTION_VAL, Subset, aggregate, arrange_subsets, coreset_subset, evaluate_one_seed,
-    random_coreset,
+    per_seed_difference, random_coreset,
 )
 from ptmst_ray.evaluate.student import RetrievalSet
 from ptmst_ray.layout import Layout, StageError, data_hash, data_order, model_hash
@@ -254,7 +254,7 @@ def summarise(runs: list[dict[str, Any]], cfg: Config) -> dict[str, Any]:
             **({"patience": plan["patience"]} if plan["patience"] is not None else {}),
         }
     out = {"protocol": PROTOCOL_VAL if selection == SELECTION_VAL else PROTOCOL_TEST, "selection": selection,
-           "methods": methods, "ratios": _ratios(methods, lambda m: m["r_mean"]["mean"])}
+           "methods": methods, "ratios": _ratios(methods, lambda m: m["r_mean"]["mean"]), "per_seed": _per_seed(runs)}
     if selection == SELECTION_VAL:
         out["ratios_best_on_test"] = _ratios(methods, lambda m: m["best_on_test"]["r_mean"]["mean"])
     out["eval"] = {"epochs": cfg.eval.epochs, "seeds": cfg.eval.seeds, "eval_points": cfg.eval.eval_points,
@@ -269,6 +269,17 @@ def _selection(runs: list[dict[str, Any]]) -> str:
         raise StageError(f"evaluation runs chose their best points on different splits ({', '.join(sorted(chosen))}); "
                          "rerun the evaluation (`ptmst-ray run --rebuild eval`) so all use the same data")
     return chosen.pop() if chosen else SELECTION_TEST
+
+
+def _per_seed(runs: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """PTM-ST's r_mean against each baseline's seed by seed (:func:`per_seed_difference`), keyed as the ratios."""
+    scores = {m: {r["seed"]: r["best"]["r_mean"] for r in runs if r["method"] == m} for m in (PTM_ST, *BASELINES)}
+    out = {}
+    for base in BASELINES:
+        diff = per_seed_difference(scores[PTM_ST], scores[base])
+        if diff is not None:
+            out[f"{PTM_ST}/{base}"] = diff
+    return out
 
 
 def _ratios(methods: dict[str, Any], r_mean: Callable[[dict], float]) -> dict[str, float]:
