@@ -33,22 +33,21 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     from ptmst_ray.config import load_config
-    from ptmst_ray.evaluate.protocol import DEFAULT_LR
+    from ptmst_ray.evaluate.protocol import _lr
     from ptmst_ray.stages import score as scoring
 
     torch.set_num_threads(args.threads)
     cfg = load_config(f"{args.cell}/config.yaml", [])
-    fixed = cfg.eval.lr if cfg.eval.lr is not None else DEFAULT_LR
+    # each seed's subsets once (a random coreset differs by seed), with the step sizes the protocol would use
+    by_seed = {seed: scoring.method_subsets(cfg, args.method, seed) for seed in range(args.seeds)}
+    lrs = {seed: [(_lr(s.lr_img, cfg.eval), _lr(s.lr_txt, cfg.eval)) for s in subs] for seed, subs in by_seed.items()}
     print(f"{args.cell}: {args.method}, {args.seeds} seeds")
     print("| factor | step sizes (img / txt, per subset) | val r_mean | test r_mean (val-selected) |\n|---:|---|---:|---:|")
     for f in args.factors:
-        vals, tests, steps = [], [], ""
-        for seed in range(args.seeds):
-            subsets = scoring.method_subsets(cfg, args.method, seed)
-            lrs = [(s.lr_img if s.lr_img is not None else fixed, s.lr_txt if s.lr_txt is not None else fixed)
-                   for s in subsets]
-            steps = ", ".join(f"{a * f:.2g} / {b * f:.2g}" for a, b in lrs)
-            subsets = [dataclasses.replace(s, lr_img=a * f, lr_txt=b * f) for s, (a, b) in zip(subsets, lrs)]
+        vals, tests = [], []
+        steps = ", ".join(f"{a * f:.2g} / {b * f:.2g}" for a, b in lrs[0])
+        for seed, subs in by_seed.items():
+            subsets = [dataclasses.replace(s, lr_img=a * f, lr_txt=b * f) for s, (a, b) in zip(subs, lrs[seed])]
             out = scoring.score_one_seed(cfg, args.method, seed, subsets=subsets)
             vals.append(out["best_val"]["r_mean"])
             tests.append(out["best"]["r_mean"])

@@ -339,8 +339,6 @@ def test_per_seed_difference_over_the_seeds_both_methods_scored():
 def test_results_json_pairs_ptm_st_with_each_baseline_by_seed_and_the_cli_prints_it():
     from pathlib import Path
 
-    from rich.console import Console
-
     from ptmst_ray.config import load_config
     from ptmst_ray.stages.score import summarise
     from ptmst_ray_cli.commands import ratio_lines
