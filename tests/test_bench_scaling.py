@@ -8,6 +8,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 _PATH = Path(__file__).resolve().parents[1] / "bench" / "bench_scaling.py"
 _SPEC = importlib.util.spec_from_file_location("bench_scaling", _PATH)
 bs = importlib.util.module_from_spec(_SPEC)
@@ -93,3 +95,43 @@ def test_report_gives_the_phases_stage_outside_the_attempts():
     med = bs.median_runs([{"laptop": {**run(120.0, 40.0), "attempts": {"phase0": a}, "attempts_union": a}}
                           for a in (20.0, 30.0, 25.0)])
     assert med["laptop"]["attempts"] == {"phase0": 25.0} and med["laptop"]["attempts_union"] == 25.0
+
+
+_MODEL_PATH = Path(__file__).resolve().parents[1] / "bench" / "model_scaling.py"
+_MODEL_SPEC = importlib.util.spec_from_file_location("model_scaling", _MODEL_PATH)
+ms = importlib.util.module_from_spec(_MODEL_SPEC)
+_MODEL_SPEC.loader.exec_module(ms)
+
+
+def test_model_schedules_plain_calls_including_the_pipelines_optional_stages():
+    """bench_scaling's plain variant records every stage the pipeline ran, ``expert_lr`` and ``features``
+    included (a KeyError once): they are serial stages of the model; experts pair training with compression."""
+    calls = [("prepare", 1.0), ("pretrain", 10.0), ("pretrain", 12.0), ("embed", 0.5), ("features", 0.25),
+             ("expert_lr", 3.0), ("experts", 4.0), ("experts", 1.0), ("experts", 6.0), ("experts", 1.0),
+             ("phases", 8.0), ("phases", 9.0), ("aggregate", 0.1), ("eval ptm_st", 2.0), ("eval random", 3.0),
+             ("eval ptm_st", 2.0)]
+    units = ms.unit_costs(calls)
+    assert units["experts"] == [5.0, 7.0] and units["expert_lr"] == [3.0] and units["features"] == [0.25]
+    one = ms.predict(units, slots=1, phase_slots=1, experts=2)
+    two = ms.predict(units, slots=2, phase_slots=2, experts=2)
+    # by hand: in turn everything adds up; on two slots the experts (5, 7), the phases (8, 9) and the evaluation
+    # tasks (2, 3, 2: 2 and 3 start, the third follows the 2) overlap
+    assert one == {"data": 1.0, "pretrain": 11.0, "embed": 0.5, "features": 0.25, "expert_lr": 3.0, "experts": 12.0,
+                   "phases": 17.0, "aggregate": 0.1, "eval": 7.0}
+    assert (two["experts"], two["phases"], two["eval"]) == (7.0, 9.0, 4.0)
+    # units beside each other slowed by the side-by-side factor; a stage on one slot is not
+    slow = ms.predict(units, slots=2, phase_slots=2, experts=2, side_by_side=1.5)
+    assert (slow["pretrain"], slow["experts"], slow["phases"], slow["eval"]) == (16.5, 10.5, 13.5, 6.0)
+    assert ms.predict(units, slots=1, phase_slots=1, experts=2, side_by_side=1.5) == one
+    stages = {"data": 1.5, "pretrain": 12.0, "embed": 0.6, "expert_lr": 3.5, "experts": 8.0, "phases": 11.0,
+              "aggregate": 0.1, "eval": 5.0, "start-up": 6.0}
+    runs = {"plain-1": {"calls": calls}, "laptop": {"stages": stages, "wall": 47.7}}
+    table, excess, factor = ms.check(runs, slots=2)
+    assert "| expert_lr | 3.0 | 3.5 |" in table and factor == 1.0  # no attempt records: no factor
+    # laptop's measured minus the model's seconds for experts, phases, eval over their waves (1 + 1 + 2)
+    assert excess == ((8.0 - 7.0) + (11.0 - 9.0) + (5.0 - 4.0)) / 4
+    # with the phase workers' attempts (9.0 and 11.0 s against 8.0 and 9.0 alone): factor 10 / 8.5
+    runs["laptop"]["attempts"] = {"phase0": 9.0, "phase1": 11.0}
+    table, excess, factor = ms.check(runs, slots=2)
+    assert factor == pytest.approx(10.0 / 8.5)
+    assert excess == pytest.approx(((8.0 - 7.0 * factor) + (11.0 - 9.0 * factor) + (5.0 - 4.0 * factor)) / 4)
