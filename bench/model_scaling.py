@@ -5,8 +5,8 @@ Part 1, the check: from bench_scaling.py's runs.json, the unit costs measured in
 as the pipeline schedules them (experts on min(E, slots) actors, distillation runs ``distill.max_concurrent``
 or slots at a time, evaluation tasks on the slots, the two pretraining runs side by side, the rest in turn),
 each unit that runs beside another slowed by the side-by-side factor measured in the runs (laptop's
-distillation attempts, the phase workers' own time, against plain-1's phases alone: workers sharing the
-machine's cores), and the predicted stage times are set beside the measured ones of the Ray variants. The
+distillation attempts, the phase workers' own time, against plain-1's phases in its one warm process: a fresh
+worker's cold start and the cores shared with Ray's and Train's processes), and the predicted stage times are set beside the measured ones of the Ray variants. The
 difference is what the model leaves out: Ray's own costs (process and Train start-up, scheduling).
 
 Part 2, the paper's Flickr30k 500-pair recipe on G GPUs against the paper's scripts on one GPU, from
@@ -82,9 +82,9 @@ def predict(units: dict[str, list[float]], slots: int, phase_slots: int, experts
 
 
 def side_by_side_factor(runs: dict) -> float:
-    """How much slower a distillation run computes beside another on the measured machine: laptop's attempts (the
-    phase workers' own time, after their process and Train's start-up) against plain-1's phases alone in one
-    process; 1.0 without attempt records."""
+    """How much longer a distillation run takes in a Ray worker beside another than in plain-1's one warm process:
+    laptop's attempts (the phase workers' own time, after their process and Train's start-up: a cold process, the
+    cores shared with Ray's and Train's processes) against plain-1's phases; 1.0 without attempt records."""
     attempts = list(runs.get("laptop", {}).get("attempts", {}).values())
     alone = unit_costs(runs["plain-1"]["calls"])["phases"]
     if not attempts or not alone or len(attempts) < 2:
