@@ -45,7 +45,7 @@ HEALTH_CHECK_VAR = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 HEALTH_CHECK_S = "0.5"
 """How often a Train run's controller polls its worker (Ray Train 2.60's default: every 2 s). The controller
 notices the worker group up, and the training function returned, only at its next poll, so every run waited up to
-two polls for nothing (bench/RESULTS.md "Scaling", Train's poll interval). A poll is one small remote call to
+two polls for nothing (bench/RESULTS.md "Scaling", what cut Ray's costs). A poll is one small remote call to
 the run's one worker. Train's controller takes the value from the environment of the process that calls fit()
 (Train 2.60 propagates this variable), so :func:`make_trainer` sets it there; a value already set is kept."""
 _PYARROW_SCHEMES = ("s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss", "file")
@@ -323,7 +323,7 @@ def make_trainer(cfg_dict: dict, name: str, phase: dict, seed: int, run_name: st
                            **storage_args(Layout.of(cfg).phases))
     # Train's generic trainer, not TorchTrainer: a phase is one worker and calls no collectives, so TorchTrainer's
     # gloo process group was start-up for nothing, and its TorchConfig made the run's controller import torch
-    # (bench/RESULTS.md "Scaling": the Train runs' backend); phase_train_func sets the CUDA device
+    # (bench/RESULTS.md "Scaling", what cut Ray's costs); phase_train_func sets the CUDA device
     return PhaseTrainer(phase_train_func, scaling_config=scaling, run_config=run_config,
                         train_loop_config={"cfg": cfg_dict, "name": name, "phase": phase, "seed": seed,
                                            "threads": threads, "board": board, "until": until, "label": label,
