@@ -43,13 +43,22 @@ def command_line() -> str:
     return " ".join([".venv/bin/python", "bench/" + Path(sys.argv[0]).name, *map(shlex.quote, sys.argv[1:])])
 
 
+KEEP = "<!-- written by hand from here on: a benchmark that rewrites this section keeps it -->"
+"""A line in a RESULTS.md section: what follows it (the analysis of the figures above it) survives the benchmark
+rewriting the section's figures."""
+
+
 def replace_section(heading: str, body: str, path: Path = RESULTS, intro: str = "") -> None:
-    """Put ``heading`` + ``body`` into RESULTS.md, replacing that section if present (others untouched);
-    a missing file starts with ``intro``."""
+    """Put ``heading`` + ``body`` into RESULTS.md, replacing that section if present (others untouched) up to its
+    ``KEEP`` line, if it has one; a missing file starts with ``intro``."""
     text = path.read_text() if path.exists() else intro
     block = f"{heading}\n\n{body.strip()}\n"
     pattern = re.compile(rf"^{re.escape(heading)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(text):
+    found = pattern.search(text)
+    if found:
+        old = found.group(0)
+        if KEEP in old:
+            block += "\n" + old[old.index(KEEP):].rstrip() + "\n"
         text = pattern.sub(lambda _: block + "\n", text, count=1).rstrip() + "\n"
     else:
         text = text.rstrip() + "\n\n" + block

@@ -135,3 +135,22 @@ def test_model_schedules_plain_calls_including_the_pipelines_optional_stages():
     table, excess, factor = ms.check(runs, slots=2)
     assert factor == pytest.approx(10.0 / 8.5)
     assert excess == pytest.approx(((8.0 - 7.0 * factor) + (11.0 - 9.0 * factor) + (5.0 - 4.0 * factor)) / 4)
+
+
+def test_a_rewritten_section_keeps_what_follows_its_keep_line(tmp_path):
+    """bench/_common.replace_section: a benchmark rewriting its figures replaces its section up to the KEEP line
+    and keeps the hand-written analysis after it; the other sections are untouched; without the line the whole
+    section is replaced."""
+    import _common
+
+    path = tmp_path / "RESULTS.md"
+    path.write_text("# R\n\n## A\n\nold figures\n\n" + _common.KEEP + "\nwhy, by hand\n\n## B\n\nb\n")
+    _common.replace_section("## A", "new figures\n", path=path)
+    assert path.read_text() == "# R\n\n## A\n\nnew figures\n\n" + _common.KEEP + "\nwhy, by hand\n\n## B\n\nb\n"
+    _common.replace_section("## B", "b2\n", path=path)
+    assert path.read_text().endswith("why, by hand\n\n## B\n\nb2\n")
+    _common.replace_section("## A", "newest\n", path=path)
+    assert "new figures" not in path.read_text() and path.read_text().count("why, by hand") == 1
+    path.write_text("## A\n\nold\nwhy\n\n## B\n\nb\n")
+    _common.replace_section("## A", "x\n", path=path)
+    assert path.read_text() == "## A\n\nx\n\n## B\n\nb\n"
