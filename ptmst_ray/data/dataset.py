@@ -357,9 +357,8 @@ class ShardImages:
         for g, rows in wanted.items():
             first, name, group, _ = groups[g]
             url = storage.join(self.dir, name)
-            fs, path = storage.filesystem(url)
-            with _shard_errors(url), fs.open(path, "rb") as f:
-                t = pq.ParquetFile(f).read_row_group(group, columns=["image_index", "png"])
+            with _shard_errors(url):
+                t = storage.read_parquet(url, ["image_index", "png"], row_group=group)
             index, png = t.column("image_index"), t.column("png")
             for r, pos in rows:
                 if index[r].as_py() != first + r:
