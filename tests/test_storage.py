@@ -132,13 +132,15 @@ def test_scratch_of_ended_processes_is_removed_by_the_next_scratch_dir(tmp_path,
 
 READ_AND_EXIT = """
 import os, sys
-import pyarrow.parquet  # its import starts jemalloc's and one more thread of its own: counted before the reads
+import pyarrow, pyarrow.parquet  # the import starts jemalloc's and one more thread of its own: counted before
 from ptmst_ray import storage
 url = sys.argv[1]
 threads = len(os.listdir("/proc/self/task"))
+blob = open(url, "rb").read()
 for _ in range(8):
     t = storage.read_parquet(url, ["index", "blob"])
     g = storage.read_parquet(url, ["blob"], row_group=2)
+    m = storage.parquet_table(pyarrow.BufferReader(blob), ["index"])  # bytes already read (a verified shard)
 assert len(os.listdir("/proc/self/task")) == threads, "Arrow started threads"
 print(t.num_rows, sum(t.column("index").to_pylist()), sum(len(b) for b in t.column("blob").to_pylist()))
 """
@@ -148,9 +150,10 @@ def test_parquet_read_through_a_file_object_lets_the_process_exit_cleanly(tmp_pa
     """A process that reads Parquet through fsspec's file object and then exits ends with status 0 and the
     columns asked for. With Arrow's threads decoding, work of its pool can outlive ``read_table`` and the exit
     aborts ("terminate called without an active exception", SIGABRT: CI saw `ptmst-ray data show` print its
-    summary and then fail): 37 such processes in 200 aborted with Arrow's threads, 1 in 200 under load with
-    ``read_table(use_threads=False)``, which still starts Arrow's I/O threads. So each process also checks that
-    its reads started no thread at all (Linux: /proc/self/task), which fails every time Arrow starts one."""
+    summary and then fail): 37 such processes in 200 aborted with Arrow's threads (through a file object or on
+    bytes in memory), 1 in 200 under load with ``read_table(use_threads=False)``, which still starts Arrow's I/O
+    threads. So each process also checks that its reads started no thread at all (Linux: /proc/self/task), which
+    fails every time Arrow starts one."""
     import concurrent.futures
     import subprocess
     import sys

@@ -101,7 +101,7 @@ def _read_shard(d: str, name: str, columns: list[str], digest: str | None) -> pa
     if digest is not None:
         blob = storage.read_verified(d, name, digest)
         with _shard_errors(storage.join(d, name)):
-            return pq.read_table(pa.BufferReader(blob), columns=columns)
+            return storage.parquet_table(pa.BufferReader(blob), columns, name=storage.join(d, name))
     with _shard_errors(storage.join(d, name)):
         return storage.read_parquet(storage.join(d, name), columns)
 
