@@ -114,10 +114,8 @@ def parquet_table(source, columns: list[str] | None = None, row_group: int | Non
 
     It starts none of Arrow's threads (``ParquetFile`` without pre-buffering, ``use_threads=False``): a process
     whose Arrow pools have run can abort as it exits ("terminate called without an active exception", SIGABRT,
-    after its work is done). Measured (one 600-row file read 8 times a process, then exit): ``read_table`` with
-    Arrow's threads aborted 37 exits in 200 through a file object and 37 in 200 on bytes in memory;
-    ``read_table(use_threads=False)`` still pre-buffers on Arrow's I/O threads: 1 in 200 under load, and once in
-    CI; this way 0 in 400 under load.
+    after its work is done), with ``read_table``'s threads and, more rarely, with ``read_table(use_threads=False)``,
+    which still pre-buffers on Arrow's I/O threads (bench/RESULTS.md, "Parquet reads on the calling thread").
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
