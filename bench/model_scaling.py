@@ -6,8 +6,9 @@ as the pipeline schedules them (experts on min(E, slots) actors, distillation ru
 or slots at a time, evaluation tasks on the slots, the two pretraining runs side by side, the rest in turn),
 each unit that runs beside another slowed by the side-by-side factor measured in the runs (laptop's
 distillation attempts, the phase workers' own time, against plain-1's phases in its one warm process: a fresh
-worker's cold start and the cores shared with Ray's and Train's processes), and the predicted stage times are set beside the measured ones of the Ray variants. The
-difference is what the model leaves out: Ray's own costs (process and Train start-up, scheduling).
+worker's cold start and the cores shared with Ray's and Train's processes), and the predicted stage times are
+set beside the measured ones of the Ray variants. The difference is what the model leaves out: Ray's own costs
+(process and Train start-up, scheduling).
 
 Part 2, the paper's Flickr30k 500-pair recipe on G GPUs against the paper's scripts on one GPU, from
 per-step costs: an expert step (batch 128) takes 128 / R seconds for a GPU that trains NFNet-L0 at 224 px at R
@@ -64,7 +65,7 @@ def predict(units: dict[str, list[float]], slots: int, phase_slots: int, experts
     """Each stage's wall time: the units scheduled on the slots; a unit that runs beside another on the slots
     takes ``side_by_side`` times its time alone (workers sharing the machine's cores; 1 where each has its own
     device)."""
-    at_once = lambda n: side_by_side if min(slots, n) > 1 else 1.0  # noqa: E731
+    at_once = lambda n, k=slots: side_by_side if min(k, n) > 1 else 1.0  # noqa: E731 - n units on k workers
     return {
         "data": sum(units["data"]),
         # two equal CLIP runs (separate towers; plain-1 may record them as one call), side by side
@@ -74,20 +75,18 @@ def predict(units: dict[str, list[float]], slots: int, phase_slots: int, experts
         # the learning-rate rule's probe experts, in one call in plain-1: taken as serial (an upper bound)
         "expert_lr": sum(units["expert_lr"]),
         "experts": makespan(units["experts"], min(slots, experts)) * at_once(experts),
-        "phases": makespan(units["phases"], phase_slots) * (side_by_side if min(phase_slots, len(units["phases"])) > 1
-                                                             else 1.0),
+        "phases": makespan(units["phases"], phase_slots) * at_once(len(units["phases"]), phase_slots),
         "aggregate": sum(units["aggregate"]),
         "eval": makespan(units["eval"], slots) * at_once(len(units["eval"])),
     }
 
 
-def side_by_side_factor(runs: dict) -> float:
+def side_by_side_factor(runs: dict, alone: list[float]) -> float:
     """How much longer a distillation run takes in a Ray worker beside another than in plain-1's one warm process:
     laptop's attempts (the phase workers' own time, after their process and Train's start-up: a cold process, the
-    cores shared with Ray's and Train's processes) against plain-1's phases; 1.0 without attempt records."""
+    cores shared with Ray's and Train's processes) against plain-1's phases ``alone``; 1.0 without attempt records."""
     attempts = list(runs.get("laptop", {}).get("attempts", {}).values())
-    alone = unit_costs(runs["plain-1"]["calls"])["phases"]
-    if not attempts or not alone or len(attempts) < 2:
+    if len(attempts) < 2 or not alone:
         return 1.0
     return (sum(attempts) / len(attempts)) / (sum(alone) / len(alone))
 
@@ -98,7 +97,7 @@ def check(runs: dict, slots: int) -> tuple[str, float, float]:
     of the wave's processes); the factor."""
     units = unit_costs(runs["plain-1"]["calls"])
     experts = len(units["experts"])
-    factor = side_by_side_factor(runs)
+    factor = side_by_side_factor(runs, units["phases"])
     lines = ["| stage | model, 2 slots s | " + " | ".join(f"{n} measured s" for n in runs if not n.startswith("plain"))
              + " |", "|---|---:|" + "---:|" * sum(not n.startswith("plain") for n in runs)]
     predicted = {n: predict(units, slots, 1 if n == "serial" else slots, experts, factor) for n in runs

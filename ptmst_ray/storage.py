@@ -121,9 +121,10 @@ def parquet_table(source, columns: list[str] | None = None, row_group: int | Non
     import pyarrow.parquet as pq
 
     parquet = pq.ParquetFile(source, pre_buffer=False)
-    missing = [c for c in columns or [] if c not in parquet.schema_arrow.names]
+    names = parquet.schema_arrow.names
+    missing = [c for c in columns or [] if c not in names]
     if missing:  # ParquetFile would leave them out silently; read_table raised ArrowInvalid, as this does
-        raise pa.ArrowInvalid(f"{name or 'Parquet data'}: no column {missing} (it has {parquet.schema_arrow.names})")
+        raise pa.ArrowInvalid(f"{name or 'Parquet data'}: no column {missing} (it has {names})")
     if row_group is None:
         return parquet.read(columns=columns, use_threads=False)
     return parquet.read_row_group(row_group, columns=columns, use_threads=False)
