@@ -78,6 +78,35 @@ def test_bert_folder_loads_offline_and_embeds_its_cls_output(tiny_bert, no_netwo
         torch.testing.assert_close(clip.encode_text(enc.tokenizer(CAPTIONS)), clip.text.proj(emb))
 
 
+def test_transformers_loads_only_for_an_hf_tower_and_the_tower_is_the_same(tiny_bert, tmp_path):
+    """The package imports open_clip without transformers (models/openclip.py): a fresh process that builds the toy
+    tower never loads it; the same process then builds the BERT tower, which embeds as HF's BertModel does and
+    equals the tower built where transformers was loaded first (this process)."""
+    out = tmp_path / "out.pt"
+    code = f"""
+import dataclasses, sys, torch
+from ptmst_ray.config import ModelConfig, load_config
+from ptmst_ray.models.towers import build_clip, build_text_encoder
+build_clip(dataclasses.replace(load_config({str(ROOT / 'configs' / 'toy.yaml')!r}).model, pretrained=None), seed=0)
+toy_loaded = sorted(m for m in sys.modules if m == 'transformers' or m.startswith('transformers.'))
+cfg = ModelConfig(name={PAPER!r}, text_pretrained={str(tiny_bert)!r})
+enc = build_text_encoder(cfg)
+clip = build_clip(cfg, seed=0).eval()
+tokens = enc.tokenizer({CAPTIONS!r})
+with torch.no_grad():
+    torch.save(dict(toy_loaded=toy_loaded, tokens=tokens, emb=enc.encode({CAPTIONS!r}),
+                    text=clip.encode_text(tokens)), {str(out)!r})
+"""
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=300)
+    got = torch.load(out)
+    assert got["toy_loaded"] == []
+    torch.testing.assert_close(got["emb"], bert_cls(tiny_bert, got["tokens"]))
+    ref = build_clip(ModelConfig(name=PAPER, text_pretrained=str(tiny_bert)), seed=0).eval()
+    assert "transformers" in sys.modules and sys.modules["transformers"] is not None
+    with torch.no_grad():
+        torch.testing.assert_close(got["text"], ref.encode_text(got["tokens"]))
+
+
 def test_hub_layout_bert_checkpoint_loads(tmp_path, no_network):
     """A folder like the hub's bert-base-uncased: BertForPreTraining tensors under ``bert.`` plus the ``cls.``
     heads; the tower takes the encoder and pooler, the check accepts it."""

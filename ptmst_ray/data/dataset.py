@@ -406,11 +406,11 @@ class ImageRows:
 def _mean_std(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """CLIP's mean/std shaped for ``x`` (batch or single image). open_clip is imported here, not at the
     top: importing it costs ~280 MiB of RSS, which `data prepare` (it only reads manifests here) need not pay."""
-    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+    from ptmst_ray.models.openclip import open_clip
 
     shape = (3, 1, 1) if x.dim() == 3 else (1, 3, 1, 1)
-    return (torch.tensor(OPENAI_DATASET_MEAN, device=x.device).view(shape),
-            torch.tensor(OPENAI_DATASET_STD, device=x.device).view(shape))
+    return (torch.tensor(open_clip.constants.OPENAI_DATASET_MEAN, device=x.device).view(shape),
+            torch.tensor(open_clip.constants.OPENAI_DATASET_STD, device=x.device).view(shape))
 
 
 def normalize_images(images: torch.Tensor) -> torch.Tensor:

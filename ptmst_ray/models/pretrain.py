@@ -14,7 +14,6 @@ import logging
 import math
 from typing import Callable, Iterable, Optional
 
-import open_clip
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save as st_save
@@ -22,6 +21,7 @@ from safetensors.torch import save as st_save
 from ptmst_ray import storage
 from ptmst_ray.config import ModelConfig, PretrainConfig
 from ptmst_ray.device import pick_device
+from ptmst_ray.models.openclip import open_clip
 from ptmst_ray.models.towers import build_clip
 
 log = logging.getLogger(__name__)

@@ -72,7 +72,7 @@ def model_config(name: str) -> dict[str, Any] | None:
         return json.loads(ours.read_text())
     if not importable("open_clip"):
         return None
-    import open_clip
+    from ptmst_ray.models.openclip import open_clip
 
     cfg = open_clip.get_model_config(name)
     return dict(cfg) if cfg else None
@@ -345,10 +345,10 @@ def open_clip_hf_arches() -> frozenset[str] | None:
 def _meta_image_tower(mcfg: dict[str, Any]):
     """The model config's image tower built on the meta device: shapes and forward shapes, no memory."""
     import torch
-    from open_clip.model import _build_vision_tower
+    from ptmst_ray.models.openclip import open_clip
 
     with torch.device("meta"), quiet_root_logger():
-        return _build_vision_tower(mcfg["embed_dim"], mcfg["vision_cfg"])
+        return open_clip.model._build_vision_tower(mcfg["embed_dim"], mcfg["vision_cfg"])
 
 
 _POSITION_PARAM = re.compile(r"pos_?embed|positional_embedding|position")
@@ -464,7 +464,7 @@ def _check_image_weights(value: str, meta_visual, timm_name: str | None) -> None
 def _check_full_checkpoint(name: str, value: str, mcfg: dict[str, Any], meta_visual) -> None:
     field = "model.pretrained"
     if not is_checkpoint_path(value):  # an open_clip pretrained tag
-        import open_clip
+        from ptmst_ray.models.openclip import open_clip
 
         tags = open_clip.list_pretrained_tags_by_model(name)
         if value not in tags:
@@ -514,11 +514,11 @@ def _check_text_weights(value: str | None, hf_name: str | None, mcfg: dict[str, 
     if shapes is None:
         return
     import torch
-    from open_clip.model import CLIP
+    from ptmst_ray.models.openclip import open_clip
 
     try:
         with torch.device("meta"), quiet_root_logger():
-            own = _meta_shapes(CLIP(**mcfg))
+            own = _meta_shapes(open_clip.model.CLIP(**mcfg))
     except Exception:  # a model config this cheap copy cannot express: the tower checks when it loads
         return
     own = {k: v for k, v in own.items() if not k.startswith("visual.") and k != "logit_scale"}

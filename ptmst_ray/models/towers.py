@@ -24,16 +24,16 @@ import json
 import logging
 import os
 import shutil
+import sys
 import threading
 import uuid
 from pathlib import Path
 
-import open_clip
 import torch
-from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 
 from ptmst_ray import storage
 from ptmst_ray.config import ModelConfig
+from ptmst_ray.models.openclip import enable_hf_text_towers, open_clip
 from ptmst_ray.models.requirements import (
     HF_CONFIG_FILE,
     FETCH_BERT_HINT,
@@ -57,7 +57,7 @@ class ModelError(ValueError):
 
 def image_transform_stats() -> tuple[tuple[float, ...], tuple[float, ...]]:
     """CLIP normalisation (mean, std) applied to every image the models see."""
-    return tuple(OPENAI_DATASET_MEAN), tuple(OPENAI_DATASET_STD)
+    return tuple(open_clip.constants.OPENAI_DATASET_MEAN), tuple(open_clip.constants.OPENAI_DATASET_STD)
 
 
 @functools.lru_cache(maxsize=8)
@@ -147,6 +147,8 @@ def build_clip(cfg: ModelConfig, seed: int | None = None) -> torch.nn.Module:
     tag = cfg.pretrained if cfg.pretrained and not is_checkpoint_path(cfg.pretrained) else None
     mcfg = open_clip.get_model_config(cfg.name)
     hf_name = hf_text_name(mcfg)
+    if hf_name:
+        enable_hf_text_towers()
     text_kind = _text_kind(cfg, hf_name)
     hf_dir = hf_text_dir(cfg)
     kwargs = {}
@@ -226,7 +228,9 @@ _OFFLINE_LOCK = threading.RLock()  # one switch-over at a time, so each restores
 def hub_offline():
     """While open: Hugging Face hub requests fail instead of reaching the network (HF_HUB_OFFLINE for this
     process, also for code that read the setting at import), and transformers draws no progress bars.
-    Loads in other threads wait for it (the setting is process-wide)."""
+    Loads in other threads wait for it (the setting is process-wide). transformers is switched only when it is
+    loaded: code that loads an HF tower imports it first (:func:`enable_hf_text_towers`), as transformers
+    imported inside would keep the offline flag it reads at import for the rest of the process."""
     with _OFFLINE_LOCK, _hub_offline():
         yield
 
@@ -246,6 +250,8 @@ def _hub_offline():
         pass
     bars = None
     try:
+        if sys.modules.get("transformers") is None:  # not loaded (the towers that need it load it first)
+            raise ImportError("transformers")
         import transformers.utils.hub as tf_hub
         import transformers.utils.logging as tf_logging
 
@@ -389,6 +395,7 @@ def build_tokenizer(cfg: ModelConfig):
     if max_positions:
         context = min(context, int(max_positions))
     kwargs = dict(text_cfg.get("tokenizer_kwargs", {}))
+    enable_hf_text_towers()  # transformers loaded before hub_offline switches it
     params = inspect.signature(HFTokenizer.__init__).parameters
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):  # passed on to AutoTokenizer
         kwargs["local_files_only"] = True

@@ -115,9 +115,8 @@ def merge_towers(image_state: dict, text_state: dict) -> dict:
 
 def zero_shot_recall(model_cfg: ModelConfig, cfg: Config) -> dict:
     """Retrieval of the pretrained CLIP (both towers) on the test split."""
-    import open_clip
-
     from ptmst_ray.evaluate.metrics import retrieval_metrics
+    from ptmst_ray.models.openclip import open_clip
     from ptmst_ray.models.towers import build_clip
 
     test, images = normalised_split(cfg, "test")
