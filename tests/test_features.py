@@ -260,14 +260,14 @@ def test_missing_features_fall_back_to_the_tower(prepared, tmp_path, caplog):
 
 
 class Builds:
-    """Counts model builds (open_clip.create_model: each student, each tower), feature-file reads and weights-file
-    hashes."""
+    """Counts image-tower builds (open_clip's ``_build_vision_tower``: each student, each whole model), feature-file
+    reads and weights-file hashes."""
 
     def __init__(self, monkeypatch, features_root: str):
         import open_clip
 
         self.students, self.reads, self.hashed = 0, [], []
-        build, read_bytes, hash_file = open_clip.create_model, storage.read_bytes, storage.hash_file
+        build, read_bytes, hash_file = open_clip.model._build_vision_tower, storage.read_bytes, storage.hash_file
 
         def counted(*args, **kwargs):
             self.students += 1
@@ -282,7 +282,7 @@ class Builds:
             self.hashed.append(url)
             return hash_file(url, *args, **kwargs)
 
-        monkeypatch.setattr(open_clip, "create_model", counted)
+        monkeypatch.setattr(open_clip.model, "_build_vision_tower", counted)
         monkeypatch.setattr(storage, "read_bytes", read)
         monkeypatch.setattr(storage, "hash_file", hashed)
 

@@ -102,6 +102,23 @@ def test_checkpoint_round_trip_gives_identical_outputs(tmp_path):
     torch.testing.assert_close(model.encode_image(x), ref.encode_image(x))
 
 
+def test_image_tower_alone_equals_the_whole_models_image_tower(tmp_path):
+    """build_image_tower (the students' tower, no text tower built) gives build_clip's visual: the same random
+    draws from a seed, the same weights from a whole-model or a tower checkpoint."""
+    from ptmst_ray.models.towers import build_image_tower
+
+    ckpt, tower = tmp_path / "clip.safetensors", tmp_path / "visual.safetensors"
+    whole = build_clip(CFG, seed=123)
+    save_file({k: v.contiguous() for k, v in whole.state_dict().items()}, str(ckpt))
+    save_file({k: v.contiguous() for k, v in build_clip(CFG, seed=7).visual.state_dict().items()}, str(tower))
+    for cfg, seed in ((CFG, 0), (CFG, 1), (ModelConfig(pretrained=str(ckpt)), 5), (ModelConfig(image_pretrained=str(tower)), 5),
+                      (ModelConfig(pretrained=str(ckpt), image_pretrained=str(tower)), 5)):
+        ref, got = build_clip(cfg, seed=seed).visual.state_dict(), build_image_tower(cfg, seed=seed).state_dict()
+        assert ref.keys() == got.keys()
+        assert all(torch.equal(ref[k], got[k]) for k in ref), (cfg, seed)
+    assert not torch.equal(build_image_tower(CFG, seed=0).conv1.weight, build_image_tower(CFG, seed=1).conv1.weight)
+
+
 def test_checkpoint_through_fsspec_memory_url():
     import fsspec
 

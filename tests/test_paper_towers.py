@@ -78,18 +78,21 @@ def test_bert_folder_loads_offline_and_embeds_its_cls_output(tiny_bert, no_netwo
         torch.testing.assert_close(clip.encode_text(enc.tokenizer(CAPTIONS)), clip.text.proj(emb))
 
 
-def test_transformers_loads_only_for_an_hf_tower_and_the_tower_is_the_same(tiny_bert, tmp_path):
+def test_transformers_loads_only_for_an_hf_tower_and_the_tower_is_the_same(tiny_bert, nfnet, tmp_path):
     """The package imports open_clip without transformers (models/openclip.py): a fresh process that builds the toy
-    tower never loads it; the same process then builds the BERT tower, which embeds as HF's BertModel does and
+    tower and the paper student (whose BERT it does not build) never loads it; the same process then builds the
+    BERT tower, which embeds as HF's BertModel does and
     equals the tower built where transformers was loaded first (this process)."""
     out = tmp_path / "out.pt"
     code = f"""
 import dataclasses, sys, torch
 from ptmst_ray.config import ModelConfig, load_config
 from ptmst_ray.models.towers import build_clip, build_text_encoder
+from ptmst_ray.models.student import build_student
 build_clip(dataclasses.replace(load_config({str(ROOT / 'configs' / 'toy.yaml')!r}).model, pretrained=None), seed=0)
+cfg = ModelConfig(name={PAPER!r}, text_pretrained={str(tiny_bert)!r}, image_pretrained={str(nfnet)!r})
+build_student(cfg, text_dim=32, seed=0)  # the paper student: NFNet-L0, and no BERT built for it
 toy_loaded = sorted(m for m in sys.modules if m == 'transformers' or m.startswith('transformers.'))
-cfg = ModelConfig(name={PAPER!r}, text_pretrained={str(tiny_bert)!r})
 enc = build_text_encoder(cfg)
 clip = build_clip(cfg, seed=0).eval()
 tokens = enc.tokenizer({CAPTIONS!r})
@@ -101,7 +104,8 @@ with torch.no_grad():
     got = torch.load(out)
     assert got["toy_loaded"] == []
     torch.testing.assert_close(got["emb"], bert_cls(tiny_bert, got["tokens"]))
-    ref = build_clip(ModelConfig(name=PAPER, text_pretrained=str(tiny_bert)), seed=0).eval()
+    ref = build_clip(ModelConfig(name=PAPER, text_pretrained=str(tiny_bert), image_pretrained=str(nfnet)),
+                     seed=0).eval()
     assert "transformers" in sys.modules and sys.modules["transformers"] is not None
     with torch.no_grad():
         torch.testing.assert_close(got["text"], ref.encode_text(got["tokens"]))
@@ -198,6 +202,15 @@ def test_paper_student_from_timm_nfnet_state_dict_and_tiny_bert(nfnet, tiny_bert
 def complete(tiny_bert: Path, nfnet: Path, *more: str):
     return recipe(f"model.image_pretrained={nfnet}", f"model.text_pretrained={tiny_bert}", "data.image_size=64",
                   *more)
+
+
+def test_paper_image_tower_alone_equals_the_whole_models(nfnet, tiny_bert, no_network):
+    from ptmst_ray.models.towers import build_image_tower
+
+    for cfg in (ModelConfig(name=PAPER, text_pretrained=str(tiny_bert), image_pretrained=str(nfnet)),
+                ModelConfig(name=PAPER, text_pretrained=str(tiny_bert))):
+        ref, got = build_clip(cfg, seed=3).visual.state_dict(), build_image_tower(cfg, seed=3).state_dict()
+        assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
 
 
 def test_complete_paper_setup_passes_and_a_cnn_takes_another_size(tiny_bert, nfnet, caplog, no_network):

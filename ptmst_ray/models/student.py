@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ptmst_ray.config import ModelConfig
-from ptmst_ray.models.towers import ModelError, build_clip
+from ptmst_ray.models.towers import ModelError, build_image_tower
 
 
 class ProjectionHead(nn.Module):
@@ -124,8 +124,7 @@ def embed_dim_of(image_tower: nn.Module, image_size: int) -> int:
 
 def build_student(cfg: ModelConfig, text_dim: int, seed: int) -> Student:
     """Image tower from its pretrained weights (random parts drawn from ``seed``) + a head seeded by ``seed``."""
-    clip = build_clip(cfg, seed=seed)
-    image = clip.visual
+    image = build_image_tower(cfg, seed=seed)
     size = getattr(image, "image_size", 224)
     size = int(size[0] if isinstance(size, (tuple, list)) else size)
     out_dim = embed_dim_of(image, size)

@@ -192,6 +192,32 @@ def build_clip(cfg: ModelConfig, seed: int | None = None) -> torch.nn.Module:
     return model
 
 
+def build_image_tower(cfg: ModelConfig, seed: int | None = None) -> torch.nn.Module:
+    """``build_clip(cfg, seed).visual`` (the same weights, the same random draws) without building the text tower.
+
+    The students (experts, phases, evaluation) and the frozen-tower features need the image tower only; building
+    the whole model built the paper recipes' BERT (110M parameters, and transformers imported) in every such
+    process to drop it. open_clip builds a model's image tower first, from the same seed. An open_clip pretrained
+    tag, a model name open_clip does not know and a multimodal (CoCa) config go through :func:`build_clip`.
+    """
+    tag = cfg.pretrained and not is_checkpoint_path(cfg.pretrained)
+    mcfg = open_clip.get_model_config(cfg.name) if cfg.name in open_clip.list_models() else None
+    if tag or mcfg is None or "multimodal_cfg" in mcfg:
+        return build_clip(cfg, seed).visual
+    vision_cfg = dict(mcfg["vision_cfg"])
+    if "timm_model_name" in vision_cfg:
+        vision_cfg["timm_model_pretrained"] = False  # as build_clip's pretrained_image=False: nothing fetched
+    with torch.random.fork_rng(devices=[]), quiet_root_logger():
+        if seed is not None:
+            torch.manual_seed(seed)
+        visual = open_clip.model._build_vision_tower(mcfg["embed_dim"], vision_cfg, mcfg.get("quick_gelu", False))
+    if cfg.pretrained:
+        load_image_tower(visual, cfg.pretrained)
+    if cfg.image_pretrained:
+        load_image_tower(visual, cfg.image_pretrained)
+    return visual
+
+
 def _raised_by_hf(error: BaseException) -> bool:
     """The error comes from loading the HF text tower (transformers, the hub client, open_clip's HF adapter)."""
     tb = error.__traceback__
