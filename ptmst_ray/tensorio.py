@@ -4,26 +4,28 @@ Why this file exists: phase checkpoints hold synthetic data, EMA copies, optimis
 RNG states. They must resume bit for bit, live on any fsspec URL or in a Ray Train checkpoint
 directory, and loading them must never execute code. Tensors go to one safetensors file,
 everything else to a JSON skeleton that points at the tensor keys.
+
+torch is imported where tensors are written or read, not with the module: a phase's launcher reads checkpoints'
+scalars (:func:`load_scalars`) without it.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Any
-
-import torch
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
+from typing import TYPE_CHECKING, Any
 
 from ptmst_ray import storage
+
+if TYPE_CHECKING:
+    import torch
 
 TENSORS = "state.safetensors"
 SKELETON = "state.json"
 _REF = "__tensor__"
 
 
-def _split(obj: Any, path: str, tensors: dict[str, torch.Tensor]) -> Any:
-    if isinstance(obj, torch.Tensor):
+def _split(obj: Any, path: str, tensors: dict[str, torch.Tensor], tensor_type: type) -> Any:
+    if isinstance(obj, tensor_type):
         key = path or "root"
         tensors[key] = obj.detach().cpu().contiguous()
         return {_REF: key}
@@ -31,9 +33,9 @@ def _split(obj: Any, path: str, tensors: dict[str, torch.Tensor]) -> Any:
         for k in obj:
             if not isinstance(k, (str, int)):
                 raise TypeError(f"state key {k!r} at {path or 'root'} must be str or int")
-        return {"__dict__": [[k, _split(v, f"{path}/{k}", tensors)] for k, v in obj.items()]}
+        return {"__dict__": [[k, _split(v, f"{path}/{k}", tensors, tensor_type)] for k, v in obj.items()]}
     if isinstance(obj, (list, tuple)):
-        return {"__list__": [_split(v, f"{path}/{i}", tensors) for i, v in enumerate(obj)],
+        return {"__list__": [_split(v, f"{path}/{i}", tensors, tensor_type) for i, v in enumerate(obj)],
                 "tuple": isinstance(obj, tuple)}
     if obj is None or isinstance(obj, (bool, int, float, str)):
         return obj
@@ -53,8 +55,11 @@ def _join(skel: Any, tensors: dict[str, torch.Tensor]) -> Any:
 
 
 def dumps(state: Any) -> tuple[bytes, dict]:
+    import torch
+    from safetensors.torch import save as st_save
+
     tensors: dict[str, torch.Tensor] = {}
-    skeleton = _split(state, "", tensors)
+    skeleton = _split(state, "", tensors, torch.Tensor)
     return st_save(tensors) if tensors else st_save({"__empty__": torch.zeros(0)}), skeleton
 
 
@@ -68,6 +73,8 @@ def save_state(directory: str, state: Any, meta: dict | None = None) -> None:
 
 def load_state(directory: str) -> tuple[Any, dict]:
     """(state, meta) written by :func:`save_state`; the tensor file's hash is checked first."""
+    from safetensors.torch import load as st_load
+
     info = storage.read_json(storage.join(directory, SKELETON))
     blob = storage.read_bytes(storage.join(directory, TENSORS))
     if storage.hash_bytes(blob) != info["sha256"]:

@@ -7,6 +7,8 @@ The check parses every module's imports (module level and inside functions) with
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -99,3 +101,12 @@ def test_no_private_name_crosses_modules():
             if isinstance(node, ast.ImportFrom) and (node.module or "").startswith(("ptmst_ray", "ptmst_ray_cli")):
                 bad += [f"{p.name}: {node.module}.{a.name}" for a in node.names if a.name.startswith("_")]
     assert not bad, bad
+
+
+def test_a_phase_launcher_imports_no_torch():
+    """A phase's launcher task imports orchestration.phases (it builds the Train run, blocks on fit() and reads the
+    checkpoints' scalars after it) and never torch: a second of CPU in every launcher process."""
+    code = ("import sys, ptmst_ray.orchestration.phases, ptmst_ray.tensorio; "
+            "print(sorted(m for m in ('torch', 'safetensors.torch', 'open_clip') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=LIB.parent)
+    assert out.stdout.strip() == "[]", out.stdout

@@ -158,8 +158,9 @@ def test_cpu_stages_share_the_cpus_between_the_jobs_they_run_at_once(tmp_path, m
         def options(self, **kw):
             return self
 
-        def remote(self, cfg_dict, name, *args):
-            submitted.append(args[-1])
+        def remote(self, cfg_dict, name, phase, seed, run_name, board, cpus, memory):
+            assert memory == phases.phase_memory(cpu)  # sized by the driver: the launcher imports no torch
+            submitted.append(cpus)
             return ray.put({"name": name, "status": "finished"})
 
     monkeypatch.setattr(phases, "fit_phase", Launcher())

@@ -5,6 +5,10 @@ time of the slowest. Each phase is a Train run named by its config hash under
 ``<root>/phases``: checkpoints go through Train's checkpointing (safetensors + JSON, no pickle),
 a failed worker is retried from its last checkpoint (FailureConfig), and running the same
 config again resumes unfinished phases and skips finished ones (their subset manifest exists).
+
+A phase's launcher (:func:`fit_phase`, a Ray task that builds the Train run and blocks on ``fit()``) imports this
+module and nothing of torch: torch, the student and the distillation are imported by the Train worker that
+computes (:func:`phase_train_func`), and the driver sizes the run's memory (:func:`phase_memory`) and hands it over.
 """
 
 from __future__ import annotations
@@ -20,23 +24,18 @@ import time
 from typing import Any
 
 import ray
-import ray.train.torch  # noqa: F401 - ray.train.torch.get_device() in a GPU phase worker
-import torch
 from ray.train import Checkpoint, CheckpointConfig, CheckpointUploadMode, FailureConfig, RunConfig, ScalingConfig
 from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
 from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
 from ptmst_ray import storage, tensorio
 from ptmst_ray.config import Config, PhaseConfig, build_section, from_dict
-from ptmst_ray.device import pick_device, set_threads
 from ptmst_ray.layout import TRAIN_SNAPSHOT, Layout, PhaseJob, phase_jobs, phase_outcome
-from ptmst_ray.orchestration.experts import memory_option, shortcut_nbytes, split_nbytes
 from ptmst_ray.orchestration.metrics import phase_metrics
 from ptmst_ray.orchestration.runtime import (
     Poll, as_completed, check_threads, cluster_info, ensure_train_state_actor, record_attempt, report_progress,
     request_gpus, resolve_accelerator, uses_gpus,
 )
-from ptmst_ray.stages.phase import distill_phase
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +68,12 @@ def _scalar_metrics(metrics: dict) -> dict:
 
 def phase_train_func(config: dict) -> None:
     """Per-worker function: parse the config, distil the phase, report metrics and checkpoints."""
+    import ray.train.torch
+    import torch
+
+    from ptmst_ray.device import pick_device, set_threads
+    from ptmst_ray.stages.phase import distill_phase
+
     cfg = from_dict(config["cfg"])
     name, phase = config["name"], build_section(PhaseConfig, config["phase"])
     set_threads(config["threads"])
@@ -285,6 +290,8 @@ def phase_memory(cfg: Config) -> dict:
     """What a phase worker holds in host memory: the caption embeddings (it decodes only its initial
     images) and every expert's shortcut for its range (the raw ablation reads each snapshot when used: two
     at a time), as a Ray ``memory`` request."""
+    from ptmst_ray.orchestration.experts import memory_option, shortcut_nbytes, split_nbytes
+
     teachers = (cfg.experts.num_experts * shortcut_nbytes(cfg) if cfg.shortcut.enabled else shortcut_nbytes(cfg))
     return memory_option(split_nbytes(cfg, images=False) + teachers)
 
@@ -304,10 +311,11 @@ class PhaseTrainer(DataParallelTrainer):
 
 def make_trainer(cfg_dict: dict, name: str, phase: dict, seed: int, run_name: str, board=None,
                  max_failures: int = MAX_FAILURES, until: int | None = None,
-                 label: str | None = None, trial: str = "", cpus: int = 1) -> PhaseTrainer:
+                 label: str | None = None, trial: str = "", cpus: int = 1, memory: dict | None = None) -> PhaseTrainer:
     """One phase's Train run; ``until`` stops it early (checkpointed), ``label`` names its progress bar,
     ``trial`` (a sweep trial's id) tags its metrics, ``cpus`` is what its worker asks for when it computes on
-    CPUs (its torch threads unless ``run.threads_per_worker`` is set; a GPU worker asks for one). The run's name
+    CPUs (its torch threads unless ``run.threads_per_worker`` is set; a GPU worker asks for one), ``memory`` its
+    :func:`phase_memory` when the caller has it (the launcher is given it: computing it imports torch). The run's name
     (the dashboard's Train page) is ``run_name``; Train 2.60 gives its controller and worker actors no name of
     their own."""
     cfg = from_dict(cfg_dict)
@@ -317,7 +325,7 @@ def make_trainer(cfg_dict: dict, name: str, phase: dict, seed: int, run_name: st
     threads = cfg.run.threads_per_worker or cpus
     scaling = ScalingConfig(num_workers=1, use_gpu=gpus > 0,
                             resources_per_worker={"CPU": cpus, **({"GPU": gpus} if gpus else {}),
-                                                  **phase_memory(cfg)})
+                                                  **(phase_memory(cfg) if memory is None else memory)})
     run_config = RunConfig(name=run_name, failure_config=FailureConfig(max_failures=max_failures),
                            checkpoint_config=CheckpointConfig(num_to_keep=2),
                            **storage_args(Layout.of(cfg).phases))
@@ -331,9 +339,10 @@ def make_trainer(cfg_dict: dict, name: str, phase: dict, seed: int, run_name: st
 
 
 @ray.remote(num_cpus=0)
-def fit_phase(cfg_dict: dict, name: str, phase: dict, seed: int, run_name: str, board=None, cpus: int = 1) -> dict:
+def fit_phase(cfg_dict: dict, name: str, phase: dict, seed: int, run_name: str, board=None, cpus: int = 1,
+              memory: dict | None = None) -> dict:
     """Launcher task (holds no CPU): build the phase's Train run and block on fit()."""
-    trainer = make_trainer(cfg_dict, name, phase, seed, run_name, board, cpus=cpus)
+    trainer = make_trainer(cfg_dict, name, phase, seed, run_name, board, cpus=cpus, memory=memory)
     try:
         fit_and_prune(trainer, Layout.of(from_dict(cfg_dict)).train_run(run_name))
     except Exception as e:  # noqa: BLE001 - Train wraps worker errors; report them per phase
@@ -365,9 +374,11 @@ def run_phases(cfg: Config, board=None, poll: Poll | None = None, with_baseline:
         request_gpus(cfg, min(len(todo), slots), cfg.distill.gpus_per_phase, "phases")
         ensure_train_state_actor()  # concurrent runs would race to create it (a spurious failed task)
 
+    memory = phase_memory(cfg)
+
     def submit(job: PhaseJob):
         return fit_phase.options(name=f"phase {job.run_name}").remote(
-            cfg_dict, job.name, dataclasses.asdict(job.phase), job.seed, job.run_name, board, cpus)
+            cfg_dict, job.name, dataclasses.asdict(job.phase), job.seed, job.run_name, board, cpus, memory)
 
     for job, ref in as_completed(todo, submit, slots, poll):
         status[job.name] = ray.get(ref)
