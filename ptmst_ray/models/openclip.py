@@ -30,9 +30,15 @@ def _import_open_clip():
         sys.modules["transformers"] = None  # open_clip's `try: import transformers` takes its fallback
         try:
             import open_clip
+        except ImportError:
+            open_clip = None
         finally:
             if sys.modules.get("transformers", 0) is None:
                 del sys.modules["transformers"]
+        if open_clip is None:  # a version that cannot be imported without transformers: import both as they are
+            for name in [m for m in sys.modules if m == "open_clip" or m.startswith("open_clip.")]:
+                del sys.modules[name]
+            import open_clip
     return open_clip
 
 
@@ -44,8 +50,8 @@ def enable_hf_text_towers() -> None:
 
     Raises ImportError naming transformers when it is not installed."""
     with _lock:
-        adapter = sys.modules["open_clip.hf_model"]
-        if adapter.transformers is not None:
+        adapter = sys.modules.get("open_clip.hf_model")
+        if adapter is None or getattr(adapter, "transformers", None) is not None:
             return
         import transformers  # noqa: F401  (the adapter's own import below finds it loaded)
 
