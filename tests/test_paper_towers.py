@@ -111,6 +111,20 @@ with torch.no_grad():
         torch.testing.assert_close(got["text"], ref.encode_text(got["tokens"]))
 
 
+def test_text_encoder_reads_no_image_weights(tiny_bert, nfnet, no_network, monkeypatch):
+    """The caption embeddings need the text tower only: the image tower's weights file (NFNet-L0's 159 MB in the
+    paper recipes) is never read, and the embeddings and cache key are those of the text tower alone."""
+    from ptmst_ray.models import towers
+
+    read = []
+    load = towers.load_state_dict
+    monkeypatch.setattr(towers, "load_state_dict", lambda url: read.append(url) or load(url))
+    enc = build_text_encoder(ModelConfig(name=PAPER, text_pretrained=str(tiny_bert), image_pretrained=str(nfnet)))
+    assert read == [] and not any(True for _ in enc.model.visual.parameters())
+    torch.testing.assert_close(enc.encode(CAPTIONS), bert_cls(tiny_bert, enc.tokenizer(CAPTIONS)))
+    assert enc.key == build_text_encoder(ModelConfig(name=PAPER, text_pretrained=str(tiny_bert))).key
+
+
 def test_hub_layout_bert_checkpoint_loads(tmp_path, no_network):
     """A folder like the hub's bert-base-uncased: BertForPreTraining tensors under ``bert.`` plus the ``cls.``
     heads; the tower takes the encoder and pooler, the check accepts it."""

@@ -16,6 +16,7 @@ in a folder nor in the cache reach the network.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import inspect
@@ -494,7 +495,11 @@ class TextEncoder:
         from ptmst_ray.device import pick_device
 
         self.device = device or pick_device()
-        self.model = build_clip(cfg, seed=0).eval().to(self.device)
+        # the image tower's own weights (model.image_pretrained: NFNet-L0's 159 MB in the paper recipes) are not
+        # read, and the tower open_clip builds beside the text tower is dropped before the model moves
+        model = build_clip(dataclasses.replace(cfg, image_pretrained=None), seed=0)
+        model.visual = torch.nn.Identity()
+        self.model = model.eval().to(self.device)
         text = getattr(self.model, "text", None)
         if text is not None and hasattr(text, "proj"):
             # an HF text tower (e.g. BERT): the caption embedding is its pooled output (BERT CLS,
