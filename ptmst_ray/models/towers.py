@@ -262,6 +262,23 @@ def hub_offline():
         yield
 
 
+def _transformers_offline(patched: list[tuple[object, str, object]]):
+    """Switch loaded transformers offline (its cached flag appended to ``patched``) and its progress bars off;
+    returns its logging module when the bars were on (to switch them on again), else None."""
+    try:
+        import transformers.utils.hub as tf_hub
+        import transformers.utils.logging as tf_logging
+    except ImportError:
+        return None
+    if hasattr(tf_hub, "_is_offline_mode"):  # transformers 4.x caches the flag at import
+        patched.append((tf_hub, "_is_offline_mode", tf_hub._is_offline_mode))
+        tf_hub._is_offline_mode = True
+    if not tf_logging.is_progress_bar_enabled():
+        return None
+    tf_logging.disable_progress_bar()
+    return tf_logging
+
+
 @contextlib.contextmanager
 def _hub_offline():
     saved_env = {k: os.environ.get(k) for k in HF_OFFLINE_ENV}
@@ -275,21 +292,8 @@ def _hub_offline():
         hub_constants.HF_HUB_OFFLINE = True
     except ImportError:
         pass
-    bars = None
-    try:
-        if sys.modules.get("transformers") is None:  # not loaded (the towers that need it load it first)
-            raise ImportError("transformers")
-        import transformers.utils.hub as tf_hub
-        import transformers.utils.logging as tf_logging
-
-        if hasattr(tf_hub, "_is_offline_mode"):  # transformers 4.x caches the flag at import
-            patched.append((tf_hub, "_is_offline_mode", tf_hub._is_offline_mode))
-            tf_hub._is_offline_mode = True
-        bars = tf_logging if tf_logging.is_progress_bar_enabled() else None
-        if bars is not None:
-            bars.disable_progress_bar()
-    except ImportError:
-        pass
+    # transformers only when loaded: the towers that need it load it first
+    bars = _transformers_offline(patched) if sys.modules.get("transformers") is not None else None
     try:
         yield
     finally:

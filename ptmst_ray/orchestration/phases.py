@@ -374,7 +374,7 @@ def run_phases(cfg: Config, board=None, poll: Poll | None = None, with_baseline:
         request_gpus(cfg, min(len(todo), slots), cfg.distill.gpus_per_phase, "phases")
         ensure_train_state_actor()  # concurrent runs would race to create it (a spurious failed task)
 
-    memory = phase_memory(cfg)
+    memory = phase_memory(cfg) if todo else {}  # sized here: the launchers import no torch
 
     def submit(job: PhaseJob):
         return fit_phase.options(name=f"phase {job.run_name}").remote(
