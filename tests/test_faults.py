@@ -997,10 +997,10 @@ def test_a_killed_train_controller_frees_its_placement_group_beside_another_ray(
     ``runtime.connect`` started told its processes where its dashboard is (RAY_API_SERVER_ADDRESS)."""
     import ray
     from ray.train import ScalingConfig
-    from ray.train.torch import TorchTrainer
     from ray.util.state import list_actors
 
     from ptmst_ray.cluster.local import start_local_cluster
+    from ptmst_ray.orchestration.phases import HEALTH_CHECK_S, HEALTH_CHECK_VAR, PhaseTrainer
     from ptmst_ray.orchestration.runtime import API_SERVER_VAR
 
     @ray.remote(num_cpus=0)
@@ -1015,8 +1015,9 @@ def test_a_killed_train_controller_frees_its_placement_group_beside_another_ray(
         time.sleep(3600)
 
     @ray.remote(num_cpus=0)
-    def fit(marker: str) -> None:
-        TorchTrainer(sleep_forever, train_loop_config={"marker": marker},
+    def fit(marker: str) -> None:  # the phases' trainer, polled as theirs are
+        os.environ[HEALTH_CHECK_VAR] = HEALTH_CHECK_S
+        PhaseTrainer(sleep_forever, train_loop_config={"marker": marker},
                      scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1})).fit()
 
     def live_groups() -> set[str]:

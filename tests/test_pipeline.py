@@ -164,15 +164,15 @@ def test_a_worker_resuming_past_trains_checkpoint_registers_the_stored_one(ready
     assert work(given=6) == []  # Train's checkpoint is the furthest: nothing to register
 
 
-def test_finished_run_keeps_only_the_checkpoints_train_holds(tmp_path, ray_session):
+def test_finished_run_keeps_only_the_checkpoints_train_holds(tmp_path, ray_session, monkeypatch):
     """A state Train never registered (a resume point taken from storage) or a cut upload is deleted after
     fit(); a stored state further than every registered one is kept; Train's own checkpoints stay."""
     import torch
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
 
     from ptmst_ray import tensorio
-    from ptmst_ray.orchestration.phases import fit_and_prune, latest_stored_state
+    from ptmst_ray.orchestration.phases import (HEALTH_CHECK_S, HEALTH_CHECK_VAR, PhaseTrainer, fit_and_prune,
+                                                latest_stored_state)
 
     def reporting_train_func(config: dict) -> None:  # local: pickled by value (workers cannot import tests)
         import tempfile
@@ -194,9 +194,10 @@ def test_finished_run_keeps_only_the_checkpoints_train_holds(tmp_path, ray_sessi
     tensorio.save_state(str(further), {"iteration": 99, "x": torch.zeros(2)})
     partial.mkdir()
     (partial / "tensors.safetensors").write_bytes(b"cut")
-    def trainer(iterations, register=None):
-        return TorchTrainer(reporting_train_func, train_loop_config={"iterations": iterations, "register": register},
-                            scaling_config=ScalingConfig(num_workers=1), torch_config=TorchConfig(backend="gloo"),
+    def trainer(iterations, register=None):  # the phases' trainer, polled as theirs are
+        monkeypatch.setenv(HEALTH_CHECK_VAR, HEALTH_CHECK_S)
+        return PhaseTrainer(reporting_train_func, train_loop_config={"iterations": iterations, "register": register},
+                            scaling_config=ScalingConfig(num_workers=1),
                             run_config=RunConfig(name=run_dir.name, storage_path=str(run_dir.parent),
                                                  checkpoint_config=CheckpointConfig(num_to_keep=2)))
 
