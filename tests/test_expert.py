@@ -138,3 +138,23 @@ def test_aligned_lr_rule():
     assert aligned_lr({0.1: [0.6, 0.4]}, epochs=2) == 0.1
     with pytest.raises(ValueError, match="lr 0.1 has 3 epochs"):
         aligned_lr({0.1: [0.6, 0.7]})
+
+
+def test_a_longer_expert_begins_with_the_shorter_ones_trajectory():
+    """The experts' SGD has a constant learning rate, draws each epoch's order from one seeded generator and its
+    dropout masks from its own seed, so training for more epochs changes none of the earlier snapshots (E only sets
+    how far the phase windows may reach: docs/method.md, "A recipe for new data"), and what ran before in the
+    process (the global generator's state) changes nothing. With the paper recipes' head dropout, against the same
+    expert trained for fewer epochs."""
+    images, text = data()
+    model = ModelConfig(head_dropout=0.1)
+    torch.manual_seed(1)
+    short = train_expert(cfg(epochs=2), model, images, text, 1, device=CPU)
+    torch.manual_seed(2)
+    long = train_expert(cfg(epochs=4), model, images, text, 1, device=CPU)
+    assert len(short) == 3 and len(long) == 5
+    for epoch in range(3):
+        assert all(torch.equal(short[epoch][n], long[epoch][n]) for n in short[epoch]), epoch
+    assert any(not torch.equal(long[2][n], long[4][n]) for n in long[2])  # the longer one went on
+    no_dropout = train_expert(cfg(epochs=1), ModelConfig(), images, text, 1, device=CPU)
+    assert any(not torch.equal(no_dropout[1][n], short[1][n]) for n in short[1])  # the masks were drawn

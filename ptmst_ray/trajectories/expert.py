@@ -113,6 +113,12 @@ def train_batches(
     return total / max(count, 1)
 
 
+DROPOUT_SEED_OFFSET = 15_485_863
+"""An expert's dropout masks (the paper recipes' head has dropout 0.1) come from a global generator seeded with its
+seed plus this (apart from its data order's generator and its initialisation's seeds), so its trajectory is the same
+in whatever process, and after whatever, it is trained: a restarted expert or a probe expert repeats itself."""
+
+
 def train_expert(
     cfg: ExpertsConfig,
     model_cfg: ModelConfig,
@@ -149,18 +155,21 @@ def train_expert(
     optimizer = make_optimizer(model, cfg)
     generator = torch.Generator().manual_seed(seed)
     trajectory = [snapshot(model)]
-    for epoch in range(1, cfg.epochs + 1):
-        started = time.perf_counter()
-        if epoch_batches is not None:
-            loss = train_batches(model, optimizer, epoch_batches(epoch), cfg.loss, device)
-        else:
-            order = batches(len(train_images), cfg.batch_size, generator)
-            loss = train_epoch(model, optimizer, train_images, train_text, cfg.loss, order, device)
-        trajectory.append(snapshot(model))
-        stats = {"loss": loss, "seconds": time.perf_counter() - started, "expert_id": expert_id}
-        log.info("expert %d epoch %d/%d: loss %.4f (%.1fs)", expert_id, epoch, cfg.epochs, loss, stats["seconds"])
-        if on_epoch is not None:
-            on_epoch(epoch, stats)
+    with torch.random.fork_rng(devices=[]):  # dropout draws from the expert's seed, not from what ran before it
+        torch.manual_seed(seed + DROPOUT_SEED_OFFSET)
+        for epoch in range(1, cfg.epochs + 1):
+            started = time.perf_counter()
+            if epoch_batches is not None:
+                loss = train_batches(model, optimizer, epoch_batches(epoch), cfg.loss, device)
+            else:
+                order = batches(len(train_images), cfg.batch_size, generator)
+                loss = train_epoch(model, optimizer, train_images, train_text, cfg.loss, order, device)
+            trajectory.append(snapshot(model))
+            stats = {"loss": loss, "seconds": time.perf_counter() - started, "expert_id": expert_id}
+            log.info("expert %d epoch %d/%d: loss %.4f (%.1fs)", expert_id, epoch, cfg.epochs, loss,
+                     stats["seconds"])
+            if on_epoch is not None:
+                on_epoch(epoch, stats)
     return trajectory
 
 
