@@ -271,7 +271,7 @@ def fake_gpu_cluster():
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)  # `ray start --block` then stops the head's processes
         try:
-            proc.wait(timeout=10)
+            proc.wait(timeout=2)  # nothing of it is kept: no need to wait out the head's graceful exit
         except subprocess.TimeoutExpired:
             pass
         try:

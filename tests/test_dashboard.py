@@ -554,7 +554,7 @@ def test_a_submission_whose_answer_is_lost_runs_one_job_and_a_dropped_log_poll_i
         assert proxy.served["refuse"] == 2
     finally:
         proxy.close()
-        cluster.stop()
+        cluster.stop(grace_s=1.0)
 
 
 def test_follow_logs_gives_up_on_a_dashboard_gone_quiet_and_says_how_to_follow_again(ray_session, token):
