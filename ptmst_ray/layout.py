@@ -233,14 +233,16 @@ def model_hash(cfg: Config) -> str:
 def experts_hash(cfg: Config, experts: ExpertsConfig | None = None) -> str:
     """Experts depend on data, model and expert settings (``experts``: others than the config's, e.g. the
     learning-rate rule's probe experts); not on the number of experts (ids are stable), nor on the learning rates
-    the rule tried (``lr_candidates``): on the rate it picked."""
+    the rule tried (``lr_candidates``): on the rate it picked; nor on their epochs: an expert's first k epochs are
+    the same whatever it trains for (a stored expert serves any config asking for at most its epochs, and one
+    asking for more continues it: :func:`~ptmst_ray.stages.experts.train_and_store_expert`)."""
     experts = experts or cfg.experts
     if experts.lr_img == "auto":
         raise StageError(f"experts.lr_img is auto and the experts' learning-rate rule has not picked it under "
                          f"{Layout.of(cfg).expert_lr} for this data, model and expert settings: `ptmst-ray run` "
                          f"(or `ptmst-ray experts`) runs the rule before the experts")
     experts = dataclasses.asdict(experts)
-    for volatile in ("num_experts", "gpus_per_expert", "lr_candidates"):
+    for volatile in ("num_experts", "gpus_per_expert", "lr_candidates", "epochs"):
         experts.pop(volatile)
     order = data_order(cfg)
     return section_hash(data_hash(cfg), model_hash(cfg), experts, *([order] if order else []))

@@ -158,3 +158,35 @@ def test_a_longer_expert_begins_with_the_shorter_ones_trajectory():
     assert any(not torch.equal(long[2][n], long[4][n]) for n in long[2])  # the longer one went on
     no_dropout = train_expert(cfg(epochs=1), ModelConfig(), images, text, 1, device=CPU)
     assert any(not torch.equal(no_dropout[1][n], short[1][n]) for n in short[1])  # the masks were drawn
+
+
+def test_an_expert_continued_from_its_stored_epochs_is_the_one_trained_in_one_go():
+    """`start` (an expert's stored first epochs) continues training after its last epoch: bit for bit the expert
+    trained in one go, from held rows and from a stream of epochs, with dropout; a config asking for fewer epochs
+    gets the first ones; another expert's snapshots and SGD with momentum (state between epochs) are refused."""
+    images, text = data()
+    model = ModelConfig(head_dropout=0.1)
+    whole = train_expert(cfg(epochs=4), model, images, text, 1, device=CPU)
+    first = train_expert(cfg(epochs=2), model, images, text, 1, device=CPU)
+    seen = []
+    more = train_expert(cfg(epochs=4), model, images, text, 1, device=CPU, start=first,
+                        on_epoch=lambda e, s: seen.append(e))
+    assert seen == [3, 4] and len(more) == 5
+    for epoch in range(5):
+        assert all(torch.equal(whole[epoch][n], more[epoch][n]) for n in whole[epoch]), epoch
+    fewer = train_expert(cfg(epochs=1), model, images, text, 1, device=CPU, start=whole)
+    assert len(fewer) == 2 and all(torch.equal(fewer[1][n], whole[1][n]) for n in whole[1])
+
+    def stream(epoch: int):  # batches that depend on the epoch only, as a streamed split's do
+        g = torch.Generator().manual_seed(100 + epoch)
+        return ((images[i], text[i]) for i in torch.randperm(len(images), generator=g).split(8))
+
+    streamed = train_expert(cfg(epochs=3), model, images, text, 1, device=CPU, epoch_batches=stream)
+    resumed = train_expert(cfg(epochs=3), model, images, text, 1, device=CPU, epoch_batches=stream,
+                           start=streamed[:2])
+    assert all(torch.equal(streamed[3][n], resumed[3][n]) for n in streamed[3])
+
+    with pytest.raises(ValueError, match="starting point"):
+        train_expert(cfg(epochs=4), model, images, text, 0, device=CPU, start=first)
+    with pytest.raises(ValueError, match="momentum"):
+        train_expert(cfg(epochs=4, momentum=0.9), model, images, text, 1, device=CPU, start=first)

@@ -52,6 +52,38 @@ def test_experts_exist_once_and_rerun_does_nothing(ready_root, monkeypatch):
     assert shortcuts.complete_ids(a, b, layout.experts_hash(cfg)) == [0, 1]
 
 
+def test_stored_experts_serve_fewer_epochs_and_are_continued_for_more(ready_root, tmp_path):
+    """The experts' epochs are not part of their identity (an expert's first k epochs are the same whatever it
+    trains for): a config asking for fewer epochs finds them complete, one asking for more trains only the missing
+    epochs of each and stores the expert trained in one go, and the phases' identity does not change with it."""
+    import torch
+
+    from ptmst_ray.orchestration.experts import complete_experts, expert_nbytes, shortcut_nbytes, snapshot_nbytes
+    from ptmst_ray.stages.experts import expert_store, expert_trajectory, train_and_store_expert
+
+    cfg = tiny_config(copy_root(ready_root, tmp_path / "run", parts=("data", "pretrain", "experts")))  # 3 epochs
+    store, chash = expert_store(cfg), layout.experts_hash(cfg)
+    store.remove(0)  # trained again here, on this process's threads (the stored one: an actor's, other roundings)
+    train_and_store_expert(cfg, 0)
+    stored = store.load_expert(0, chash)
+    fewer = cfg.replace(**{"experts.epochs": 2, "phases.1.range_end": 2, "phases.1.start_max": 1})
+    assert layout.experts_hash(fewer) == chash and complete_experts(fewer) == [0, 1]
+
+    more = cfg.replace(**{"experts.epochs": 5})
+    assert [layout.phase_hash(more, p) for p in more.phases] == [layout.phase_hash(cfg, p) for p in cfg.phases]
+    assert store.missing_ids(2, chash, 5) == [0, 1] and store.missing_ids(2, chash, 3) == []
+    seen: list[int] = []
+    train_and_store_expert(more, 0, on_epoch=lambda e, _: seen.append(e))
+    assert seen == [4, 5]
+    longer = store.load_expert(0, chash)
+    assert len(longer) == 6 and store.missing_ids(2, chash, 5) == [1]
+    assert all(torch.equal(a[n], b[n]) for a, b in zip(stored, longer) for n in a)  # the stored epochs kept
+    whole = expert_trajectory(more, 0)  # the same expert trained for 5 epochs in one go
+    assert all(torch.equal(a[n], b[n]) for a, b in zip(whole, longer) for n in a)
+    assert snapshot_nbytes(more) * 6 == store.sidecar(0)["nbytes"] == expert_nbytes(more)
+    assert shortcut_nbytes(cfg) == 2 * snapshot_nbytes(cfg) and expert_nbytes(cfg) == expert_nbytes(more)
+
+
 def test_recall_during_distillation_matches_the_saved_subset_and_changes_nothing(ready_root):
     """distill.recall_every reports the phase subset's own recall; it must not perturb the distillation."""
     import torch

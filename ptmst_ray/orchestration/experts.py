@@ -34,20 +34,29 @@ TEXT_WIDTH_BOUND = 1024
 """Upper bound of a caption embedding's width (BERT-base: 768) when sizing what a worker holds."""
 
 
-def expert_nbytes(cfg: Config) -> int:
-    """Bytes of one expert's stored snapshots (epochs 0..K of the student's vector), read from a finished
-    expert's sidecar; 0 before any expert of this config exists."""
+def snapshot_nbytes(cfg: Config) -> int:
+    """Bytes of one epoch's snapshot of an expert (the student's vector), read from a stored expert's sidecar of
+    this config; 0 before any exists."""
     store, chash = expert_store(cfg), experts_hash(cfg)
     for i in range(cfg.experts.num_experts):
         sidecar = store.sidecar(i)
         if sidecar and sidecar.get("config_hash") == chash and sidecar.get("nbytes"):
-            return int(sidecar["nbytes"])
+            return int(sidecar["nbytes"]) // (int(sidecar["epochs"]) + 1)
     return 0
 
 
+def expert_nbytes(cfg: Config) -> int:
+    """Bytes of one expert's snapshots (epochs 0..K), as stored or as long as this config asks for, whichever is
+    longer (what a worker reading or continuing one holds); 0 before any expert of this config exists."""
+    store, chash = expert_store(cfg), experts_hash(cfg)
+    stored = max([s["epochs"] for i in range(cfg.experts.num_experts)
+                  if (s := store.sidecar(i)) and s.get("config_hash") == chash] or [0])
+    return snapshot_nbytes(cfg) * (max(stored, cfg.experts.epochs) + 1)
+
+
 def shortcut_nbytes(cfg: Config) -> int:
-    """Bytes of one expert's shortcut (its two end points) for a phase range: 2 of the K+1 snapshots."""
-    return 2 * expert_nbytes(cfg) // (cfg.experts.epochs + 1)
+    """Bytes of one expert's shortcut (its two end points) for a phase range: 2 snapshots."""
+    return 2 * snapshot_nbytes(cfg)
 
 
 def split_nbytes(cfg: Config, images: bool = True) -> int:
@@ -160,7 +169,7 @@ def _actor_options(cfg: Config, n_actors: int) -> dict:
     training holds: :data:`TRAINING_VECTORS`). Its torch threads follow from what it was given
     (:func:`~ptmst_ray.orchestration.runtime.worker_threads`)."""
     expert = expert_nbytes(cfg)
-    memory = memory_option(split_nbytes(cfg) + expert + TRAINING_VECTORS * expert // (cfg.experts.epochs + 1))
+    memory = memory_option(split_nbytes(cfg) + expert + TRAINING_VECTORS * snapshot_nbytes(cfg))
     if uses_gpus(cfg):
         return {"num_gpus": cfg.experts.gpus_per_expert, "num_cpus": 1, **memory}
     return {"num_cpus": cluster_info().cpu_share(n_actors), **memory}
@@ -169,7 +178,7 @@ def _actor_options(cfg: Config, n_actors: int) -> dict:
 def run_experts(cfg: Config, board=None, poll: Poll | None = None) -> dict:
     """Train every missing expert and compress every expert into shortcuts; returns counts."""
     cfg = resolve_accelerator(cfg)
-    missing = expert_store(cfg).missing_ids(cfg.experts.num_experts, experts_hash(cfg))
+    missing = expert_store(cfg).missing_ids(cfg.experts.num_experts, experts_hash(cfg), cfg.experts.epochs)
     complete = [i for i in range(cfg.experts.num_experts) if i not in missing]
     cfg_dict = cfg.to_dict()
     shortcut: list = []  # started with the first finished expert, when the memory it needs is known
@@ -239,7 +248,7 @@ def run_expert_lr(cfg: Config, board=None, poll: Poll | None = None) -> tuple[Co
 
 def complete_experts(cfg: Config) -> list[int]:
     """The stored experts of this config (no Ray needed); a StageError naming the command when there are none."""
-    ids = expert_store(cfg).complete_ids(experts_hash(cfg))
+    ids = expert_store(cfg).complete_ids(experts_hash(cfg), cfg.experts.epochs)
     if not ids:
         raise StageError(f"{cfg.run.root}: no complete experts for this config; run `ptmst-ray experts` first")
     return ids

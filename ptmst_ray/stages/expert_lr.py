@@ -35,7 +35,8 @@ def probe_experts(cfg: Config, lr: float) -> ExpertsConfig:
 
 
 def _result_url(cfg: Config, lr: float) -> str:
-    return storage.join(Layout.of(cfg).expert_lr, f"{experts_hash(cfg, probe_experts(cfg, lr))}.json")
+    probe = probe_experts(cfg, lr)
+    return storage.join(Layout.of(cfg).expert_lr, f"{experts_hash(cfg, probe)}-e{probe.epochs}.json")
 
 
 def stored(cfg: Config) -> dict[float, list[float]]:

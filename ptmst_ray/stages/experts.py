@@ -7,6 +7,7 @@ layer trains many at once and compresses each as soon as it is stored.
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Callable, Iterator
 
 from ptmst_ray.config import Config, ExpertsConfig
@@ -17,6 +18,9 @@ from ptmst_ray.trajectories.store import ShortcutStore, TrajectoryStore
 
 if TYPE_CHECKING:
     from torch import Tensor
+
+
+log = logging.getLogger(__name__)
 
 
 def expert_store(cfg: Config) -> TrajectoryStore:
@@ -30,21 +34,27 @@ def shortcut_store(cfg: Config) -> ShortcutStore:
 def train_and_store_expert(cfg: Config, expert_id: int, on_epoch: Callable[[int, dict], None] | None = None,
                            store: TrajectoryStore | None = None) -> int:
     """Train expert ``expert_id`` (unless complete) and write it to the trajectory store (``store``: another one,
-    e.g. for experts under trial settings that must not replace the run's)."""
+    e.g. for experts under trial settings that must not replace the run's). A stored expert of this config with fewer
+    epochs is continued from its last one (SGD without momentum: the expert trained in one go), then replaced."""
     from ptmst_ray.trajectories.expert import expert_seed
 
     store, chash = store or expert_store(cfg), experts_hash(cfg)
-    if store.is_complete(expert_id, chash):
+    if store.is_complete(expert_id, chash, cfg.experts.epochs):
         return expert_id
-    snapshots = expert_trajectory(cfg, expert_id, on_epoch)
+    start = None
+    if not cfg.experts.momentum and store.is_complete(expert_id, chash):
+        start = store.load_expert(expert_id, chash)
+        log.info("expert %d: continuing from its stored epoch %d to %d", expert_id, len(start) - 1, cfg.experts.epochs)
+    snapshots = expert_trajectory(cfg, expert_id, on_epoch, start=start)
     store.write_expert(expert_id, snapshots, seed=expert_seed(cfg.experts, expert_id), config_hash=chash)
     return expert_id
 
 
 def expert_trajectory(cfg: Config, expert_id: int, on_epoch: Callable[[int, dict], None] | None = None,
-                      experts: ExpertsConfig | None = None) -> list:
+                      experts: ExpertsConfig | None = None, start: list | None = None) -> list:
     """Train expert ``expert_id`` on the run's train split (streamed, or on a frozen tower's cached features, as the
-    run does) with ``experts`` (default: the config's); its snapshots after epochs 0..experts.epochs."""
+    run does) with ``experts`` (default: the config's); its snapshots after epochs 0..experts.epochs (``start``: its
+    stored first ones, continued)."""
     from ptmst_ray.trajectories.expert import expert_seed, train_expert
 
     streamed = stream_split(cfg, "train")
@@ -55,7 +65,8 @@ def expert_trajectory(cfg: Config, expert_id: int, on_epoch: Callable[[int, dict
     images = real.train_images if cached is None else features.FeatureRows(cached, real.train_image_index)
     epoch_batches = _streamed_epochs(cfg, real, seed, cached) if streamed else None
     return train_expert(experts or cfg.experts, cfg.model, images, real.train_text, expert_id, on_epoch=on_epoch,
-                        epoch_batches=epoch_batches, frozen_features=cached.check_tower if cached else None)
+                        epoch_batches=epoch_batches, frozen_features=cached.check_tower if cached else None,
+                        start=start)
 
 
 def _streamed_epochs(cfg: Config, real: RealData, seed: int, cached: features.CachedFeatures | None = None

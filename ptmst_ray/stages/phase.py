@@ -50,7 +50,7 @@ class StoredTrajectories:
             self.raw = None
         else:
             self.raw = expert_store(cfg)
-            missing = self.raw.missing_ids(n, chash)
+            missing = self.raw.missing_ids(n, chash, cfg.experts.epochs)
             if missing:
                 raise StageError(f"{self.raw.root}: experts {missing} are missing or were trained for another "
                                  "config; run `ptmst-ray experts` (or `ptmst-ray run`) first")

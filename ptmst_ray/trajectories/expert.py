@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING, Callable, Iterable, Union
+from typing import TYPE_CHECKING, Callable, Iterable, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -114,9 +114,10 @@ def train_batches(
 
 
 DROPOUT_SEED_OFFSET = 15_485_863
-"""An expert's dropout masks (the paper recipes' head has dropout 0.1) come from a global generator seeded with its
-seed plus this (apart from its data order's generator and its initialisation's seeds), so its trajectory is the same
-in whatever process, and after whatever, it is trained: a restarted expert or a probe expert repeats itself."""
+"""An expert's dropout masks (the paper recipes' head has dropout 0.1) in epoch e come from a global generator seeded
+with its seed plus this plus e (apart from its data order's generator and its initialisation's seeds), so its
+trajectory is the same in whatever process, and after whatever, it is trained (a restarted expert or a probe expert
+repeats itself), and an expert continued from a stored epoch is the one trained in one go."""
 
 
 def train_expert(
@@ -129,6 +130,7 @@ def train_expert(
     device: torch.device | None = None,
     epoch_batches: EpochBatches | None = None,
     frozen_features: Callable[[nn.Module], None] | None = None,
+    start: Sequence[Snapshot] | None = None,
 ) -> list[Snapshot]:
     """Train expert ``expert_id`` and return its trajectory: snapshots after epochs 0..cfg.epochs.
 
@@ -140,6 +142,8 @@ def train_expert(
     With ``frozen_features`` the images are a frozen tower's cached features (``model.image_trainable: false``):
     it is called with the student's frozen tower (to check these are its features; it raises if not), then the
     tower is dropped and never runs. The trajectory is the same, up to float rounding.
+    With ``start`` (the snapshots of this expert's first epochs, as stored) training continues after its last one:
+    the trajectory is the one trained in one go (SGD without momentum keeps no state between epochs).
     """
     if len(train_images) != len(train_text):
         raise ValueError(f"{len(train_images)} train images but {len(train_text)} caption embeddings; they must pair up")
@@ -155,9 +159,26 @@ def train_expert(
     optimizer = make_optimizer(model, cfg)
     generator = torch.Generator().manual_seed(seed)
     trajectory = [snapshot(model)]
+    if start:
+        if cfg.momentum:
+            raise ValueError(f"expert {expert_id}: SGD with momentum keeps state between epochs; it cannot be "
+                             "continued from a stored epoch")
+        if list(start[0]) != list(trajectory[0]) or not all(torch.equal(start[0][n], t)
+                                                             for n, t in trajectory[0].items()):
+            raise ValueError(f"expert {expert_id}: the stored epoch 0 is not this expert's starting point (another "
+                             "seed, model or weights); it cannot be continued")
+        if len(start) > cfg.epochs:
+            return [dict(s) for s in start[:cfg.epochs + 1]]
+        with torch.no_grad():
+            for n, p in trainable_params(model).items():
+                p.copy_(start[-1][n])
+        trajectory = [dict(s) for s in start]
+        if epoch_batches is None:
+            for _ in range(len(start) - 1):  # the order the stored epochs drew
+                batches(len(train_images), cfg.batch_size, generator)
     with torch.random.fork_rng(devices=[]):  # dropout draws from the expert's seed, not from what ran before it
-        torch.manual_seed(seed + DROPOUT_SEED_OFFSET)
-        for epoch in range(1, cfg.epochs + 1):
+        for epoch in range(len(trajectory), cfg.epochs + 1):
+            torch.manual_seed(seed + DROPOUT_SEED_OFFSET + epoch)
             started = time.perf_counter()
             if epoch_batches is not None:
                 loss = train_batches(model, optimizer, epoch_batches(epoch), cfg.loss, device)

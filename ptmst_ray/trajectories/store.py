@@ -226,27 +226,28 @@ class TrajectoryStore:
         log.info("expert %d: %d snapshots written to %s", expert_id, len(snapshots), self.url(expert_id))
         return out
 
-    def is_complete(self, expert_id: int, config_hash: str) -> bool:
-        """True when the expert's sidecar exists with ``config_hash`` and matches its tensor file.
+    def is_complete(self, expert_id: int, config_hash: str, epochs: int = 0) -> bool:
+        """True when the expert's sidecar exists with ``config_hash``, holds at least ``epochs`` epochs and matches its
+        tensor file.
 
-        False for a missing or partial write (no sidecar) or another config; StorageError when
+        False for a missing or partial write (no sidecar), another config or fewer epochs; StorageError when
         the sidecar exists but the tensor file does not match it (corrupt: rebuild).
         """
         url = self.url(expert_id)
         sidecar = read_sidecar(url)
-        if sidecar is None or sidecar.get("config_hash") != config_hash:
+        if sidecar is None or sidecar.get("config_hash") != config_hash or sidecar.get("epochs", -1) < epochs:
             return False
         if sidecar.get("expert_id") != expert_id:
             raise StorageError(f"{sidecar_url(url)}: describes expert {sidecar.get('expert_id')}; {REBUILD_HINT}")
         check_file(url, sidecar)
         return True
 
-    def complete_ids(self, config_hash: str) -> list[int]:
-        return [i for i in _ids_in(self.root) if self.is_complete(i, config_hash)]
+    def complete_ids(self, config_hash: str, epochs: int = 0) -> list[int]:
+        return [i for i in _ids_in(self.root) if self.is_complete(i, config_hash, epochs)]
 
-    def missing_ids(self, num_experts: int, config_hash: str) -> list[int]:
-        """Ids in 0..num_experts-1 that still have to be trained."""
-        return [i for i in range(num_experts) if not self.is_complete(i, config_hash)]
+    def missing_ids(self, num_experts: int, config_hash: str, epochs: int = 0) -> list[int]:
+        """Ids in 0..num_experts-1 that still have to be trained (or trained further, to ``epochs``)."""
+        return [i for i in range(num_experts) if not self.is_complete(i, config_hash, epochs)]
 
     def load_expert(self, expert_id: int, config_hash: str | None = None) -> list[Snapshot]:
         """All snapshots (epochs 0..K) as CPU tensors; the file's sha256 is verified."""
