@@ -58,7 +58,8 @@ def test_stored_experts_serve_fewer_epochs_and_are_continued_for_more(ready_root
     epochs of each and stores the expert trained in one go, and the phases' identity does not change with it."""
     import torch
 
-    from ptmst_ray.orchestration.experts import complete_experts, expert_nbytes, shortcut_nbytes, snapshot_nbytes
+    from ptmst_ray.orchestration.experts import (complete_experts, expert_nbytes, shortcut_nbytes, snapshot_nbytes,
+                                                 stored_epochs)
     from ptmst_ray.stages.experts import expert_store, expert_trajectory, train_and_store_expert
 
     cfg = tiny_config(copy_root(ready_root, tmp_path / "run", parts=("data", "pretrain", "experts")))  # 3 epochs
@@ -72,11 +73,13 @@ def test_stored_experts_serve_fewer_epochs_and_are_continued_for_more(ready_root
     more = cfg.replace(**{"experts.epochs": 5})
     assert [layout.phase_hash(more, p) for p in more.phases] == [layout.phase_hash(cfg, p) for p in cfg.phases]
     assert store.missing_ids(2, chash, 5) == [0, 1] and store.missing_ids(2, chash, 3) == []
+    assert stored_epochs(more, 0) == 3 and stored_epochs(fewer, 0) == 2  # what an actor's progress starts from
     seen: list[int] = []
     train_and_store_expert(more, 0, on_epoch=lambda e, _: seen.append(e))
     assert seen == [4, 5]
     longer = store.load_expert(0, chash)
     assert len(longer) == 6 and store.missing_ids(2, chash, 5) == [1]
+    assert stored_epochs(more, 0) == 5 and stored_epochs(more.replace(**{"experts.momentum": 0.9}), 1) == 0
     assert all(torch.equal(a[n], b[n]) for a, b in zip(stored, longer) for n in a)  # the stored epochs kept
     whole = expert_trajectory(more, 0)  # the same expert trained for 5 epochs in one go
     assert all(torch.equal(a[n], b[n]) for a, b in zip(whole, longer) for n in a)

@@ -122,10 +122,11 @@ class ExpertActor:
         return True
 
     def train(self, expert_id: int, board=None) -> int:
-        total = self.cfg.experts.epochs
+        total, done = self.cfg.experts.epochs, stored_epochs(self.cfg, expert_id)
         name = f"expert {expert_id}"
-        report_progress(board, name, 0, total, "starting")
-        print(f"{expert_tag(expert_id)}: training {total} epoch(s)", flush=True)  # the actor's log in the dashboard
+        report_progress(board, name, done, total, "continuing" if done else "starting")
+        print(f"{expert_tag(expert_id)}: training {total - done} epoch(s)"  # the actor's log in the dashboard
+              + (f", continuing from its stored epoch {done}" if done else ""), flush=True)
 
         def on_epoch(epoch: int, metrics: dict) -> None:
             report_progress(board, name, epoch, total, f"loss {metrics.get('loss', float('nan')):.3f}")
@@ -134,6 +135,14 @@ class ExpertActor:
         # where it ran (node, GPU ids): `experts/attempts/` shows the spread over a cluster
         record_attempt(Layout.of(self.cfg).expert_attempt(expert_id, os.getpid()), expert_id=expert_id)
         return train_and_store_expert(self.cfg, expert_id, on_epoch=on_epoch)
+
+
+def stored_epochs(cfg: Config, expert_id: int) -> int:
+    """Epochs of expert ``expert_id`` stored for this config that training will continue from (0: none)."""
+    sidecar = expert_store(cfg).sidecar(expert_id)
+    if cfg.experts.momentum or not sidecar or sidecar.get("config_hash") != experts_hash(cfg):
+        return 0
+    return min(int(sidecar.get("epochs", 0)), cfg.experts.epochs)
 
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=3)
