@@ -190,3 +190,12 @@ def test_an_expert_continued_from_its_stored_epochs_is_the_one_trained_in_one_go
         train_expert(cfg(epochs=4), model, images, text, 0, device=CPU, start=first)
     with pytest.raises(ValueError, match="momentum"):
         train_expert(cfg(epochs=4, momentum=0.9), model, images, text, 1, device=CPU, start=first)
+
+
+def test_dropout_seeds_differ_for_every_expert_and_epoch():
+    """Consecutive experts' seeds differ by 1: an epoch offset alone would give expert i's epoch e + 1 the masks of
+    expert i + 1's epoch e."""
+    from ptmst_ray.trajectories.expert import dropout_seed
+
+    seeds = [dropout_seed(cfg().seed + i, e) for i in range(50) for e in range(1, 40)]
+    assert len(set(seeds)) == len(seeds)

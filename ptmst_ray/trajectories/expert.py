@@ -114,10 +114,17 @@ def train_batches(
 
 
 DROPOUT_SEED_OFFSET = 15_485_863
+EPOCH_SEEDS = 100_003
 """An expert's dropout masks (the paper recipes' head has dropout 0.1) in epoch e come from a global generator seeded
-with its seed plus this plus e (apart from its data order's generator and its initialisation's seeds), so its
-trajectory is the same in whatever process, and after whatever, it is trained (a restarted expert or a probe expert
-repeats itself), and an expert continued from a stored epoch is the one trained in one go."""
+with ``DROPOUT_SEED_OFFSET + seed * EPOCH_SEEDS + e`` (apart from its data order's generator and its initialisation's
+seeds; no two (expert, epoch) pairs share one below EPOCH_SEEDS epochs), so its trajectory is the same in whatever
+process, and after whatever, it is trained (a restarted expert or a probe expert repeats itself), and an expert
+continued from a stored epoch is the one trained in one go."""
+
+
+def dropout_seed(seed: int, epoch: int) -> int:
+    """The global generator's seed for an expert's dropout masks in ``epoch`` (see :data:`EPOCH_SEEDS`)."""
+    return DROPOUT_SEED_OFFSET + seed * EPOCH_SEEDS + epoch
 
 
 def train_expert(
@@ -178,7 +185,7 @@ def train_expert(
                 batches(len(train_images), cfg.batch_size, generator)
     with torch.random.fork_rng(devices=[]):  # dropout draws from the expert's seed, not from what ran before it
         for epoch in range(len(trajectory), cfg.epochs + 1):
-            torch.manual_seed(seed + DROPOUT_SEED_OFFSET + epoch)
+            torch.manual_seed(dropout_seed(seed, epoch))
             started = time.perf_counter()
             if epoch_batches is not None:
                 loss = train_batches(model, optimizer, epoch_batches(epoch), cfg.loss, device)
