@@ -25,7 +25,9 @@ from ptmst_ray.orchestration.runtime import (
 )
 from ptmst_ray.stages import expert_lr
 from ptmst_ray.stages.embed import stream_split
-from ptmst_ray.stages.experts import compress_expert, expert_store, missing_shortcuts, train_and_store_expert
+from ptmst_ray.stages.experts import (
+    compress_expert, continues_from, expert_store, missing_shortcuts, train_and_store_expert,
+)
 
 log = logging.getLogger(__name__)
 
@@ -34,29 +36,32 @@ TEXT_WIDTH_BOUND = 1024
 """Upper bound of a caption embedding's width (BERT-base: 768) when sizing what a worker holds."""
 
 
-def snapshot_nbytes(cfg: Config) -> int:
-    """Bytes of one epoch's snapshot of an expert (the student's vector), read from a stored expert's sidecar of
-    this config; 0 before any exists."""
+def stored_sizes(cfg: Config) -> tuple[int, int]:
+    """(bytes of one epoch's snapshot, the most epochs stored) over the stored experts of this config, from their
+    sidecars; (0, 0) before any exists."""
     store, chash = expert_store(cfg), experts_hash(cfg)
-    for i in range(cfg.experts.num_experts):
-        sidecar = store.sidecar(i)
-        if sidecar and sidecar.get("config_hash") == chash and sidecar.get("nbytes"):
-            return int(sidecar["nbytes"]) // (int(sidecar["epochs"]) + 1)
-    return 0
+    sidecars = [s for i in range(cfg.experts.num_experts)
+                if (s := store.sidecar(i)) and s.get("config_hash") == chash and s.get("nbytes")]
+    if not sidecars:
+        return 0, 0
+    return int(sidecars[0]["nbytes"]) // (int(sidecars[0]["epochs"]) + 1), max(int(s["epochs"]) for s in sidecars)
 
 
-def expert_nbytes(cfg: Config) -> int:
+def snapshot_nbytes(cfg: Config) -> int:
+    """Bytes of one epoch's snapshot of an expert (the student's vector); 0 before any expert of this config exists."""
+    return stored_sizes(cfg)[0]
+
+
+def expert_nbytes(cfg: Config, sizes: tuple[int, int] | None = None) -> int:
     """Bytes of one expert's snapshots (epochs 0..K), as stored or as long as this config asks for, whichever is
     longer (what a worker reading or continuing one holds); 0 before any expert of this config exists."""
-    store, chash = expert_store(cfg), experts_hash(cfg)
-    stored = max([s["epochs"] for i in range(cfg.experts.num_experts)
-                  if (s := store.sidecar(i)) and s.get("config_hash") == chash] or [0])
-    return snapshot_nbytes(cfg) * (max(stored, cfg.experts.epochs) + 1)
+    snapshot, stored = sizes or stored_sizes(cfg)
+    return snapshot * (max(stored, cfg.experts.epochs) + 1)
 
 
-def shortcut_nbytes(cfg: Config) -> int:
+def shortcut_nbytes(cfg: Config, sizes: tuple[int, int] | None = None) -> int:
     """Bytes of one expert's shortcut (its two end points) for a phase range: 2 snapshots."""
-    return 2 * snapshot_nbytes(cfg)
+    return 2 * (sizes or stored_sizes(cfg))[0]
 
 
 def split_nbytes(cfg: Config, images: bool = True) -> int:
@@ -138,11 +143,11 @@ class ExpertActor:
 
 
 def stored_epochs(cfg: Config, expert_id: int) -> int:
-    """Epochs of expert ``expert_id`` stored for this config that training will continue from (0: none)."""
-    sidecar = expert_store(cfg).sidecar(expert_id)
-    if cfg.experts.momentum or not sidecar or sidecar.get("config_hash") != experts_hash(cfg):
-        return 0
-    return min(int(sidecar.get("epochs", 0)), cfg.experts.epochs)
+    """The epoch expert ``expert_id``'s training starts from (its actor's progress): its stored epochs for this config
+    when it is continued (:func:`~ptmst_ray.stages.experts.continues_from`), the config's epochs when it is complete,
+    else 0."""
+    stored = expert_store(cfg).complete_epochs(expert_id, experts_hash(cfg))
+    return cfg.experts.epochs if stored >= cfg.experts.epochs else continues_from(cfg, stored)
 
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=3)
@@ -161,7 +166,8 @@ def _shortcut_actor(cfg_dict: dict):
     """The shortcut actor, named ``shortcut-<driver id>`` in the dashboard; it holds one whole expert (and
     its shortcuts) at a time, and asks for that memory once an expert's size is known."""
     cfg = from_dict(cfg_dict)
-    memory = expert_nbytes(cfg) + shortcut_nbytes(cfg) * len(needed_ranges(cfg))
+    sizes = stored_sizes(cfg)  # the sidecars read once
+    memory = expert_nbytes(cfg, sizes) + shortcut_nbytes(cfg, sizes) * len(needed_ranges(cfg))
     return ShortcutActor.options(name=actor_name("shortcut"), **memory_option(memory)).remote(cfg_dict)
 
 
@@ -177,8 +183,8 @@ def _actor_options(cfg: Config, n_actors: int) -> dict:
     memory of what it holds (the real data; once an expert's size is known, its snapshots and the vectors
     training holds: :data:`TRAINING_VECTORS`). Its torch threads follow from what it was given
     (:func:`~ptmst_ray.orchestration.runtime.worker_threads`)."""
-    expert = expert_nbytes(cfg)
-    memory = memory_option(split_nbytes(cfg) + expert + TRAINING_VECTORS * snapshot_nbytes(cfg))
+    sizes = stored_sizes(cfg)  # the sidecars read once
+    memory = memory_option(split_nbytes(cfg) + expert_nbytes(cfg, sizes) + TRAINING_VECTORS * sizes[0])
     if uses_gpus(cfg):
         return {"num_gpus": cfg.experts.gpus_per_expert, "num_cpus": 1, **memory}
     return {"num_cpus": cluster_info().cpu_share(n_actors), **memory}

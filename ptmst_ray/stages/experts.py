@@ -39,15 +39,22 @@ def train_and_store_expert(cfg: Config, expert_id: int, on_epoch: Callable[[int,
     from ptmst_ray.trajectories.expert import expert_seed
 
     store, chash = store or expert_store(cfg), experts_hash(cfg)
-    if store.is_complete(expert_id, chash, cfg.experts.epochs):
+    stored = store.complete_epochs(expert_id, chash)
+    if stored >= cfg.experts.epochs:
         return expert_id
     start = None
-    if not cfg.experts.momentum and store.is_complete(expert_id, chash):
+    if continues_from(cfg, stored):
         start = store.load_expert(expert_id, chash)
-        log.info("expert %d: continuing from its stored epoch %d to %d", expert_id, len(start) - 1, cfg.experts.epochs)
+        log.info("expert %d: continuing from its stored epoch %d to %d", expert_id, stored, cfg.experts.epochs)
     snapshots = expert_trajectory(cfg, expert_id, on_epoch, start=start)
     store.write_expert(expert_id, snapshots, seed=expert_seed(cfg.experts, expert_id), config_hash=chash)
     return expert_id
+
+
+def continues_from(cfg: Config, stored: int) -> int:
+    """The epoch training continues from when an expert of this config has ``stored`` epochs stored (-1: none):
+    those epochs when fewer than the config asks for and SGD keeps no state between epochs (no momentum), else 0."""
+    return stored if 0 < stored < cfg.experts.epochs and not cfg.experts.momentum else 0
 
 
 def expert_trajectory(cfg: Config, expert_id: int, on_epoch: Callable[[int, dict], None] | None = None,

@@ -226,21 +226,23 @@ class TrajectoryStore:
         log.info("expert %d: %d snapshots written to %s", expert_id, len(snapshots), self.url(expert_id))
         return out
 
-    def is_complete(self, expert_id: int, config_hash: str, epochs: int = 0) -> bool:
-        """True when the expert's sidecar exists with ``config_hash``, holds at least ``epochs`` epochs and matches its
-        tensor file.
-
-        False for a missing or partial write (no sidecar), another config or fewer epochs; StorageError when
-        the sidecar exists but the tensor file does not match it (corrupt: rebuild).
-        """
+    def complete_epochs(self, expert_id: int, config_hash: str) -> int:
+        """The epochs of the expert's stored trajectory when its sidecar exists with ``config_hash`` and matches its
+        tensor file; -1 for a missing or partial write (no sidecar) or another config. StorageError when the sidecar
+        exists but the tensor file does not match it (corrupt: rebuild)."""
         url = self.url(expert_id)
         sidecar = read_sidecar(url)
-        if sidecar is None or sidecar.get("config_hash") != config_hash or sidecar.get("epochs", -1) < epochs:
-            return False
+        if sidecar is None or sidecar.get("config_hash") != config_hash:
+            return -1
         if sidecar.get("expert_id") != expert_id:
             raise StorageError(f"{sidecar_url(url)}: describes expert {sidecar.get('expert_id')}; {REBUILD_HINT}")
         check_file(url, sidecar)
-        return True
+        return int(sidecar.get("epochs", -1))
+
+    def is_complete(self, expert_id: int, config_hash: str, epochs: int = 0) -> bool:
+        """True when the expert is stored for ``config_hash`` with at least ``epochs`` epochs
+        (:meth:`complete_epochs`)."""
+        return self.complete_epochs(expert_id, config_hash) >= epochs
 
     def complete_ids(self, config_hash: str, epochs: int = 0) -> list[int]:
         return [i for i in _ids_in(self.root) if self.is_complete(i, config_hash, epochs)]
