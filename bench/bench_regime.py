@@ -147,7 +147,7 @@ def expert_trajectory(cfg, expert_id: int, store=None) -> dict[str, list[float]]
     from ptmst_ray.stages.experts import expert_store
     from ptmst_ray.trajectories.expert import displacement_cosines, expert_seed
 
-    snapshots = (store or expert_store(cfg)).load_expert(expert_id, experts_hash(cfg))[:cfg.experts.epochs + 1]
+    snapshots = (store or expert_store(cfg)).trajectory(expert_id, experts_hash(cfg))[:cfg.experts.epochs + 1]
     real = load_real(cfg, whole_train=False)
     test = RetrievalSet(real.test_images, real.test_text, real.txt2img)
     student = build_student(cfg.model, real.text_dim, seed=expert_seed(cfg.experts, expert_id))

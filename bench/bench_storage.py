@@ -101,7 +101,7 @@ def on_disk(tensors: dict[str, torch.Tensor]) -> dict[str, int]:
         store = TrajectoryStore(os.path.join(tmp, "materialised"))
         store.write_expert(0, traj.materialise(), seed=0, config_hash="bench")
         return {"compact_file": os.path.getsize(compact_url),
-                "materialised_file": os.path.getsize(store.url(0)),
+                "materialised_file": sum(os.path.getsize(store.url(0, e)) for e in range(TOY_SNAPSHOTS)),
                 "compact_nbytes": traj.nbytes, "materialised_nbytes": traj.materialised_nbytes,
                 "params": sum(t.numel() for t in tensors.values()), "tensors": len(tensors)}
 

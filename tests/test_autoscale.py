@@ -363,9 +363,11 @@ def test_autoscaler_adds_gpu_nodes_and_heavy_stages_run_there(fake_gpu_cluster, 
 
 
 def test_workers_holding_an_expert_or_a_split_ask_for_that_memory(tmp_path, monkeypatch):
-    """Sizes from the run's own records: an expert's bytes from its sidecar ((K+1) snapshots of the
-    vector; an expert actor also holds the vector, its gradient and momentum while training), a phase worker's from every expert's shortcut (2 snapshots each) plus the real data (each
-    image once as uint8, a float32 embedding per caption, from the prepared manifests)."""
+    """Sizes from the run's own records: an expert's bytes from its index ((K+1) snapshots of the vector); an
+    expert actor holds the vector, its gradient and momentum while training and one epoch's snapshot and file bytes
+    while storing it (its earlier epochs are in the store), a phase worker every expert's shortcut (2 snapshots
+    each), and both the real data (each image once as uint8, a float32 embedding per caption, from the prepared
+    manifests)."""
     from ptmst_ray import storage
     from ptmst_ray.layout import Layout, experts_hash
     from ptmst_ray.orchestration import experts, phases, pipeline, runtime
@@ -384,8 +386,8 @@ def test_workers_holding_an_expert_or_a_split_ask_for_that_memory(tmp_path, monk
         storage.write_manifest(Layout.of(cfg).split(split), {"images": images, "captions": captions})
     data = 80 * 3 * cfg.data.image_size ** 2 + 220 * experts.TEXT_WIDTH_BOUND * 4
     assert experts.split_nbytes(cfg) == data
-    # the data, the K+1 snapshots, and the parameters, gradients and momentum while it trains
-    assert experts._actor_options(cfg, 1)["memory"] == data + (cfg.experts.epochs + 1) * vector + 3 * vector
+    # the data, the parameters, gradients and momentum while it trains, and the epoch it stores with its bytes
+    assert experts._actor_options(cfg, 1)["memory"] == data + 3 * vector + 2 * vector
     text = 220 * experts.TEXT_WIDTH_BOUND * 4  # a phase decodes only its initial images
     assert experts.split_nbytes(cfg, images=False) == text
     assert phases.phase_memory(cfg) == {"memory": text + 3 * 2 * vector}

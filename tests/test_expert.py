@@ -192,6 +192,25 @@ def test_an_expert_continued_from_its_stored_epochs_is_the_one_trained_in_one_go
         train_expert(cfg(epochs=4, momentum=0.9), model, images, text, 1, device=CPU, start=first)
 
 
+def test_snapshots_handed_over_as_they_come_are_the_trajectory():
+    """``on_snapshot`` sees every epoch's snapshot once, in order and before ``on_epoch``, whether or not the
+    trajectory is kept; continuing hands over only the new epochs; ``keep=False`` returns nothing to hold."""
+    images, text = data()
+    whole = train_expert(cfg(epochs=3), ModelConfig(), images, text, 2, device=CPU)
+    calls: list = []
+    kept = train_expert(cfg(epochs=3), ModelConfig(), images, text, 2, device=CPU, keep=False,
+                        on_snapshot=lambda e, s: calls.append(("snapshot", e, s)),
+                        on_epoch=lambda e, _: calls.append(("epoch", e)))
+    assert kept == []
+    assert [c[:2] for c in calls] == [("snapshot", 0)] + [c for e in (1, 2, 3) for c in (("snapshot", e), ("epoch", e))]
+    handed = [c[2] for c in calls if c[0] == "snapshot"]
+    assert all(torch.equal(a[n], b[n]) for a, b in zip(whole, handed, strict=True) for n in a)
+    more: list = []
+    train_expert(cfg(epochs=3), ModelConfig(), images, text, 2, device=CPU, start=whole[:2], keep=False,
+                 on_snapshot=lambda e, s: more.append((e, s)))
+    assert [e for e, _ in more] == [2, 3] and all(torch.equal(more[1][1][n], whole[3][n]) for n in whole[3])
+
+
 def test_dropout_seeds_differ_for_every_expert_and_epoch():
     """Consecutive experts' seeds differ by 1: an epoch offset alone would give expert i's epoch e + 1 the masks of
     expert i + 1's epoch e."""

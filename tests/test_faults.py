@@ -131,16 +131,21 @@ def test_killed_expert_actor_redoes_its_expert_exactly_once(prepared, tmp_path, 
     result: dict = {}
     worker = threading.Thread(target=lambda: result.update(run_experts(cfg, board)))
     worker.start()
+    attempts_dir = Path(layout.Layout(cfg.run.root).expert_attempt(0, 0)).parent
     victim, deadline = None, time.time() + 180
     while victim is None and time.time() < deadline and worker.is_alive():
         tasks = ray.get(board.snapshot.remote())
-        running = [t for n, t in tasks.items() if n.startswith("expert ") and 1 <= t["done"] < t["total"]]
-        if running:  # an expert is mid-training: kill an actor that is training one
-            alive = list_actors(address=ray_session.dashboard_url,  # this session's Ray, of any on the machine
-                                filters=[("class_name", "=", "ExpertActor"), ("state", "=", "ALIVE")])
-            if alive:
-                victim = alive[0].pid
-                os.kill(victim, signal.SIGKILL)
+        running = {int(n.split()[1]): t["done"] for n, t in tasks.items()
+                   if re.fullmatch(r"expert \d+", n) and 1 <= t["done"] < t["total"]}
+        if running:  # an expert is mid-training, its epochs so far stored: kill the actor training it
+            alive = {a.pid for a in list_actors(address=ray_session.dashboard_url,  # this session's Ray only
+                                                filters=[("class_name", "=", "ExpertActor"), ("state", "=", "ALIVE")])}
+            for expert_id, done in running.items():
+                pids = {int(p.stem.split("-")[1]) for p in attempts_dir.glob(f"expert{expert_id:04d}-*.json")} & alive
+                if pids:
+                    victim = (pids.pop(), expert_id, done)
+                    os.kill(victim[0], signal.SIGKILL)
+                    break
         time.sleep(0.2)
     worker.join(timeout=300)
     assert victim is not None, "no expert was ever seen mid-training"
@@ -148,8 +153,15 @@ def test_killed_expert_actor_redoes_its_expert_exactly_once(prepared, tmp_path, 
     chash = layout.experts_hash(cfg)
     store = TrajectoryStore(layout.Layout(cfg.run.root).experts)
     assert store.complete_ids(chash) == [0, 1]
-    names = {p.name for p in (root / "experts").iterdir() if p.is_file() and ".tmp-" not in p.name}
-    assert names == {"expert_0000.safetensors", "expert_0000.json", "expert_0001.safetensors", "expert_0001.json"}
+    names = {p.relative_to(root / "experts").as_posix() for p in (root / "experts").glob("expert_*/*")}
+    assert names == {f"expert_{i:04d}/{name}" for i in (0, 1) for name in ["trajectory.json"] + [
+        f"epoch_{e:04d}.{ext}" for e in range(cfg.experts.epochs + 1) for ext in ("safetensors", "json")]}
+    # the killed expert's successor continued from the epochs its actor had stored (each stored as it ended)
+    pid, expert_id, done = victim
+    runs = sorted((json.loads(p.read_text()) for p in attempts_dir.glob(f"expert{expert_id:04d}-*.json")),
+                  key=lambda a: a["start"])
+    assert [a["pid"] for a in runs][0] == pid and len(runs) == 2, runs
+    assert runs[0]["from_epoch"] == 0 and done <= runs[1]["from_epoch"] < cfg.experts.epochs, (done, runs)
     shortcuts = ShortcutStore(layout.Layout(cfg.run.root).shortcuts)
     for i in (0, 1):
         snaps = store.load_expert(i, chash)  # sha256 against the sidecar: the complete file, not a partial one
@@ -310,7 +322,7 @@ def test_interrupted_driver_resumes_without_redoing_work(prepared, tmp_path):
 
 
 def _corrupt_expert(root: Path) -> Path:
-    p = root / "experts" / "expert_0001.safetensors"
+    p = sorted((root / "experts" / "expert_0001").glob("epoch_*.safetensors"))[-1]  # the last epoch: checked first
     p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
     return p
 
@@ -322,8 +334,7 @@ def _corrupt_embeddings(root: Path) -> Path:
     p.write_bytes(bytes(data))
     # the driver finds finished embeddings from their manifest and hashes none; their first reader checks the bytes
     # it reads: with an expert left to train, that is an expert actor, before any phase starts
-    for f in (root / "experts").glob("expert_0001.*"):
-        f.unlink()
+    shutil.rmtree(root / "experts" / "expert_0001")
     return p
 
 
@@ -625,10 +636,11 @@ def test_disk_full_while_saving_an_expert_or_subset(tmp_path, monkeypatch):
 
     store = TrajectoryStore(str(tmp_path / "experts"))
     snaps = [{"w": torch.full((3,), float(k))} for k in range(3)]
-    FullDisk(monkeypatch, "expert_0000.json")
+    FullDisk(monkeypatch, "expert_0000/epoch_0001.json")
     with pytest.raises(storage.StorageError, match="no space left"):
         store.write_expert(0, snaps, seed=0, config_hash="h")
-    assert store.missing_ids(1, "h") == [0]  # the tensor file may be there, the sidecar (written last) is not
+    # epoch 1's tensor file may be there, its sidecar (written after it) is not: epoch 0 alone counts
+    assert store.complete_epochs(0, "h") == 0 and store.missing_ids(1, "h", 2) == [0]
     monkeypatch.undo()
     FullDisk(monkeypatch, "manifest.json")
     ema = {"images": torch.zeros(2, 3, 8, 8), "text": torch.zeros(2, 4), "alpha_img": torch.tensor(0.1),

@@ -265,7 +265,7 @@ def test_cc3m_recipe_end_to_end_with_a_frozen_tower_and_2048d_projection(tmp_pat
     # the experts' trajectories hold the 2304 -> 2048 projection and the text head, never the frozen NFNet-L0
     from ptmst_ray.trajectories.store import TrajectoryStore
 
-    params = {p["name"]: p["shape"] for p in TrajectoryStore(Layout.of(cfg).experts).sidecar(0)["params"]}
+    params = {p["name"]: p["shape"] for p in TrajectoryStore(Layout.of(cfg).experts).index(0)["params"]}
     assert [2048, 2304] in params.values() and not any("trunk" in name for name in params), sorted(params)
     # counted by hand: the 2304 -> 2048 map (no bias), the text head on the tiny BERT's 32-d embedding (projection
     # 32 -> 2048, fc 2048 -> 2048, layer norm): 9.0M, none of the frozen NFNet-L0's 35M parameters

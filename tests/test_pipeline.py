@@ -83,8 +83,43 @@ def test_stored_experts_serve_fewer_epochs_and_are_continued_for_more(ready_root
     assert all(torch.equal(a[n], b[n]) for a, b in zip(stored, longer) for n in a)  # the stored epochs kept
     whole = expert_trajectory(more, 0)  # the same expert trained for 5 epochs in one go
     assert all(torch.equal(a[n], b[n]) for a, b in zip(whole, longer) for n in a)
-    assert snapshot_nbytes(more) * 6 == store.sidecar(0)["nbytes"] == expert_nbytes(more)
-    assert shortcut_nbytes(cfg) == 2 * snapshot_nbytes(cfg) and expert_nbytes(cfg) == expert_nbytes(more)
+    assert snapshot_nbytes(more) == store.index(0)["snapshot_nbytes"] == sum(t.numel() * 4 for t in whole[0].values())
+    assert expert_nbytes(more) == 6 * snapshot_nbytes(more) == expert_nbytes(cfg)  # as long as stored: 5 epochs
+    assert shortcut_nbytes(cfg) == 2 * snapshot_nbytes(cfg)
+
+
+def test_an_expert_cut_short_continues_from_its_last_stored_epoch(ready_root, tmp_path, monkeypatch):
+    """Each epoch is stored as it ends: an expert whose training stops mid-way (its actor or node lost) keeps the
+    epochs before the stop, and the next call trains only the rest, reading no stored epoch but the first and the
+    last; the expert is the one trained in one go."""
+    import torch
+
+    from ptmst_ray.orchestration.experts import stored_epochs
+    from ptmst_ray.stages.experts import expert_store, expert_trajectory, train_and_store_expert
+    from ptmst_ray.trajectories import store as store_mod
+
+    cfg = tiny_config(copy_root(ready_root, tmp_path / "run", parts=("data", "pretrain")), **{"experts.epochs": 4})
+    store, chash = expert_store(cfg), layout.experts_hash(cfg)
+
+    class Lost(Exception):
+        pass
+
+    def lost_at_2(epoch: int, _stats: dict) -> None:
+        if epoch == 2:
+            raise Lost
+    with pytest.raises(Lost):
+        train_and_store_expert(cfg, 1, on_epoch=lost_at_2)
+    assert store.complete_epochs(1, chash) == 2 and stored_epochs(cfg, 1) == 2  # epoch 2 was stored before the stop
+    read, real = [], store_mod.TrajectoryStore._load_epoch
+    monkeypatch.setattr(store_mod.TrajectoryStore, "_load_epoch",
+                        lambda self, i, e, index: read.append(e) or real(self, i, e, index))
+    seen: list[int] = []
+    train_and_store_expert(cfg, 1, on_epoch=lambda e, _: seen.append(e))
+    assert seen == [3, 4] and read == [0, 2]
+    monkeypatch.undo()
+    whole = expert_trajectory(cfg, 1)
+    stored = store.load_expert(1, chash)
+    assert len(stored) == 5 and all(torch.equal(a[n], b[n]) for a, b in zip(whole, stored) for n in a)
 
 
 def test_recall_during_distillation_matches_the_saved_subset_and_changes_nothing(ready_root):

@@ -38,13 +38,13 @@ TEXT_WIDTH_BOUND = 1024
 
 def stored_sizes(cfg: Config) -> tuple[int, int]:
     """(bytes of one epoch's snapshot, the most epochs stored) over the stored experts of this config, from their
-    sidecars; (0, 0) before any exists."""
+    indexes; (0, 0) before any exists."""
     store, chash = expert_store(cfg), experts_hash(cfg)
-    sidecars = [s for i in range(cfg.experts.num_experts)
-                if (s := store.sidecar(i)) and s.get("config_hash") == chash and s.get("nbytes")]
-    if not sidecars:
+    indexes = [s for i in range(cfg.experts.num_experts)
+               if (s := store.index(i)) and s.get("config_hash") == chash and s.get("snapshot_nbytes")]
+    if not indexes:
         return 0, 0
-    return int(sidecars[0]["nbytes"]) // (int(sidecars[0]["epochs"]) + 1), max(int(s["epochs"]) for s in sidecars)
+    return int(indexes[0]["snapshot_nbytes"]), max(int(s["epochs"]) for s in indexes)
 
 
 def snapshot_nbytes(cfg: Config) -> int:
@@ -54,7 +54,7 @@ def snapshot_nbytes(cfg: Config) -> int:
 
 def expert_nbytes(cfg: Config, sizes: tuple[int, int] | None = None) -> int:
     """Bytes of one expert's snapshots (epochs 0..K), as stored or as long as this config asks for, whichever is
-    longer (what a worker reading or continuing one holds); 0 before any expert of this config exists."""
+    longer (at most what a worker reading one holds); 0 before any expert of this config exists."""
     snapshot, stored = sizes or stored_sizes(cfg)
     return snapshot * (max(stored, cfg.experts.epochs) + 1)
 
@@ -97,9 +97,11 @@ def stream_nbytes(cfg: Config) -> int:
 
 
 TRAINING_VECTORS = 3
-"""Copies of the parameter vector an expert actor holds while it trains, besides its snapshots: the parameters,
-their gradients and SGD's momentum buffer. Activations (which grow with the batch and the image size) come on
-top and are not counted."""
+"""Copies of the parameter vector an expert actor holds while it trains: the parameters, their gradients and SGD's
+momentum buffer. Activations (which grow with the batch and the image size) come on top and are not counted."""
+WRITE_VECTORS = 2
+"""... and while it stores an epoch (or reads a stored one to continue from): the snapshot and its file's bytes.
+Its earlier epochs are in the store, not in memory."""
 
 
 def memory_option(nbytes: int) -> dict:
@@ -138,7 +140,8 @@ class ExpertActor:
             expert_metrics(expert_id, epoch, metrics)
 
         # where it ran (node, GPU ids): `experts/attempts/` shows the spread over a cluster
-        record_attempt(Layout.of(self.cfg).expert_attempt(expert_id, os.getpid()), expert_id=expert_id)
+        record_attempt(Layout.of(self.cfg).expert_attempt(expert_id, os.getpid()), expert_id=expert_id,
+                       from_epoch=done)
         return train_and_store_expert(self.cfg, expert_id, on_epoch=on_epoch)
 
 
@@ -163,10 +166,11 @@ class ShortcutActor:
 
 
 def _shortcut_actor(cfg_dict: dict):
-    """The shortcut actor, named ``shortcut-<driver id>`` in the dashboard; it holds one whole expert (and
-    its shortcuts) at a time, and asks for that memory once an expert's size is known."""
+    """The shortcut actor, named ``shortcut-<driver id>`` in the dashboard; it holds the epochs of one expert that
+    the ranges span (at most the whole expert) and its shortcuts at a time, and asks for that memory once an expert's
+    size is known."""
     cfg = from_dict(cfg_dict)
-    sizes = stored_sizes(cfg)  # the sidecars read once
+    sizes = stored_sizes(cfg)  # the indexes read once
     memory = expert_nbytes(cfg, sizes) + shortcut_nbytes(cfg, sizes) * len(needed_ranges(cfg))
     return ShortcutActor.options(name=actor_name("shortcut"), **memory_option(memory)).remote(cfg_dict)
 
@@ -180,11 +184,10 @@ def _actor_options(cfg: Config, n_actors: int) -> dict:
     """An expert actor's resources: ``experts.gpus_per_expert`` GPUs and one CPU when the run targets GPUs
     (``run.accelerator``, whether or not GPU nodes are up yet), else an equal share of the CPUs
     (:meth:`~ptmst_ray.orchestration.runtime.ClusterInfo.cpu_share`); and the
-    memory of what it holds (the real data; once an expert's size is known, its snapshots and the vectors
-    training holds: :data:`TRAINING_VECTORS`). Its torch threads follow from what it was given
+    memory of what it holds (the real data; once an expert's size is known, the vectors training and storing an
+    epoch hold: :data:`TRAINING_VECTORS`, :data:`WRITE_VECTORS`). Its torch threads follow from what it was given
     (:func:`~ptmst_ray.orchestration.runtime.worker_threads`)."""
-    sizes = stored_sizes(cfg)  # the sidecars read once
-    memory = memory_option(split_nbytes(cfg) + expert_nbytes(cfg, sizes) + TRAINING_VECTORS * sizes[0])
+    memory = memory_option(split_nbytes(cfg) + (TRAINING_VECTORS + WRITE_VECTORS) * snapshot_nbytes(cfg))
     if uses_gpus(cfg):
         return {"num_gpus": cfg.experts.gpus_per_expert, "num_cpus": 1, **memory}
     return {"num_cpus": cluster_info().cpu_share(n_actors), **memory}
@@ -193,7 +196,11 @@ def _actor_options(cfg: Config, n_actors: int) -> dict:
 def run_experts(cfg: Config, board=None, poll: Poll | None = None) -> dict:
     """Train every missing expert and compress every expert into shortcuts; returns counts."""
     cfg = resolve_accelerator(cfg)
-    missing = expert_store(cfg).missing_ids(cfg.experts.num_experts, experts_hash(cfg), cfg.experts.epochs)
+    store = expert_store(cfg)
+    if legacy := store.legacy_files():
+        log.warning("%s: %d file(s) of experts in the older one-file format (%s ...) are not read; the experts are "
+                    "trained again. Delete them to free the space.", store.root, len(legacy), legacy[0])
+    missing = store.missing_ids(cfg.experts.num_experts, experts_hash(cfg), cfg.experts.epochs)
     complete = [i for i in range(cfg.experts.num_experts) if i not in missing]
     cfg_dict = cfg.to_dict()
     shortcut: list = []  # started with the first finished expert, when the memory it needs is known

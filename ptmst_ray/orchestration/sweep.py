@@ -430,7 +430,7 @@ def _precompute_shortcuts(cfg: Config, poll) -> list[tuple[int, int]]:
     ranges = shortcut_ranges(cfg)
     if cfg.shortcut.enabled:
         cfg_dict = cfg.to_dict()
-        sizes = stored_sizes(cfg)  # the sidecars read once
+        sizes = stored_sizes(cfg)  # the indexes read once
         memory = memory_option(expert_nbytes(cfg, sizes) + shortcut_nbytes(cfg, sizes) * len(ranges))  # one expert each
         wait_all([_compress_task.options(name=f"shortcut expert-{i:04d}", **memory).remote(cfg_dict, i, ranges)
                   for i in range(cfg.experts.num_experts) if missing_shortcuts(cfg, i, ranges)], poll)

@@ -1,14 +1,15 @@
 """Stage `experts` (+ `shortcut`): one expert trajectory trained and stored; one expert compressed
 into the shortcut trajectories the phases match.
 
-Experts are addressed by id and written atomically, so a retried expert lands exactly once; the Ray
-layer trains many at once and compresses each as soon as it is stored.
+Experts are addressed by id and stored an epoch at a time as they train (each file atomically), so a retried
+expert lands exactly once and continues from its last stored epoch; the Ray layer trains many at once and
+compresses each as soon as it is stored.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 from ptmst_ray.config import Config, ExpertsConfig
 from ptmst_ray.layout import Layout, experts_hash, needed_ranges
@@ -33,9 +34,10 @@ def shortcut_store(cfg: Config) -> ShortcutStore:
 
 def train_and_store_expert(cfg: Config, expert_id: int, on_epoch: Callable[[int, dict], None] | None = None,
                            store: TrajectoryStore | None = None) -> int:
-    """Train expert ``expert_id`` (unless complete) and write it to the trajectory store (``store``: another one,
-    e.g. for experts under trial settings that must not replace the run's). A stored expert of this config with fewer
-    epochs is continued from its last one (SGD without momentum: the expert trained in one go), then replaced."""
+    """Train expert ``expert_id`` (unless complete), storing each epoch in the trajectory store as it ends
+    (``store``: another one, e.g. for experts under trial settings that must not replace the run's). A stored expert
+    of this config with fewer epochs (a config asking for more, or a training cut short) is continued from its last
+    one (SGD without momentum: the expert trained in one go)."""
     from ptmst_ray.trajectories.expert import expert_seed
 
     store, chash = store or expert_store(cfg), experts_hash(cfg)
@@ -44,10 +46,14 @@ def train_and_store_expert(cfg: Config, expert_id: int, on_epoch: Callable[[int,
         return expert_id
     start = None
     if continues_from(cfg, stored):
-        start = store.load_expert(expert_id, chash)
+        start = store.trajectory(expert_id, chash)  # its first and last epochs are read
         log.info("expert %d: continuing from its stored epoch %d to %d", expert_id, stored, cfg.experts.epochs)
-    snapshots = expert_trajectory(cfg, expert_id, on_epoch, start=start)
-    store.write_expert(expert_id, snapshots, seed=expert_seed(cfg.experts, expert_id), config_hash=chash)
+    seed = expert_seed(cfg.experts, expert_id)
+
+    def write(epoch: int, snapshot: dict) -> None:
+        store.write_epoch(expert_id, epoch, snapshot, seed=seed, config_hash=chash)
+
+    expert_trajectory(cfg, expert_id, on_epoch, start=start, on_snapshot=write, keep=False)
     return expert_id
 
 
@@ -58,10 +64,11 @@ def continues_from(cfg: Config, stored: int) -> int:
 
 
 def expert_trajectory(cfg: Config, expert_id: int, on_epoch: Callable[[int, dict], None] | None = None,
-                      experts: ExpertsConfig | None = None, start: list | None = None) -> list:
+                      experts: ExpertsConfig | None = None, start: Sequence | None = None,
+                      on_snapshot: Callable[[int, dict], None] | None = None, keep: bool = True) -> list:
     """Train expert ``expert_id`` on the run's train split (streamed, or on a frozen tower's cached features, as the
     run does) with ``experts`` (default: the config's); its snapshots after epochs 0..experts.epochs (``start``: its
-    stored first ones, continued)."""
+    stored first ones, continued; ``on_snapshot``, ``keep``: as :func:`~ptmst_ray.trajectories.expert.train_expert`)."""
     from ptmst_ray.trajectories.expert import expert_seed, train_expert
 
     streamed = stream_split(cfg, "train")
@@ -73,7 +80,7 @@ def expert_trajectory(cfg: Config, expert_id: int, on_epoch: Callable[[int, dict
     epoch_batches = _streamed_epochs(cfg, real, seed, cached) if streamed else None
     return train_expert(experts or cfg.experts, cfg.model, images, real.train_text, expert_id, on_epoch=on_epoch,
                         epoch_batches=epoch_batches, frozen_features=cached.check_tower if cached else None,
-                        start=start)
+                        start=start, on_snapshot=on_snapshot, keep=keep)
 
 
 def _streamed_epochs(cfg: Config, real: RealData, seed: int, cached: features.CachedFeatures | None = None
@@ -102,7 +109,10 @@ def compress_expert(cfg: Config, expert_id: int,
     if not todo:
         return []
     chash, shortcuts = experts_hash(cfg), shortcut_store(cfg)
-    snapshots = expert_store(cfg).load_expert(expert_id, chash)
+    stored = expert_store(cfg).trajectory(expert_id, chash)
+    lo, hi = min(a for a, _ in todo), max(b for _, b in todo)
+    window = stored[lo:hi + 1]  # each epoch the ranges span read once, no other
+    snapshots = [None] * lo + window  # indexed by epoch; no range reaches below lo
     for a, b in todo:
         shortcuts.write(a, b, expert_id, shortcut_trajectory(snapshots, a, b), config_hash=chash)
     return todo

@@ -138,6 +138,8 @@ def train_expert(
     epoch_batches: EpochBatches | None = None,
     frozen_features: Callable[[nn.Module], None] | None = None,
     start: Sequence[Snapshot] | None = None,
+    on_snapshot: Callable[[int, Snapshot], None] | None = None,
+    keep: bool = True,
 ) -> list[Snapshot]:
     """Train expert ``expert_id`` and return its trajectory: snapshots after epochs 0..cfg.epochs.
 
@@ -150,7 +152,10 @@ def train_expert(
     it is called with the student's frozen tower (to check these are its features; it raises if not), then the
     tower is dropped and never runs. The trajectory is the same, up to float rounding.
     With ``start`` (the snapshots of this expert's first epochs, as stored) training continues after its last one:
-    the trajectory is the one trained in one go (SGD without momentum keeps no state between epochs).
+    the trajectory is the one trained in one go (SGD without momentum keeps no state between epochs); only its
+    length, first and last snapshots are read.
+    ``on_snapshot(epoch, snapshot)`` is called with each new snapshot (epoch 0 unless continuing) before
+    ``on_epoch``, e.g. to store it; with ``keep=False`` no snapshot is kept (returns []): the memory of one.
     """
     if len(train_images) != len(train_text):
         raise ValueError(f"{len(train_images)} train images but {len(train_text)} caption embeddings; they must pair up")
@@ -165,26 +170,35 @@ def train_expert(
     model = model.to(device)
     optimizer = make_optimizer(model, cfg)
     generator = torch.Generator().manual_seed(seed)
-    trajectory = [snapshot(model)]
+    first, stored = snapshot(model), 0
     if start:
         if cfg.momentum:
             raise ValueError(f"expert {expert_id}: SGD with momentum keeps state between epochs; it cannot be "
                              "continued from a stored epoch")
-        if list(start[0]) != list(trajectory[0]) or not all(torch.equal(start[0][n], t)
-                                                             for n, t in trajectory[0].items()):
+        stored_first = start[0]
+        if list(stored_first) != list(first) or not all(torch.equal(stored_first[n], t) for n, t in first.items()):
             raise ValueError(f"expert {expert_id}: the stored epoch 0 is not this expert's starting point (another "
                              "seed, model or weights); it cannot be continued")
+        del stored_first
         if len(start) > cfg.epochs:
-            return [dict(s) for s in start[:cfg.epochs + 1]]
+            return [dict(s) for s in start[:cfg.epochs + 1]] if keep else []
+        stored = len(start) - 1
+        last = start[-1]  # read once: ``start`` may read a stored epoch at each index
         with torch.no_grad():
             for n, p in trainable_params(model).items():
-                p.copy_(start[-1][n])
-        trajectory = [dict(s) for s in start]
+                p.copy_(last[n])
+        del last
+        trajectory = [dict(s) for s in start] if keep else []
         if epoch_batches is None:
-            for _ in range(len(start) - 1):  # the order the stored epochs drew
+            for _ in range(stored):  # the order the stored epochs drew
                 batches(len(train_images), cfg.batch_size, generator)
+    else:
+        trajectory = [first] if keep else []
+        if on_snapshot is not None:
+            on_snapshot(0, first)
+    del first
     with torch.random.fork_rng(devices=[]):  # dropout draws from the expert's seed, not from what ran before it
-        for epoch in range(len(trajectory), cfg.epochs + 1):
+        for epoch in range(stored + 1, cfg.epochs + 1):
             torch.manual_seed(dropout_seed(seed, epoch))
             started = time.perf_counter()
             if epoch_batches is not None:
@@ -192,7 +206,12 @@ def train_expert(
             else:
                 order = batches(len(train_images), cfg.batch_size, generator)
                 loss = train_epoch(model, optimizer, train_images, train_text, cfg.loss, order, device)
-            trajectory.append(snapshot(model))
+            snap = snapshot(model)
+            if keep:
+                trajectory.append(snap)
+            if on_snapshot is not None:
+                on_snapshot(epoch, snap)
+            del snap
             stats = {"loss": loss, "seconds": time.perf_counter() - started, "expert_id": expert_id}
             log.info("expert %d epoch %d/%d: loss %.4f (%.1fs)", expert_id, epoch, cfg.epochs, loss,
                      stats["seconds"])
