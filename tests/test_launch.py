@@ -415,7 +415,7 @@ def _assert_run_in_bucket(s3, cfg, keys: list[str], log: str) -> None:
     run_dir = layout.train_run(f"phase1-{phase_hash(cfg, cfg.phases[1])}")
     assert len(checkpoint_dirs(run_dir)) <= 2, checkpoint_dirs(run_dir)  # untracked prefixes cleaned up
     for part in ("config.yaml", "data/train/manifest.json", "data/text_cache/", "data/embedded/",
-                 "pretrain/manifest.json", "experts/expert_0001.safetensors", "shortcuts/range_0_3/",
+                 "pretrain/manifest.json", "experts/expert_0001/trajectory.json", "shortcuts/range_0_3/",
                  "phases/phase0/subset/manifest.json", "phases/phase1/metrics.json", "distilled/distilled.parquet",
                  "distilled/manifest.json", "eval/results.json", "eval/plot.png"):
         assert any(k.startswith(f"run/{part}") for k in keys), (part, keys)

@@ -136,14 +136,14 @@ def test_every_writing_command_is_refused_on_a_held_root_before_ray_starts(tmp_p
     monkeypatch.setattr(ray, "init", refuse)
     monkeypatch.setattr("ptmst_ray_cli.common.console.width", 400)  # the message on one line
     root = tmp_path / "root"
-    (root / "experts").mkdir(parents=True)
-    (root / "experts" / "expert_0000.json").write_text("{}")  # what --rebuild experts would delete
+    (root / "experts" / "expert_0000").mkdir(parents=True)
+    (root / "experts" / "expert_0000" / "trajectory.json").write_text("{}")  # what --rebuild experts would delete
     proc = holder(str(root))
     result = runner.invoke(app, [*args, "--set", f"run.root={root}"])
     assert result.exit_code == 2, result.output
     assert f"run root {root} is in use by `ptmst-ray run` (pid {proc.pid}" in result.output, result.output
     assert sorted(p.name for p in root.iterdir()) == ["experts", lease.LEASE_FILE]
-    assert (root / "experts" / "expert_0000.json").exists()
+    assert (root / "experts" / "expert_0000" / "trajectory.json").exists()
 
 
 def test_lease_on_a_bucket(s3, holder):
