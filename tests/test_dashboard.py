@@ -213,9 +213,14 @@ def test_phases_ran_at_once_on_different_logical_gpus(ran, token):
     cfg, _ = ran
     by_name = train_runs(token)
     jobs = phase_jobs(cfg, with_baseline=False)
-    tasks = state_rows("/api/v0/tasks?detail=1&limit=10000", token)
-    launchers = [max((t for t in tasks if t["name"] == f"phase {job.run_name}"), key=lambda t: t["creation_time_ms"])
-                 for job in jobs]
+    deadline = time.monotonic() + 60  # a bound, not a timing: workers report task events to the GCS in batches
+    while True:
+        tasks = state_rows("/api/v0/tasks?detail=1&limit=10000", token)
+        launchers = [max((t for t in tasks if t["name"] == f"phase {job.run_name}"),
+                         key=lambda t: t["creation_time_ms"]) for job in jobs]
+        if all(t["end_time_ms"] for t in launchers) or time.monotonic() > deadline:
+            break
+        time.sleep(1)
     l0, l1 = launchers
     assert l0["creation_time_ms"] < l1["end_time_ms"] and l1["creation_time_ms"] < l0["end_time_ms"], \
         "the driver started one phase after the other had ended: " + \
