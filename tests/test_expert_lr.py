@@ -118,7 +118,7 @@ def test_pipeline_runs_the_rule_as_a_stage_and_the_cli_reads_its_pick(auto_root,
     assert pick in CANDIDATES and out.experts.lr_txt == pick and experts["trained"] == cfg.experts.num_experts
     assert pick == expert_lr.pick(cfg) and sorted(expert_lr.stored(cfg)) == sorted(CANDIDATES)
     store = TrajectoryStore(Layout.of(cfg).experts)
-    assert store.complete_ids(experts_hash(out)) == list(range(cfg.experts.num_experts))
+    assert store.complete_ids(experts_hash(out), out.experts.epochs) == list(range(cfg.experts.num_experts))
 
     again = StageTimes(cfg.run.root, poll)
     out2, experts2 = run_prerequisites(cfg, NullUI(), board, poll, again)

@@ -152,7 +152,7 @@ def test_killed_expert_actor_redoes_its_expert_exactly_once(prepared, tmp_path, 
     assert result.get("trained") == 2 and result["actor_restarts"] >= 1, result
     chash = layout.experts_hash(cfg)
     store = TrajectoryStore(layout.Layout(cfg.run.root).experts)
-    assert store.complete_ids(chash) == [0, 1]
+    assert store.complete_ids(chash, cfg.experts.epochs) == [0, 1]
     names = {p.relative_to(root / "experts").as_posix() for p in (root / "experts").glob("expert_*/*")}
     assert names == {f"expert_{i:04d}/{name}" for i in (0, 1) for name in ["trajectory.json"] + [
         f"epoch_{e:04d}.{ext}" for e in range(cfg.experts.epochs + 1) for ext in ("safetensors", "json")]}
@@ -409,7 +409,7 @@ def test_rebuild_experts_and_a_diverged_phase(prepared, tmp_path, ray_session):
     # rebuild: experts redone, earlier stages untouched
     assert results["experts"]["trained"] == 2
     assert {d: tree_files(root / d) for d in before} == before
-    assert TrajectoryStore(layout.Layout(str(root)).experts).complete_ids(layout.experts_hash(cfg)) == [0, 1]
+    assert TrajectoryStore(layout.Layout(str(root)).experts).complete_ids(layout.experts_hash(cfg), cfg.experts.epochs) == [0, 1]
     # divergence: phase 1 stopped and kept its last finite state; phase 0 and the outputs are complete
     assert results["phases"]["phase0"]["status"] == "done"
     assert results["phases"]["phase1"]["status"] == "diverged" and "nan" in results["phases"]["phase1"]["detail"]

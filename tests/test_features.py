@@ -345,7 +345,7 @@ def test_damaged_features_are_named_with_the_rebuild(prepared, tmp_path):
             attempt()
         assert rel in str(e.value)
         assert "ptmst-ray run --rebuild embed" in layout.explain(cfg, e.value)
-    assert not expert_store(cfg).is_complete(0, experts_hash(cfg))
+    assert not expert_store(cfg).is_complete(0, experts_hash(cfg), cfg.experts.epochs)
 
 
 def test_frozen_tower_stays_in_eval_mode():

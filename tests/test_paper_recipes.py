@@ -176,7 +176,7 @@ def check_run(cfg: Config, results: dict, bert: Path, methods: set[str] = METHOD
     from ptmst_ray.layout import experts_hash, needed_ranges
     from ptmst_ray.trajectories.store import ShortcutStore, TrajectoryStore
 
-    assert TrajectoryStore(lay.experts).complete_ids(experts_hash(cfg)) == [0, 1]
+    assert TrajectoryStore(lay.experts).complete_ids(experts_hash(cfg), cfg.experts.epochs) == [0, 1]
     for a, b in needed_ranges(cfg):
         assert ShortcutStore(lay.shortcuts).complete_ids(a, b, experts_hash(cfg)) == [0, 1]
     # phases (both paper phases and the single-phase baseline): done, finite metrics

@@ -66,11 +66,11 @@ def test_expert_round_trip(root):
     for bad in (lambda: store.load_snapshot(2, 4), lambda: lazy[4], lambda: lazy[-5]):
         with pytest.raises(IndexError):
             bad()
-    assert store.is_complete(2, HASH) and not store.is_complete(2, "other")
+    assert store.is_complete(2, HASH, 0) and not store.is_complete(2, "other", 0)
     assert store.is_complete(2, HASH, 3) and not store.is_complete(2, HASH, 4)
     assert store.complete_epochs(2, HASH) == 3 and store.complete_epochs(2, "other") == -1
-    assert store.complete_ids(HASH) == [2] and store.complete_ids("other") == []
-    assert store.missing_ids(4, HASH) == [0, 1, 3]
+    assert store.complete_ids(HASH, 3) == [2] and store.complete_ids("other", 0) == []
+    assert store.missing_ids(4, HASH, 3) == [0, 1, 3]
     with pytest.raises(StorageError, match="expert_0002/trajectory.json.*--rebuild"):
         store.load_expert(2, config_hash="other")
 
@@ -110,7 +110,7 @@ def test_concurrent_writers(root):
     jobs = [(i, i) for i in range(6)] + [(3, 100 + j) for j in range(4)]
     with ThreadPoolExecutor(max_workers=8) as pool:
         list(pool.map(lambda job: store.write_expert(job[0], trajectory(job[1]), job[1], HASH), jobs))
-    assert store.complete_ids(HASH) == list(range(6))
+    assert store.complete_ids(HASH, 3) == list(range(6))
     for i in range(6):
         snaps = store.load_expert(i, config_hash=HASH)  # every epoch's file matches its sidecar
         if i != 3:
@@ -155,8 +155,8 @@ def test_partial_writes_are_not_complete(root, monkeypatch):
         store.write_expert(0, trajectory(0), 0, HASH)
     monkeypatch.undo()
     assert storage.exists(store.url(0, 0)) and not storage.exists(sidecar_url(store.url(0, 0)))
-    assert not store.is_complete(0, HASH)
-    assert store.missing_ids(2, HASH) == [0, 1]
+    assert not store.is_complete(0, HASH, 0)
+    assert store.missing_ids(2, HASH, 0) == [0, 1]
     with pytest.raises(StorageError, match="expert_0000: no complete epoch"):
         store.load_expert(0)
 
@@ -164,9 +164,9 @@ def test_partial_writes_are_not_complete(root, monkeypatch):
     with pytest.raises(RuntimeError):
         store.write_expert(1, trajectory(1), 1, HASH)
     monkeypatch.undo()
-    assert not storage.exists(store.url(1, 0)) and not store.is_complete(1, HASH)
+    assert not storage.exists(store.url(1, 0)) and not store.is_complete(1, HASH, 0)
     store.write_expert(0, trajectory(0), 0, HASH)  # a rerun repairs it
-    assert store.complete_ids(HASH) == [0]
+    assert store.complete_ids(HASH, 3) == [0]
 
     snaps, real = trajectory(1), store_mod.write_with_sidecar  # a crash while epoch 2 is written: epochs 0, 1 count
     monkeypatch.setattr(store_mod, "write_with_sidecar",
@@ -184,7 +184,7 @@ def test_truncated_file_is_detected(root):
         data = storage.read_bytes(store.url(1, e))
         storage.write_bytes(store.url(1, e), data[: len(data) // 2])
         calls = [lambda: store.load_expert(1), lambda: store.load_snapshot(1, e), lambda: store.trajectory(1)[e]]
-        for call in calls + ([lambda: store.is_complete(1, HASH)] if e == 3 else []):
+        for call in calls + ([lambda: store.is_complete(1, HASH, 3)] if e == 3 else []):
             with pytest.raises(StorageError, match=rf"expert_0001/epoch_000{e}\.safetensors.*ptmst-ray experts --rebuild"):
                 call()
 
@@ -195,7 +195,7 @@ def test_same_size_corruption_is_caught_on_load(root):
     data = bytearray(storage.read_bytes(store.url(0, 2)))
     data[-1] ^= 0xFF
     storage.write_bytes(store.url(0, 2), bytes(data))
-    assert store.is_complete(0, HASH)  # the cheap check (size, write token) cannot see a flipped bit
+    assert store.is_complete(0, HASH, 3)  # the cheap check (size, write token) cannot see a flipped bit
     with pytest.raises(StorageError, match="expert_0000/epoch_0002.safetensors: content hash"):
         store.load_expert(0)
 
@@ -205,15 +205,15 @@ def test_missing_epoch_files_with_an_index(root):
     store.write_expert(0, trajectory(0), 0, HASH)
     storage.remove(store.url(0, 3))
     with pytest.raises(StorageError, match="expert_0000: lacks epoch_0003.safetensors, counted by its trajectory"):
-        store.is_complete(0, HASH)
+        store.is_complete(0, HASH, 3)
     with pytest.raises(StorageError, match="expert_0000/epoch_0003.safetensors: tensor file missing"):
         store.load_snapshot(0, 3)
     storage.remove(sidecar_url(store.url(0, 1)))
     with pytest.raises(StorageError, match="expert_0000: lacks epoch_0001.json, epoch_0003.safetensors, counted by "
                                            "its trajectory.json.*--rebuild"):
-        store.is_complete(0, HASH)
+        store.is_complete(0, HASH, 3)
     store.remove(0)
-    assert store.missing_ids(1, HASH) == [0] and not storage.exists(store.dir(0))
+    assert store.missing_ids(1, HASH, 0) == [0] and not storage.exists(store.dir(0))
 
 
 def test_experts_of_the_older_one_file_format_are_named_and_not_read(root):
@@ -221,7 +221,7 @@ def test_experts_of_the_older_one_file_format_are_named_and_not_read(root):
     storage.write_json(storage.join(store.root, "expert_0000.json"), {"format": "ptmst-expert/1", "epochs": 3})
     storage.write_bytes(storage.join(store.root, "expert_0000.safetensors"), b"old")
     assert store.legacy_files() == ["expert_0000.json", "expert_0000.safetensors"]
-    assert store.missing_ids(1, HASH) == [0] and store.complete_ids(HASH) == []
+    assert store.missing_ids(1, HASH, 0) == [0] and store.complete_ids(HASH, 0) == []
 
 
 def test_shortcut_store(root):

@@ -272,16 +272,16 @@ class TrajectoryStore:
         self._epoch_sidecar(expert_id, epochs, index)
         return epochs
 
-    def is_complete(self, expert_id: int, config_hash: str, epochs: int = 0) -> bool:
+    def is_complete(self, expert_id: int, config_hash: str, epochs: int) -> bool:
         """True when the expert is stored for ``config_hash`` with at least ``epochs`` epochs
-        (:meth:`complete_epochs`)."""
+        (:meth:`complete_epochs`; an expert stores its epoch 0 before it trains, so there is no default)."""
         return self.complete_epochs(expert_id, config_hash) >= epochs
 
-    def complete_ids(self, config_hash: str, epochs: int = 0) -> list[int]:
+    def complete_ids(self, config_hash: str, epochs: int) -> list[int]:
         ids = sorted(int(m.group(1)) for name in storage.listdir(self.root) if (m := _ID_DIR.match(name)))
         return [i for i in ids if self.is_complete(i, config_hash, epochs)]
 
-    def missing_ids(self, num_experts: int, config_hash: str, epochs: int = 0) -> list[int]:
+    def missing_ids(self, num_experts: int, config_hash: str, epochs: int) -> list[int]:
         """Ids in 0..num_experts-1 that still have to be trained (or trained further, to ``epochs``)."""
         return [i for i in range(num_experts) if not self.is_complete(i, config_hash, epochs)]
 
