@@ -90,8 +90,9 @@ def test_stored_experts_serve_fewer_epochs_and_are_continued_for_more(ready_root
 
 def test_an_expert_cut_short_continues_from_its_last_stored_epoch(ready_root, tmp_path, monkeypatch):
     """Each epoch is stored as it ends: an expert whose training stops mid-way (its actor or node lost) keeps the
-    epochs before the stop, and the next call trains only the rest, reading no stored epoch but the first and the
-    last; the expert is the one trained in one go."""
+    epochs before the stop (at least its starting point, epoch 0, stored before it trains), and the next call trains
+    only the rest, writing no stored epoch again and reading none but the first and the last; the expert is the one
+    trained in one go."""
     import torch
 
     from ptmst_ray.orchestration.experts import stored_epochs
@@ -104,12 +105,26 @@ def test_an_expert_cut_short_continues_from_its_last_stored_epoch(ready_root, tm
     class Lost(Exception):
         pass
 
+    real_write = store_mod.TrajectoryStore.write_epoch
+
+    def lost_writing_1(self, expert_id: int, epoch: int, *args, **kwargs):
+        if epoch == 1:
+            raise Lost
+        return real_write(self, expert_id, epoch, *args, **kwargs)
+    monkeypatch.setattr(store_mod.TrajectoryStore, "write_epoch", lost_writing_1)
+    with pytest.raises(Lost):
+        train_and_store_expert(cfg, 1)
+    monkeypatch.undo()
+    assert store.complete_epochs(1, chash) == 0 and stored_epochs(cfg, 1) == 0  # its starting point alone
+    first = Path(store.url(1, 0)).stat().st_mtime_ns
+
     def lost_at_2(epoch: int, _stats: dict) -> None:
         if epoch == 2:
             raise Lost
     with pytest.raises(Lost):
         train_and_store_expert(cfg, 1, on_epoch=lost_at_2)
     assert store.complete_epochs(1, chash) == 2 and stored_epochs(cfg, 1) == 2  # epoch 2 was stored before the stop
+    assert Path(store.url(1, 0)).stat().st_mtime_ns == first  # continued from its epoch 0, not written again
     read, real = [], store_mod.TrajectoryStore._load_epoch
     monkeypatch.setattr(store_mod.TrajectoryStore, "_load_epoch",
                         lambda self, i, e, index: read.append(e) or real(self, i, e, index))

@@ -150,7 +150,7 @@ def stored_epochs(cfg: Config, expert_id: int) -> int:
     when it is continued (:func:`~ptmst_ray.stages.experts.continues_from`), the config's epochs when it is complete,
     else 0."""
     stored = expert_store(cfg).complete_epochs(expert_id, experts_hash(cfg))
-    return cfg.experts.epochs if stored >= cfg.experts.epochs else continues_from(cfg, stored)
+    return cfg.experts.epochs if stored >= cfg.experts.epochs else continues_from(cfg, stored) or 0
 
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=3)

@@ -45,7 +45,7 @@ def train_and_store_expert(cfg: Config, expert_id: int, on_epoch: Callable[[int,
     if stored >= cfg.experts.epochs:
         return expert_id
     start = None
-    if continues_from(cfg, stored):
+    if continues_from(cfg, stored) is not None:
         start = store.trajectory(expert_id, chash)  # its first and last epochs are read
         log.info("expert %d: continuing from its stored epoch %d to %d", expert_id, stored, cfg.experts.epochs)
     seed = expert_seed(cfg.experts, expert_id)
@@ -57,10 +57,11 @@ def train_and_store_expert(cfg: Config, expert_id: int, on_epoch: Callable[[int,
     return expert_id
 
 
-def continues_from(cfg: Config, stored: int) -> int:
-    """The epoch training continues from when an expert of this config has ``stored`` epochs stored (-1: none):
-    those epochs when fewer than the config asks for and SGD keeps no state between epochs (no momentum), else 0."""
-    return stored if 0 < stored < cfg.experts.epochs and not cfg.experts.momentum else 0
+def continues_from(cfg: Config, stored: int) -> int | None:
+    """The epoch training continues from when an expert of this config has ``stored`` epochs stored (-1: none): those
+    epochs (0: its starting point alone, not written again) when fewer than the config asks for and SGD keeps no state
+    between epochs (no momentum); None when it is trained from the start."""
+    return stored if 0 <= stored < cfg.experts.epochs and not cfg.experts.momentum else None
 
 
 def expert_trajectory(cfg: Config, expert_id: int, on_epoch: Callable[[int, dict], None] | None = None,
