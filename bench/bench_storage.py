@@ -131,7 +131,8 @@ def main() -> None:
     disk_table = [
         "| form | formula bytes | file bytes on disk | file / formula |",
         "|---|---:|---:|---:|",
-        f"| materialised ({TOY_SNAPSHOTS} snapshots, expert-store format) | {disk['materialised_nbytes']:,} | "
+        f"| materialised ({TOY_SNAPSHOTS} snapshots in the expert store: a file each) | "
+        f"{disk['materialised_nbytes']:,} | "
         f"{disk['materialised_file']:,} | {disk['materialised_file'] / disk['materialised_nbytes']:.3f} |",
         f"| compact (`save_shortcut`) | {disk['compact_nbytes']:,} | {disk['compact_file']:,} | "
         f"{disk['compact_file'] / disk['compact_nbytes']:.3f} |",
@@ -152,7 +153,8 @@ def main() -> None:
                 "(all of the above start at 0) store theta_a once per range."
                 + f"\n\nOn disk: one random {TOY_SNAPSHOTS}-snapshot toy trajectory (range [0, {TOY_SNAPSHOTS - 1}]), "
                 "its shortcut written with `save_shortcut` and the shortcut's materialised snapshots written with "
-                "`TrajectoryStore.write_expert` (both safetensors carrying their JSON sidecar in the header).\n\n"
+                "`TrajectoryStore.write_expert` (an epoch a file; every file a safetensors carrying its JSON sidecar "
+                "in the header).\n\n"
                 + "\n".join(disk_table) + "\n")
         replace_section(SECTION, body)
 

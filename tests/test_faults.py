@@ -409,7 +409,8 @@ def test_rebuild_experts_and_a_diverged_phase(prepared, tmp_path, ray_session):
     # rebuild: experts redone, earlier stages untouched
     assert results["experts"]["trained"] == 2
     assert {d: tree_files(root / d) for d in before} == before
-    assert TrajectoryStore(layout.Layout(str(root)).experts).complete_ids(layout.experts_hash(cfg), cfg.experts.epochs) == [0, 1]
+    trajectories = TrajectoryStore(layout.Layout(str(root)).experts)
+    assert trajectories.complete_ids(layout.experts_hash(cfg), cfg.experts.epochs) == [0, 1]
     # divergence: phase 1 stopped and kept its last finite state; phase 0 and the outputs are complete
     assert results["phases"]["phase0"]["status"] == "done"
     assert results["phases"]["phase1"]["status"] == "diverged" and "nan" in results["phases"]["phase1"]["detail"]

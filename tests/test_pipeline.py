@@ -30,7 +30,8 @@ def test_experts_exist_once_and_rerun_does_nothing(ready_root, monkeypatch):
     from ptmst_ray.trajectories.store import ShortcutStore, TrajectoryStore, sidecar_url
 
     cfg = tiny_config(ready_root)
-    assert TrajectoryStore(layout.Layout(cfg.run.root).experts).complete_ids(layout.experts_hash(cfg), cfg.experts.epochs) == [0, 1]
+    trajectories = TrajectoryStore(layout.Layout(cfg.run.root).experts)
+    assert trajectories.complete_ids(layout.experts_hash(cfg), cfg.experts.epochs) == [0, 1]
     for a, b in layout.needed_ranges(cfg):
         assert ShortcutStore(layout.Layout(cfg.run.root).shortcuts).complete_ids(a, b, layout.experts_hash(cfg)) == [0, 1]
     def refuse(what: str):  # a rerun starts no worker: no expert actor (nothing to train), no shortcut actor

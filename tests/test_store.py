@@ -169,8 +169,12 @@ def test_partial_writes_are_not_complete(root, monkeypatch):
     assert store.complete_ids(HASH, 3) == [0]
 
     snaps, real = trajectory(1), store_mod.write_with_sidecar  # a crash while epoch 2 is written: epochs 0, 1 count
-    monkeypatch.setattr(store_mod, "write_with_sidecar",
-                        lambda url, *a: (_ for _ in ()).throw(OSError("killed")) if "epoch_0002" in url else real(url, *a))
+
+    def killed_at_2(url, *args):
+        if "epoch_0002" in url:
+            raise OSError("killed")
+        return real(url, *args)
+    monkeypatch.setattr(store_mod, "write_with_sidecar", killed_at_2)
     with pytest.raises(OSError):
         store.write_expert(1, snaps, 1, HASH)
     monkeypatch.undo()
@@ -185,7 +189,7 @@ def test_truncated_file_is_detected(root):
         storage.write_bytes(store.url(1, e), data[: len(data) // 2])
         calls = [lambda: store.load_expert(1), lambda: store.load_snapshot(1, e), lambda: store.trajectory(1)[e]]
         for call in calls + ([lambda: store.is_complete(1, HASH, 3)] if e == 3 else []):
-            with pytest.raises(StorageError, match=rf"expert_0001/epoch_000{e}\.safetensors.*ptmst-ray experts --rebuild"):
+            with pytest.raises(StorageError, match=rf"expert_0001/epoch_000{e}\.safetensors.*experts --rebuild"):
                 call()
 
 
