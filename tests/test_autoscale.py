@@ -363,25 +363,28 @@ def test_autoscaler_adds_gpu_nodes_and_heavy_stages_run_there(fake_gpu_cluster, 
 
 
 def test_workers_holding_an_expert_or_a_split_ask_for_that_memory(tmp_path, monkeypatch):
-    """Sizes from the run's own records: an expert's bytes from its index ((K+1) snapshots of the vector); an
-    expert actor holds the vector, its gradient and momentum while training and one epoch's snapshot and file bytes
-    while storing it (its earlier epochs are in the store), a phase worker every expert's shortcut (2 snapshots
-    each), and both the real data (each image once as uint8, a float32 embedding per caption, from the prepared
-    manifests)."""
+    """Sizes from the run's own records: a snapshot's bytes (the vector) from an expert's index; an expert actor
+    holds the vector, its gradient and momentum while training and one epoch's snapshot and file bytes while storing
+    it (its earlier epochs are in the store), the shortcut actor the epochs its ranges span and a shortcut (2
+    snapshots) per range, a phase worker every expert's shortcut, and the workers the real data (each image once as
+    uint8, a float32 embedding per caption, from the prepared manifests)."""
     from ptmst_ray import storage
+    from ptmst_ray import layout
     from ptmst_ray.layout import Layout, experts_hash
     from ptmst_ray.orchestration import experts, phases, pipeline, runtime
     from ptmst_ray.stages.experts import expert_store
 
     monkeypatch.setattr(runtime, "_STARTED_LOCAL", [False])
     cfg = tiny_config(tmp_path, **{"run.accelerator": "gpu", "experts.num_experts": 3})
-    assert experts.expert_nbytes(cfg) == 0 and "memory" not in experts._actor_options(cfg, 1)  # nothing known
+    assert experts.snapshot_nbytes(cfg) == 0 and "memory" not in experts._actor_options(cfg, 1)  # nothing known
     import torch
 
     snaps = [{"w": torch.zeros(10, 10), "b": torch.zeros(20)} for _ in range(cfg.experts.epochs + 1)]
     expert_store(cfg).write_expert(0, snaps, seed=0, config_hash=experts_hash(cfg))
     vector = 120 * 4
-    assert experts.expert_nbytes(cfg) == (cfg.experts.epochs + 1) * vector
+    assert experts.snapshot_nbytes(cfg) == vector
+    ranges = layout.needed_ranges(cfg)  # the tiny config's: [0, 2] and [0, 3]
+    assert ranges == [(0, 2), (0, 3)] and experts.compress_nbytes(cfg, ranges) == 4 * vector + 2 * 2 * vector
     for split, images, captions in (("train", 60, 120), ("test", 20, 100)):
         storage.write_manifest(Layout.of(cfg).split(split), {"images": images, "captions": captions})
     data = 80 * 3 * cfg.data.image_size ** 2 + 220 * experts.TEXT_WIDTH_BOUND * 4

@@ -59,7 +59,7 @@ def test_stored_experts_serve_fewer_epochs_and_are_continued_for_more(ready_root
     epochs of each and stores the expert trained in one go, and the phases' identity does not change with it."""
     import torch
 
-    from ptmst_ray.orchestration.experts import (complete_experts, expert_nbytes, shortcut_nbytes, snapshot_nbytes,
+    from ptmst_ray.orchestration.experts import (complete_experts, compress_nbytes, shortcut_nbytes, snapshot_nbytes,
                                                  stored_epochs)
     from ptmst_ray.stages.experts import expert_store, expert_trajectory, train_and_store_expert
 
@@ -85,8 +85,8 @@ def test_stored_experts_serve_fewer_epochs_and_are_continued_for_more(ready_root
     whole = expert_trajectory(more, 0)  # the same expert trained for 5 epochs in one go
     assert all(torch.equal(a[n], b[n]) for a, b in zip(whole, longer) for n in a)
     assert snapshot_nbytes(more) == store.index(0)["snapshot_nbytes"] == sum(t.numel() * 4 for t in whole[0].values())
-    assert expert_nbytes(more) == 6 * snapshot_nbytes(more) == expert_nbytes(cfg)  # as long as stored: 5 epochs
-    assert shortcut_nbytes(cfg) == 2 * snapshot_nbytes(cfg)
+    vector = snapshot_nbytes(more)  # a worker compressing into [1, 3] and [2, 5] holds epochs 1..5 and 2 shortcuts
+    assert shortcut_nbytes(cfg) == 2 * vector and compress_nbytes(cfg, [(1, 3), (2, 5)]) == 5 * vector + 2 * 2 * vector
 
 
 def test_an_expert_cut_short_continues_from_its_last_stored_epoch(ready_root, tmp_path, monkeypatch):

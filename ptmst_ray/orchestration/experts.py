@@ -36,32 +36,28 @@ TEXT_WIDTH_BOUND = 1024
 """Upper bound of a caption embedding's width (BERT-base: 768) when sizing what a worker holds."""
 
 
-def stored_sizes(cfg: Config) -> tuple[int, int]:
-    """(bytes of one epoch's snapshot, the most epochs stored) over the stored experts of this config, from their
-    indexes; (0, 0) before any exists."""
-    store, chash = expert_store(cfg), experts_hash(cfg)
-    indexes = [s for i in range(cfg.experts.num_experts)
-               if (s := store.index(i)) and s.get("config_hash") == chash and s.get("snapshot_nbytes")]
-    if not indexes:
-        return 0, 0
-    return int(indexes[0]["snapshot_nbytes"]), max(int(s["epochs"]) for s in indexes)
-
-
 def snapshot_nbytes(cfg: Config) -> int:
-    """Bytes of one epoch's snapshot of an expert (the student's vector); 0 before any expert of this config exists."""
-    return stored_sizes(cfg)[0]
+    """Bytes of one epoch's snapshot of an expert (the student's vector), from the first stored expert's index of
+    this config; 0 before any exists."""
+    store, chash = expert_store(cfg), experts_hash(cfg)
+    for i in range(cfg.experts.num_experts):
+        index = store.index(i)
+        if index and index.get("config_hash") == chash and index.get("snapshot_nbytes"):
+            return int(index["snapshot_nbytes"])
+    return 0
 
 
-def expert_nbytes(cfg: Config, sizes: tuple[int, int] | None = None) -> int:
-    """Bytes of one expert's snapshots (epochs 0..K), as stored or as long as this config asks for, whichever is
-    longer (at most what a worker reading one holds); 0 before any expert of this config exists."""
-    snapshot, stored = sizes or stored_sizes(cfg)
-    return snapshot * (max(stored, cfg.experts.epochs) + 1)
-
-
-def shortcut_nbytes(cfg: Config, sizes: tuple[int, int] | None = None) -> int:
+def shortcut_nbytes(cfg: Config, snapshot: int | None = None) -> int:
     """Bytes of one expert's shortcut (its two end points) for a phase range: 2 snapshots."""
-    return 2 * (sizes or stored_sizes(cfg))[0]
+    return 2 * (snapshot_nbytes(cfg) if snapshot is None else snapshot)
+
+
+def compress_nbytes(cfg: Config, ranges: list[tuple[int, int]]) -> int:
+    """Bytes a worker compressing one expert into ``ranges`` holds: the epochs the ranges span, each read once
+    (:func:`~ptmst_ray.stages.experts.compress_expert`), and a shortcut per range; 0 before any expert exists."""
+    snapshot = snapshot_nbytes(cfg)
+    span = max(b for _, b in ranges) - min(a for a, _ in ranges) + 1
+    return snapshot * span + shortcut_nbytes(cfg, snapshot) * len(ranges)
 
 
 def split_nbytes(cfg: Config, images: bool = True) -> int:
@@ -167,11 +163,9 @@ class ShortcutActor:
 
 def _shortcut_actor(cfg_dict: dict):
     """The shortcut actor, named ``shortcut-<driver id>`` in the dashboard; it holds the epochs of one expert that
-    the ranges span (at most the whole expert) and its shortcuts at a time, and asks for that memory once an expert's
-    size is known."""
+    the ranges span and its shortcuts at a time, and asks for that memory once an expert's size is known."""
     cfg = from_dict(cfg_dict)
-    sizes = stored_sizes(cfg)  # the indexes read once
-    memory = expert_nbytes(cfg, sizes) + shortcut_nbytes(cfg, sizes) * len(needed_ranges(cfg))
+    memory = compress_nbytes(cfg, needed_ranges(cfg))
     return ShortcutActor.options(name=actor_name("shortcut"), **memory_option(memory)).remote(cfg_dict)
 
 

@@ -37,7 +37,7 @@ from ptmst_ray import storage
 from ptmst_ray.config import Config, from_dict, section_hash
 from ptmst_ray.device import set_threads
 from ptmst_ray.layout import Layout, StageError, needed_ranges, phase_jobs, phase_outcome
-from ptmst_ray.orchestration.experts import expert_nbytes, memory_option, shortcut_nbytes, stored_sizes
+from ptmst_ray.orchestration.experts import compress_nbytes, memory_option
 from ptmst_ray.orchestration.phases import fit_and_prune, make_trainer, storage_args
 from ptmst_ray.orchestration.pipeline import run_prerequisites, score_resources
 from ptmst_ray.orchestration.runtime import (
@@ -430,8 +430,7 @@ def _precompute_shortcuts(cfg: Config, poll) -> list[tuple[int, int]]:
     ranges = shortcut_ranges(cfg)
     if cfg.shortcut.enabled:
         cfg_dict = cfg.to_dict()
-        sizes = stored_sizes(cfg)  # the indexes read once
-        memory = memory_option(expert_nbytes(cfg, sizes) + shortcut_nbytes(cfg, sizes) * len(ranges))  # one expert each
+        memory = memory_option(compress_nbytes(cfg, ranges))  # one expert each
         wait_all([_compress_task.options(name=f"shortcut expert-{i:04d}", **memory).remote(cfg_dict, i, ranges)
                   for i in range(cfg.experts.num_experts) if missing_shortcuts(cfg, i, ranges)], poll)
     return ranges
