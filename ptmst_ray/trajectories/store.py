@@ -16,8 +16,9 @@ name, then move); an epoch's tensors first, its sidecar next, the index last, so
 * two writers of the same id (a retried actor) each move complete files into place; every
   writer then checks that the tensor file on disk is the one its sidecar describes (a write
   token in the safetensors header) and, if another writer replaced it in between, rewrites
-  the sidecar from that file. The last writer to finish therefore leaves a matching pair, and the index never
-  counts fewer epochs than a writer that finished had stored.
+  the sidecar from that file. The last writer to finish therefore leaves a matching pair; and the index, which
+  each writer's last write sets to its last epoch, counts every epoch once they have all finished (while they
+  race it may count fewer, which only makes a successor train an epoch again).
 
 A reader trusts an expert only when its index has the config hash, every epoch it counts is there, and an epoch's
 tensor file matches its sidecar (size and write token on every check, full sha256 when the tensors are loaded);
@@ -219,16 +220,17 @@ class TrajectoryStore:
         trajectory of this id no longer counts; one of the same config does (the same expert: its writers, e.g. a
         retried actor beside the one it replaces, write the same epochs)."""
         params = _param_table(snapshot)
-        index = self.index(expert_id)
         if epoch == 0:
+            index = self.index(expert_id)
             if index and index.get("config_hash") != config_hash:
                 storage.remove(self.index_url(expert_id))
-        else:
-            if not index or index.get("config_hash") != config_hash or int(index["epochs"]) < epoch - 1:
+        else:  # the previous epoch's own sidecar, not the index: a racing writer's index may count fewer for a while
+            previous = read_sidecar(self.url(expert_id, epoch - 1))
+            if not previous or (previous.get("config_hash"), previous.get("epoch")) != (config_hash, epoch - 1):
                 raise StorageError(f"{self.url(expert_id, epoch)}: epoch {epoch} of expert {expert_id} comes after "
                                    f"epoch {epoch - 1} of the same config, which is not stored; train it from epoch 0")
-        if index and index.get("config_hash") == config_hash and index["params"] != params:
-            raise ValueError(f"expert {expert_id}: epoch {epoch} has other parameters than its stored epochs")
+            if previous["params"] != params:
+                raise ValueError(f"expert {expert_id}: epoch {epoch} has other parameters than its stored epochs")
         tensors = {n: t.detach().to("cpu").contiguous() for n, t in snapshot.items()}
         write_with_sidecar(self.url(expert_id, epoch), tensors, {
             "format": EXPERT_FORMAT, "expert_id": expert_id, "epoch": epoch, "seed": seed,
