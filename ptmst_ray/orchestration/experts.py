@@ -125,7 +125,8 @@ class ExpertActor:
         return True
 
     def train(self, expert_id: int, board=None) -> int:
-        total, done = self.cfg.experts.epochs, stored_epochs(self.cfg, expert_id)
+        stored = expert_store(self.cfg).complete_epochs(expert_id, experts_hash(self.cfg))  # read once, passed down
+        total, done = self.cfg.experts.epochs, start_epoch(self.cfg, stored)
         name = f"expert {expert_id}"
         report_progress(board, name, done, total, "continuing" if done else "starting")
         print(f"{expert_tag(expert_id)}: training {total - done} epoch(s)"  # the actor's log in the dashboard
@@ -138,14 +139,18 @@ class ExpertActor:
         # where it ran (node, GPU ids): `experts/attempts/` shows the spread over a cluster
         record_attempt(Layout.of(self.cfg).expert_attempt(expert_id, os.getpid()), expert_id=expert_id,
                        from_epoch=done)
-        return train_and_store_expert(self.cfg, expert_id, on_epoch=on_epoch)
+        return train_and_store_expert(self.cfg, expert_id, on_epoch=on_epoch, stored=stored)
 
 
 def stored_epochs(cfg: Config, expert_id: int) -> int:
     """The epoch expert ``expert_id``'s training starts from (its actor's progress): its stored epochs for this config
     when it is continued (:func:`~ptmst_ray.stages.experts.continues_from`), the config's epochs when it is complete,
     else 0."""
-    stored = expert_store(cfg).complete_epochs(expert_id, experts_hash(cfg))
+    return start_epoch(cfg, expert_store(cfg).complete_epochs(expert_id, experts_hash(cfg)))
+
+
+def start_epoch(cfg: Config, stored: int) -> int:
+    """:func:`stored_epochs` from an expert's count of stored epochs (``TrajectoryStore.complete_epochs``)."""
     return cfg.experts.epochs if stored >= cfg.experts.epochs else continues_from(cfg, stored) or 0
 
 

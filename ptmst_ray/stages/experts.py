@@ -33,15 +33,16 @@ def shortcut_store(cfg: Config) -> ShortcutStore:
 
 
 def train_and_store_expert(cfg: Config, expert_id: int, on_epoch: Callable[[int, dict], None] | None = None,
-                           store: TrajectoryStore | None = None) -> int:
+                           store: TrajectoryStore | None = None, stored: int | None = None) -> int:
     """Train expert ``expert_id`` (unless complete), storing each epoch in the trajectory store as it ends
     (``store``: another one, e.g. for experts under trial settings that must not replace the run's). A stored expert
     of this config with fewer epochs (a config asking for more, or a training cut short) is continued from its last
-    one (SGD without momentum: the expert trained in one go)."""
+    one (SGD without momentum: the expert trained in one go). ``stored``: the expert's stored epochs as the caller
+    just read them (``TrajectoryStore.complete_epochs``), not read again."""
     from ptmst_ray.trajectories.expert import expert_seed
 
     store, chash = store or expert_store(cfg), experts_hash(cfg)
-    stored = store.complete_epochs(expert_id, chash)
+    stored = store.complete_epochs(expert_id, chash) if stored is None else stored
     if stored >= cfg.experts.epochs:
         return expert_id
     start = None
