@@ -247,9 +247,13 @@ def test_a_task_given_a_gpu_runs_in_a_process_of_its_own(ray_session, tmp_path):
 @pytest.mark.ray
 def test_actor_queue_redoes_the_item_of_a_dead_actor_once_and_raises_other_errors(ray_session, tmp_path):
     """``runtime.ActorQueue`` (the experts' and the GPU evaluation's pools): every item is done exactly once, two
-    at a time on two actors; the item whose actor died mid-call is redone on that actor once Ray has restarted it
-    (a new process); an error the work raises is raised, not retried."""
+    at a time on two actors; the item whose actor died mid-call is redone by the next free actor, and the dead
+    actor is back once Ray has restarted it; a restart that never comes (its node gone, no room
+    elsewhere) holds nothing up: the surviving actor does the rest; an error the work raises is raised, not
+    retried; a queue whose actors have all ended for good says so."""
+    import concurrent.futures
     import os
+    import time
 
     import ray
 
@@ -258,30 +262,55 @@ def test_actor_queue_redoes_the_item_of_a_dead_actor_once_and_raises_other_error
 
     @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0)
     class Worker:
+        def __init__(self, hang_on_restart: bool = False):
+            if hang_on_restart and (tmp_path / "died-3").exists():
+                time.sleep(3600)  # a restart that does not come: pending, as on a lost node of a fixed cluster
+
         def ready(self) -> bool:
             return True
 
         def work(self, item: int) -> tuple[int, int]:
-            marker = tmp_path / f"died-{item}"
+            marker = tmp_path / "died-3"
             if item == 3 and not marker.exists():  # the first attempt at item 3 dies with its process
                 marker.touch()
                 os._exit(1)
             if item == 99:
                 raise ValueError("bad item 99")
+            time.sleep(0.2)  # the two actors' calls overlap
             return item * 10, os.getpid()
 
+    # a restart that comes: the dead actor is back in the pool, as a new process
     actors = [Worker.remote(), Worker.remote()]
-    pids = ray.get([a.work.remote(0) for a in actors])
+    pids = [pid for _, pid in ray.get([a.work.remote(0) for a in actors])]
     queue = ActorQueue(actors, lambda actor, item: actor.work.remote(item), label=lambda i: f"item {i}")
-    done = list(queue.run(range(6)))
-    assert sorted(item for item, _ in done) == list(range(6)) and queue.restarts == 1, done
+    done = list(queue.run(range(12)))
+    assert sorted(item for item, _ in done) == list(range(12)) and queue.restarts == 1, done
     assert all(value == item * 10 for item, (value, _) in done), done
-    redone_pid = dict(done)[3][1]
-    assert (tmp_path / "died-3").exists() and redone_pid not in {pid for _, pid in pids}, (redone_pid, pids)
+    assert (tmp_path / "died-3").exists()
+    new_pids = [pid for _, pid in ray.get([a.work.remote(100) for a in actors])]
+    assert len(set(new_pids) - set(pids)) == 1, (pids, new_pids)  # the dead one is back, a new process
     with pytest.raises(ray.exceptions.RayTaskError, match="bad item 99"):
         list(ActorQueue(actors, lambda actor, item: actor.work.remote(item)).run([1, 99]))
     for actor in actors:
         ray.kill(actor)
+
+    # a restart that never comes: every item done once, those after the death by the surviving actor
+    (tmp_path / "died-3").unlink()
+    actors = [Worker.remote(hang_on_restart=True), Worker.remote(hang_on_restart=True)]
+    pids = [pid for _, pid in ray.get([a.work.remote(0) for a in actors])]
+    queue = ActorQueue(actors, lambda actor, item: actor.work.remote(item), label=lambda i: f"item {i}")
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:  # a bound: waiting for the restart would never end
+        done = pool.submit(lambda: list(queue.run(range(8)))).result(timeout=120)
+    assert sorted(item for item, _ in done) == list(range(8)) and queue.restarts == 1, done
+    order = [item for item, _ in done]
+    after = {pid for item, (_, pid) in done[order.index(3):]}  # item 3 redone and every item finished after it
+    assert len(after) == 1 and after <= set(pids), (pids, done)
+    for actor in actors:
+        ray.kill(actor)
+
+    # actors ended for good (ray.kill): a clear error, not a wait for ever
+    with pytest.raises(RuntimeError, match="ended for good; 2 item"):
+        list(ActorQueue(actors, lambda actor, item: actor.work.remote(item)).run([1, 2]))
     # the evaluation's actors are restartable and can be waited on while they restart
     assert pipeline.ScoreActor._default_options.get("max_restarts") == -1
     assert callable(getattr(pipeline.ScoreActor, "ready", None))

@@ -121,7 +121,7 @@ class ExpertActor:
 
     def ready(self) -> bool:
         """A no-op: called with retries, it returns once a restarting actor is up again
-        (:func:`~ptmst_ray.orchestration.runtime.await_restart`)."""
+        (:func:`~ptmst_ray.orchestration.runtime.restarted`)."""
         return True
 
     def train(self, expert_id: int, board=None) -> int:

@@ -192,7 +192,7 @@ class ScoreActor:
         set_threads(student_threads(from_dict(cfg_dict).run.threads_per_worker))
 
     def ready(self) -> bool:
-        """A no-op: returns once a restarting actor is up again (``runtime.await_restart``)."""
+        """A no-op: returns once a restarting actor is up again (``runtime.restarted``)."""
         return True
 
     def score(self, cfg_dict: dict, method: str, seed: int, board=None) -> dict:

@@ -588,20 +588,22 @@ def as_completed(queue: collections.deque, submit: Callable[[Any], Any], slots: 
             yield pending.pop(ref), ref
 
 
-def await_restart(actor, poll: Poll | None = None) -> None:
-    """Wait until a dead restartable actor is up again before handing it work again. While Ray restarts it, a
-    call to it fails at once (ActorUnavailableError, "The actor is restarting"), so resubmitting straight away
-    spins: one failure a second per actor for as long as the restart takes (minutes on a loaded node). The actor
-    needs a ``ready()`` method that returns at once."""
-    wait_all([actor.ready.options(max_task_retries=-1).remote()], poll)
+def restarted(actor):
+    """An ObjectRef that is ready once a dead restartable actor is up again (its ``ready()`` method, which must
+    return at once). While Ray restarts it, a call to it fails at once (ActorUnavailableError, "The actor is
+    restarting"), so handing it work straight away spins: one failure a second for as long as the restart takes
+    (minutes on a loaded node; for ever when its node is gone and no other node has room for it)."""
+    return actor.ready.options(max_task_retries=-1).remote()
 
 
 class ActorQueue:
     """Items of work handed to a fixed set of restartable actors (``max_restarts=-1``, a ``ready()`` method), one
     item at a time to each free actor: ``call(actor, item)`` submits it and returns its ObjectRef. :meth:`run`
     yields (item, value) as each finishes. An item whose actor died (RayActorError: killed, out of memory, its
-    node gone) is redone first, on that actor once Ray has restarted it; ``restarts`` counts those. Any other
-    error raises (the actors stay up: the caller ends them)."""
+    node gone) is redone first, by the next free actor: another one, or that one once Ray has restarted it. Nothing
+    waits for a restart: a node lost from a cluster that does not replace it leaves its actors pending (no room
+    for them elsewhere), and the surviving actors do the rest. ``restarts`` counts the deaths. Any other error
+    raises (the actors stay up: the caller ends them)."""
 
     def __init__(self, actors: list, call: Callable[[Any, Any], Any], poll: Poll | None = None,
                  label: Callable[[Any], str] = str):
@@ -611,29 +613,40 @@ class ActorQueue:
     def run(self, items) -> Iterator[tuple[Any, Any]]:
         from ray.exceptions import RayActorError
 
-        free, actor_of = list(self.actors), {}
-
-        def submit(item):
-            actor = free.pop()
-            ref = self.call(actor, item)
-            actor_of[ref] = actor
-            return ref
-
-        queue = collections.deque(items)
-        for item, ref in as_completed(queue, submit, len(self.actors), self.poll):
-            actor = actor_of.pop(ref)
-            try:
-                value = ray.get(ref)
-            except RayActorError as e:
-                self.restarts += 1
-                log.warning("%s: its actor died (%s); it is redone once the actor has restarted", self.label(item),
-                            type(e).__name__)
-                await_restart(actor, self.poll)
-                queue.appendleft(item)
+        queue, free = collections.deque(items), list(self.actors)
+        working: dict = {}  # ref of a call -> (actor, item)
+        restarting: dict = {}  # ref of a restarted actor's ready() -> actor
+        while queue or working:
+            if not (free or working or restarting):
+                raise RuntimeError(f"every actor of this queue has ended for good; {len(queue)} item(s) not done "
+                                   f"({', '.join(self.label(i) for i in list(queue)[:3])} ...)")
+            while queue and free:
+                actor, item = free.pop(), queue.popleft()
+                working[self.call(actor, item)] = (actor, item)
+            ready, _ = ray.wait([*working, *restarting], num_returns=1, timeout=0.5)
+            if self.poll is not None:
+                self.poll()
+            for ref in ready:
+                if ref in restarting:
+                    actor = restarting.pop(ref)
+                    try:
+                        ray.get(ref)
+                    except RayActorError:  # ended for good (ray.kill): not restarted any more
+                        continue
+                    free.append(actor)
+                    continue
+                actor, item = working.pop(ref)
+                try:
+                    value = ray.get(ref)
+                except RayActorError as e:
+                    self.restarts += 1
+                    log.warning("%s: its actor died (%s); it is redone by the next free actor (that one once Ray has "
+                                "restarted it, or another)", self.label(item), type(e).__name__)
+                    restarting[restarted(actor)] = actor
+                    queue.appendleft(item)
+                    continue
                 free.append(actor)
-                continue
-            free.append(actor)
-            yield item, value
+                yield item, value
 
 
 def record_attempt(url: str, info: dict | None = None, **fields) -> dict:
