@@ -443,3 +443,89 @@ def _assert_run_in_bucket(s3, cfg, keys: list[str], log: str) -> None:
     for png in ("distilled/grid.png", "eval/plot.png"):
         assert storage.read_bytes(storage.join(root, png))[:4] == b"\x89PNG", png
     assert storage.read_json(storage.join(root, "distilled", "card.json"))["pairs"] == cfg.total_pairs
+
+
+def _session_pids(leader: int) -> list[int]:
+    """Pids of the processes in the session led by ``leader`` (a node's `ray start --block`: its raylet, agents
+    and workers)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if os.getsid(int(entry)) == leader:
+                    pids.append(int(entry))
+            except OSError:
+                pass
+    return pids
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.faults
+def test_a_node_lost_mid_expert_leaves_the_rest_to_the_other_node(prepared_root, tmp_path, monkeypatch):
+    """`ptmst-ray experts --address` on a two-node cluster (1 CPU each, so one expert actor a node) that does not
+    replace lost nodes: the worker node is SIGKILLed (its raylet, agents and workers) while an expert trains there,
+    after some of its epochs are stored. The run finishes on the head alone: the lost expert goes to the head's
+    actor, which continues it from its last stored epoch (the epochs stored before the loss are not written again),
+    and every expert is complete."""
+    from conftest import copy_root
+    from ptmst_ray.layout import Layout, experts_hash
+    from ptmst_ray.trajectories.store import TrajectoryStore
+
+    root = copy_root(prepared_root, tmp_path / "run", parts=("data", "pretrain"))
+    # experts of 40 epochs of 15 steps (batch 8): seconds each, so that the loss lands mid-expert
+    cfg = tiny_config(f"file://{root}", **{"experts.num_experts": 3, "experts.epochs": 40, "experts.batch_size": 8})
+    (tmp_path / "cfg.yaml").write_text(cfg.to_yaml())
+    token = secrets.token_hex(16)
+    cluster = start_local_cluster(num_cpus=1, num_gpus=0, token=token, single_machine=False, prefix="ptn")
+    driver = None
+    try:
+        monkeypatch.setenv("RAY_AUTH_TOKEN", token)  # for the Jobs API's status that counts the nodes
+        cluster.add_worker(num_cpus=1, num_gpus=0)
+        cluster.wait_until(lambda: _nodes_alive(cluster.dashboard_url) >= 2, 90, "second node")
+        worker = cluster.procs[1].pid  # the worker node's `ray start --block`, leader of its session
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        env.update(RAY_AUTH_TOKEN=token, OMP_NUM_THREADS="1", RAY_ENABLE_UV_RUN_RUNTIME_ENV="0")
+        log = tmp_path / "experts.log"
+        driver = subprocess.Popen([sys.executable, "-m", "ptmst_ray_cli", "experts", "--config", str(tmp_path / "cfg.yaml"),
+                                   "--address", cluster.gcs_address], env=env, cwd=Path(__file__).parents[1], stdout=open(log, "w"),
+                                  stderr=subprocess.STDOUT, start_new_session=True)
+        layout, store = Layout.of(cfg), TrajectoryStore(Layout.of(cfg).experts)
+        attempts_dir = Path(layout.experts.removeprefix("file://")) / "attempts"
+        experts_dir = Path(layout.experts.removeprefix("file://"))
+
+        def on_worker_node() -> dict | None:
+            """The attempt of an expert training on the worker node with at least 2 epochs stored, not all."""
+            for path in sorted(attempts_dir.glob("*.json")):
+                a = json.loads(path.read_text())
+                stored = len(list((experts_dir / f"expert_{a['expert_id']:04d}").glob("epoch_*.json")))
+                if a["pid"] in _session_pids(worker) and 3 <= stored < cfg.experts.epochs + 1:
+                    return a
+            return None
+
+        deadline, lost = time.time() + 240, None
+        while lost is None:
+            assert driver.poll() is None, log.read_text()[-3000:]
+            assert time.time() < deadline, "no expert trained on the worker node:\n" + log.read_text()[-3000:]
+            lost = on_worker_node()
+            time.sleep(0.1)
+        for pid in _session_pids(worker):  # the node goes, all at once
+            os.kill(pid, signal.SIGKILL)
+        folder = experts_dir / f"expert_{lost['expert_id']:04d}"
+        last = max(int(p.stem.removeprefix("epoch_")) for p in folder.glob("epoch_*.json"))  # stored when the node went
+        kept = {f"epoch_{k:04d}.{ext}": (folder / f"epoch_{k:04d}.{ext}").stat().st_mtime_ns
+                for k in range(last + 1) for ext in ("json", "safetensors")}
+
+        assert driver.wait(timeout=300) == 0, log.read_text()[-3000:]
+        out = " ".join(log.read_text().split())
+        assert "its actor died" in out and "experts: 3 trained" in out, out[-3000:]
+        assert store.complete_ids(experts_hash(cfg), cfg.experts.epochs) == [0, 1, 2]
+        assert {n: (folder / n).stat().st_mtime_ns for n in kept} == kept, "epochs stored before the loss written again"
+        again = [json.loads(p.read_text()) for p in attempts_dir.glob("*.json")]
+        again = [a for a in again if a["expert_id"] == lost["expert_id"] and a["pid"] != lost["pid"]]
+        assert len(again) == 1 and again[0]["node_id"] != lost["node_id"], again  # on the head
+        assert again[0]["from_epoch"] >= last, (again, last)  # continued from its last stored epoch
+    finally:
+        if driver is not None and driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+        cluster.stop(grace_s=1.0)
