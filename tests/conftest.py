@@ -2,6 +2,7 @@
 
 # ---------------------------------------------------------------- pipeline + Ray fixtures
 import atexit as _atexit
+import logging as _logging
 import os as _os
 import shutil as _shutil
 import tempfile as _tempfile
@@ -246,6 +247,9 @@ def s3_server():
     port = s.getsockname()[1]
     s.close()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    # werkzeug logs each request at INFO (thousands a session, each rendered by the CLI's log handler in the tests that
+    # run it in this process): warnings and errors only
+    _logging.getLogger("werkzeug").setLevel(_logging.WARNING)
     server.start()
     yield f"http://127.0.0.1:{port}"
     server.stop()

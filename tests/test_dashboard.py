@@ -415,9 +415,13 @@ def test_rays_token_enabled_warning_is_dropped_and_its_disabled_warning_kept():
 
 
 def test_run_as_job_refuses_an_address(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "ptmst_ray_cli", "run", "--as-job", "--address", "127.0.0.1:6379",
-                          "--set", f"run.root={tmp_path}"], capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert out.returncode == 2 and "ptmst-ray launch --address" in " ".join(out.stderr.split())
+    from typer.testing import CliRunner
+
+    from ptmst_ray_cli.main import app
+
+    out = CliRunner().invoke(app, ["run", "--as-job", "--address", "127.0.0.1:6379", "--set", f"run.root={tmp_path}"])
+    assert out.exit_code == 2 and "ptmst-ray launch --address" in " ".join(out.output.split()), out.output
+    assert not any(tmp_path.iterdir()), "refused, yet it wrote to the run root"
 
 
 def processes_naming(text: str) -> list[str]:

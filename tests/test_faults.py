@@ -259,13 +259,19 @@ class Driver:
 @pytest.mark.ray
 @pytest.mark.slow
 def test_interrupted_driver_resumes_without_redoing_work(prepared, tmp_path):
-    """SIGINT during experts, SIGKILL during phases, SIGINT during evaluation; then the same command finishes."""
+    """SIGINT during experts, SIGKILL during the phase (after two of its checkpoints), SIGINT during evaluation;
+    then the same command finishes. One phase: two at once are the dashboard's and the two-node job's tests."""
+    from ptmst_ray.layout import Layout, phase_hash
+    from ptmst_ray.orchestration.phases import latest_stored_state
+
     root = copy_root(prepared, tmp_path / "run", parts=("data", "pretrain"))
     # experts of 15 steps an epoch (batch 8): seconds each, so that the interruption lands before the 4th is stored
     cfg = tiny_config(root, **{"experts.num_experts": 4, "experts.epochs": 8, "experts.batch_size": 8,
-                               "phases.1.iterations": 16, "distill.checkpoint_every": 4, **CHEAP_EVAL,
+                               "phases.0.iterations": 60, "distill.checkpoint_every": 4, **CHEAP_EVAL,
                                "eval.epochs": 20})  # C's Ctrl-C lands in it: a task's start alone is seconds
+    cfg = cfg.replace(phases=cfg.phases[:1])
     config = write_config(tmp_path, cfg)
+    run_dir = Layout.of(cfg).train_run(f"phase0-{phase_hash(cfg, cfg.phases[0])}")
     tag = uuid.uuid4().hex
     experts, phases = root / "experts", root / "phases"
     try:
@@ -283,9 +289,12 @@ def test_interrupted_driver_resumes_without_redoing_work(prepared, tmp_path):
         kept = {n: t for n, t in tree_files(experts).items()
                 if re.fullmatch(r"expert_\d{4}/epoch_\d{4}\.(json|safetensors)", n) or n.split("/")[0] in done}
 
-        # B: SIGKILL once phase 0 is finished (phase 1 runs longer) -> nothing to say, but nothing lost
+        # B: SIGKILL once the phase has stored its checkpoint of iteration 8 -> nothing to say, but nothing lost
         b = Driver(config, tag, tmp_path / "b.log")
-        b.wait_for(phases / "phase0" / "subset" / storage.MANIFEST)
+        deadline = time.time() + 240
+        while (latest_stored_state(run_dir) or {}).get("iteration", 0) < 8:
+            assert b.proc.poll() is None and time.time() < deadline, f"no checkpoint of 8:\n{b.output()[-3000:]}"
+            time.sleep(0.1)
         b.proc.kill()
         b.finish(timeout=30)
         _gone(tag, 5)  # Ray's reaper normally stops a killed driver's local Ray by itself ...
@@ -293,10 +302,9 @@ def test_interrupted_driver_resumes_without_redoing_work(prepared, tmp_path):
         assert _gone(tag, 10) == []
         after_b = tree_files(experts)
         assert {n: after_b.get(n) for n in kept} == kept, "epochs stored before the interruption were written again"
-        phase0 = tree_files(phases / "phase0" / "subset")
-        phase0_attempts = sorted((phases / "phase0" / "attempts").glob("*.json"))
+        assert not (phases / "phase0" / "subset" / storage.MANIFEST).exists(), "the phase ended before the kill"
 
-        # C: Ctrl-C during evaluation (after the distilled set is written, before results)
+        # C: the phase resumes from its checkpoint; Ctrl-C during evaluation (after the distilled set is written)
         c = Driver(config, tag, tmp_path / "c.log")
         c.wait_for(root / "distilled" / storage.MANIFEST)
         c.wait_for_text("evaluation (")
@@ -305,6 +313,10 @@ def test_interrupted_driver_resumes_without_redoing_work(prepared, tmp_path):
         assert not (root / "eval" / "results.json").exists(), "evaluation finished before the interruption"
         assert _gone(tag, 30) == []
         distilled = tree_files(root / "distilled")
+        phase0 = tree_files(phases / "phase0" / "subset")
+        phase0_attempts = sorted((phases / "phase0" / "attempts").glob("*.json"))
+        resumed = [json.loads(p.read_text()).get("resumed_from") or 0 for p in phase0_attempts]
+        assert max(resumed) >= 8, resumed  # C's attempt went on from B's checkpoint
 
         # D: the same command finishes, redoing nothing but the evaluation
         d = Driver(config, tag, tmp_path / "d.log")
@@ -312,7 +324,7 @@ def test_interrupted_driver_resumes_without_redoing_work(prepared, tmp_path):
         assert "Token authentication is enabled" not in d.output()  # Ray's warning; the CLI names the token
         results = json.loads((root / "eval" / "results.json").read_text())
         assert results["experts"] == {"trained": 0, "skipped": 4, "actor_restarts": 0, "shortcuts_written": 0}
-        assert {n: s.get("skipped") for n, s in results["phases"].items()} == {"phase0": True, "phase1": True}
+        assert {n: s.get("skipped") for n, s in results["phases"].items()} == {"phase0": True}
         assert tree_files(experts) == after_b
         assert tree_files(phases / "phase0" / "subset") == phase0
         assert sorted((phases / "phase0" / "attempts").glob("*.json")) == phase0_attempts

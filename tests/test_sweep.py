@@ -222,7 +222,8 @@ def _modified(s3, prefix: str) -> dict[str, object]:
 @pytest.mark.ray
 @pytest.mark.slow
 def test_sweep_on_a_bucket_asha_stops_a_diverged_trial_and_rerun_restores(ray_session, prepared_root, s3, tmp_path):
-    """A grid of 2 trials, one at a time, both phases of a trial as concurrent Train runs; the base run, the
+    """A grid of 2 trials, one at a time, both phases of a trial as concurrent Train runs (phase 0, of one
+    iteration, finishes in round 1 and is not run again in round 2); the base run, the
     trials' roots and Tune's experiment in an S3 bucket (issue #21). lr_img = inf diverges at iteration 1 and
     scores 0; running after the good trial, ASHA stops it at the first rung. A range no finished run holds
     (phase 1 over epochs 1..3) is compressed before the trials. The table, plot and best.yaml land in the
@@ -233,7 +234,7 @@ def test_sweep_on_a_bucket_asha_stops_a_diverged_trial_and_rerun_restores(ray_se
 
     base = upload_root(prepared_root, s3.url("base"))
     cfg = ray_config(base, **{
-        "phases.1.range_start": 1, "sweep.searcher": "grid", "sweep.max_concurrent": 1, "sweep.scheduler": "asha",
+        "phases.0.iterations": 1, "phases.1.range_start": 1, "sweep.searcher": "grid", "sweep.max_concurrent": 1, "sweep.scheduler": "asha",
         "sweep.grace_period": 1, "sweep.rounds": 2, "sweep.space": {"distill.lr_img": {"grid": [100.0, float("inf")]}}})
     shortcuts = ShortcutStore(layout.Layout(base).shortcuts)
     assert shortcuts.complete_ids(1, 3, layout.experts_hash(cfg)) == []  # the prepared run's phase 1 is 0..3
@@ -258,9 +259,13 @@ def test_sweep_on_a_bucket_asha_stops_a_diverged_trial_and_rerun_restores(ray_se
     table = pq.read_table(pa.BufferReader(storage.read_bytes(storage.join(out, sw.TABLE_PARQUET))))
     assert table.num_rows == 2 and storage.read_bytes(storage.join(out, sw.PLOT))[:4] == b"\x89PNG"
     good_root = storage.join(out, good["trial_id"])  # each trial distilled in its own root in the bucket
-    for part in ("partial", "subset"):  # round 1 stopped phase 0 at iteration 5
-        assert storage.exists(storage.join(good_root, "phases", "phase0", part, storage.MANIFEST)), part
-    assert storage.exists(storage.join(good_root, "phases", "phase1", "subset", storage.MANIFEST))
+    for part in ("partial", "subset"):  # round 1 stopped phase 1 at iteration 5
+        assert storage.exists(storage.join(good_root, "phases", "phase1", part, storage.MANIFEST)), part
+    phase0 = storage.join(good_root, "phases", "phase0")  # finished in round 1: one Train run, no partial subset
+    assert storage.exists(storage.join(phase0, "subset", storage.MANIFEST))
+    assert not storage.exists(storage.join(phase0, "partial", storage.MANIFEST))
+    assert len(storage.listdir(storage.join(phase0, "attempts"))) == 1
+    assert len(storage.listdir(storage.join(good_root, "phases", "phase1", "attempts"))) == 2
     assert not storage.exists(storage.join(base, "phases"))
 
     prefix = out.removeprefix(f"s3://{s3.bucket}/")
