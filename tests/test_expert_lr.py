@@ -128,9 +128,22 @@ def test_pipeline_runs_the_rule_as_a_stage_and_the_cli_reads_its_pick(auto_root,
     config = tmp_path / "auto.yaml"
     config.write_text(cfg.to_yaml())
     monkeypatch.setattr(console, "width", 4000)  # the session's Ray is the one the command uses
-    result = CliRunner().invoke(app, ["shortcut", "--config", str(config)])
+    from ptmst_ray.layout import needed_ranges
+    from ptmst_ray.orchestration import experts as orchestration_experts
+    from ptmst_ray.trajectories.store import ShortcutStore, sidecar_url
+
+    with monkeypatch.context() as m:  # every shortcut is stored (the experts stage wrote them): no actor starts
+        m.setattr(orchestration_experts, "_shortcut_actor", lambda *a: pytest.fail("a shortcut actor started"))
+        result = CliRunner().invoke(app, ["shortcut", "--config", str(config)])
     assert result.exit_code == 0, result.output
-    assert f"shortcuts for {cfg.experts.num_experts} experts" in result.output
+    assert f"shortcuts for {cfg.experts.num_experts} experts" in result.output and ": 0 written" in result.output
+    shortcuts = ShortcutStore(Layout.of(out).shortcuts)
+    for a, b in needed_ranges(out):  # expert 1's shortcuts gone: those alone are written again
+        for url in (shortcuts.url(a, b, 1), sidecar_url(shortcuts.url(a, b, 1))):
+            storage.remove(url)
+    result = CliRunner().invoke(app, ["shortcut", "--config", str(config)])
+    assert result.exit_code == 0 and f": {len(needed_ranges(out))} written" in result.output, result.output
+    assert shortcuts.complete_ids(*needed_ranges(out)[0], experts_hash(out)) == list(range(cfg.experts.num_experts))
     # a root whose rule never ran: the command says which one runs it
     fresh = tmp_path / "fresh.yaml"
     fresh.write_text(cfg.replace(**{"run.root": str(tmp_path / "fresh")}).to_yaml())

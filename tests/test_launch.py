@@ -337,7 +337,8 @@ def test_job_on_two_node_cluster_with_run_root_in_a_bucket(s3, local_cluster, tm
     assert redone == [], redone
     assert [k for k in again if k not in stamps] == []  # no worker started
 
-    # `data show` and `eval` (laptop mode: its own local Ray, whose workers inherit AWS_*) read the bucket
+    # `data show` and `eval` (laptop mode: its own local Ray, whose workers inherit AWS_*) read the bucket; the
+    # evaluation under other settings (2 epochs) scores afresh: a student in that local Ray reads the bucket
     cwd = tmp_path / "cwd"
     cwd.mkdir()
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN")}
@@ -345,10 +346,12 @@ def test_job_on_two_node_cluster_with_run_root_in_a_bucket(s3, local_cluster, tm
     (tmp_path / "bucket.yaml").write_text(cfg.to_yaml())
     show = _cli(["data", "show", "--config", str(tmp_path / "bucket.yaml")], cwd, env)
     assert show.returncode == 0 and "train" in show.stdout, show.stdout + show.stderr
-    ev = _cli(["eval", "--config", str(tmp_path / "bucket.yaml"), "-m", "ptm_st", "--json", str(tmp_path / "ev.json")],
-              cwd, env)
+    ev = _cli(["eval", "--config", str(tmp_path / "bucket.yaml"), "-m", "ptm_st", "--json", str(tmp_path / "ev.json"),
+               "--set", "eval.epochs=2"], cwd, env)
     assert ev.returncode == 0, (ev.stdout + ev.stderr)[-4000:]
-    assert json.loads((tmp_path / "ev.json").read_text())["methods"]["ptm_st"]["pairs"] == cfg.total_pairs
+    scored = json.loads((tmp_path / "ev.json").read_text())
+    assert scored["methods"]["ptm_st"]["pairs"] == cfg.total_pairs
+    assert [bool(r.get("reused")) for r in scored["runs"]] == [False], scored["runs"]
     # its log (no terminal: one line per change) ends the seed's progress before the table, not after or never
     assert -1 < ev.stderr.find("eval ptm_st seed 0: 1/1 r_mean") < ev.stderr.find("retrieval recall"), ev.stderr
     assert list(cwd.iterdir()) == [], "a command wrote to the local working directory"

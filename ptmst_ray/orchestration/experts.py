@@ -276,9 +276,13 @@ def complete_experts(cfg: Config) -> list[int]:
 
 
 def run_shortcuts(cfg: Config) -> dict:
-    """`ptmst-ray shortcut`: compress every complete expert for the configured ranges."""
+    """`ptmst-ray shortcut`: compress every complete expert for the configured ranges (no actor starts when every
+    shortcut is stored)."""
     ids = complete_experts(cfg)
-    shortcut = _shortcut_actor(cfg.to_dict())
-    written = ray.get([_compress(shortcut, i) for i in ids])
-    ray.kill(shortcut)
+    todo = [i for i in ids if missing_shortcuts(cfg, i)]
+    written = []
+    if todo:
+        shortcut = _shortcut_actor(cfg.to_dict())
+        written = ray.get([_compress(shortcut, i) for i in todo])
+        ray.kill(shortcut)
     return {"experts": len(ids), "written": sum(len(w) for w in written), "ranges": needed_ranges(cfg)}
