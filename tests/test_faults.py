@@ -8,6 +8,7 @@ is copied by the tests that damage it; the driver-interruption test is one chain
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -549,6 +550,52 @@ def test_a_ray_address_is_checked_in_seconds(monkeypatch):
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     with pytest.raises(runtime.LocalRayError, match=f"cannot join the Ray cluster at 127.0.0.1:{closed}"):
         runtime.connect(f"127.0.0.1:{closed}")
+
+
+def test_a_cluster_that_refuses_the_join_is_named_with_the_token_hint(tmp_path, monkeypatch):
+    """A cluster that answers but refuses the join (Ray 2.60: ConnectionError "Failed to connect to Ray cluster",
+    after ~20 s of retries, when the token is missing or wrong) is named with what to do about the token, not taken
+    for a storage error (ConnectionError is an OSError); and a join sends the token there is (RAY_AUTH_TOKEN) when
+    RAY_AUTH_MODE says nothing: Ray enables token auth by itself only for a local cluster it finds."""
+    import ray
+    from ray._private.authentication import authentication_token_setup
+
+    from ptmst_ray import layout
+    from ptmst_ray.orchestration import runtime
+
+    with socket_listening() as address:
+        enabled = []
+        monkeypatch.setattr(authentication_token_setup, "_enable_token_auth", lambda: enabled.append(True))
+        monkeypatch.setattr(ray, "is_initialized", lambda: False)
+
+        def refused(*args, **kwargs):
+            raise ConnectionError(f"Failed to connect to Ray cluster at {address}")
+
+        monkeypatch.setattr(ray, "init", refused)
+        monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+        monkeypatch.setenv("RAY_AUTH_TOKEN", "0" * 32)
+        with pytest.raises(runtime.LocalRayError) as caught:
+            runtime.connect(address)
+        assert enabled == [True]  # the token was to be sent
+        text = str(caught.value)
+        assert f"cannot join the Ray cluster at {address}" in text and "RAY_AUTH_TOKEN" in text, text
+        explained = layout.explain(tiny_config(tmp_path / "root"), caught.value)
+        assert "token" in explained and "free space" not in explained, explained
+        monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # the user's choice stands
+        with pytest.raises(runtime.LocalRayError):
+            runtime.connect(address)
+        assert enabled == [True]
+
+
+@contextlib.contextmanager
+def socket_listening():
+    """``127.0.0.1:port`` of a socket listening for the block (something answers there)."""
+    import socket
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        yield f"127.0.0.1:{server.getsockname()[1]}"
 
 
 @pytest.mark.parametrize("how", ["--address", "RAY_ADDRESS"])

@@ -487,7 +487,8 @@ def test_a_node_lost_mid_expert_leaves_the_rest_to_the_other_node(prepared_root,
         cluster.add_worker(num_cpus=1, num_gpus=0)
         cluster.wait_until(lambda: _nodes_alive(cluster.dashboard_url) >= 2, 90, "second node")
         worker = cluster.procs[1].pid  # the worker node's `ray start --block`, leader of its session
-        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        # the token alone, as a user's shell on the head has it (no RAY_AUTH_MODE: the join must send it anyway)
+        env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
         env.update(RAY_AUTH_TOKEN=token, OMP_NUM_THREADS="1", RAY_ENABLE_UV_RUN_RUNTIME_ENV="0")
         log = tmp_path / "experts.log"
         driver = subprocess.Popen([sys.executable, "-m", "ptmst_ray_cli", "experts", "--config", str(tmp_path / "cfg.yaml"),

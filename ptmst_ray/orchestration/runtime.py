@@ -108,8 +108,15 @@ def connect(address: str | None = None, num_cpus: int | None = None, num_gpus: i
             if problem:
                 raise LocalRayError(f"cannot join the Ray cluster at {address}: {problem}")
             log.info("joining the Ray cluster at %s", address)
-            with loopback_only() if listens_on_loopback_only(address) else contextlib.nullcontext():
-                ray.init(address=address, namespace=NAMESPACE, log_to_driver=True)
+            send_auth_token()
+            try:
+                with loopback_only() if listens_on_loopback_only(address) else contextlib.nullcontext():
+                    ray.init(address=address, namespace=NAMESPACE, log_to_driver=True)
+            except ConnectionError as e:  # an OSError: not a storage problem, whatever the caller's handler says
+                raise LocalRayError(
+                    f"cannot join the Ray cluster at {address}: it answers but did not let this process join ({e}). "
+                    "A cluster with token auth refuses a missing or different token: put the cluster's token in "
+                    "RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token (on the head: `ptmst-ray token`)") from None
         else:
             # the token Ray's dashboard asks for: created now (owner-only) so the CLI can say where it is
             if (os.environ.get("RAY_AUTH_MODE", "token").lower() == "token"
@@ -121,8 +128,22 @@ def connect(address: str | None = None, num_cpus: int | None = None, num_gpus: i
     return cluster_info()
 
 
+def send_auth_token() -> None:
+    """Make this process send the Ray auth token when it joins a cluster, when there is one (RAY_AUTH_TOKEN,
+    RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token) and RAY_AUTH_MODE does not say otherwise: Ray 2.60 enables token auth
+    by itself only for a local cluster it finds, never for an explicit address, so `--address` to a cluster started
+    with token auth (as `ptmst-ray launch`'s and a local start's are) was refused although the token was there. A
+    cluster without token auth ignores it."""
+    from ptmst_ray.cluster.jobs import read_auth_token
+
+    if "RAY_AUTH_MODE" not in os.environ and read_auth_token():
+        from ray._private.authentication.authentication_token_setup import _enable_token_auth
+
+        _enable_token_auth()  # this process and its children (Ray caches the mode: refreshed by this call)
+
+
 class LocalRayError(RuntimeError):
-    """A local Ray could not be started; the message says what to do (nothing of the run had started)."""
+    """Ray could not be started or joined; the message says what to do (nothing of the run had started)."""
 
 
 STARTUP_TIMEOUT = "timed out during startup"
