@@ -469,15 +469,15 @@ def test_a_node_lost_mid_expert_leaves_the_rest_to_the_other_node(prepared_root,
     """`ptmst-ray experts --address` on a two-node cluster (1 CPU each, so one expert actor a node) that does not
     replace lost nodes: the worker node is SIGKILLed (its raylet, agents and workers) while an expert trains there,
     after some of its epochs are stored. The run finishes on the head alone: the lost expert goes to the head's
-    actor, which continues it from its last stored epoch (the epochs stored before the loss are not written again),
-    and every expert is complete."""
+    actor once its own expert is done, which continues it from its last stored epoch (the epochs stored before the
+    loss are not written again), and every expert is complete."""
     from conftest import copy_root
     from ptmst_ray.layout import Layout, experts_hash
     from ptmst_ray.trajectories.store import TrajectoryStore
 
     root = copy_root(prepared_root, tmp_path / "run", parts=("data", "pretrain"))
     # experts of 40 epochs of 15 steps (batch 8): seconds each, so that the loss lands mid-expert
-    cfg = tiny_config(f"file://{root}", **{"experts.num_experts": 3, "experts.epochs": 40, "experts.batch_size": 8})
+    cfg = tiny_config(f"file://{root}", **{"experts.num_experts": 2, "experts.epochs": 40, "experts.batch_size": 8})
     (tmp_path / "cfg.yaml").write_text(cfg.to_yaml())
     token = secrets.token_hex(16)
     cluster = start_local_cluster(num_cpus=1, num_gpus=0, token=token, single_machine=False, prefix="ptn")
@@ -522,8 +522,8 @@ def test_a_node_lost_mid_expert_leaves_the_rest_to_the_other_node(prepared_root,
 
         assert driver.wait(timeout=300) == 0, log.read_text()[-3000:]
         out = " ".join(log.read_text().split())
-        assert "its actor died" in out and "experts: 3 trained" in out, out[-3000:]
-        assert store.complete_ids(experts_hash(cfg), cfg.experts.epochs) == [0, 1, 2]
+        assert "its actor died" in out and "experts: 2 trained" in out, out[-3000:]
+        assert store.complete_ids(experts_hash(cfg), cfg.experts.epochs) == [0, 1]
         assert {n: (folder / n).stat().st_mtime_ns for n in kept} == kept, "epochs stored before the loss written again"
         again = [json.loads(p.read_text()) for p in attempts_dir.glob("*.json")]
         again = [a for a in again if a["expert_id"] == lost["expert_id"] and a["pid"] != lost["pid"]]
