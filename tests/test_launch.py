@@ -491,15 +491,17 @@ def test_a_node_lost_mid_expert_leaves_the_rest_to_the_other_node(prepared_root,
         env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
         env.update(RAY_AUTH_TOKEN=token, OMP_NUM_THREADS="1", RAY_ENABLE_UV_RUN_RUNTIME_ENV="0")
         log = tmp_path / "experts.log"
-        driver = subprocess.Popen([sys.executable, "-m", "ptmst_ray_cli", "experts", "--config", str(tmp_path / "cfg.yaml"),
-                                   "--address", cluster.gcs_address], env=env, cwd=Path(__file__).parents[1], stdout=open(log, "w"),
+        driver = subprocess.Popen([sys.executable, "-m", "ptmst_ray_cli", "experts", "--config",
+                                   str(tmp_path / "cfg.yaml"), "--address", cluster.gcs_address],
+                                  env=env, cwd=Path(__file__).parents[1], stdout=open(log, "w"),
                                   stderr=subprocess.STDOUT, start_new_session=True)
-        layout, store = Layout.of(cfg), TrajectoryStore(Layout.of(cfg).experts)
+        layout = Layout.of(cfg)
+        store = TrajectoryStore(layout.experts)
         attempts_dir = Path(layout.experts.removeprefix("file://")) / "attempts"
         experts_dir = Path(layout.experts.removeprefix("file://"))
 
         def on_worker_node() -> dict | None:
-            """The attempt of an expert training on the worker node with at least 2 epochs stored, not all."""
+            """The attempt of an expert training on the worker node with epochs 0-2 stored, not all."""
             for path in sorted(attempts_dir.glob("*.json")):
                 a = json.loads(path.read_text())
                 stored = len(list((experts_dir / f"expert_{a['expert_id']:04d}").glob("epoch_*.json")))

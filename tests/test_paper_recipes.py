@@ -2,8 +2,9 @@
 ``--set`` overrides for scale only: NFNet-L0 from a timm state dict and a tiny BERT saved in Hugging Face's
 layout (both made here), a small Karpathy-format dataset of real JPEG files in each benchmark's annotation
 layout (Flickr30k's from the real test/val annotations), sequential phase training as the paper's (Flickr30k's
-two phases; COCO and CC3M run their first phase: ONE_PHASE), CC3M's frozen tower with its 2048-d projection. Every stage's artefacts, results.json, the distilled Parquet and the
-text cache's key are checked (issue #20 item 4)."""
+two phases; COCO and CC3M run their first phase: ONE_PHASE), CC3M's frozen tower with its 2048-d projection.
+Every stage's artefacts, results.json, the distilled Parquet and the text cache's key are checked (issue #20
+item 4)."""
 
 from __future__ import annotations
 
@@ -36,10 +37,10 @@ METHODS = {"ptm_st", "random", "single_phase", "full"}
 NO_SINGLE_PHASE = "eval.baselines=[random, full]"
 """For coco and cc3m: the single-phase baseline is one more Ray Train run of the same phase code on the same towers
 (~18 CPU-s of Train's processes at this scale); the flickr30k family runs it."""
-ONE_PHASE = """Why coco and cc3m run their recipe's first phase alone, for one iteration: scaled down (SCALE), the recipes'
-second phase has nothing of its own (its pairs, iterations, minibatch, range and start window are the test's; its
-range start and similarity are the first phase's), and each phase is a Ray Train run (~18 CPU-s at this scale, ~3 CPU-s
-an iteration). Two phases in sequence (the distilled set's phase order, the sequential evaluation of two subsets),
+ONE_PHASE = """Why coco and cc3m run their recipe's first phase alone, for one iteration: scaled down (SCALE), the
+recipes' second phase has nothing of its own (its pairs, iterations, minibatch, range and start window are the
+test's; its range start and similarity are the first phase's), and each phase is a Ray Train run (~18 CPU-s at this
+scale, ~3 CPU-s an iteration). Two phases in sequence (the distilled set's phase order, the sequential evaluation of two subsets),
 a second iteration and the single-phase baseline on the paper towers are the flickr30k family's test, through the
 CLI; these two check their own datasets' layouts, towers (CC3M's frozen one and its 2048-d projection), and a phase,
 the distilled set and the evaluation on them."""

@@ -234,8 +234,8 @@ def test_sweep_on_a_bucket_asha_stops_a_diverged_trial_and_rerun_restores(ray_se
 
     base = upload_root(prepared_root, s3.url("base"))
     cfg = ray_config(base, **{
-        "phases.0.iterations": 1, "phases.1.range_start": 1, "sweep.searcher": "grid", "sweep.max_concurrent": 1, "sweep.scheduler": "asha",
-        "sweep.grace_period": 1, "sweep.rounds": 2, "sweep.space": {"distill.lr_img": {"grid": [100.0, float("inf")]}}})
+        "phases.0.iterations": 1, "phases.1.range_start": 1, "sweep.searcher": "grid", "sweep.max_concurrent": 1,
+        "sweep.scheduler": "asha", "sweep.grace_period": 1, "sweep.rounds": 2, "sweep.space": {"distill.lr_img": {"grid": [100.0, float("inf")]}}})
     shortcuts = ShortcutStore(layout.Layout(base).shortcuts)
     assert shortcuts.complete_ids(1, 3, layout.experts_hash(cfg)) == []  # the prepared run's phase 1 is 0..3
     ui = LockedUI()  # like the CLI's rich UI, it cannot be pickled: Tune must not pickle it with its state

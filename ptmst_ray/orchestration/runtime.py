@@ -116,7 +116,8 @@ def connect(address: str | None = None, num_cpus: int | None = None, num_gpus: i
                 raise LocalRayError(
                     f"cannot join the Ray cluster at {address}: it answers but did not let this process join ({e}). "
                     "A cluster with token auth refuses a missing or different token: put the cluster's token in "
-                    "RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token (on the head: `ptmst-ray token`)") from None
+                    "RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token (on the head: `ptmst-ray token`)"
+                ) from None
         else:
             # the token Ray's dashboard asks for: created now (owner-only) so the CLI can say where it is
             if (os.environ.get("RAY_AUTH_MODE", "token").lower() == "token"
