@@ -405,7 +405,7 @@ class DistillConfig:
     exact_checkpoints: Optional[int] = None
     """exact only: parameter vectors held at once (fewer = less memory, more replays; same result); None/0 = auto."""
     keep_graphs: Optional[bool] = None
-    """first_order only: keep the N step graphs of the unroll instead of replaying it (same result, ~15% less
+    """first_order only: keep the N step graphs of the unroll instead of replaying it (same result, ~10% less
     time on the toy, N graphs' memory); None = auto: keep them when they take at most 256 MiB."""
     loss: str = "WBCE"
     """Student loss in the matching unroll, one of LOSS_NAMES (the paper: WBCE); also the evaluation's default."""

@@ -56,9 +56,10 @@ HF_TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model
                       "tokenizer.model")
 """Any of these makes a saved tokenizer (BERT's: vocab.txt and/or tokenizer.json)."""
 
-FETCH_BERT_HINT = ("on a machine with hub access run `hf download {name} --include '*.json' '*.txt' '*.model' "
-                   "model.safetensors --local-dir DIR` (huggingface_hub's CLI; `huggingface-cli download` before 1.0), "
-                   "copy DIR here or to a bucket and set model.text_pretrained: DIR")
+FETCH_BERT_HINT = ("on a machine with hub access run `hf download {name} --include '*.json' --include '*.txt' "
+                   "--include '*.model' --include model.safetensors --local-dir DIR` (huggingface_hub's CLI; before "
+                   "1.0: `huggingface-cli download {name} --include '*.json' '*.txt' '*.model' model.safetensors "
+                   "--local-dir DIR`), copy DIR here or to a bucket and set model.text_pretrained: DIR")
 """How to fetch an HF text tower once (the check and the towers never download it mid-run)."""
 
 
