@@ -49,7 +49,7 @@ def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """
     if "://" not in url:
         return url_to_fs(os.path.expanduser(url))
-    if url.split("://", 1)[0].lower() in ("s3", "s3a"):
+    if scheme(url) in OBJECT_STORE_SCHEMES:
         return url_to_fs(url, use_listings_cache=False)
     return url_to_fs(url)
 
@@ -499,8 +499,14 @@ def local_path(url: str) -> str | None:
 
 # --------------------------------------------------------------------------- object stores
 
-OBJECT_STORE_SCHEMES = ("s3", "s3a")
-"""Schemes reached through s3fs (and, for Ray Train's checkpoints, pyarrow's S3FileSystem)."""
+S3_SCHEMES = ("s3", "s3a")
+"""Reached through s3fs (and, for Ray Train's checkpoints, pyarrow's S3FileSystem), configured by AWS_*."""
+GCS_SCHEMES = ("gs", "gcs")
+"""Reached through gcsfs (and pyarrow's GcsFileSystem), configured by Google's application default credentials;
+STORAGE_EMULATOR_HOST points both at an emulator (:func:`gcs_emulator`)."""
+OBJECT_STORE_SCHEMES = S3_SCHEMES + GCS_SCHEMES
+"""Object stores: an upload appears whole or not at all (artefacts are written in place) and other processes add
+and delete keys (listings are never cached)."""
 PROBE_TIMEOUT_S = 5.0
 """Connect/read timeout of the run root's pre-run probe: an unreachable endpoint fails in seconds."""
 
@@ -509,9 +515,22 @@ def scheme(url: str) -> str:
     return url.split("://", 1)[0].lower() if "://" in url else ""
 
 
+def gcs_emulator() -> str | None:
+    """The GCS emulator's URL from STORAGE_EMULATOR_HOST (the variable Google's clients and gcsfs read), or None
+    (Google's own endpoint)."""
+    host = os.environ.get("STORAGE_EMULATOR_HOST", "")
+    if host in ("", "default"):
+        return None
+    return host if host.startswith(("http://", "https://")) else f"http://{host}"
+
+
 def _probe_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    """A filesystem for ``url`` that fails fast: bounded timeouts, no retries (object stores only)."""
-    if scheme(url) not in OBJECT_STORE_SCHEMES:
+    """A filesystem for ``url`` that fails fast: bounded timeouts, no retries (S3) or bounded requests (GCS)."""
+    if scheme(url) in GCS_SCHEMES:
+        fs_cls = fsspec.get_filesystem_class(scheme(url))
+        fs = fs_cls(skip_instance_cache=True, use_listings_cache=False, requests_timeout=PROBE_TIMEOUT_S)
+        return fs, fs._strip_protocol(url)
+    if scheme(url) not in S3_SCHEMES:
         return filesystem(url)
     fs_cls = fsspec.get_filesystem_class(scheme(url))
     fs = fs_cls(skip_instance_cache=True, config_kwargs={"connect_timeout": PROBE_TIMEOUT_S,
@@ -521,8 +540,18 @@ def _probe_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     return fs, fs._strip_protocol(url)
 
 
-def _endpoint() -> str:
+def _endpoint(url: str) -> str:
+    if scheme(url) in GCS_SCHEMES:
+        return gcs_emulator() or "Google's endpoint"
     return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "AWS's default endpoint"
+
+
+def _store_hints(url: str) -> tuple[str, str]:
+    """(where its credentials come from, what sets its endpoint) for the object store of ``url``."""
+    if scheme(url) in GCS_SCHEMES:
+        return ("GOOGLE_APPLICATION_CREDENTIALS, or `gcloud auth application-default login`",
+                "STORAGE_EMULATOR_HOST (unset for Google's own)")
+    return "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_PROFILE", "AWS_ENDPOINT_URL"
 
 
 DENIED_CODES = frozenset({"AccessDenied", "Forbidden", "403", "AllAccessDisabled", "InvalidAccessKeyId",
@@ -531,8 +560,9 @@ DENIED_CODES = frozenset({"AccessDenied", "Forbidden", "403", "AllAccessDisabled
 
 
 def access_denied(e: BaseException) -> bool:
-    """Whether ``e`` (or an exception it wraps) is a refusal by the store: a ``PermissionError`` or an S3
-    error whose code is in :data:`DENIED_CODES` (s3fs translates most, not all, of botocore's errors)."""
+    """Whether ``e`` (or an exception it wraps) is a refusal by the store: a ``PermissionError``, an S3
+    error whose code is in :data:`DENIED_CODES` (s3fs translates most, not all, of botocore's errors), or gcsfs's
+    refusals (HTTP 401 as its ``HttpError``, 403 as an ``OSError`` "Forbidden: ...")."""
     seen: set[int] = set()
     while e is not None and id(e) not in seen:
         seen.add(id(e))
@@ -542,6 +572,8 @@ def access_denied(e: BaseException) -> bool:
         code = response.get("Error", {}).get("Code") if isinstance(response, dict) else None
         if code in DENIED_CODES or type(e).__name__ in DENIED_CODES:
             return True
+        if getattr(e, "code", None) in (401, 403) or (type(e) is OSError and str(e).startswith("Forbidden")):
+            return True
         e = e.__cause__ or e.__context__
     return False
 
@@ -550,17 +582,19 @@ def _probe_bucket(fs: fsspec.AbstractFileSystem, url: str, path: str) -> None:
     """List the bucket of ``url``; a StorageError telling apart a missing bucket, refused credentials and
     an unreachable endpoint (never the credentials themselves)."""
     bucket = path.split("/", 1)[0]
+    credentials, endpoint_var = _store_hints(url)
+    store = "GCS" if scheme(url) in GCS_SCHEMES else "S3"
     try:
         fs.ls(bucket, detail=False)
     except FileNotFoundError:
-        raise StorageError(f"{url}: bucket {bucket!r} does not exist at {_endpoint()}; create it or fix the "
+        raise StorageError(f"{url}: bucket {bucket!r} does not exist at {_endpoint(url)}; create it or fix the "
                            "bucket name", url) from None
-    except Exception as e:  # noqa: BLE001 - botocore's connection errors are not OSErrors
+    except Exception as e:  # noqa: BLE001 - botocore's and aiohttp's connection errors are not OSErrors
         if access_denied(e):
-            raise StorageError(f"{url}: access to bucket {bucket!r} denied at {_endpoint()}; check the "
-                               "credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_PROFILE)", url) from None
-        raise StorageError(f"{url}: cannot reach the S3 endpoint {_endpoint()} ({type(e).__name__}); check "
-                           "AWS_ENDPOINT_URL and the network", url) from None
+            raise StorageError(f"{url}: access to bucket {bucket!r} denied at {_endpoint(url)}; check the "
+                               f"credentials ({credentials})", url) from None
+        raise StorageError(f"{url}: cannot reach the {store} endpoint {_endpoint(url)} ({type(e).__name__}); "
+                           f"check {endpoint_var} and the network", url) from None
 
 
 def check_readable(url: str) -> None:

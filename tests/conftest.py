@@ -52,18 +52,20 @@ def tiny_config(root, **overrides) -> Config:
 
 
 @pytest.fixture(scope="session")
-def ray_session(s3_server):
+def ray_session(s3_server, gcs_server):
     """One local Ray per test session: 2 CPUs and 2 logical GPUs (torch sees no CUDA: GPU placement
     is exercised, compute falls back to the CPU). Its workers start with the session S3 server's endpoint
-    and credentials in their environment, as a cluster's nodes would have them, so that runs on a bucket
-    (fixture ``s3``) work on it; the test process itself gets them only from ``s3``."""
+    and credentials, and the GCS emulator's address, in their environment, as a cluster's nodes would have them,
+    so that runs on a bucket (fixtures ``s3``, ``gcs``) work on it; the test process itself gets them only from
+    those fixtures."""
     import ray
 
     from ptmst_ray.orchestration.runtime import connect
 
     _os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
-    saved = {k: _os.environ.get(k) for k in _s3_env(s3_server)}
-    _os.environ.update(_s3_env(s3_server))
+    env = {**_s3_env(s3_server), "STORAGE_EMULATOR_HOST": gcs_server}
+    saved = {k: _os.environ.get(k) for k in env}
+    _os.environ.update(env)
     try:
         info = connect(num_cpus=2, num_gpus=int(_os.environ.get("PTMST_TEST_GPUS", "2")))  # gpu_check.py: real ones
     finally:
@@ -289,6 +291,77 @@ def s3(s3_server, monkeypatch) -> S3Bucket:
     yield b
     s3fs.S3FileSystem.clear_instance_cache()
 # ---------------------------------------------------------------- end of S3 fixtures
+
+
+# ---------------------------------------------------------------- GCS (tests/test_gcs.py): a GCS JSON API on loopback
+# For this process and the Ray workers it starts, set before gcsfs and google.auth are imported: gcsfs (2026.x) first
+# asks Google's gRPC API for each new bucket's type, and waits 60 s for an emulator that has none; Google's
+# credential search asks a GCE metadata server, absent here, with retries (no credentials: anonymous, as an
+# emulator takes)
+_os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"
+_os.environ["NO_GCE_CHECK"] = "true"
+
+
+@_s3_dc.dataclass
+class GcsBucket:
+    endpoint: str
+    bucket: str
+
+    def url(self, *parts: str) -> str:
+        return "/".join([f"gs://{self.bucket}", *parts])
+
+    def client(self):
+        """Google's own client (not gcsfs, not pyarrow): the independent view of the bucket."""
+        from google.auth.credentials import AnonymousCredentials
+        from google.cloud import storage as gcs_storage
+
+        return gcs_storage.Client(project="ptmst-test", credentials=AnonymousCredentials(),
+                                  client_options={"api_endpoint": self.endpoint})
+
+    def keys(self, prefix: str = "") -> list[str]:
+        return sorted(b.name for b in self.client().list_blobs(self.bucket, prefix=prefix))
+
+    def put(self, key: str, data: bytes) -> None:
+        self.client().bucket(self.bucket).blob(key).upload_from_string(data)
+
+
+@pytest.fixture(scope="session")
+def gcs_server():
+    """gcp-storage-emulator (GCS's JSON API, in memory) on 127.0.0.1 (a free port), for the whole session."""
+    import http.server
+    import types
+
+    import gcp_storage_emulator.server as emulator
+
+    class Backlogged(http.server.HTTPServer):
+        request_queue_size = 256  # it serves one request at a time; gcsfs opens many at once, and past the
+        # default backlog of 5 the rest were reset and retried with back-off (uploading a run root: 110 s, not 0.2)
+
+    emulator.server = types.SimpleNamespace(HTTPServer=Backlogged)  # what its server thread builds
+    s = _s3_socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    _logging.getLogger("gcp_storage_emulator").setLevel(_logging.WARNING)
+    server = emulator.create_server("127.0.0.1", port, in_memory=True)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def gcs(gcs_server, monkeypatch) -> GcsBucket:
+    """A fresh bucket on the session's GCS emulator, and STORAGE_EMULATOR_HOST pointing at it (read by gcsfs and
+    Google's clients; the run's Train storage points pyarrow at it explicitly)."""
+    import gcsfs
+
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_server)
+    gcsfs.GCSFileSystem.clear_instance_cache()
+    b = GcsBucket(gcs_server, f"ptmst-{_s3_uuid.uuid4().hex[:10]}")
+    b.client().create_bucket(b.bucket)
+    yield b
+    gcsfs.GCSFileSystem.clear_instance_cache()
+# ---------------------------------------------------------------- end of GCS fixtures
 
 
 # ---------------------------------------------------------------- order for `make test` (pytest-xdist)

@@ -51,11 +51,21 @@ _PYARROW_SCHEMES = ("s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss", "file"
 
 
 def storage_args(url: str) -> dict[str, Any]:
-    """RunConfig storage for a local path or URL; fsspec-only schemes go through pyarrow's FSSpecHandler."""
+    """RunConfig storage for a local path or URL; fsspec-only schemes go through pyarrow's FSSpecHandler.
+
+    On GCS with STORAGE_EMULATOR_HOST set, pyarrow's GcsFileSystem is pointed at the emulator explicitly: gcsfs
+    and Google's clients read that variable, pyarrow's filesystem from a ``gs://`` URI does not (it would go to
+    Google's endpoint)."""
     scheme = url.split("://", 1)[0] if "://" in url else ""
+    import pyarrow.fs
+
+    emulator = storage.gcs_emulator() if scheme in storage.GCS_SCHEMES else None
+    if emulator:
+        http, host = emulator.split("://", 1)
+        fs = pyarrow.fs.GcsFileSystem(anonymous=True, endpoint_override=host.rstrip("/"), scheme=http)
+        return {"storage_path": url.split("://", 1)[1], "storage_filesystem": fs}
     if not scheme or scheme in _PYARROW_SCHEMES:
         return {"storage_path": url}
-    import pyarrow.fs
 
     fs, path = storage.filesystem(url)
     return {"storage_path": path, "storage_filesystem": pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))}
