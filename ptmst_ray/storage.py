@@ -17,6 +17,7 @@ import os
 import shutil
 import socket
 import tempfile
+import threading
 import uuid
 from typing import Any, Iterator
 
@@ -509,6 +510,9 @@ OBJECT_STORE_SCHEMES = S3_SCHEMES + GCS_SCHEMES
 and delete keys (listings are never cached)."""
 PROBE_TIMEOUT_S = 5.0
 """Connect/read timeout of the run root's pre-run probe: an unreachable endpoint fails in seconds."""
+PROBE_WAIT_S = 15.0
+"""The longest the bucket probe waits in all: gcsfs retries a request it cannot send up to 6 times with back-off
+(~35 s for a closed port) and takes no per-instance limit, so the probe stops waiting for it instead."""
 
 
 def scheme(url: str) -> str:
@@ -578,6 +582,27 @@ def access_denied(e: BaseException) -> bool:
     return False
 
 
+def _within(seconds: float, fn, *args) -> Any:
+    """``fn(*args)`` on a daemon thread, waited for at most ``seconds``: its value or its exception, or a
+    TimeoutError (the thread is left to end by itself; the command stops on the error)."""
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["value"] = fn(*args)
+        except BaseException as e:  # noqa: BLE001 - handed to the caller
+            box["error"] = e
+
+    worker = threading.Thread(target=run, name="ptmst-storage-probe", daemon=True)
+    worker.start()
+    worker.join(seconds)
+    if worker.is_alive():
+        raise TimeoutError(f"no answer in {seconds:g} s")
+    if "error" in box:
+        raise box["error"]
+    return box.get("value")
+
+
 def _probe_bucket(fs: fsspec.AbstractFileSystem, url: str, path: str) -> None:
     """List the bucket of ``url``; a StorageError telling apart a missing bucket, refused credentials and
     an unreachable endpoint (never the credentials themselves)."""
@@ -585,7 +610,7 @@ def _probe_bucket(fs: fsspec.AbstractFileSystem, url: str, path: str) -> None:
     credentials, endpoint_var = _store_hints(url)
     store = "GCS" if scheme(url) in GCS_SCHEMES else "S3"
     try:
-        fs.ls(bucket, detail=False)
+        _within(PROBE_WAIT_S, lambda: fs.ls(bucket, detail=False))
     except FileNotFoundError:
         raise StorageError(f"{url}: bucket {bucket!r} does not exist at {_endpoint(url)}; create it or fix the "
                            "bucket name", url) from None
@@ -593,7 +618,8 @@ def _probe_bucket(fs: fsspec.AbstractFileSystem, url: str, path: str) -> None:
         if access_denied(e):
             raise StorageError(f"{url}: access to bucket {bucket!r} denied at {_endpoint(url)}; check the "
                                f"credentials ({credentials})", url) from None
-        raise StorageError(f"{url}: cannot reach the {store} endpoint {_endpoint(url)} ({type(e).__name__}); "
+        reason = str(e) if type(e) is TimeoutError else type(e).__name__  # ours names the wait
+        raise StorageError(f"{url}: cannot reach the {store} endpoint {_endpoint(url)} ({reason}); "
                            f"check {endpoint_var} and the network", url) from None
 
 

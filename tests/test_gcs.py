@@ -7,6 +7,7 @@ bucket. The S3 counterparts, and the pipeline end to end on a bucket: tests/test
 from __future__ import annotations
 
 import json
+import socket
 
 import pytest
 from typer.testing import CliRunner
@@ -94,8 +95,8 @@ def test_gcsfs_refusals_count_as_access_denied():
     assert not storage.access_denied(OSError("Connection reset by peer"))
 
 
-def test_missing_bucket_exits_2(gcs, monkeypatch):
-    """The pre-run check names the missing bucket and the endpoint, before Ray starts."""
+def _run_error(monkeypatch, root: str) -> str:
+    """`ptmst-ray run` on run root ``root``: exit 2 and its one error line, Ray never started."""
     import ray
 
     from ptmst_ray_cli.common import console
@@ -103,10 +104,30 @@ def test_missing_bucket_exits_2(gcs, monkeypatch):
 
     monkeypatch.setattr(console, "width", 4000)
     monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("Ray was started before the run root was checked"))
-    res = CliRunner().invoke(app, ["run", "--set", f"run.root=gs://{gcs.bucket}-missing/run"])
+    res = CliRunner().invoke(app, ["run", "--set", f"run.root={root}"])
     lines = [ln for ln in res.output.splitlines() if ln.startswith("error:")]
-    assert res.exit_code == 2 and len(lines) == 1, res.output
-    assert f"{gcs.bucket}-missing" in lines[0] and "does not exist" in lines[0] and gcs.endpoint in lines[0]
+    assert res.exit_code == 2 and len(lines) == 1 and "run.root" in lines[0], res.output
+    return lines[0]
+
+
+def test_missing_bucket_exits_2(gcs, monkeypatch):
+    """The pre-run check names the missing bucket and the endpoint, before Ray starts."""
+    line = _run_error(monkeypatch, f"gs://{gcs.bucket}-missing/run")
+    assert f"{gcs.bucket}-missing" in line and "does not exist" in line and gcs.endpoint in line
+
+
+def test_unreachable_endpoint_exits_2_without_waiting_for_gcsfs_retries(gcs, monkeypatch):
+    """A closed port: gcsfs would retry with back-off for ~35 s; the probe stops waiting at its bound (1 s here)
+    and names the endpoint and the variable that sets it."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    closed = f"http://127.0.0.1:{s.getsockname()[1]}"
+    s.close()
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", closed)
+    monkeypatch.setattr(storage, "PROBE_WAIT_S", 1.0)
+    line = _run_error(monkeypatch, gcs.url("run"))
+    assert "cannot reach the GCS endpoint" in line and closed in line and "STORAGE_EMULATOR_HOST" in line, line
+    assert "(no answer in 1 s)" in line, line  # not gcsfs's own error after its last retry
 
 
 def test_a_phase_checkpoints_to_the_bucket_and_resumes_from_it(gcs, prepared_root, ray_session):
