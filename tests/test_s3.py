@@ -118,6 +118,40 @@ def test_resume_scan_and_checkpoint_cleanup_on_key_prefixes(s3):
     assert latest_stored_state(run_dir)["iteration"] == 15
 
 
+def test_many_small_objects_are_written_at_once_and_the_first_error_is_raised(s3, monkeypatch):
+    """`write_all` (the built-in data's thousands of images) puts every object, several at a time on a bucket;
+    a write that fails raises its error to the caller, and what is not written is absent, never partial."""
+    import threading
+
+    files = {s3.url("run", "imgs", f"{k:03d}.png"): bytes([k]) * (100 + k) for k in range(40)}
+    threads, write = set(), storage.write_bytes
+
+    def recording(url, data):
+        threads.add(threading.get_ident())
+        write(url, data)
+
+    monkeypatch.setattr(storage, "write_bytes", recording)
+    storage.write_all(files)
+    assert s3.keys("run/imgs/") == sorted(u.split(f"{s3.bucket}/", 1)[1] for u in files)
+    assert all(s3.client().get_object(Bucket=s3.bucket, Key=u.split(f"{s3.bucket}/", 1)[1])["Body"].read() == d
+               for u, d in files.items())
+    assert len(threads) > 1  # concurrent, not one after another
+
+    def failing(url, data):
+        if url.endswith("007.png"):
+            raise OSError("disk on fire")
+        write(url, data)
+
+    monkeypatch.setattr(storage, "write_bytes", failing)
+    again = {u.replace("/imgs/", "/again/"): d for u, d in files.items()}
+    with pytest.raises(OSError, match="disk on fire"):
+        storage.write_all(again)
+    written = s3.keys("run/again/")
+    assert "run/again/007.png" not in written
+    for key in written:  # whatever was written is whole (how many depends on the threads' timing)
+        assert s3.client().get_object(Bucket=s3.bucket, Key=key)["Body"].read() == again[s3.url(key)]
+
+
 def test_manifest_is_last_and_verified_on_the_bucket(s3):
     """A stage cut between its data and its manifest counts as not done; a cut (wrong-content) object
     under a manifest is named by the content-hash check."""

@@ -333,9 +333,8 @@ def generate_builtin(out_url: str, cfg: BuiltinDataConfig, image_size: int = 32,
         seed = cfg.pretrain_seed if split == "pretrain" else cfg.seed
         images: dict[str, bytes] = {}
         rows_by_split[split] = _split_rows(split, scenes, cfg, image_size, seed, images)
-        for path, data in images.items():
-            storage.write_bytes(storage.join(out_url, path), data)
-            files[path] = storage.hash_bytes(data)
+        storage.write_all({storage.join(out_url, path): data for path, data in images.items()})
+        files.update({path: storage.hash_bytes(data) for path, data in images.items()})
         all_hashes.update(images)
         done += len(scenes)
         if progress:
