@@ -1,8 +1,8 @@
 """Run roots on Google Cloud Storage, through a GCS JSON API: gcp-storage-emulator on 127.0.0.1, a fresh bucket per
 test, reached through STORAGE_EMULATOR_HOST (fixtures ``gcs_server`` / ``gcs`` in conftest.py) and checked with
 Google's own client. Covers the storage layer (gcsfs) and Ray Train's pyarrow filesystem on one bucket, writes in
-place, a phase's Train run that checkpoints to the bucket and resumes from it, and the pre-run check of a missing
-bucket. The S3 counterparts, and the pipeline end to end on a bucket: tests/test_s3.py, tests/test_launch.py."""
+place, a phase's Train run that checkpoints to the bucket and resumes from it, and the pre-run checks (a missing
+bucket, an unreachable endpoint, refused credentials as gcsfs reports them). The S3 counterparts, and the pipeline end to end on a bucket: tests/test_s3.py, tests/test_launch.py."""
 
 from __future__ import annotations
 
