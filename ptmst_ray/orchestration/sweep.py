@@ -445,7 +445,7 @@ def build_tuner(cfg: Config, name: str, board=None, poll=None, verbose: int = 1)
     trainable = tune.with_resources(tune.with_parameters(run_trial, base=cfg.to_dict(), name=name, board=board),
                                     {"CPU": 0, TRAIN_DRIVER: 1})
     if tune.Tuner.can_restore(path, storage_filesystem=args.get("storage_filesystem")):
-        log.info("resuming the sweep at %s (finished trials are kept)", path)
+        log.info("resuming the sweep at %s (finished trials are kept)", storage.join(sweeps, name))
         return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True,
                                   storage_filesystem=args.get("storage_filesystem")), True
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
