@@ -251,8 +251,7 @@ def write_all(files: dict[str, bytes]) -> None:
     """Write every ``url: data`` of ``files`` (each atomically, as :func:`write_bytes`): one after another on a
     local disk, :data:`WRITE_CONCURRENCY` at a time on an object store (thousands of small images one request at a
     time took minutes). The first error is raised once the writes under way have ended; the rest are not started."""
-    remote = [u for u in files if scheme(u) in OBJECT_STORE_SCHEMES]
-    if len(remote) < 2:
+    if len(files) < 2 or not any(scheme(u) in OBJECT_STORE_SCHEMES for u in files):
         for url, data in files.items():
             write_bytes(url, data)
         return
@@ -556,32 +555,28 @@ def gcs_emulator() -> str | None:
 
 def _probe_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """A filesystem for ``url`` that fails fast: bounded timeouts, no retries (S3) or bounded requests (GCS)."""
-    if scheme(url) in GCS_SCHEMES:
-        fs_cls = fsspec.get_filesystem_class(scheme(url))
-        fs = fs_cls(skip_instance_cache=True, use_listings_cache=False, requests_timeout=PROBE_TIMEOUT_S)
-        return fs, fs._strip_protocol(url)
-    if scheme(url) not in S3_SCHEMES:
+    if scheme(url) not in OBJECT_STORE_SCHEMES:
         return filesystem(url)
     fs_cls = fsspec.get_filesystem_class(scheme(url))
-    fs = fs_cls(skip_instance_cache=True, config_kwargs={"connect_timeout": PROBE_TIMEOUT_S,
-                                                         "read_timeout": PROBE_TIMEOUT_S,
-                                                         "retries": {"max_attempts": 1}})
-    fs.retries = 1  # s3fs's own retry loop (class default 5, with back-off)
+    if scheme(url) in GCS_SCHEMES:
+        fs = fs_cls(skip_instance_cache=True, use_listings_cache=False, requests_timeout=PROBE_TIMEOUT_S)
+    else:
+        fs = fs_cls(skip_instance_cache=True, config_kwargs={"connect_timeout": PROBE_TIMEOUT_S,
+                                                             "read_timeout": PROBE_TIMEOUT_S,
+                                                             "retries": {"max_attempts": 1}})
+        fs.retries = 1  # s3fs's own retry loop (class default 5, with back-off)
     return fs, fs._strip_protocol(url)
 
 
-def _endpoint(url: str) -> str:
+def _store(url: str) -> tuple[str, str, str, str]:
+    """The object store of ``url`` for messages: (its name, its endpoint now, where its credentials come from, the
+    variable that sets its endpoint)."""
     if scheme(url) in GCS_SCHEMES:
-        return gcs_emulator() or "Google's endpoint"
-    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "AWS's default endpoint"
-
-
-def _store_hints(url: str) -> tuple[str, str]:
-    """(where its credentials come from, what sets its endpoint) for the object store of ``url``."""
-    if scheme(url) in GCS_SCHEMES:
-        return ("GOOGLE_APPLICATION_CREDENTIALS, or `gcloud auth application-default login`",
+        return ("GCS", gcs_emulator() or "Google's endpoint",
+                "GOOGLE_APPLICATION_CREDENTIALS, or `gcloud auth application-default login`",
                 "STORAGE_EMULATOR_HOST (unset for Google's own)")
-    return "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_PROFILE", "AWS_ENDPOINT_URL"
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "AWS's default endpoint"
+    return "S3", endpoint, "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_PROFILE", "AWS_ENDPOINT_URL"
 
 
 DENIED_CODES = frozenset({"AccessDenied", "Forbidden", "403", "AllAccessDisabled", "InvalidAccessKeyId",
@@ -608,14 +603,15 @@ def access_denied(e: BaseException) -> bool:
     return False
 
 
-def _within(seconds: float, fn, *args) -> Any:
-    """``fn(*args)`` on a daemon thread, waited for at most ``seconds``: its value or its exception, or a
-    TimeoutError (the thread is left to end by itself; the command stops on the error)."""
+def _within(seconds: float, fn) -> Any:
+    """``fn()`` on a daemon thread, waited for at most ``seconds``: its value or its exception, or a TimeoutError
+    (the thread is left to end by itself, and a daemon does not hold the process's exit; the command stops on the
+    error)."""
     box: dict[str, Any] = {}
 
     def run() -> None:
         try:
-            box["value"] = fn(*args)
+            box["value"] = fn()
         except BaseException as e:  # noqa: BLE001 - handed to the caller
             box["error"] = e
 
@@ -633,19 +629,18 @@ def _probe_bucket(fs: fsspec.AbstractFileSystem, url: str, path: str) -> None:
     """List the bucket of ``url``; a StorageError telling apart a missing bucket, refused credentials and
     an unreachable endpoint (never the credentials themselves)."""
     bucket = path.split("/", 1)[0]
-    credentials, endpoint_var = _store_hints(url)
-    store = "GCS" if scheme(url) in GCS_SCHEMES else "S3"
+    store, endpoint, credentials, endpoint_var = _store(url)
     try:
         _within(PROBE_WAIT_S, lambda: fs.ls(bucket, detail=False))
     except FileNotFoundError:
-        raise StorageError(f"{url}: bucket {bucket!r} does not exist at {_endpoint(url)}; create it or fix the "
+        raise StorageError(f"{url}: bucket {bucket!r} does not exist at {endpoint}; create it or fix the "
                            "bucket name", url) from None
     except Exception as e:  # noqa: BLE001 - botocore's and aiohttp's connection errors are not OSErrors
         if access_denied(e):
-            raise StorageError(f"{url}: access to bucket {bucket!r} denied at {_endpoint(url)}; check the "
+            raise StorageError(f"{url}: access to bucket {bucket!r} denied at {endpoint}; check the "
                                f"credentials ({credentials})", url) from None
         reason = str(e) if type(e) is TimeoutError else type(e).__name__  # ours names the wait
-        raise StorageError(f"{url}: cannot reach the {store} endpoint {_endpoint(url)} ({reason}); "
+        raise StorageError(f"{url}: cannot reach the {store} endpoint {endpoint} ({reason}); "
                            f"check {endpoint_var} and the network", url) from None
 
 

@@ -212,7 +212,6 @@ def tiny_flickr_dir(tmp_path: _DataPath) -> _DataPath:
 
 # ---------------------------------------------------------------- S3 (tests/test_s3.py): a real S3 API on loopback
 import dataclasses as _s3_dc
-import socket as _s3_socket
 import uuid as _s3_uuid
 
 S3_KEY, S3_SECRET = "ptmst-test-key", "ptmst-test-secret-value-0123456789"
@@ -244,10 +243,9 @@ def s3_server():
     """moto's S3 server mode on 127.0.0.1 (a free port), for the whole session; stopped afterwards."""
     from moto.server import ThreadedMotoServer
 
-    s = _s3_socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
+    from ptmst_ray.cluster.local import free_ports
+
+    (port,) = free_ports(1)
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     # werkzeug logs each request at INFO (thousands a session, each rendered by the CLI's log handler in the tests that
     # run it in this process): warnings and errors only
@@ -338,10 +336,9 @@ def gcs_server():
         # default backlog of 5 the rest were reset and retried with back-off (uploading a run root: 110 s, not 0.2)
 
     emulator.server = types.SimpleNamespace(HTTPServer=Backlogged)  # what its server thread builds
-    s = _s3_socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
+    from ptmst_ray.cluster.local import free_ports
+
+    (port,) = free_ports(1)
     _logging.getLogger("gcp_storage_emulator").setLevel(_logging.WARNING)
     server = emulator.create_server("127.0.0.1", port, in_memory=True)
     server.start()

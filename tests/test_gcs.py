@@ -7,7 +7,6 @@ bucket, an unreachable endpoint, refused credentials as gcsfs reports them). The
 from __future__ import annotations
 
 import json
-import socket
 
 import pytest
 from typer.testing import CliRunner
@@ -119,10 +118,9 @@ def test_missing_bucket_exits_2(gcs, monkeypatch):
 def test_unreachable_endpoint_exits_2_without_waiting_for_gcsfs_retries(gcs, monkeypatch):
     """A closed port: gcsfs would retry with back-off for ~35 s; the probe stops waiting at its bound (1 s here)
     and names the endpoint and the variable that sets it."""
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    closed = f"http://127.0.0.1:{s.getsockname()[1]}"
-    s.close()
+    from ptmst_ray.cluster.local import free_ports
+
+    closed = f"http://127.0.0.1:{free_ports(1)[0]}"  # free now: nothing listens there
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", closed)
     monkeypatch.setattr(storage, "PROBE_WAIT_S", 1.0)
     line = _run_error(monkeypatch, gcs.url("run"))
