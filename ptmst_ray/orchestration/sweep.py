@@ -441,11 +441,12 @@ def build_tuner(cfg: Config, name: str, board=None, poll=None, verbose: int = 1)
     _POLL[0] = poll  # also read by the callback of a restored Tuner
     sweeps = Layout.of(cfg).sweeps
     args = storage_args(sweeps)
-    path = storage.join(args["storage_path"], name) if "storage_filesystem" in args else storage.join(sweeps, name)
+    url = storage.join(sweeps, name)
+    path = storage.join(args["storage_path"], name) if "storage_filesystem" in args else url
     trainable = tune.with_resources(tune.with_parameters(run_trial, base=cfg.to_dict(), name=name, board=board),
                                     {"CPU": 0, TRAIN_DRIVER: 1})
     if tune.Tuner.can_restore(path, storage_filesystem=args.get("storage_filesystem")):
-        log.info("resuming the sweep at %s (finished trials are kept)", storage.join(sweeps, name))
+        log.info("resuming the sweep at %s (finished trials are kept)", url)
         return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True,
                                   storage_filesystem=args.get("storage_filesystem")), True
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
