@@ -399,8 +399,8 @@ def _diverged_note(r: dict) -> str:
 def full_score_key(cfg, seed: int) -> str:
     """The cache key of one full-data seed's scores: the pipeline's own (`stages.score.score_key`): the data, the
     towers and their pretraining (a run's own pretrained checkpoint counts by its pretraining settings, not by the
-    path of the root it lies in, so a copied root reuses the scores), the full-data student's evaluation settings
-    and run.seed."""
+    path of the root it lies in, so a copied root reuses the scores) and the full-data student's evaluation
+    settings; not run.seed (another distillation draw reuses them)."""
     from ptmst_ray.stages.score import score_key
 
     return score_key(cfg, "full", seed)

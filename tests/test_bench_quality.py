@@ -337,17 +337,17 @@ def test_full_data_scores_are_reused_only_for_the_same_data_model_and_evaluation
     got = bq.load_full_score(cells, cfg, 1)
     assert {k: got[k] for k in run} == run and got["reused"]["path"].startswith(cells)
     assert bq.load_full_score(cells, cfg, 0) is None  # another seed
-    # what the full-data baseline does not depend on: how many seeds, which baselines, the distillation
+    # what the full-data baseline does not depend on: how many seeds, which baselines, the distillation and its draw
     same = cfg.replace(**{"eval.seeds": 5, "eval.baselines": ["random"], "eval.epochs": 9,
                           "eval.phase_training": "cumulative", "distill.rel_lr_img": 0.5,
-                          "phases.0.pairs": 3, "experts.num_experts": 7})
+                          "phases.0.pairs": 3, "experts.num_experts": 7, "run.seed": 4})
     assert bq.load_full_score(cells, same, 1) is not None
     # nor where the root lies: a copy of it (its own pretraining's checkpoint under another path) reuses the scores
     assert "${run.root}" in TINY["model"]["pretrained"] and cfg.pretrain.enabled
     assert bq.load_full_score(cells, tiny_config(tmp_path / "copy"), 1) is not None
     # what it does: the data, the towers and their pretraining, the evaluation schedule
     for key, value in [("data.builtin.train_images", 61), ("model.temperature", 0.05), ("pretrain.epochs", 3),
-                       ("eval.full_data_max_epochs", 9), ("eval.lr", 0.5), ("run.seed", 4)]:
+                       ("eval.full_data_max_epochs", 9), ("eval.lr", 0.5)]:
         assert bq.load_full_score(cells, cfg.replace(**{key: value}), 1) is None, key
     # without pretraining the checkpoint named is what the towers are: another path is another model
     ckpt = {"pretrain.enabled": False, "model.pretrained": str(tmp_path / "a.safetensors")}

@@ -327,6 +327,17 @@ def test_embeddings_made_before_val_are_kept(val_root):
     assert {n: os.stat(storage.join(out, n)).st_mtime_ns for n in old} == stamps  # not rewritten
 
 
+def test_random_and_full_scores_do_not_depend_on_the_distillation_draw(val_root):
+    """What lets their score keys leave run.seed out: the random coreset's and the full-data student's scores
+    are the same under another run.seed (the RNG state between the calls differs, so nothing global seeds them)."""
+    cfg = tiny_config(val_root, **VAL)
+    other = cfg.replace(**{"run.seed": 3})
+    for method in ("random", "full"):
+        a, b = score_one_seed(cfg, method, 1), score_one_seed(other, method, 1)
+        assert (a["best"], a["best_val"], a["epochs_run"]) == (b["best"], b["best_val"], b["epochs_run"]), method
+    assert score_one_seed(cfg, "random", 0)["best"] != score_one_seed(cfg, "random", 1)["best"]  # the seed does matter
+
+
 def test_score_with_val_and_results_json(val_root):
     """score_one_seed with a val split: every method chooses on val and reports best_on_test beside; the full
     baseline stops by val within full_data_max_epochs; results.json (summarise) carries both figures and the
@@ -414,6 +425,8 @@ def test_score_key_follows_each_scores_inputs(tmp_path):
     assert [score_key(cfg.replace(**{"eval.full_data_epochs": 3}), m, 0) == keys[m] for m in methods] == \
         [True, True, True, False]
     assert all(score_key(cfg.replace(**{"eval.lr": 0.05}), m, 0) != keys[m] for m in methods)
+    # another distillation draw: the subsets' keys change (and their content would), random's and full's do not
+    assert [score_key(cfg.replace(**{"run.seed": 3}), m, 0) == keys[m] for m in methods] == [False, True, False, True]
 
     storage.write_manifest(layout.distilled, {"config_hash": "x", "files": {"distilled.safetensors": "cc"}})
     assert score_key(cfg, "ptm_st", 0) != keys["ptm_st"] and score_key(cfg, "single_phase", 0) == keys["single_phase"]

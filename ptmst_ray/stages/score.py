@@ -161,8 +161,12 @@ def score_key(cfg: Config, method: str, seed: int) -> str | None:
         source = manifest.get("files")
     elif method == "random":
         source = cfg.total_pairs
+    # run.seed draws the distillation, which reaches a score only through the distilled set's content (source);
+    # the random coreset and the full-data student are drawn from eval.seed alone, so another draw reuses their
+    # scores. The subsets' keys keep run.seed (redundant with their content) so that their stored scores stay valid.
+    drawn = (cfg.run.seed,) if method in (PTM_ST, SINGLE_PHASE) else ()
     return section_hash(method, seed, settings, cfg.eval_loss, data_hash(cfg), model_hash(cfg), data_order(cfg),
-                        cfg.run.seed, source)[:16]
+                        *drawn, source)[:16]
 
 
 def stored_score(cfg: Config, method: str, seed: int) -> dict[str, Any] | None:
