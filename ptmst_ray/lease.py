@@ -48,8 +48,7 @@ def _read(url: str) -> dict[str, Any] | None:
     fs, path = storage.filesystem(url)
     fs.invalidate_cache(path)  # another process wrote it: an object store's cached listing would not know
     try:
-        with fs.open(path, "rb") as f:
-            text = f.read()
+        text = storage.read_whole(fs, path, url)  # its holder rewrites it at each heartbeat
     except FileNotFoundError:
         return None
     try:

@@ -18,6 +18,7 @@ import shutil
 import socket
 import tempfile
 import threading
+import time
 import uuid
 from typing import Any, Iterator
 
@@ -92,11 +93,35 @@ def remove(url: str, recursive: bool = False) -> None:
         fs.rm(path, recursive=recursive)
 
 
+REREADS = 5
+"""Times a file replaced while it is read is read again (:func:`read_whole`) before giving up."""
+
+
+def read_whole(fs: fsspec.AbstractFileSystem, path: str, url: str) -> bytes:
+    """The bytes of one whole version of the file at ``path``; FileNotFoundError if there is none.
+
+    Index files are replaced while others read them (an expert's index after each epoch, a lease at each
+    heartbeat, a run's attempts). A replacement is atomic (a rename, or one upload), but a read on an object
+    store is a HEAD and then GETs tied to the ETag the HEAD saw: a replacement landing between them fails the
+    read (s3fs's ``FileExpired``, errno EBUSY) rather than mix two versions. That read starts again, and a
+    fresh one returns the new version whole.
+    """
+    for attempt in range(REREADS):
+        try:
+            with fs.open(path, "rb") as f:
+                return f.read()
+        except OSError as e:
+            if e.errno != errno.EBUSY or isinstance(e, FileNotFoundError):
+                raise
+            time.sleep(0.05 * 2 ** attempt)
+    raise StorageError(f"{url}: replaced {REREADS} times while being read; another process rewrites it "
+                       "continually: stop it, or run the same command again", url)
+
+
 def read_bytes(url: str) -> bytes:
     fs, path = filesystem(url)
     try:
-        with fs.open(path, "rb") as f:
-            return f.read()
+        return read_whole(fs, path, url)
     except FileNotFoundError:
         raise StorageError(f"{url}: file not found") from None
 

@@ -91,6 +91,51 @@ def test_an_object_is_uploaded_in_place_and_a_failed_write_leaves_nothing(s3):
 
 
 
+def test_an_object_replaced_between_a_readers_requests_is_read_whole(s3, monkeypatch):
+    """Another process replaces an index right after a reader's first request (the driver reading an expert's
+    trajectory.json as its actor stores the next epoch: the CI failure of 6d70671, s3fs's FileExpired): the read
+    returns one whole version, the new one, and never fails; a lease read the same way does too."""
+    import asyncio
+
+    import s3fs
+
+    from ptmst_ray import lease
+
+    old, new = {"epochs": 1, "pad": "a" * 10}, {"epochs": 2, "pad": "b" * 300}
+    original = s3fs.S3FileSystem._call_s3
+    for key in ("run/experts/expert_0000/trajectory.json", "run/lease.json"):
+        url = s3.url(key)
+        storage.write_json(url, old)
+        requests: list[str] = []
+
+        async def replacing(self, method, *a, **k):
+            out = await original(self, method, *a, **k)
+            requests.append(method)
+            if len(requests) == 1:  # the writer lands between this reader's first request and its next
+                await asyncio.to_thread(s3.client().put_object, Bucket=s3.bucket, Key=key,
+                                        Body=json.dumps(new).encode())
+            return out
+
+        monkeypatch.setattr(s3fs.S3FileSystem, "_call_s3", replacing)
+        got = storage.read_json(url) if key.endswith("trajectory.json") else lease._read(url)
+        monkeypatch.setattr(s3fs.S3FileSystem, "_call_s3", original)
+        assert got == new, (key, requests)
+        assert len(requests) > 1, requests  # the replacement did land between two requests of the read
+
+    # replaced after every request: the reader gives up with a message naming the file, not a half-read version
+    versions = iter(range(1000))
+
+    async def always(self, method, *a, **k):
+        out = await original(self, method, *a, **k)
+        await asyncio.to_thread(s3.client().put_object, Bucket=s3.bucket, Key="run/lease.json",
+                                Body=json.dumps({"v": next(versions)}).encode())
+        return out
+
+    monkeypatch.setattr(s3fs.S3FileSystem, "_call_s3", always)
+    with pytest.raises(storage.StorageError, match=f"{s3.url('run/lease.json')}: replaced .* times while being read"):
+        storage.read_json(s3.url("run/lease.json"))
+
+
 def test_resume_scan_and_checkpoint_cleanup_on_key_prefixes(s3):
     """On an object store a 'folder' is a key prefix: the resume scan takes the furthest intact state and
     skips a cut upload (its tensors do not match the hash in its JSON, or it has no JSON at all); the
