@@ -12,7 +12,7 @@ full-data baseline's seeds are reused from <root>/cells/full/ when the data, mod
 settings are the same (--rescore-full redoes them; the report says which were reused and from which commit).
 
     .venv/bin/python bench/bench_quality.py [--config configs/toy.yaml] [--set KEY=VALUE ...]
-        [--budgets 20 50 100] [--one-phase-upto N] [--headline B] [--seeds 3]
+        [--budgets 20 50 100] [--one-phase-upto N] [--headline B] [--seeds 3] [--draws 1]
         [--methods random single_phase ptm_st ptm_st_exact] [--ablations] [--eval-epochs N]
         [--root ~/.cache/ptmst-ray/bench-quality] [--name NAME] [--out bench/<stem>.md] [--write-results] [--quick]
         [--rescore-full]
@@ -26,6 +26,7 @@ between the config's phases in the config's proportions, except budgets of at mo
 pairs, which distil ONE phase (the paper's choice at small budgets; there ptm_st is the single-phase
 distillation, so no single_phase cell runs); a phase's minibatch is capped at its pairs. The full
 train split is scored once, on the config's schedule (with a val split: until val stops improving).
+With --draws D each distilled cell is distilled D times (run.seed + 0..D-1) and its D x seeds runs pooled.
 
 Figures: "best" is the test recall at the evaluation point chosen on the val split when the data has
 one (the honest figure), else on test; "best_on_test" (the paper's protocol) is reported beside it.
@@ -128,10 +129,16 @@ class Cell:
     method: str
     budget: int
     cfg: Any  # ptmst_ray.config.Config
+    draw: int = 0  # the distillation's draw: run.seed = the base config's + draw (--draws)
+
+    @property
+    def entry(self) -> str:
+        """The matrix entry the cell is part of (the report pools its draws)."""
+        return f"{self.method}@{self.budget}"
 
     @property
     def key(self) -> str:
-        return f"{self.method}@{self.budget}"
+        return self.entry if self.draw == 0 else f"{self.entry}~draw{self.draw}"
 
     @property
     def distilled(self) -> bool:
@@ -162,13 +169,16 @@ def budget_phases(base, budget: int, method: str, one_phase_upto: int = 0) -> li
     return [dataclasses.replace(p, pairs=n, minibatch=min(p.minibatch, n)) for p, n in zip(base.phases, parts)]
 
 
-def cell_config(base, method: str, budget: int, cells_dir: str, one_phase_upto: int = 0):
-    """The base config at ``budget`` with ``method``'s overrides, phases under its own root, prerequisites shared."""
+def cell_config(base, method: str, budget: int, cells_dir: str, one_phase_upto: int = 0, draw: int = 0):
+    """The base config at ``budget`` with ``method``'s overrides, phases under its own root, prerequisites shared.
+    Draw d > 0 of a distilled method distils with run.seed + d (the phases' own seeds; data, towers, experts and
+    evaluation seeds are the same) under ``<method>-draw<d>``."""
     from ptmst_ray import layout, storage
 
     overrides = {
         "phases": [dataclasses.asdict(p) for p in budget_phases(base, budget, method, one_phase_upto)],
-        "run.root": storage.join(cells_dir, f"b{budget}", method),
+        "run.root": storage.join(cells_dir, f"b{budget}", method if draw == 0 else f"{method}-draw{draw}"),
+        "run.seed": base.run.seed + draw,
         "run.shared_root": layout.Layout.of(base).shared,
         "eval.baselines": [],
         **METHOD_OVERRIDES[method],
@@ -176,11 +186,15 @@ def cell_config(base, method: str, budget: int, cells_dir: str, one_phase_upto: 
     return base.replace(**overrides)
 
 
-def make_cells(base, methods: list[str], budgets: list[int], cells_dir: str, one_phase_upto: int = 0) -> list[Cell]:
-    """Every (method, budget) cell; single_phase is left out at one-phase budgets (there ptm_st IS the
-    single-phase distillation: the same config)."""
-    return [Cell(m, b, cell_config(base, m, b, cells_dir, one_phase_upto)) for b in budgets for m in methods
-            if not (m == "single_phase" and b <= one_phase_upto)]
+def make_cells(base, methods: list[str], budgets: list[int], cells_dir: str, one_phase_upto: int = 0,
+               draws: int = 1) -> list[Cell]:
+    """Every (method, budget) cell, a distilled method's in ``draws`` distillation draws (the random coreset and
+    full data do not depend on run.seed: one each); single_phase is left out at one-phase budgets (there ptm_st IS
+    the single-phase distillation: the same config)."""
+    if draws < 1:
+        raise ValueError(f"--draws must be at least 1, got {draws}")
+    return [Cell(m, b, cell_config(base, m, b, cells_dir, one_phase_upto, d), d) for b in budgets for m in methods
+            if not (m == "single_phase" and b <= one_phase_upto) for d in range(draws if m in DISTILLED else 1)]
 
 
 def quick_budgets(budgets: list[int], one_phase_upto: int = 0) -> list[int]:
@@ -562,8 +576,8 @@ def paired(a: dict, b: dict, which: str = "best") -> dict | None:
     the cells share no scored seed."""
     from ptmst_ray.evaluate.protocol import per_seed_difference
 
-    def by_seed(cell: dict) -> dict:
-        return {r["seed"]: r[which]["r_mean"] for r in cell.get("runs") or [] if r.get(which)}
+    def by_seed(cell: dict) -> dict:  # with --draws, a pair is one draw's one evaluation seed in both cells
+        return {(r.get("draw", 0), r["seed"]): r[which]["r_mean"] for r in cell.get("runs") or [] if r.get(which)}
 
     return per_seed_difference(by_seed(a), by_seed(b))
 
@@ -666,6 +680,8 @@ def cell_notes(cells: dict[str, dict]) -> list[str]:
              for k, c in cells.items() if c.get("diverged_phases")]
     notes += [f"* {k}: {c['status']}: {c.get('distill_detail')}" for k, c in cells.items()
               if c.get("status") not in ("done", None)]
+    notes += [f"* {k}: draw {d['draw']} (run.seed {d['run_seed']}) {d['status']}: left out of the pooled figures"
+              for k, c in cells.items() for d in c.get("draws") or [] if d["status"] != "done"]
     return ["", "Notes:", "", *notes] if notes else []
 
 
@@ -730,6 +746,22 @@ def parts_table(rows: list[dict]) -> str:
                       "yes" if r["beats"] else "no", seeds(r.get("paired"))] for r in rows])
 
 
+def draw_table(cells: dict[str, dict], full: dict | None) -> str:
+    """Per distilled cell with several draws, each draw: its run.seed, its seeds' mean r_mean (val-selected, and
+    best on test), the gap it closes against the random coreset and full data, its final matching losses."""
+    rows = []
+    for c in sorted(cells.values(), key=lambda c: (c["budget"], _method_rank(c["method"]))):
+        rnd = cells.get(f"random@{c['budget']}")
+        for d in c.get("draws") or []:
+            have = d["best"] is not None and full and rnd and "best" in rnd
+            gap = gap_closed(d["best"], rnd["best"]["r_mean"]["mean"], full["best"]["r_mean"]["mean"]) if have else None
+            loss = " / ".join(f"{v:.2f}" for _, v in sorted((d.get("final_loss") or {}).items()))
+            rows.append([c["budget"], c["method"], d["draw"], d["run_seed"], d["seeds"], _num(d["best"]),
+                         _num(d["best_on_test"]), _pct(gap), loss or d["status"]])
+    return md_table(["budget", "method", "draw", "run.seed", "seeds", "r_mean", "r_mean best on test", "gap closed",
+                     "final M per phase"], "rlrrrrrrl", rows)
+
+
 def curve_points(curve: list, most: int = 6) -> list:
     """At most ``most`` evenly spaced [iteration, loss] entries of a matching-loss curve, first and last kept."""
     if len(curve) <= most:
@@ -783,6 +815,11 @@ def format_report(res: dict, details: str | None = None) -> str:
                f"the paper does at small budgets), so there ptm_st is the single-phase distillation and no "
                f"single_phase cell is run." if one else "")
     gap_rows = gaps(res["cells"], res.get("full"))
+    draws = res.get("draws", 1)
+    draws_txt = (f" Each distilled cell is distilled {draws} times (run.seed + 0..{draws - 1}: the phases' own draws; "
+                 f"data, towers, experts and evaluation seeds shared) and its figures pool the {draws} x "
+                 f"{ev['seeds']} runs: the stds include the draws' spread, and a per-seed comparison pairs the same "
+                 f"draw and evaluation seed." if draws > 1 else "")
     out = [
         f"Command: `{res['command']}`",
         "",
@@ -799,7 +836,7 @@ def format_report(res: dict, details: str | None = None) -> str:
         f"budgets {res['budgets']} split between the phases as {splits}{capped}; {ev['seeds']} evaluation seeds per "
         f"cell (a fresh student initialisation each, and a different subset for the random coreset); "
         f"{ev['epochs']} evaluation epochs per subset ({full_txt}); eval loss {ev['loss']}; selection of the "
-        f"reported point: {'val' if on_val else 'test'}.{one_txt}"
+        f"reported point: {'val' if on_val else 'test'}.{one_txt}{draws_txt}"
         + (" QUICK development run: not the benchmark." if res.get("quick") else ""),
         "",
         f"### r_mean and recalls: {best_txt} (mean ± std over seeds; recalls are means)",
@@ -818,6 +855,8 @@ def format_report(res: dict, details: str | None = None) -> str:
         "### What each part carries: ptm_st minus the cell without it",
         "",
         parts_table(parts(res["cells"], res["budgets"])),
+        *(["", "### Each distillation draw: its seeds' mean r_mean and the gap it closes", "",
+           draw_table(res["cells"], res.get("full"))] if draws > 1 else []),
         *cell_notes(res["cells"]),
     ]
     if details:
@@ -929,6 +968,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="config override (repeatable), applied to every cell")
     ap.add_argument("--budgets", type=int, nargs="+", default=[20, 50, 100], help="total pairs per cell")
     ap.add_argument("--seeds", type=int, default=None, help="evaluation seeds per cell (default: eval.seeds)")
+    ap.add_argument("--draws", type=int, default=1, metavar="D",
+                    help="distil each distilled cell D times, with run.seed, run.seed + 1, ... (the phases' own "
+                         "draws; data, towers, experts and evaluation seeds shared) and pool the D x seeds runs: "
+                         "the figures then weigh the distillation's draw, not only the evaluation's (default 1)")
     ap.add_argument("--methods", nargs="+", default=list(BASE_METHODS), choices=BASE_METHODS + ABLATIONS)
     ap.add_argument("--ablations", action="store_true", help=f"add {', '.join(ABLATIONS)}")
     ap.add_argument("--one-phase-upto", type=int, default=0, metavar="N",
@@ -1003,12 +1046,13 @@ def main(argv: list[str] | None = None) -> dict:
 
     cells_dir = storage.join(base.run.root, "cells-quick" if args.quick else "cells")
     # validates every cell's config before Ray starts
-    cells = make_cells(base, methods, budgets, cells_dir, args.one_phase_upto)
+    cells = make_cells(base, methods, budgets, cells_dir, args.one_phase_upto, args.draws)
     section, stem = section_and_stem(args.name or data_name(base))
     out = Path(args.out) if args.out else (Path(os.path.expanduser(args.root)) / "quick" / f"{stem}.md"
                                            if args.quick else REPO / "bench" / f"{stem}.md")
     command = ".venv/bin/python bench/bench_quality.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
-    say(t0, f"{len(cells)} cells ({', '.join(methods)} x budgets {budgets}), {base.eval.seeds} seeds, "
+    say(t0, f"{len(cells)} cells ({', '.join(methods)} x budgets {budgets}"
+            + (f", {args.draws} draws of each distilled one" if args.draws > 1 else "") + f"), {base.eval.seeds} seeds, "
             f"{base.eval.epochs} eval epochs; root {base.run.root}")
 
     import ray
@@ -1029,7 +1073,7 @@ def main(argv: list[str] | None = None) -> dict:
     if prereq_cfg.experts.lr_img != base.experts.lr_img:  # experts.lr_img auto: the cells take the rule's pick
         picked = prereq_cfg.experts
         base = base.replace(**{"experts.lr_img": picked.lr_img, "experts.lr_txt": picked.lr_txt})
-        cells = make_cells(base, methods, budgets, cells_dir, args.one_phase_upto)
+        cells = make_cells(base, methods, budgets, cells_dir, args.one_phase_upto, args.draws)
     t_prereq = time.time()
     ui.stage("distillation (cells in waves of concurrent Train runs)")
     ray.get(board.clear.remote())
@@ -1050,19 +1094,30 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def assemble(args, base, cells: list[Cell], distill: dict, runs: dict, machine: dict, command: str) -> dict:
+    """The report's data: one entry per (method, budget), its draws' runs pooled (each run tagged with its draw)."""
     table: dict[str, dict] = {}
+    entries: dict[str, list[Cell]] = {}
     for c in cells:
+        entries.setdefault(c.entry, []).append(c)
+    for key, group in entries.items():
+        c = group[0]  # draw 0: the cell's phases, matching losses and root are its
         entry: dict[str, Any] = {"method": c.method, "budget": c.budget, "pairs": c.cfg.total_pairs,
                                  "phase_pairs": [p.pairs for p in c.cfg.phases], "root": c.cfg.run.root}
         if c.distilled:
             d = distill.get(c.key, {})
+            details = [d["detail"]] if d.get("detail") else []
+            details += [f"draw {g.draw}: {distill.get(g.key, {}).get('detail')}" for g in group[1:]
+                        if distill.get(g.key, {}).get("status") != "done"]  # a failed draw: pooled without it
             entry.update(status=d.get("status", "missing"), distill_seconds=d.get("seconds"),
-                         distill_skipped=bool(d.get("skipped")), distill_detail=d.get("detail"),
+                         distill_skipped=bool(d.get("skipped")), distill_detail="; ".join(details) or None,
                          final_loss=d.get("final_loss"), diverged_phases=d.get("diverged") or [],
                          phases=d.get("phases"))
-        if c.key in runs:
-            entry.update(cell_figures(runs[c.key], c.cfg, c.method), status="done", runs=_lean(runs[c.key]))
-        table[c.key] = entry
+        pooled = [{**r, "draw": g.draw} for g in group for r in runs.get(g.key, [])]
+        if pooled:
+            entry.update(cell_figures(pooled, c.cfg, c.method), status="done", runs=_lean(pooled))
+        if len(group) > 1:
+            entry["draws"] = [draw_record(g, distill.get(g.key, {}), runs.get(g.key, [])) for g in group]
+        table[key] = entry
     full = None
     if "full" in runs:
         full = {**cell_figures(runs["full"], base, "full"), "runs": _lean(runs["full"]),
@@ -1076,7 +1131,7 @@ def assemble(args, base, cells: list[Cell], distill: dict, runs: dict, machine: 
     return {"command": command, "config": os.path.relpath(args.config, REPO) if Path(args.config).is_absolute()
             else args.config, "overrides": args.overrides, "quick": args.quick, "root": base.run.root,
             "budgets": sorted(splits), "splits": {str(b): s for b, s in splits.items()}, "notes": notes,
-            "methods": list(dict.fromkeys(c.method for c in cells)), "machine": machine,
+            "methods": list(dict.fromkeys(c.method for c in cells)), "machine": machine, "draws": args.draws,
             "selection": "/".join(sorted(selection)) or None,
             "eval": {"epochs": base.eval.epochs, "seeds": base.eval.seeds, "eval_points": base.eval.eval_points,
                      "full_data_epochs": base.eval.full_data_epochs, "full_data_patience": base.eval.full_data_patience,
@@ -1084,8 +1139,20 @@ def assemble(args, base, cells: list[Cell], distill: dict, runs: dict, machine: 
             "cells": table, "full": full, "ratios": ratios(table, full)}
 
 
+def draw_record(cell: Cell, distilled: dict, runs: list[dict]) -> dict:
+    """One draw of a distilled cell: its run.seed, root, distillation status and final matching losses, and its
+    seeds' mean r_mean (val-selected "best" and best-on-test; None when none was scored)."""
+    def mean(which: str) -> float | None:
+        xs = [r[which]["r_mean"] for r in runs if r.get(which)]
+        return sum(xs) / len(xs) if xs else None
+
+    return {"draw": cell.draw, "run_seed": cell.cfg.run.seed, "root": cell.cfg.run.root,
+            "status": distilled.get("status", "missing"), "final_loss": distilled.get("final_loss"),
+            "seeds": len(runs), "best": mean("best"), "best_on_test": mean("best_on_test")}
+
+
 def _lean(runs: list[dict]) -> list[dict]:
-    keep = ("seed", "pairs", "final", "best", "best_epoch", "best_on_test", "best_on_test_epoch", "selection",
+    keep = ("seed", "draw", "pairs", "final", "best", "best_epoch", "best_on_test", "best_on_test_epoch", "selection",
             "best_val", "epochs_run", "diverged_at", "seconds")
     return [{k: r.get(k) for k in keep} for r in runs]
 

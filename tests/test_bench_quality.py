@@ -263,6 +263,67 @@ def test_one_phase_budgets_distil_the_first_phase_window_with_the_whole_budget()
     assert fixed.cfg.distill.lr_sim == 0 and fixed.distilled and [p.pairs for p in fixed.cfg.phases] == [20, 30]
 
 
+def _scored(method: str, seed: int, value: float) -> dict:
+    """One evaluation seed's run as the scoring returns it, every metric at ``value`` (best on test 0.5 higher)."""
+    from ptmst_ray.evaluate.metrics import METRIC_NAMES
+
+    metrics = {k: value for k in METRIC_NAMES}
+    return {"method": method, "seed": seed, "pairs": 50, "best": metrics, "final": metrics, "best_val": metrics,
+            "best_on_test": {k: value + 0.5 for k in METRIC_NAMES}, "selection": "val", "best_epoch": 40,
+            "epochs_run": 100, "diverged_at": None}
+
+
+def test_draws_distil_each_cell_with_its_own_run_seed_and_pool_their_runs():
+    import argparse
+    import statistics
+
+    from ptmst_ray.config import load_config
+
+    base = load_config(Path(__file__).resolve().parents[1] / "configs" / "scenes.yaml", ["run.seed=7"])
+    cells = bq.make_cells(base, ["random", "single_phase", "ptm_st"], [50], "/tmp/x", draws=2)
+    assert [(c.key, c.entry, c.cfg.run.seed, c.cfg.run.root) for c in cells] == [
+        ("random@50", "random@50", 7, "/tmp/x/b50/random"),
+        ("single_phase@50", "single_phase@50", 7, "/tmp/x/b50/single_phase"),
+        ("single_phase@50~draw1", "single_phase@50", 8, "/tmp/x/b50/single_phase-draw1"),
+        ("ptm_st@50", "ptm_st@50", 7, "/tmp/x/b50/ptm_st"),
+        ("ptm_st@50~draw1", "ptm_st@50", 8, "/tmp/x/b50/ptm_st-draw1")]
+    # draw 0 is the cell a run without --draws makes (its distillation is reused), and a draw differs in run.seed alone
+    assert [c.cfg for c in cells if c.draw == 0] == [c.cfg for c in bq.make_cells(base, ["random", "single_phase",
+                                                                                         "ptm_st"], [50], "/tmp/x")]
+    assert cells[4].cfg.replace(**{"run.seed": 7, "run.root": "/tmp/x/b50/ptm_st"}) == cells[3].cfg
+    with pytest.raises(ValueError, match="--draws must be at least 1"):
+        bq.make_cells(base, ["ptm_st"], [50], "/tmp/x", draws=0)
+
+    scores = {"random@50": [4.0, 5.0], "single_phase@50": [10.0, 11.0], "single_phase@50~draw1": [9.5, 8.0],
+              "ptm_st@50": [11.0, 12.0], "ptm_st@50~draw1": [9.0, 10.0]}
+    runs = {c.key: [_scored(c.score_method, s, v) for s, v in enumerate(scores[c.key])] for c in cells}
+    distill = {c.key: {"status": "done", "final_loss": {"phase0": 1.1 + c.draw, "phase1": 1.2}} for c in cells
+               if c.distilled}
+    args = argparse.Namespace(config="configs/scenes.yaml", overrides=[], quick=False, one_phase_upto=0, draws=2)
+    res = bq.assemble(args, base, cells, distill, runs, {}, "cmd")
+    assert sorted(res["cells"]) == ["ptm_st@50", "random@50", "single_phase@50"] and res["draws"] == 2
+    ptm = res["cells"]["ptm_st@50"]
+    pooled = [11.0, 12.0, 9.0, 10.0]
+    assert ptm["seeds"] == 4 and ptm["best"]["r_mean"]["mean"] == pytest.approx(statistics.mean(pooled))
+    assert ptm["best"]["r_mean"]["std"] == pytest.approx(statistics.pstdev(pooled))  # the draws' spread counts
+    assert [(r["draw"], r["seed"]) for r in ptm["runs"]] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert [(d["draw"], d["run_seed"], d["seeds"], d["best"], d["best_on_test"]) for d in ptm["draws"]] == \
+        [(0, 7, 2, 11.5, 12.0), (1, 8, 2, 9.5, 10.0)]
+    assert "draws" not in res["cells"]["random@50"] and res["cells"]["random@50"]["seeds"] == 2
+    # paired by (draw, seed): +1.0, +1.0, -0.5, +2.0
+    pair = bq.compare(ptm, res["cells"]["single_phase@50"])["paired"]
+    assert pair["seeds"] == 4 and pair["ahead"] == 3 and pair["mean"] == pytest.approx(0.875)
+    full = _sel_cell("full", 0, 14.5, 0.4, 15.0)
+    table = bq.draw_table(res["cells"], full)
+    # draw 1 of ptm_st: (9.5 - 4.5) / (14.5 - 4.5) = 50% of the gap
+    assert "| 50 | ptm_st | 1 | 8 | 2 | 9.50 | 10.00 | 50% | 2.10 / 1.20 |" in table
+    assert "| 50 | single_phase | 0 | 7 | 2 | 10.50 | 11.00 | 60% | 1.10 / 1.20 |" in table
+    assert "random" not in table
+    assert bq.cell_notes(res["cells"]) == []
+    res["cells"]["ptm_st@50"]["draws"][1]["status"] = "failed"
+    assert bq.cell_notes(res["cells"])[-1] == "* ptm_st@50: draw 1 (run.seed 8) failed: left out of the pooled figures"
+
+
 def test_quick_budgets_one_of_each_kind():
     assert bq.quick_budgets([100, 20, 50], one_phase_upto=20) == [20, 50]
     assert bq.quick_budgets([20, 50, 100]) == [20]
