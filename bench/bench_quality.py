@@ -507,7 +507,7 @@ def cell_figures(runs: list[dict], cfg, method: str) -> dict:
     m = summary["methods"][runs[0]["method"]]
     return {"method": method, "pairs": m["pairs"], "seeds": m["seeds"], "epochs": m["epochs"],
             "selection": summary["selection"], "best": {k: m[k] for k in METRIC_NAMES}, "final": m["final"],
-            "best_on_test": m["best_on_test"], "epochs_run": m["epochs_run"],
+            "best_on_test": m["best_on_test"], **({"val": m["val"]} if "val" in m else {}), "epochs_run": m["epochs_run"],
             "best_epochs": [r["best_epoch"] for r in runs],
             "diverged": [r["diverged_at"] for r in runs if r["diverged_at"]],
             "eval_task_seconds": sum(r.get("seconds", 0.0) for r in runs)}
@@ -747,8 +747,9 @@ def parts_table(rows: list[dict]) -> str:
 
 
 def draw_table(cells: dict[str, dict], full: dict | None) -> str:
-    """Per distilled cell with several draws, each draw: its run.seed, its seeds' mean r_mean (val-selected, and
-    best on test), the gap it closes against the random coreset and full data, its final matching losses."""
+    """Per distilled cell with several draws, each draw: its run.seed, its seeds' mean r_mean (val-selected, best
+    on test, and on val at the chosen points: what a choice between recipes looks at), the gap it closes against
+    the random coreset and full data, its final matching losses."""
     rows = []
     for c in sorted(cells.values(), key=lambda c: (c["budget"], _method_rank(c["method"]))):
         rnd = cells.get(f"random@{c['budget']}")
@@ -757,9 +758,9 @@ def draw_table(cells: dict[str, dict], full: dict | None) -> str:
             gap = gap_closed(d["best"], rnd["best"]["r_mean"]["mean"], full["best"]["r_mean"]["mean"]) if have else None
             loss = " / ".join(f"{v:.2f}" for _, v in sorted((d.get("final_loss") or {}).items()))
             rows.append([c["budget"], c["method"], d["draw"], d["run_seed"], d["seeds"], _num(d["best"]),
-                         _num(d["best_on_test"]), _pct(gap), loss or d["status"]])
-    return md_table(["budget", "method", "draw", "run.seed", "seeds", "r_mean", "r_mean best on test", "gap closed",
-                     "final M per phase"], "rlrrrrrrl", rows)
+                         _num(d["best_on_test"]), _num(d.get("val")), _pct(gap), loss or d["status"]])
+    return md_table(["budget", "method", "draw", "run.seed", "seeds", "r_mean", "r_mean best on test", "r_mean on val",
+                     "gap closed", "final M per phase"], "rlrrrrrrrl", rows)
 
 
 def curve_points(curve: list, most: int = 6) -> list:
@@ -1141,14 +1142,15 @@ def assemble(args, base, cells: list[Cell], distill: dict, runs: dict, machine: 
 
 def draw_record(cell: Cell, distilled: dict, runs: list[dict]) -> dict:
     """One draw of a distilled cell: its run.seed, root, distillation status and final matching losses, and its
-    seeds' mean r_mean (val-selected "best" and best-on-test; None when none was scored)."""
+    seeds' mean r_mean (val-selected "best", best-on-test, and the val recall that chose; None when none was
+    scored)."""
     def mean(which: str) -> float | None:
         xs = [r[which]["r_mean"] for r in runs if r.get(which)]
         return sum(xs) / len(xs) if xs else None
 
     return {"draw": cell.draw, "run_seed": cell.cfg.run.seed, "root": cell.cfg.run.root,
             "status": distilled.get("status", "missing"), "final_loss": distilled.get("final_loss"),
-            "seeds": len(runs), "best": mean("best"), "best_on_test": mean("best_on_test")}
+            "seeds": len(runs), "best": mean("best"), "best_on_test": mean("best_on_test"), "val": mean("best_val")}
 
 
 def _lean(runs: list[dict]) -> list[dict]:

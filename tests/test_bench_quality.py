@@ -264,11 +264,13 @@ def test_one_phase_budgets_distil_the_first_phase_window_with_the_whole_budget()
 
 
 def _scored(method: str, seed: int, value: float) -> dict:
-    """One evaluation seed's run as the scoring returns it, every metric at ``value`` (best on test 0.5 higher)."""
+    """One evaluation seed's run as the scoring returns it, every metric at ``value`` (best on test 0.5 higher, val
+    1.0 lower)."""
     from ptmst_ray.evaluate.metrics import METRIC_NAMES
 
     metrics = {k: value for k in METRIC_NAMES}
-    return {"method": method, "seed": seed, "pairs": 50, "best": metrics, "final": metrics, "best_val": metrics,
+    return {"method": method, "seed": seed, "pairs": 50, "best": metrics, "final": metrics,
+            "best_val": {k: value - 1.0 for k in METRIC_NAMES},
             "best_on_test": {k: value + 0.5 for k in METRIC_NAMES}, "selection": "val", "best_epoch": 40,
             "epochs_run": 100, "diverged_at": None}
 
@@ -307,8 +309,9 @@ def test_draws_distil_each_cell_with_its_own_run_seed_and_pool_their_runs():
     assert ptm["seeds"] == 4 and ptm["best"]["r_mean"]["mean"] == pytest.approx(statistics.mean(pooled))
     assert ptm["best"]["r_mean"]["std"] == pytest.approx(statistics.pstdev(pooled))  # the draws' spread counts
     assert [(r["draw"], r["seed"]) for r in ptm["runs"]] == [(0, 0), (0, 1), (1, 0), (1, 1)]
-    assert [(d["draw"], d["run_seed"], d["seeds"], d["best"], d["best_on_test"]) for d in ptm["draws"]] == \
-        [(0, 7, 2, 11.5, 12.0), (1, 8, 2, 9.5, 10.0)]
+    assert [(d["draw"], d["run_seed"], d["seeds"], d["best"], d["best_on_test"], d["val"]) for d in ptm["draws"]] == \
+        [(0, 7, 2, 11.5, 12.0, 10.5), (1, 8, 2, 9.5, 10.0, 8.5)]
+    assert ptm["val"]["r_mean"]["mean"] == pytest.approx(statistics.mean(pooled) - 1.0)
     assert "draws" not in res["cells"]["random@50"] and res["cells"]["random@50"]["seeds"] == 2
     # paired by (draw, seed): +1.0, +1.0, -0.5, +2.0
     pair = bq.compare(ptm, res["cells"]["single_phase@50"])["paired"]
@@ -316,8 +319,8 @@ def test_draws_distil_each_cell_with_its_own_run_seed_and_pool_their_runs():
     full = _sel_cell("full", 0, 14.5, 0.4, 15.0)
     table = bq.draw_table(res["cells"], full)
     # draw 1 of ptm_st: (9.5 - 4.5) / (14.5 - 4.5) = 50% of the gap
-    assert "| 50 | ptm_st | 1 | 8 | 2 | 9.50 | 10.00 | 50% | 2.10 / 1.20 |" in table
-    assert "| 50 | single_phase | 0 | 7 | 2 | 10.50 | 11.00 | 60% | 1.10 / 1.20 |" in table
+    assert "| 50 | ptm_st | 1 | 8 | 2 | 9.50 | 10.00 | 8.50 | 50% | 2.10 / 1.20 |" in table
+    assert "| 50 | single_phase | 0 | 7 | 2 | 10.50 | 11.00 | 9.50 | 60% | 1.10 / 1.20 |" in table
     assert "random" not in table
     assert bq.cell_notes(res["cells"]) == []
     res["cells"]["ptm_st@50"]["draws"][1]["status"] = "failed"
