@@ -11,6 +11,7 @@ CLI can all use it. See docs/design.md#run-root-layout.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import logging
 import os
 from dataclasses import dataclass
@@ -386,6 +387,11 @@ def rebuild(cfg: Config, stage: str) -> list[str]:
     return removed
 
 
+WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS})
+"""OSErrors that a full or read-only run root causes (the user frees space or fixes permissions); any other
+(a connection reset, a file replaced mid-read) passes with a plain retry."""
+
+
 def explain(cfg: Config, error: BaseException) -> str:
     """``error``'s message, plus the `--rebuild` command when it names a corrupt or missing artefact."""
     cause = getattr(error, "cause", None)  # a Ray task error: show the library error it carries
@@ -394,8 +400,9 @@ def explain(cfg: Config, error: BaseException) -> str:
     message = str(error)
     if isinstance(error, OSError):  # raised past the storage layer (e.g. inside a third-party writer)
         where = error.filename or cfg.run.root
-        return (f"{where}: {error.strerror or error}; nothing half-written is marked complete: free space or "
-                "make the run root writable, then run the same command again")
+        fix = ("free space or make the run root writable, then run the same command again" if error.errno in WRITE_ERRNOS
+               else "run the same command again (finished stages are kept)")
+        return f"{where}: {error.strerror or error}; nothing half-written is marked complete: {fix}"
     if isinstance(error, storage.StorageError) and "run `ptmst-ray" not in message and "run --rebuild" not in message:
         # a broken artefact: name the rebuild (a missing one's message already says which command makes it)
         stage = owning_stage(cfg, error.url)

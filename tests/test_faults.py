@@ -717,6 +717,22 @@ def test_disk_full_while_saving_an_expert_or_subset(tmp_path, monkeypatch):
     assert _no_tmp_left(tmp_path)
 
 
+def test_an_os_error_past_the_storage_layer_says_what_to_do_for_its_cause(tmp_path):
+    """A full or read-only run root asks for space or permissions; any other OSError (a reset connection, an
+    object replaced mid-read on a store) asks only for the same command again: both name the file."""
+    from ptmst_ray import layout
+
+    cfg = tiny_config(tmp_path / "root")
+    for code in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS):
+        text = layout.explain(cfg, OSError(code, os.strerror(code), "/r/experts/e.safetensors"))
+        assert text.startswith(f"/r/experts/e.safetensors: {os.strerror(code)};") and "free space" in text, text
+    for error in (OSError(errno.EBUSY, "The remote file ... no longer exists.", "b/run/trajectory.json"),
+                  ConnectionResetError(errno.ECONNRESET, "Connection reset by peer")):
+        text = layout.explain(cfg, error)
+        assert "free space" not in text and "run the same command again" in text, text
+        assert text.startswith(f"{error.filename or cfg.run.root}: {error.strerror};"), text
+
+
 # ---------------------------------------------------------------- 8. no pickle from the run root; loopback only
 
 
