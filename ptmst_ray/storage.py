@@ -20,7 +20,7 @@ import tempfile
 import threading
 import time
 import uuid
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import fsspec
 from fsspec.core import url_to_fs
@@ -97,8 +97,9 @@ REREADS = 5
 """Times a file replaced while it is read is read again (:func:`read_whole`) before giving up."""
 
 
-def read_whole(fs: fsspec.AbstractFileSystem, path: str, url: str) -> bytes:
-    """The bytes of one whole version of the file at ``path``; FileNotFoundError if there is none.
+def read_whole(fs: fsspec.AbstractFileSystem, path: str, url: str, read: Callable[[Any], Any] | None = None) -> Any:
+    """The bytes of one whole version of the file at ``path`` (or what ``read`` takes of it from the open file,
+    e.g. a header); FileNotFoundError if there is none.
 
     Index files are replaced while others read them (an expert's index after each epoch, a lease at each
     heartbeat, a run's attempts). A replacement is atomic (a rename, or one upload), but a read on an object
@@ -109,7 +110,7 @@ def read_whole(fs: fsspec.AbstractFileSystem, path: str, url: str) -> bytes:
     for attempt in range(REREADS):
         try:
             with fs.open(path, "rb") as f:
-                return f.read()
+                return f.read() if read is None else read(f)
         except OSError as e:
             if e.errno != errno.EBUSY or isinstance(e, FileNotFoundError):
                 raise

@@ -92,32 +92,41 @@ def test_an_object_is_uploaded_in_place_and_a_failed_write_leaves_nothing(s3):
 
 
 def test_an_object_replaced_between_a_readers_requests_is_read_whole(s3, monkeypatch):
-    """Another process replaces an index right after a reader's first request (the driver reading an expert's
-    trajectory.json as its actor stores the next epoch: the CI failure of 6d70671, s3fs's FileExpired): the read
-    returns one whole version, the new one, and never fails; a lease read the same way does too."""
+    """Another process replaces a file right after a reader's first request (the driver reading an expert's
+    trajectory.json as its actor stores the next epoch: the CI failure of 6d70671, s3fs's FileExpired; a lease at a
+    heartbeat; an epoch's tensor file rewritten by a retried actor while its header is read): the read returns one
+    whole version, the new one, and never fails."""
     import asyncio
 
     import s3fs
 
     from ptmst_ray import lease
+    from ptmst_ray.trajectories import store
 
-    old, new = {"epochs": 1, "pad": "a" * 10}, {"epochs": 2, "pad": "b" * 300}
+    def tensors(write_id: str) -> bytes:
+        return store._serialise({"w": torch.arange(64.0)}, {"epoch": 1}, write_id)
+
+    cases = [("run/experts/expert_0000/trajectory.json", storage.read_json, {"epochs": 1, "pad": "a"},
+              {"epochs": 2, "pad": "b" * 300}),
+             ("run/lease.json", lease._read, {"pid": 1}, {"pid": 2, "host": "h" * 300}),
+             ("run/experts/expert_0000/epoch_0001.safetensors",
+              lambda url: store.read_header_metadata(url)[store.WRITE_ID_KEY], "old-write", "new-write")]
     original = s3fs.S3FileSystem._call_s3
-    for key in ("run/experts/expert_0000/trajectory.json", "run/lease.json"):
+    for key, read, old, new in cases:
         url = s3.url(key)
-        storage.write_json(url, old)
+        body = (lambda v: tensors(v)) if key.endswith(".safetensors") else (lambda v: json.dumps(v).encode())
+        storage.write_bytes(url, body(old))
         requests: list[str] = []
 
         async def replacing(self, method, *a, **k):
             out = await original(self, method, *a, **k)
             requests.append(method)
             if len(requests) == 1:  # the writer lands between this reader's first request and its next
-                await asyncio.to_thread(s3.client().put_object, Bucket=s3.bucket, Key=key,
-                                        Body=json.dumps(new).encode())
+                await asyncio.to_thread(s3.client().put_object, Bucket=s3.bucket, Key=key, Body=body(new))
             return out
 
         monkeypatch.setattr(s3fs.S3FileSystem, "_call_s3", replacing)
-        got = storage.read_json(url) if key.endswith("trajectory.json") else lease._read(url)
+        got = read(url)
         monkeypatch.setattr(s3fs.S3FileSystem, "_call_s3", original)
         assert got == new, (key, requests)
         assert len(requests) > 1, requests  # the replacement did land between two requests of the read

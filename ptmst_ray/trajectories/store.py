@@ -85,9 +85,8 @@ def _parse_header(url: str, head: bytes, read_rest: Callable[[int], bytes]) -> d
 def read_header_metadata(url: str) -> dict[str, str]:
     """The ``__metadata__`` of a safetensors file, reading only its header (cheap on any fsspec URL)."""
     fs, path = storage.filesystem(url)
-    try:
-        with fs.open(path, "rb") as f:
-            return _parse_header(url, f.read(8), f.read)
+    try:  # a concurrent writer of the same id may replace the file between the two reads: read it again
+        return storage.read_whole(fs, path, url, lambda f: _parse_header(url, f.read(8), f.read))
     except FileNotFoundError:
         raise StorageError(f"{url}: tensor file missing although its sidecar exists; {REBUILD_HINT}") from None
 
