@@ -444,8 +444,10 @@ class DistillConfig:
     auto = 1 - 20 / the phase's iterations (the paper's 0.99 at its 2000), so the saved state averages about the
     last 5% of any phase's iterations instead of lagging a short phase (0.99 over 150 iterations keeps 22% of
     the initial set)."""
-    init: Literal["real", "noise"] = "real"
-    """Synthetic set initialisation: real = random real train pairs (their rows recorded), noise = Gaussian."""
+    init: Literal["real", "kmeans", "noise"] = "real"
+    """Synthetic set initialisation: real = random real train pairs (the paper's; their rows recorded), kmeans = the
+    real pairs nearest the centres of a k-means of the caption embeddings (one clustering of the whole budget, each
+    phase its own slice), noise = Gaussian."""
     checkpoint_every: int = 100
     """Iterations between phase checkpoints (a resume starts from the last); never changes the result."""
     report_every: int = 10

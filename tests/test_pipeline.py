@@ -167,6 +167,37 @@ def test_recall_during_distillation_matches_the_saved_subset_and_changes_nothing
 
 
 
+def test_kmeans_init_gives_each_phase_its_slice_of_one_clustering_and_the_baseline_all(ready_root, tmp_path):
+    """distill.init: kmeans through distill_phase: each phase starts from its own rows of one clustering of the whole
+    budget (disjoint), the single-phase baseline from all of them, as its subset records; another run.seed draws
+    another clustering."""
+    import torch
+
+    from ptmst_ray.distill.export import load_subset
+    from ptmst_ray.distill.synthetic import kmeans_init_indices
+    from ptmst_ray.stages.embed import load_real
+    from ptmst_ray.vocab import SINGLE_PHASE
+
+    cfg = tiny_config(ready_root, **{"distill.init": "kmeans", "phases.0.iterations": 1, "phases.1.iterations": 1,
+                                     "eval.baselines": ["single_phase"]})
+    cfg = cfg.replace(**{"run.root": str(tmp_path / "run"), "run.shared_root": str(ready_root)})  # phases apart
+    assert layout.phase_hash(cfg, cfg.phases[0]) != layout.phase_hash(cfg.replace(**{"distill.init": "real"}),
+                                                                         cfg.phases[0])
+    text = load_real(cfg, whole_train=False).train_text
+    rows = {}
+    for job in layout.phase_jobs(cfg):
+        assert phase_stage.distill_phase(cfg, job.name, job.phase, device=torch.device("cpu"),
+                                         seed=job.seed)["status"] == "done"
+        rows[job.name] = load_subset(layout.Layout(cfg.run.root).subset(job.name)).meta["init_indices"]
+    total = cfg.total_pairs
+    assert rows["phase0"] == kmeans_init_indices(text, total, 0, 6, cfg.run.seed).tolist()
+    assert rows["phase1"] == kmeans_init_indices(text, total, 6, 8, cfg.run.seed).tolist()
+    assert not set(rows["phase0"]) & set(rows["phase1"])
+    assert sorted(rows["phase0"] + rows["phase1"]) == rows[SINGLE_PHASE] and len(rows[SINGLE_PHASE]) == total
+    other = phase_stage.init_rows(cfg.replace(**{"run.seed": 1}), SINGLE_PHASE, layout.single_phase_config(cfg), text)
+    assert other.tolist() != rows[SINGLE_PHASE]
+
+
 def test_step_sizes_set_by_the_experts_learning_rate_are_the_run_with_those_values_fixed(ready_root):
     """distill.rel_alpha / rel_min_alpha (configs/scenes.yaml's rule) distil bit for bit the phase whose
     alpha_init and min_alpha are the products written out."""

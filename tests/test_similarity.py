@@ -59,6 +59,53 @@ def test_synthetic_real_init_records_indices():
     assert torch.equal(clone.images, syn.images) and torch.equal(clone.init_indices, idx)
 
 
+def _blobs(k: int, per: int, dim: int = 12, noise: float = 0.02, seed: int = 0) -> torch.Tensor:
+    """``k`` tight clusters of ``per`` rows around orthogonal directions (row r belongs to cluster r // per), the
+    clusters of unequal norms (cosine k-means must not care)."""
+    gen = torch.Generator().manual_seed(seed)
+    centres = torch.eye(dim)[:k] * torch.arange(1, k + 1).unsqueeze(1)
+    rows = centres.repeat_interleave(per, dim=0)
+    return rows + noise * torch.randn(rows.shape, generator=gen) * rows.norm(dim=1, keepdim=True)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_kmeans_init_takes_one_row_of_each_cluster_and_the_phases_split_one_clustering(seed):
+    from ptmst_ray.distill.synthetic import kmeans_init_indices
+
+    text = _blobs(6, 10)
+    rows = kmeans_init_indices(text, 6, 0, 6, seed)
+    assert sorted((rows // 10).tolist()) == list(range(6))  # every cluster once, by construction of the data
+    assert torch.equal(rows, rows.sort().values) and torch.equal(kmeans_init_indices(text, 6, 0, 6, seed), rows)
+    first, second = kmeans_init_indices(text, 6, 0, 2, seed), kmeans_init_indices(text, 6, 2, 4, seed)
+    assert not set(first.tolist()) & set(second.tolist())
+    assert sorted(first.tolist() + second.tolist()) == rows.tolist()  # the phases' pairs are the single set's
+    # each chosen row is its cluster's nearest to the cluster's mean direction (the medoid), checked by brute force
+    unit = torch.nn.functional.normalize(text, dim=1)
+    for r in rows.tolist():
+        members = unit[r // 10 * 10:(r // 10 + 1) * 10]
+        mean = torch.nn.functional.normalize(members.mean(0), dim=0)
+        assert r == r // 10 * 10 + int((members @ mean).argmax())
+
+
+def test_kmeans_init_clusters_a_bounded_pool_and_says_what_is_wrong():
+    from ptmst_ray.distill.synthetic import kmeans_init_indices
+
+    text = _blobs(4, 50)
+    rows = kmeans_init_indices(text, 4, 0, 4, seed=5, pool=40)  # 40 of the 200 rows are clustered
+    assert sorted((rows // 50).tolist()) == [0, 1, 2, 3] and len(set(rows.tolist())) == 4
+    with pytest.raises(ValueError, match="at least 8 candidate rows, got 6 \\(pool 6\\)"):
+        kmeans_init_indices(text, 8, 0, 8, seed=0, pool=6)
+    with pytest.raises(ValueError, match="cannot initialise 300 synthetic pairs from 200 real train rows"):
+        kmeans_init_indices(text, 300, 0, 300, seed=0)
+    with pytest.raises(ValueError, match="rows 3..6 are not within the 4"):
+        kmeans_init_indices(text, 4, 3, 3, seed=0)
+    images = torch.randn(200, 3, 2, 2)
+    syn = SyntheticSet.from_real(images, text, 4, SimilarityConfig(), 0.1, torch.Generator(), indices=rows)
+    assert torch.equal(syn.init_indices, rows) and torch.equal(syn.images.detach(), images[rows])
+    with pytest.raises(ValueError, match="3 initial rows for 4 synthetic pairs"):
+        SyntheticSet.from_real(images, text, 4, SimilarityConfig(), 0.1, torch.Generator(), indices=rows[:3])
+
+
 def test_synthetic_real_init_rejects_too_many_pairs():
     with pytest.raises(ValueError, match="lower the phase's pairs"):
         SyntheticSet.from_real(torch.zeros(3, 3, 2, 2), torch.zeros(3, 4), 5, SimilarityConfig(), 0.1,

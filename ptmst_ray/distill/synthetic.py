@@ -20,7 +20,11 @@ from ptmst_ray.distill.similarity import Similarity, build_similarity
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RealRows", "SyntheticSet", "choose_init_indices"]
+__all__ = ["RealRows", "SyntheticSet", "choose_init_indices", "kmeans_init_indices"]
+
+KMEANS_POOL = 20000
+"""Caption rows a k-means initialisation clusters at most (a seeded random pool of them): its memory and time stay
+bounded at COCO's 566k captions (20000 x 768 floats, 61 MB) while each centre has tens of candidates."""
 
 
 class RealRows(Protocol):
@@ -36,6 +40,57 @@ def choose_init_indices(num_rows: int, n: int, generator: torch.Generator) -> to
     if n > num_rows:
         raise ValueError(f"cannot initialise {n} synthetic pairs from {num_rows} real train rows; lower the phase's pairs")
     return torch.randperm(num_rows, generator=generator)[:n].sort().values
+
+
+def kmeans_init_indices(text: RealRows, total: int, offset: int, n: int, seed: int, iters: int = 30,
+                        pool: int = KMEANS_POOL) -> torch.Tensor:
+    """Rows ``offset .. offset + n`` of ``total`` train rows that cover the captions (``distill.init: kmeans``).
+
+    Spherical k-means with ``total`` centres on the L2-normalised caption embeddings ``text`` (at most ``pool``
+    rows, a seeded random sample), ``iters`` Lloyd steps from k-means++ starting centres; centre k's row is
+    the pool row nearest it not taken by an earlier centre. Every phase computes the same clustering from the same
+    ``seed`` (``run.seed``) and takes its own slice, so the phases' pairs are disjoint and together are the
+    single-phase set's. Returned sorted, as :func:`choose_init_indices`.
+    """
+    rows = len(text)
+    if not (0 <= offset and n >= 1 and offset + n <= total):
+        raise ValueError(f"rows {offset}..{offset + n} are not within the {total} of the clustering")
+    if total > rows:
+        raise ValueError(f"cannot initialise {total} synthetic pairs from {rows} real train rows; lower the phases' pairs")
+    gen = torch.Generator().manual_seed(seed)
+    candidates = (torch.randperm(rows, generator=gen)[:pool] if rows > pool else torch.arange(rows)).sort().values
+    if len(candidates) < total:
+        raise ValueError(f"a k-means initialisation of {total} pairs needs at least {total} candidate rows, "
+                         f"got {len(candidates)} (pool {pool})")
+    x = nn.functional.normalize(torch.as_tensor(text[candidates]).float(), dim=1)  # rows in file order
+    centres = _kmeans_plus_plus(x, total, gen)
+    for _ in range(iters):
+        nearest = (x @ centres.T).argmax(dim=1)
+        sums = torch.zeros_like(centres).index_add_(0, nearest, x)
+        filled = torch.bincount(nearest, minlength=total) > 0  # an empty cluster keeps its centre
+        centres[filled] = nn.functional.normalize(sums[filled], dim=1)
+    order = (x @ centres.T).argsort(dim=0, descending=True)  # per centre, the pool rows nearest first
+    taken: set[int] = set()
+    chosen = []
+    for k in range(offset + n):
+        row = next(int(r) for r in order[:, k] if int(r) not in taken)
+        taken.add(row)
+        chosen.append(row)
+    return candidates[torch.tensor(chosen[offset:], dtype=torch.long)].sort().values
+
+
+def _kmeans_plus_plus(x: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
+    """k starting centres among the unit rows ``x`` (k-means++: each next one drawn with probability proportional
+    to its squared distance, 2 - 2 cos, from the nearest centre so far)."""
+    first = int(torch.randint(len(x), (1,), generator=gen))
+    centres = [x[first]]
+    gap = (2 - 2 * (x @ x[first])).clamp_min(0)
+    for _ in range(k - 1):
+        weights = gap if gap.sum() > 0 else torch.ones_like(gap)  # every row on a centre: any row
+        pick = int(torch.multinomial(weights, 1, generator=gen))
+        centres.append(x[pick])
+        gap = torch.minimum(gap, (2 - 2 * (x @ x[pick])).clamp_min(0))
+    return torch.stack(centres).clone()
 
 
 class SyntheticSet(nn.Module):
@@ -75,11 +130,15 @@ class SyntheticSet(nn.Module):
     @classmethod
     def from_real(cls, real_images: RealRows, real_text: RealRows, n: int, similarity: SimilarityConfig,
                   alpha_init: float | tuple[float, float], generator: torch.Generator, dtype: torch.dtype | None = None,
-                  device: torch.device | None = None) -> "SyntheticSet":
-        """n random real train pairs (image tensor, frozen caption embedding); the row indices are recorded."""
+                  device: torch.device | None = None, indices: torch.Tensor | None = None) -> "SyntheticSet":
+        """n real train pairs (image tensor, frozen caption embedding), random or the rows ``indices``
+        (:func:`kmeans_init_indices`); the row indices are recorded."""
         if len(real_images) != len(real_text):
             raise ValueError(f"{len(real_images)} real images but {len(real_text)} caption embeddings")
-        indices = choose_init_indices(len(real_images), n, generator)
+        if indices is None:
+            indices = choose_init_indices(len(real_images), n, generator)
+        elif len(indices) != n:
+            raise ValueError(f"{len(indices)} initial rows for {n} synthetic pairs")
         images = torch.as_tensor(real_images[indices]).to(device=device, dtype=dtype)
         text = torch.as_tensor(real_text[indices]).to(device=device, dtype=dtype)
         sim = build_similarity(similarity, n, generator, dtype=images.dtype, device=images.device)

@@ -14,7 +14,7 @@ import torch
 
 from ptmst_ray import storage
 from ptmst_ray.config import Config, PhaseConfig
-from ptmst_ray.layout import Layout, StageError, experts_hash, phase_hash
+from ptmst_ray.layout import Layout, StageError, experts_hash, phase_hash, phase_name
 from ptmst_ray.stages.embed import RealData, load_real
 from ptmst_ray.stages.experts import expert_store, shortcut_store
 
@@ -110,9 +110,10 @@ def distill_phase(cfg: Config, name: str, phase: PhaseConfig, *, device: torch.d
     real = load_real(cfg, whole_train=False)  # pixels of the n initial pairs only (and the test split for recall)
     fs = FunctionalStudent(build_student(cfg.model, real.text_dim, seed=cfg.experts.seed).to(device).train())
     gen = torch.Generator().manual_seed(seed)
-    if cfg.distill.init == "real":
+    if cfg.distill.init in ("real", "kmeans"):
+        rows = init_rows(cfg, name, phase, real.train_text) if cfg.distill.init == "kmeans" else None
         syn = SyntheticSet.from_real(real.train_images, real.train_text, phase.pairs, phase.similarity,
-                                     cfg.alpha_starts(), gen, device=device)
+                                     cfg.alpha_starts(), gen, device=device, indices=rows)
     else:
         syn = SyntheticSet.from_noise(phase.pairs, tuple(real.train_images.shape[1:]), real.text_dim,
                                       phase.similarity, cfg.alpha_starts(), gen, device=device)
@@ -136,6 +137,18 @@ def distill_phase(cfg: Config, name: str, phase: PhaseConfig, *, device: torch.d
     save_subset(layout.subset(name), ema, phase, init_indices=syn.init_indices, iterations=trainer.iteration,
                 config_hash=chash, extra={"name": name, "nearest_captions": _nearest_captions(ema, real)})
     return {"status": "done", "skipped": False, "iterations": trainer.iteration}
+
+
+def init_rows(cfg: Config, name: str, phase: PhaseConfig, text) -> torch.Tensor:
+    """The train rows that initialise phase ``name`` under ``distill.init: kmeans``: one clustering of the whole
+    budget (``cfg.total_pairs`` centres, seeded by run.seed), phase p taking the rows after the earlier phases'
+    (a single-phase run, the baseline included, the first ``phase.pairs``)."""
+    from ptmst_ray.distill.synthetic import kmeans_init_indices
+
+    index = next((i for i, p in enumerate(cfg.phases) if phase_name(i) == name and p == phase), None)
+    offset = 0 if index is None else sum(p.pairs for p in cfg.phases[:index])
+    total = max(cfg.total_pairs, offset + phase.pairs)
+    return kmeans_init_indices(text, total, offset, phase.pairs, cfg.run.seed)
 
 
 def phase_recall(cfg: Config, phase: PhaseConfig, ema: dict, real: RealData, seed: int = 0) -> dict[str, float]:
