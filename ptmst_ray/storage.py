@@ -112,7 +112,7 @@ def read_whole(fs: fsspec.AbstractFileSystem, path: str, url: str, read: Callabl
             with fs.open(path, "rb") as f:
                 return f.read() if read is None else read(f)
         except OSError as e:
-            if e.errno != errno.EBUSY or isinstance(e, FileNotFoundError):
+            if e.errno != errno.EBUSY:  # missing (ENOENT) or any other failure: the caller's to handle
                 raise
             time.sleep(0.05 * 2 ** attempt)
     raise StorageError(f"{url}: replaced {REREADS} times while being read; another process rewrites it "

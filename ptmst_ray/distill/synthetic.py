@@ -69,13 +69,12 @@ def kmeans_init_indices(text: RealRows, total: int, offset: int, n: int, seed: i
         sums = torch.zeros_like(centres).index_add_(0, nearest, x)
         filled = torch.bincount(nearest, minlength=total) > 0  # an empty cluster keeps its centre
         centres[filled] = nn.functional.normalize(sums[filled], dim=1)
-    order = (x @ centres.T).argsort(dim=0, descending=True)  # per centre, the pool rows nearest first
-    taken: set[int] = set()
-    chosen = []
-    for k in range(offset + n):
-        row = next(int(r) for r in order[:, k] if int(r) not in taken)
-        taken.add(row)
-        chosen.append(row)
+    sims = x @ centres.T
+    chosen: list[int] = []
+    for k in range(offset + n):  # centre k's nearest pool row that no earlier centre took
+        column = sims[:, k].clone()
+        column[chosen] = float("-inf")
+        chosen.append(int(column.argmax()))
     return candidates[torch.tensor(chosen[offset:], dtype=torch.long)].sort().values
 
 
