@@ -23,6 +23,13 @@ and the largest lr whose first four epochs keep them >= 0.5, with the settings t
 
     .venv/bin/python bench/bench_regime.py --root R [--config C] --expert-lrs 0.3 0.1 0.03 0.01
 
+With ``--windows N`` it applies the windows' rule to each phase of the config over the root's first N stored
+experts (trained by a run on that root; nothing is trained or scored): for each range end b up to the experts'
+epochs, the mean cosine between the chord theta_b - theta_start and the displacements of the epochs the phase's
+targets lie in, and the best b beside the config's (docs/method.md#a-recipe-for-new-data):
+
+    .venv/bin/python bench/bench_regime.py --root R [--config C] --windows 20
+
 Stages already complete under the root are skipped (config hashes). Prints a summary and writes every
 figure to <root>/eval/regime.json. --quick shrinks the data, pretraining, experts and evaluation to prove
 the script works in a couple of minutes (its figures mean nothing); --write-results puts the summary into
@@ -63,6 +70,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--expert", type=int, default=0, help="the expert whose trajectory is measured")
     ap.add_argument("--expert-lrs", type=float, nargs="+", metavar="LR",
                     help="apply the experts' learning-rate rule over these candidates (no coreset scoring)")
+    ap.add_argument("--windows", type=int, metavar="N",
+                    help="apply the windows' rule to each phase over the root's first N stored experts (no training, "
+                         "no scoring): each range end's chord alignment and the pick")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="tiny sizes: proves the script runs, measures nothing")
     ap.add_argument("--write-results", action="store_true", help="put the summary into bench/RESULTS.md")
@@ -186,6 +196,51 @@ def expert_lr_rule(cfg, expert_id: int, lrs: list[float], times: dict[str, float
     return {"candidates": per_lr, "pick": pick, "min_cosine": ALIGNED_COSINE, "epochs": ALIGNED_EPOCHS}
 
 
+def windows_rule(cfg, n_experts: int) -> list[dict[str, Any]]:
+    """The windows' rule (docs/method.md#a-recipe-for-new-data) for each phase of ``cfg``, over its run root's
+    experts 0..n_experts-1 as stored: each phase's target epochs, the chord alignment of every range end up to
+    the experts' epochs, and the pick beside the config's range end."""
+    from ptmst_ray.layout import experts_hash
+    from ptmst_ray.stages.experts import expert_store
+    from ptmst_ray.storage import StorageError
+    from ptmst_ray.trajectories.expert import aligned_range_end
+
+    store, h, epochs = expert_store(cfg), experts_hash(cfg), cfg.experts.epochs
+    trajectories = []
+    for e in range(n_experts):
+        try:
+            snaps = store.trajectory(e, h)
+        except StorageError as exc:
+            raise SystemExit(f"expert {e} of this config is not stored under {cfg.run.root} ({exc}): run the "
+                             f"pipeline (ptmst-ray run or bench/bench_quality.py) on this root first, or pass a "
+                             f"smaller --windows") from None
+        if len(snaps) < epochs + 1:
+            raise SystemExit(f"expert {e} has {len(snaps) - 1} of its {epochs} epochs stored: let the experts "
+                             f"stage finish first")
+        trajectories.append(snaps[:epochs + 1])
+    m = cfg.distill.expert_epochs
+    out = []
+    for i, ph in enumerate(cfg.phases):
+        targets = list(range(ph.start_min, ph.start_max + m))
+        pick, scores = aligned_range_end(trajectories, ph.range_start, targets, epochs)
+        out.append({"phase": i, "range_start": ph.range_start, "starts": [ph.start_min, ph.start_max],
+                    "target_epochs": targets, "scores": scores, "pick": pick, "config_range_end": ph.range_end})
+    return out
+
+
+def windows_report(res: dict) -> str:
+    lines = [f"config {res['config']} (kind {res['kind']}), overrides {res['overrides']}",
+             f"the windows' rule over {res['experts']} experts: each phase's range end b maximises the mean "
+             f"cos(theta_b - theta_start, theta_(k+1) - theta_k) over its target epochs k and the two towers"]
+    for w in res["windows"]:
+        lines.append(f"phase {w['phase']} (starts {w['starts'][0]}-{w['starts'][1]}, target epochs "
+                     f"{w['target_epochs']}): " + " ".join(f"{b}:{v:.3f}" for b, v in w["scores"].items())
+                     + f" -> range [{w['range_start']}, {w['pick']}] (the config: [{w['range_start']}, "
+                       f"{w['config_range_end']}])")
+    lines.append("times: " + ", ".join(f"{k} {v:.0f}s" for k, v in res["times"].items()))
+    return "\n".join(lines)
+
+
 def lr_report(res: dict) -> str:
     from ptmst_ray.trajectories.expert import keeps_aligned
 
@@ -246,6 +301,15 @@ def main(argv: list[str] | None = None) -> dict:
     times: dict[str, float] = {}
     t0 = time.perf_counter()
     kind = cfg.data.builtin.kind if cfg.data.dataset == "builtin" else cfg.data.dataset
+    if args.windows is not None:
+        if args.windows < 1:
+            raise SystemExit(f"--windows {args.windows}: the rule needs at least one expert")
+        windows = windows_rule(cfg, args.windows)
+        times["windows"] = time.perf_counter() - t0
+        res = {"config": args.config, "kind": kind, "overrides": args.overrides, "quick": args.quick,
+               "experts": args.windows, "windows": windows, "times": times, "wall_seconds": times["windows"]}
+        return publish(res, cfg, "windows.json", windows_report(res), args,
+                       f"## The windows' rule: {args.config} ({kind})")
     if args.expert_lrs:
         from ptmst_ray.trajectories.expert import ALIGNED_EPOCHS
 

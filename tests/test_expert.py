@@ -9,7 +9,8 @@ from safetensors.torch import save_file
 
 from ptmst_ray.config import ExpertsConfig, ModelConfig
 from ptmst_ray.models.student import build_student
-from ptmst_ray.trajectories.expert import aligned_lr, displacement_cosines, expert_seed, train_expert
+from ptmst_ray.trajectories.expert import (aligned_lr, aligned_range_end, chord_alignment, displacement_cosines,
+                                          expert_seed, train_expert)
 
 CPU = torch.device("cpu")
 TEXT_DIM = 64
@@ -138,6 +139,64 @@ def test_aligned_lr_rule():
     assert aligned_lr({0.1: [0.6, 0.4]}, epochs=2) == 0.1
     with pytest.raises(ValueError, match="lr 0.1 has 3 epochs"):
         aligned_lr({0.1: [0.6, 0.7]})
+
+
+def test_chord_alignment_known_geometry():
+    """The text side moves +e1 three epochs, then +e2 twice; the image side +e1 throughout. For the target epochs
+    0-2 the chord to epoch 3 is 3 e1 (cosine 1 with each), to 4 it is 3 e1 + e2 (3 / sqrt 10), to 5 3 e1 + 2 e2
+    (3 / sqrt 13); the image side scores 1 at every end; the score is the towers' mean. The rule takes b = 3."""
+    text = [(0, 0), (1, 0), (2, 0), (3, 0), (3, 1), (3, 2)]
+    traj = [{"image.w": torch.tensor([float(i)]), "head.w": torch.tensor([float(a), float(b)])}
+            for i, (a, b) in enumerate(text)]
+    want = {3: 1.0, 4: (1 + 3 / 10 ** 0.5) / 2, 5: (1 + 3 / 13 ** 0.5) / 2}
+    assert chord_alignment(traj, 0, [0, 1, 2], [3, 4, 5]) == pytest.approx(want, abs=1e-12)
+    b, scores = aligned_range_end([traj], 0, [0, 1, 2], 5)
+    assert b == 3 and scores == pytest.approx(want, abs=1e-12)
+    # targets at epochs 3-4 (along e2): the chord from 0 to 5 is the best there is; from a range start of 3, exact
+    assert aligned_range_end([traj], 0, [3, 4], 5)[0] == 5
+    assert chord_alignment(traj, 3, [3, 4], [5]) == pytest.approx({5: 1.0}, abs=1e-12)
+    # a tower that never moves is left out of the mean, not counted as 0
+    frozen = [{"image.w": torch.zeros(1), "head.w": s["head.w"]} for s in traj]
+    assert chord_alignment(frozen, 0, [0, 1, 2], [4]) == pytest.approx({4: 3 / 10 ** 0.5}, abs=1e-12)
+
+
+def test_chord_alignment_matches_numpy_and_averages_experts():
+    """Random trajectories of two towers: each tower's cosines by numpy, averaged over towers and target epochs;
+    the rule's scores are the mean over experts and its pick their argmax."""
+    g = torch.Generator().manual_seed(3)
+
+    def random_traj():
+        return [{"image.a": torch.randn(3, 4, generator=g), "head.b": torch.randn(5, generator=g)} for _ in range(7)]
+
+    def numpy_score(traj, start, epochs, b):
+        out = []
+        for k in epochs:
+            cos = []
+            for name in ("image.a", "head.b"):
+                x = {e: traj[e][name].numpy().ravel().astype(np.float64) for e in (start, b, k, k + 1)}
+                c, d = x[b] - x[start], x[k + 1] - x[k]
+                cos.append(c @ d / np.linalg.norm(c) / np.linalg.norm(d))
+            out.append(np.mean(cos))
+        return float(np.mean(out))
+
+    trajs = [random_traj(), random_traj()]
+    for start, epochs in ((0, [0, 1, 2]), (1, [1, 2])):
+        want = {b: np.mean([numpy_score(t, start, epochs, b) for t in trajs]) for b in range(3, 7)}
+        b, scores = aligned_range_end(trajs, start, epochs, 6)
+        assert scores == pytest.approx(want, abs=1e-9)
+        assert b == max(want, key=want.get)
+
+
+def test_chord_alignment_rejects_epochs_outside_the_trajectory():
+    traj = [{"image.w": torch.tensor([float(i)])} for i in range(4)]  # 3 epochs
+    with pytest.raises(ValueError, match=r"ends \[4\] outside \[1, 3\]"):
+        chord_alignment(traj, 0, [0], [4])
+    with pytest.raises(ValueError, match=r"epochs \[3\] outside \[0, 2\]"):
+        chord_alignment(traj, 0, [3], [3])
+    with pytest.raises(ValueError, match="no range end past the last target epoch 2"):
+        aligned_range_end([traj], 0, [0, 1, 2], 2)
+    with pytest.raises(ValueError, match="at least one expert"):
+        aligned_range_end([], 0, [0], 3)
 
 
 def test_a_longer_expert_begins_with_the_shorter_ones_trajectory():

@@ -258,6 +258,61 @@ def aligned_lr(cosines_by_lr: dict[float, list[float]], min_cosine: float = ALIG
     return max(passing) if passing else None
 
 
+def chord_alignment(trajectory: Sequence[Snapshot], start: int, epochs: Sequence[int],
+                    ends: Iterable[int]) -> dict[int, float]:
+    """How well each shortcut chord theta_b - theta_start points along the expert's own epochs ``epochs``.
+
+    For each range end b of ``ends``: the mean over the two towers (the image encoder's parameters, named under
+    ``image.``, and the rest) and over k in ``epochs`` of cos(theta_b - theta_start, theta_(k+1) - theta_k), each
+    tower one flat float64 vector. A tower that does not move over a pair (a zero vector) is left out of that pair's
+    mean; a pair where neither moves counts 0. The windows' rule (:func:`aligned_range_end`) takes the best b.
+    """
+    from ptmst_ray.models.functional import IMAGE_PREFIX
+
+    epochs, ends = list(epochs), list(ends)
+    if not epochs:
+        raise ValueError("epochs is empty: name the epochs whose displacements the chord should follow")
+    last = len(trajectory) - 1
+    for what, values, lo, hi in (("epochs", epochs, start, last - 1), ("ends", ends, start + 1, last)):
+        bad = [v for v in values if not lo <= v <= hi]
+        if bad:
+            raise ValueError(f"{what} {bad} outside [{lo}, {hi}] (a trajectory of {last} epochs, range start {start})")
+
+    def towers(snap: Snapshot) -> list[Tensor]:
+        image = [t.detach().flatten().double() for n, t in sorted(snap.items()) if n.startswith(IMAGE_PREFIX)]
+        other = [t.detach().flatten().double() for n, t in sorted(snap.items()) if not n.startswith(IMAGE_PREFIX)]
+        return [torch.cat(v) for v in (image, other) if v]
+
+    flat = {k: towers(trajectory[k]) for k in {start, *ends, *epochs, *(k + 1 for k in epochs)}}
+    scores = {}
+    for b in ends:
+        per_pair = []
+        for k in epochs:
+            cos = [float(torch.dot(c, d) / (c.norm() * d.norm()))
+                   for c, d in ((tb - ta, tk1 - tk) for ta, tb, tk, tk1 in
+                                zip(flat[start], flat[b], flat[k], flat[k + 1]))
+                   if c.norm() > 0 and d.norm() > 0]
+            per_pair.append(sum(cos) / len(cos) if cos else 0.0)
+        scores[b] = sum(per_pair) / len(per_pair)
+    return scores
+
+
+def aligned_range_end(trajectories: Sequence[Sequence[Snapshot]], start: int, epochs: Sequence[int],
+                      max_end: int) -> tuple[int, dict[int, float]]:
+    """The windows' rule (docs/method.md#a-recipe-for-new-data): the range end b of a phase whose targets lie in
+    ``epochs`` is the b in (max(epochs), max_end] whose chord theta_b - theta_start is best aligned with those
+    epochs' displacements, :func:`chord_alignment` averaged over ``trajectories``; returns (b, scores by b).
+    Ties go to the smaller b."""
+    if not trajectories:
+        raise ValueError("no trajectories: the rule averages over at least one expert")
+    ends = range(max(epochs) + 1, max_end + 1)
+    if not ends:
+        raise ValueError(f"max_end {max_end} leaves no range end past the last target epoch {max(epochs)}")
+    per = [chord_alignment(t, start, epochs, ends) for t in trajectories]
+    scores = {b: sum(p[b] for p in per) / len(per) for b in ends}
+    return max(ends, key=lambda b: (scores[b], -b)), scores
+
+
 def keeps_aligned(cosines: list[float], min_cosine: float = ALIGNED_COSINE, epochs: int = ALIGNED_EPOCHS) -> bool:
     """Whether an expert's first ``epochs`` epochs keep every consecutive displacement cosine >= ``min_cosine``."""
     return all(c >= min_cosine for c in cosines[:epochs - 1])
