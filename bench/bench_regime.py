@@ -237,6 +237,9 @@ def windows_report(res: dict) -> str:
                      f"{w['target_epochs']}): " + " ".join(f"{b}:{v:.3f}" for b, v in w["scores"].items())
                      + f" -> range [{w['range_start']}, {w['pick']}] (the config: [{w['range_start']}, "
                        f"{w['config_range_end']}])")
+        if w["pick"] == res["expert_epochs"]:
+            lines.append(f"  phase {w['phase']}: the score still rises at the experts' last epoch "
+                         f"({res['expert_epochs']}): train longer experts (experts.epochs) and apply the rule again")
     lines.append("times: " + ", ".join(f"{k} {v:.0f}s" for k, v in res["times"].items()))
     return "\n".join(lines)
 
@@ -307,7 +310,7 @@ def main(argv: list[str] | None = None) -> dict:
         windows = windows_rule(cfg, args.windows)
         times["windows"] = time.perf_counter() - t0
         res = {"config": args.config, "kind": kind, "overrides": args.overrides, "quick": args.quick,
-               "experts": args.windows, "windows": windows, "times": times, "wall_seconds": times["windows"]}
+               "experts": args.windows, "expert_epochs": cfg.experts.epochs, "windows": windows, "times": times, "wall_seconds": times["windows"]}
         return publish(res, cfg, "windows.json", windows_report(res), args,
                        f"## The windows' rule: {args.config} ({kind})")
     if args.expert_lrs:

@@ -70,6 +70,8 @@ def test_windows_rule_over_the_roots_stored_experts(tmp_path, capsys):
         assert w["scores"] == pytest.approx(want)
         assert w["pick"] == max(want, key=lambda b: (want[b], -b))
         assert f"target epochs {targets}): " in out and f"-> range [{ph.range_start}, {w['pick']}]" in out
+        still_rising = f"phase {w['phase']}: the score still rises at the experts' last epoch"
+        assert (still_rising in out) == (w["pick"] == cfg.experts.epochs)
     assert json.loads((root / "eval" / "windows.json").read_text())["windows"][0]["pick"] == res["windows"][0]["pick"]
     with pytest.raises(SystemExit, match=r"expert 1 of this config is not stored under .*pass a smaller --windows"):
         br.main(["--root", str(root), "--quick", "--threads", "1", "--windows", "2"])
