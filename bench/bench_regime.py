@@ -217,7 +217,7 @@ def windows_rule(cfg, n_experts: int) -> list[dict[str, Any]]:
         if len(snaps) < epochs + 1:
             raise SystemExit(f"expert {e} has {len(snaps) - 1} of its {epochs} epochs stored: let the experts "
                              f"stage finish first")
-        trajectories.append(snaps[:epochs + 1])
+        trajectories.append(snaps)  # read an epoch at a time as the rule indexes it
     m = cfg.distill.expert_epochs
     out = []
     for i, ph in enumerate(cfg.phases):

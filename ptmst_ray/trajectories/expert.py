@@ -283,15 +283,17 @@ def chord_alignment(trajectory: Sequence[Snapshot], start: int, epochs: Sequence
         other = [t.detach().flatten().double() for n, t in sorted(snap.items()) if not n.startswith(IMAGE_PREFIX)]
         return [torch.cat(v) for v in (image, other) if v]
 
-    flat = {k: towers(trajectory[k]) for k in {start, *ends, *epochs, *(k + 1 for k in epochs)}}
+    # held at once: theta_start, one displacement per target epoch and the current chord (a snapshot is read when
+    # indexed, so a stored trajectory of a large model is never all in memory)
+    base = towers(trajectory[start])
+    steps = {k: [b - a for a, b in zip(towers(trajectory[k]), towers(trajectory[k + 1]))] for k in epochs}
     scores = {}
     for b in ends:
+        chord = [tb - ta for ta, tb in zip(base, towers(trajectory[b]))]
         per_pair = []
         for k in epochs:
             cos = [float(torch.dot(c, d) / (c.norm() * d.norm()))
-                   for c, d in ((tb - ta, tk1 - tk) for ta, tb, tk, tk1 in
-                                zip(flat[start], flat[b], flat[k], flat[k + 1]))
-                   if c.norm() > 0 and d.norm() > 0]
+                   for c, d in zip(chord, steps[k]) if c.norm() > 0 and d.norm() > 0]
             per_pair.append(sum(cos) / len(cos) if cos else 0.0)
         scores[b] = sum(per_pair) / len(per_pair)
     return scores
