@@ -310,7 +310,8 @@ def main(argv: list[str] | None = None) -> dict:
         windows = windows_rule(cfg, args.windows)
         times["windows"] = time.perf_counter() - t0
         res = {"config": args.config, "kind": kind, "overrides": args.overrides, "quick": args.quick,
-               "experts": args.windows, "expert_epochs": cfg.experts.epochs, "windows": windows, "times": times, "wall_seconds": times["windows"]}
+               "experts": args.windows, "expert_epochs": cfg.experts.epochs, "windows": windows, "times": times,
+               "wall_seconds": times["windows"]}
         return publish(res, cfg, "windows.json", windows_report(res), args,
                        f"## The windows' rule: {args.config} ({kind})")
     if args.expert_lrs:

@@ -283,10 +283,12 @@ def chord_alignment(trajectory: Sequence[Snapshot], start: int, epochs: Sequence
         other = [t.detach().flatten().double() for n, t in sorted(snap.items()) if not n.startswith(IMAGE_PREFIX)]
         return [torch.cat(v) for v in (image, other) if v]
 
-    # held at once: theta_start, one displacement per target epoch and the current chord (a snapshot is read when
-    # indexed, so a stored trajectory of a large model is never all in memory)
-    base = towers(trajectory[start])
-    steps = {k: [b - a for a, b in zip(towers(trajectory[k]), towers(trajectory[k + 1]))] for k in epochs}
+    # each epoch the displacements need is read once (a stored trajectory reads a snapshot when indexed); kept
+    # after that: theta_start, one displacement per target epoch and the current chord, never the whole trajectory
+    read = {e: towers(trajectory[e]) for e in sorted({start, *epochs, *(k + 1 for k in epochs)})}
+    base = read[start]
+    steps = {k: [b - a for a, b in zip(read[k], read[k + 1])] for k in epochs}
+    del read
     scores = {}
     for b in ends:
         chord = [tb - ta for ta, tb in zip(base, towers(trajectory[b]))]
