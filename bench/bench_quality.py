@@ -1059,6 +1059,7 @@ def main(argv: list[str] | None = None) -> dict:
     import ray
 
     from ptmst_ray.orchestration.pipeline import run_prerequisites
+    from ptmst_ray.stages import expert_lr, windows
     from ptmst_ray.orchestration.runtime import connect, install_interrupt_handler, make_poll, progress_board
 
     install_interrupt_handler()  # Ctrl-C lands at the next poll (inside Ray's blocking calls it can be lost)
@@ -1070,10 +1071,10 @@ def main(argv: list[str] | None = None) -> dict:
     poll = make_poll(board, ui)
     storage.write_text(storage.join(base.run.root, "config.yaml"), base.to_yaml())
     prereq_cfg = base.replace(**{"eval.baselines": ["single_phase"]})  # its range gets shortcuts too
-    prereq_cfg, _ = run_prerequisites(prereq_cfg, ui, board, poll)
-    if prereq_cfg.experts.lr_img != base.experts.lr_img:  # experts.lr_img auto: the cells take the rule's pick
-        picked = prereq_cfg.experts
-        base = base.replace(**{"experts.lr_img": picked.lr_img, "experts.lr_txt": picked.lr_txt})
+    run_prerequisites(prereq_cfg, ui, board, poll)
+    picked = windows.resolved(expert_lr.resolved(base))  # lr or range ends auto: the cells take the rules' picks
+    if picked != base:
+        base = picked
         cells = make_cells(base, methods, budgets, cells_dir, args.one_phase_upto, args.draws)
     t_prereq = time.time()
     ui.stage("distillation (cells in waves of concurrent Train runs)")

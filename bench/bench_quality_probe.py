@@ -42,6 +42,7 @@ def main(argv: list[str] | None = None) -> dict:
     from ptmst_ray.config import load_config
     from ptmst_ray import layout
     from ptmst_ray.stages import score as scoring
+    from ptmst_ray.stages import windows
 
     cfg = load_config(args.config, [f"run.root={args.root}", *args.overrides])
     # the baselines scored are --methods' (a single_phase method needs its distillation run, which follows them)
@@ -71,8 +72,8 @@ def main(argv: list[str] | None = None) -> dict:
 def run_in_process(cfg, methods: list[str], timed) -> tuple[dict | None, dict, list[dict]]:
     """The pipeline's stages for ``methods`` in this process, one after another, each call wrapped by
     ``timed(name, fn, *args)``: (pretraining manifest, each phase's last metrics, one score per method and seed).
-    Stage names: prepare, pretrain, embed, expert_lr (``experts.lr_img: auto``), experts, phases, aggregate,
-    ``eval <method>``."""
+    Stage names: prepare, pretrain, embed, expert_lr (``experts.lr_img: auto``), experts, windows (``range_end:
+    auto``), phases, aggregate, ``eval <method>``."""
     from ptmst_ray import layout
     from ptmst_ray import vocab
     from ptmst_ray.stages import aggregate as distilled_mod
@@ -92,6 +93,8 @@ def run_in_process(cfg, methods: list[str], timed) -> tuple[dict | None, dict, l
         cfg = timed("expert_lr", expert_lr.run_in_turn, cfg)  # experts.lr_img auto: the rule's pick; else cfg
     for i in range(cfg.experts.num_experts if distilled else 0):
         timed("experts", experts_stage.train_and_store_expert, cfg, i)
+        if i == windows.EXPERT:
+            cfg = timed("windows", windows.pick, cfg)  # range_end auto: the windows' rule's picks; else cfg
         timed("experts", experts_stage.compress_expert, cfg, i)
     phases = {}
     jobs = layout.phase_jobs(cfg, with_baseline="single_phase" in methods) if distilled else []

@@ -81,6 +81,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def load(args: argparse.Namespace):
     from ptmst_ray.config import load_config
+    from ptmst_ray.stages.windows import end_bound
 
     overrides = [f"run.root={args.root}"]
     if not args.quick:
@@ -89,11 +90,11 @@ def load(args: argparse.Namespace):
     epochs = QUICK_EXPERT_EPOCHS
     phases = []
     for p in base.phases:  # the windows clipped to the short experts (phases are not run here; the config checks them)
-        end = min(p.range_end, epochs)
+        end = min(end_bound(base, p), epochs)
         start_max = min(p.start_max, end - 1)
         start_min = min(p.start_min, start_max)
-        phases.append(dataclasses.replace(p, range_start=min(p.range_start, start_min), range_end=end,
-                                          start_min=start_min, start_max=start_max))
+        phases.append(dataclasses.replace(p, range_start=min(p.range_start, start_min), start_min=start_min,
+                                          start_max=start_max, range_end=end if p.range_end != "auto" else "auto"))
     quick = {"experts.epochs": epochs, "phases": [dataclasses.asdict(p) for p in phases]}
     if getattr(base.data.builtin, "val_images", 0):
         quick["data.builtin.val_images"] = 100
@@ -202,6 +203,7 @@ def windows_rule(cfg, n_experts: int) -> list[dict[str, Any]]:
     the experts' epochs, and the pick beside the config's range end."""
     from ptmst_ray.layout import experts_hash
     from ptmst_ray.stages.experts import expert_store
+    from ptmst_ray.stages.windows import target_epochs
     from ptmst_ray.storage import StorageError
     from ptmst_ray.trajectories.expert import aligned_range_end
 
@@ -218,10 +220,9 @@ def windows_rule(cfg, n_experts: int) -> list[dict[str, Any]]:
             raise SystemExit(f"expert {e} has {len(snaps) - 1} of its {epochs} epochs stored: let the experts "
                              f"stage finish first")
         trajectories.append(snaps)  # read an epoch at a time as the rule indexes it
-    m = cfg.distill.expert_epochs
     out = []
     for i, ph in enumerate(cfg.phases):
-        targets = list(range(ph.start_min, ph.start_max + m))
+        targets = target_epochs(cfg, ph)
         pick, scores = aligned_range_end(trajectories, ph.range_start, targets, epochs)
         out.append({"phase": i, "range_start": ph.range_start, "starts": [ph.start_min, ph.start_max],
                     "target_epochs": targets, "scores": scores, "pick": pick, "config_range_end": ph.range_end})

@@ -103,6 +103,8 @@ def run(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt, 
             interrupted()
     for w in results.get("warnings", []):
         say("warning", "bold yellow", w)
+    for line in window_lines(results["experts"].get("windows", [])):
+        console.print(line)
     console.print(results_table(results))
     console.print(stage_table(results))
     for line in ratio_lines(results):
@@ -219,7 +221,8 @@ def experts(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetO
             rebuild: bool = typer.Option(False, "--rebuild", help="Delete stored experts, shortcuts and later stages first.")) -> None:
     """Train the expert trajectories on Ray actors (and their shortcut trajectories); skips finished experts.
 
-    With experts.lr_img auto the learning-rate rule's probe experts run first (one per experts.lr_candidates)."""
+    With experts.lr_img auto the learning-rate rule's probe experts run first (one per experts.lr_candidates); with
+    a phase's range_end auto the windows' rule picks it from expert 0 before any shortcut is written."""
     from ptmst_ray.layout import rebuild as rebuild_stage
     from ptmst_ray.orchestration.experts import run_expert_lr, run_experts
     from ptmst_ray.orchestration.runtime import make_poll, progress_board
@@ -240,8 +243,17 @@ def experts(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetO
                 poll(force=True)  # the last lines before the summary
         except library_errors() as e:
             fail(explain(cfg, e), code=1)
+    for line in window_lines(out["windows"]):
+        console.print(line)
     console.print(f"experts: {out['trained']} trained, {out['skipped']} already complete, "
                   f"{out['actor_restarts']} actor restart(s)")
+
+
+def window_lines(picks: list[dict]) -> list[str]:
+    """One line per range end the windows' rule picked (``range_end: auto``): the range and each end's score."""
+    return [f"phase {w['phase']}: range [{w['range'][0]}, {w['range'][1]}], the windows' rule's pick from expert "
+            f"{w['expert']} (chord alignment by end: " + ", ".join(f"{b} {v:.3f}" for b, v in w["scores"].items())
+            + ")" for w in picks]
 
 
 @app.command()
@@ -263,6 +275,8 @@ def shortcut(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = Set
             out = run_shortcuts(cfg)
         except library_errors() as e:
             fail(explain(cfg, e), code=1)
+    for line in window_lines(out["windows"]):
+        console.print(line)
     console.print(f"shortcuts for {out['experts']} experts, ranges {out['ranges']}: {out['written']} written")
 
 
@@ -277,7 +291,7 @@ def eval_(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt
     from ptmst_ray.layout import Layout
     from ptmst_ray.orchestration.pipeline import evaluate
     from ptmst_ray.orchestration.runtime import make_poll, progress_board
-    from ptmst_ray.stages import expert_lr
+    from ptmst_ray.stages import expert_lr, windows
     from ptmst_ray.stages.score import check_stored_sets
     from ptmst_ray.vocab import METHODS
 
@@ -293,6 +307,7 @@ def eval_(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt
     with root_lease(cfg, "eval"):
         try:
             cfg = expert_lr.resolved(cfg)  # experts.lr_img auto: the rate the rule picked under this root
+            cfg = windows.resolved(cfg)  # range_end auto: the ends the windows' rule picked under this root
             check_stored_sets(cfg, list(method))  # before data, pretraining and a Ray: nothing to score without them
             _ready_for_experts(cfg)
             connect_ray(cfg, address)

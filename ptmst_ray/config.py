@@ -357,8 +357,10 @@ class PhaseConfig:
 
     range_start: int = 0
     """a: first epoch of the (shortcut) teacher range."""
-    range_end: int = 6
-    """b: last epoch of the teacher range."""
+    range_end: int | Literal["auto"] = 6
+    """b: last epoch of the teacher range; auto = the windows' rule's pick from expert 0's trajectory, made once
+    that expert is trained (docs/method.md#a-recipe-for-new-data): the b in [start_max + expert_epochs,
+    experts.epochs] whose chord theta_b - theta_a is best aligned with the epochs this phase's targets lie in."""
     start_min: int = 0
     """Smallest start epoch (absolute epoch, within [a, b])."""
     start_max: int = 1
@@ -374,7 +376,8 @@ class PhaseConfig:
 
     def __post_init__(self):
         _check(self.range_start >= 0, "range_start", "must be >= 0")
-        _check(self.range_end > self.range_start, "range_end", f"must be > range_start ({self.range_start})")
+        _check(self.range_end == "auto" or self.range_end > self.range_start, "range_end",
+               f"must be > range_start ({self.range_start}) or auto")
         _check(self.start_min >= self.range_start, "start_min", f"must be >= range_start ({self.range_start})")
         _check(self.start_max >= self.start_min, "start_max", f"must be >= start_min ({self.start_min})")
         _check(self.pairs >= 1, "pairs", "must be >= 1")
@@ -641,6 +644,15 @@ class Config:
         m = self.distill.expert_epochs
         for i, ph in enumerate(self.phases):
             p = f"phases[{i}]"
+            if ph.range_end == "auto":  # the rule picks b in [start_max + m, experts.epochs]: that must hold one
+                _check(
+                    ph.start_max + m <= self.experts.epochs,
+                    f"{p}.start_max",
+                    f"range_end auto picks an end in [start_max + distill.expert_epochs, experts.epochs] = "
+                    f"[{ph.start_max + m}, {self.experts.epochs}], which is empty; lower start_max to at most "
+                    f"{self.experts.epochs - m} or train longer experts (experts.epochs)",
+                )
+                continue
             _check(
                 ph.range_end <= self.experts.epochs,
                 f"{p}.range_end",

@@ -108,6 +108,11 @@ class Layout:
         """The experts' learning-rate rule (``experts.lr_img: auto``): one file per candidate it tried."""
         return storage.join(self.experts, "lr_rule")
 
+    @property
+    def windows(self) -> str:
+        """The windows' rule (a phase's ``range_end: auto``): one file per start window it picked an end for."""
+        return storage.join(self.experts, "windows")
+
     def expert_attempt(self, expert_id: int, pid: int) -> str:
         """Where one actor's attempt at an expert is recorded (node, GPU ids, start)."""
         return storage.join(self.experts, "attempts", f"expert{expert_id:04d}-{pid}.json")
@@ -255,6 +260,10 @@ PHASE_VOLATILE = ("checkpoint_every", "report_every", "recall_every", "gpus_per_
 
 
 def phase_hash(cfg: Config, phase: PhaseConfig) -> str:
+    if phase.range_end == "auto":
+        raise StageError(f"a phase's range_end is auto and the windows' rule has not picked it under "
+                         f"{Layout.of(cfg).windows} for these experts and this start window: `ptmst-ray run` "
+                         f"(or `ptmst-ray experts` / `shortcut`) runs the rule once expert 0 is trained")
     distill = dataclasses.asdict(cfg.distill)
     for volatile in PHASE_VOLATILE:
         distill.pop(volatile)

@@ -324,7 +324,8 @@ def test_interrupted_driver_resumes_without_redoing_work(prepared, tmp_path):
         assert d.finish(timeout=300) == 0, d.output()[-3000:]
         assert "Token authentication is enabled" not in d.output()  # Ray's warning; the CLI names the token
         results = json.loads((root / "eval" / "results.json").read_text())
-        assert results["experts"] == {"trained": 0, "skipped": 4, "actor_restarts": 0, "shortcuts_written": 0}
+        assert results["experts"] == {"trained": 0, "skipped": 4, "actor_restarts": 0, "shortcuts_written": 0,
+                                      "windows": []}
         assert {n: s.get("skipped") for n, s in results["phases"].items()} == {"phase0": True}
         assert tree_files(experts) == after_b
         assert tree_files(phases / "phase0" / "subset") == phase0

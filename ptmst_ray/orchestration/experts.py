@@ -23,7 +23,7 @@ from ptmst_ray.orchestration.runtime import (
     ActorQueue, Poll, actor_name, cluster_info, record_attempt, report_progress, request_gpus, resolve_accelerator,
     uses_gpus, wait_all, worker_threads,
 )
-from ptmst_ray.stages import expert_lr
+from ptmst_ray.stages import expert_lr, windows
 from ptmst_ray.stages.embed import stream_split
 from ptmst_ray.stages.experts import (
     compress_expert, continues_from, expert_store, missing_shortcuts, train_and_store_expert,
@@ -156,21 +156,38 @@ def start_epoch(cfg: Config, stored: int) -> int:
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=3)
 class ShortcutActor:
-    """Compresses finished experts into the shortcut ranges the phases need (light CPU work)."""
+    """Compresses finished experts into the shortcut ranges the phases need (light CPU work). With a range end
+    auto, its first call applies the windows' rule (expert 0 must be stored by then) and every call uses its picks."""
 
     def __init__(self, cfg: dict):
         set_threads(1)
         self.cfg = from_dict(cfg)
 
     def compress(self, expert_id: int) -> list[tuple[int, int]]:
+        if windows.is_auto(self.cfg):
+            self.cfg = windows.pick(self.cfg)
         return compress_expert(self.cfg, expert_id)
+
+
+def bound_ranges(cfg: Config) -> list[tuple[int, int]]:
+    """The ranges the phases need (:func:`~ptmst_ray.layout.needed_ranges`); an auto range end (not picked yet)
+    counted at the experts' last epoch, the largest it can take."""
+    if not windows.is_auto(cfg):
+        return needed_ranges(cfg)
+    return sorted({(p.range_start, windows.end_bound(cfg, p)) for p in cfg.phases})
 
 
 def _shortcut_actor(cfg_dict: dict):
     """The shortcut actor, named ``shortcut-<driver id>`` in the dashboard; it holds the epochs of one expert that
-    the ranges span and its shortcuts at a time, and asks for that memory once an expert's size is known."""
+    the ranges span and its shortcuts at a time (or, to pick an auto range end, what the windows' rule holds), and
+    asks for that memory once an expert's size is known."""
+    from ptmst_ray.trajectories.expert import alignment_vectors
+
     cfg = from_dict(cfg_dict)
-    memory = compress_nbytes(cfg, needed_ranges(cfg))
+    memory = compress_nbytes(cfg, bound_ranges(cfg))
+    if windows.is_auto(cfg):
+        longest = max(len(windows.target_epochs(cfg, p)) for p in cfg.phases)
+        memory = max(memory, alignment_vectors(longest) * snapshot_nbytes(cfg))
     return ShortcutActor.options(name=actor_name("shortcut"), **memory_option(memory)).remote(cfg_dict)
 
 
@@ -193,7 +210,8 @@ def _actor_options(cfg: Config, n_actors: int) -> dict:
 
 
 def run_experts(cfg: Config, board=None, poll: Poll | None = None) -> dict:
-    """Train every missing expert and compress every expert into shortcuts; returns counts."""
+    """Train every missing expert and compress every expert into shortcuts (a range end auto: the windows' rule picks
+    it from expert 0 first); returns counts and the rule's picks (:func:`~ptmst_ray.stages.windows.picks`)."""
     cfg = resolve_accelerator(cfg)
     store = expert_store(cfg)
     if legacy := store.legacy_files():
@@ -202,15 +220,10 @@ def run_experts(cfg: Config, board=None, poll: Poll | None = None) -> dict:
     missing = store.missing_ids(cfg.experts.num_experts, experts_hash(cfg), cfg.experts.epochs)
     complete = [i for i in range(cfg.experts.num_experts) if i not in missing]
     cfg_dict = cfg.to_dict()
-    shortcut: list = []  # started with the first finished expert, when the memory it needs is known
-
-    def compress_one(expert_id: int):
-        if not shortcut:
-            shortcut.append(_shortcut_actor(cfg_dict))
-        return _compress(shortcut[0], expert_id)
-
+    compressor = Compressor(windows.resolved(cfg))  # range ends auto that the rule picked before: numbers
     # an expert whose shortcuts all exist costs no actor start (a rerun or a resume starts none)
-    compress = [compress_one(i) for i in complete if missing_shortcuts(cfg, i)]
+    for i in complete:
+        compressor.add(i)
     retries = 0
     if missing:
         n_actors = min(cluster_info().slots(cfg.experts.gpus_per_expert, uses_gpus(cfg)), len(missing))
@@ -223,15 +236,53 @@ def run_experts(cfg: Config, board=None, poll: Poll | None = None) -> dict:
         queue = ActorQueue(actors, lambda actor, eid: actor.train.options(name=expert_tag(eid)).remote(eid, board),
                            poll, label=lambda eid: f"expert {eid}")
         for done, (eid, _) in enumerate(queue.run(missing), start=len(complete) + 1):
-            compress.append(compress_one(eid))
+            compressor.add(eid)
             report_progress(board, "experts", done, cfg.experts.num_experts)
         retries = queue.restarts
         for actor in actors:
             ray.kill(actor)
-    written = sum(len(ranges) for ranges in ray.get(compress))
-    for actor in shortcut:
-        ray.kill(actor)
-    return {"trained": len(missing), "skipped": len(complete), "actor_restarts": retries, "shortcuts_written": written}
+    written = compressor.finish()
+    return {"trained": len(missing), "skipped": len(complete), "actor_restarts": retries, "shortcuts_written": written,
+            "windows": windows.picks(cfg)}
+
+
+class Compressor:
+    """Hands finished experts to one shortcut actor, started with the first expert that needs it (when the memory it
+    needs is known). A range end auto that the windows' rule has not picked yet holds every expert back until
+    expert 0, which the rule reads, is stored; then the actor's first call (expert 0's) picks the ends, and only
+    the actor knows the ranges: every later expert goes to it (it skips the shortcuts already stored)."""
+
+    def __init__(self, cfg: Config):
+        self.cfg, self.cfg_dict = cfg, cfg.to_dict()
+        self.auto = self.waiting = windows.is_auto(cfg)
+        self.held: list[int] = []
+        self.refs: list = []
+        self.actor = None
+
+    def add(self, expert_id: int) -> None:
+        if self.waiting:
+            self.held.append(expert_id)
+            if windows.EXPERT in self.held:  # the rule's expert first, then the rest in the order they finished
+                for i in sorted(self.held, key=lambda i: i != windows.EXPERT):
+                    self._compress(i)
+                self.held, self.waiting = [], False
+        elif self.auto or missing_shortcuts(self.cfg, expert_id):  # auto: only the actor knows the ranges
+            self._compress(expert_id)
+
+    def _compress(self, expert_id: int) -> None:
+        if self.actor is None:
+            self.actor = _shortcut_actor(self.cfg_dict)
+        self.refs.append(_compress(self.actor, expert_id))
+
+    def finish(self) -> int:
+        """Wait for every compression; the shortcuts written. The actor ends."""
+        if self.held:
+            raise StageError(f"range_end auto: expert {windows.EXPERT} is not among the stored experts, and the "
+                             f"windows' rule reads it; train the experts first (`ptmst-ray experts`)")
+        written = sum(len(ranges) for ranges in ray.get(self.refs))
+        if self.actor is not None:
+            ray.kill(self.actor)
+        return written
 
 
 @ray.remote
@@ -276,13 +327,12 @@ def complete_experts(cfg: Config) -> list[int]:
 
 
 def run_shortcuts(cfg: Config) -> dict:
-    """`ptmst-ray shortcut`: compress every complete expert for the configured ranges (no actor starts when every
-    shortcut is stored)."""
+    """`ptmst-ray shortcut`: compress every complete expert for the configured ranges (a range end auto: picked by
+    the windows' rule first; no actor starts when every shortcut is stored)."""
     ids = complete_experts(cfg)
-    todo = [i for i in ids if missing_shortcuts(cfg, i)]
-    written = []
-    if todo:
-        shortcut = _shortcut_actor(cfg.to_dict())
-        written = ray.get([_compress(shortcut, i) for i in todo])
-        ray.kill(shortcut)
-    return {"experts": len(ids), "written": sum(len(w) for w in written), "ranges": needed_ranges(cfg)}
+    compressor = Compressor(windows.resolved(cfg))
+    for i in ids:
+        compressor.add(i)
+    written = compressor.finish()
+    return {"experts": len(ids), "written": written, "ranges": needed_ranges(windows.check_resolved(cfg)),
+            "windows": windows.picks(cfg)}

@@ -31,7 +31,7 @@ from ptmst_ray.orchestration.runtime import (
 from ptmst_ray.stages import aggregate as aggregate_stage
 from ptmst_ray.stages import data as data_stage
 from ptmst_ray.stages import embed as embed_stage
-from ptmst_ray.stages import expert_lr
+from ptmst_ray.stages import expert_lr, windows
 from ptmst_ray.stages import features as features_stage
 from ptmst_ray.stages import pretrain as pretrain_stage
 from ptmst_ray.stages.plots import plot_run
@@ -274,10 +274,10 @@ class StageTimes:
 def run_prerequisites(cfg: Config, ui: UI, board, poll: Poll, times: StageTimes | None = None,
                       where: dict | None = None) -> tuple[Config, dict]:
     """Data, pretraining, caption embeddings, the experts' learning rate (``experts.lr_img: auto``), experts +
-    shortcuts (each skipped when complete).
+    shortcuts (a range end auto: picked first by the windows' rule; each stage skipped when complete).
 
-    Shared by `run` and `sweep`; returns the config the later stages take (with the experts' learning rate the
-    rule picked) and run_experts' counts. ``times`` records each stage's time, ``where`` (if given) receives
+    Shared by `run` and `sweep`; returns the config the later stages take (with the experts' learning rate and the
+    range ends the rules picked) and run_experts' counts. ``times`` records each stage's time, ``where`` (if given) receives
     ``embed``: the node and GPU ids the caption embeddings were computed on.
     """
     times = times or StageTimes(cfg.run.root, poll)
@@ -318,10 +318,16 @@ def run_prerequisites(cfg: Config, ui: UI, board, poll: Poll, times: StageTimes 
             out["ran"] = tried > 0
         log.info("experts' learning rate: %g, the rule's pick of %s (%s)", cfg.experts.lr_img,
                  cfg.experts.lr_candidates, Layout.of(cfg).expert_lr)
-    ui.stage(f"experts ({cfg.experts.num_experts}) + shortcuts")
+    ui.stage(f"experts ({cfg.experts.num_experts}) + shortcuts"
+             + (" (range ends auto: the windows' rule on expert 0 first)" if windows.is_auto(cfg) else ""))
     with times.stage("experts") as out:
         experts = run_experts(cfg, board, poll)
         out["ran"] = bool(experts["trained"] or experts["shortcuts_written"])
+    if windows.is_auto(cfg):
+        cfg = windows.check_resolved(cfg)
+        log.info("range ends: %s, the windows' rule's picks from expert %d (%s)",
+                 ", ".join(f"phase {w['phase']} [{w['range'][0]}, {w['range'][1]}]" for w in experts["windows"]),
+                 windows.EXPERT, Layout.of(cfg).windows)
     if where is not None:
         where["embed"] = embedded
         where["features"] = feats

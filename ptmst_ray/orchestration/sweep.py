@@ -100,6 +100,10 @@ def check_space(cfg: Config) -> None:
         if key in RULED:
             _check_not_derived(cfg, key)
         whole = _whole_phases(key)
+        if _auto_end(key, values if kind in ("choice", "grid") else []):
+            raise SweepError(f"sweep.space.{key}: a range_end auto in a trial: the windows' rule picks the base "
+                             f"config's range ends once, before the trials, which share its shortcuts; sweep "
+                             f"numbered range ends, or set auto in the base config's phases")
         try:
             _get_path(cfg.to_dict(), key)
             for value in values if whole else [probe]:  # whole phases: every layout is checked before any trial
@@ -110,6 +114,16 @@ def check_space(cfg: Config) -> None:
             if whole or "unknown key" in str(e) or "not in a list" in str(e) or "is not a section" in str(e):
                 raise SweepError(f"sweep.space.{key}: {e}") from None
     _check_trials(cfg)
+
+
+def _auto_end(key: str, values: list) -> bool:
+    """Whether some value of a space's dimension ``key`` is, or holds a phase whose, range_end is auto."""
+    if key.endswith(".range_end"):
+        return "auto" in values
+    if not _whole_phases(key):
+        return False
+    phases = [p for v in values for p in (v if isinstance(v, list) else [v])]
+    return any(isinstance(p, dict) and p.get("range_end") == "auto" for p in phases)
 
 
 MAX_CHECKED_TRIALS = 2_000

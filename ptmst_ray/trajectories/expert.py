@@ -283,12 +283,16 @@ def chord_alignment(trajectory: Sequence[Snapshot], start: int, epochs: Sequence
         other = [t.detach().flatten().double() for n, t in sorted(snap.items()) if not n.startswith(IMAGE_PREFIX)]
         return [torch.cat(v) for v in (image, other) if v]
 
-    # each epoch the displacements need is read once (a stored trajectory reads a snapshot when indexed); kept
-    # after that: theta_start, one displacement per target epoch and the current chord, never the whole trajectory
-    read = {e: towers(trajectory[e]) for e in sorted({start, *epochs, *(k + 1 for k in epochs)})}
-    base = read[start]
-    steps = {k: [b - a for a, b in zip(read[k], read[k + 1])] for k in epochs}
-    del read
+    # each epoch the displacements need is read once while the epochs run on (a stored trajectory reads a snapshot
+    # when indexed); held: theta_start, one displacement per target epoch and two epochs (then the current chord),
+    # never the whole trajectory: :func:`alignment_vectors`
+    base = towers(trajectory[start])
+    steps, last_epoch, last = {}, start, base
+    for k in sorted(set(epochs)):
+        here = last if last_epoch == k else towers(trajectory[k])
+        last_epoch, last = k + 1, towers(trajectory[k + 1])
+        steps[k] = [b - a for a, b in zip(here, last)]
+    del here, last
     scores = {}
     for b in ends:
         chord = [tb - ta for ta, tb in zip(base, towers(trajectory[b]))]
@@ -299,6 +303,13 @@ def chord_alignment(trajectory: Sequence[Snapshot], start: int, epochs: Sequence
             per_pair.append(sum(cos) / len(cos) if cos else 0.0)
         scores[b] = sum(per_pair) / len(per_pair)
     return scores
+
+
+def alignment_vectors(n_epochs: int) -> int:
+    """Float32 parameter vectors' worth of memory :func:`chord_alignment` holds at its peak for ``n_epochs`` target
+    epochs: theta_start, a displacement per epoch and two epochs (or an end and its chord), each in float64, and
+    one snapshot as read."""
+    return 2 * (n_epochs + 3) + 1
 
 
 def aligned_range_end(trajectories: Sequence[Sequence[Snapshot]], start: int, epochs: Sequence[int],
