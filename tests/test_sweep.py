@@ -226,15 +226,17 @@ def test_sweep_on_a_bucket_asha_stops_a_diverged_trial_and_rerun_restores(ray_se
     iteration, finishes in round 1 and is not run again in round 2); the base run, the
     trials' roots and Tune's experiment in an S3 bucket (issue #21). lr_img = inf diverges at iteration 1 and
     scores 0; running after the good trial, ASHA stops it at the first rung. A range no finished run holds
-    (phase 1 over epochs 1..3) is compressed before the trials. The table, plot and best.yaml land in the
-    bucket; the same sweep again restores the finished experiment (no trial reruns); `run` on best.yaml
-    reuses the trial's phases."""
+    (phase 1 over epochs 1..3: its range_end auto, which the windows' rule resolves to 3 from expert 0 in the bucket,
+    the only end after its target epochs) is compressed before the trials. The table, plot and best.yaml (naming
+    that end) land in the bucket; the same sweep again restores the finished experiment (no trial reruns); `run` on
+    best.yaml reuses the trial's phases."""
     from ptmst_ray.orchestration.pipeline import run_pipeline
     from ptmst_ray.trajectories.store import ShortcutStore
 
     base = upload_root(prepared_root, s3.url("base"))
     cfg = ray_config(base, **{
-        "phases.0.iterations": 1, "phases.1.range_start": 1, "sweep.searcher": "grid", "sweep.max_concurrent": 1,
+        "phases.0.iterations": 1, "phases.1.range_start": 1, "phases.1.range_end": "auto",
+        "sweep.searcher": "grid", "sweep.max_concurrent": 1,
         "sweep.scheduler": "asha", "sweep.grace_period": 1, "sweep.rounds": 2, "sweep.space": {"distill.lr_img": {"grid": [100.0, float("inf")]}}})
     shortcuts = ShortcutStore(layout.Layout(base).shortcuts)
     assert shortcuts.complete_ids(1, 3, layout.experts_hash(cfg)) == []  # the prepared run's phase 1 is 0..3
@@ -279,6 +281,7 @@ def test_sweep_on_a_bucket_asha_stops_a_diverged_trial_and_rerun_restores(ray_se
     (tmp_path / "best.yaml").write_text(storage.read_text(storage.join(out, sw.BEST_YAML)))
     best = load_config(tmp_path / "best.yaml", ["eval.seeds=1"])
     assert best.run.root == good_root and best.distill.lr_img == 100.0 and best.phases[1].range_start == 1
+    assert best.phases[1].range_end == 3 and len(storage.listdir(layout.Layout(base).windows)) == 1
     results = run_pipeline(best)  # phases are complete in the trial's root: only aggregate + evaluation run
     assert results["phases"]["phase0"].get("skipped") and results["phases"]["phase1"].get("skipped")
     assert math.isfinite(results["methods"]["ptm_st"]["r_mean"]["mean"])
