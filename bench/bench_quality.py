@@ -1059,8 +1059,8 @@ def main(argv: list[str] | None = None) -> dict:
     import ray
 
     from ptmst_ray.orchestration.pipeline import run_prerequisites
-    from ptmst_ray.stages import expert_lr, windows
     from ptmst_ray.orchestration.runtime import connect, install_interrupt_handler, make_poll, progress_board
+    from ptmst_ray.stages import expert_lr, windows
 
     install_interrupt_handler()  # Ctrl-C lands at the next poll (inside Ray's blocking calls it can be lost)
     info = connect(base.run.address)

@@ -205,7 +205,7 @@ def windows_rule(cfg, n_experts: int) -> list[dict[str, Any]]:
     from ptmst_ray.stages.experts import expert_store
     from ptmst_ray.stages.windows import target_epochs
     from ptmst_ray.storage import StorageError
-    from ptmst_ray.trajectories.expert import aligned_range_end
+    from ptmst_ray.trajectories.expert import aligned_range_ends
 
     store, h, epochs = expert_store(cfg), experts_hash(cfg), cfg.experts.epochs
     trajectories = []
@@ -221,12 +221,14 @@ def windows_rule(cfg, n_experts: int) -> list[dict[str, Any]]:
                              f"stage finish first")
         trajectories.append(snaps)  # read an epoch at a time as the rule indexes it
     out = []
-    for i, ph in enumerate(cfg.phases):
-        targets = target_epochs(cfg, ph)
-        pick, scores = aligned_range_end(trajectories, ph.range_start, targets, epochs)
-        out.append({"phase": i, "range_start": ph.range_start, "starts": [ph.start_min, ph.start_max],
-                    "target_epochs": targets, "scores": scores, "pick": pick, "config_range_end": ph.range_end})
-    return out
+    for a in sorted({ph.range_start for ph in cfg.phases}):  # the experts read once per range start
+        group = [(i, ph) for i, ph in enumerate(cfg.phases) if ph.range_start == a]
+        picked = aligned_range_ends(trajectories, a, [target_epochs(cfg, ph) for _, ph in group], epochs)
+        for (i, ph), (pick, scores) in zip(group, picked):
+            out.append({"phase": i, "range_start": a, "starts": [ph.start_min, ph.start_max],
+                        "target_epochs": target_epochs(cfg, ph), "scores": scores, "pick": pick,
+                        "config_range_end": ph.range_end})
+    return sorted(out, key=lambda w: w["phase"])
 
 
 def windows_report(res: dict) -> str:

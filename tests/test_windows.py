@@ -71,7 +71,7 @@ def test_the_picks_are_the_best_aligned_ends_of_expert_0_and_are_stored(root, mo
     # a resumed run reads the files and weighs nothing again
     from ptmst_ray.trajectories import expert as expert_mod
 
-    monkeypatch.setattr(expert_mod, "aligned_range_end", lambda *a: pytest.fail("the rule ran again"))
+    monkeypatch.setattr(expert_mod, "aligned_range_ends", lambda *a: pytest.fail("the rule ran again"))
     assert windows.pick(cfg) == out == windows.resolved(cfg) == windows.check_resolved(cfg)
     files = sorted(p.name for p in (root / "experts" / "windows").iterdir())
     assert len(files) == 2 and all(f.startswith(experts_hash(cfg)) for f in files)

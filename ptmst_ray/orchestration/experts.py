@@ -186,8 +186,7 @@ def _shortcut_actor(cfg_dict: dict):
     cfg = from_dict(cfg_dict)
     memory = compress_nbytes(cfg, bound_ranges(cfg))
     if windows.is_auto(cfg):
-        longest = max(len(windows.target_epochs(cfg, p)) for p in cfg.phases)
-        memory = max(memory, alignment_vectors(longest) * snapshot_nbytes(cfg))
+        memory = max(memory, alignment_vectors(windows.union_epochs(cfg)) * snapshot_nbytes(cfg))
     return ShortcutActor.options(name=actor_name("shortcut"), **memory_option(memory)).remote(cfg_dict)
 
 

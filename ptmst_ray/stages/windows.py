@@ -67,7 +67,7 @@ def pick(cfg: Config) -> Config:
     """Apply the rule to every auto range end not picked yet (reading expert 0, which must be complete), store each
     pick with its scores, and return :func:`resolved`. Runs where the shortcuts are written (the shortcut worker)."""
     from ptmst_ray.stages.experts import expert_store
-    from ptmst_ray.trajectories.expert import aligned_range_end
+    from ptmst_ray.trajectories.expert import aligned_range_ends
 
     todo = {_url(cfg, p): p for p, s in zip(cfg.phases, stored(cfg)) if p.range_end == AUTO and s is None}
     if todo:
@@ -77,17 +77,23 @@ def pick(cfg: Config) -> Config:
             raise StageError(f"range_end auto: expert {EXPERT} has {len(snaps) - 1} of its {epochs} epochs stored "
                              f"under {Layout.of(cfg).experts}; the windows' rule reads it whole: let the experts "
                              f"stage finish (`ptmst-ray experts`)")
-        for url, phase in todo.items():
-            targets = target_epochs(cfg, phase)
-            end, scores = aligned_range_end([snaps], phase.range_start, targets, epochs)
-            storage.write_json(url, {"range_end": end, "scores": {str(b): s for b, s in scores.items()},
-                                     "range_start": phase.range_start, "starts": [phase.start_min, phase.start_max],
-                                     "target_epochs": targets, "expert": EXPERT, "config_hash": chash})
-            log.info("windows' rule: starts %d-%d (target epochs %s) -> range [%d, %d]%s", phase.start_min,
-                     phase.start_max, targets, phase.range_start, end,
-                     "; the score still rises at the experts' last epoch: longer experts may pick later"
-                     if end == epochs else "")
+        for a in sorted({p.range_start for p in todo.values()}):  # one read of the expert per range start
+            group = [(url, p) for url, p in todo.items() if p.range_start == a]
+            picked = aligned_range_ends([snaps], a, [target_epochs(cfg, p) for _, p in group], epochs)
+            for (url, phase), (end, scores) in zip(group, picked):
+                _store(url, cfg, phase, end, scores, chash)
     return resolved(cfg)
+
+
+def _store(url: str, cfg: Config, phase: PhaseConfig, end: int, scores: dict[int, float], chash: str) -> None:
+    """One pick and its scores, as :func:`stored` reads them back; logged."""
+    targets, epochs = target_epochs(cfg, phase), cfg.experts.epochs
+    storage.write_json(url, {"range_end": end, "scores": {str(b): s for b, s in scores.items()},
+                             "range_start": phase.range_start, "starts": [phase.start_min, phase.start_max],
+                             "target_epochs": targets, "expert": EXPERT, "config_hash": chash})
+    log.info("windows' rule: starts %d-%d (target epochs %s) -> range [%d, %d]%s", phase.start_min, phase.start_max,
+             targets, phase.range_start, end,
+             "; the score still rises at the experts' last epoch: longer experts may pick later" if end == epochs else "")
 
 
 def picks(cfg: Config) -> list[dict]:
@@ -105,6 +111,14 @@ def check_resolved(cfg: Config) -> Config:
         raise StageError(f"{cfg.run.root}: a phase's range_end is auto and the windows' rule has not picked it "
                          f"(under {Layout.of(cfg).windows}); run `ptmst-ray experts` (or `ptmst-ray run`) first")
     return cfg
+
+
+def union_epochs(cfg: Config) -> int:
+    """The most target epochs the rule holds displacements of at once: the auto phases of one range start are
+    weighed together (:func:`pick`); 0 when no range end is auto."""
+    auto = [p for p in cfg.phases if p.range_end == AUTO]
+    return max((len({k for p in auto if p.range_start == a for k in target_epochs(cfg, p)})
+                for a in {p.range_start for p in auto}), default=0)
 
 
 def end_bound(cfg: Config, phase: PhaseConfig) -> int:

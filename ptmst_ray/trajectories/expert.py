@@ -267,9 +267,18 @@ def chord_alignment(trajectory: Sequence[Snapshot], start: int, epochs: Sequence
     tower one flat float64 vector. A tower that does not move over a pair (a zero vector) is left out of that pair's
     mean; a pair where neither moves counts 0. The windows' rule (:func:`aligned_range_end`) takes the best b.
     """
+    epochs = list(epochs)
+    return {b: sum(by_k[k] for k in epochs) / len(epochs)
+            for b, by_k in pair_cosines(trajectory, start, epochs, ends).items()}
+
+
+def pair_cosines(trajectory: Sequence[Snapshot], start: int, epochs: Sequence[int],
+                 ends: Iterable[int]) -> dict[int, dict[int, float]]:
+    """:func:`chord_alignment`'s terms: for each end b and epoch k, the mean over the two towers of
+    cos(theta_b - theta_start, theta_(k+1) - theta_k) (0 when neither tower moves)."""
     from ptmst_ray.models.functional import IMAGE_PREFIX
 
-    epochs, ends = list(epochs), list(ends)
+    epochs, ends = sorted(set(epochs)), list(ends)
     if not epochs:
         raise ValueError("epochs is empty: name the epochs whose displacements the chord should follow")
     last = len(trajectory) - 1
@@ -285,28 +294,26 @@ def chord_alignment(trajectory: Sequence[Snapshot], start: int, epochs: Sequence
 
     # each epoch the displacements need is read once while the epochs run on (a stored trajectory reads a snapshot
     # when indexed); held: theta_start, one displacement per target epoch and two epochs (then the current chord),
-    # never the whole trajectory: :func:`alignment_vectors`
+    # never the whole trajectory: :func:`alignment_vectors`. Each vector's norm is taken once.
     base = towers(trajectory[start])
     steps, last_epoch, last = {}, start, base
-    for k in sorted(set(epochs)):
+    for k in epochs:
         here = last if last_epoch == k else towers(trajectory[k])
         last_epoch, last = k + 1, towers(trajectory[k + 1])
-        steps[k] = [b - a for a, b in zip(here, last)]
+        steps[k] = [(d, float(d.norm())) for d in (b - a for a, b in zip(here, last))]
     del here, last
-    scores = {}
+    out = {}
     for b in ends:
-        chord = [tb - ta for ta, tb in zip(base, towers(trajectory[b]))]
-        per_pair = []
+        chord = [(c, float(c.norm())) for c in (tb - ta for ta, tb in zip(base, towers(trajectory[b])))]
+        out[b] = {}
         for k in epochs:
-            cos = [float(torch.dot(c, d) / (c.norm() * d.norm()))
-                   for c, d in zip(chord, steps[k]) if c.norm() > 0 and d.norm() > 0]
-            per_pair.append(sum(cos) / len(cos) if cos else 0.0)
-        scores[b] = sum(per_pair) / len(per_pair)
-    return scores
+            cos = [float(torch.dot(c, d)) / (cn * dn) for (c, cn), (d, dn) in zip(chord, steps[k]) if cn > 0 and dn > 0]
+            out[b][k] = sum(cos) / len(cos) if cos else 0.0
+    return out
 
 
 def alignment_vectors(n_epochs: int) -> int:
-    """Float32 parameter vectors' worth of memory :func:`chord_alignment` holds at its peak for ``n_epochs`` target
+    """Float32 parameter vectors' worth of memory :func:`pair_cosines` holds at its peak for ``n_epochs`` target
     epochs: theta_start, a displacement per epoch and two epochs (or an end and its chord), each in float64, and
     one snapshot as read."""
     return 2 * (n_epochs + 3) + 1
@@ -318,14 +325,28 @@ def aligned_range_end(trajectories: Sequence[Sequence[Snapshot]], start: int, ep
     ``epochs`` is the b in (max(epochs), max_end] whose chord theta_b - theta_start is best aligned with those
     epochs' displacements, :func:`chord_alignment` averaged over ``trajectories``; returns (b, scores by b).
     Ties go to the smaller b."""
+    return aligned_range_ends(trajectories, start, [epochs], max_end)[0]
+
+
+def aligned_range_ends(trajectories: Sequence[Sequence[Snapshot]], start: int, epoch_sets: Sequence[Sequence[int]],
+                       max_end: int) -> list[tuple[int, dict[int, float]]]:
+    """:func:`aligned_range_end` for several phases of the same range start at once (one per set of target epochs),
+    each trajectory read once for all of them."""
     if not trajectories:
         raise ValueError("no trajectories: the rule averages over at least one expert")
-    ends = range(max(epochs) + 1, max_end + 1)
-    if not ends:
-        raise ValueError(f"max_end {max_end} leaves no range end past the last target epoch {max(epochs)}")
-    per = [chord_alignment(t, start, epochs, ends) for t in trajectories]
-    scores = {b: sum(p[b] for p in per) / len(per) for b in ends}
-    return max(ends, key=lambda b: (scores[b], -b)), scores
+    epoch_sets = [list(s) for s in epoch_sets]
+    for s in epoch_sets:
+        if not range(max(s) + 1, max_end + 1):
+            raise ValueError(f"max_end {max_end} leaves no range end past the last target epoch {max(s)}")
+    union = sorted({k for s in epoch_sets for k in s})
+    per = [pair_cosines(t, start, union, range(min(max(s) for s in epoch_sets) + 1, max_end + 1))
+           for t in trajectories]
+    out = []
+    for s in epoch_sets:
+        ends = range(max(s) + 1, max_end + 1)
+        scores = {b: sum(sum(p[b][k] for k in s) / len(s) for p in per) / len(per) for b in ends}
+        out.append((max(ends, key=lambda b: (scores[b], -b)), scores))
+    return out
 
 
 def keeps_aligned(cosines: list[float], min_cosine: float = ALIGNED_COSINE, epochs: int = ALIGNED_EPOCHS) -> bool:
