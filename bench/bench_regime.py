@@ -203,9 +203,8 @@ def windows_rule(cfg, n_experts: int) -> list[dict[str, Any]]:
     the experts' epochs, and the pick beside the config's range end."""
     from ptmst_ray.layout import experts_hash
     from ptmst_ray.stages.experts import expert_store
-    from ptmst_ray.stages.windows import target_epochs
+    from ptmst_ray.stages.windows import target_epochs, weigh
     from ptmst_ray.storage import StorageError
-    from ptmst_ray.trajectories.expert import aligned_range_ends
 
     store, h, epochs = expert_store(cfg), experts_hash(cfg), cfg.experts.epochs
     trajectories = []
@@ -220,15 +219,9 @@ def windows_rule(cfg, n_experts: int) -> list[dict[str, Any]]:
             raise SystemExit(f"expert {e} has {len(snaps) - 1} of its {epochs} epochs stored: let the experts "
                              f"stage finish first")
         trajectories.append(snaps)  # read an epoch at a time as the rule indexes it
-    out = []
-    for a in sorted({ph.range_start for ph in cfg.phases}):  # the experts read once per range start
-        group = [(i, ph) for i, ph in enumerate(cfg.phases) if ph.range_start == a]
-        picked = aligned_range_ends(trajectories, a, [target_epochs(cfg, ph) for _, ph in group], epochs)
-        for (i, ph), (pick, scores) in zip(group, picked):
-            out.append({"phase": i, "range_start": a, "starts": [ph.start_min, ph.start_max],
-                        "target_epochs": target_epochs(cfg, ph), "scores": scores, "pick": pick,
-                        "config_range_end": ph.range_end})
-    return sorted(out, key=lambda w: w["phase"])
+    return [{"phase": i, "range_start": ph.range_start, "starts": [ph.start_min, ph.start_max],
+             "target_epochs": target_epochs(cfg, ph), "scores": scores, "pick": pick, "config_range_end": ph.range_end}
+            for i, (ph, (pick, scores)) in enumerate(zip(cfg.phases, weigh(cfg, trajectories, list(cfg.phases))))]
 
 
 def windows_report(res: dict) -> str:

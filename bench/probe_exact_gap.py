@@ -49,14 +49,7 @@ def measure(cfg, name: str, state: str, scales: list[float], draws: int, seed: i
     real = load_real(cfg, whole_train=False)
     fs = FunctionalStudent(build_student(cfg.model, real.text_dim, seed=cfg.experts.seed).to(device).train())
     job, syn = load_synthetic(cfg, name, state, device)
-    if state == "distilled":  # the subset's own learned step sizes, per tower
-        from ptmst_ray.distill.export import load_subset
-        from ptmst_ray.layout import Layout
-
-        sub = load_subset(Layout.of(cfg).subset(name))
-        base = (sub.alpha_img, sub.alpha_txt)
-    else:
-        base = cfg.alpha_starts()
+    base = (float(syn.alpha_img), float(syn.alpha_txt))  # the recipe's starts, or the subset's learned step sizes
     phase, d = job.phase, cfg.distill
     source = StoredTrajectories(cfg, phase, fs.split_snapshot, device)
     gen = torch.Generator().manual_seed(seed)

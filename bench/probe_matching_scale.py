@@ -29,8 +29,9 @@ import torch
 
 
 def load_synthetic(cfg, name: str, state: str, device, pairs: int | None = None):
-    """The phase's synthetic set: its initial one (seeded as the phase; ``pairs`` real pairs instead of the
-    phase's, e.g. a large real reference) or its saved (distilled) subset."""
+    """The phase's synthetic set: its initial one (seeded as the phase, at the recipe's starting step sizes; ``pairs``
+    real pairs instead of the phase's, e.g. a large real reference) or its saved (distilled) subset with its learned
+    step sizes."""
     from ptmst_ray.distill.export import load_subset
     from ptmst_ray.distill.similarity import FullSimilarity
     from ptmst_ray.distill.synthetic import SyntheticSet
@@ -42,10 +43,10 @@ def load_synthetic(cfg, name: str, state: str, device, pairs: int | None = None)
         sub = load_subset(Layout.of(cfg).subset(name))
         sim = FullSimilarity(sub.images.shape[0], dtype=sub.images.dtype)
         sim.sim.data.copy_(sub.similarity.to(sub.images.dtype))
-        return job, SyntheticSet(sub.images, sub.text, sim, sub.alpha_img)
+        return job, SyntheticSet(sub.images, sub.text, sim, (sub.alpha_img, sub.alpha_txt))
     real = load_real(cfg, whole_train=False)
     syn = SyntheticSet.from_real(real.train_images, real.train_text, pairs or job.phase.pairs, job.phase.similarity,
-                                 cfg.distill.alpha_init, torch.Generator().manual_seed(job.seed), device=device)
+                                 cfg.alpha_starts(), torch.Generator().manual_seed(job.seed), device=device)
     return job, syn
 
 

@@ -67,7 +67,6 @@ def pick(cfg: Config) -> Config:
     """Apply the rule to every auto range end not picked yet (reading expert 0, which must be complete), store each
     pick with its scores, and return :func:`resolved`. Runs where the shortcuts are written (the shortcut worker)."""
     from ptmst_ray.stages.experts import expert_store
-    from ptmst_ray.trajectories.expert import aligned_range_ends
 
     todo = {_url(cfg, p): p for p, s in zip(cfg.phases, stored(cfg)) if p.range_end == AUTO and s is None}
     if todo:
@@ -77,12 +76,24 @@ def pick(cfg: Config) -> Config:
             raise StageError(f"range_end auto: expert {EXPERT} has {len(snaps) - 1} of its {epochs} epochs stored "
                              f"under {Layout.of(cfg).experts}; the windows' rule reads it whole: let the experts "
                              f"stage finish (`ptmst-ray experts`)")
-        for a in sorted({p.range_start for p in todo.values()}):  # one read of the expert per range start
-            group = [(url, p) for url, p in todo.items() if p.range_start == a]
-            picked = aligned_range_ends([snaps], a, [target_epochs(cfg, p) for _, p in group], epochs)
-            for (url, phase), (end, scores) in zip(group, picked):
-                _store(url, cfg, phase, end, scores, chash)
+        for (url, phase), (end, scores) in zip(todo.items(), weigh(cfg, [snaps], list(todo.values()))):
+            _store(url, cfg, phase, end, scores, chash)
     return resolved(cfg)
+
+
+def weigh(cfg: Config, trajectories: list, phases: list[PhaseConfig]) -> list[tuple[int, dict[int, float]]]:
+    """The rule's (pick, scores by end) for each of ``phases`` over ``trajectories`` (stored experts, read an epoch at
+    a time as indexed), in ``phases``' order: the phases of one range start are weighed together, so each
+    trajectory is read once per range start."""
+    from ptmst_ray.trajectories.expert import aligned_range_ends
+
+    out: dict[int, tuple[int, dict[int, float]]] = {}
+    for a in sorted({p.range_start for p in phases}):
+        group = [i for i, p in enumerate(phases) if p.range_start == a]
+        picked = aligned_range_ends(trajectories, a, [target_epochs(cfg, phases[i]) for i in group],
+                                    cfg.experts.epochs)
+        out.update(zip(group, picked))
+    return [out[i] for i in range(len(phases))]
 
 
 def _store(url: str, cfg: Config, phase: PhaseConfig, end: int, scores: dict[int, float], chash: str) -> None:
