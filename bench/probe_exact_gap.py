@@ -2,7 +2,7 @@
 
 Why this file exists: on `scenes` the two gradient methods score level (exact - first_order within the seeds'
 spread in every comparison) and end with the same matching loss. `first_order` drops the terms of dM/dX that pass
-through the later steps' dependence on the earlier ones (ALGORITHM: each g_i recomputed at the unroll's w_i, not
+through the later steps' dependence on the earlier ones (docs/method.md: each g_i recomputed at the unroll's w_i, not
 differentiated through w_i); those terms scale with the step size alpha, so at small alpha the two gradients nearly
 agree and no choice between them can move recall. This measures, for one phase of a distilled cell and the same
 draws of (expert, start epoch, minibatches), both methods' gradients of the synthetic images, texts, similarity
