@@ -427,6 +427,15 @@ def test_score_key_follows_each_scores_inputs(tmp_path):
     assert [score_key(cfg.replace(**{"eval.full_data_epochs": 3}), m, 0) == keys[m] for m in methods] == \
         [True, True, True, False]
     assert all(score_key(cfg.replace(**{"eval.lr": 0.05}), m, 0) != keys[m] for m in methods)
+    # the students' loss, however it is written: inherited from distill.loss (None) or named; a distillation loss
+    # of its own changes only what distils (the subsets' content), not the baselines' students
+    named = cfg.replace(**{"eval.loss": cfg.distill.loss})
+    assert cfg.eval.loss is None and {m: score_key(named, m, 0) for m in methods} == keys
+    other = "WBCE" if cfg.eval_loss != "WBCE" else "InfoNCE"
+    assert all(score_key(cfg.replace(**{"eval.loss": other}), m, 0) != keys[m] for m in methods)
+    assert all(score_key(cfg.replace(**{"distill.loss": other}), m, 0) != keys[m] for m in methods)  # follows it
+    apart = cfg.replace(**{"distill.loss": other, "eval.loss": cfg.eval_loss})
+    assert {m: score_key(apart, m, 0) for m in methods} == keys
     # another distillation draw: the subsets' keys change (and their content would), random's and full's do not
     assert [score_key(cfg.replace(**{"run.seed": 3}), m, 0) == keys[m] for m in methods] == [False, True, False, True]
 

@@ -153,6 +153,9 @@ def score_key(cfg: Config, method: str, seed: int) -> str | None:
     layout = Layout.of(cfg)
     ignored = FULL_SCORE_IGNORED if method == "full" else SUBSET_SCORE_IGNORED
     settings = {k: v for k, v in cfg.to_dict()["eval"].items() if k not in ignored}
+    # the loss the students use counts (cfg.eval_loss, hashed below), not whether eval.loss names it or inherits it
+    # from distill.loss: `eval.loss: InfoNCE` beside `distill.loss: WBCE` reuses the InfoNCE-scored baselines
+    settings["loss"] = None
     source: Any = None
     if method in (PTM_ST, SINGLE_PHASE):
         manifest = storage.read_manifest(layout.distilled if method == PTM_ST else layout.subset(SINGLE_PHASE))
