@@ -15,6 +15,36 @@ from ptmst_ray.vocab import RECALLS
 SWEEP_METRICS = ("r_mean", *RECALLS)
 
 
+PHASE_WINDOW = {"range_start", "range_end", "start_min", "start_max"}
+
+
+def _varying(dicts: list[dict]) -> list[str]:
+    """The keys whose values differ between ``dicts`` (a missing key counts as a value), in first-seen order."""
+    keys = list(dict.fromkeys(k for d in dicts for k in d))
+    return [k for k in keys if len({repr(d.get(k)) for d in dicts}) > 1]
+
+
+def cell_text(value, peers: list) -> str:
+    """``value`` of one trial as a table cell, ``peers`` the same parameter's values in every trial. A whole phase
+    shows only the settings in which the trials' phases differ (its window as ``[0, 10] starts 2-4``, others as
+    ``pairs=20``), a phase list each phase so, joined by " + ": the full dicts wrapped a narrow column into a dozen
+    lines a trial."""
+    if isinstance(value, dict):
+        keys = _varying([p for p in peers if isinstance(p, dict)]) or list(value)
+        parts = []
+        if PHASE_WINDOW <= set(value) and PHASE_WINDOW & set(keys):  # a phase's window, as the docs write it
+            parts.append(f"[{value['range_start']}, {value['range_end']}] starts {value['start_min']}-"
+                         f"{value['start_max']}")
+            keys = [k for k in keys if k not in PHASE_WINDOW]
+        parts += [f"{k}={value[k]}" for k in keys if k in value]
+        return ", ".join(parts) or "{}"
+    if isinstance(value, list) and any(isinstance(v, dict) for v in value):
+        return " + ".join(
+            f"({cell_text(v, [p[i] for p in peers if isinstance(p, list) and len(p) > i])})"
+            if isinstance(v, dict) else str(v) for i, v in enumerate(value))
+    return str(value)
+
+
 def sweep_table(summary: dict, params: list[str]) -> Table:
     table = Table(title=f"sweep {summary['name']}: last-round quick evaluation (1 seed), best first")
     table.add_column("trial", no_wrap=True)
@@ -22,11 +52,11 @@ def sweep_table(summary: dict, params: list[str]) -> Table:
         table.add_column(p, justify="right")
     for m in SWEEP_METRICS:
         table.add_column(m, justify="right")
-    for c in ("iterations", "stopped early", "status"):
+    for c in ("iters", "stopped", "status"):
         table.add_column(c)
     for r in summary["rows"]:
         status = "error" if r["error"] else "diverged" if r["diverged"] else "ok"
-        table.add_row(r["trial_id"], *[str(r[p]) for p in params],
+        table.add_row(r["trial_id"], *[cell_text(r[p], [q[p] for q in summary["rows"]]) for p in params],
                       *["-" if r[m] is None else f"{r[m]:.1f}" for m in SWEEP_METRICS],
                       str(r["iterations"]), "yes" if r["stopped_early"] else "no", status)
     return table

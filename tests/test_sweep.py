@@ -189,6 +189,40 @@ def test_outputs_table_yaml_and_plot(tmp_path):
     assert best.run.root == str(out / "t_00000") and best.run.shared_root == cfg.run.root
 
 
+def test_the_table_shows_a_whole_phase_by_what_differs(tmp_path):
+    """A swept whole phase (or phase list) shows in the printed table by the settings in which the trials differ,
+    one line a trial; the full dicts, printed as they were, wrapped a narrow column into a dozen lines a trial."""
+    import io
+
+    from rich.console import Console
+
+    from ptmst_ray_cli.sweep_cmd import cell_text, sweep_table
+
+    cfg = fast_config(tmp_path)
+    p0, p1 = (dataclasses.asdict(p) for p in cfg.phases)
+    later = {**p1, "range_end": p1["range_end"] + 1, "start_min": p1["start_min"] + 1}
+    window = f"[{later['range_start']}, {later['range_end']}] starts {later['start_min']}-{later['start_max']}"
+    assert cell_text(later, [p1, later]) == window  # the window as the docs write it
+    assert cell_text({**later, "pairs": 7}, [p1, {**later, "pairs": 7}]) == f"{window}, pairs=7"
+    everything = [f"{k}={v}" for k, v in p1.items() if k not in ("range_start", "range_end", "start_min", "start_max")]
+    assert cell_text(p1, [p1, p1]) == ", ".join([f"[{p1['range_start']}, {p1['range_end']}] starts "
+                                                 f"{p1['start_min']}-{p1['start_max']}", *everything])  # all of it
+    one = [{**p0, "pairs": p0["pairs"] + p1["pairs"]}]
+    assert cell_text(one, [[p0, p1], one]) == f"(pairs={one[0]['pairs']})"
+    assert cell_text([p0, p1], [[p0, p1], one]) == f"(pairs={p0['pairs']}) + ({cell_text(p1, [p1])})"
+    assert (cell_text(0.04, [0.04, 0.12]), cell_text(None, [None, 0.1])) == ("0.04", "None")
+
+    rows = [{"trial_id": f"t_0000{i}", "phases.1": ph, "distill.lr_img": lr, **{m: 10.0 + i for m in sw.METRICS},
+             "iterations": 10, "stopped_early": False, "diverged": False, "error": None}
+            for i, (ph, lr) in enumerate([(p1, 30.0), (later, 100.0)])]
+    out = io.StringIO()
+    Console(file=out, width=200).print(sweep_table({"name": "s", "rows": rows}, ["phases.1", "distill.lr_img"]))
+    lines = [ln for ln in out.getvalue().splitlines() if "t_0000" in ln]
+    assert len(lines) == 2 and window in lines[1] and "pairs" not in out.getvalue()
+    body = [ln for ln in out.getvalue().splitlines() if ln.startswith("│")]
+    assert len(body) == 2, body  # one line a trial: no row wraps
+
+
 # --------------------------------------------------------------------------- on Ray
 
 
