@@ -54,9 +54,10 @@ def sweep_table(summary: dict, params: list[str]) -> Table:
         table.add_column(m, justify="right")
     for c in ("iters", "stopped", "status"):
         table.add_column(c)
+    peers = {p: [r[p] for r in summary["rows"]] for p in params}
     for r in summary["rows"]:
         status = "error" if r["error"] else "diverged" if r["diverged"] else "ok"
-        table.add_row(r["trial_id"], *[cell_text(r[p], [q[p] for q in summary["rows"]]) for p in params],
+        table.add_row(r["trial_id"], *[cell_text(r[p], peers[p]) for p in params],
                       *["-" if r[m] is None else f"{r[m]:.1f}" for m in SWEEP_METRICS],
                       str(r["iterations"]), "yes" if r["stopped_early"] else "no", status)
     return table
