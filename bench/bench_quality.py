@@ -21,7 +21,8 @@ Methods: random (coreset of real pairs, a different subset per seed), single_pha
 over the first phase's range, `layout.single_phase_config`), ptm_st (phases + shortcut, the
 first_order), ptm_st_exact (distill.grad_method=exact); with --ablations no_shortcut
 (shortcut.enabled=false: raw trajectories), no_ema (distill.ema_decay=0: the raw final state) and
-fixed_similarity (distill.lr_sim=0: S stays at its initialisation, the identity). A budget is split
+fixed_similarity (distill.lr_sim=0: S stays at its initialisation, the identity) and fixed_step_sizes
+(distill.lr_lr=0: alpha_img and alpha_txt stay at their start, which the students then train at). A budget is split
 between the config's phases in the config's proportions, except budgets of at most --one-phase-upto
 pairs, which distil ONE phase (the paper's choice at small budgets; there ptm_st is the single-phase
 distillation, so no single_phase cell runs); a phase's minibatch is capped at its pairs. The full
@@ -65,7 +66,7 @@ if str(REPO) not in sys.path:
 
 RECALLS = ("TR@1", "TR@5", "TR@10", "IR@1", "IR@5", "IR@10")
 BASE_METHODS = ("random", "single_phase", "ptm_st", "ptm_st_exact")
-ABLATIONS = ("no_shortcut", "no_ema", "fixed_similarity")
+ABLATIONS = ("no_shortcut", "no_ema", "fixed_similarity", "fixed_step_sizes")
 DISTILLED = ("single_phase", "ptm_st", "ptm_st_exact", *ABLATIONS)
 METHOD_OVERRIDES: dict[str, dict[str, Any]] = {
     "ptm_st": {"distill.grad_method": "first_order"},  # the issue's matrix: first_order vs exact, whatever the config says
@@ -75,6 +76,9 @@ METHOD_OVERRIDES: dict[str, dict[str, Any]] = {
     "no_ema": {"distill.ema_decay": 0.0},
     # S stays at its initialisation (the identity for kind full), whether the config fixes or derives lr_sim
     "fixed_similarity": {"distill.lr_sim": 0.0, "distill.rel_lr_sim": None},
+    # the step sizes stay at their start (distill.alpha_init, or rel_alpha x the experts' lr), whether the config
+    # fixes or derives lr_lr; the students then train at those step sizes
+    "fixed_step_sizes": {"distill.lr_lr": 0.0, "distill.rel_lr_lr": None},
     "random": {},
 }
 GAP_TARGET = 0.60  # issue #25: PTM-ST closes at least 60% of the random-to-full gap at the headline budget
@@ -603,9 +607,10 @@ def targets(cells: dict[str, dict], full: dict | None, budgets: list[int]) -> li
 
 def parts(cells: dict[str, dict], budgets: list[int]) -> list[dict]:
     """What each part of PTM-ST carries, per budget: ptm_st minus the cell without it (phases: single_phase;
-    shortcut: no_shortcut; EMA: no_ema; learned similarity: fixed_similarity), with the sum of the stds."""
+    shortcut: no_shortcut; EMA: no_ema; learned similarity: fixed_similarity; learned step sizes:
+    fixed_step_sizes), with the sum of the stds."""
     removed = (("phases", "single_phase"), ("shortcut", "no_shortcut"), ("EMA", "no_ema"),
-               ("learned similarity", "fixed_similarity"))
+               ("learned similarity", "fixed_similarity"), ("learned step sizes", "fixed_step_sizes"))
     rows = []
     for b in budgets:
         for part, method in removed:

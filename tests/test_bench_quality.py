@@ -175,10 +175,12 @@ def test_targets_and_parts_per_budget():
     assert "| **50** | 70% | MET | +3.0 vs std sum 2.0 | MET | -0.5 vs std sum 1.8 | NOT MET (within the std sum) |" \
         in table
     assert "| 20 | 33% | NOT MET | one phase: ptm_st is the single-phase set | n/a | n/a | n/a |" in table
-    prt = bq.parts(cells, [20, 50])
-    assert [(p["budget"], p["part"], p["without"]) for p in prt] == [(50, "phases", "single_phase"),
-                                                                      (50, "EMA", "no_ema")]
+    steps = _sel_cell("fixed_step_sizes", 50, 9.0, 0.5, 9.0)
+    prt = bq.parts({**cells, "fixed_step_sizes@50": steps}, [20, 50])
+    assert [(p["budget"], p["part"], p["without"]) for p in prt] == [
+        (50, "phases", "single_phase"), (50, "EMA", "no_ema"), (50, "learned step sizes", "fixed_step_sizes")]
     assert prt[1]["margin"] == pytest.approx(1.0) and not prt[1]["beats"]
+    assert prt[2]["margin"] == pytest.approx(2.0) and prt[2]["std_sum"] == pytest.approx(1.5) and prt[2]["beats"]
     assert "| 50 | EMA | no_ema | +1.0 | 1.6 | no | n/a |" in bq.parts_table(prt)  # no per-seed runs in these cells
 
 
@@ -261,6 +263,12 @@ def test_one_phase_budgets_distil_the_first_phase_window_with_the_whole_budget()
                                       "single_phase@50", "ptm_st@50", "fixed_similarity@50"]
     fixed = next(c for c in cells if c.key == "fixed_similarity@50")
     assert fixed.cfg.distill.lr_sim == 0 and fixed.distilled and [p.pairs for p in fixed.cfg.phases] == [20, 30]
+    # the config derives lr_lr (rel_lr_lr); the ablation fixes it at 0 and drops the rule, which the config's own
+    # check would otherwise refuse (a derived rate of a fixed parameter)
+    assert base.distill.rel_lr_lr is not None and base.distill.lr_lr > 0
+    steps = bq.make_cells(base, ["fixed_step_sizes"], [50], "/tmp/x", 20)[0]
+    assert (steps.cfg.distill.lr_lr, steps.cfg.distill.rel_lr_lr) == (0, None) and steps.distilled
+    assert steps.cfg.distill.rel_alpha == base.distill.rel_alpha and steps.cfg.distill.lr_sim == base.distill.lr_sim
 
 
 def _scored(method: str, seed: int, value: float) -> dict:
