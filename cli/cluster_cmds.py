@@ -32,7 +32,7 @@ def _echo_log(text: str) -> None:
 
 def launch_cmd(
     cluster_yaml: Optional[Path] = typer.Argument(None, metavar="CLUSTER_YAML", help="Cluster-launcher YAML, e.g. cluster/gpu.yaml (optional with --address)."),
-    config: Optional[Path] = ConfigOpt,
+    config: Optional[str] = ConfigOpt,
     sweep: bool = typer.Option(False, "--sweep", help="Submit `ptmst-ray sweep` instead of `ptmst-ray run`."),
     set_: Optional[list[str]] = SetOpt,
     dry_run: bool = typer.Option(False, "--dry-run", help="Print every step without doing it."),

@@ -9,6 +9,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
+from ptmst_ray.config import find_config
 from ptmst_ray_cli.common import (
     ConfigOpt, RichUI, SetOpt, connect_ray, console, explain, fail, get_config, get_run_config, interrupted,
     library_errors, progress_bars, refuse_held_root, root_lease, say,
@@ -57,7 +58,7 @@ def stage_table(results: dict) -> Table:
 
 
 @app.command()
-def run(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt, address: Optional[str] = AddressOpt,
+def run(config: Optional[str] = ConfigOpt, set_: Optional[list[str]] = SetOpt, address: Optional[str] = AddressOpt,
         json_out: bool = typer.Option(False, "--json", help="Also print results.json to stdout."),
         rebuild: Optional[str] = typer.Option(
             None, "--rebuild", metavar="STAGE",
@@ -83,7 +84,7 @@ def run(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt, 
         if address or cfg.run.address:
             fail("--as-job starts its own local Ray; on a running cluster use `ptmst-ray launch --address URL`")
         refuse_held_root(cfg)  # before a Ray is started for a job whose driver would be refused
-        raise typer.Exit(run_as_job(cfg, [*(["--config", str(config) if "://" in str(config) else str(Path(config).resolve())]
+        raise typer.Exit(run_as_job(cfg, [*(["--config", config if "://" in config else str(Path(find_config(config)).resolve())]
                                             if config else []),
                                           *[a for s in set_ or [] for a in ("--set", s)],
                                           *(["--rebuild", rebuild] if rebuild else []),
@@ -132,7 +133,7 @@ def ratio_lines(results: dict) -> list[str]:
 
 
 @data_app.command("prepare")
-def data_prepare(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt,
+def data_prepare(config: Optional[str] = ConfigOpt, set_: Optional[list[str]] = SetOpt,
                  workers: Optional[int] = typer.Option(
                      None, "--workers", metavar="N", help="Decode images in up to N Ray tasks at once (same output; "
                                              "default: data.workers, 1 = in this process).")) -> None:
@@ -160,7 +161,7 @@ def data_prepare(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] =
 
 
 @data_app.command("show")
-def data_show(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt,
+def data_show(config: Optional[str] = ConfigOpt, set_: Optional[list[str]] = SetOpt,
               split: str = typer.Option("train", metavar="SPLIT", help="Split to sample."),
               sheet: Optional[Path] = typer.Option(None, metavar="PNG", help="Write a PNG contact sheet of images with captions."),
               n: int = typer.Option(16, metavar="N", help="Images on the contact sheet.")) -> None:
@@ -185,7 +186,7 @@ def data_show(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = Se
 
 
 @app.command()
-def pretrain(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt) -> None:
+def pretrain(config: Optional[str] = ConfigOpt, set_: Optional[list[str]] = SetOpt) -> None:
     """Pretrain the (tiny) towers on the built-in dataset's disjoint pretraining split."""
     from ptmst_ray.stages.data import prepare
     from ptmst_ray.stages.pretrain import pretrain as pretrain_stage
@@ -217,7 +218,7 @@ def _ready_for_experts(cfg) -> None:
 
 
 @app.command()
-def experts(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt, address: Optional[str] = AddressOpt,
+def experts(config: Optional[str] = ConfigOpt, set_: Optional[list[str]] = SetOpt, address: Optional[str] = AddressOpt,
             rebuild: bool = typer.Option(False, "--rebuild", help="Delete stored experts, shortcuts and later stages first.")) -> None:
     """Train the expert trajectories on Ray actors (and their shortcut trajectories); skips finished experts.
 
@@ -257,7 +258,7 @@ def window_lines(picks: list[dict]) -> list[str]:
 
 
 @app.command()
-def shortcut(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt,
+def shortcut(config: Optional[str] = ConfigOpt, set_: Optional[list[str]] = SetOpt,
              address: Optional[str] = AddressOpt) -> None:
     """Compress the stored expert trajectories into the shortcut ranges the phases need."""
     from ptmst_ray.orchestration.experts import complete_experts, run_shortcuts
@@ -281,7 +282,7 @@ def shortcut(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = Set
 
 
 @app.command("eval")
-def eval_(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt, address: Optional[str] = AddressOpt,
+def eval_(config: Optional[str] = ConfigOpt, set_: Optional[list[str]] = SetOpt, address: Optional[str] = AddressOpt,
           method: list[str] = typer.Option(["ptm_st"], "--method", "-m", metavar="METHOD",
                                            help="ptm_st (the saved distilled set), random, single_phase, full."),
           json_path: Optional[Path] = typer.Option(None, "--json", metavar="FILE", help="Write the results JSON here.")) -> None:

@@ -8,7 +8,6 @@ import logging
 import os
 import sys
 import threading
-from pathlib import Path
 from typing import Iterator, Optional
 
 import typer
@@ -17,7 +16,7 @@ from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.text import Text
 
-from ptmst_ray.config import DEFAULT_CONFIG, Config, ConfigError, load_config
+from ptmst_ray.config import DEFAULT_CONFIG, Config, ConfigError, find_config, load_config, shipped_configs
 
 LOG_WIDTH = 160
 """Console width when stderr is not a terminal (a log file, CI): tables stay whole instead of being
@@ -28,7 +27,9 @@ console = Console(stderr=True, markup=False,
 take for tags and drop (``eval.baselines=[rnd]`` printed as ``eval.baselines=``). Styled words go through
 :func:`say` and :func:`bold`."""
 
-ConfigOpt = typer.Option(None, "--config", "-c", metavar="FILE", help="YAML config (default: configs/toy.yaml, the laptop default).")
+ConfigOpt = typer.Option(None, "--config", "-c", metavar="FILE",
+                         help="YAML config: a path, an fsspec URL, or a shipped recipe's name (scenes, flickr30k_500, ...); "
+                              "default: configs/toy.yaml, the laptop default.")
 SetOpt = typer.Option(None, "--set", "-s", metavar="KEY=VALUE", help="Override a field: section.field=value (repeatable), e.g. distill.syn_steps=4.")
 
 
@@ -61,11 +62,11 @@ def fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
-def get_config(config: Optional[Path], overrides: Optional[list[str]]) -> Config:
+def get_config(config: Optional[str], overrides: Optional[list[str]]) -> Config:
     """Load and validate, or exit 2 with the file and field path."""
-    path = config or DEFAULT_CONFIG
-    if config is not None and not Path(config).exists() and "://" not in str(config):
-        fail(f"{config}: config file not found")
+    path = find_config(config) if config is not None else str(DEFAULT_CONFIG)
+    if not os.path.exists(path) and "://" not in path:
+        fail(f"{config}: config file not found (a shipped recipe by name: {', '.join(shipped_configs())})")
     try:
         return load_config(path, overrides or [])
     except ConfigError as e:
@@ -73,7 +74,7 @@ def get_config(config: Optional[Path], overrides: Optional[list[str]]) -> Config
     raise AssertionError("unreachable")
 
 
-def get_run_config(config: Optional[Path], overrides: Optional[list[str]], address: Optional[str] = None,
+def get_run_config(config: Optional[str], overrides: Optional[list[str]], address: Optional[str] = None,
                    joins_ray: bool = False) -> Config:
     """:func:`get_config`, then everything the recipe needs (inputs exist, the model can be built as
     configured, the run root is writable; for a command that ``joins_ray``, a Ray address given by --address,
@@ -86,7 +87,7 @@ def get_run_config(config: Optional[Path], overrides: Optional[list[str]], addre
     return cfg
 
 
-def preflight(cfg: Config, config: Optional[Path], address: Optional[str] = None, joins_ray: bool = False) -> None:
+def preflight(cfg: Config, config: Optional[str], address: Optional[str] = None, joins_ray: bool = False) -> None:
     """:func:`ptmst_ray.stages.preflight.check`, warnings printed, a problem exits 2 naming the field."""
     from ptmst_ray.orchestration.runtime import address_problem, is_cluster_address
     from ptmst_ray.stages.preflight import check

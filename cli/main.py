@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Optional
 
 import typer
@@ -26,7 +25,8 @@ def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logg
 
 
 @config_app.command("show")
-def config_show(config: Optional[Path] = typer.Argument(None, metavar="FILE", help="YAML config (default: configs/toy.yaml)."),
+def config_show(config: Optional[str] = typer.Argument(
+                    None, metavar="FILE", help="YAML config, URL or shipped recipe's name (default: configs/toy.yaml)."),
                 set_: Optional[list[str]] = SetOpt) -> None:
     """Print the resolved config (defaults filled in, overrides applied)."""
     cfg = get_config(config, set_)
@@ -34,7 +34,7 @@ def config_show(config: Optional[Path] = typer.Argument(None, metavar="FILE", he
 
 
 @config_app.command("validate")
-def config_validate(config: Path = typer.Argument(..., metavar="FILE", help="YAML config to check."),
+def config_validate(config: str = typer.Argument(..., metavar="FILE", help="YAML config, URL or shipped recipe's name."),
                     set_: Optional[list[str]] = SetOpt) -> None:
     """Exit 0 if the config is valid and everything it needs is there; otherwise name the file and field, exit 2.
 

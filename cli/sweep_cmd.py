@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Optional
 
 import typer
@@ -63,7 +62,7 @@ def sweep_table(summary: dict, params: list[str]) -> Table:
     return table
 
 
-def sweep_cmd(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt,
+def sweep_cmd(config: Optional[str] = ConfigOpt, set_: Optional[list[str]] = SetOpt,
               samples: Optional[int] = typer.Option(None, "--samples", "-n", metavar="N", help="Trials to sample (sweep.num_samples)."),
               address: Optional[str] = typer.Option(None, "--address", metavar="ADDRESS",
                                                     help="Ray cluster address (default: RAY_ADDRESS, else a local Ray).")

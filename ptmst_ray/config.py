@@ -22,8 +22,26 @@ import yaml
 
 from ptmst_ray.vocab import BASELINES, GRAD_METHODS, LOSS_NAMES
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+_HERE = Path(__file__).resolve().parent
+CONFIG_DIR = _HERE / "configs" if (_HERE / "configs").is_dir() else _HERE.parent / "configs"
+"""The shipped recipes: the clone's configs/ (an editable install, as `make` does), or the copy a wheel
+installs inside the package (pyproject.toml maps configs/ to ``ptmst_ray.configs``)."""
 DEFAULT_CONFIG = CONFIG_DIR / "toy.yaml"
+
+
+def shipped_configs() -> list[str]:
+    """The shipped recipes' names (``toy``, ``scenes``, ...), what :func:`find_config` takes as a bare name."""
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def find_config(path: str | os.PathLike) -> str:
+    """``path`` as given, or, for a bare name that is no file here (``scenes``, ``scenes.yaml``), that shipped
+    recipe in :data:`CONFIG_DIR`. A name with a folder or a URL is always taken as given."""
+    text = str(path)
+    if "://" in text or os.sep in text or "/" in text or os.path.exists(text):
+        return text
+    shipped = CONFIG_DIR / (text if text.endswith((".yaml", ".yml")) else f"{text}.yaml")
+    return str(shipped) if shipped.is_file() else text
 
 
 class ConfigError(ValueError):
@@ -879,7 +897,11 @@ def _set_path(raw: dict, key: str, value: Any, source: str) -> None:
 def load_yaml(path: str | os.PathLike) -> dict:
     from ptmst_ray import storage
 
-    text = storage.read_text(str(path))
+    try:
+        text = storage.read_text(str(path))
+    except storage.StorageError as e:  # a URL's file missing, its store unreachable or refusing: said, no traceback
+        message = str(e).removeprefix(f"{path}: ")
+        raise ConfigError("", message, str(path)) from None
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as e:
@@ -888,8 +910,9 @@ def load_yaml(path: str | os.PathLike) -> dict:
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
-    """Load a YAML config (default: configs/toy.yaml), apply ``--set`` overrides, validate."""
-    path = str(path) if path is not None else str(DEFAULT_CONFIG)
+    """Load a YAML config (default: configs/toy.yaml; a bare name: a shipped recipe, :func:`find_config`), apply
+    ``--set`` overrides, validate."""
+    path = find_config(path) if path is not None else str(DEFAULT_CONFIG)
     raw = load_yaml(path)
     if not isinstance(raw, dict):
         raise ConfigError("", "the top level must be a mapping of sections", path)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ptmst_ray.config import CONFIG_DIR, Config, ConfigError, from_dict, load_config, section_hash
+from ptmst_ray.config import CONFIG_DIR, Config, ConfigError, find_config, from_dict, load_config, section_hash
 
 ALL_CONFIGS = sorted(CONFIG_DIR.glob("*.yaml"))
 
@@ -23,6 +23,18 @@ def write(tmp_path: Path, raw: dict) -> Path:
 def test_shipped_configs_validate(path):
     cfg = load_config(path)
     assert cfg.total_pairs == sum(p.pairs for p in cfg.phases)
+
+
+def test_a_bare_name_is_a_shipped_recipe_unless_a_file_here_has_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    shipped = CONFIG_DIR / "scenes.yaml"
+    assert find_config("scenes") == find_config("scenes.yaml") == str(shipped)
+    assert load_config("scenes") == load_config(shipped)
+    for given in ("nothing", "configs/scenes.yaml", "s3://bucket/scenes.yaml"):  # no such recipe; a folder; a URL
+        assert find_config(given) == given
+    (tmp_path / "scenes.yaml").write_text("run: {seed: 3}\n")  # a file of that name here is what was meant
+    assert find_config("scenes.yaml") == "scenes.yaml" and load_config("scenes.yaml").run.seed == 3
+    assert find_config("scenes") == str(shipped)  # "scenes" itself is no file here
 
 
 def test_paper_recipes_follow_algorithm_table():

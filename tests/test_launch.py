@@ -109,6 +109,8 @@ def test_cli_error_exits_2(tmp_path):
 
 
 def test_dry_run_prints_steps_and_does_nothing(monkeypatch):
+    import ray.autoscaler  # noqa: F401 - before Popen is replaced below: Ray subclasses it when first imported
+
     ran = []
     monkeypatch.setattr(subprocess, "run", lambda *a, **k: ran.append(a))
     monkeypatch.setattr(subprocess, "Popen", lambda *a, **k: ran.append(a))
@@ -123,6 +125,11 @@ def test_dry_run_prints_steps_and_does_nothing(monkeypatch):
     assert "ray job submit --address http://127.0.0.1:8265" in out
     assert "ptmst-ray run --config configs/toy.yaml --set distill.syn_steps=4 --set run.root=s3://bucket/runs/toy" in out
     assert '"working_dir"' in out and ".venv" in out
+    assert ran == []
+    named = runner.invoke(_app(), ["launch", str(GPU_YAML), "--dry-run", "--config", "scenes",
+                                   "--set", "run.root=s3://bucket/runs/scenes"])
+    assert named.exit_code == 0, named.output  # a shipped recipe by name: the job gets its path in the project
+    assert "ptmst-ray run --config configs/scenes.yaml --set run.root=s3://bucket/runs/scenes" in named.output
     assert ran == []
 
 
@@ -197,6 +204,19 @@ def test_bad_override_rejected_before_ray_up():
 def test_down_dry_run():
     result = runner.invoke(_app(), ["down", str(GPU_YAML), "--dry-run"])
     assert result.exit_code == 0 and f"ray down -y {GPU_YAML}" in result.output
+
+
+def test_a_cluster_yaml_given_from_another_folder_reaches_ray_as_the_same_file(monkeypatch):
+    """Ray's launcher runs in the project folder (cluster/gpu.yaml's file_mounts "." is the project): a path the
+    user gave relative to the folder they are in reaches it as that same file."""
+    import ray.autoscaler  # noqa: F401 - its schema validates the YAML; imported here, as the other dry runs do
+
+    monkeypatch.chdir(GPU_YAML.parent)
+    steps = launch.plan_launch(GPU_YAML.name, address=None, follow=False, overrides=["run.root=s3://b/r"])
+    up = next(step for step in steps if step.argv and step.argv[1] == "up")
+    assert Path(up.cwd, up.argv[-1]).resolve() == GPU_YAML.resolve() and up.cwd == str(launch.PROJECT_ROOT)
+    (down,) = launch.plan_down(GPU_YAML.name)
+    assert Path(down.cwd, down.argv[-1]).resolve() == GPU_YAML.resolve()
 
 
 # --------------------------------------------------------------------------- a real job on a local 2-node cluster

@@ -315,3 +315,18 @@ def test_wrong_credentials_and_read_only_prefix_exit_2(s3, s3_auth, no_ray, monk
     res = _run_cli(["run", "--set", f"run.root={s3.url('run')}"])
     _assert_exit_2(res, "read-only")
     assert reader_secret not in res.output
+
+
+def test_a_config_on_the_bucket_is_read_by_the_cli(s3, tmp_path):
+    """`--config s3://...` reaches the bucket as given (not as a local path), and a missing one is named."""
+    from ptmst_ray.config import CONFIG_DIR
+
+    text = (CONFIG_DIR / "toy.yaml").read_text().replace("root: ~/.cache/ptmst-ray/toy", f"root: {s3.url('runs/r1')}")
+    assert s3.url("runs/r1") in text
+    storage.write_text(s3.url("recipes/toy.yaml"), text)
+    shown = _run_cli(["config", "show", s3.url("recipes/toy.yaml"), "--set", "eval.seeds=4"])
+    assert shown.exit_code == 0, shown.output
+    assert f"root: {s3.url('runs/r1')}" in shown.output and "seeds: 4" in shown.output, shown.output
+    missing = _run_cli(["config", "show", s3.url("recipes/nothing.yaml")])
+    assert missing.exit_code == 2 and "Traceback" not in missing.output, missing.output
+    assert " ".join(missing.output.split()).startswith(f"error: {s3.url('recipes/nothing.yaml')}"), missing.output

@@ -32,11 +32,18 @@ RAY = "ray"
 """Ray's command line (run from this interpreter's environment when it is there: see :func:`_resolve_argv`)."""
 
 
+def is_project_clone(root: Path) -> bool:
+    """Whether ``root`` is the project's folder (a clone, installed editable), not an installed wheel's parent."""
+    return (root / "pyproject.toml").is_file() and (root / "ptmst_ray" / "__init__.py").is_file()
+
+
 def job_config_path(config: Optional[str | os.PathLike], root: Path = PROJECT_ROOT) -> str:
     """The config path as the job sees it: relative to the uploaded project root, or a URL."""
+    from ptmst_ray.config import find_config
+
     if config is None:
         return DEFAULT_CONFIG_REL
-    text = str(config)
+    text = find_config(config)  # a shipped recipe's name: its file under configs/
     if "://" in text:
         return text
     p = Path(text).expanduser().resolve()
@@ -100,6 +107,10 @@ def plan_launch(cluster_yaml: Optional[str | os.PathLike], config_path: Optional
                 follow: bool = True, entrypoint: Optional[str] = None, runtime_env_extra: Optional[dict] = None,
                 root: Path = PROJECT_ROOT) -> list[Step]:
     """The steps of a launch. With ``address``, skip `ray up` and submit to that (existing) cluster."""
+    if root == PROJECT_ROOT and not is_project_clone(root):
+        raise LaunchError(f"a launch uploads the project's clone as the job's working_dir, and this installation of "
+                          f"ptmst-ray ({Path(__file__).resolve().parents[1]}) is not in one: clone the repository and "
+                          f"install it with `pip install -e .`, then launch from there")
     if cluster_yaml is not None:
         validate_cluster_yaml(cluster_yaml)
     if cluster_yaml is None and address is None:
@@ -111,7 +122,7 @@ def plan_launch(cluster_yaml: Optional[str | os.PathLike], config_path: Optional
     steps: list[Step] = []
     target = normalize_address(address) if address else DEFAULT_ADDRESS
     if address is None:
-        yaml_arg = str(cluster_yaml)
+        yaml_arg = str(Path(cluster_yaml).expanduser().resolve())  # the steps run in the project folder
         steps.append(Step("ensure the Ray auth token ~/.ray/auth_token exists (copied to every node by file_mounts)",
                           call=lambda ctx: ensure_auth_token(), shown="ray get-auth-token --generate  # if missing"))
         steps.append(Step(f"bring the cluster up (or update it) from {yaml_arg}",
@@ -201,5 +212,5 @@ def execute_plan(steps: list[Step], address: Optional[str] = None, on_step: Call
 def plan_down(cluster_yaml: str | os.PathLike, root: Path = PROJECT_ROOT) -> list[Step]:
     """`ray down -y CLUSTER_YAML` (terminates every node of the cluster)."""
     validate_cluster_yaml(cluster_yaml)
-    return [Step(f"tear the cluster down ({cluster_yaml})", argv=(RAY, "down", "-y", str(cluster_yaml)),
-                 cwd=str(root))]
+    yaml_arg = str(Path(cluster_yaml).expanduser().resolve())  # the step runs in the project folder
+    return [Step(f"tear the cluster down ({cluster_yaml})", argv=(RAY, "down", "-y", yaml_arg), cwd=str(root))]
