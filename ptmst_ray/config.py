@@ -642,7 +642,10 @@ class Config:
             )
             _check(self.data.dataset == "builtin", "pretrain.enabled",
                    "the pretraining stage trains on the built-in dataset's pretraining split only; "
-                   "for benchmarks set model.pretrained / image_pretrained to real weights")
+                   "for benchmarks set model.pretrained / image_pretrained to real weights; for the tiny "
+                   "towers on data of your own, set pretrain.enabled=false and model.pretrained to the "
+                   "towers a built-in run pretrained (its run root's pretrain/clip.safetensors, e.g. "
+                   "~/.cache/ptmst-ray/toy/pretrain/clip.safetensors after `make demo`)")
         _check(
             self.model.image_trainable or bool(self.model.pretrained or self.model.image_pretrained),
             "model.image_trainable",

@@ -107,6 +107,17 @@ def test_config_errors_name_file_and_field(tmp_path, raw, field_path):
     assert str(path) in str(err.value) and field_path in str(err.value)
 
 
+def test_own_data_with_pretraining_names_the_way_to_the_tiny_towers():
+    own = {"data": {"dataset": "karpathy", "annotations": "/data/mine"}}
+    with pytest.raises(ConfigError) as err:
+        from_dict({**own, "pretrain": {"enabled": True}, "model": {"pretrained": "${run.root}/pretrain/clip.safetensors"}})
+    assert err.value.path == "pretrain.enabled" and "pretrain.enabled=false" in err.value.message
+    assert "pretrain/clip.safetensors" in err.value.message
+    # the way it names is a valid config
+    cfg = from_dict({**own, "pretrain": {"enabled": False}, "model": {"pretrained": "/runs/toy/pretrain/clip.safetensors"}})
+    assert cfg.model.pretrained == "/runs/toy/pretrain/clip.safetensors"
+
+
 def test_a_number_or_auto_field_says_both():
     with pytest.raises(ConfigError, match=r"distill\.ema_decay: expected a number or 'auto', got 'often'"):
         from_dict({"distill": {"ema_decay": "often"}})
