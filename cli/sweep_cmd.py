@@ -45,19 +45,27 @@ def cell_text(value, peers: list) -> str:
 
 
 def sweep_table(summary: dict, params: list[str]) -> Table:
-    table = Table(title=f"sweep {summary['name']}: last-round quick evaluation (1 seed), best first")
+    """One row a trial, best first. Where the data has a val split the trials were ranked on val recall (the
+    columns' split), and each trial's test r_mean stands beside it, as in results.csv."""
+    on_val = summary.get("selection") == "val"
+    table = Table(title=f"sweep {summary['name']}: last-round quick evaluation (1 seed), best first"
+                        + ("; recalls on val (what ranks the trials), test r_mean beside them" if on_val else ""))
     table.add_column("trial", no_wrap=True)
     for p in params:
         table.add_column(p, justify="right")
-    for m in SWEEP_METRICS:
-        table.add_column(m, justify="right")
+    metrics = list(SWEEP_METRICS)
+    if on_val:
+        metrics.insert(1, "test_r_mean")
+    for m in metrics:
+        table.add_column({"test_r_mean": "test r_mean", "r_mean": "val r_mean" if on_val else m}.get(m, m),
+                         justify="right")
     for c in ("iters", "stopped", "status"):
         table.add_column(c)
     peers = {p: [r[p] for r in summary["rows"]] for p in params}
     for r in summary["rows"]:
         status = "error" if r["error"] else "diverged" if r["diverged"] else "ok"
         table.add_row(r["trial_id"], *[cell_text(r[p], peers[p]) for p in params],
-                      *["-" if r[m] is None else f"{r[m]:.1f}" for m in SWEEP_METRICS],
+                      *["-" if r.get(m) is None else f"{r[m]:.1f}" for m in metrics],
                       str(r["iterations"]), "yes" if r["stopped_early"] else "no", status)
     return table
 
@@ -88,7 +96,8 @@ def sweep_cmd(config: Optional[str] = ConfigOpt, set_: Optional[list[str]] = Set
     for err in summary["errors"]:
         say("trial error", "red", err)
     if "best" in summary:
-        console.print(f"best: {summary['best']['values']} (r_mean {summary['best']['r_mean']:.1f}); "
+        on = "val r_mean" if summary.get("selection") == "val" else "r_mean"
+        console.print(f"best: {summary['best']['values']} ({on} {summary['best']['r_mean']:.1f}); "
                       f"run it: ptmst-ray run --config {summary['best']['yaml']}")
     console.print(f"table: {summary['dir']}/results.csv (+ .parquet), plot: {summary['dir']}/r_mean.png")
 

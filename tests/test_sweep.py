@@ -180,9 +180,10 @@ def test_outputs_table_yaml_and_plot(tmp_path):
              **{m: r for m in sw.METRICS}, "r_mean_final": r, "iterations": 10, "rounds": 1,
              "stopped_early": False, "diverged": False, "error": None}
             for i, (lr, ma, r) in enumerate([(100.0, 0.01, 40.0), (50.0, None, 30.0)])]
-    summary = {}
+    summary = {"selection": "val"}
     sw.write_outputs(cfg, "s", rows, summary)
     out = Path(summary["table"]).parent
+    assert (out / sw.BEST_YAML).read_text().startswith("# Best trial t_00000 of sweep s: val r_mean 40.00 ")
     assert pq.read_table(out / sw.TABLE_PARQUET).num_rows == 2 and (out / sw.PLOT).stat().st_size > 1000
     best = load_config(out / sw.BEST_YAML)
     assert best.distill.lr_img == 100.0 and best.distill.min_alpha == 0.01
@@ -221,6 +222,17 @@ def test_the_table_shows_a_whole_phase_by_what_differs(tmp_path):
     assert len(lines) == 2 and window in lines[1] and "pairs" not in out.getvalue()
     body = [ln for ln in out.getvalue().splitlines() if ln.startswith("│")]
     assert len(body) == 2, body  # one line a trial: no row wraps
+    assert "test r_mean" not in out.getvalue()  # ranked on test (no val split): one r_mean
+    # ranked on val: the title says so, and each trial's test r_mean stands beside its val r_mean
+    for i, r in enumerate(rows):
+        r["test_r_mean"] = 7.3 + i
+    out = io.StringIO()
+    Console(file=out, width=240).print(sweep_table({"name": "s", "rows": rows, "selection": "val"},
+                                                   ["phases.1", "distill.lr_img"]))
+    text = out.getvalue()
+    assert "recalls on val" in text and "val r_mean" in text and "test r_mean" in text, text
+    lines = [ln for ln in text.splitlines() if "t_0000" in ln]
+    assert [[c.strip() for c in ln.split("│")[4:6]] for ln in lines] == [["10.0", "7.3"], ["11.0", "8.3"]], lines
 
 
 # --------------------------------------------------------------------------- on Ray
@@ -278,6 +290,7 @@ def test_sweep_on_a_bucket_asha_stops_a_diverged_trial_and_rerun_restores(ray_se
     summary = sw.run_sweep(cfg, ui, verbose=0)
     assert ui.updates > 0  # the progress poll ran during the sweep
     assert not summary["errors"], summary["errors"]
+    assert summary["selection"] == "test"  # the tiny data has no val split: trials are scored on test
     assert shortcuts.complete_ids(1, 3, layout.experts_hash(cfg)) == [0, 1]
     rows = {r["distill.lr_img"]: r for r in summary["rows"]}
     good, bad = rows[100.0], rows[float("inf")]

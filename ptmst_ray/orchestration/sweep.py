@@ -514,11 +514,19 @@ def _sweep(cfg: Config, ui, name: str, verbose: int) -> dict[str, Any]:
     rows = result_rows(grid, cfg)
     out_dir = Layout.of(cfg).sweep(name)
     summary = {"name": name, "dir": out_dir, "rows": rows, "resumed": resumed, "ranges": ranges,
-               "wall_seconds": time.time() - t0,
+               "wall_seconds": time.time() - t0, "selection": selection(cfg),
                "errors": [f"trial {r['trial_id']} ({', '.join(f'{k}={r[k]!r}' for k in cfg.sweep.space)}): {r['error']}"
                           for r in rows if r["error"] is not None]}
     write_outputs(cfg, name, rows, summary)
     return summary
+
+
+def selection(cfg: Config) -> str:
+    """The split the trials were scored on (:func:`trial_metrics`): ``val`` where the prepared data has one."""
+    from ptmst_ray.evaluate.protocol import SELECTION_TEST, SELECTION_VAL
+    from ptmst_ray.stages.data import has_val
+
+    return SELECTION_VAL if has_val(Layout.of(cfg).data) else SELECTION_TEST
 
 
 def validate_sweep(cfg: Config) -> None:
@@ -610,7 +618,8 @@ def write_outputs(cfg: Config, name: str, rows: list[dict[str, Any]], summary: d
     scored = [r for r in rows if r["r_mean"] is not None and r["error"] is None and not r["diverged"]]
     if scored:
         best = best_config(cfg, name, scored[0])
-        header = (f"# Best trial {scored[0]['trial_id']} of sweep {name}: r_mean {scored[0]['r_mean']:.2f} "
+        on = summary.get("selection", "test")
+        header = (f"# Best trial {scored[0]['trial_id']} of sweep {name}: {on} r_mean {scored[0]['r_mean']:.2f} "
                   f"(quick evaluation: 1 seed, {cfg.sweep.eval_epochs or cfg.eval.epochs} epochs).\n"
                   f"# Run it with: ptmst-ray run --config {storage.join(out, BEST_YAML)}\n"
                   "# run.root is the trial's folder (its distilled phases are reused); run.shared_root the base\n"
