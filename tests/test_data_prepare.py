@@ -129,9 +129,9 @@ def test_bad_image_names_file_and_row(tiny_flickr_dir, tmp_path, data, what):
     assert storage.read_manifest(str(tmp_path / "test")) is None
 
 
-def test_skip_bad_counts(tiny_flickr_dir, tmp_path):
+def test_skip_bad_counts(tiny_flickr_dir, tmp_path, caplog):
     _break_image(tiny_flickr_dir, "val", 2, None)  # val image 2 is also train image 2 (5 rows)
-    _break_image(tiny_flickr_dir, "test", 7, b"garbage")
+    broken = _break_image(tiny_flickr_dir, "test", 7, b"garbage")
     train_ann = json.loads((tiny_flickr_dir / "flickr30k_train.json").read_text())
     train_ann[0]["caption"] = "..."
     (tiny_flickr_dir / "flickr30k_train.json").write_text(json.dumps(train_ann))
@@ -146,6 +146,12 @@ def test_skip_bad_counts(tiny_flickr_dir, tmp_path):
     assert train.images.shape[0] == 11 and int(train.image_index.max()) == 10
     test = load_split(str(tmp_path), "test")
     assert len(test.captions) == 55 and int(test.txt2img.max()) == 10
+    # every skip is said where it happens: the caption row while the annotations are read, the rows whose image
+    # is missing or unreadable while the images are
+    said = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("flickr30k_train.json: skipped 1 bad row(s), first: row 0:" in m for m in said), said
+    assert any("flickr30k_train.json: skipped 5 bad row(s), first: row 10:" in m for m in said), said
+    assert any("flickr30k_test.json: skipped 1 bad row(s), first: row 7:" in m and broken in m for m in said), said
 
 
 def test_corrupt_shard_detected(tiny_flickr_dir, tmp_path):

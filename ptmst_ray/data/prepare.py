@@ -310,6 +310,7 @@ def prepare_split(cfg: DataConfig, split: str, out_dir: str, progress: Progress 
     kind = split_kind(split)
     writer = _write_pairs if kind == "pairs" else _write_eval
     result = writer(ann_url, rows(), total, cfg, images_dir, out_dir, progress)
+    warn_skipped(ann_url, result["skipped"])  # rows whose image is missing or unreadable
     if result["rows"] == 0:
         raise DataError(f"{ann_url}: every row was skipped as bad; nothing to prepare (see the log)")
     manifest = {
@@ -321,8 +322,9 @@ def prepare_split(cfg: DataConfig, split: str, out_dir: str, progress: Progress 
         "skipped": ann_skipped + result["skipped"],
     }
     storage.write_manifest(out_dir, manifest)
-    log.info("%s: prepared split %s: %d images, %d captions, %d skipped", out_dir, split,
-             manifest["images"], manifest["captions"], len(manifest["skipped"]))
+    log.info("%s: prepared split %s: %d images, %d captions, %d skipped%s", out_dir, split,
+             manifest["images"], manifest["captions"], len(manifest["skipped"]),
+             " (each with its row and reason in the split's manifest.json, `skipped`)" if manifest["skipped"] else "")
     return manifest
 
 
