@@ -330,3 +330,24 @@ def test_a_config_on_the_bucket_is_read_by_the_cli(s3, tmp_path):
     missing = _run_cli(["config", "show", s3.url("recipes/nothing.yaml")])
     assert missing.exit_code == 2 and "Traceback" not in missing.output, missing.output
     assert " ".join(missing.output.split()).startswith(f"error: {s3.url('recipes/nothing.yaml')}"), missing.output
+
+
+def test_a_launch_checks_a_config_on_the_bucket_before_ray_up(s3, caplog):
+    """A recipe on a bucket is checked before a cluster is paid for, as a local one is; one this machine cannot
+    read is left to the job, with a warning."""
+    from ptmst_ray.cluster import launch
+    from ptmst_ray.cluster.spec import LaunchError
+    from ptmst_ray.config import CONFIG_DIR
+
+    gpu_yaml, url = launch.PROJECT_ROOT / "cluster" / "gpu.yaml", s3.url("recipes/toy.yaml")
+    storage.write_text(url, (CONFIG_DIR / "toy.yaml").read_text())  # its run root: a path on this machine
+    with pytest.raises(LaunchError, match="run.root"):
+        launch.plan_launch(gpu_yaml, config_path=url)
+    on_bucket = f"run.root={s3.url('runs/toy')}"
+    with pytest.raises(LaunchError, match="distill.syn_steps"):
+        launch.plan_launch(gpu_yaml, config_path=url, overrides=[on_bucket, "distill.syn_steps=0"])
+    steps = launch.plan_launch(gpu_yaml, config_path=url, overrides=[on_bucket], follow=False)
+    assert f"--config {url} --set {on_bucket}" in steps[-1].description
+    with caplog.at_level("WARNING", logger="ptmst_ray.cluster.launch"):
+        unread = launch.plan_launch(gpu_yaml, config_path=s3.url("recipes/nothing.yaml"), follow=False)
+    assert "not checked before the launch" in caplog.text and len(unread) == len(steps)

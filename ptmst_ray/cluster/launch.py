@@ -146,11 +146,17 @@ def plan_launch(cluster_yaml: Optional[str | os.PathLike], config_path: Optional
 def _check_pipeline_config(config_path, overrides, cluster_mode: bool) -> None:
     """Reject a bad recipe here, before a cluster is paid for: a bad value, or (``cluster_mode``, a new
     cluster) an input or run root that only this machine can read."""
+    from ptmst_ray import storage
     from ptmst_ray.config import DEFAULT_CONFIG, ConfigError, load_config
     from ptmst_ray.stages.preflight import check_inputs_shared
 
     if config_path is not None and "://" in str(config_path):
-        return
+        try:  # a URL the job reads on the cluster: checked here too where this machine can read it
+            storage.read_text(str(config_path))
+        except storage.StorageError as e:
+            log.warning("%s: not checked before the launch, this machine cannot read it (%s); the job reads it on "
+                        "the cluster", config_path, e)
+            return
     source = str(config_path or DEFAULT_CONFIG)
     try:
         cfg = load_config(config_path or DEFAULT_CONFIG, overrides or [])
