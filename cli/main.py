@@ -19,8 +19,33 @@ config_app = typer.Typer(help="Show or validate a config.", no_args_is_help=True
 app.add_typer(config_app, name="config")
 
 
+def _print_version(value: bool) -> None:
+    """`ptmst-ray --version`: this package's version and those of what it runs on (read from the installed
+    packages' metadata: nothing heavy is imported)."""
+    if not value:
+        return
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    from ptmst_ray import __version__
+
+    def of(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    deps = ", ".join(f"{label} {of(name)}" for label, name in
+                     (("ray", "ray"), ("torch", "torch"), ("open_clip", "open_clip_torch")))
+    typer.echo(f"ptmst-ray {__version__} ({deps}, python {platform.python_version()})")
+    raise typer.Exit()
+
+
 @app.callback()
-def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging.")) -> None:
+def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
+         _version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                       help="Print the versions of ptmst-ray, Ray, torch, open_clip and Python.")
+         ) -> None:
     setup_logging(verbose)
 
 

@@ -17,6 +17,19 @@ def test_help_lists_commands():
     assert "config" in result.output
 
 
+def test_version_names_this_package_and_what_it_runs_on():
+    import platform
+    from importlib.metadata import version
+
+    import ptmst_ray
+
+    assert ptmst_ray.__version__ == version("ptmst-ray")  # the package says what pyproject.toml installed
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0, result.output
+    assert result.output.strip() == (f"ptmst-ray {version('ptmst-ray')} (ray {version('ray')}, torch {version('torch')}, "
+                                     f"open_clip {version('open_clip_torch')}, python {platform.python_version()})")
+
+
 def _commands(group, path=()):
     import click
 
