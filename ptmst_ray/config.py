@@ -923,7 +923,10 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     applied = []
     for item in overrides or []:
         key, value = parse_override(item)
-        _set_path(raw, key, value, path)
+        try:
+            _set_path(raw, key, value, path)
+        except ConfigError as e:  # a path the file has no place for: the override's fault, named as such
+            raise ConfigError(e.path, e.message, f"--set {item} (over {path})") from None
         applied.append((_dotted(key), item))
     try:
         return from_dict(raw, source=path)
