@@ -629,6 +629,21 @@ def access_denied(e: BaseException) -> bool:
     return False
 
 
+MISSING_CREDENTIALS = frozenset({"NoCredentialsError", "PartialCredentialsError", "DefaultCredentialsError"})
+"""Errors (botocore's, google.auth's) that mean no credentials were found at all: nothing was asked of the store."""
+
+
+def credentials_missing(e: BaseException) -> bool:
+    """Whether ``e`` (or an exception it wraps) says that no credentials were found (:data:`MISSING_CREDENTIALS`)."""
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if type(e).__name__ in MISSING_CREDENTIALS:
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
 def _within(seconds: float, fn) -> Any:
     """``fn()`` on a daemon thread, waited for at most ``seconds``: its value or its exception, or a TimeoutError
     (the thread is left to end by itself, and a daemon does not hold the process's exit; the command stops on the
@@ -665,6 +680,9 @@ def _probe_bucket(fs: fsspec.AbstractFileSystem, url: str, path: str) -> None:
         if access_denied(e):
             raise StorageError(f"{url}: access to bucket {bucket!r} denied at {endpoint}; check the "
                                f"credentials ({credentials})", url) from None
+        if credentials_missing(e):
+            raise StorageError(f"{url}: no {store} credentials were found on this machine ({type(e).__name__}); "
+                               f"set them ({credentials})", url) from None
         reason = str(e) if type(e) is TimeoutError else type(e).__name__  # ours names the wait
         raise StorageError(f"{url}: cannot reach the {store} endpoint {endpoint} ({reason}); "
                            f"check {endpoint_var} and the network", url) from None

@@ -351,3 +351,21 @@ def test_a_launch_checks_a_config_on_the_bucket_before_ray_up(s3, caplog):
     with caplog.at_level("WARNING", logger="ptmst_ray.cluster.launch"):
         unread = launch.plan_launch(gpu_yaml, config_path=s3.url("recipes/nothing.yaml"), follow=False)
     assert "not checked before the launch" in caplog.text and len(unread) == len(steps)
+
+
+def test_no_credentials_exits_2_naming_what_to_set(s3, no_ray, monkeypatch, tmp_path):
+    """No credentials anywhere (botocore's NoCredentialsError) is said as that, not as an unreachable endpoint."""
+    import s3fs
+
+    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
+              "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", "AWS_CONTAINER_CREDENTIALS_FULL_URI", "AWS_WEB_IDENTITY_TOKEN_FILE"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no instance-metadata lookup on this machine
+    s3fs.S3FileSystem.clear_instance_cache()
+    res = _run_cli(["data", "prepare", "--set", f"run.root={s3.url('run')}"])
+    assert res.exit_code == 2, res.output
+    (line,) = [ln for ln in " ".join(res.output.split()).split("error: ")[1:]]
+    assert "run.root" in line and "no S3 credentials were found" in line and "AWS_ACCESS_KEY_ID" in line, line
+    assert "cannot reach" not in line and S3_SECRET not in res.output, line
