@@ -27,8 +27,6 @@ def _print_version(value: bool) -> None:
     import platform
     from importlib.metadata import PackageNotFoundError, version
 
-    from ptmst_ray import __version__
-
     def of(name: str) -> str:
         try:
             return version(name)
@@ -37,7 +35,7 @@ def _print_version(value: bool) -> None:
 
     deps = ", ".join(f"{label} {of(name)}" for label, name in
                      (("ray", "ray"), ("torch", "torch"), ("open_clip", "open_clip_torch")))
-    typer.echo(f"ptmst-ray {__version__} ({deps}, python {platform.python_version()})")
+    typer.echo(f"ptmst-ray {of('ptmst-ray')} ({deps}, python {platform.python_version()})")
     raise typer.Exit()
 
 
