@@ -610,23 +610,27 @@ DENIED_CODES = frozenset({"AccessDenied", "Forbidden", "403", "AllAccessDisabled
 """S3 error codes that mean "these credentials may not do this" (refused, not unreachable or missing)."""
 
 
+def _chain(e: BaseException | None) -> Iterator[BaseException]:
+    """``e`` and the exceptions it wraps (its cause, else its context), each once."""
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        yield e
+        e = e.__cause__ or e.__context__
+
+
+def _refused(e: BaseException) -> bool:
+    response = getattr(e, "response", None)
+    code = response.get("Error", {}).get("Code") if isinstance(response, dict) else None
+    return (isinstance(e, PermissionError) or code in DENIED_CODES or type(e).__name__ in DENIED_CODES
+            or getattr(e, "code", None) in (401, 403) or (type(e) is OSError and str(e).startswith("Forbidden")))
+
+
 def access_denied(e: BaseException) -> bool:
     """Whether ``e`` (or an exception it wraps) is a refusal by the store: a ``PermissionError``, an S3
     error whose code is in :data:`DENIED_CODES` (s3fs translates most, not all, of botocore's errors), or gcsfs's
     refusals (HTTP 401 as its ``HttpError``, 403 as an ``OSError`` "Forbidden: ...")."""
-    seen: set[int] = set()
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        if isinstance(e, PermissionError):
-            return True
-        response = getattr(e, "response", None)
-        code = response.get("Error", {}).get("Code") if isinstance(response, dict) else None
-        if code in DENIED_CODES or type(e).__name__ in DENIED_CODES:
-            return True
-        if getattr(e, "code", None) in (401, 403) or (type(e) is OSError and str(e).startswith("Forbidden")):
-            return True
-        e = e.__cause__ or e.__context__
-    return False
+    return any(_refused(x) for x in _chain(e))
 
 
 MISSING_CREDENTIALS = frozenset({"NoCredentialsError", "PartialCredentialsError", "DefaultCredentialsError"})
@@ -635,13 +639,7 @@ MISSING_CREDENTIALS = frozenset({"NoCredentialsError", "PartialCredentialsError"
 
 def credentials_missing(e: BaseException) -> bool:
     """Whether ``e`` (or an exception it wraps) says that no credentials were found (:data:`MISSING_CREDENTIALS`)."""
-    seen: set[int] = set()
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        if type(e).__name__ in MISSING_CREDENTIALS:
-            return True
-        e = e.__cause__ or e.__context__
-    return False
+    return any(type(x).__name__ in MISSING_CREDENTIALS for x in _chain(e))
 
 
 def _within(seconds: float, fn) -> Any:
