@@ -6,7 +6,8 @@ from typing import Optional
 
 import typer
 
-from ptmst_ray_cli.common import SetOpt, console, get_config, get_run_config, setup_logging
+from ptmst_ray.config import DEFAULT_CONFIG
+from ptmst_ray_cli.common import ConfigOpt, SetOpt, console, fail, get_config, get_run_config, setup_logging
 
 app = typer.Typer(
     name="ptmst-ray",
@@ -47,24 +48,33 @@ def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logg
     setup_logging(verbose)
 
 
+def _one_config(file: Optional[str], option: Optional[str]) -> Optional[str]:
+    """The config of `config show|validate`: FILE as an argument or --config as every other command takes it."""
+    if file is not None and option is not None and file != option:
+        fail(f"two configs given ({file} and --config {option}): give one")
+    return file if file is not None else option
+
+
 @config_app.command("show")
 def config_show(config: Optional[str] = typer.Argument(
                     None, metavar="FILE", help="YAML config, URL or shipped recipe's name (default: configs/toy.yaml)."),
-                set_: Optional[list[str]] = SetOpt) -> None:
+                set_: Optional[list[str]] = SetOpt, config_opt: Optional[str] = ConfigOpt) -> None:
     """Print the resolved config (defaults filled in, overrides applied)."""
-    cfg = get_config(config, set_)
+    cfg = get_config(_one_config(config, config_opt), set_)
     typer.echo(cfg.to_yaml())
 
 
 @config_app.command("validate")
-def config_validate(config: str = typer.Argument(..., metavar="FILE", help="YAML config, URL or shipped recipe's name."),
-                    set_: Optional[list[str]] = SetOpt) -> None:
+def config_validate(config: Optional[str] = typer.Argument(
+                        None, metavar="FILE", help="YAML config, URL or shipped recipe's name (default: configs/toy.yaml)."),
+                    set_: Optional[list[str]] = SetOpt, config_opt: Optional[str] = ConfigOpt) -> None:
     """Exit 0 if the config is valid and everything it needs is there; otherwise name the file and field, exit 2.
 
     What is checked: the fields, the input paths, the weights (of the right shapes), the packages, a writable run
     root."""
+    config = _one_config(config, config_opt)
     get_run_config(config, set_)
-    console.print(f"{config}: ok")
+    console.print(f"{config or DEFAULT_CONFIG}: ok")
 
 
 def _register() -> None:

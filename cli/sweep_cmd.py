@@ -71,7 +71,7 @@ def sweep_table(summary: dict, params: list[str]) -> Table:
 
 
 def sweep_cmd(config: Optional[str] = ConfigOpt, set_: Optional[list[str]] = SetOpt,
-              samples: Optional[int] = typer.Option(None, "--samples", "-n", metavar="N", help="Trials to sample (sweep.num_samples)."),
+              samples: Optional[int] = typer.Option(None, "--samples", "-n", metavar="N", min=1, help="Trials to sample (sweep.num_samples)."),
               address: Optional[str] = typer.Option(None, "--address", metavar="ADDRESS",
                                                     help="Ray cluster address (default: RAY_ADDRESS, else a local Ray).")
               ) -> None:

@@ -91,6 +91,27 @@ def test_show_applies_overrides():
     assert yaml.safe_load(result.stdout)["distill"]["syn_steps"] == 3
 
 
+def test_config_commands_take_the_config_as_every_command_does(tmp_path):
+    """`config show|validate` take FILE, or --config/-c as run, sweep and eval do; two different configs are refused."""
+    by_option = runner.invoke(app, ["config", "show", "--config", "scenes"])
+    assert by_option.exit_code == 0, by_option.output
+    assert yaml.safe_load(by_option.stdout) == yaml.safe_load(runner.invoke(app, ["config", "show", "scenes"]).stdout)
+    assert yaml.safe_load(by_option.stdout)["run"]["root"] != yaml.safe_load(
+        runner.invoke(app, ["config", "show"]).stdout)["run"]["root"]  # the recipe's, not the default's
+    valid = runner.invoke(app, ["config", "validate", "-c", str(CONFIG_DIR / "toy.yaml"), "--set", f"run.root={tmp_path}"])
+    assert valid.exit_code == 0 and "toy.yaml: ok" in valid.output, valid.output
+    shipped = runner.invoke(app, ["config", "validate", "--config", "flickr30k_500", "--set", f"run.root={tmp_path}"])
+    assert shipped.exit_code == 2 and "data.annotations" in shipped.output, shipped.output
+    both = runner.invoke(app, ["config", "show", "toy", "--config", "scenes"])
+    assert both.exit_code == 2 and "toy" in both.output and "scenes" in both.output, both.output
+
+
+def test_sweep_samples_below_one_is_refused_as_the_option_typed():
+    result = runner.invoke(app, ["sweep", "--samples", "0"])
+    assert result.exit_code == 2 and "--samples" in result.output and "sweep.num_samples" not in result.output, \
+        result.output
+
+
 def test_run_on_another_machines_cluster_refuses_local_inputs(tmp_path):
     """Before connecting: with a cluster address, a run root only this machine can read is named (exit 2)."""
     result = runner.invoke(app, ["run", "--address", "10.0.0.5:6379", "--set", f"run.root={tmp_path}"])
