@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from pathlib import Path
 
@@ -294,15 +295,19 @@ def test_a_moved_run_root_keeps_its_experts(tmp_path):
     assert layout.model_hash(a) == section_hash(older, layout.pretrain_hash(a))
 
 
-def test_separate_towers_take_each_tower_from_its_own_pretraining_run(tmp_path):
+def test_separate_towers_take_each_tower_from_its_own_pretraining_run(tmp_path, caplog):
     """pretrain.towers=separate: image tower of the CLIP run with `seed`, text tower of the run with
-    `seed + 1` (reference: the two runs made directly with pretrain_clip on the same split)."""
+    `seed + 1` (reference: the two runs made directly with pretrain_clip on the same split); the log names which
+    run an epoch's loss is of."""
     from conftest import tiny_config
     from safetensors.torch import load_file
 
     cfg = tiny_config(tmp_path / "run", **{"pretrain.towers": "separate"})
     data_stage.prepare(cfg)
-    manifest = pretrain_stage.pretrain(cfg)
+    with caplog.at_level(logging.INFO, logger="ptmst_ray.models.pretrain"):
+        manifest = pretrain_stage.pretrain(cfg)
+    epochs = [r.getMessage().split(" epoch ")[0] for r in caplog.records if " epoch " in r.getMessage()]
+    assert epochs == ["pretrain image tower"] * cfg.pretrain.epochs + ["pretrain text tower"] * cfg.pretrain.epochs
     merged = load_file(cfg.model.pretrained)
     data, images = pretrain_stage.normalised_split(cfg, "pretrain")
     ref = [pretrain_clip(cfg.model, dataclasses.replace(cfg.pretrain, seed=cfg.pretrain.seed + k),

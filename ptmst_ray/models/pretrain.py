@@ -40,14 +40,14 @@ EpochBatches = Callable[[int], Iterable[tuple[torch.Tensor, torch.Tensor]]]
 def pretrain_clip(model_cfg: ModelConfig, cfg: PretrainConfig, images: Optional[torch.Tensor], captions: list[str],
                   on_epoch: Callable[[int, dict], None] | None = None,
                   device: torch.device | None = None,
-                  epoch_batches: Optional[EpochBatches] = None) -> dict[str, torch.Tensor]:
+                  epoch_batches: Optional[EpochBatches] = None, label: str = "pretrain") -> dict[str, torch.Tensor]:
     """Train both towers of ``model_cfg.name`` from scratch on (images, captions); return the state dict.
 
     ``images`` are float, CLIP-normalised, one row per caption (``captions[i]`` describes ``images[i]``): a
     tensor or any rows object (``ptmst_ray.data.dataset.ImageRows``) whose ``[idx]`` gives such a batch.
     With ``epoch_batches`` (then ``images`` may be None) each epoch trains on its (rows, images) batches
     instead of a permutation; they should be full batches, ``len(captions) // batch_size`` an epoch, which
-    the learning-rate schedule assumes.
+    the learning-rate schedule assumes. Each epoch's loss is logged as ``label`` (which run of the stage).
     """
     device = device or pick_device()
     bare = dataclasses.replace(model_cfg, pretrained=None, image_pretrained=None, text_pretrained=None)
@@ -80,7 +80,7 @@ def pretrain_clip(model_cfg: ModelConfig, cfg: PretrainConfig, images: Optional[
             losses.append(loss.item())
         if on_epoch:
             on_epoch(epoch + 1, {"loss": sum(losses) / len(losses)})
-        log.info("pretrain epoch %d/%d: loss %.4f", epoch + 1, cfg.epochs, sum(losses) / len(losses))
+        log.info("%s epoch %d/%d: loss %.4f", label, epoch + 1, cfg.epochs, sum(losses) / len(losses))
     if full_embedding is not None:
         _put_back(model, full_embedding, unused_rows_kept)
     return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}

@@ -79,7 +79,7 @@ def _pretrain_run_task(cfg_dict: dict, run: dict, label: str, board=None) -> dic
     CPUs (as many torch threads)."""
     set_threads(worker_threads(from_dict(cfg_dict).run.threads_per_worker))
     run_cfg = build_section(PretrainConfig, run)
-    return pretrain_stage.pretrain_run(from_dict(cfg_dict), run_cfg,
+    return pretrain_stage.pretrain_run(from_dict(cfg_dict), run_cfg, label=label,
                                        on_epoch=lambda epoch, _m: report_progress(board, label, epoch, run_cfg.epochs))
 
 
@@ -88,7 +88,7 @@ def pretrain_task(cfg_dict: dict, board=None) -> dict | None:
     """The pretraining stage; its CLIP runs (two with separate towers) train at once, one task each."""
 
     def train(_cfg, runs: list) -> list[dict]:
-        labels = ["pretrain"] if len(runs) == 1 else ["pretrain image tower", "pretrain text tower"]
+        labels = pretrain_stage.run_labels(len(runs))
         options = pretrain_run_options(from_dict(cfg_dict), len(runs))
         return ray.get([_pretrain_run_task.options(name=label, **options).remote(cfg_dict, dataclasses.asdict(r),
                                                                                 label, board)

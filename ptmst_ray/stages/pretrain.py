@@ -30,6 +30,11 @@ def pretrain_runs(cfg: Config) -> list[PretrainConfig]:
     return [cfg.pretrain, dataclasses.replace(cfg.pretrain, seed=cfg.pretrain.seed + 1)]
 
 
+def run_labels(runs: int) -> list[str]:
+    """What the log and the progress board call each of :func:`pretrain_runs`' runs."""
+    return ["pretrain"] if runs == 1 else ["pretrain image tower", "pretrain text tower"]
+
+
 def normalised_split(cfg: Config, split: str):
     """(the split, its images as CLIP-normalised rows: ``images[i]`` is image i as float, built per batch)."""
     from ptmst_ray.data.dataset import ImageRows, load_split
@@ -38,8 +43,10 @@ def normalised_split(cfg: Config, split: str):
     return data, ImageRows(data.images)
 
 
-def pretrain_run(cfg: Config, run_cfg: PretrainConfig, on_epoch: Callable[[int, dict], None] | None = None) -> dict:
-    """One CLIP run of :func:`pretrain_runs` on the pretraining split; returns its state dict."""
+def pretrain_run(cfg: Config, run_cfg: PretrainConfig, on_epoch: Callable[[int, dict], None] | None = None,
+                 label: str = "pretrain") -> dict:
+    """One CLIP run of :func:`pretrain_runs` on the pretraining split, its epochs logged as ``label``; returns its
+    state dict."""
     from ptmst_ray.data.dataset import ImageRows, read_captions
     from ptmst_ray.models.pretrain import pretrain_clip
     from ptmst_ray.stages.embed import stream_split, train_stream
@@ -54,11 +61,11 @@ def pretrain_run(cfg: Config, run_cfg: PretrainConfig, on_epoch: Callable[[int, 
             return ((rows, images) for rows, images, _ in stream.epoch(epoch))
 
         return pretrain_clip(cfg.model, run_cfg, None, list(caps.captions), on_epoch=on_epoch,
-                             epoch_batches=epoch_batches)
+                             epoch_batches=epoch_batches, label=label)
     data, _ = normalised_split(cfg, "pretrain")
     # one row per caption -> its image, normalised per batch (no per-caption copy of the pixels)
     return pretrain_clip(cfg.model, run_cfg, ImageRows(data.images, data.image_index), list(data.captions),
-                         on_epoch=on_epoch)
+                         on_epoch=on_epoch, label=label)
 
 
 def _runs_in_turn(progress: Progress | None) -> TrainRuns:
@@ -66,12 +73,12 @@ def _runs_in_turn(progress: Progress | None) -> TrainRuns:
 
     def train(cfg: Config, runs: list[PretrainConfig]) -> list[dict]:
         total, done, states = sum(r.epochs for r in runs), 0, []
-        for run_cfg in runs:
+        for run_cfg, label in zip(runs, run_labels(len(runs))):
             def on_epoch(epoch: int, _metrics: dict, before: int = done) -> None:
                 if progress:
                     progress(before + epoch, total)
 
-            states.append(pretrain_run(cfg, run_cfg, on_epoch=on_epoch))
+            states.append(pretrain_run(cfg, run_cfg, on_epoch=on_epoch, label=label))
             done += run_cfg.epochs
         return states
 
