@@ -145,12 +145,12 @@ INTERRUPTED = 130
 """Exit code after Ctrl-C (128 + SIGINT), as shells report it."""
 
 
-def interrupted() -> None:
-    """Ctrl-C: stop the local Ray this process started, say what is kept, exit 130."""
+def interrupted(message: str = "finished work is kept (data, experts, phase checkpoints and subsets); run the same "
+                               "command again to resume") -> None:
+    """Ctrl-C: stop the local Ray this process started, say what is kept (``message``), exit 130."""
     import ray
 
-    say("interrupted", "bold yellow", "finished work is kept (data, experts, phase checkpoints and subsets); run the "
-        "same command again to resume")
+    say("interrupted", "bold yellow", message)
     if ray.is_initialized():
         ray.shutdown()
     raise typer.Exit(INTERRUPTED)

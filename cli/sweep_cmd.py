@@ -76,8 +76,9 @@ def sweep_cmd(config: Optional[str] = ConfigOpt, set_: Optional[list[str]] = Set
                                                     help="Ray cluster address (default: RAY_ADDRESS, else a local Ray).")
               ) -> None:
     """Search sweep.space with Ray Tune (ASHA stops poor trials); the same command resumes; writes best.yaml."""
-    from ptmst_ray.orchestration.sweep import SweepError, run_sweep, validate_sweep
-    from ptmst_ray_cli.common import RichUI, connect_ray, library_errors, root_lease
+    from ptmst_ray.orchestration.runtime import install_interrupt_handler
+    from ptmst_ray.orchestration.sweep import SweepError, SweepInterrupted, run_sweep, validate_sweep
+    from ptmst_ray_cli.common import RichUI, connect_ray, interrupted, library_errors, root_lease
 
     overrides = list(set_ or []) + ([f"sweep.num_samples={samples}"] if samples is not None else [])
     cfg = get_run_config(config, overrides, address, joins_ray=True)
@@ -87,11 +88,18 @@ def sweep_cmd(config: Optional[str] = ConfigOpt, set_: Optional[list[str]] = Set
         fail(str(e), code=2)
     with root_lease(cfg, "sweep"):
         connect_ray(cfg, address)
+        install_interrupt_handler()  # Ctrl-C before the trials; Tune's own handler takes it during them
         try:
             with progress_bars() as progress:
                 summary = run_sweep(cfg, RichUI(progress))
         except (SweepError, *library_errors()) as e:
             fail(str(e), code=1)
+        except SweepInterrupted as e:
+            interrupted(f"Tune saved the sweep under {e.url}: the same command resumes it (finished trials are kept, "
+                        "the others go on from their last round)")
+        except KeyboardInterrupt:
+            interrupted("finished work is kept (data, experts, shortcuts, finished trials); run the same command "
+                        "again to resume the sweep")
     console.print(sweep_table(summary, list(cfg.sweep.space)))
     for err in summary["errors"]:
         say("trial error", "red", err)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 
 import math
+import signal
 import threading
 from pathlib import Path
 
@@ -252,6 +253,23 @@ class LockedUI:
             self.updates += 1
 
 
+class CtrlCAtTheSecondTrial(LockedUI):
+    """Ctrl-C (SIGINT to this process) once a second trial shows on the progress board: the first has finished
+    both rounds, the second has just started. Sent only from Tune's loop on the main thread with the sweep's
+    watcher on Tune's handler, so that it can reach nothing but Tune; ``sent`` says whether it was."""
+
+    def __init__(self):
+        super().__init__()
+        self.sent = False
+
+    def update(self, tasks: dict) -> None:
+        super().update(tasks)
+        watched = getattr(signal.getsignal(signal.SIGINT), "watched", False)
+        if not self.sent and watched and len([n for n in tasks if n.startswith("trial ")]) == 2:
+            self.sent = True
+            signal.raise_signal(signal.SIGINT)
+
+
 ON_RAY = {k: v for k, v in FAST.items() if not k.startswith(("pretrain.", "model.", "experts."))}
 """FAST on the session's prepared root (its pretrained towers and 3-epoch experts: no base stage reruns)."""
 
@@ -273,9 +291,10 @@ def test_sweep_on_a_bucket_asha_stops_a_diverged_trial_and_rerun_restores(ray_se
     trials' roots and Tune's experiment in an S3 bucket (issue #21). lr_img = inf diverges at iteration 1 and
     scores 0; running after the good trial, ASHA stops it at the first rung. A range no finished run holds
     (phase 1 over epochs 1..3: its range_end auto, which the windows' rule resolves to 3 from expert 0 in the bucket,
-    the only end after its target epochs) is compressed before the trials. The table, plot and best.yaml (naming
-    that end) land in the bucket; the same sweep again restores the finished experiment (no trial reruns); `run` on
-    best.yaml reuses the trial's phases."""
+    the only end after its target epochs) is compressed before the trials. Ctrl-C as the second trial starts ends
+    the sweep with SweepInterrupted (no table; the signal handlers as they were); the same sweep resumes it without
+    rerunning the finished trial. The table, plot and best.yaml (naming that end) land in the bucket; the same sweep
+    again restores the finished experiment (no trial reruns); `run` on best.yaml reuses the trial's phases."""
     from ptmst_ray.orchestration.pipeline import run_pipeline
     from ptmst_ray.trajectories.store import ShortcutStore
 
@@ -286,9 +305,20 @@ def test_sweep_on_a_bucket_asha_stops_a_diverged_trial_and_rerun_restores(ray_se
         "sweep.scheduler": "asha", "sweep.grace_period": 1, "sweep.rounds": 2, "sweep.space": {"distill.lr_img": {"grid": [100.0, float("inf")]}}})
     shortcuts = ShortcutStore(layout.Layout(base).shortcuts)
     assert shortcuts.complete_ids(1, 3, layout.experts_hash(cfg)) == []  # the prepared run's phase 1 is 0..3
-    ui = LockedUI()  # like the CLI's rich UI, it cannot be pickled: Tune must not pickle it with its state
-    summary = sw.run_sweep(cfg, ui, verbose=0)
-    assert ui.updates > 0  # the progress poll ran during the sweep
+    handler = signal.getsignal(signal.SIGINT)
+    stop = CtrlCAtTheSecondTrial()  # like the CLI's rich UI, it cannot be pickled: Tune must not pickle it
+    with pytest.raises(sw.SweepInterrupted) as stopped:
+        sw.run_sweep(cfg, stop, verbose=0)
+    assert stop.sent and stop.updates > 0  # the progress poll ran during the sweep
+    assert signal.getsignal(signal.SIGINT) is handler  # not Tune's, which would turn a later Ctrl-C into a warning
+    out = stopped.value.url
+    assert out.startswith(f"s3://{s3.bucket}/base/sweeps/") and not storage.exists(storage.join(out, sw.TABLE)), out
+    prefix = out.removeprefix(f"s3://{s3.bucket}/")
+    first = {k: t for k, t in _modified(s3, prefix).items() if k.endswith("/config.yaml")}  # a trial writes it first
+    assert len(first) == 2, first
+    rungs = storage.read_json(storage.join(out, sw.ASHA_RUNGS))  # what ASHA recorded before the stop
+    summary = sw.run_sweep(cfg, LockedUI(), verbose=0)
+    assert summary["resumed"] and summary["dir"] == out
     assert not summary["errors"], summary["errors"]
     assert summary["selection"] == "test"  # the tiny data has no val split: trials are scored on test
     assert shortcuts.complete_ids(1, 3, layout.experts_hash(cfg)) == [0, 1]
@@ -297,14 +327,17 @@ def test_sweep_on_a_bucket_asha_stops_a_diverged_trial_and_rerun_restores(ray_se
     assert good["rounds"] == 2 and good["iterations"] == 10 and not good["stopped_early"] and good["r_mean"] > 0
     assert bad["diverged"] and bad["r_mean"] == 0.0 and bad["stopped_early"] and bad["rounds"] == 1
     assert bad["iterations"] == 1  # diverged at its first iteration
+    # stopped by the resumed sweep's ASHA against the good trial's scores the stopped sweep had recorded (one
+    # bracket, milestones at rounds 2 and 1): Tune itself restores no scheduler state
+    assert [(m, sorted(recorded)) for m, recorded in rungs[0]] == [(2, [good["trial_id"]]), (1, [good["trial_id"]])]
     assert [r["r_mean"] for r in summary["rows"]] == [good["r_mean"], 0.0]  # best first
+    resumed = {k: t for k, t in _modified(s3, prefix).items() if k.endswith("/config.yaml")}
+    assert [k for k in first if resumed[k] == first[k]] == [f"{prefix}/{good['trial_id']}/config.yaml"]  # kept
     # the good trial's two rounds were scored as evaluation students are: on a GPU where the cluster has them
     # (the session's 2 logical ones), not on one CPU thread
     scored = finished_tasks(ray_session.dashboard_url, "_score_round", 2)
     assert len(scored) == 2 and all(t.required_resources.get("GPU") == 1.0 for t in scored), scored
 
-    out = summary["dir"]
-    assert out.startswith(f"s3://{s3.bucket}/base/sweeps/"), out
     table = pq.read_table(pa.BufferReader(storage.read_bytes(storage.join(out, sw.TABLE_PARQUET))))
     assert table.num_rows == 2 and storage.read_bytes(storage.join(out, sw.PLOT))[:4] == b"\x89PNG"
     good_root = storage.join(out, good["trial_id"])  # each trial distilled in its own root in the bucket
@@ -317,7 +350,6 @@ def test_sweep_on_a_bucket_asha_stops_a_diverged_trial_and_rerun_restores(ray_se
     assert len(storage.listdir(storage.join(good_root, "phases", "phase1", "attempts"))) == 2
     assert not storage.exists(storage.join(base, "phases"))
 
-    prefix = out.removeprefix(f"s3://{s3.bucket}/")
     stamps = {k: t for k, t in _modified(s3, prefix).items() if k.endswith("/config.yaml")}
     assert len(stamps) == 2, stamps
     again = sw.run_sweep(cfg, LockedUI(), verbose=0)
@@ -350,3 +382,30 @@ def test_cli_sweep_options_and_bad_space_exit_2():
     bad = runner.invoke(app, ["sweep", "--set", "sweep.searcher=grid",
                               "--set", "sweep.space={distill.lr_img: {uniform: [1, 2]}}"])
     assert bad.exit_code == 2 and "grid searcher needs" in bad.output.replace("\n", " ")
+
+
+def test_cli_sweep_stopped_by_ctrl_c_exits_130_and_says_how_to_resume(tmp_path, monkeypatch):
+    """The CLI's handling of a stopped sweep (run_sweep raising SweepInterrupted, as the bucket test above makes it
+    do on Tune's loop): exit 130, where the state is, that the same command resumes; no table, no Ray started."""
+    import typer
+    from typer.testing import CliRunner
+
+    from ptmst_ray.orchestration import runtime
+    from ptmst_ray_cli import common, sweep_cmd
+
+    url = str(tmp_path / "run" / "sweeps" / "grid-0")
+
+    def stopped(cfg, ui):
+        raise sw.SweepInterrupted(url)
+
+    monkeypatch.setattr(sw, "run_sweep", stopped)
+    monkeypatch.setattr(common, "connect_ray", lambda cfg, address: None)
+    monkeypatch.setattr(runtime, "install_interrupt_handler", lambda: None)  # this process's SIGINT left as it is
+    monkeypatch.setattr(common.console, "width", 4000)  # each message on one line
+    app = typer.Typer()
+    app.command("other")(lambda: None)
+    sweep_cmd.register(app)
+    result = CliRunner().invoke(app, ["sweep", "--set", f"run.root={tmp_path / 'run'}"])
+    assert result.exit_code == 130, result.output
+    assert f"interrupted: Tune saved the sweep under {url}: the same command resumes it" in result.output
+    assert "best:" not in result.output and "Traceback" not in result.output

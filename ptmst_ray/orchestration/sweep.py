@@ -26,11 +26,14 @@ import logging
 import math
 import re
 import shutil
+import signal
+import threading
 import time
 from typing import Any
 
 import ray
 from ray import tune
+from ray.tune.schedulers import ASHAScheduler
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from ptmst_ray import storage
@@ -56,10 +59,24 @@ be swept too (whole phase lists: one phase against two, other splits of the budg
 (one whole phase)."""
 ROUND_FILE = "round.json"
 TABLE, TABLE_PARQUET, BEST_YAML, PLOT = "results.csv", "results.parquet", "best.yaml", "r_mean.png"
+ASHA_RUNGS = "asha_rungs.json"
+"""ASHA's rungs, in the sweep's folder: what a resumed sweep's scheduler judges the remaining trials against."""
 
 
 class SweepError(RuntimeError):
     """A sweep cannot start; the message says what to change."""
+
+
+class SweepInterrupted(KeyboardInterrupt):
+    """Ctrl-C (or SIGUSR1) while the trials ran: Tune ended them and saved its experiment under ``url``, which the
+    same sweep resumes (finished trials kept, the others from their last round). No table or best.yaml is written."""
+
+    def __init__(self, url: str):
+        super().__init__(f"the sweep was stopped; its state is saved under {url}")
+        self.url = url
+
+    def __reduce__(self):  # pickled by its field, as ConfigError
+        return type(self), (self.url,)
 
 
 # --------------------------------------------------------------------------- the search space
@@ -433,7 +450,11 @@ run config (callbacks included) into the experiment folder, and a CLI poll holds
 
 
 class _PollCallback(tune.Callback):
-    """Keeps the CLI's progress bars moving while Tune's loop runs in this thread (no state to pickle)."""
+    """Keeps the CLI's progress bars moving while Tune's loop runs in this thread, and notes a stop signal
+    (:func:`_watch_stop_signals`); no state to pickle."""
+
+    def on_step_begin(self, iteration, trials, **info):
+        _watch_stop_signals()
 
     def on_step_end(self, iteration, trials, **info):
         if _POLL[0] is not None:
@@ -450,6 +471,48 @@ def _precompute_shortcuts(cfg: Config, poll) -> list[tuple[int, int]]:
     return ranges
 
 
+class _ResumableASHA(ASHAScheduler):
+    """ASHA whose rungs (each trial's score at each milestone round) outlive the driver.
+
+    Tune saves no scheduler with its experiment: a restored sweep rebuilds it from the Tuner as it was at the start
+    (ray-project/ray#30838), so a resumed sweep's ASHA would judge the trials it still runs against nothing and stop
+    none. This one writes its rungs as JSON (``url``, in the sweep's folder) whenever they change and reads them back
+    before the first trial of a resumed sweep is added. Rungs are counted in rounds (the ``round`` each report
+    carries), not Tune's ``training_iteration``, which a trial resumed from its checkpoint may count again from 1."""
+
+    def __init__(self, url: str, **kwargs):
+        super().__init__(**kwargs)
+        self._url, self._read = url, False
+
+    def _rungs(self) -> list[list]:
+        return [[[milestone, dict(recorded)] for milestone, recorded in bracket._rungs] for bracket in self._brackets]
+
+    def on_trial_add(self, tune_controller, trial) -> None:
+        if not self._read:
+            self._read = True
+            saved = storage.read_json(self._url) if storage.exists(self._url) else None
+            if saved is not None and [[m for m, _ in b] for b in saved] == [[m for m, _ in b] for b in self._rungs()]:
+                for bracket, rungs in zip(self._brackets, saved):
+                    for (_, recorded), (_, scores) in zip(bracket._rungs, rungs):
+                        recorded.update(scores)
+        super().on_trial_add(tune_controller, trial)
+
+    def _after(self, before: list[list]) -> None:
+        if self._rungs() != before:
+            storage.write_json(self._url, self._rungs())
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        before = self._rungs()
+        action = super().on_trial_result(tune_controller, trial, result)
+        self._after(before)
+        return action
+
+    def on_trial_complete(self, tune_controller, trial, result: dict) -> None:
+        before = self._rungs()
+        super().on_trial_complete(tune_controller, trial, result)
+        self._after(before)
+
+
 def build_tuner(cfg: Config, name: str, board=None, poll=None, verbose: int = 1) -> tuple[tune.Tuner, bool]:
     """A new Tuner, or the restored one when this sweep's experiment exists (finished trials are kept)."""
     _POLL[0] = poll  # also read by the callback of a restored Tuner
@@ -463,12 +526,12 @@ def build_tuner(cfg: Config, name: str, board=None, poll=None, verbose: int = 1)
         log.info("resuming the sweep at %s (finished trials are kept)", url)
         return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True,
                                   storage_filesystem=args.get("storage_filesystem")), True
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.schedulers import FIFOScheduler
 
     space, samples = param_space(cfg)
     sweep = cfg.sweep
-    scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=sweep.rounds,
-                               grace_period=min(sweep.grace_period, sweep.rounds), reduction_factor=2)
+    scheduler = (_ResumableASHA(storage.join(url, ASHA_RUNGS), time_attr="round", max_t=sweep.rounds,
+                                grace_period=min(sweep.grace_period, sweep.rounds), reduction_factor=2)
                  if sweep.scheduler == "asha" else FIFOScheduler())
     tune_config = tune.TuneConfig(metric="r_mean", mode="max", num_samples=samples, scheduler=scheduler,
                                   search_alg=_searcher(cfg, max_concurrent_trials(cfg, cluster_info())))
@@ -510,15 +573,65 @@ def _sweep(cfg: Config, ui, name: str, verbose: int) -> dict[str, Any]:
                  "sweep trials")
     ensure_train_state_actor()  # the trials' concurrent Train runs would race to create it
     ui.stage(f"sweep {name}" + (" (resumed)" if resumed else ""))
-    grid = tuner.fit()
-    rows = result_rows(grid, cfg)
+    grid = _fit(tuner)
     out_dir = Layout.of(cfg).sweep(name)
+    if _STOP_SIGNALLED.is_set():
+        raise SweepInterrupted(out_dir)
+    rows = result_rows(grid, cfg)
     summary = {"name": name, "dir": out_dir, "rows": rows, "resumed": resumed, "ranges": ranges,
                "wall_seconds": time.time() - t0, "selection": selection(cfg),
                "errors": [f"trial {r['trial_id']} ({', '.join(f'{k}={r[k]!r}' for k in cfg.sweep.space)}): {r['error']}"
                           for r in rows if r["error"] is not None]}
     write_outputs(cfg, name, rows, summary)
     return summary
+
+
+_STOP_SIGNALLED = threading.Event()
+"""Set when Ctrl-C or SIGUSR1 reached Tune's handler during :func:`_fit`. Tune then ends the running trials, saves
+its experiment and returns as if done (its ResultGrid counts the trials it ended as TERMINATED, like finished ones):
+this flag is how the sweep tells a stopped experiment from a finished one."""
+
+_STOP_SIGNALS = tuple(s for s in (signal.SIGINT, getattr(signal, "SIGUSR1", None)) if s is not None)
+
+
+def _fit(tuner: tune.Tuner):
+    """``tuner.fit()``; :data:`_STOP_SIGNALLED` tells whether a stop signal ended it. On the main thread the
+    handlers that were there before are put back afterwards (Tune leaves its own installed after a finished fit,
+    where Ctrl-C would then only log a warning). Tune's hint on Ctrl-C, ``Tuner.restore(...)``, is left out: the
+    same sweep resumes."""
+    _STOP_SIGNALLED.clear()
+    main = threading.current_thread() is threading.main_thread()
+    before = {sig: signal.getsignal(sig) for sig in _STOP_SIGNALS} if main else {}
+    hint = _NoRestoreHint()
+    logging.getLogger("ray.tune.tune").addFilter(hint)
+    try:
+        return tuner.fit()
+    finally:
+        logging.getLogger("ray.tune.tune").removeFilter(hint)
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+
+
+def _watch_stop_signals() -> None:
+    """Chain :data:`_STOP_SIGNALLED` onto the stop handlers Tune installed for this fit (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for sig in _STOP_SIGNALS:
+        current = signal.getsignal(sig)
+        if not callable(current) or getattr(current, "watched", False):
+            continue
+
+        def watched(signum, frame, inner=current):
+            _STOP_SIGNALLED.set()
+            inner(signum, frame)
+
+        watched.watched = True
+        signal.signal(sig, watched)
+
+
+class _NoRestoreHint(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Resume experiment with" not in record.getMessage()
 
 
 def selection(cfg: Config) -> str:
