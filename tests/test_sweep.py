@@ -191,6 +191,22 @@ def test_outputs_table_yaml_and_plot(tmp_path):
     assert best.run.root == str(out / "t_00000") and best.run.shared_root == cfg.run.root
 
 
+def test_the_plot_ticks_whole_number_values_where_they_were_swept_and_names_the_split():
+    import matplotlib.pyplot as plt
+
+    rows = [{"trial_id": f"t_{i}", "phases.0.range_end": end, "distill.lr_img": lr, "r_mean": r,
+             "stopped_early": False, "diverged": False, "error": None}
+            for i, (end, lr, r) in enumerate([(3, 30.0, 25.0), (4, 100.0, 26.0), (7, 30.0, 24.0)])]
+    fig = sw.sweep_figure(rows, ["phases.0.range_end", "distill.lr_img"], on="val")
+    try:
+        ends, lrs = fig.axes
+        assert list(ends.get_xticks()) == [3, 4, 7]  # the ends swept, no 3.5 or 5.5 between them
+        assert len(lrs.get_xticks()) > 2  # a float parameter keeps matplotlib's own ticks
+        assert ends.get_ylabel() == "val r_mean (%)" and "val r_mean" in fig.get_suptitle()
+    finally:
+        plt.close(fig)
+
+
 def test_the_table_shows_a_whole_phase_by_what_differs(tmp_path):
     """A swept whole phase (or phase list) shows in the printed table by the settings in which the trials differ,
     one line a trial; the full dicts, printed as they were, wrapped a narrow column into a dozen lines a trial."""

@@ -740,15 +740,27 @@ def write_outputs(cfg: Config, name: str, rows: list[dict[str, Any]], summary: d
         storage.write_text(storage.join(out, BEST_YAML), header + best.to_yaml())
         summary["best"] = {"trial_id": scored[0]["trial_id"], "r_mean": scored[0]["r_mean"],
                            "values": {k: scored[0][k] for k in cfg.sweep.space}, "yaml": storage.join(out, BEST_YAML)}
-    plot_sweep(rows, list(cfg.sweep.space), storage.join(out, PLOT))
+    plot_sweep(rows, list(cfg.sweep.space), storage.join(out, PLOT), on=summary.get("selection", "test"))
     summary["plot"] = storage.join(out, PLOT)
 
 
-def plot_sweep(rows: list[dict[str, Any]], params: list[str], url: str) -> None:
-    """r_mean vs each swept parameter (one panel each); stopped trials hollow, diverged ones red."""
+def plot_sweep(rows: list[dict[str, Any]], params: list[str], url: str, on: str = "test") -> None:
+    """r_mean (of the ``on`` split) vs each swept parameter (one panel each); stopped trials hollow, diverged ones
+    red."""
     import matplotlib
 
     matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig = sweep_figure(rows, params, on)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    storage.write_bytes(url, buf.getvalue())
+
+
+def sweep_figure(rows: list[dict[str, Any]], params: list[str], on: str = "test"):
+    """:func:`plot_sweep`'s figure: a whole-number parameter's ticks at the values swept (not 3.2, 3.4, ...)."""
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, max(1, len(params)), figsize=(4 * max(1, len(params)), 3.4), squeeze=False)
@@ -765,12 +777,11 @@ def plot_sweep(rows: list[dict[str, Any]], params: list[str], url: str) -> None:
             ax.set_xticks(range(len(labels)), labels)
         elif all(v is not None and v > 0 for v in values) and max(values) / max(min(values), 1e-300) > 100:
             ax.set_xscale("log")
+        elif all(isinstance(v, int) for v in values):
+            ax.set_xticks(sorted(set(values)))
         ax.set_xlabel(key)
-        ax.set_ylabel("r_mean (%)")
+        ax.set_ylabel(f"{on} r_mean (%)")
         ax.grid(alpha=0.3)
-    fig.suptitle("sweep: r_mean of the last round per trial (hollow = stopped early)")
+    fig.suptitle(f"sweep: {on} r_mean of the last round per trial (hollow = stopped early)")
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    storage.write_bytes(url, buf.getvalue())
+    return fig
