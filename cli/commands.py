@@ -141,7 +141,8 @@ def data_prepare(config: Optional[str] = ConfigOpt, set_: Optional[list[str]] = 
     from ptmst_ray.layout import Layout
     from ptmst_ray.stages.data import prepare
 
-    cfg = get_run_config(config, [*(set_ or []), *([f"data.workers={workers}"] if workers is not None else [])])
+    cfg = get_run_config(config, [*(set_ or []), *([f"data.workers={workers}"] if workers is not None else [])],
+                         data_only=True)
     with root_lease(cfg, "data prepare"):
         try:
             if cfg.data.workers > 1:

@@ -75,25 +75,27 @@ def get_config(config: Optional[str], overrides: Optional[list[str]]) -> Config:
 
 
 def get_run_config(config: Optional[str], overrides: Optional[list[str]], address: Optional[str] = None,
-                   joins_ray: bool = False) -> Config:
+                   joins_ray: bool = False, data_only: bool = False) -> Config:
     """:func:`get_config`, then everything the recipe needs (inputs exist, the model can be built as
     configured, the run root is writable; for a command that ``joins_ray``, a Ray address given by --address,
-    run.address or RAY_ADDRESS answers), or exit 2 naming the field.
+    run.address or RAY_ADDRESS answers), or exit 2 naming the field. ``data_only``: what the data commands
+    need (the data's inputs, the run root), not the weights or the model.
 
     Called before Ray starts, so a bad recipe launches nothing.
     """
     cfg = get_config(config, overrides)
-    preflight(cfg, config, address, joins_ray)
+    preflight(cfg, config, address, joins_ray, data_only)
     return cfg
 
 
-def preflight(cfg: Config, config: Optional[str], address: Optional[str] = None, joins_ray: bool = False) -> None:
+def preflight(cfg: Config, config: Optional[str], address: Optional[str] = None, joins_ray: bool = False,
+              data_only: bool = False) -> None:
     """:func:`ptmst_ray.stages.preflight.check`, warnings printed, a problem exits 2 naming the field."""
     from ptmst_ray.orchestration.runtime import address_problem, is_cluster_address
     from ptmst_ray.stages.preflight import check
 
     try:
-        check(cfg, warn=lambda message: say("warning", "bold yellow", message),
+        check(cfg, warn=lambda message: say("warning", "bold yellow", message), data_only=data_only,
               shared_inputs=is_cluster_address(address or cfg.run.address or os.environ.get("RAY_ADDRESS")))
     except ConfigError as e:
         fail(f"{config or DEFAULT_CONFIG}: {e}")

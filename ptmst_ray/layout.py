@@ -420,13 +420,14 @@ def explain(cfg: Config, error: BaseException) -> str:
     return message
 
 
-def check_paths(cfg: Config) -> None:
-    """Fail fast, before Ray starts, on input paths that do not exist and a run root that cannot be written.
+def check_paths(cfg: Config, models: bool = True) -> None:
+    """Fail fast, before Ray starts, on input paths that do not exist and a run root that cannot be written; the
+    weights' paths too unless not ``models`` (data preparation reads none).
 
     Raises :class:`~ptmst_ray.config.ConfigError` naming the field.
     """
     inputs = [("data.annotations", cfg.data.annotations), ("data.images", cfg.data.images)]
-    for field_name in ("pretrained", "image_pretrained", "text_pretrained"):
+    for field_name in ("pretrained", "image_pretrained", "text_pretrained") if models else ():
         value = getattr(cfg.model, field_name)
         made_here = field_name == "pretrained" and cfg.pretrain.enabled  # written by the pretrain stage
         if value and ("/" in value or "://" in value) and not made_here:

@@ -201,3 +201,35 @@ def test_commands_that_build_models_import_them_while_ray_starts(monkeypatch):
     events.clear()
     common.connect_ray(cfg, None, models=False)
     assert events == ["connect"]
+
+
+def test_data_prepare_needs_the_data_not_the_weights(tiny_flickr_dir, tmp_path, monkeypatch):
+    """A paper recipe as shipped names weights that are not on this machine: `data prepare` (data only) runs all the
+    same, while a command that trains still names the first missing weights before any work."""
+    monkeypatch.setattr("ptmst_ray_cli.common.console.width", 4000)  # each message on one line
+    data = [f"data.annotations={tiny_flickr_dir}", f"data.images={tiny_flickr_dir}", f"run.root={tmp_path / 'run'}",
+            "data.workers=1"]  # in this process: no Ray
+    args = [a for s in data for a in ("--set", s)]
+    prepared = runner.invoke(app, ["data", "prepare", "--config", "flickr30k_500", *args])
+    assert prepared.exit_code == 0, prepared.output
+    assert sorted(p.name for p in (tmp_path / "run" / "data").iterdir() if p.is_dir()) == ["test", "train", "val"]
+    validate = runner.invoke(app, ["config", "validate", "--config", "flickr30k_500", *args])
+    assert validate.exit_code == 2 and "model.image_pretrained" in validate.output, validate.output
+
+
+def test_an_annotation_folder_without_the_split_files_says_where_they_come_from(tmp_path, monkeypatch):
+    """Karpathy's single file (dataset_flickr30k.json) where the per-split files are expected: named, with BLIP's
+    files of the same splits, before any work."""
+    import json
+
+    monkeypatch.setattr("ptmst_ray_cli.common.console.width", 4000)
+    folder = tmp_path / "ann"
+    folder.mkdir()
+    (folder / "dataset_flickr30k.json").write_text(json.dumps({"images": [], "dataset": "flickr30k"}))
+    result = runner.invoke(app, ["data", "prepare", "--config", "flickr30k_500", "--set", f"data.annotations={folder}",
+                                 "--set", f"data.images={folder}", "--set", f"run.root={tmp_path / 'run'}"])
+    assert result.exit_code == 2, result.output
+    for text in ("data.annotations", "no flickr30k_train.json or flickr30k_test.json", "dataset_flickr30k.json",
+                 "sfr-vision-language-research/datasets/flickr30k_"):
+        assert text in result.output, (text, result.output)
+    assert not (tmp_path / "run" / "data").exists()

@@ -398,6 +398,11 @@ def test_cli_sweep_options_and_bad_space_exit_2():
     bad = runner.invoke(app, ["sweep", "--set", "sweep.searcher=grid",
                               "--set", "sweep.space={distill.lr_img: {uniform: [1, 2]}}"])
     assert bad.exit_code == 2 and "grid searcher needs" in bad.output.replace("\n", " ")
+    grid = runner.invoke(app, ["sweep", "--samples", "2", "--set", "sweep.searcher=grid", "--set",
+                               "sweep.space={distill.lr_img: {choice: [1, 2, 3]}, distill.lr_txt: {grid: [1, 2]}}"])
+    assert grid.exit_code == 2, grid.output  # not silently 6 trials where 2 were asked for
+    assert "--samples 2: the grid searcher runs every combination of sweep.space once (6 trials here)" in " ".join(
+        grid.output.split()), grid.output
 
 
 def test_cli_sweep_stopped_by_ctrl_c_exits_130_and_says_how_to_resume(tmp_path, monkeypatch):
@@ -417,6 +422,7 @@ def test_cli_sweep_stopped_by_ctrl_c_exits_130_and_says_how_to_resume(tmp_path, 
     monkeypatch.setattr(sw, "run_sweep", stopped)
     monkeypatch.setattr(common, "connect_ray", lambda cfg, address: None)
     monkeypatch.setattr(runtime, "install_interrupt_handler", lambda: None)  # this process's SIGINT left as it is
+    monkeypatch.setattr("ray.shutdown", lambda: None)  # the CLI ends its Ray; this process's is the session's
     monkeypatch.setattr(common.console, "width", 4000)  # each message on one line
     app = typer.Typer()
     app.command("other")(lambda: None)

@@ -67,6 +67,37 @@ def annotation_name(dataset: str, split: str) -> str:
     return ANNOTATION_FILES[dataset].format(split=split)
 
 
+BLIP_ANNOTATIONS = "https://storage.googleapis.com/sfr-vision-language-research/datasets/"
+"""Where BLIP publishes the per-split files of Flickr30k's and COCO's Karpathy splits that this reader (and the
+paper's code) takes: ``flickr30k_{train,val,test}.json``, ``coco_karpathy_{train,val,test}.json``."""
+
+REQUIRED_SPLITS = ("train", "test")
+"""The annotation files a run needs (val is used where present; pretrain is the built-in data's)."""
+
+
+def missing_annotations(dataset: str, folder: str) -> str | None:
+    """What is wrong with ``folder`` as ``dataset``'s annotation folder (a required split's file missing), with
+    where the files come from; None when every required file is there."""
+    names = [annotation_name(dataset, split) for split in REQUIRED_SPLITS]
+    missing = [n for n in names if not storage.exists(storage.join(folder, n))]
+    if not missing:
+        return None
+    where = {"flickr30k": f"BLIP's files of the Karpathy splits, {BLIP_ANNOTATIONS}flickr30k_{{train,val,test}}.json",
+             "coco": f"BLIP's files of the Karpathy splits, {BLIP_ANNOTATIONS}coco_karpathy_{{train,val,test}}.json",
+             "karpathy": "train.json and test.json of your own (README, 'Data of your own')"}.get(dataset)
+    text = f"{folder} has no {' or '.join(missing)}"
+    if where:
+        text += f" ({where})"
+    try:
+        karpathy = sorted(n for n in storage.listdir(folder) if n.startswith("dataset_") and n.endswith(".json"))
+    except (OSError, storage.StorageError):
+        karpathy = []
+    if karpathy:
+        text += (f"; it holds Karpathy's single-file {karpathy[0]}, which this reader does not take: it reads the "
+                 f"per-split files ({', '.join(names)}), one row per caption in train")
+    return text
+
+
 def split_kind(split: str) -> Literal["pairs", "eval"]:
     """``pairs`` (train shape: caption is a string) or ``eval`` (caption is a list of strings)."""
     return "pairs" if split in PAIR_SPLITS else "eval"
