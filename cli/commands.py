@@ -72,7 +72,6 @@ def run(config: Optional[str] = ConfigOpt, set_: Optional[list[str]] = SetOpt, a
     """Run the whole pipeline (data, pretrain, experts, shortcuts, phases, aggregate, eval); resumes."""
     from ptmst_ray import layout
     from ptmst_ray.orchestration.pipeline import run_pipeline
-    from ptmst_ray.orchestration.runtime import install_interrupt_handler
     from ptmst_ray.vocab import STAGES
 
     cfg = get_run_config(config, set_, address, joins_ray=not as_job)  # --as-job starts a Ray of its own
@@ -95,7 +94,6 @@ def run(config: Optional[str] = ConfigOpt, set_: Optional[list[str]] = SetOpt, a
                 removed = layout.rebuild(cfg, rebuild)
                 console.print(f"rebuild {rebuild}: removed {', '.join(removed) or 'nothing (not built yet)'}")
             connect_ray(cfg, address)
-            install_interrupt_handler()  # after ray.init: Ctrl-C lands at the next poll even if Ray swallows it
             with progress_bars() as progress:
                 results = run_pipeline(cfg, RichUI(progress))
         except library_errors() as e:
@@ -158,6 +156,8 @@ def data_prepare(config: Optional[str] = ConfigOpt, set_: Optional[list[str]] = 
                 prepare(cfg, progress=cb)
         except library_errors() as e:
             fail(explain(cfg, e), code=1)
+        except KeyboardInterrupt:
+            interrupted("the splits already prepared are kept; run the same command again to prepare the rest")
     console.print(f"prepared: {Layout.of(cfg).data}")
 
 
@@ -203,6 +203,8 @@ def pretrain(config: Optional[str] = ConfigOpt, set_: Optional[list[str]] = SetO
                 manifest = pretrain_stage(cfg, progress=lambda d, t: progress.update(task, completed=d, total=t))
         except library_errors() as e:
             fail(explain(cfg, e), code=1)
+        except KeyboardInterrupt:
+            interrupted("the prepared data is kept; run the same command again to pretrain")
     console.print(f"checkpoint: {manifest['checkpoint']}; zero-shot r_mean {manifest['zero_shot']['r_mean']:.1f}")
 
 
@@ -245,6 +247,8 @@ def experts(config: Optional[str] = ConfigOpt, set_: Optional[list[str]] = SetOp
                 poll(force=True)  # the last lines before the summary
         except library_errors() as e:
             fail(explain(cfg, e), code=1)
+        except KeyboardInterrupt:
+            interrupted("finished experts and every stored epoch are kept; run the same command again to continue")
     for line in window_lines(out["windows"]):
         console.print(line)
     console.print(f"experts: {out['trained']} trained, {out['skipped']} already complete, "
@@ -277,6 +281,8 @@ def shortcut(config: Optional[str] = ConfigOpt, set_: Optional[list[str]] = SetO
             out = run_shortcuts(cfg)
         except library_errors() as e:
             fail(explain(cfg, e), code=1)
+        except KeyboardInterrupt:
+            interrupted("the shortcuts written are kept; run the same command again to write the rest")
     for line in window_lines(out["windows"]):
         console.print(line)
     console.print(f"shortcuts for {out['experts']} experts, ranges {out['ranges']}: {out['written']} written")
@@ -320,6 +326,8 @@ def eval_(config: Optional[str] = ConfigOpt, set_: Optional[list[str]] = SetOpt,
                 poll(force=True)  # the last lines before the table
         except library_errors() as e:
             fail(explain(cfg, e), code=1)
+        except KeyboardInterrupt:
+            interrupted("the scores of the students that finished are kept (eval/scores/); the same command reuses them")
     console.print(results_table(results))
     for line in ratio_lines(results):
         console.print(line)

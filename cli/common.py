@@ -216,8 +216,10 @@ def import_in_background(module: str) -> threading.Thread:
 
 def connect_ray(cfg, address: Optional[str], models: bool = True):
     """Start or join Ray (``--address``, else run.address / RAY_ADDRESS, else a local Ray) and say what it has.
-    ``models``: the command goes on to build models, so their libraries are imported while Ray starts."""
-    from ptmst_ray.orchestration.runtime import connect
+    ``models``: the command goes on to build models, so their libraries are imported while Ray starts. From here
+    a Ctrl-C reaches the command's next progress poll even where a Ray call swallows the KeyboardInterrupt
+    (``install_interrupt_handler``); the command turns it into :func:`interrupted`."""
+    from ptmst_ray.orchestration.runtime import connect, install_interrupt_handler
 
     from ptmst_ray_cli.dashboard_cmd import LOCAL_JOB, login_hint
 
@@ -230,6 +232,7 @@ def connect_ray(cfg, address: Optional[str], models: bool = True):
         joined = (address or cfg.run.address or os.environ.get("RAY_ADDRESS")) and not os.environ.get(LOCAL_JOB)
         where = " (on the head: reach it with `ray dashboard CLUSTER_YAML`)" if joined else ""
         console.print(f"dashboard: {info.dashboard_url}{where}; {login_hint()}", highlight=False)
+    install_interrupt_handler()
     return info
 
 

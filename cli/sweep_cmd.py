@@ -76,7 +76,6 @@ def sweep_cmd(config: Optional[str] = ConfigOpt, set_: Optional[list[str]] = Set
                                                     help="Ray cluster address (default: RAY_ADDRESS, else a local Ray).")
               ) -> None:
     """Search sweep.space with Ray Tune (ASHA stops poor trials); the same command resumes; writes best.yaml."""
-    from ptmst_ray.orchestration.runtime import install_interrupt_handler
     from ptmst_ray.orchestration.sweep import SweepError, SweepInterrupted, param_count, run_sweep, validate_sweep
     from ptmst_ray_cli.common import RichUI, connect_ray, interrupted, library_errors, root_lease
 
@@ -92,7 +91,6 @@ def sweep_cmd(config: Optional[str] = ConfigOpt, set_: Optional[list[str]] = Set
              "(--set sweep.searcher=random)")
     with root_lease(cfg, "sweep"):
         connect_ray(cfg, address)
-        install_interrupt_handler()  # Ctrl-C before the trials; Tune's own handler takes it during them
         try:
             with progress_bars() as progress:
                 summary = run_sweep(cfg, RichUI(progress))

@@ -222,13 +222,14 @@ def _gone(tag: str, timeout: float) -> list[int]:
 
 
 class Driver:
-    """`ptmst-ray run --config X` as a subprocess with its own local Ray, tagged for clean-up."""
+    """`ptmst-ray COMMAND --config X` (``run`` by default) as a subprocess with its own local Ray, tagged for
+    clean-up."""
 
-    def __init__(self, config: Path, tag: str, log: Path):
+    def __init__(self, config: Path, tag: str, log: Path, command: str = "run"):
         env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
         env.update(PTMST_FAULT_TAG=tag, OMP_NUM_THREADS="1", RAY_ENABLE_UV_RUN_RUNTIME_ENV="0")
         self.log = log
-        self.proc = subprocess.Popen([sys.executable, "-m", "ptmst_ray_cli", "run", "--config", str(config)],
+        self.proc = subprocess.Popen([sys.executable, "-m", "ptmst_ray_cli", command, "--config", str(config)],
                                      env=env, cwd=REPO, stdout=open(log, "w"), stderr=subprocess.STDOUT,
                                      start_new_session=True)
 
@@ -260,8 +261,9 @@ class Driver:
 @pytest.mark.ray
 @pytest.mark.slow
 def test_interrupted_driver_resumes_without_redoing_work(prepared, tmp_path):
-    """SIGINT during experts, SIGKILL during the phase (after two of its checkpoints), SIGINT during evaluation;
-    then the same command finishes. One phase: two at once are the dashboard's and the two-node job's tests."""
+    """SIGINT during `ptmst-ray experts`, then `ptmst-ray run`: SIGKILL during the phase (after two of its
+    checkpoints), SIGINT during evaluation; then the same command finishes. One phase: two at once are the
+    dashboard's and the two-node job's tests."""
     from ptmst_ray.layout import Layout, phase_hash
     from ptmst_ray.orchestration.phases import latest_stored_state
 
@@ -276,12 +278,14 @@ def test_interrupted_driver_resumes_without_redoing_work(prepared, tmp_path):
     tag = uuid.uuid4().hex
     experts, phases = root / "experts", root / "phases"
     try:
-        # A: Ctrl-C once the first expert is stored -> exit 130, a message, no traceback, no Ray left behind
-        a = Driver(config, tag, tmp_path / "a.log")
+        # A: `experts`, Ctrl-C once the first expert is stored -> exit 130, what is kept, no traceback, no Ray left
+        a = Driver(config, tag, tmp_path / "a.log", command="experts")
         a.wait_for_any(experts, "expert_*/epoch_0008.json")  # its last epoch
         a.proc.send_signal(signal.SIGINT)
         assert a.finish(timeout=90) == 130, a.output()[-3000:]
-        assert "interrupted" in a.output() and "Traceback" not in a.output(), a.output()[-3000:]
+        said = " ".join(a.output().split())
+        assert "interrupted: finished experts and every stored epoch are kept" in said, said[-3000:]
+        assert "Traceback" not in said and "Aborted!" not in said, said[-3000:]
         assert _gone(tag, 30) == [], "the interrupted driver left Ray processes behind"
         done = {d.name for d in experts.glob("expert_*") if (d / "trajectory.json").exists()
                 and json.loads((d / "trajectory.json").read_text())["epochs"] == cfg.experts.epochs}
