@@ -76,7 +76,7 @@ def sweep_cmd(config: Optional[str] = ConfigOpt, set_: Optional[list[str]] = Set
                                                     help="Ray cluster address (default: RAY_ADDRESS, else a local Ray).")
               ) -> None:
     """Search sweep.space with Ray Tune (ASHA stops poor trials); the same command resumes; writes best.yaml."""
-    from ptmst_ray.orchestration.sweep import SweepError, SweepInterrupted, param_count, run_sweep, validate_sweep
+    from ptmst_ray.orchestration.sweep import SweepError, SweepInterrupted, grid_trials, run_sweep, validate_sweep
     from ptmst_ray_cli.common import RichUI, connect_ray, interrupted, library_errors, root_lease
 
     overrides = list(set_ or []) + ([f"sweep.num_samples={samples}"] if samples is not None else [])
@@ -87,7 +87,7 @@ def sweep_cmd(config: Optional[str] = ConfigOpt, set_: Optional[list[str]] = Set
         fail(str(e), code=2)
     if samples is not None and cfg.sweep.searcher == "grid":
         fail(f"--samples {samples}: the grid searcher runs every combination of sweep.space once "
-             f"({param_count(cfg)} trials here); --samples counts the trials of the random and model-based searchers "
+             f"({grid_trials(cfg)} trials here); --samples counts the trials of the random and model-based searchers "
              "(--set sweep.searcher=random)")
     with root_lease(cfg, "sweep"):
         connect_ray(cfg, address)

@@ -239,7 +239,7 @@ def param_space(cfg: Config) -> tuple[dict[str, Any], int]:
     return space, (1 if sweep.searcher == "grid" else sweep.num_samples)
 
 
-def param_count(cfg: Config) -> int:
+def grid_trials(cfg: Config) -> int:
     """The grid searcher's number of trials: the product of the space's value counts."""
     return math.prod(len(next(iter(spec.values()))) for spec in cfg.sweep.space.values())
 

@@ -39,7 +39,7 @@ def check_inputs_shared(cfg: Config, models: bool = True) -> None:
 def check(cfg: Config, warn=None, shared_inputs: bool = False, data_only: bool = False) -> None:
     """Input paths exist, the run root is writable, the model can be built as configured, and, with
     ``shared_inputs`` (the run goes to another machine's cluster), every input is a URL all nodes read.
-    With ``data_only`` (`data prepare`, `data show`) only the data's inputs and the run root: the weights and
+    With ``data_only`` (`data prepare`) only the data's inputs and the run root: the weights and
     the model may not be there yet when the data is prepared.
 
     ``warn(message)`` receives the checks' warnings (e.g. a CNN image tower at another image size);
