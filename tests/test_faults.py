@@ -290,9 +290,14 @@ def test_interrupted_driver_resumes_without_redoing_work(prepared, tmp_path):
         done = {d.name for d in experts.glob("expert_*") if (d / "trajectory.json").exists()
                 and json.loads((d / "trajectory.json").read_text())["epochs"] == cfg.experts.epochs}
         assert done and len(done) < 4, done  # 2 actors: the 4th expert had not started
-        # kept: every stored epoch (an expert cut short is continued, not retrained) and the finished experts' indexes
+        # kept: every stored epoch, i.e. one its expert's index counts (an expert cut short is continued, not
+        # retrained; a tensor file whose sidecar and count had not landed is mid-write and is written again), and
+        # the finished experts' indexes
+        counted = {d.name: json.loads((d / "trajectory.json").read_text())["epochs"]
+                   for d in experts.glob("expert_*") if (d / "trajectory.json").exists()}
         kept = {n: t for n, t in tree_files(experts).items()
-                if re.fullmatch(r"expert_\d{4}/epoch_\d{4}\.(json|safetensors)", n) or n.split("/")[0] in done}
+                if ((m := re.fullmatch(r"(expert_\d{4})/epoch_(\d{4})\.(json|safetensors)", n))
+                    and int(m.group(2)) <= counted.get(m.group(1), -1)) or n.split("/")[0] in done}
 
         # B: SIGKILL once the phase has stored its checkpoint of iteration 8 -> nothing to say, but nothing lost
         b = Driver(config, tag, tmp_path / "b.log")
