@@ -218,18 +218,19 @@ def test_data_prepare_needs_the_data_not_the_weights(tiny_flickr_dir, tmp_path, 
 
 
 def test_an_annotation_folder_without_the_split_files_says_where_they_come_from(tmp_path, monkeypatch):
-    """Karpathy's single file (dataset_flickr30k.json) where the per-split files are expected: named, with BLIP's
-    files of the same splits, before any work."""
+    """A folder with neither the per-split files nor the dataset's Karpathy file (here COCO's, under a Flickr30k
+    recipe): named, with BLIP's files of the same splits and the dataset the file there is of, before any work."""
     import json
 
     monkeypatch.setattr("ptmst_ray_cli.common.console.width", 4000)
     folder = tmp_path / "ann"
     folder.mkdir()
-    (folder / "dataset_flickr30k.json").write_text(json.dumps({"images": [], "dataset": "flickr30k"}))
+    (folder / "dataset_coco.json").write_text(json.dumps({"images": [], "dataset": "coco"}))
     result = runner.invoke(app, ["data", "prepare", "--config", "flickr30k_500", "--set", f"data.annotations={folder}",
                                  "--set", f"data.images={folder}", "--set", f"run.root={tmp_path / 'run'}"])
     assert result.exit_code == 2, result.output
     for text in ("data.annotations", "no flickr30k_train.json or flickr30k_test.json", "dataset_flickr30k.json",
-                 "sfr-vision-language-research/datasets/flickr30k_"):
+                 "sfr-vision-language-research/datasets/flickr30k_", "dataset_coco.json, which is coco's: "
+                 "set data.dataset=coco"):
         assert text in result.output, (text, result.output)
     assert not (tmp_path / "run" / "data").exists()

@@ -195,3 +195,103 @@ def test_iter_split_streams_rows_and_collects_skipped(tmp_path):
     stream = iter_split(str(tmp_path), "flickr30k", "train", skip_bad=True, skipped=skipped)
     assert not isinstance(stream, list) and next(stream).image == "a.png"
     assert [r.row for r in stream] == [2] and [s["row"] for s in skipped] == [1]
+
+
+# ---------------------------------------------------------------- Karpathy's single file (dataset_*.json)
+
+@pytest.mark.parametrize("text", [
+    '{"images": [{"a": 1}, {"b": [2, "x"]}], "dataset": "coco"}',
+    '{"dataset": "flickr30k", "info": {"images": [9]}, "images": [], "n": 12.5}',
+    ' {\n "images" : [ 1 , 2 ]\n}\n', '{"images": ["\\ud83d\\ude00 😀", "é"]}',
+])
+@pytest.mark.parametrize("chunk", [1, 2, 5, 64])
+def test_streamed_member_list_matches_json_loads(text, chunk):
+    """``key``: the list under that member of the top-level object, the other members read past (a nested
+    object's own "images" is not it), however the chunks cut the file."""
+    assert list(iter_json_list(_mem_json(text), chunk_bytes=chunk, key="images")) == json.loads(text)["images"]
+
+
+@pytest.mark.parametrize("text,error", [
+    ('[{"image": "a.png"}]', "expected a JSON object with an 'images' list, got list"),
+    ('{"dataset": "coco"}', "no 'images' list in its object"),
+    ('{"images": {"a": 1}}', "'images' is not a list"),
+    ('{"images": [1, 2] "dataset": "coco"}', None), ('{"images": [1, 2]} x', None), ('{images: [1]}', None),
+    ('{"images": [1], "n": }', None),
+])
+def test_member_list_errors_name_the_file(text, error):
+    """The malformed ones at json.loads's line and column."""
+    url = _mem_json(text)
+    if error is None:
+        with pytest.raises(json.JSONDecodeError) as ref:
+            json.loads(text)
+        error = f"malformed JSON at line {ref.value.lineno} column {ref.value.colno} "
+    with pytest.raises(DataError, match=re.escape(f"{url}: {error}")):
+        list(iter_json_list(url, chunk_bytes=3, key="images"))
+
+
+def _karpathy_image(row: dict, split: str, filepath: str | None = None) -> dict:
+    """A Karpathy entry (its layout in dataset_flickr30k.json / dataset_coco.json) of a BLIP val/test row."""
+    folder, name = row["image"].rsplit("/", 1)
+    image = {"filename": name, "imgid": 0, "split": split, "sentids": [0],
+             "sentences": [{"tokens": c.lower().split(), "raw": c, "imgid": 0, "sentid": 0} for c in row["caption"]]}
+    if filepath is not None:
+        image["filepath"] = filepath
+    return image
+
+
+def test_karpathy_file_gives_blip_rows(flickr30k, tmp_path):
+    """Karpathy's file split as BLIP's per-split files are: train = train + restval, a caption a row; val and test
+    an image a row with its captions; the path filepath/filename; captions normalised as BLIP's."""
+    test = json.load(open(f"{flickr30k}/flickr30k_test.json"))[:5]
+    val = json.load(open(f"{flickr30k}/flickr30k_val.json"))[:6]
+    images = ([_karpathy_image(r, "test", "test2014") for r in test] + [_karpathy_image(val[0], "val")]
+              + [_karpathy_image(r, s) for r, s in zip(val[1:], ["train", "restval", "train", "restval", "val"])])
+    folder = tmp_path / "ann"
+    folder.mkdir()
+    (folder / "dataset_coco.json").write_text(json.dumps({"images": images, "dataset": "coco"}))
+    d = str(folder)
+
+    got = read_split(d, "coco", "test")
+    assert got.url.endswith("dataset_coco.json") and not got.skipped
+    assert [(r.row, r.image, r.captions) for r in got.rows] == [
+        (j, "test2014/" + r["image"].rsplit("/", 1)[1], [blip_pre_caption(c, 30) for c in r["caption"]])
+        for j, r in enumerate(test)]
+    assert [(r.row, r.image) for r in read_split(d, "coco", "val").rows] == [
+        (5, val[0]["image"].rsplit("/", 1)[1]), (10, val[5]["image"].rsplit("/", 1)[1])]
+    train = read_split(d, "coco", "train")
+    assert all(isinstance(r, PairRow) for r in train.rows)
+    assert [(r.row, r.image, r.caption) for r in train.rows] == [
+        (6 + k, val[1 + k]["image"].rsplit("/", 1)[1], blip_pre_caption(c, 30))
+        for k in range(4) for c in val[1 + k]["caption"]]
+    assert len(list(iter_split(d, "coco", "train", max_rows=7))) == 7  # caption rows, as a per-split file's
+    # a per-split file beside it is read, not Karpathy's
+    (folder / "coco_karpathy_test.json").write_text(json.dumps(test[:2]))
+    assert len(read_split(d, "coco", "test").rows) == 2
+
+
+def test_karpathy_bad_entries_named_by_their_index(tmp_path):
+    good = {"filename": "a.jpg", "split": "train", "sentences": [{"raw": "A dog."}]}
+    images = [good, {"filename": "b.jpg", "split": "train", "sentences": []}, "c.jpg",
+              {"filename": "d.jpg", "sentences": [{"raw": "x"}]}, {**good, "sentences": [{"tokens": ["x"]}]},
+              {**good, "split": "test"}, {**good, "filename": "e.jpg"}]
+    url = _write(tmp_path, "dataset_flickr30k.json", {"images": images})
+    with pytest.raises(DataError, match=re.escape(f"{url}: row 1 (images[1]): 'sentences' must be a non-empty")):
+        read_split(str(tmp_path), "flickr30k", "train")
+    ann = read_split(str(tmp_path), "flickr30k", "train", skip_bad=True)
+    assert [(r.row, r.image, r.caption) for r in ann.rows] == [(0, "a.jpg", "a dog"), (6, "e.jpg", "a dog")]
+    assert [s["row"] for s in ann.skipped] == [1, 2, 3, 4]
+    assert [s["reason"].split(" ")[0] for s in ann.skipped] == ["'sentences'", "expected", "missing", "'sentences'[0]"]
+    with pytest.raises(DataError, match=r"no usable rows of split val \(images whose 'split' is val\)"):
+        read_split(str(tmp_path), "flickr30k", "val", skip_bad=True)
+
+
+def test_missing_annotations_takes_karpathy_file_and_names_the_other_dataset(tmp_path):
+    from ptmst_ray.data.annotations import missing_annotations
+
+    (tmp_path / "dataset_flickr30k.json").write_text('{"images": []}')
+    assert missing_annotations("flickr30k", str(tmp_path)) is None
+    coco = missing_annotations("coco", str(tmp_path))
+    assert "no coco_karpathy_train.json or coco_karpathy_test.json" in coco and "dataset_coco.json" in coco
+    assert "dataset_flickr30k.json, which is flickr30k's: set data.dataset=flickr30k" in coco
+    own = missing_annotations("karpathy", str(tmp_path))
+    assert "no train.json or test.json" in own and "set data.dataset=flickr30k" in own

@@ -72,6 +72,41 @@ def test_data_of_your_own_reads_train_val_test_json(tiny_flickr_dir, tmp_path):
         a, b = load_split(str(tmp_path / "bench"), split), load_split(str(tmp_path / "mine"), split)
         assert torch.equal(a.images, b.images) and a.captions == b.captions
 
+def test_karpathy_single_file_prepares_as_the_per_split_files(tiny_flickr_dir, tmp_path):
+    """Karpathy's dataset_flickr30k.json (images split test / val / train / restval; paths the file names) prepares
+    the same splits as BLIP's per-split files written by hand from the same rows (train = train + restval)."""
+    rows = {s: json.loads((tiny_flickr_dir / f"flickr30k_{s}.json").read_text()) for s in ("test", "val")}
+    name = lambda r: r["image"].rsplit("/", 1)[1]  # noqa: E731
+    splits = [("test", r) for r in rows["test"]] + [
+        ("val" if k < 4 else "train" if k < 8 else "restval", r) for k, r in enumerate(rows["val"])]
+    karpathy, blip = tmp_path / "karpathy", tmp_path / "blip"
+    karpathy.mkdir(), blip.mkdir()
+    (karpathy / "dataset_flickr30k.json").write_text(json.dumps({"dataset": "flickr30k", "images": [
+        {"filename": name(r), "imgid": j, "split": s, "sentences": [{"raw": c, "tokens": c.split()} for c in r["caption"]]}
+        for j, (s, r) in enumerate(splits)]}))
+    (blip / "flickr30k_test.json").write_text(json.dumps([{"image": name(r), "caption": r["caption"]}
+                                                          for s, r in splits if s == "test"]))
+    (blip / "flickr30k_val.json").write_text(json.dumps([{"image": name(r), "caption": r["caption"]}
+                                                         for s, r in splits if s == "val"]))
+    (blip / "flickr30k_train.json").write_text(json.dumps([{"image": name(r), "caption": c} for s, r in splits
+                                                           if s in ("train", "restval") for c in r["caption"]]))
+    images = str(tiny_flickr_dir / "flickr30k-images")
+    got, ref = (prepare.prepare_dataset(DataConfig(dataset="flickr30k", annotations=str(d), images=images,
+                                                   image_size=16, shard_rows=5), str(tmp_path / d.name / "out"))
+                for d in (karpathy, blip))
+    assert set(got["splits"]) == set(ref["splits"]) == {"train", "val", "test"}
+    assert [got["splits"][s]["rows"] for s in ("train", "val", "test")] == [40, 4, 12]
+    for split in ("train", "val", "test"):
+        a, b = (load_split(str(tmp_path / d.name / "out"), split) for d in (karpathy, blip))
+        assert torch.equal(a.images, b.images) and a.captions == b.captions and a.image_ids == b.image_ids, split
+        if split == "train":
+            assert torch.equal(a.image_index, b.image_index)
+        else:
+            assert torch.equal(a.txt2img, b.txt2img)
+        manifest = storage.read_manifest(str(tmp_path / "karpathy" / "out" / split))
+        assert manifest["source"].endswith("dataset_flickr30k.json")
+
+
 def test_rerun_skips_and_settings_change_redoes(tiny_flickr_dir, tmp_path, monkeypatch):
     cfg = _flickr_cfg(tiny_flickr_dir)
     out = str(tmp_path / "test")

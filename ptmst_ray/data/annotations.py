@@ -9,7 +9,9 @@ incrementally (:func:`iter_annotations`), so a reader's memory does not grow wit
 
 Format: ``<name>_train.json`` is a list of ``{"image": relative_path, "caption": str, ...}``
 (one row per caption); ``<name>_val.json`` / ``<name>_test.json`` are lists of
-``{"image": relative_path, "caption": [str, ...]}`` (one row per image).
+``{"image": relative_path, "caption": [str, ...]}`` (one row per image). Where a Flickr30k or COCO folder has
+no per-split file, Karpathy's single file of the dataset (``dataset_flickr30k.json``, ``dataset_coco.json``) is
+read instead, split by its images' ``split`` field into the same rows (:data:`KARPATHY_FILES`).
 """
 
 from __future__ import annotations
@@ -74,16 +76,45 @@ paper's code) takes: ``flickr30k_{train,val,test}.json``, ``coco_karpathy_{train
 REQUIRED_SPLITS = ("train", "test")
 """The annotation files a run needs (val is used where present; pretrain is the built-in data's)."""
 
+KARPATHY_FILES = {"flickr30k": "dataset_flickr30k.json", "coco": "dataset_coco.json"}
+"""Karpathy's single file of each split set, ``{"images": [{"filepath"?, "filename", "split", "sentences":
+[{"raw": caption}, ...]}, ...]}``: read when the folder has no per-split file. A split's rows are its images'
+(train: Karpathy's ``train`` and ``restval``, as in BLIP's train files), the image path ``filepath/filename``
+(COCO: ``val2014/COCO_val2014_....jpg``; Flickr30k: the file name), the captions the sentences' ``raw`` text; a
+row number in an error is the image's index in ``images``."""
 
-def missing_annotations(dataset: str, folder: str) -> str | None:
-    """What is wrong with ``folder`` as ``dataset``'s annotation folder (a required split's file missing), with
-    where the files come from; None when every required file is there."""
-    names = [annotation_name(dataset, split) for split in REQUIRED_SPLITS]
-    missing = [n for n in names if not storage.exists(storage.join(folder, n))]
+KARPATHY_SPLITS = {"train": ("train", "restval"), "val": ("val",), "test": ("test",)}
+
+
+def annotation_source(folder: str, dataset: str, split: str) -> str | None:
+    """The file ``split`` is read from: its per-split file when ``folder`` has it, else the dataset's Karpathy
+    file (:data:`KARPATHY_FILES`) when the folder has that; None when neither is there."""
+    url = storage.join(folder, annotation_name(dataset, split))
+    if storage.exists(url):
+        return url
+    if dataset in KARPATHY_FILES and split in KARPATHY_SPLITS:
+        url = storage.join(folder, KARPATHY_FILES[dataset])
+        if storage.exists(url):
+            return url
+    return None
+
+
+def is_karpathy_file(url: str) -> bool:
+    """True for Karpathy's single file of a split set (read by its images' split field)."""
+    return url.rstrip("/").rsplit("/", 1)[-1] in KARPATHY_FILES.values()
+
+
+def missing_annotations(dataset: str, folder: str, splits: tuple[str, ...] = REQUIRED_SPLITS) -> str | None:
+    """What is wrong with ``folder`` as ``dataset``'s annotation folder (the file of one of ``splits`` missing),
+    with where the files come from; None when every one is there."""
+    names = [annotation_name(dataset, split) for split in splits]
+    missing = [n for n, split in zip(names, splits) if annotation_source(folder, dataset, split) is None]
     if not missing:
         return None
-    where = {"flickr30k": f"BLIP's files of the Karpathy splits, {BLIP_ANNOTATIONS}flickr30k_{{train,val,test}}.json",
-             "coco": f"BLIP's files of the Karpathy splits, {BLIP_ANNOTATIONS}coco_karpathy_{{train,val,test}}.json",
+    where = {"flickr30k": f"BLIP's files of the Karpathy splits, {BLIP_ANNOTATIONS}flickr30k_{{train,val,test}}.json"
+                          f", or Karpathy's {KARPATHY_FILES['flickr30k']}",
+             "coco": f"BLIP's files of the Karpathy splits, {BLIP_ANNOTATIONS}coco_karpathy_{{train,val,test}}.json"
+                     f", or Karpathy's {KARPATHY_FILES['coco']}",
              "karpathy": "train.json and test.json of your own (README, 'Data of your own')"}.get(dataset)
     text = f"{folder} has no {' or '.join(missing)}"
     if where:
@@ -93,8 +124,10 @@ def missing_annotations(dataset: str, folder: str) -> str | None:
     except (OSError, storage.StorageError):
         karpathy = []
     if karpathy:
-        text += (f"; it holds Karpathy's single-file {karpathy[0]}, which this reader does not take: it reads the "
-                 f"per-split files ({', '.join(names)}), one row per caption in train")
+        other = [d for d, n in KARPATHY_FILES.items() if n == karpathy[0]]
+        text += (f"; it holds Karpathy's {karpathy[0]}, "
+                 + (f"which is {other[0]}'s: set data.dataset={other[0]}" if other else
+                    f"which is read only as {' or '.join(KARPATHY_FILES.values())} (data.dataset flickr30k or coco)"))
     return text
 
 
@@ -147,11 +180,12 @@ _FIRST_CHAR_TYPES = {"{": "dict", '"': "str", "t": "bool", "f": "bool", "n": "No
 
 class _JsonListReader:
     """Yields the items of the JSON list in a file one at a time (``json.JSONDecoder.raw_decode`` over a
-    sliding text buffer), so the file is never held whole. Errors are :class:`DataError` naming the file,
-    with the line and column of the problem as ``json.loads`` would report them."""
+    sliding text buffer), so the file is never held whole; with ``key``, the list is that member of the file's
+    top-level object (the object's other members are read and dropped). Errors are :class:`DataError` naming the
+    file, with the line and column of the problem as ``json.loads`` would report them."""
 
-    def __init__(self, url: str, chunk_bytes: int):
-        self.url, self.chunk_bytes = url, chunk_bytes
+    def __init__(self, url: str, chunk_bytes: int, key: str | None = None):
+        self.url, self.chunk_bytes, self.key = url, chunk_bytes, key
         self.buf, self.pos, self.eof = "", 0, False
         self.line, self.col = 1, 0  # line of buf[0] and characters before buf[0] on that line
         self._decoder = json.JSONDecoder()
@@ -218,12 +252,54 @@ class _JsonListReader:
         first = self._peek()
         if first == "\ufeff":
             raise self._malformed("Unexpected UTF-8 BOM; save the file as UTF-8 without a BOM", self.pos)
-        if first != "[":
-            if first in _FIRST_CHAR_TYPES or first == "-" or first.isdigit():
-                kind = _FIRST_CHAR_TYPES.get(first, "number")
-                raise DataError(f"{self.url}: expected a JSON list of rows, got {kind}; "
+        want = "[" if self.key is None else "{"
+        if first != want:
+            if first and (first in _FIRST_CHAR_TYPES or first in "[-" or first.isdigit()):
+                kind = "list" if first == "[" else _FIRST_CHAR_TYPES.get(first, "number")
+                raise DataError(f"{self.url}: expected " + ("a JSON list of rows" if self.key is None else
+                                f"a JSON object with an {self.key!r} list") + f", got {kind}; "
                                 "is this a Karpathy/BLIP annotation file?")
             raise self._malformed("Expecting value", self.pos)
+        if self.key is None:
+            yield from self._list()
+        else:
+            yield from self._member_list()
+        if self._peek() != "":
+            raise self._malformed("Extra data", self.pos)
+
+    def _member_list(self) -> Iterator[Any]:
+        """The items of the top-level object's ``key`` list (the cursor on the object's ``{``)."""
+        self.pos += 1
+        found = False
+        if self._peek() == "}":
+            self.pos += 1
+        else:
+            while True:
+                if self._peek() != '"':
+                    raise self._malformed("Expecting property name enclosed in double quotes", self.pos)
+                name = self._value()
+                if self._peek() != ":":
+                    raise self._malformed("Expecting ':' delimiter", self.pos)
+                self.pos += 1
+                if name == self.key and not found:
+                    if self._peek() != "[":
+                        raise DataError(f"{self.url}: {self.key!r} is not a list; is this Karpathy's dataset file?")
+                    found = True
+                    yield from self._list()
+                else:
+                    self._peek()
+                    self._value()
+                sep = self._peek()
+                self.pos += 1
+                if sep == "}":
+                    break
+                if sep != ",":
+                    raise self._malformed("Expecting ',' delimiter", self.pos - 1)
+        if not found:
+            raise DataError(f"{self.url}: no {self.key!r} list in its object; is this Karpathy's dataset file?")
+
+    def _list(self) -> Iterator[Any]:
+        """The items of the list whose ``[`` is at the cursor; the cursor ends after its ``]``."""
         self.pos += 1
         if self._peek() == "]":
             self.pos += 1
@@ -238,14 +314,13 @@ class _JsonListReader:
                     break
                 if sep != ",":
                     raise self._malformed("Expecting ',' delimiter", self.pos - 1)
-        if self._peek() != "":
-            raise self._malformed("Extra data", self.pos)
 
 
-def iter_json_list(url: str, chunk_bytes: int | None = None) -> Iterator[Any]:
-    """The items of the JSON list stored at ``url``, parsed incrementally (memory: about two chunks of
-    ``chunk_bytes``, default :data:`CHUNK_BYTES`, plus one item)."""
-    return iter(_JsonListReader(url, chunk_bytes or CHUNK_BYTES))
+def iter_json_list(url: str, chunk_bytes: int | None = None, key: str | None = None) -> Iterator[Any]:
+    """The items of the JSON list stored at ``url`` (with ``key``: of the list that is that member of the stored
+    object), parsed incrementally (memory: about two chunks of ``chunk_bytes``, default :data:`CHUNK_BYTES`, plus
+    one item)."""
+    return iter(_JsonListReader(url, chunk_bytes or CHUNK_BYTES, key))
 
 
 def _caption(value: Any, max_words: int, what: str) -> str:
@@ -313,11 +388,84 @@ def iter_annotations(
         raise DataError(f"{url}: no usable rows; check that this is a non-empty {kind} annotation file")
 
 
+def _karpathy_rows(image: Any, j: int, kind: str, max_words: int) -> list[PairRow] | list[EvalRow]:
+    """The rows of one entry of a Karpathy file's ``images`` (a row per sentence in train, one in val/test), or
+    ValueError with the reason."""
+    path = image.get("filename")
+    if not isinstance(path, str) or not path:
+        raise ValueError(f"'filename' must be a non-empty file name, got {path!r}")
+    folder = image.get("filepath", "")
+    if not isinstance(folder, str):
+        raise ValueError(f"'filepath' must be a folder name, got {folder!r}")
+    if folder.strip("/"):
+        path = f"{folder.strip('/')}/{path}"
+    sentences = image.get("sentences")
+    if not isinstance(sentences, list) or not sentences:
+        raise ValueError(f"'sentences' must be a non-empty list of {{'raw': caption}}, got {sentences!r}")
+    caps = []
+    for k, sentence in enumerate(sentences):
+        if not isinstance(sentence, dict) or "raw" not in sentence:
+            raise ValueError(f"'sentences'[{k}] has no 'raw' caption: {sentence!r}")
+        caps.append(_caption(sentence["raw"], max_words, f"'sentences'[{k}]['raw']"))
+    if kind == "pairs":
+        return [PairRow(j, path, c, path) for c in caps]
+    return [EvalRow(j, path, caps, path)]
+
+
+def iter_karpathy(url: str, split: str, max_words: int = 30, skip_bad: bool = False, max_rows: int | None = None,
+                  skipped: list[dict[str, Any]] | None = None) -> Iterator[PairRow | EvalRow]:
+    """Stream ``split``'s rows out of Karpathy's single file at ``url`` (:data:`KARPATHY_FILES`), in the shape
+    the split's per-split file has, parsing the file incrementally. ``max_rows`` counts the rows yielded (a
+    caption each in train); a row number (in errors and ``skipped``) is the image's index in ``images``."""
+    if split not in KARPATHY_SPLITS:
+        raise DataError(f"{url}: Karpathy's file has no split {split!r}; it has {', '.join(KARPATHY_SPLITS)}")
+    skipped = [] if skipped is None else skipped
+    wanted, kind = KARPATHY_SPLITS[split], split_kind(split)
+    used = 0
+    for j, image in enumerate(iter_json_list(url, key="images")):
+        try:
+            if not isinstance(image, dict):
+                raise ValueError(f"expected an object with 'filename', 'split' and 'sentences', "
+                                 f"got {type(image).__name__}")
+            if "split" not in image:
+                raise ValueError("missing key 'split' (train, restval, val or test)")
+            if image["split"] not in wanted:
+                continue
+            rows = _karpathy_rows(image, j, kind, max_words)
+        except ValueError as e:
+            if not skip_bad:
+                raise DataError(f"{url}: row {j} (images[{j}]): {e} (or set data.skip_bad=true to skip bad rows)"
+                                ) from None
+            skipped.append({"file": url, "row": j, "reason": str(e)})
+            continue
+        for row in rows:
+            if max_rows is not None and used >= max_rows:
+                return
+            used += 1
+            yield row
+    if not used:
+        raise DataError(f"{url}: no usable rows of split {split} (images whose 'split' is "
+                        f"{' or '.join(wanted)}); check that this is Karpathy's file of the dataset")
+
+
+def iter_file(url: str, split: str, max_words: int = 30, skip_bad: bool = False, max_rows: int | None = None,
+              skipped: list[dict[str, Any]] | None = None) -> Iterator[PairRow | EvalRow]:
+    """Stream ``split``'s rows out of the annotation file at ``url``: a per-split file, or Karpathy's single file
+    (:func:`is_karpathy_file`)."""
+    if is_karpathy_file(url):
+        return iter_karpathy(url, split, max_words, skip_bad, max_rows, skipped)
+    return iter_annotations(url, split_kind(split), max_words, skip_bad, max_rows, skipped)
+
+
+def split_url(folder: str, dataset: str, split: str) -> str:
+    """:func:`annotation_source`, or the per-split file's URL when there is none (reading it then says so)."""
+    return annotation_source(folder, dataset, split) or storage.join(folder, annotation_name(dataset, split))
+
+
 def iter_split(folder: str, dataset: str, split: str, max_words: int = 30, skip_bad: bool = False,
                max_rows: int | None = None, skipped: list[dict[str, Any]] | None = None) -> Iterator[PairRow | EvalRow]:
-    """Stream ``<folder>/<benchmark name of split>`` with the shape implied by the split name."""
-    url = storage.join(folder, annotation_name(dataset, split))
-    return iter_annotations(url, split_kind(split), max_words, skip_bad, max_rows, skipped)
+    """Stream ``split``'s rows out of ``folder`` (its per-split file, or the dataset's Karpathy file)."""
+    return iter_file(split_url(folder, dataset, split), split, max_words, skip_bad, max_rows, skipped)
 
 
 def read_annotations(url: str, kind: Literal["pairs", "eval"], max_words: int = 30, skip_bad: bool = False,
@@ -339,6 +487,9 @@ def warn_skipped(url: str, skipped: list[dict[str, Any]]) -> None:
 
 def read_split(folder: str, dataset: str, split: str, max_words: int = 30, skip_bad: bool = False,
                max_rows: int | None = None) -> Annotations:
-    """Read ``<folder>/<benchmark name of split>`` whole with the shape implied by the split name."""
-    url = storage.join(folder, annotation_name(dataset, split))
-    return read_annotations(url, split_kind(split), max_words, skip_bad, max_rows)
+    """Read ``split``'s rows out of ``folder`` whole (small files, tests, inspection; see :func:`iter_split`)."""
+    url = split_url(folder, dataset, split)
+    out = Annotations(url=url, kind=split_kind(split))
+    out.rows.extend(iter_file(url, split, max_words, skip_bad, max_rows, out.skipped))
+    warn_skipped(url, out.skipped)
+    return out

@@ -32,7 +32,8 @@ from PIL import Image
 from ptmst_ray import storage
 from ptmst_ray.config import DataConfig
 from ptmst_ray.data.annotations import (
-    DataError, EvalRow, NORMALIZATION, PairRow, annotation_name, iter_split, split_kind, warn_skipped,
+    DataError, EvalRow, NORMALIZATION, PairRow, annotation_source, iter_file, missing_annotations, split_kind,
+    warn_skipped,
 )
 
 log = logging.getLogger(__name__)
@@ -288,9 +289,9 @@ def prepare_split(cfg: DataConfig, split: str, out_dir: str, progress: Progress 
     run before any image work, and progress has a total), the second prepares the images.
     """
     ann_dir, images_dir = _source_dirs(cfg)
-    ann_url = storage.join(ann_dir, annotation_name(cfg.dataset, split))
-    if not storage.exists(ann_url):
-        raise DataError(f"{ann_url}: annotation file not found; check data.annotations (folder of the JSON files)")
+    ann_url = annotation_source(ann_dir, cfg.dataset, split)
+    if ann_url is None:
+        raise DataError(f"data.annotations: {missing_annotations(cfg.dataset, ann_dir, (split,))}")
     settings = split_settings(cfg, split, storage.hash_file(ann_url))
     chash = storage.stable_hash(settings)
     old = storage.read_manifest(out_dir)
@@ -302,7 +303,7 @@ def prepare_split(cfg: DataConfig, split: str, out_dir: str, progress: Progress 
     max_rows = cfg.max_train_rows if split == "train" else None
 
     def rows(skipped: list[dict] | None = None) -> Iterator:
-        return iter_split(ann_dir, cfg.dataset, split, cfg.max_words, cfg.skip_bad, max_rows, skipped)
+        return iter_file(ann_url, split, cfg.max_words, cfg.skip_bad, max_rows, skipped)
 
     ann_skipped: list[dict] = []
     total = sum(1 for _ in rows(ann_skipped))
@@ -338,7 +339,7 @@ def splits_to_prepare(cfg: DataConfig) -> list[str]:
         return ["train", "test", "pretrain"] + (["val"] if cfg.builtin.val_images > 0 else [])
     ann_dir, _ = _source_dirs(cfg)
     splits = ["train", "test"]
-    if storage.exists(storage.join(ann_dir, annotation_name(cfg.dataset, "val"))):
+    if annotation_source(ann_dir, cfg.dataset, "val") is not None:
         splits.append("val")
     return splits
 
