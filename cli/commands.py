@@ -266,17 +266,18 @@ def window_lines(picks: list[dict]) -> list[str]:
 def shortcut(config: Optional[str] = ConfigOpt, set_: Optional[list[str]] = SetOpt,
              address: Optional[str] = AddressOpt) -> None:
     """Compress the stored expert trajectories into the shortcut ranges the phases need."""
-    from ptmst_ray.orchestration.experts import complete_experts, run_shortcuts
+    from ptmst_ray.orchestration.experts import run_shortcuts, shortcuts_stored
     from ptmst_ray.stages import expert_lr
 
     cfg = get_run_config(config, set_, address, joins_ray=True)
     with root_lease(cfg, "shortcut"):
         try:
             cfg = expert_lr.resolved(cfg)  # experts.lr_img auto: the rate the rule picked under this root
-            complete_experts(cfg)  # before a Ray starts: nothing to compress without them
+            stored = shortcuts_stored(cfg)  # before a Ray starts: nothing to compress without experts
         except library_errors() as e:
             fail(explain(cfg, e), code=1)
-        connect_ray(cfg, address)
+        if not stored:  # every shortcut stored: the summary needs no Ray (a local one takes ~10 s to start)
+            connect_ray(cfg, address)
         try:
             out = run_shortcuts(cfg)
         except library_errors() as e:

@@ -132,8 +132,9 @@ def test_pipeline_runs_the_rule_as_a_stage_and_the_cli_reads_its_pick(auto_root,
     from ptmst_ray.orchestration import experts as orchestration_experts
     from ptmst_ray.trajectories.store import ShortcutStore, sidecar_url
 
-    with monkeypatch.context() as m:  # every shortcut is stored (the experts stage wrote them): no actor starts
+    with monkeypatch.context() as m:  # every shortcut is stored (the experts stage wrote them): no actor, no Ray
         m.setattr(orchestration_experts, "_shortcut_actor", lambda *a: pytest.fail("a shortcut actor started"))
+        m.setattr("ptmst_ray_cli.commands.connect_ray", lambda *a, **k: pytest.fail("the command joined Ray"))
         result = CliRunner().invoke(app, ["shortcut", "--config", str(config)])
     assert result.exit_code == 0, result.output
     assert f"shortcuts for {cfg.experts.num_experts} experts" in result.output and ": 0 written" in result.output

@@ -278,7 +278,7 @@ class Compressor:
         if self.held:
             raise StageError(f"range_end auto: expert {windows.EXPERT} is not among the stored experts, and the "
                              f"windows' rule reads it; train the experts first (`ptmst-ray experts`)")
-        written = sum(len(ranges) for ranges in ray.get(self.refs))
+        written = sum(len(ranges) for ranges in ray.get(self.refs)) if self.refs else 0  # none: Ray not needed
         if self.actor is not None:
             ray.kill(self.actor)
         return written
@@ -325,9 +325,16 @@ def complete_experts(cfg: Config) -> list[int]:
     return ids
 
 
+def shortcuts_stored(cfg: Config) -> bool:
+    """True when every complete expert's shortcut of every range the phases need is stored (the range ends picked):
+    :func:`run_shortcuts` then writes nothing and needs no Ray."""
+    cfg = windows.resolved(cfg)
+    return not windows.is_auto(cfg) and not any(missing_shortcuts(cfg, i) for i in complete_experts(cfg))
+
+
 def run_shortcuts(cfg: Config) -> dict:
     """`ptmst-ray shortcut`: compress every complete expert for the configured ranges (a range end auto: picked by
-    the windows' rule first; no actor starts when every shortcut is stored)."""
+    the windows' rule first; no actor starts, and Ray is not used, when every shortcut is stored)."""
     ids = complete_experts(cfg)
     compressor = Compressor(windows.resolved(cfg))
     for i in ids:
