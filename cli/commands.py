@@ -228,7 +228,7 @@ def experts(config: Optional[str] = ConfigOpt, set_: Optional[list[str]] = SetOp
     With experts.lr_img auto the learning-rate rule's probe experts run first (one per experts.lr_candidates); with
     a phase's range_end auto the windows' rule picks it from expert 0 before any shortcut is written."""
     from ptmst_ray.layout import rebuild as rebuild_stage
-    from ptmst_ray.orchestration.experts import run_expert_lr, run_experts
+    from ptmst_ray.orchestration.experts import experts_stored, run_expert_lr, run_experts, stored_experts_summary
     from ptmst_ray.orchestration.runtime import make_poll, progress_board
 
     cfg = get_run_config(config, set_, address, joins_ray=True)
@@ -237,14 +237,16 @@ def experts(config: Optional[str] = ConfigOpt, set_: Optional[list[str]] = SetOp
             _ready_for_experts(cfg)
             if rebuild:  # the same as `run --rebuild experts`: later stages were computed from these experts
                 rebuild_stage(cfg, "experts")
-            connect_ray(cfg, address)
-            with progress_bars() as progress:
-                ui = RichUI(progress)
-                board = progress_board()
-                poll = make_poll(board, ui)
-                cfg, _ = run_expert_lr(cfg, board, poll)  # experts.lr_img auto: the rule first
-                out = run_experts(cfg, board, poll)
-                poll(force=True)  # the last lines before the summary
+            if experts_stored(cfg):  # nothing to train or write: the summary needs no Ray (~10 s to start one)
+                out = stored_experts_summary(cfg)
+            else:
+                connect_ray(cfg, address)
+                with progress_bars() as progress:
+                    board = progress_board()
+                    poll = make_poll(board, RichUI(progress))
+                    cfg, _ = run_expert_lr(cfg, board, poll)  # experts.lr_img auto: the rule first
+                    out = run_experts(cfg, board, poll)
+                    poll(force=True)  # the last lines before the summary
         except library_errors() as e:
             fail(explain(cfg, e), code=1)
         except KeyboardInterrupt:

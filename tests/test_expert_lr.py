@@ -136,12 +136,17 @@ def test_pipeline_runs_the_rule_as_a_stage_and_the_cli_reads_its_pick(auto_root,
         m.setattr(orchestration_experts, "_shortcut_actor", lambda *a: pytest.fail("a shortcut actor started"))
         m.setattr("ptmst_ray_cli.commands.connect_ray", lambda *a, **k: pytest.fail("the command joined Ray"))
         result = CliRunner().invoke(app, ["shortcut", "--config", str(config)])
-    assert result.exit_code == 0, result.output
-    assert f"shortcuts for {cfg.experts.num_experts} experts" in result.output and ": 0 written" in result.output
+        assert result.exit_code == 0, result.output
+        assert f"shortcuts for {cfg.experts.num_experts} experts" in result.output and ": 0 written" in result.output
+        result = CliRunner().invoke(app, ["experts", "--config", str(config)])  # nor for the experts
+        assert result.exit_code == 0, result.output
+        assert f"experts: 0 trained, {cfg.experts.num_experts} already complete" in result.output, result.output
     shortcuts = ShortcutStore(Layout.of(out).shortcuts)
+    assert orchestration_experts.experts_stored(cfg)
     for a, b in needed_ranges(out):  # expert 1's shortcuts gone: those alone are written again
         for url in (shortcuts.url(a, b, 1), sidecar_url(shortcuts.url(a, b, 1))):
             storage.remove(url)
+    assert not orchestration_experts.experts_stored(cfg)
     result = CliRunner().invoke(app, ["shortcut", "--config", str(config)])
     assert result.exit_code == 0 and f": {len(needed_ranges(out))} written" in result.output, result.output
     assert shortcuts.complete_ids(*needed_ranges(out)[0], experts_hash(out)) == list(range(cfg.experts.num_experts))

@@ -208,6 +208,23 @@ def _actor_options(cfg: Config, n_actors: int) -> dict:
     return {"num_cpus": cluster_info().cpu_share(n_actors), **memory}
 
 
+def experts_stored(cfg: Config) -> bool:
+    """True when the learning-rate rule has picked (``experts.lr_img: auto``) and every expert of the config is
+    stored with its shortcuts: :func:`run_expert_lr` and :func:`run_experts` would do nothing, and a command can
+    say so without Ray (:func:`stored_experts_summary`)."""
+    if expert_lr.missing(cfg):
+        return False
+    cfg = expert_lr.resolved(cfg)
+    return (not expert_store(cfg).missing_ids(cfg.experts.num_experts, experts_hash(cfg), cfg.experts.epochs)
+            and shortcuts_stored(cfg))
+
+
+def stored_experts_summary(cfg: Config) -> dict:
+    """What :func:`run_experts` returns when :func:`experts_stored`, found without Ray."""
+    return {"trained": 0, "skipped": cfg.experts.num_experts, "actor_restarts": 0, "shortcuts_written": 0,
+            "windows": windows.picks(cfg)}
+
+
 def run_experts(cfg: Config, board=None, poll: Poll | None = None) -> dict:
     """Train every missing expert and compress every expert into shortcuts (a range end auto: the windows' rule picks
     it from expert 0 first); returns counts and the rule's picks (:func:`~ptmst_ray.stages.windows.picks`)."""
