@@ -300,7 +300,7 @@ def eval_(config: Optional[str] = ConfigOpt, set_: Optional[list[str]] = SetOpt,
 
     The seeds an earlier evaluation scored from the same inputs (eval/scores/) are reused, the rest trained."""
     from ptmst_ray.layout import Layout
-    from ptmst_ray.orchestration.pipeline import evaluate
+    from ptmst_ray.orchestration.pipeline import evaluate, scores_stored
     from ptmst_ray.orchestration.runtime import make_poll, progress_board
     from ptmst_ray.stages import expert_lr, windows
     from ptmst_ray.stages.score import check_stored_sets
@@ -321,12 +321,15 @@ def eval_(config: Optional[str] = ConfigOpt, set_: Optional[list[str]] = SetOpt,
             cfg = windows.resolved(cfg)  # range_end auto: the ends the windows' rule picked under this root
             check_stored_sets(cfg, list(method))  # before data, pretraining and a Ray: nothing to score without them
             _ready_for_experts(cfg)
-            connect_ray(cfg, address)
-            with progress_bars() as progress:
-                board = progress_board()
-                poll = make_poll(board, RichUI(progress))
-                results = evaluate(cfg, list(method), board, poll)
-                poll(force=True)  # the last lines before the table
+            if scores_stored(cfg, list(method)):  # every score stored: the table needs no Ray (~10 s to start one)
+                results = evaluate(cfg, list(method), None, None)
+            else:
+                connect_ray(cfg, address)
+                with progress_bars() as progress:
+                    board = progress_board()
+                    poll = make_poll(board, RichUI(progress))
+                    results = evaluate(cfg, list(method), board, poll)
+                    poll(force=True)  # the last lines before the table
         except library_errors() as e:
             fail(explain(cfg, e), code=1)
         except KeyboardInterrupt:

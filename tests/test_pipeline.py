@@ -393,10 +393,12 @@ def test_evaluation_keeps_each_score_and_reuses_it_for_the_same_inputs(ready_roo
     out = tmp_path / "new" / "folder" / "scores.json"
     runner = CliRunner()
     ok = runner.invoke(app, ["eval", "--config", str(config), "-m", "random", "--json", str(out)])
+    # (seed 0 computed again: the score stored for it is `other`'s, of 2 epochs)
     assert ok.exit_code == 0 and json.loads(out.read_text())["methods"]["random"]["seeds"] == 3, ok.output
     out.unlink()
     out.mkdir()  # a folder where the file should go
-    _refuse(monkeypatch)
+    _refuse(monkeypatch)  # every score is stored now: no student, and no Ray joined
+    monkeypatch.setattr("ptmst_ray_cli.commands.connect_ray", lambda *a, **k: pytest.fail("the command joined Ray"))
     bad = runner.invoke(app, ["eval", "--config", str(config), "-m", "random", "--json", str(out)])
     text = " ".join(bad.output.split())
     assert bad.exit_code == 1 and f"--json {out}: cannot write it" in text, text

@@ -220,10 +220,16 @@ def _score_on_gpus(cfg: Config, todo: list[tuple[str, int]], options: dict, boar
             ray.kill(actor)
 
 
+def scores_stored(cfg: Config, methods: list[str]) -> bool:
+    """True when an earlier evaluation stored every (method, seed) score from the same inputs: :func:`evaluate`
+    then trains no student and uses no Ray."""
+    return all(stored_score(cfg, m, s) is not None for m in methods for s in range(cfg.eval.seeds))
+
+
 def evaluate(cfg: Config, methods: list[str], board, poll: Poll | None) -> dict:
     """Every (method, seed) student but those whose scores an earlier evaluation stored from the same inputs
     (``stages.score.score_key``: those are reused, marked ``reused``): one Ray task each on CPUs, a pool of
-    :class:`ScoreActor` on GPUs; results.json's scores."""
+    :class:`ScoreActor` on GPUs; results.json's scores. Ray is used only when a score is to compute."""
     pairs = [(m, s) for m in methods for s in range(cfg.eval.seeds)]
     stored = {(m, s): run for m, s in pairs if (run := stored_score(cfg, m, s)) is not None}
     for (m, s), run in stored.items():
@@ -232,9 +238,11 @@ def evaluate(cfg: Config, methods: list[str], board, poll: Poll | None) -> dict:
     if stored:
         log.info("evaluation: %d of %d (method, seed) scores reused, stored by an earlier evaluation of the same "
                  "inputs under %s; %d to compute", len(stored), len(pairs), Layout.of(cfg).eval, len(todo))
-    options = score_resources(cfg)
+    options = score_resources(cfg) if todo else {}
     if todo and options.get("num_gpus"):
         computed = _score_on_gpus(cfg, todo, options, board, poll)
+    elif not todo:
+        computed = {}
     else:
         refs = [_score_task.options(name=f"eval {m} seed {s}", **options).remote(cfg.to_dict(), m, s, board)
                 for m, s in todo]
