@@ -293,5 +293,12 @@ def test_missing_annotations_takes_karpathy_file_and_names_the_other_dataset(tmp
     coco = missing_annotations("coco", str(tmp_path))
     assert "no coco_karpathy_train.json or coco_karpathy_test.json" in coco and "dataset_coco.json" in coco
     assert "dataset_flickr30k.json, which is flickr30k's: set data.dataset=flickr30k" in coco
+    assert missing_annotations("karpathy", str(tmp_path)) is None  # data of your own in Karpathy's layout
+    (tmp_path / "dataset_flickr8k.json").write_text('{"images": []}')
     own = missing_annotations("karpathy", str(tmp_path))
-    assert "no train.json or test.json" in own and "set data.dataset=flickr30k" in own
+    assert "no train.json or test.json" in own, own
+    assert "it holds dataset_flickr30k.json, dataset_flickr8k.json: data.dataset karpathy reads such a file when it " \
+           "is the only one" in own, own
+    assert missing_annotations("flickr30k", str(tmp_path)) is None
+    (tmp_path / "dataset_flickr30k.json").unlink()
+    assert "dataset_flickr8k.json, which data.dataset=karpathy reads" in missing_annotations("flickr30k", str(tmp_path))

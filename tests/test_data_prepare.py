@@ -107,6 +107,22 @@ def test_karpathy_single_file_prepares_as_the_per_split_files(tiny_flickr_dir, t
         assert manifest["source"].endswith("dataset_flickr30k.json")
 
 
+def test_data_of_your_own_in_karpathys_layout_without_val(tiny_flickr_dir, tmp_path):
+    """`data.dataset: karpathy` reads a folder's one file in Karpathy's layout (here named as his Flickr8k file);
+    without val images it prepares train and test alone, as data of your own without val.json."""
+    rows = json.loads((tiny_flickr_dir / "flickr30k_test.json").read_text())
+    own = tmp_path / "own"
+    own.mkdir()
+    (own / "dataset_flickr8k.json").write_text(json.dumps({"images": [
+        {"filename": r["image"], "split": "test" if k < 4 else "train", "sentences": [{"raw": c} for c in r["caption"]]}
+        for k, r in enumerate(rows)]}))
+    m = prepare.prepare_dataset(DataConfig(dataset="karpathy", annotations=str(own), images=str(tiny_flickr_dir),
+                                           image_size=16, shard_rows=5), str(tmp_path / "out"))
+    assert set(m["splits"]) == {"train", "test"}
+    assert [m["splits"][s]["rows"] for s in ("train", "test")] == [5 * (len(rows) - 4), 4]
+    assert load_split(str(tmp_path / "out"), "test").image_ids == [r["image"] for r in rows[:4]]
+
+
 def test_rerun_skips_and_settings_change_redoes(tiny_flickr_dir, tmp_path, monkeypatch):
     cfg = _flickr_cfg(tiny_flickr_dir)
     out = str(tmp_path / "test")

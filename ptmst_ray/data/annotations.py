@@ -85,23 +85,49 @@ row number in an error is the image's index in ``images``."""
 
 KARPATHY_SPLITS = {"train": ("train", "restval"), "val": ("val",), "test": ("test",)}
 
+_KARPATHY_NAME = re.compile(r"dataset_[^/]*\.json")
+"""A file in Karpathy's single-file layout: his ``dataset_flickr8k.json`` and the like, read for data of your own
+(``data.dataset: karpathy``) when it is the only one in the folder."""
+
+
+def _karpathy_files(folder: str) -> list[str]:
+    """The names in ``folder`` of Karpathy's single-file layout (none when the folder cannot be listed)."""
+    try:
+        return sorted(n for n in storage.listdir(folder) if _KARPATHY_NAME.fullmatch(n))
+    except (OSError, storage.StorageError):
+        return []
+
 
 def annotation_source(folder: str, dataset: str, split: str) -> str | None:
     """The file ``split`` is read from: its per-split file when ``folder`` has it, else the dataset's Karpathy
-    file (:data:`KARPATHY_FILES`) when the folder has that; None when neither is there."""
+    file (:data:`KARPATHY_FILES`; for ``karpathy``, the folder's one ``dataset_*.json``) when the folder has that;
+    None when neither is there."""
     url = storage.join(folder, annotation_name(dataset, split))
     if storage.exists(url):
         return url
-    if dataset in KARPATHY_FILES and split in KARPATHY_SPLITS:
+    if split not in KARPATHY_SPLITS:
+        return None
+    if dataset in KARPATHY_FILES:
         url = storage.join(folder, KARPATHY_FILES[dataset])
-        if storage.exists(url):
-            return url
+        return url if storage.exists(url) else None
+    if dataset == "karpathy" and len(names := _karpathy_files(folder)) == 1:
+        return storage.join(folder, names[0])
     return None
 
 
 def is_karpathy_file(url: str) -> bool:
-    """True for Karpathy's single file of a split set (read by its images' split field)."""
-    return url.rstrip("/").rsplit("/", 1)[-1] in KARPATHY_FILES.values()
+    """True for a file in Karpathy's single-file layout (read by its images' split field)."""
+    return bool(_KARPATHY_NAME.fullmatch(url.rstrip("/").rsplit("/", 1)[-1]))
+
+
+def has_split(url: str, split: str) -> bool:
+    """Whether the annotation file at ``url`` has rows of ``split``: a per-split file has; Karpathy's single file
+    when an image's split is one of the split's (read up to the first such image)."""
+    if not is_karpathy_file(url):
+        return True
+    wanted = KARPATHY_SPLITS.get(split, ())
+    return any(isinstance(image, dict) and image.get("split") in wanted
+               for image in iter_json_list(url, key="images"))
 
 
 def missing_annotations(dataset: str, folder: str, splits: tuple[str, ...] = REQUIRED_SPLITS) -> str | None:
@@ -115,19 +141,18 @@ def missing_annotations(dataset: str, folder: str, splits: tuple[str, ...] = REQ
                           f", or Karpathy's {KARPATHY_FILES['flickr30k']}",
              "coco": f"BLIP's files of the Karpathy splits, {BLIP_ANNOTATIONS}coco_karpathy_{{train,val,test}}.json"
                      f", or Karpathy's {KARPATHY_FILES['coco']}",
-             "karpathy": "train.json and test.json of your own (README, 'Data of your own')"}.get(dataset)
+             "karpathy": "train.json and test.json of your own, or one file in Karpathy's layout, dataset_*.json "
+                         "(README, 'Data of your own')"}.get(dataset)
     text = f"{folder} has no {' or '.join(missing)}"
     if where:
         text += f" ({where})"
-    try:
-        karpathy = sorted(n for n in storage.listdir(folder) if n.startswith("dataset_") and n.endswith(".json"))
-    except (OSError, storage.StorageError):
-        karpathy = []
-    if karpathy:
+    karpathy = _karpathy_files(folder)
+    if karpathy and dataset == "karpathy":
+        text += f"; it holds {', '.join(karpathy)}: data.dataset karpathy reads such a file when it is the only one"
+    elif karpathy:
         other = [d for d, n in KARPATHY_FILES.items() if n == karpathy[0]]
-        text += (f"; it holds Karpathy's {karpathy[0]}, "
-                 + (f"which is {other[0]}'s: set data.dataset={other[0]}" if other else
-                    f"which is read only as {' or '.join(KARPATHY_FILES.values())} (data.dataset flickr30k or coco)"))
+        text += (f"; it holds Karpathy's {karpathy[0]}, " + (f"which is {other[0]}'s: set data.dataset={other[0]}"
+                 if other else "which data.dataset=karpathy reads (data of your own)"))
     return text
 
 

@@ -32,8 +32,8 @@ from PIL import Image
 from ptmst_ray import storage
 from ptmst_ray.config import DataConfig
 from ptmst_ray.data.annotations import (
-    DataError, EvalRow, NORMALIZATION, PairRow, annotation_source, iter_file, missing_annotations, split_kind,
-    warn_skipped,
+    DataError, EvalRow, NORMALIZATION, PairRow, annotation_source, has_split, iter_file, missing_annotations,
+    split_kind, warn_skipped,
 )
 
 log = logging.getLogger(__name__)
@@ -333,13 +333,13 @@ def prepare_split(cfg: DataConfig, split: str, out_dir: str, progress: Progress 
 
 
 def splits_to_prepare(cfg: DataConfig) -> list[str]:
-    """train and test; val when its file exists (the built-in dataset: when ``builtin.val_images`` > 0);
-    pretrain for the built-in dataset."""
+    """train and test; val when its file exists (Karpathy's single file: when it has val images; the built-in
+    dataset: when ``builtin.val_images`` > 0); pretrain for the built-in dataset."""
     if cfg.dataset == "builtin":
         return ["train", "test", "pretrain"] + (["val"] if cfg.builtin.val_images > 0 else [])
     ann_dir, _ = _source_dirs(cfg)
     splits = ["train", "test"]
-    if annotation_source(ann_dir, cfg.dataset, "val") is not None:
+    if (val := annotation_source(ann_dir, cfg.dataset, "val")) is not None and has_split(val, "val"):
         splits.append("val")
     return splits
 
