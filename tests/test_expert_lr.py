@@ -143,6 +143,9 @@ def test_pipeline_runs_the_rule_as_a_stage_and_the_cli_reads_its_pick(auto_root,
         assert f"experts: 0 trained, {cfg.experts.num_experts} already complete" in result.output, result.output
     shortcuts = ShortcutStore(Layout.of(out).shortcuts)
     assert orchestration_experts.experts_stored(cfg)
+    # with a range end auto too, the summary reads the windows' picks under the rule's rate (none picked here)
+    auto_end = cfg.replace(phases=[{**dataclasses.asdict(cfg.phases[0]), "range_end": "auto"}])
+    assert orchestration_experts.stored_experts_summary(auto_end)["windows"] == []
     for a, b in needed_ranges(out):  # expert 1's shortcuts gone: those alone are written again
         for url in (shortcuts.url(a, b, 1), sidecar_url(shortcuts.url(a, b, 1))):
             storage.remove(url)

@@ -220,9 +220,10 @@ def experts_stored(cfg: Config) -> bool:
 
 
 def stored_experts_summary(cfg: Config) -> dict:
-    """What :func:`run_experts` returns when :func:`experts_stored`, found without Ray."""
+    """What :func:`run_experts` returns when :func:`experts_stored`, found without Ray (``cfg`` as configured: the
+    learning-rate rule's pick is read here, which the windows' picks are stored under)."""
     return {"trained": 0, "skipped": cfg.experts.num_experts, "actor_restarts": 0, "shortcuts_written": 0,
-            "windows": windows.picks(cfg)}
+            "windows": windows.picks(expert_lr.resolved(cfg))}
 
 
 def run_experts(cfg: Config, board=None, poll: Poll | None = None) -> dict:
