@@ -238,15 +238,15 @@ def evaluate(cfg: Config, methods: list[str], board, poll: Poll | None) -> dict:
     if stored:
         log.info("evaluation: %d of %d (method, seed) scores reused, stored by an earlier evaluation of the same "
                  "inputs under %s; %d to compute", len(stored), len(pairs), Layout.of(cfg).eval, len(todo))
-    options = score_resources(cfg) if todo else {}
-    if todo and options.get("num_gpus"):
-        computed = _score_on_gpus(cfg, todo, options, board, poll)
-    elif not todo:
-        computed = {}
-    else:
-        refs = [_score_task.options(name=f"eval {m} seed {s}", **options).remote(cfg.to_dict(), m, s, board)
-                for m, s in todo]
-        computed = dict(zip(todo, wait_all(refs, poll)))
+    computed = {}
+    if todo:
+        options = score_resources(cfg)
+        if options.get("num_gpus"):
+            computed = _score_on_gpus(cfg, todo, options, board, poll)
+        else:
+            refs = [_score_task.options(name=f"eval {m} seed {s}", **options).remote(cfg.to_dict(), m, s, board)
+                    for m, s in todo]
+            computed = dict(zip(todo, wait_all(refs, poll)))
     runs = [stored[p] if p in stored else computed[p] for p in pairs]
     results = summarise(runs, cfg)
     results["runs"] = runs
