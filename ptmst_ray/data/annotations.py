@@ -294,51 +294,52 @@ class _JsonListReader:
 
     def _member_list(self) -> Iterator[Any]:
         """The items of the top-level object's ``key`` list (the cursor on the object's ``{``)."""
-        self.pos += 1
-        found = False
-        if self._peek() == "}":
+        found, more = False, not self._open("}")
+        while more:
+            if self._peek() != '"':
+                raise self._malformed("Expecting property name enclosed in double quotes", self.pos)
+            name = self._value()
+            if self._peek() != ":":
+                raise self._malformed("Expecting ':' delimiter", self.pos)
             self.pos += 1
-        else:
-            while True:
-                if self._peek() != '"':
-                    raise self._malformed("Expecting property name enclosed in double quotes", self.pos)
-                name = self._value()
-                if self._peek() != ":":
-                    raise self._malformed("Expecting ':' delimiter", self.pos)
-                self.pos += 1
-                if name == self.key and not found:
-                    if self._peek() != "[":
-                        raise DataError(f"{self.url}: {self.key!r} is not a list; is this Karpathy's dataset file?")
-                    found = True
-                    yield from self._list()
-                else:
-                    self._peek()
-                    self._value()
-                sep = self._peek()
-                self.pos += 1
-                if sep == "}":
-                    break
-                if sep != ",":
-                    raise self._malformed("Expecting ',' delimiter", self.pos - 1)
+            if name == self.key and not found:
+                if self._peek() != "[":
+                    raise DataError(f"{self.url}: {self.key!r} is not a list; is this Karpathy's dataset file?")
+                found = True
+                yield from self._list()
+            else:
+                self._peek()  # past the whitespace before the value
+                self._value()
+            more = self._next("}")
         if not found:
             raise DataError(f"{self.url}: no {self.key!r} list in its object; is this Karpathy's dataset file?")
 
     def _list(self) -> Iterator[Any]:
         """The items of the list whose ``[`` is at the cursor; the cursor ends after its ``]``."""
+        more = not self._open("]")
+        while more:
+            if self._peek() == "":
+                raise self._malformed("Expecting value", self.pos)
+            yield self._value()
+            more = self._next("]")
+
+    def _open(self, close: str) -> bool:
+        """Step past a list's or object's opening character; True when it is empty (its ``close`` passed too)."""
         self.pos += 1
-        if self._peek() == "]":
+        if self._peek() == close:
             self.pos += 1
-        else:
-            while True:
-                if self._peek() == "":
-                    raise self._malformed("Expecting value", self.pos)
-                yield self._value()
-                sep = self._peek()
-                self.pos += 1
-                if sep == "]":
-                    break
-                if sep != ",":
-                    raise self._malformed("Expecting ',' delimiter", self.pos - 1)
+            return True
+        return False
+
+    def _next(self, close: str) -> bool:
+        """Step past the separator after an item; False at the end of the list or object (``close``)."""
+        sep = self._peek()
+        self.pos += 1
+        if sep == close:
+            return False
+        if sep != ",":
+            raise self._malformed("Expecting ',' delimiter", self.pos - 1)
+        return True
 
 
 def iter_json_list(url: str, chunk_bytes: int | None = None, key: str | None = None) -> Iterator[Any]:
