@@ -217,7 +217,7 @@ def test_max_concurrent_caps_the_distillation_runs_at_once(monkeypatch, tmp_path
     monkeypatch.setattr(orch, "resolve_accelerator", lambda cfg: cfg)
     monkeypatch.setattr(orch, "request_gpus", lambda *a, **k: None)
     monkeypatch.setattr(orch, "ensure_train_state_actor", lambda: None)
-    monkeypatch.setattr(orch, "as_completed", lambda todo, submit, slots, poll: seen.append(slots) or [])
+    monkeypatch.setattr(orch, "run_all", lambda todo, submit, slots, done, poll: seen.append(slots))
     for cap, expected in ((0, 3), (1, 1), (2, 2), (5, 3)):
         cfg = from_dict({"run": {"root": str(tmp_path / "r"), "accelerator": "cpu"},
                          "distill": {"max_concurrent": cap}})

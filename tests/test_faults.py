@@ -345,6 +345,114 @@ def test_interrupted_driver_resumes_without_redoing_work(prepared, tmp_path):
         _reap(tag)
 
 
+def _alive(address: str, class_names: set[str]) -> set[str]:
+    """Ids of the live actors of those classes on the Ray whose dashboard is ``address``."""
+    from ray.util.state import list_actors
+
+    return {a.actor_id for a in list_actors(address=address, filters=[("state", "!=", "DEAD")], limit=10_000)
+            if a.class_name in class_names}
+
+
+def _reserved_groups(address: str) -> set[str]:
+    from ray.util.state import list_placement_groups
+
+    return {g.placement_group_id for g in list_placement_groups(address=address, limit=10_000) if g.state != "REMOVED"}
+
+
+def _until(check, timeout: float = 30):
+    """``check()`` once it is truthy, else its last (falsy) value after ``timeout`` s."""
+    deadline = time.time() + timeout
+    while not (value := check()) and time.time() < deadline:
+        time.sleep(0.2)
+    return value
+
+
+@pytest.mark.ray
+def test_a_wait_loop_left_by_an_exception_cancels_the_tasks_it_waits_for(ray_session):
+    """`wait_all` stopped by Ctrl-C (a notebook's) and `run_all` left by an error of its callback: the tasks
+    still in flight are cancelled, not left running; nothing more is submitted."""
+    import collections
+
+    import ray
+    from ray.exceptions import TaskCancelledError
+
+    from ptmst_ray.orchestration.runtime import run_all, wait_all
+
+    @ray.remote(num_cpus=0)
+    def sleepy(seconds: float) -> float:
+        end = time.time() + seconds
+        while time.time() < end:  # Ray's cancel lands between two bytecodes: one long C call would not see it
+            time.sleep(0.05)
+        return seconds
+
+    def ctrl_c():
+        raise KeyboardInterrupt
+
+    refs = [sleepy.remote(1000) for _ in range(2)]
+    with pytest.raises(KeyboardInterrupt):
+        wait_all(refs, ctrl_c)
+    for ref in refs:
+        with pytest.raises(TaskCancelledError):
+            ray.get(ref, timeout=30)
+
+    submitted = []
+
+    def submit(seconds):
+        submitted.append(sleepy.remote(seconds))
+        return submitted[-1]
+
+    def failed(item, ref):
+        raise ValueError(f"the run of {ray.get(ref)} s failed")
+
+    with pytest.raises(ValueError, match="the run of 0 s failed"):
+        run_all(collections.deque([0, 1000, 1000]), submit, 2, failed)
+    assert len(submitted) == 2  # the third never started
+    with pytest.raises(TaskCancelledError):
+        ray.get(submitted[1], timeout=30)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_library_calls_stopped_in_a_notebook_end_their_actors_and_train_runs(prepared, tmp_path, ray_session):
+    """Ctrl-C in a notebook (KeyboardInterrupt from the calls' poll, the traceback kept as IPython keeps it):
+    `run_experts` ends its expert actors; `run_phases` aborts its Train run mid-phase (its controller, worker and
+    placement group go), and the same call made again resumes from the phase's checkpoint and finishes."""
+    from ptmst_ray.layout import Layout, phase_hash
+    from ptmst_ray.orchestration.experts import run_experts
+    from ptmst_ray.orchestration.phases import latest_stored_state, run_phases
+
+    def ctrl_c():
+        raise KeyboardInterrupt
+
+    root = copy_root(prepared, tmp_path / "run", parts=("data", "pretrain", "experts", "shortcuts"))
+    cfg = copy_config(prepared, root, **{"phases.0.iterations": 60, "distill.checkpoint_every": 4})
+    cfg = cfg.replace(phases=cfg.phases[:1])
+    ray_ui = ray_session.dashboard_url  # this session's Ray only (the other xdist worker runs another)
+    experts_before = _alive(ray_ui, {"ExpertActor"})
+    with pytest.raises(KeyboardInterrupt) as kept:  # experts 2 and 3 to train: their actors start
+        run_experts(cfg.replace(**{"experts.num_experts": 4}), poll=ctrl_c)
+    assert _until(lambda: not _alive(ray_ui, {"ExpertActor"}) - experts_before), "expert actors left running"
+
+    train = {"TrainController", "RayTrainWorker"}
+    train_before, groups_before = _alive(ray_ui, train), _reserved_groups(ray_ui)
+    run_dir = Layout.of(cfg).train_run(f"phase0-{phase_hash(cfg, cfg.phases[0])}")
+
+    def ctrl_c_after_a_checkpoint():
+        if (latest_stored_state(run_dir) or {}).get("iteration", 0) >= 8:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt) as kept:
+        run_phases(cfg, poll=ctrl_c_after_a_checkpoint, with_baseline=False)
+    assert _until(lambda: not (_alive(ray_ui, train) - train_before)), "the phase's Train run went on"
+    assert _until(lambda: not (_reserved_groups(ray_ui) - groups_before)), "its placement group stays reserved"
+    assert latest_stored_state(run_dir)["iteration"] < 60, "the phase went on to its end after the interruption"
+    del kept
+
+    assert run_phases(cfg, with_baseline=False)["phase0"]["status"] == "done"
+    attempts = sorted((root / "phases" / "phase0" / "attempts").glob("*.json"))
+    assert max(json.loads(p.read_text()).get("resumed_from") or 0 for p in attempts) >= 8
+
+
 # ---------------------------------------------------------------- 4. corrupt artefacts
 
 

@@ -236,31 +236,39 @@ def run_experts(cfg: Config, board=None, poll: Poll | None = None) -> dict:
                     "trained again. Delete them to free the space.", store.root, len(legacy), legacy[0])
     missing = store.missing_ids(cfg.experts.num_experts, experts_hash(cfg), cfg.experts.epochs)
     complete = [i for i in range(cfg.experts.num_experts) if i not in missing]
-    cfg_dict = cfg.to_dict()
-    compressor = Compressor(windows.resolved(cfg))  # range ends auto that the rule picked before: numbers
-    # an expert whose shortcuts all exist costs no actor start (a rerun or a resume starts none)
-    for i in complete:
-        compressor.add(i)
-    retries = 0
-    if missing:
-        n_actors = min(cluster_info().slots(cfg.experts.gpus_per_expert, uses_gpus(cfg)), len(missing))
-        options = _actor_options(cfg, n_actors)
-        request_gpus(cfg, n_actors, cfg.experts.gpus_per_expert, "experts")
-        log.info("training %d expert(s) on %d actor(s) (%s), %d already complete", len(missing), n_actors, options,
-                 len(complete))
-        actors = [ExpertActor.options(name=actor_name(f"expert-actor-{k}"), **options).remote(cfg_dict)
-                  for k in range(n_actors)]
-        queue = ActorQueue(actors, lambda actor, eid: actor.train.options(name=expert_tag(eid)).remote(eid, board),
-                           poll, label=lambda eid: f"expert {eid}")
-        for done, (eid, _) in enumerate(queue.run(missing), start=len(complete) + 1):
-            compressor.add(eid)
-            report_progress(board, "experts", done, cfg.experts.num_experts)
-        retries = queue.restarts
-        for actor in actors:
-            ray.kill(actor)
-    written = compressor.finish()
+    # the shortcut actor and the expert actors end with the call, also when it is stopped (Ctrl-C in a notebook):
+    # stored epochs and shortcuts are kept
+    with Compressor(windows.resolved(cfg)) as compressor:  # range ends auto that the rule picked before: numbers
+        # an expert whose shortcuts all exist costs no actor start (a rerun or a resume starts none)
+        for i in complete:
+            compressor.add(i)
+        retries = _train_experts(cfg, missing, len(complete), compressor, board, poll) if missing else 0
+        written = compressor.finish()
     return {"trained": len(missing), "skipped": len(complete), "actor_restarts": retries, "shortcuts_written": written,
             "windows": windows.picks(cfg)}
+
+
+def _train_experts(cfg: Config, missing: list[int], stored: int, compressor: Compressor, board, poll: Poll | None
+                   ) -> int:
+    """Train the ``missing`` experts on a pool of actors, handing each to ``compressor`` as it is stored; returns the
+    actors' restarts. The actors end when it returns or raises."""
+    n_actors = min(cluster_info().slots(cfg.experts.gpus_per_expert, uses_gpus(cfg)), len(missing))
+    options = _actor_options(cfg, n_actors)
+    request_gpus(cfg, n_actors, cfg.experts.gpus_per_expert, "experts")
+    log.info("training %d expert(s) on %d actor(s) (%s), %d already complete", len(missing), n_actors, options, stored)
+    cfg_dict = cfg.to_dict()
+    actors = [ExpertActor.options(name=actor_name(f"expert-actor-{k}"), **options).remote(cfg_dict)
+              for k in range(n_actors)]
+    queue = ActorQueue(actors, lambda actor, eid: actor.train.options(name=expert_tag(eid)).remote(eid, board),
+                       poll, label=lambda eid: f"expert {eid}")
+    try:
+        for done, (eid, _) in enumerate(queue.run(missing), start=stored + 1):
+            compressor.add(eid)
+            report_progress(board, "experts", done, cfg.experts.num_experts)
+    finally:
+        for actor in actors:
+            ray.kill(actor)
+    return queue.restarts
 
 
 class Compressor:
@@ -292,14 +300,20 @@ class Compressor:
         self.refs.append(_compress(self.actor, expert_id))
 
     def finish(self) -> int:
-        """Wait for every compression; the shortcuts written. The actor ends."""
+        """Wait for every compression; the shortcuts written (the actor ends with the `with` block)."""
         if self.held:
             raise StageError(f"range_end auto: expert {windows.EXPERT} is not among the stored experts, and the "
                              f"windows' rule reads it; train the experts first (`ptmst-ray experts`)")
-        written = sum(len(ranges) for ranges in ray.get(self.refs)) if self.refs else 0  # none: Ray not needed
+        return sum(len(ranges) for ranges in ray.get(self.refs)) if self.refs else 0  # none: Ray not needed
+
+    def __enter__(self) -> Compressor:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        """The actor ends, whatever it is doing (the shortcuts it wrote are kept)."""
         if self.actor is not None:
             ray.kill(self.actor)
-        return written
+            self.actor = None
 
 
 @ray.remote
@@ -354,9 +368,9 @@ def run_shortcuts(cfg: Config) -> dict:
     """`ptmst-ray shortcut`: compress every complete expert for the configured ranges (a range end auto: picked by
     the windows' rule first; no actor starts, and Ray is not used, when every shortcut is stored)."""
     ids = complete_experts(cfg)
-    compressor = Compressor(windows.resolved(cfg))
-    for i in ids:
-        compressor.add(i)
-    written = compressor.finish()
+    with Compressor(windows.resolved(cfg)) as compressor:
+        for i in ids:
+            compressor.add(i)
+        written = compressor.finish()
     return {"experts": len(ids), "written": written, "ranges": needed_ranges(windows.check_resolved(cfg)),
             "windows": windows.picks(cfg)}

@@ -33,8 +33,8 @@ from ptmst_ray.config import Config, PhaseConfig, build_section, from_dict
 from ptmst_ray.layout import TRAIN_SNAPSHOT, Layout, PhaseJob, phase_jobs, phase_outcome
 from ptmst_ray.orchestration.metrics import phase_metrics
 from ptmst_ray.orchestration.runtime import (
-    Poll, as_completed, check_threads, cluster_info, ensure_train_state_actor, record_attempt, report_progress,
-    request_gpus, resolve_accelerator, uses_gpus,
+    Poll, check_threads, cluster_info, ensure_train_state_actor, record_attempt, report_progress,
+    request_gpus, resolve_accelerator, run_all, uses_gpus,
 )
 
 log = logging.getLogger(__name__)
@@ -390,8 +390,10 @@ def run_phases(cfg: Config, board=None, poll: Poll | None = None, with_baseline:
         return fit_phase.options(name=f"phase {job.run_name}").remote(
             cfg_dict, job.name, dataclasses.asdict(job.phase), job.seed, job.run_name, board, cpus, memory)
 
-    for job, ref in as_completed(todo, submit, slots, poll):
+    def finished(job: PhaseJob, ref) -> None:
         status[job.name] = ray.get(ref)
+
+    run_all(todo, submit, slots, finished, poll)  # stopped (Ctrl-C in a notebook): the runs are aborted
     for job in phase_jobs(cfg, with_baseline):
         outcome = phase_outcome(cfg, job)
         if outcome.status == "done":

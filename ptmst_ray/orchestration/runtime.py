@@ -583,31 +583,59 @@ def task(**options) -> Callable[[Callable], Task]:
 
 
 def wait_all(refs: list, poll: Poll | None = None) -> list:
-    """``ray.get(refs)``, polling every half second while they run."""
+    """``ray.get(refs)``, polling every half second while they run. Left by an exception (Ctrl-C, an error raised
+    by ``poll``), it stops the tasks still running first (:func:`stop_tasks`)."""
     pending = list(refs)
-    while pending:
-        _, pending = ray.wait(pending, num_returns=len(pending), timeout=0.5)
-        if poll is not None:
-            poll()
+    try:
+        while pending:
+            _, pending = ray.wait(pending, num_returns=len(pending), timeout=0.5)
+            if poll is not None:
+                poll()
+    except BaseException:
+        stop_tasks(pending)
+        raise
     return ray.get(refs)
 
 
-def as_completed(queue: collections.deque, submit: Callable[[Any], Any], slots: int,
-                 poll: Poll | None = None) -> Iterator[tuple[Any, Any]]:
-    """Submit the items of ``queue`` with at most ``slots`` in flight; yield (item, ref) as each finishes.
+def run_all(queue: collections.deque, submit: Callable[[Any], Any], slots: int, done: Callable[[Any, Any], None],
+            poll: Poll | None = None) -> None:
+    """Submit the items of ``queue`` with at most ``slots`` in flight; ``done(item, ref)`` as each finishes.
 
-    The caller ``ray.get``s the ref and may put an item back into ``queue`` (a retry) while iterating.
+    ``done`` may ``ray.get`` the ref and put an item back into ``queue`` (a retry). Left by an exception (Ctrl-C,
+    an error raised by ``done`` or ``poll``), it stops the tasks still in flight first (:func:`stop_tasks`).
     """
     pending: dict = {}
-    while queue or pending:
-        while queue and len(pending) < slots:
-            item = queue.popleft()
-            pending[submit(item)] = item
-        ready, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)
-        if poll is not None:
-            poll()
-        for ref in ready:
-            yield pending.pop(ref), ref
+    try:
+        while queue or pending:
+            while queue and len(pending) < slots:
+                item = queue.popleft()
+                pending[submit(item)] = item
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)
+            if poll is not None:
+                poll()
+            for ref in ready:
+                done(pending.pop(ref), ref)
+    except BaseException:
+        stop_tasks(list(pending))
+        raise
+
+
+def stop_tasks(refs: list) -> None:
+    """Cancel the tasks of ``refs`` (and the tasks they started): a wait loop left by an exception stops the work it
+    started. A CLI command's work ends with its driver anyway; a library call (a notebook's ``run_pipeline``
+    stopped by Ctrl-C) would otherwise leave it running, and the same call made again would run beside it on the
+    same run root. Ray's cancel raises KeyboardInterrupt in a running task; a phase's launcher, blocked in Train's
+    ``fit()``, takes it as Train's own Ctrl-C: Train aborts the run, removes its placement group and ends the
+    launcher's worker (the raylet then prints that a worker died while executing a task)."""
+    if not refs:
+        return
+    log.info("stopping %d task(s) still running", len(refs))
+    for ref in refs:
+        try:
+            ray.cancel(ref)
+        except Exception as e:  # noqa: BLE001 - Ray itself is going (its driver shuts down): nothing left to stop
+            log.warning("could not stop a task (%s); Ray ends it with this driver", e)
+            return
 
 
 def restarted(actor):
