@@ -136,6 +136,7 @@ def data_prepare(config: Optional[str] = ConfigOpt, set_: Optional[list[str]] = 
                      None, "--workers", metavar="N", help="Decode images in up to N Ray tasks at once (same output; "
                                              "default: data.workers, 1 = in this process).")) -> None:
     """Read annotations + images (any fsspec URL) into Parquet shards with manifests under the run root."""
+    from ptmst_ray.data.prepare import is_prepared
     from ptmst_ray.layout import Layout
     from ptmst_ray.stages.data import prepare
 
@@ -143,7 +144,7 @@ def data_prepare(config: Optional[str] = ConfigOpt, set_: Optional[list[str]] = 
                          data_only=True)
     with root_lease(cfg, "data prepare"):
         try:
-            if cfg.data.workers > 1:
+            if cfg.data.workers > 1 and not is_prepared(cfg.data, Layout.of(cfg).data):
                 connect_ray(cfg, None, models=False)  # decoding tasks only
             with progress_bars() as progress:
                 ids: dict = {}

@@ -217,6 +217,32 @@ def test_data_prepare_needs_the_data_not_the_weights(tiny_flickr_dir, tmp_path, 
     assert validate.exit_code == 2 and "model.image_pretrained" in validate.output, validate.output
 
 
+def test_data_prepare_with_workers_starts_ray_only_when_a_split_is_to_prepare(tiny_flickr_dir, tmp_path, monkeypatch):
+    """`data prepare --workers 2` on data prepared from the same annotations and settings starts no Ray (~10 s);
+    with an annotation file changed it does (here refused, to stop before any work)."""
+    import shutil
+
+    monkeypatch.setattr("ptmst_ray_cli.common.console.width", 4000)
+    folder = tmp_path / "ann"
+    shutil.copytree(tiny_flickr_dir, folder)
+    args = [a for s in (f"data.annotations={folder}", f"data.images={folder}", f"run.root={tmp_path / 'run'}")
+            for a in ("--set", s)]
+    assert runner.invoke(app, ["data", "prepare", "--config", "flickr30k_500", "--workers", "1", *args]).exit_code == 0
+    connects = []
+
+    def refuse(*a, **k):
+        connects.append(a)
+        raise SystemExit(3)
+
+    monkeypatch.setattr("ptmst_ray_cli.commands.connect_ray", refuse)
+    again = runner.invoke(app, ["data", "prepare", "--config", "flickr30k_500", "--workers", "2", *args])
+    assert again.exit_code == 0 and connects == [], again.output
+    test = folder / "flickr30k_test.json"
+    test.write_text(test.read_text().replace("}", ', "note": 1}', 1))  # the same rows, another file
+    changed = runner.invoke(app, ["data", "prepare", "--config", "flickr30k_500", "--workers", "2", *args])
+    assert changed.exit_code == 3 and len(connects) == 1, changed.output
+
+
 def test_an_annotation_folder_without_the_split_files_says_where_they_come_from(tmp_path, monkeypatch):
     """A folder with neither the per-split files nor the dataset's Karpathy file (here COCO's, under a Flickr30k
     recipe): named, with BLIP's files of the same splits and the dataset the file there is of, before any work."""

@@ -407,6 +407,38 @@ def test_ray_workers_skip_bad_same_list(tiny_flickr_dir, tmp_path, monkeypatch, 
     assert _split_files(one) == _split_files(two)
 
 
+def test_is_prepared_exactly_when_preparing_again_writes_nothing(tiny_flickr_dir, tmp_path):
+    """`is_prepared` against what `prepare_dataset` does: True where a second preparation rewrites no split's file
+    (only the dataset's manifest, the same), False where it prepares a split (an annotation file changed, a split's
+    manifest lost, another setting)."""
+    import shutil
+
+    folder = tmp_path / "ann"
+    shutil.copytree(tiny_flickr_dir, folder)
+    cfg, root = _flickr_cfg(folder), tmp_path / "data"
+
+    def stamps():
+        return {str(p): p.stat().st_mtime_ns for p in root.glob("*/*") if p.is_file()}
+
+    assert not prepare.is_prepared(cfg, str(root))
+    prepare.prepare_dataset(cfg, str(root))
+    before = stamps()
+    assert prepare.is_prepared(cfg, str(root))
+    prepare.prepare_dataset(cfg, str(root))
+    assert stamps() == before  # what True promises
+    assert not prepare.is_prepared(_flickr_cfg(folder, max_words=5), str(root))
+    (root / "val" / storage.MANIFEST).unlink()
+    assert not prepare.is_prepared(cfg, str(root))
+    prepare.prepare_dataset(cfg, str(root))
+    assert prepare.is_prepared(cfg, str(root))
+    test = folder / "flickr30k_test.json"
+    test.write_text(test.read_text().replace("}", ', "note": 1}', 1))
+    assert not prepare.is_prepared(cfg, str(root))
+    before = stamps()
+    prepare.prepare_dataset(cfg, str(root))
+    assert stamps() != before and prepare.is_prepared(cfg, str(root))
+
+
 def test_workers_config_is_checked():
     from ptmst_ray.config import ConfigError
 

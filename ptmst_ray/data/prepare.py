@@ -288,12 +288,8 @@ def prepare_split(cfg: DataConfig, split: str, out_dir: str, progress: Progress 
     file is streamed twice: a first pass checks every row and counts them (so a bad row stops the
     run before any image work, and progress has a total), the second prepares the images.
     """
-    ann_dir, images_dir = _source_dirs(cfg)
-    ann_url = annotation_source(ann_dir, cfg.dataset, split)
-    if ann_url is None:
-        raise DataError(f"data.annotations: {missing_annotations(cfg.dataset, ann_dir, (split,))}")
-    settings = split_settings(cfg, split, storage.hash_file(ann_url))
-    chash = storage.stable_hash(settings)
+    _, images_dir = _source_dirs(cfg)
+    ann_url, settings, chash = _split_source(cfg, split)
     old = storage.read_manifest(out_dir)
     if old is not None and old.get("config_hash") == chash:
         log.info("%s: split %s already prepared (%d rows); skipping", out_dir, split, old["rows"])
@@ -330,6 +326,31 @@ def prepare_split(cfg: DataConfig, split: str, out_dir: str, progress: Progress 
 
 
 # --------------------------------------------------------------------------- datasets
+
+
+def _split_source(cfg: DataConfig, split: str) -> tuple[str, dict[str, Any], str]:
+    """The split's annotation file, its settings (:func:`split_settings`, with the file's hash) and their hash."""
+    ann_dir, _ = _source_dirs(cfg)
+    ann_url = annotation_source(ann_dir, cfg.dataset, split)
+    if ann_url is None:
+        raise DataError(f"data.annotations: {missing_annotations(cfg.dataset, ann_dir, (split,))}")
+    settings = split_settings(cfg, split, storage.hash_file(ann_url))
+    return ann_url, settings, storage.stable_hash(settings)
+
+
+def is_prepared(cfg: DataConfig, data_root: str) -> bool:
+    """True when ``data_root`` holds every split prepared from the current annotation files and settings, i.e.
+    :func:`prepare_dataset` would write nothing (`data prepare` then starts no Ray for ``data.workers`` > 1). It
+    hashes the annotation files, as that does."""
+    manifest = storage.read_manifest(data_root)
+    if manifest is None or manifest.get("config_hash") != data_config_hash(cfg):
+        return False
+    src_cfg = source_config(cfg, data_root)
+    try:
+        return all((storage.read_manifest(storage.join(data_root, split)) or {}).get("config_hash")
+                   == _split_source(src_cfg, split)[2] for split in splits_to_prepare(src_cfg))
+    except DataError:  # an annotation file gone: preparing says which
+        return False
 
 
 def splits_to_prepare(cfg: DataConfig) -> list[str]:
