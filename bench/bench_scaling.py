@@ -147,9 +147,8 @@ def run_two_node(config: str, overrides: list[str], root: Path, log: Path) -> di
     cluster = start_local_cluster(num_cpus=1, num_gpus=0, token=secrets.token_hex(16), single_machine=False,
                                   prefix="pbs")
     try:
-        cluster.add_worker(num_cpus=1, num_gpus=0)
-        cluster.wait_until(lambda: jobs.cluster_status(jobs.job_client(cluster.dashboard_url, token=cluster.token))
-                           .count("node_") >= 2, 120, "second node")
+        cluster.add_worker(num_cpus=1, num_gpus=0, joined=lambda: jobs.cluster_status(
+            jobs.job_client(cluster.dashboard_url, token=cluster.token)).count("node_") >= 2)
         started = time.perf_counter() - t0
         print(f"  two-node: cluster of 2 nodes up in {started:.1f}s", flush=True)
         out = run_cli(config, overrides, root, log, cluster.env)  # RAY_ADDRESS and the token: the cluster's

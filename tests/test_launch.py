@@ -253,8 +253,7 @@ def local_cluster(monkeypatch):
                                   single_machine=False, prefix="ptl")
     try:
         monkeypatch.setenv("RAY_AUTH_TOKEN", token)
-        cluster.add_worker(num_cpus=1, num_gpus=1)
-        cluster.wait_until(lambda: _nodes_alive(cluster.dashboard_url) >= 2, 90, "second node")
+        cluster.add_worker(num_cpus=1, num_gpus=1, joined=lambda: _nodes_alive(cluster.dashboard_url) >= 2)
         yield cluster.dashboard_url, token
     finally:
         cluster.stop(grace_s=1.0)  # nothing of it is kept: no need to wait out the head's graceful exit
@@ -263,6 +262,49 @@ def local_cluster(monkeypatch):
 def _nodes_alive(address: str) -> int:
     text = jobs.cluster_status(jobs.job_client(address))
     return text.count("node_")
+
+
+FAKE_RAY_START = """import os, pathlib, sys, time
+starts = pathlib.Path(os.environ["FAKE_STARTS"])
+n = len(starts.read_text().splitlines()) + 1 if starts.exists() else 1
+starts.write_text("start\\n" * n)
+if n <= int(os.environ["FAKE_FAILURES"]):
+    print("Exception: The current node timed out during startup.")
+    sys.exit(1)
+time.sleep(120)
+"""
+
+
+@pytest.mark.parametrize("failures", [1, 2])
+def test_a_worker_node_whose_start_exits_is_started_once_more(tmp_path, monkeypatch, caplog, failures):
+    """`ray start` of a worker node exiting while it starts (Ray's fixed 30 s for a raylet to register, missed on a
+    loaded machine) is started again once, with a log of its own; a second exit is the error, with both logs.
+    Here `ray start` is a script that exits ``failures`` times before it stays up."""
+    from ptmst_ray.cluster import local
+
+    (tmp_path / "fake_ray.py").write_text(FAKE_RAY_START)
+    monkeypatch.setattr(local, "ray_command", lambda: [sys.executable, str(tmp_path / "fake_ray.py")])
+    starts = tmp_path / "starts"
+    cluster = local.LocalCluster(temp_dir=str(tmp_path / "ray"), gcs_address="127.0.0.1:1", dashboard_url="",
+                                 token=None, single_machine=False,
+                                 env={**os.environ, "FAKE_STARTS": str(starts), "FAKE_FAILURES": str(failures)})
+    (tmp_path / "ray").mkdir()
+
+    def joined() -> bool:  # the start that stays up has written its line
+        return len(starts.read_text().splitlines()) > failures if starts.exists() else False
+
+    try:
+        if failures < local.START_ATTEMPTS:
+            cluster.add_worker(num_cpus=1, joined=joined, timeout_s=30)
+            assert len(cluster.procs) == 1 and cluster.procs[0].poll() is None
+            assert "worker0's `ray start` exited with 1 while starting; starting it again" in caplog.text
+        else:
+            with pytest.raises(LaunchError, match="exited with 1 before worker1 joined") as e:
+                cluster.add_worker(num_cpus=1, joined=joined, timeout_s=30)
+            assert "worker0.log" in str(e.value) and "worker1.log" in str(e.value)
+        assert sorted(p.name for p in (tmp_path / "ray").glob("*.log")) == ["worker0.log", "worker1.log"]
+    finally:
+        cluster.stop(grace_s=0.5)
 
 
 @pytest.mark.ray
@@ -504,8 +546,7 @@ def test_a_node_lost_mid_expert_leaves_the_rest_to_the_other_node(prepared_root,
     driver = None
     try:
         monkeypatch.setenv("RAY_AUTH_TOKEN", token)  # for the Jobs API's status that counts the nodes
-        cluster.add_worker(num_cpus=1, num_gpus=0)
-        cluster.wait_until(lambda: _nodes_alive(cluster.dashboard_url) >= 2, 90, "second node")
+        cluster.add_worker(num_cpus=1, num_gpus=0, joined=lambda: _nodes_alive(cluster.dashboard_url) >= 2)
         worker = cluster.procs[1].pid  # the worker node's `ray start --block`, leader of its session
         # the token alone, as a user's shell on the head has it (no RAY_AUTH_MODE: the join must send it anyway)
         env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}

@@ -17,6 +17,7 @@ Used by `ptmst-ray run --as-job` and by the two-node test fixture (tests/test_la
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -29,7 +30,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Mapping, Optional
+from typing import IO, Callable, Mapping, Optional
 
 from ptmst_ray.cluster import jobs
 from ptmst_ray.cluster.spec import LaunchError
@@ -150,16 +151,34 @@ class LocalCluster:
         return proc
 
     def add_worker(self, num_cpus: Optional[int] = None, num_gpus: Optional[int] = None,
-                   resources: Optional[Mapping[str, float]] = None) -> None:
+                   resources: Optional[Mapping[str, float]] = None, joined: Optional[Callable[[], bool]] = None,
+                   timeout_s: float = 120.0) -> None:
         """Start a worker node joining this cluster, in its own temp dir under :attr:`temp_dir` (nodes sharing
         one would share the runtime-env folder, and a node re-extracting a job's working_dir deletes the running
-        driver's cwd). Returns at once; wait for it with :meth:`wait_until`."""
+        driver's cwd). Without ``joined`` it returns at once (wait with :meth:`wait_until`); with it (a check
+        that the node is up, e.g. the cluster's node count) it waits up to ``timeout_s`` s, and a node whose `ray
+        start` exits while starting is started once more on new ports: Ray 2.60 gives a node's raylet a fixed 30 s
+        to register ("The current node timed out during startup"), which a loaded machine can miss."""
         if self.single_machine:
             raise LaunchError(f"local Ray {self.temp_dir}: started single_machine=True, so no worker node can join "
                               "(Ray's single-machine mode); start it with single_machine=False")
-        name = f"worker{len(self.procs)}"
-        self.start_node(name, [f"--address={self.gcs_address}", f"--temp-dir={self.temp_dir}/{name}", *_resource_args(num_cpus, num_gpus, resources),
-                               *_port_args(NODE_PORT_FLAGS)])
+        for attempt in range(1, START_ATTEMPTS + 1):
+            name = f"worker{len(self.logs)}"  # a node started again gets a log and a temp dir of its own
+            proc = self.start_node(name, [f"--address={self.gcs_address}", f"--temp-dir={self.temp_dir}/{name}",
+                                          *_resource_args(num_cpus, num_gpus, resources), *_port_args(NODE_PORT_FLAGS)])
+            if joined is None:
+                return
+            try:
+                self.wait_until(joined, timeout_s, f"{name} joined")
+                return
+            except LaunchError:
+                if proc.poll() is None or attempt == START_ATTEMPTS:
+                    raise
+                log.warning("local Ray %s: %s's `ray start` exited with %s while starting; starting it again",
+                            self.temp_dir, name, proc.returncode)
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(proc.pid, signal.SIGKILL)  # what that start left in its session
+                self.procs.remove(proc)
 
     def log_tail(self, chars: int = 2000) -> str:
         """The end of each node's `ray start` output, for an error message."""
