@@ -411,6 +411,23 @@ def test_a_wait_loop_left_by_an_exception_cancels_the_tasks_it_waits_for(ray_ses
         ray.get(submitted[1], timeout=30)
 
 
+def test_a_cli_commands_ctrl_c_leaves_its_tasks_to_the_ending_driver(monkeypatch):
+    """After the CLI's own Ctrl-C (its handler set the flag) the wait loops cancel nothing: the driver ends and
+    Ray with it; a library call (no flag) cancels."""
+    from ptmst_ray.orchestration import runtime
+
+    cancelled = []
+    monkeypatch.setattr(runtime.ray, "cancel", lambda ref, **kw: cancelled.append(ref))
+    monkeypatch.setattr(runtime.ray, "wait", lambda refs, **kw: (refs, []))
+    monkeypatch.setattr(runtime, "_INTERRUPTED", threading.Event())
+    runtime._INTERRUPTED.set()
+    runtime.stop_tasks(["a", "b"])
+    assert cancelled == []
+    runtime._INTERRUPTED.clear()
+    runtime.stop_tasks(["a", "b"])
+    assert cancelled == ["a", "b"]
+
+
 @pytest.mark.ray
 @pytest.mark.slow
 def test_library_calls_stopped_in_a_notebook_end_their_actors_and_train_runs(prepared, tmp_path, ray_session):

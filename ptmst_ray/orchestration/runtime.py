@@ -634,9 +634,11 @@ def stop_tasks(refs: list) -> None:
     same run root. Ray's cancel raises KeyboardInterrupt in a running task; a phase's launcher, blocked in Train's
     ``fit()``, takes it as Train's own Ctrl-C: Train aborts the run, removes its placement group and ends the
     launcher's worker (the raylet then prints that a worker died while executing a task). A task that a cancel
-    does not reach (:data:`CANCEL_ROUNDS`) has its worker killed."""
+    does not reach (:data:`CANCEL_ROUNDS`) has its worker killed. After a CLI command's Ctrl-C
+    (:func:`install_interrupt_handler`) nothing is cancelled: the command's driver is ending, and Ray ends its work
+    with it, without those messages."""
     left = list(refs)
-    if not left:
+    if not left or _INTERRUPTED.is_set():
         return
     log.info("stopping %d task(s) still running", len(left))
     try:
