@@ -370,11 +370,13 @@ def _until(check, timeout: float = 30):
 @pytest.mark.ray
 def test_a_wait_loop_left_by_an_exception_cancels_the_tasks_it_waits_for(ray_session):
     """`wait_all` stopped by Ctrl-C (a notebook's) and `run_all` left by an error of its callback: the tasks
-    still in flight are cancelled, not left running; nothing more is submitted."""
+    still in flight are cancelled, not left running; nothing more is submitted. A cancel that lands while Ray
+    deserialises the task's arguments can fail the task with Ray's own error (seen once under load: "'Handlers'
+    object is not callable" from Ray's deferred SIGINT) rather than TaskCancelledError: either way it ended."""
     import collections
 
     import ray
-    from ray.exceptions import TaskCancelledError
+    from ray.exceptions import GetTimeoutError, RayError
 
     from ptmst_ray.orchestration.runtime import run_all, wait_all
 
@@ -388,12 +390,16 @@ def test_a_wait_loop_left_by_an_exception_cancels_the_tasks_it_waits_for(ray_ses
     def ctrl_c():
         raise KeyboardInterrupt
 
+    def stopped(ref) -> None:  # ended, not left to run its 1000 s: cancelled, or failed by Ray's cancel itself
+        with pytest.raises(RayError) as ended:
+            ray.get(ref, timeout=30)
+        assert not isinstance(ended.value, GetTimeoutError), "the task was left running"
+
     refs = [sleepy.remote(1000) for _ in range(2)]
     with pytest.raises(KeyboardInterrupt):
         wait_all(refs, ctrl_c)
     for ref in refs:
-        with pytest.raises(TaskCancelledError):
-            ray.get(ref, timeout=30)
+        stopped(ref)
 
     submitted = []
 
@@ -407,8 +413,7 @@ def test_a_wait_loop_left_by_an_exception_cancels_the_tasks_it_waits_for(ray_ses
     with pytest.raises(ValueError, match="the run of 0 s failed"):
         run_all(collections.deque([0, 1000, 1000]), submit, 2, failed)
     assert len(submitted) == 2  # the third never started
-    with pytest.raises(TaskCancelledError):
-        ray.get(submitted[1], timeout=30)
+    stopped(submitted[1])
 
 
 def test_a_cli_commands_ctrl_c_leaves_its_tasks_to_the_ending_driver(monkeypatch):
