@@ -49,8 +49,8 @@ class ConfigError(ValueError):
 
     def __init__(self, path: str, message: str, source: str | None = None):
         self.path, self.message, self.source = path, message, source
-        where = f"{source}: " if source else ""
-        super().__init__(f"{where}{path or '<root>'}: {message}")
+        field = f"{path}: " if path else ("" if source else "the config's top level: ")  # a whole file: its name
+        super().__init__(f"{source}: {field}{message}" if source else f"{field}{message}")
 
     def __reduce__(self):  # pickled by its fields: Ray carries a task's error to the driver so (args is the text)
         return type(self), (self.path, self.message, self.source)
@@ -905,6 +905,11 @@ def load_yaml(path: str | os.PathLike) -> dict:
     except storage.StorageError as e:  # a URL's file missing, its store unreachable or refusing: said, no traceback
         message = str(e).removeprefix(f"{path}: ")
         raise ConfigError("", message, str(path)) from None
+    except IsADirectoryError:
+        raise ConfigError("", "is a folder, not a config file: give a YAML file (configs/toy.yaml, or a shipped "
+                          "recipe by name: scenes, flickr30k_500)", str(path)) from None
+    except OSError as e:  # unreadable (permissions, ...): said with the reason
+        raise ConfigError("", f"cannot read it ({e.strerror or e})", str(path)) from None
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as e:
@@ -919,7 +924,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     raw = load_yaml(path)
     if not isinstance(raw, dict):
         raise ConfigError("", "the top level must be a mapping of sections", path)
-    raw = copy.deepcopy(raw)
+    in_file, raw = raw, copy.deepcopy(raw)  # the file as written: to tell which errors an override made
     applied = []
     for item in overrides or []:
         key, value = parse_override(item)
@@ -934,9 +939,24 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         # a value that came from --set is named as such, not as the file's (which may not even have it)
         field = _dotted(e.path)
         for key, item in reversed(applied):
-            if field == key or field.startswith(key + "."):
+            # the override set that field or one inside it, or made the section it names (`distil.syn_steps=4`)
+            if field == key or field.startswith(key + ".") or (key.startswith(field + ".")
+                                                              and not _has_path(in_file, field)):
                 raise ConfigError(e.path, e.message, f"--set {item} (over {path})") from None
         raise
+
+
+def _has_path(raw: Any, dotted: str) -> bool:
+    """Whether the loaded YAML ``raw`` has the field ``dotted`` (``phases.0.pairs``)."""
+    node = raw
+    for part in dotted.split("."):
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            return False
+    return True
 
 
 def _dotted(path: str) -> str:

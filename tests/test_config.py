@@ -147,6 +147,15 @@ def test_overrides_apply_and_are_validated(tmp_path):
     with pytest.raises(ConfigError) as err:  # the file's own error keeps the file's name
         load_config(write(tmp_path, {"distill": {"syn_steps": 0}}), ["phases.0.pairs=5"])
     assert str(err.value).startswith(str(tmp_path)) and "distill.syn_steps" in str(err.value)
+    # a misspelled section in an override: the override made it, so the override is named
+    with pytest.raises(ConfigError, match=r"^--set distil\.syn_steps=4 \(over .*\): distil: unknown key"):
+        load_config(CONFIG_DIR / "toy.yaml", ["distil.syn_steps=4"])
+    # ... and the same misspelling in the file stays the file's, whatever an override adds to it
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("distil:\n  syn_steps: 4\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(typo, ["distil.lr_img=5"])
+    assert str(err.value).startswith(f"{typo}: distil: unknown key"), err.value
 
 
 def test_exponent_numbers_without_a_dot_are_numbers(tmp_path):
