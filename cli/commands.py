@@ -53,7 +53,8 @@ def stage_table(results: dict) -> Table:
     for c, justify in (("stage", "left"), ("seconds", "right"), ("", "left")):
         table.add_column(c, justify=justify)
     for row in results.get("stages", []):
-        table.add_row(row["stage"], f"{row['seconds']:.1f}", "ran" if row["ran"] else "skipped (complete)")
+        built = f"; built in {row['built_seconds']:.1f} s" if "built_seconds" in row else ""
+        table.add_row(row["stage"], f"{row['seconds']:.1f}", "ran" if row["ran"] else f"skipped (complete{built})")
     return table
 
 
@@ -91,8 +92,8 @@ def run(config: Optional[str] = ConfigOpt, set_: Optional[list[str]] = SetOpt, a
     with root_lease(cfg, "run"):
         try:
             if rebuild is not None:
-                removed = layout.rebuild(cfg, rebuild)
-                console.print(f"rebuild {rebuild}: removed {', '.join(removed) or 'nothing (not built yet)'}")
+                if not layout.rebuild(cfg, rebuild):  # what it removes is logged folder by folder as it goes
+                    console.print(f"rebuild {rebuild}: nothing to remove (not built yet)")
             connect_ray(cfg, address)
             with progress_bars() as progress:
                 results = run_pipeline(cfg, RichUI(progress))
@@ -109,7 +110,7 @@ def run(config: Optional[str] = ConfigOpt, set_: Optional[list[str]] = SetOpt, a
     for line in ratio_lines(results):
         console.print(line)
     paths = layout.Layout.of(cfg)
-    console.print(f"results: {paths.results}, plot: {paths.plot}, distilled set: {paths.distilled}/")
+    console.print(f"results: {paths.results}, plot: {paths.plot}, distilled set: {paths.distilled}/", soft_wrap=True)
     if json_out:
         typer.echo(json.dumps({k: v for k, v in results.items() if k != "runs"}, indent=2))
 
@@ -164,12 +165,14 @@ def data_prepare(config: Optional[str] = ConfigOpt, set_: Optional[list[str]] = 
 
 @data_app.command("show")
 def data_show(config: Optional[str] = ConfigOpt, set_: Optional[list[str]] = SetOpt,
-              split: str = typer.Option("train", metavar="SPLIT", help="Split to sample."),
+              split: Optional[str] = typer.Option(None, metavar="SPLIT", help="Only this split (train, test, val, "
+                                                  "pretrain: those prepared), in the summary and on the sheet "
+                                                  "(default: every split; the sheet draws train)."),
               sheet: Optional[Path] = typer.Option(None, metavar="PNG", help="Write a PNG contact sheet of images with captions."),
               n: int = typer.Option(16, metavar="N", help="Images on the contact sheet.")) -> None:
     """Counts and sample rows of the prepared data; optionally a PNG contact sheet."""
     from ptmst_ray import storage
-    from ptmst_ray.data.show import contact_sheet, summarize
+    from ptmst_ray.data.show import UnknownSplit, contact_sheet, summarize
     from ptmst_ray.layout import Layout
 
     cfg = get_config(config, set_)
@@ -179,10 +182,12 @@ def data_show(config: Optional[str] = ConfigOpt, set_: Optional[list[str]] = Set
     except storage.StorageError as e:
         fail(f"{config or 'the default config'}: run.root: {e}")
     try:
-        typer.echo(json.dumps(summarize(data_dir), indent=2, default=str))
+        typer.echo(json.dumps(summarize(data_dir, split=split), indent=2, default=str))
         if sheet is not None:
-            contact_sheet(data_dir, split, str(sheet.resolve()), n=n)
+            contact_sheet(data_dir, split or "train", str(sheet.resolve()), n=n)
             console.print(f"contact sheet: {sheet}")
+    except UnknownSplit as e:  # before anything is printed
+        fail(f"--split {split}: {e}")
     except library_errors() as e:
         fail(explain(cfg, e), code=1)
 
@@ -191,6 +196,7 @@ def data_show(config: Optional[str] = ConfigOpt, set_: Optional[list[str]] = Set
 def pretrain(config: Optional[str] = ConfigOpt, set_: Optional[list[str]] = SetOpt) -> None:
     """Pretrain the (tiny) towers on the built-in dataset's disjoint pretraining split."""
     from ptmst_ray.stages.data import prepare
+    from ptmst_ray.stages.pretrain import is_done
     from ptmst_ray.stages.pretrain import pretrain as pretrain_stage
 
     cfg = get_run_config(config, set_)
@@ -199,6 +205,7 @@ def pretrain(config: Optional[str] = ConfigOpt, set_: Optional[list[str]] = SetO
     with root_lease(cfg, "pretrain"):
         try:
             prepare(cfg)
+            done = is_done(cfg)
             with progress_bars() as progress:
                 task = progress.add_task("pretrain", total=cfg.pretrain.epochs, info="")
                 manifest = pretrain_stage(cfg, progress=lambda d, t: progress.update(task, completed=d, total=t))
@@ -206,7 +213,9 @@ def pretrain(config: Optional[str] = ConfigOpt, set_: Optional[list[str]] = SetO
             fail(explain(cfg, e), code=1)
         except KeyboardInterrupt:
             interrupted("the prepared data is kept; run the same command again to pretrain")
-    console.print(f"checkpoint: {manifest['checkpoint']}; zero-shot r_mean {manifest['zero_shot']['r_mean']:.1f}")
+    console.print(f"{'skipped (complete): ' if done else ''}pretrained towers: {cfg.model.pretrained}; zero-shot "
+                  f"test r_mean {manifest['zero_shot']['r_mean']:.1f} (the towers the experts start from, before any "
+                  "training on the train split)", soft_wrap=True)
 
 
 def _ready_for_experts(cfg) -> None:
@@ -345,3 +354,5 @@ def eval_(config: Optional[str] = ConfigOpt, set_: Optional[list[str]] = SetOpt,
             fail(f"--json {json_path}: cannot write it ({e.strerror or e}); the scores are stored under "
                  f"{Layout.of(cfg).eval}: the same command with another --json writes them without training", code=1)
         console.print(f"wrote {json_path}")
+    else:  # eval/results.json is `run`'s record, left as it was
+        console.print(f"scores stored under {Layout.of(cfg).eval}/scores/; --json FILE writes this table's results")

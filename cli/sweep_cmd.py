@@ -108,8 +108,8 @@ def sweep_cmd(config: Optional[str] = ConfigOpt, set_: Optional[list[str]] = Set
     if "best" in summary:
         on = "val r_mean" if summary.get("selection") == "val" else "r_mean"
         console.print(f"best: {summary['best']['values']} ({on} {summary['best']['r_mean']:.1f}); "
-                      f"run it: ptmst-ray run --config {summary['best']['yaml']}")
-    console.print(f"table: {summary['dir']}/results.csv (+ .parquet), plot: {summary['dir']}/r_mean.png")
+                      f"run it: ptmst-ray run --config {summary['best']['yaml']}", soft_wrap=True)  # pasteable
+    console.print(f"table: {summary['dir']}/results.csv (+ .parquet), plot: {summary['dir']}/r_mean.png", soft_wrap=True)
 
 
 def register(app: typer.Typer) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import yaml
 from typer.testing import CliRunner
 
@@ -83,6 +85,13 @@ def test_an_error_prints_the_users_value_whole(tmp_path, monkeypatch):
 def test_missing_file_exit_2(tmp_path):
     result = runner.invoke(app, ["config", "validate", str(tmp_path / "nope.yaml")])
     assert result.exit_code == 2 and "not found" in result.output
+
+
+def test_a_folder_given_as_the_config_is_named_as_one(tmp_path):
+    result = runner.invoke(app, ["run", "--config", str(tmp_path)])
+    assert result.exit_code == 2, result.output
+    said = " ".join(result.output.split())
+    assert f"{tmp_path}: is a folder, not a config file" in said and "Traceback" not in said, said
 
 
 def test_show_applies_overrides():
@@ -213,6 +222,18 @@ def test_data_prepare_needs_the_data_not_the_weights(tiny_flickr_dir, tmp_path, 
     prepared = runner.invoke(app, ["data", "prepare", "--config", "flickr30k_500", *args])
     assert prepared.exit_code == 0, prepared.output
     assert sorted(p.name for p in (tmp_path / "run" / "data").iterdir() if p.is_dir()) == ["test", "train", "val"]
+    # `data show` reads it: every split, or the one --split names; a split it does not have is named with those it has
+    shown = runner.invoke(app, ["data", "show", "--config", "flickr30k_500", *args])
+    assert shown.exit_code == 0 and set(json.loads(shown.stdout)["splits"]) == {"train", "val", "test"}, shown.output
+    shown = runner.invoke(app, ["data", "show", "--config", "flickr30k_500", "--split", "val", *args])
+    assert shown.exit_code == 0 and list(json.loads(shown.stdout)["splits"]) == ["val"], shown.output
+    sheet = tmp_path / "sheet.png"
+    unknown = runner.invoke(app, ["data", "show", "--config", "flickr30k_500", "--split", "pretrain", "--sheet",
+                                  str(sheet), *args])
+    assert unknown.exit_code == 2 and not sheet.exists(), unknown.output
+    said = " ".join(unknown.output.split())
+    assert "--split pretrain: no split 'pretrain' in the data prepared at" in said and "{" not in said, said
+    assert said.endswith("; it has test, train, val"), said
     validate = runner.invoke(app, ["config", "validate", "--config", "flickr30k_500", *args])
     assert validate.exit_code == 2 and "model.image_pretrained" in validate.output, validate.output
 
@@ -260,3 +281,35 @@ def test_an_annotation_folder_without_the_split_files_says_where_they_come_from(
                  "set data.dataset=coco"):
         assert text in result.output, (text, result.output)
     assert not (tmp_path / "run" / "data").exists()
+
+
+def test_a_skipped_stage_keeps_the_time_of_the_run_that_built_it(tmp_path):
+    """A second `run` on a finished root records its stages as skipped and, beside, the time each took in the run that
+    built it (carried on through later skipped runs); the stage table says both."""
+    from rich.console import Console
+
+    from ptmst_ray.orchestration.pipeline import built_times
+    from ptmst_ray_cli.commands import stage_table
+
+    record = tmp_path / "results.json"
+    assert built_times([{"stage": "data", "seconds": 0.1, "ran": False}], str(record)) == [
+        {"stage": "data", "seconds": 0.1, "ran": False}]  # no earlier record: nothing to carry
+    record.write_text(json.dumps({"stages": [{"stage": "data", "seconds": 4.5, "ran": True},
+                                             {"stage": "pretrain", "seconds": 0.2, "ran": False, "built_seconds": 57.2},
+                                             {"stage": "experts", "seconds": 29.8, "ran": True}]}))
+    rows = built_times([{"stage": "data", "seconds": 0.1, "ran": False},
+                        {"stage": "pretrain", "seconds": 0.1, "ran": False},
+                        {"stage": "experts", "seconds": 12.0, "ran": True},  # ran again: its own time only
+                        {"stage": "phases", "seconds": 0.3, "ran": False}], str(record))  # not in the record
+    assert rows == [{"stage": "data", "seconds": 0.1, "ran": False, "built_seconds": 4.5},
+                    {"stage": "pretrain", "seconds": 0.1, "ran": False, "built_seconds": 57.2},
+                    {"stage": "experts", "seconds": 12.0, "ran": True},
+                    {"stage": "phases", "seconds": 0.3, "ran": False}]
+    record.write_text("{not json")
+    assert built_times([{"stage": "data", "seconds": 0.1, "ran": False}], str(record)) == [
+        {"stage": "data", "seconds": 0.1, "ran": False}]  # an unreadable record: nothing carried, the run goes on
+    console = Console(width=200, record=True)
+    console.print(stage_table({"wall_seconds": 12.6, "stages": rows}))
+    text = console.export_text()
+    assert "skipped (complete; built in 4.5 s)" in text and "skipped (complete; built in 57.2 s)" in text
+    assert "│ ran" in text and "skipped (complete)" in text  # phases: skipped, no earlier time known

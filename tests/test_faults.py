@@ -558,6 +558,8 @@ def test_rebuild_experts_and_a_diverged_phase(prepared, tmp_path, ray_session):
     result = invoke(["run", "--config", str(config), "--rebuild", "experts"])
     assert result.exit_code == 0, result.output
     assert "warning: phase1 diverged" in result.output, result.output
+    said = " ".join(result.output.split())
+    assert f"rebuild experts: removing {root / 'experts'}" in said and "experts: removed" not in said, said  # said once
     results = json.loads((root / "eval" / "results.json").read_text())
     # rebuild: experts redone, earlier stages untouched
     assert results["experts"]["trained"] == 2

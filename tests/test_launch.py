@@ -388,8 +388,10 @@ def test_job_on_two_node_cluster_with_run_root_in_a_bucket(s3, local_cluster, tm
     assert ctx.status == "SUCCEEDED", "".join(out)[-5000:]
     again_results = read("run/eval/results.json")
     assert [(r["stage"], r["ran"]) for r in again_results["stages"]] == [(st, False) for st in STAGES]
+    # each stage's time of the run that built it stays on record
+    assert [r["built_seconds"] for r in again_results["stages"]] == [r["seconds"] for r in results["stages"]]
     words = " ".join("".join(out).split())  # the driver's log lines as words (its handler wraps long lines)
-    assert "skipped (complete)" in words and "3 of 3 (method, seed) scores reused" in words
+    assert "skipped (complete; built in" in words and "3 of 3 (method, seed) scores reused" in words
     assert again_results["experts"]["trained"] == 0 and again_results["experts"]["skipped"] == 3
     assert {n: s.get("skipped") for n, s in again_results["phases"].items()} == {"phase0": True, "phase1": True}
     assert again_results["methods"] == results["methods"]

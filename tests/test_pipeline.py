@@ -53,6 +53,27 @@ def test_experts_exist_once_and_rerun_does_nothing(ready_root, monkeypatch):
     assert shortcuts.complete_ids(a, b, layout.experts_hash(cfg)) == [0, 1]
 
 
+def test_pretrain_on_a_finished_root_says_it_skipped(ready_root, tmp_path, monkeypatch):
+    """`ptmst-ray pretrain` where the towers are pretrained: nothing trained, and it says so with the stored towers'
+    zero-shot recall (not as if it had just pretrained them)."""
+    from typer.testing import CliRunner
+
+    from ptmst_ray import storage
+    from ptmst_ray.stages import pretrain
+    from ptmst_ray_cli.main import app
+
+    monkeypatch.setattr("ptmst_ray_cli.common.console.width", 4000)  # each message on one line
+    cfg = tiny_config(ready_root)
+    config = tmp_path / "tiny.yaml"
+    config.write_text(cfg.to_yaml())
+    monkeypatch.setattr(pretrain, "pretrain_runs", lambda *a: pytest.fail("a finished root was pretrained again"))
+    result = CliRunner().invoke(app, ["pretrain", "--config", str(config)])
+    assert result.exit_code == 0, result.output
+    stored = storage.read_manifest(layout.Layout.of(cfg).pretrain)
+    assert (f"skipped (complete): pretrained towers: {cfg.model.pretrained}; zero-shot test r_mean "
+            f"{stored['zero_shot']['r_mean']:.1f}") in result.output, result.output
+
+
 def test_stored_experts_serve_fewer_epochs_and_are_continued_for_more(ready_root, tmp_path):
     """The experts' epochs are not part of their identity (an expert's first k epochs are the same whatever it
     trains for): a config asking for fewer epochs finds them complete, one asking for more trains only the missing
@@ -403,3 +424,12 @@ def test_evaluation_keeps_each_score_and_reuses_it_for_the_same_inputs(ready_roo
     text = " ".join(bad.output.split())
     assert bad.exit_code == 1 and f"--json {out}: cannot write it" in text, text
     assert f"stored under {layout.Layout.of(cfg).eval}" in text and "Traceback" not in text, text
+    # without --json: the table, and where its scores are (run's eval/results.json is not this command's to write)
+    record = layout.Layout.of(cfg).results
+    before = storage.exists(record) and storage.read_bytes(record)
+    plain = runner.invoke(app, ["eval", "--config", str(config), "-m", "random"])
+    text = " ".join(plain.output.split())
+    assert plain.exit_code == 0 and "r_mean" in text, text
+    assert text.endswith(f"scores stored under {layout.Layout.of(cfg).eval}/scores/; --json FILE writes this table's "
+                         "results"), text
+    assert (storage.exists(record) and storage.read_bytes(record)) == before

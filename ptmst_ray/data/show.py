@@ -22,17 +22,27 @@ from ptmst_ray.data.dataset import ShardImages, read_captions, read_image_ids, s
 log = logging.getLogger(__name__)
 
 
-def summarize(data_dir: str, samples: int = 3) -> dict:
-    """Dataset manifest, per-split counts and the first ``samples`` captions of each split."""
+class UnknownSplit(ValueError):
+    """A split the prepared data does not have; the message names those it has."""
+
+
+def summarize(data_dir: str, samples: int = 3, split: str | None = None) -> dict:
+    """Dataset manifest, per-split counts and the first ``samples`` captions of each split (of ``split`` alone
+    when given: a split the data does not have is :class:`UnknownSplit`)."""
     top = storage.read_manifest(data_dir)
     if top is None:
         raise storage.StorageError(f"{data_dir}: no prepared data (no manifest); run `ptmst-ray data prepare` first")
+    if split is not None and split not in top["splits"]:
+        raise UnknownSplit(f"no split {split!r} in the data prepared at {data_dir}; it has "
+                           f"{', '.join(sorted(top['splits']))}")
     out = {"dataset": top["dataset"], "image_size": top["image_size"], "splits": {}}
-    for split, info in top["splits"].items():  # captions and image ids only: no pixel is read
-        caps, ids = read_captions(data_dir, split), read_image_ids(data_dir, split)
+    for name, info in top["splits"].items():  # captions and image ids only: no pixel is read
+        if split is not None and name != split:
+            continue
+        caps, ids = read_captions(data_dir, name), read_image_ids(data_dir, name)
         rows = [{"image_id": ids[int(caps.image_index[j])], "caption": caps.captions[j]}
                 for j in range(min(samples, len(caps.captions)))]
-        out["splits"][split] = {"rows": info["rows"], "images": info["images"], "captions": info["captions"],
+        out["splits"][name] = {"rows": info["rows"], "images": info["images"], "captions": info["captions"],
                                 "skipped": info["skipped"], "samples": rows}
     return out
 

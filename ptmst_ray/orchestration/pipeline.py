@@ -279,6 +279,23 @@ class StageTimes:
             self.poll(force=True)
 
 
+def built_times(rows: list[dict], previous: str) -> list[dict]:
+    """``rows`` with, on each stage skipped as complete, ``built_seconds``: the time the run that built it took, from
+    the results.json at ``previous`` that this run replaces (a second `run` would otherwise leave only its
+    skipped stages' fractions of a second on record)."""
+    try:
+        before = {r["stage"]: r for r in storage.read_json(previous).get("stages", [])} if storage.exists(previous) else {}
+    except (storage.StorageError, AttributeError, KeyError, TypeError):  # unreadable: nothing to carry
+        before = {}
+    for row in rows:
+        old = before.get(row["stage"])
+        if not row["ran"] and old is not None:
+            built = old.get("seconds") if old.get("ran") else old.get("built_seconds")
+            if isinstance(built, (int, float)):
+                row["built_seconds"] = built
+    return rows
+
+
 def run_prerequisites(cfg: Config, ui: UI, board, poll: Poll, times: StageTimes | None = None,
                       where: dict | None = None) -> tuple[Config, dict]:
     """Data, pretraining, caption embeddings, the experts' learning rate (``experts.lr_img: auto``), experts +
@@ -401,7 +418,8 @@ def _run_stages(cfg: Config, ui: UI) -> dict[str, Any]:
     results.update({"experts": experts, "experts_lr": [cfg.experts.lr_img, cfg.experts.lr_txt], "phases": status,
                     "distilled": distilled["pairs"],
                     "diverged_phases": distilled.get("diverged", []), "warnings": warnings,
-                    "wall_seconds": time.time() - t0, "stages": times.rows, "run_root": cfg.run.root,
+                    "wall_seconds": time.time() - t0, "stages": built_times(times.rows, layout.results),
+                    "run_root": cfg.run.root,
                     "accelerator": cfg.run.accelerator, "embed": where.get("embed"),
                     "features": where.get("features")})
     storage.write_json(layout.results, results)
