@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import sys
 from typing import Optional
 
 import typer
@@ -92,7 +94,8 @@ def sweep_cmd(config: Optional[str] = ConfigOpt, set_: Optional[list[str]] = Set
     with root_lease(cfg, "sweep"):
         connect_ray(cfg, address)
         try:
-            with progress_bars() as progress:
+            # Tune prints its trial tables to stdout; they are progress, and stdout is kept for what scripts read
+            with contextlib.redirect_stdout(sys.stderr), progress_bars() as progress:
                 summary = run_sweep(cfg, RichUI(progress))
         except (SweepError, *library_errors()) as e:
             fail(str(e), code=1)

@@ -423,6 +423,7 @@ def test_cli_sweep_stopped_by_ctrl_c_exits_130_and_says_how_to_resume(tmp_path, 
     url = str(tmp_path / "run" / "sweeps" / "grid-0")
 
     def stopped(cfg, ui):
+        print("Trial status: 1 RUNNING")  # as Tune's progress reporter prints it, to stdout
         raise sw.SweepInterrupted(url)
 
     monkeypatch.setattr(sw, "run_sweep", stopped)
@@ -437,3 +438,5 @@ def test_cli_sweep_stopped_by_ctrl_c_exits_130_and_says_how_to_resume(tmp_path, 
     assert result.exit_code == 130, result.output
     assert f"interrupted: Tune saved the sweep under {url}: the same command resumes it" in result.output
     assert "best:" not in result.output and "Traceback" not in result.output
+    # Tune's tables are progress: on stderr with the rest, stdout kept for what scripts read
+    assert "Trial status: 1 RUNNING" in result.stderr and result.stdout == "", result.stdout
