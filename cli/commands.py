@@ -195,8 +195,8 @@ def data_show(config: Optional[str] = ConfigOpt, set_: Optional[list[str]] = Set
 @app.command()
 def pretrain(config: Optional[str] = ConfigOpt, set_: Optional[list[str]] = SetOpt) -> None:
     """Pretrain the (tiny) towers on the built-in dataset's disjoint pretraining split."""
+    from ptmst_ray import storage
     from ptmst_ray.stages.data import prepare
-    from ptmst_ray.stages.pretrain import is_done
     from ptmst_ray.stages.pretrain import pretrain as pretrain_stage
 
     cfg = get_run_config(config, set_)
@@ -205,7 +205,7 @@ def pretrain(config: Optional[str] = ConfigOpt, set_: Optional[list[str]] = SetO
     with root_lease(cfg, "pretrain"):
         try:
             prepare(cfg)
-            done = is_done(cfg)
+            writes = storage.writes()  # the stage writes no file when the towers are pretrained already
             with progress_bars() as progress:
                 task = progress.add_task("pretrain", total=cfg.pretrain.epochs, info="")
                 manifest = pretrain_stage(cfg, progress=lambda d, t: progress.update(task, completed=d, total=t))
@@ -213,7 +213,7 @@ def pretrain(config: Optional[str] = ConfigOpt, set_: Optional[list[str]] = SetO
             fail(explain(cfg, e), code=1)
         except KeyboardInterrupt:
             interrupted("the prepared data is kept; run the same command again to pretrain")
-    console.print(f"{'skipped (complete): ' if done else ''}pretrained towers: {cfg.model.pretrained}; zero-shot "
+    console.print(f"{'skipped (complete): ' if storage.writes() == writes else ''}pretrained towers: {cfg.model.pretrained}; zero-shot "
                   f"test r_mean {manifest['zero_shot']['r_mean']:.1f} (the towers the experts start from, before any "
                   "training on the train split)", soft_wrap=True)
 

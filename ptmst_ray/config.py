@@ -946,16 +946,20 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         raise
 
 
-def _has_path(raw: Any, dotted: str) -> bool:
-    """Whether the loaded YAML ``raw`` has the field ``dotted`` (``phases.0.pairs``)."""
+def get_path(raw: Any, dotted: str) -> Any:
+    """The value at ``dotted`` (``phases.0.pairs``) of a config's raw mapping; KeyError, IndexError, TypeError or
+    ValueError where it has no such field."""
     node = raw
     for part in dotted.split("."):
-        if isinstance(node, dict) and part in node:
-            node = node[part]
-        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
-            node = node[int(part)]
-        else:
-            return False
+        node = node[int(part)] if isinstance(node, list) else node[part]
+    return node
+
+
+def _has_path(raw: Any, dotted: str) -> bool:
+    try:
+        get_path(raw, dotted)
+    except (KeyError, IndexError, TypeError, ValueError):
+        return False
     return True
 
 

@@ -284,8 +284,8 @@ def built_times(rows: list[dict], previous: str) -> list[dict]:
     the results.json at ``previous`` that this run replaces (a second `run` would otherwise leave only its
     skipped stages' fractions of a second on record)."""
     try:
-        before = {r["stage"]: r for r in storage.read_json(previous).get("stages", [])} if storage.exists(previous) else {}
-    except (storage.StorageError, AttributeError, KeyError, TypeError):  # unreadable: nothing to carry
+        before = {r["stage"]: r for r in storage.read_json(previous).get("stages", [])}
+    except (storage.StorageError, AttributeError, KeyError, TypeError):  # none yet, or unreadable: nothing to carry
         before = {}
     for row in rows:
         old = before.get(row["stage"])

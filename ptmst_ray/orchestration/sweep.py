@@ -37,7 +37,7 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from ptmst_ray import storage
-from ptmst_ray.config import Config, from_dict, section_hash
+from ptmst_ray.config import Config, from_dict, get_path, section_hash
 from ptmst_ray.device import set_threads
 from ptmst_ray.layout import Layout, StageError, needed_ranges, phase_jobs, phase_outcome
 from ptmst_ray.orchestration.experts import compress_nbytes, memory_option
@@ -122,7 +122,7 @@ def check_space(cfg: Config) -> None:
                              f"config's range ends once, before the trials, which share its shortcuts; sweep "
                              f"numbered range ends, or set auto in the base config's phases")
         try:
-            _get_path(cfg.to_dict(), key)
+            get_path(cfg.to_dict(), key)
             for value in values if whole else [probe]:  # whole phases: every layout is checked before any trial
                 cfg.replace(**{key: value})
         except (KeyError, IndexError, TypeError) as e:
@@ -202,13 +202,6 @@ def _check_not_derived(cfg: Config, key: str) -> None:
 def _whole_phases(key: str) -> bool:
     """``phases`` (a whole phase list) or ``phases.N`` (one whole phase): values that are whole phases."""
     return re.fullmatch(r"phases(\.\d+)?", key) is not None
-
-
-def _get_path(raw: dict, key: str) -> Any:
-    node: Any = raw
-    for part in key.split("."):
-        node = node[int(part)] if isinstance(node, list) else node[part]
-    return node
 
 
 def param_space(cfg: Config) -> tuple[dict[str, Any], int]:
